@@ -1,0 +1,1 @@
+"""Content-addressed files and how they move: stores, the data server, the fetcher."""

@@ -1,0 +1,176 @@
+"""The `bgrid` command: argument parsing only; every command is a library call."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bonjourgrid import __version__
+from bonjourgrid.errors import BonjourGridError, ConfigError
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import psutil
+
+    from bonjourgrid.keys import load_grid_key
+    from bonjourgrid.units import MIB, parse_size
+    from bonjourgrid.worker.daemon import WorkerConfig, default_cache_dir, serve
+
+    if args.cpus is not None and args.cpus < 1:
+        raise ConfigError("--cpus must be at least 1")
+    if args.cost < 0:
+        raise ConfigError("--cost must be 0 or more (price per CPU-hour)")
+    grid = None if args.insecure else load_grid_key()
+    name = args.name or socket.gethostname().split(".")[0]
+    ram = parse_size(args.ram) // MIB if args.ram else psutil.virtual_memory().available // MIB
+    config = WorkerConfig(
+        name=name, cpus=args.cpus or psutil.cpu_count() or 1, ram_mib=ram, cost=args.cost,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(name),
+        grid=grid, interface=args.interface or os.environ.get("BGRID_INTERFACES"),
+        always_idle=args.always_idle,
+    )
+    config.cache_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(serve(config))
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from bonjourgrid.coordinator.submit import SubmitOptions, parse_workers, submit
+
+    return submit(SubmitOptions(
+        workflow=Path(args.workflow),
+        workers=parse_workers(args.workers) if args.workers else None,
+        require=args.require, max_cost=args.max_cost, local=args.local,
+        insecure=args.insecure, interface=args.interface,
+        report=Path(args.report) if args.report else None, json=args.json,
+    ))
+
+
+def _peers(args: argparse.Namespace) -> int:
+    from bonjourgrid.discovery.advertise import resolve_interfaces
+    from bonjourgrid.discovery.browse import snapshot_peers
+    from bonjourgrid.discovery.table import format_peer_table, peer_json
+
+    peers = asyncio.run(snapshot_peers(resolve_interfaces(args.interface), wait=args.wait))
+    if args.json:
+        print(json.dumps([peer_json(p) for p in peers], indent=2))
+    else:
+        print(format_peer_table(peers))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from bonjourgrid.discovery.advertise import resolve_interfaces
+    from bonjourgrid.discovery.browse import snapshot_jobs
+    from bonjourgrid.discovery.table import format_job_table, job_json
+
+    jobs = asyncio.run(snapshot_jobs(resolve_interfaces(args.interface), wait=args.wait))
+    if args.json:
+        print(json.dumps([job_json(j) for j in jobs], indent=2))
+    else:
+        print(format_job_table(jobs))
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from bonjourgrid import keys
+
+    if args.keys_command == "init":
+        key = keys.init_grid_key(force=args.force)
+        print(f"created grid {key.fingerprint} in {keys.key_dir()}")
+        print("next: `bgrid keys show` says what to copy to the other desktops")
+        return 0
+    key = keys.load_grid_key()
+    directory = keys.key_dir()
+    print(f"grid fingerprint: {key.fingerprint}")
+    print(f"public key:       {key.public.decode()}")
+    print(f"stored in:        {directory}")
+    print("\nTo let another desktop WORK for this grid, copy the public half:")
+    print(f"  scp {directory}/grid.key OTHER:~/.config/bonjourgrid/grid.key")
+    print("To let it also SUBMIT jobs, copy the secret half too (keep it private):")
+    print(f"  scp {directory}/grid.key_secret OTHER:~/.config/bonjourgrid/grid.key_secret")
+    if key.secret is None:
+        print("\n(this desktop holds only the public half: it can work, not submit)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bgrid", description="BonjourGrid: a desktop grid with nothing to administer.")
+    parser.add_argument("--version", action="version", version=f"bgrid {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def interface_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--interface", metavar="IP",
+                       help="IPv4 address of the interface to use for mDNS and zmq "
+                            "(default: $BGRID_INTERFACES, else every interface)")
+
+    w = sub.add_parser("worker", help="offer this desktop to the grid (a daemon)")
+    w.add_argument("--name", help="peer name on the LAN (default: host name)")
+    w.add_argument("--cpus", type=int, help="task slots (default: CPU count)")
+    w.add_argument("--ram", help="memory offered to tasks, e.g. 4GiB (default: available)")
+    w.add_argument("--cost", type=float, default=0.0, help="price per CPU-hour (default 0)")
+    w.add_argument("--cache-dir", help="where inputs and outputs are cached")
+    w.add_argument("--cache-size", help="cache bound, e.g. 10GiB (enforced by the cache layer)")
+    w.add_argument("--always-idle", action="store_true",
+                   help="a dedicated machine: never wait for its owner to be away")
+    w.add_argument("--insecure", action="store_true",
+                   help="serve without a grid key: anyone on the LAN can run tasks here")
+    interface_flag(w)
+    w.set_defaults(run=_worker)
+
+    s = sub.add_parser("submit", help="run a workflow on the grid")
+    s.add_argument("workflow", help="workflow file (YAML or JSON)")
+    s.add_argument("--workers", metavar="MIN..MAX", help="how many peers to recruit")
+    s.add_argument("--require", metavar="EXPR", help='e.g. "ram>=4GiB and cpus>=2"')
+    s.add_argument("--max-cost", type=float, help="highest cost per CPU-hour to accept")
+    s.add_argument("--local", type=int, metavar="N",
+                   help="start N worker daemons on this machine and run there")
+    s.add_argument("--insecure", action="store_true", help="use peers that run --insecure")
+    s.add_argument("--report", metavar="FILE", help="write the JSON report to FILE")
+    s.add_argument("--json", action="store_true", help="print the JSON report")
+    interface_flag(s)
+    s.set_defaults(run=_submit)
+
+    for name, func, what in (("peers", _peers, "list the peers on the LAN"),
+                             ("status", _status, "list the jobs running on the LAN")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--wait", type=float, default=1.5, help="seconds to listen (default 1.5)")
+        interface_flag(p)
+        p.set_defaults(run=func)
+
+    k = sub.add_parser("keys", help="create and show the grid key")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    ki = ksub.add_parser("init", help="create a new grid key")
+    ki.add_argument("--force", action="store_true", help="replace an existing key")
+    ksub.add_parser("show", help="print the grid's fingerprint and what to copy")
+    k.set_defaults(run=_keys)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    if args.command == "worker":
+        level = min(level, logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args))
+    except BonjourGridError as err:
+        print(f"bgrid: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

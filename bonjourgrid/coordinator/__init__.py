@@ -1,0 +1,1 @@
+"""The coordinator: a pure scheduler core, recruitment, and the asyncio shell of `bgrid submit`."""

@@ -1,0 +1,72 @@
+"""Recruitment: which peers of the LAN fit a job, in what order, and why the others do not.
+
+Selection is pure (`select_candidates`), so the rules are tested without a network.
+Reserving is the shell's job: it asks candidates in rank order and keeps those that grant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bonjourgrid.discovery.txt import PeerRecord
+from bonjourgrid.requirements import Requirement
+
+
+@dataclass(frozen=True)
+class JobNeeds:
+    """What a job asks of its peers."""
+
+    grid: str  # fingerprint of the coordinator's grid key
+    require: Requirement
+    max_cost: float | None = None
+    workers_min: int = 1
+    workers_max: int = 8
+    rank: str = "cost"  # "cost" (cost, then cpus) or "cpus" (cpus, then cost)
+
+
+@dataclass(frozen=True)
+class Selection:
+    candidates: list[PeerRecord]  # fitting idle peers, best first
+    rejected: dict[str, str]  # peer name -> why it was not chosen
+
+
+def select_candidates(peers: Sequence[PeerRecord], needs: JobNeeds) -> Selection:
+    candidates = []
+    rejected = {}
+    for peer in peers:
+        if peer.grid != needs.grid:
+            rejected[peer.name] = f"serves another grid ({peer.grid})"
+        elif peer.state != "idle":
+            rejected[peer.name] = f"is {peer.state}" + (f" by job {peer.job}" if peer.job else "")
+        elif needs.max_cost is not None and peer.cost > needs.max_cost:
+            rejected[peer.name] = f"costs {peer.cost:g} > max {needs.max_cost:g}"
+        elif not needs.require.matches(peer.attrs()):
+            rejected[peer.name] = f"does not satisfy {needs.require}"
+        else:
+            candidates.append(peer)
+    if needs.rank == "cpus":
+        candidates.sort(key=lambda p: (-p.cpus, p.cost, p.name))
+    else:
+        candidates.sort(key=lambda p: (p.cost, -p.cpus, p.name))
+    return Selection(candidates, rejected)
+
+
+def explain_shortage(seen: Sequence[PeerRecord], selection: Selection, needs: JobNeeds,
+                     granted: int) -> str:
+    """A message for the user when fewer than `workers_min` peers were recruited."""
+    head = (f"recruited {granted} peer(s) of grid {needs.grid}, the job needs at least "
+            f"{needs.workers_min}")
+    if not seen:
+        return (head + ": no BonjourGrid peer answered on this network. Start `bgrid worker` "
+                "on the desktops (check --interface), or try `bgrid submit --local 3`.")
+    other_grids = sorted({p.grid for p in seen if p.grid != needs.grid})
+    lines = [head + f". {len(seen)} peer(s) seen:"]
+    lines += [f"  {name}: {why}" for name, why in sorted(selection.rejected.items())]
+    if other_grids and all(p.grid != needs.grid for p in seen):
+        lines.append(
+            "Every peer seen serves another grid (" + ", ".join(other_grids) + "): this "
+            "desktop holds a different grid key. Copy the grid key of those peers here "
+            "(`bgrid keys show` on one of them says how), or start workers with this key."
+        )
+    return "\n".join(lines)

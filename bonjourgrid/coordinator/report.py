@@ -1,0 +1,69 @@
+"""The job report (DESIGN.md): what ran where, when, how often, and the bytes it moved."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bonjourgrid.coordinator import core
+
+if TYPE_CHECKING:
+    from bonjourgrid.coordinator.shell import Coordinator
+
+
+def build_report(coordinator: Coordinator, finished: core.Finished | None,
+                 started_at: float) -> dict[str, Any]:
+    sched = coordinator.core
+    tasks = {}
+    for name, task in sched.tasks.items():
+        tasks[name] = {
+            "status": task.status.value,
+            "peer": task.peer,
+            "start": _round(task.start),
+            "end": _round(task.end),
+            "attempts": task.attempts,
+            "exit_code": task.exit_code,
+            "fetch_s": _round(task.fetch_s),
+            "run_s": _round(task.run_s),
+        }
+        if task.error:
+            tasks[name]["error"] = task.error
+        if task.status is core.TaskStatus.FAILED:
+            tasks[name]["stderr_tail"] = task.stderr_tail
+    ends = [t.end for t in sched.tasks.values() if t.end is not None]
+    return {
+        "job": coordinator.job,
+        "workflow": coordinator.workflow.name,
+        "status": finished.status if finished is not None else "failed",
+        "reason": finished.reason if finished is not None else "interrupted",
+        "started_at": round(started_at, 3),
+        "makespan_s": _round(max(ends) if ends else 0.0),
+        "tasks": tasks,
+        "peers": [
+            {"name": p.name, "cpus": p.cpus, "ram": p.ram, "cost": p.cost}
+            for p in coordinator.used.values()
+        ],
+        "bytes": dict(coordinator.bytes),
+    }
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """What `bgrid submit` prints when it ends (without --json)."""
+    tasks = report["tasks"]
+    done = sum(1 for t in tasks.values() if t["status"] == "done")
+    lines = [
+        f"job {report['job']}: {report['status']} - {report['reason']}",
+        f"  {done}/{len(tasks)} tasks done in {report['makespan_s']:.2f} s on "
+        f"{len(report['peers'])} peer(s): " + ", ".join(p["name"] for p in report["peers"]),
+    ]
+    for name, task in sorted(tasks.items()):
+        if task["status"] == "failed":
+            lines.append(f"  task {name} failed on {task['peer']} after {task['attempts']} "
+                         f"attempt(s): {task.get('error', '')}")
+            tail = task.get("stderr_tail", "").strip()
+            if tail:
+                lines += ["    | " + line for line in tail.splitlines()[-10:]]
+    return "\n".join(lines)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)

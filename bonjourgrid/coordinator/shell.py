@@ -1,0 +1,409 @@
+"""`bgrid submit`: the coordinator born in the submitting process.
+
+One asyncio loop drives `SchedulerCore`: every message from a peer, every finished output
+collection and every timer becomes an event on one queue; the loop hands it to the core
+with the time and carries out the instructions that come back. Nothing else changes the
+job's state, so the order of events is the whole story of a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from bonjourgrid import wire
+from bonjourgrid.cache.store import FileIndex, FileRef, hash_file
+from bonjourgrid.cache.transfer import DataServer, Fetcher, Source
+from bonjourgrid.coordinator import core
+from bonjourgrid.coordinator.recruit import JobNeeds, explain_shortage, select_candidates
+from bonjourgrid.coordinator.report import build_report
+from bonjourgrid.dag import Workflow
+from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
+from bonjourgrid.discovery.browse import PeerBrowser
+from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, PeerRecord, job_txt
+from bonjourgrid.errors import ProtocolError, RecruitError, TransferError
+from bonjourgrid.keys import GridKey, Keypair
+from bonjourgrid.requirements import Requirement
+
+log = logging.getLogger(__name__)
+
+# Module constants with their unit; tests shrink them.
+HEARTBEAT_S = 1.0  # how often a coordinator renews its leases
+LEASE_S = 10.0  # a peer whose coordinator is silent this long returns to idle
+PEER_TIMEOUT_S = 5.0  # a peer silent this long is lost: its tasks go elsewhere
+DISCOVERY_S = 2.0  # how long to browse before recruiting with the peers seen so far
+RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
+STALL_S = 10.0  # ready tasks with no peer able to run them for this long fail the job
+
+
+@dataclass
+class PeerLink:
+    """One recruited peer: its control connection and what we know of it."""
+
+    record: PeerRecord
+    sock: zmq.asyncio.Socket
+    data_source: Source | None = None
+    our_address: str = "127.0.0.1"  # our address on the route to this peer
+    last_heard: float = field(default_factory=time.monotonic)
+    reader: asyncio.Task[None] | None = None
+
+
+class Coordinator:
+    """Runs one workflow on peers it recruits, then hands every peer back."""
+
+    def __init__(
+        self, workflow: Workflow, needs: JobNeeds, grid: GridKey | None,
+        interface: str | None = None, expected_peers: int | None = None,
+    ) -> None:
+        self.workflow = workflow
+        self.needs = needs
+        self.grid = grid
+        self.interface = interface
+        self.expected_peers = expected_peers  # --local: stop browsing once these are seen
+        self.job = f"{workflow.name}-{secrets.token_hex(3)}"
+        self.ctx = zmq.asyncio.Context()
+        self.keypair = Keypair.generate() if grid is not None else None
+        self.client_keys = grid.keypair() if grid is not None else None
+        self.index = FileIndex()
+        self.source_refs: dict[str, FileRef] = {}
+        self.fetcher = Fetcher(self.ctx, self.client_keys)
+        self.data_policy = wire.KeyPolicy()
+        self.links: dict[str, PeerLink] = {}
+        self.used: dict[str, PeerRecord] = {}
+        self.events: asyncio.Queue[core.Event] = asyncio.Queue()
+        self.core = core.SchedulerCore(
+            ((name, list(workflow.graph.predecessors(name)), spec.require or "", spec.retries)
+             for name, spec in workflow.tasks.items()),
+            matches=lambda text, attrs: Requirement.parse(text).matches(attrs),
+        )
+        self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0,
+                      "to_submitter": 0}
+        self.started = 0.0
+        self.started_at = 0.0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._data_port = 0
+
+    # -- the run ------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        """Recruit, run, release; the report (DESIGN.md's format)."""
+        self.started = time.monotonic()
+        self.started_at = started_at = time.time()
+        await self._stage_inputs()
+        auth = (wire.start_authenticator(self.ctx, {"data": self.data_policy})
+                if self.grid is not None else None)
+        data_sock = wire.server_socket(self.ctx, self.keypair, "data", 4096)
+        self._data_port = data_sock.bind_to_random_port(f"tcp://{self.interface or '0.0.0.0'}")
+        data_server = DataServer(data_sock, self.index.locate)
+        zc = open_zeroconf(resolve_interfaces(self.interface))
+        browser = PeerBrowser(zc)
+        advert: Advertiser | None = None
+        finished: core.Finished | None = None
+        try:
+            self._spawn(data_server.serve_forever())
+            await browser.start()
+            await self._recruit(browser, self.needs.workers_max, initial=True)
+            advert = Advertiser(zc, JOB_SERVICE, self.job, self._data_port, self._job_txt("running"))
+            await advert.start()
+            self._spawn(self._heartbeats())
+            self._spawn(self._replenish(browser))
+            finished = await self._drive(advert)
+        finally:
+            await self._release_all()
+            self.bytes["from_coordinator"] = data_server.bytes_served
+            if advert is not None:
+                with contextlib.suppress(Exception):
+                    await advert.update(self._job_txt(_job_state(finished)))
+                await advert.stop()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await browser.stop()
+            await zc.async_close()
+            if auth is not None:
+                auth.stop()
+            self.fetcher.close()
+            data_sock.close(linger=0)
+            self.ctx.destroy(linger=0)
+        return build_report(self, finished, started_at)
+
+    async def _stage_inputs(self) -> None:
+        # Hashing reads every input once; a thread keeps the loop free for big files.
+        def hash_all() -> dict[str, FileRef]:
+            return {p: hash_file(self.workflow.root / p) for p in self.workflow.source_inputs()}
+        self.source_refs = await asyncio.to_thread(hash_all)
+        for path, ref in self.source_refs.items():
+            self.index.add(self.workflow.root / path, ref)
+
+    async def _drive(self, advert: Advertiser) -> core.Finished:
+        last_progress = 0.0
+        while self.core.finished is None:
+            event = await self.events.get()
+            await self._apply(event)
+            if time.monotonic() - last_progress > 0.5 or self.core.finished is not None:
+                last_progress = time.monotonic()
+                await advert.update(self._job_txt("running"))
+        return self.core.finished
+
+    async def _apply(self, event: core.Event) -> None:
+        for instruction in self.core.handle(event, time.monotonic() - self.started):
+            match instruction:
+                case core.Dispatch(task, peer, attempt):
+                    await self._dispatch(task, peer, attempt)
+                case core.Collect(task, peer, attempt, outputs):
+                    self._spawn(self._collect(task, peer, attempt, outputs))
+                case core.Release(peer):
+                    await self._release(peer)
+                case core.Finished():
+                    pass
+
+    def cancel(self, reason: str) -> None:
+        """Stop the job (Ctrl-C, `bgrid cancel`): peers are released, the report says why."""
+        self.events.put_nowait(core.CancelRequested(reason))
+
+    # -- recruitment --------------------------------------------------------------------
+
+    async def _recruit(self, browser: PeerBrowser, wanted: int, initial: bool = False) -> int:
+        if initial:
+            expect = self.expected_peers or self.needs.workers_max
+            await browser.wait_until(
+                lambda peers: len(select_candidates(peers, self.needs).candidates) >= expect,
+                DISCOVERY_S if self.expected_peers is None else 15.0,
+            )
+        seen = browser.peers()
+        selection = select_candidates(seen, self.needs)
+        granted = 0
+        for record in selection.candidates:
+            if granted >= wanted or len(self.links) >= self.needs.workers_max:
+                break
+            if record.name in self.links:
+                continue
+            if await self._reserve(record):
+                granted += 1
+        if initial and len(self.links) < self.needs.workers_min:
+            await self._release_all()
+            raise RecruitError(explain_shortage(seen, selection, self.needs, len(self.links)))
+        return granted
+
+    async def _reserve(self, record: PeerRecord) -> bool:
+        sock = wire.client_socket(self.ctx, self.client_keys, record.key, wire.MAX_CONTROL_FRAME)
+        sock.routing_id = self.job.encode()
+        sock.connect(record.endpoint())
+        if record.key:
+            self.data_policy.allowed.add(record.key.encode())
+        await sock.send(wire.encode("reserve", job=self.job, lease_s=LEASE_S,
+                                    coordinator=socket.gethostname()))
+        reply = None
+        if await sock.poll(RESERVE_TIMEOUT_S * 1000):
+            with contextlib.suppress(ProtocolError):
+                reply = wire.decode(await sock.recv())
+        if reply is None or reply["t"] != "reserved" or reply["job"] != self.job:
+            why = reply["reason"] if reply and reply["t"] == "denied" else "no answer"
+            log.info("peer %s not recruited: %s", record.name, why)
+            self.data_policy.allowed.discard(record.key.encode())
+            sock.close(linger=0)
+            return False
+        address = record.addresses[0]
+        link = PeerLink(record, sock, our_address=_address_towards(address))
+        link.data_source = Source(f"tcp://{address}:{reply['data_port']}", record.key, record.name)
+        self.links[record.name] = link
+        self.used[record.name] = record
+        link.reader = self._spawn(self._read_peer(link))
+        self.events.put_nowait(core.PeerJoined(record.name, reply["cpus"], record.attrs()))
+        log.info("recruited %s (%d cpus)", record.name, reply["cpus"])
+        return True
+
+    async def _replenish(self, browser: PeerBrowser) -> None:
+        """Elastic: recruit again while ready tasks wait; give up when none can ever run."""
+        stalled_since: float | None = None
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if self.core.wanted_peers() and len(self.links) < self.needs.workers_max:
+                await self._recruit(browser, self.core.wanted_peers())
+            stuck = self.core.unplaceable()
+            if stuck and not any(p.running for p in self.core.peers.values()):
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > STALL_S:
+                    self.cancel(f"no recruited peer can run {', '.join(stuck[:5])} (and no idle "
+                                "peer of the grid fits): check the tasks' `require`")
+            else:
+                stalled_since = None
+
+    # -- talking to peers -----------------------------------------------------------------
+
+    async def _read_peer(self, link: PeerLink) -> None:
+        name = link.record.name
+        while True:
+            frame = await link.sock.recv()
+            link.last_heard = time.monotonic()
+            try:
+                msg = wire.decode(frame)
+                if msg["t"] == "task_done":
+                    await self.events.put(self._task_report(name, msg))
+                elif msg["t"] == "denied":
+                    self._lose(name, f"it dropped the reservation: {msg['reason']}")
+                    return
+                elif msg["t"] == "error":
+                    log.warning("peer %s: %s", name, msg["reason"])
+            except ProtocolError as err:
+                log.warning("peer %s sent a bad message: %s", name, err)
+
+    def _task_report(self, peer: str, msg: dict[str, Any]) -> core.TaskReported:
+        outputs = tuple(
+            (path, FileRef(digest, size))
+            for path, digest, size in wire.check_list(msg["outputs"], (str, str, int), "output")
+        )
+        spec = self.workflow.tasks.get(msg["task"])
+        error = msg["error"]
+        if spec is not None and not error and msg["exit_code"] == 0:
+            if sorted(p for p, _ in outputs) != sorted(spec.outputs):
+                error = f"peer {peer} reported outputs that the task does not declare"
+            input_bytes = sum(self._input_ref(p).size for p in spec.inputs)
+            self.bytes["cache_hits"] += max(0, input_bytes - msg["bytes_fetched"])
+        return core.TaskReported(
+            peer, msg["task"], msg["attempt"], msg["exit_code"], error, outputs,
+            msg["stderr_tail"], float(msg["fetch_s"]), float(msg["run_s"]), msg["bytes_fetched"])
+
+    def _input_ref(self, path: str) -> FileRef:
+        producer = self.workflow.producer.get(path)
+        if producer is None:
+            return self.source_refs[path]
+        return dict(self.core.tasks[producer].outputs)[path]
+
+    async def _dispatch(self, task: str, peer: str, attempt: int) -> None:
+        link = self.links[peer]
+        spec = self.workflow.tasks[task]
+        me = Source(f"tcp://{link.our_address}:{self._data_port}",
+                    self.keypair.public.decode() if self.keypair else "", "coordinator")
+        inputs = []
+        for path in spec.inputs:
+            ref = self._input_ref(path)
+            inputs.append([path, ref.digest, ref.size, [[me.endpoint, me.server_key, me.label]]])
+        await link.sock.send(wire.encode(
+            "run", job=self.job, task=task, attempt=attempt, command=spec.command,
+            inputs=inputs, outputs=list(spec.outputs), env=dict(spec.env)))
+
+    async def _collect(self, task: str, peer: str, attempt: int,
+                       outputs: tuple[tuple[str, FileRef], ...]) -> None:
+        """Bring a task's outputs into the submit directory, then tell the core."""
+        link = self.links.get(peer)
+        try:
+            if link is None or link.data_source is None:
+                raise TransferError(f"peer {peer} is gone")
+            for path, ref in outputs:
+                dest = self.workflow.root / path
+                partial = self.workflow.root / ".bgrid" / "partial" / f"{ref.digest}.part"
+                await self.fetcher.fetch(ref, [link.data_source], partial)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(partial, dest)
+                self.index.add(dest, ref)
+                self.bytes["to_submitter"] += ref.size
+        except (TransferError, OSError) as err:
+            await self.events.put(core.CollectFailed(task, attempt, str(err)))
+            return
+        await self.events.put(core.OutputsCollected(task, attempt))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            now = time.monotonic()
+            for name, link in list(self.links.items()):
+                if now - link.last_heard > PEER_TIMEOUT_S:
+                    self._lose(name, f"silent for {PEER_TIMEOUT_S:g} s")
+                else:
+                    await link.sock.send(wire.encode("heartbeat", job=self.job, lease_s=LEASE_S))
+
+    def _lose(self, name: str, reason: str) -> None:
+        link = self.links.pop(name, None)
+        if link is None:
+            return
+        log.warning("lost peer %s: %s", name, reason)
+        if link.reader is not None and link.reader is not asyncio.current_task():
+            link.reader.cancel()
+        link.sock.close(linger=0)
+        self.data_policy.allowed.discard(link.record.key.encode())
+        self.events.put_nowait(core.PeerLost(name, reason))
+
+    async def _release(self, name: str) -> None:
+        link = self.links.pop(name, None)
+        if link is None:
+            return
+        if link.reader is not None:
+            link.reader.cancel()
+        # Fire and forget: the lease expires anyway if this message is lost.
+        await link.sock.send(wire.encode("release", job=self.job))
+        self._spawn(_close_after_reply(link.sock))
+        self.data_policy.allowed.discard(link.record.key.encode())
+
+    async def _release_all(self) -> None:
+        for name in list(self.links):
+            await self._release(name)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _job_txt(self, state: str) -> dict[str, str]:
+        counts = self.core.counts
+        return job_txt(JobRecord(
+            name=self.job, addresses=(), port=self._data_port or 1, job=self.job, state=state,
+            tasks=len(self.core.tasks), done=counts[core.TaskStatus.DONE],
+            failed=counts[core.TaskStatus.FAILED], running=counts[core.TaskStatus.RUNNING],
+            peers=len(self.links), user=_user(), started=self.started_at))
+
+
+async def _close_after_reply(sock: zmq.asyncio.Socket, wait_s: float = 1.0) -> None:
+    with contextlib.suppress(Exception):
+        await sock.poll(wait_s * 1000)
+    sock.close(linger=0)
+
+
+def _address_towards(peer_ip: str) -> str:
+    """Our own address on the route to `peer_ip` (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((peer_ip, 9))
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+def _job_state(finished: core.Finished | None) -> str:
+    return finished.status if finished is not None else "cancelled"
+
+
+def _user() -> str:
+    with contextlib.suppress(Exception):
+        return getpass.getuser()
+    return "unknown"
+
+
+def needs_from(workflow: Workflow, grid: str, require: str | None, max_cost: float | None,
+               workers: tuple[int, int] | None, overrides: Mapping[str, Any] | None = None,
+               ) -> JobNeeds:
+    """The job's needs: flags win over the workflow's `grid:` section."""
+    spec = workflow.grid
+    texts = [t for t in (spec.require, require) if t]
+    lo, hi = workers or (spec.workers_min or 1, spec.workers_max or min(8, len(workflow.tasks)))
+    return JobNeeds(
+        grid=grid,
+        require=Requirement.parse(" and ".join(f"({t})" for t in texts)) if texts
+        else Requirement.everything(),
+        max_cost=max_cost if max_cost is not None else spec.max_cost,
+        workers_min=lo, workers_max=max(lo, hi), rank=spec.rank or "cost",
+    )

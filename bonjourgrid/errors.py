@@ -1,0 +1,47 @@
+"""Every error a user can meet, in one tree.
+
+    BonjourGridError          base: the CLI prints str(err) and exits with `exit_code`
+    ├── DagError              the workflow file is wrong (exit 2, before any peer is touched)
+    ├── RequirementError      a `--require` / `require:` expression is wrong (exit 2)
+    ├── ConfigError           a flag, config file or key store is wrong (exit 2)
+    ├── KeyStoreError         no grid key where one is needed (exit 2)
+    ├── ProtocolError         a message on the wire is malformed (never fatal to a daemon)
+    ├── TransferError         a file could not be fetched or failed its digest check
+    └── RecruitError          no peer of this grid fits the job (exit 3)
+
+Messages say what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class BonjourGridError(Exception):
+    exit_code = 1
+
+
+class DagError(BonjourGridError):
+    exit_code = 2
+
+
+class RequirementError(BonjourGridError):
+    exit_code = 2
+
+
+class ConfigError(BonjourGridError):
+    exit_code = 2
+
+
+class KeyStoreError(ConfigError):
+    pass
+
+
+class ProtocolError(BonjourGridError):
+    pass
+
+
+class TransferError(BonjourGridError):
+    pass
+
+
+class RecruitError(BonjourGridError):
+    exit_code = 3

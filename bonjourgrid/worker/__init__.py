@@ -1,0 +1,1 @@
+"""The worker: a pure peer state machine (core) and the daemon that drives it."""

@@ -1,0 +1,218 @@
+"""`bgrid worker`: the asyncio shell around `WorkerCore`.
+
+One process, one event loop. It owns the zmq sockets (control and data), the mDNS
+advertisement, the local content store and the running tasks, and it is the only place
+where the clock is read: `WorkerCore.handle` gets `now` from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import platform
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from bonjourgrid import wire
+from bonjourgrid.cache.store import ContentStore
+from bonjourgrid.cache.transfer import DataServer, Fetcher
+from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
+from bonjourgrid.discovery.txt import PEER_SERVICE, PeerRecord, peer_txt
+from bonjourgrid.errors import ProtocolError
+from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, Keypair
+from bonjourgrid.units import MIB
+from bonjourgrid.worker import core
+from bonjourgrid.worker.core import PeerState, WorkerCore
+from bonjourgrid.worker.sandbox import TaskRun, parse_spec
+
+log = logging.getLogger(__name__)
+
+_TICK_S = 0.2  # how often leases are checked: a dead coordinator's peer is idle within this
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    name: str
+    cpus: int
+    ram_mib: int
+    cost: float
+    cache_dir: Path
+    grid: GridKey | None  # None: --insecure
+    interface: str | None = None  # an IPv4 address to serve on; None: every interface
+    always_idle: bool = True
+
+
+class WorkerDaemon:
+    """A peer: advertises itself, grants reservations, runs tasks, serves its cache."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.ctx = zmq.asyncio.Context()
+        self.keypair = Keypair.generate() if config.grid is not None else None
+        self.store = ContentStore(config.cache_dir)
+        self.fetcher = Fetcher(self.ctx, self.keypair)
+        self.runs: dict[tuple[str, str, int], tuple[TaskRun, asyncio.Task[None]]] = {}
+        self.core: WorkerCore | None = None
+        self.advertiser: Advertiser | None = None
+        self._control: zmq.asyncio.Socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.ready = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, then leave the LAN cleanly."""
+        grid = self.config.grid
+        auth = None
+        if grid is not None:
+            # Only holders of the grid's secret key get past the CURVE handshake.
+            policy = wire.KeyPolicy({grid.public})
+            auth = wire.start_authenticator(self.ctx, {"control": policy, "data": policy})
+        bind_ip = self.config.interface or "0.0.0.0"
+        control = wire.server_socket(self.ctx, self.keypair, "control", wire.MAX_CONTROL_FRAME)
+        control_port = control.bind_to_random_port(f"tcp://{bind_ip}")
+        data = wire.server_socket(self.ctx, self.keypair, "data", 4096)
+        data_port = data.bind_to_random_port(f"tcp://{bind_ip}")
+        self._control = control
+        self.core = WorkerCore(cpus=self.config.cpus, data_port=data_port)
+        zc = open_zeroconf(resolve_interfaces(self.config.interface))
+        self.advertiser = Advertiser(
+            zc, PEER_SERVICE, self.config.name, control_port, self._txt(PeerState.IDLE, None),
+            addresses=[self.config.interface] if self.config.interface else None,
+        )
+        background = [
+            asyncio.create_task(self._serve_control(control)),
+            asyncio.create_task(DataServer(data, self.store.locate).serve_forever()),
+            asyncio.create_task(self._tick()),
+        ]
+        try:
+            await self.advertiser.start()
+            log.info("peer %s serving on port %d (grid %s)", self.config.name, control_port,
+                     grid.fingerprint if grid else INSECURE_FINGERPRINT)
+            self.ready.set()
+            await stop.wait()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*(run.stop() for run, _ in self.runs.values()))
+            await self.advertiser.stop()
+            await zc.async_close()
+            if auth is not None:
+                auth.stop()
+            self.fetcher.close()
+            control.close(linger=0)
+            data.close(linger=0)
+            self.ctx.destroy(linger=0)
+
+    def _txt(self, state: PeerState, job: str | None) -> dict[str, str]:
+        grid = self.config.grid
+        record = PeerRecord(
+            name=self.config.name, addresses=(), port=0, state=state.value,  # type: ignore[arg-type]
+            job=job, cpus=self.config.cpus, ram=self.config.ram_mib,
+            disk=shutil.disk_usage(self.config.cache_dir).free // MIB, cost=self.config.cost,
+            arch=platform.machine() or "unknown", os=platform.system().lower() or "unknown",
+            mw=("native",), key=self.keypair.public.decode() if self.keypair else "",
+            grid=grid.fingerprint if grid else INSECURE_FINGERPRINT,
+        )
+        return peer_txt(record)
+
+    async def _serve_control(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            if len(frames) != 2:
+                log.warning("control: dropped a message of %d frames", len(frames))
+                continue
+            client, frame = frames
+            try:
+                event = self._event(client, wire.decode(frame))
+            except ProtocolError as err:
+                log.warning("control: %s", err)
+                await sock.send_multipart([client, wire.encode("error", reason=str(err))])
+                continue
+            await self._apply(event)
+
+    def _event(self, client: bytes, msg: dict[str, Any]) -> core.Event:
+        match msg["t"]:
+            case "reserve":
+                return core.ReserveRequested(client, msg["job"], _lease(msg), msg["coordinator"])
+            case "heartbeat":
+                return core.HeartbeatReceived(client, msg["job"], _lease(msg))
+            case "release":
+                return core.ReleaseRequested(client, msg["job"])
+            case "run":
+                parse_spec(msg)  # refuse a malformed task before it takes a slot
+                return core.RunRequested(client, msg["job"], msg["task"], msg["attempt"], msg)
+            case "cancel":
+                return core.CancelRequested(client, msg["job"], msg["task"])
+        raise ProtocolError(f"a worker does not take {msg['t']!r} messages")
+
+    async def _apply(self, event: core.Event) -> None:
+        assert self.core is not None and self._control is not None
+        for instruction in self.core.handle(event, time.monotonic()):
+            match instruction:
+                case core.Send(client, msg_type, fields):
+                    await self._control.send_multipart([client, wire.encode(msg_type, **fields)])
+                case core.Advertise(state, job):
+                    assert self.advertiser is not None
+                    await self.advertiser.update(self._txt(state, job))
+                case core.StartTask(job, task, attempt, spec):
+                    self._start(job, task, attempt, spec)
+                case core.StopTask(job, task, attempt, reason):
+                    entry = self.runs.pop((job, task, attempt), None)
+                    if entry is not None:
+                        # Stopping the command lets execute() finish and clean its sandbox;
+                        # its report is dropped because the run is no longer registered.
+                        log.info("stopping %s/%s: %s", job, task, reason)
+                        self._keep(asyncio.create_task(entry[0].stop()))
+
+    def _start(self, job: str, task: str, attempt: int, msg: dict[str, Any]) -> None:
+        sandbox = self.store.root / "sandboxes" / f"{job}-{task}-{attempt}-{os.getpid()}"
+        run = TaskRun(job, task, attempt, parse_spec(msg), sandbox, self.store, self.fetcher)
+
+        async def execute() -> None:
+            report = await run.execute()
+            if self.runs.pop((job, task, attempt), None) is not None:
+                await self._apply(core.TaskFinished(job, task, attempt, report))
+
+        self.runs[(job, task, attempt)] = (run, self._keep(asyncio.create_task(execute())))
+
+    def _keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
+        """Hold a reference to a fire-and-forget task until it ends (asyncio keeps weak ones)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(_TICK_S)
+            await self._apply(core.Tick())
+
+
+def _lease(msg: dict[str, Any]) -> float:
+    lease = float(msg["lease_s"])
+    if not 0 < lease <= 3600:
+        raise ProtocolError(f"lease of {lease} s is out of range (0, 3600]")
+    return lease
+
+
+def default_cache_dir(name: str) -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bonjourgrid" / f"worker-{name}"
+
+
+async def serve(config: WorkerConfig) -> None:
+    """Run a worker daemon until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await WorkerDaemon(config).run(stop)

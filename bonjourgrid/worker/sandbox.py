@@ -1,0 +1,189 @@
+"""Running one task: inputs into a private directory, the command, outputs into the store.
+
+A task's sandbox is a fresh directory holding hard links to its inputs at their declared
+relative paths. The command runs there under /bin/sh in a session (process group) of its
+own, so stopping it stops everything it started. Declared outputs must be regular files
+inside the sandbox; they are moved into the content store and reported by digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from bonjourgrid import wire
+from bonjourgrid.cache.store import ContentStore, FileRef, is_digest
+from bonjourgrid.cache.transfer import Fetcher, Source
+from bonjourgrid.errors import ProtocolError, TransferError
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 2.0  # between SIGTERM and SIGKILL of a task's process group
+_STDERR_TAIL = 2000  # characters of stderr kept in a report
+_MAX_PARALLEL_FETCHES = 4
+
+
+@dataclass(frozen=True)
+class TaskInput:
+    path: str
+    ref: FileRef
+    sources: tuple[Source, ...]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a `run` message asks for, checked."""
+
+    command: str
+    inputs: tuple[TaskInput, ...]
+    outputs: tuple[str, ...]
+    env: dict[str, str]
+
+
+def safe_relative(path: str) -> str:
+    """`path` if it is relative and stays inside the sandbox; ProtocolError otherwise."""
+    pure = PurePosixPath(path)
+    if not path or pure.is_absolute() or ".." in pure.parts or path.startswith("~"):
+        raise ProtocolError(f"path {path!r} would escape the task directory")
+    return str(pure)
+
+
+def parse_spec(msg: dict[str, Any]) -> TaskSpec:
+    """The task in a decoded `run` message; ProtocolError if any part is malformed."""
+    inputs = []
+    for path, digest, size, sources in wire.check_list(msg["inputs"], (str, str, int, list), "input"):
+        if not is_digest(digest) or size < 0:
+            raise ProtocolError(f"input {path!r} has a bad digest or size")
+        srcs = tuple(Source(*s) for s in wire.check_list(sources, (str, str, str), "source"))
+        inputs.append(TaskInput(safe_relative(path), FileRef(digest, size), srcs))
+    outputs = tuple(safe_relative(p) for (p,) in wire.check_list(
+        [[o] for o in msg["outputs"]], (str,), "output"))
+    return TaskSpec(msg["command"], tuple(inputs), outputs, wire.str_mapping(msg["env"], "env"))
+
+
+class TaskRun:
+    """One attempt of one task on this peer; `stop()` ends it from outside."""
+
+    def __init__(
+        self, job: str, task: str, attempt: int, spec: TaskSpec, sandbox: Path,
+        store: ContentStore, fetcher: Fetcher,
+    ) -> None:
+        self.job, self.task, self.attempt = job, task, attempt
+        self.spec = spec
+        self.sandbox = sandbox
+        self.store = store
+        self.fetcher = fetcher
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stopped = False
+
+    async def execute(self) -> dict[str, Any]:
+        """Fetch, run, store; the fields of the `task_done` report. Never raises."""
+        report: dict[str, Any] = {
+            "job": self.job, "task": self.task, "attempt": self.attempt, "exit_code": -1,
+            "outputs": [], "stderr_tail": "", "error": "", "fetch_s": 0.0, "run_s": 0.0,
+            "bytes_fetched": 0,
+        }
+        started = time.monotonic()
+        try:
+            report["bytes_fetched"] = await self._stage_inputs()
+            report["fetch_s"] = time.monotonic() - started
+            started = time.monotonic()
+            report["exit_code"] = await self._run_command()
+            report["run_s"] = time.monotonic() - started
+            report["stderr_tail"] = self._stderr_tail()
+            if report["exit_code"] == 0:
+                report["outputs"] = self._store_outputs()
+        except (TransferError, OutputError, OSError) as err:
+            report["error"] = str(err)
+        finally:
+            shutil.rmtree(self.sandbox, ignore_errors=True)
+        return report
+
+    async def _stage_inputs(self) -> int:
+        self.sandbox.mkdir(parents=True)
+        fetched = 0
+        limit = asyncio.Semaphore(_MAX_PARALLEL_FETCHES)
+
+        async def stage(item: TaskInput) -> int:
+            if self.store.has(item.ref):
+                return 0
+            async with limit:
+                partial = self.store.incoming_path(item.ref.digest)
+                await self.fetcher.fetch(item.ref, item.sources, partial)
+                self.store.commit(partial, item.ref.digest)
+                return item.ref.size
+
+        for n in await asyncio.gather(*(stage(i) for i in self.spec.inputs)):
+            fetched += n
+        for item in self.spec.inputs:
+            self.store.link_into(item.ref.digest, self.sandbox / item.path)
+        return fetched
+
+    async def _run_command(self) -> int:
+        if self._stopped:
+            raise OutputError("stopped before it started")
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.sandbox),
+            "TMPDIR": str(self.sandbox),
+            "LANG": "C.UTF-8",
+            "BGRID_JOB": self.job,
+            "BGRID_TASK": self.task,
+            "BGRID_ATTEMPT": str(self.attempt),
+            **self.spec.env,
+        }
+        with open(self.sandbox / ".stdout", "wb") as out, open(self.sandbox / ".stderr", "wb") as err:
+            self._proc = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", self.spec.command, cwd=self.sandbox, env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+            )
+        return await self._proc.wait()
+
+    def _stderr_tail(self) -> str:
+        path = self.sandbox / ".stderr"
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(0, size - _STDERR_TAIL))
+            return f.read().decode("utf-8", "replace")
+
+    def _store_outputs(self) -> list[list[Any]]:
+        stored = []
+        root = self.sandbox.resolve()
+        for rel in self.spec.outputs:
+            path = self.sandbox / rel
+            if not path.exists() and not path.is_symlink():
+                raise OutputError(f"the command exited 0 but did not write its output {rel!r}")
+            if path.is_symlink() or not path.is_file():
+                raise OutputError(f"output {rel!r} is not a regular file (symlink, directory or device): refused")
+            if root not in path.resolve().parents:
+                raise OutputError(f"output {rel!r} lies outside the task directory: refused")
+            ref = self.store.adopt(path)
+            stored.append([rel, ref.digest, ref.size])
+        return stored
+
+    async def stop(self) -> None:
+        """Stop the command and all it started: SIGTERM, a grace period, then SIGKILL."""
+        self._stopped = True
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+        # The shell may be gone while its children linger in the group: end them all.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+class OutputError(Exception):
+    """A task's outputs cannot be accepted; the message goes to the user's report."""
