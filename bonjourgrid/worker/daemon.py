@@ -64,6 +64,7 @@ class WorkerDaemon:
         self.core: WorkerCore | None = None
         self.advertiser: Advertiser | None = None
         self._control: zmq.asyncio.Socket | None = None
+        self._control_port = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.ready = asyncio.Event()
 
@@ -81,6 +82,7 @@ class WorkerDaemon:
         data = wire.server_socket(self.ctx, self.keypair, "data", 4096)
         data_port = data.bind_to_random_port(f"tcp://{bind_ip}")
         self._control = control
+        self._control_port = control_port
         self.core = WorkerCore(cpus=self.config.cpus, data_port=data_port)
         zc = open_zeroconf(resolve_interfaces(self.config.interface))
         self.advertiser = Advertiser(
@@ -115,7 +117,7 @@ class WorkerDaemon:
     def _txt(self, state: PeerState, job: str | None) -> dict[str, str]:
         grid = self.config.grid
         record = PeerRecord(
-            name=self.config.name, addresses=(), port=0, state=state.value,  # type: ignore[arg-type]
+            name=self.config.name, addresses=(), port=self._control_port, state=state.value,  # type: ignore[arg-type]
             job=job, cpus=self.config.cpus, ram=self.config.ram_mib,
             disk=shutil.disk_usage(self.config.cache_dir).free // MIB, cost=self.config.cost,
             arch=platform.machine() or "unknown", os=platform.system().lower() or "unknown",

@@ -1,0 +1,63 @@
+"""Discovery over mDNS/DNS-SD: peers and jobs advertise themselves, browsers keep live tables."""
+
+from bonjourgrid.discovery.advertise import (
+    INTERFACES_ENV,
+    Advertiser,
+    InterfacesType,
+    advertised_addresses,
+    open_zeroconf,
+    resolve_interfaces,
+)
+from bonjourgrid.discovery.browse import JobBrowser, PeerBrowser, snapshot_jobs, snapshot_peers
+from bonjourgrid.discovery.table import format_job_table, format_peer_table, job_json, peer_json
+from bonjourgrid.discovery.txt import (
+    INSECURE_GRID,
+    JOB_SERVICE,
+    JOB_STATES,
+    PEER_SERVICE,
+    PEER_STATES,
+    PROTOCOL_VERSION,
+    JobRecord,
+    JobState,
+    PeerRecord,
+    PeerState,
+    decode_job,
+    decode_peer,
+    job_txt,
+    parse_job,
+    parse_peer,
+    peer_txt,
+)
+
+__all__ = [
+    "INSECURE_GRID",
+    "INTERFACES_ENV",
+    "JOB_SERVICE",
+    "JOB_STATES",
+    "PEER_SERVICE",
+    "PEER_STATES",
+    "PROTOCOL_VERSION",
+    "Advertiser",
+    "InterfacesType",
+    "JobBrowser",
+    "JobRecord",
+    "JobState",
+    "PeerBrowser",
+    "PeerRecord",
+    "PeerState",
+    "advertised_addresses",
+    "decode_job",
+    "decode_peer",
+    "format_job_table",
+    "format_peer_table",
+    "job_json",
+    "job_txt",
+    "open_zeroconf",
+    "parse_job",
+    "parse_peer",
+    "peer_json",
+    "peer_txt",
+    "resolve_interfaces",
+    "snapshot_jobs",
+    "snapshot_peers",
+]

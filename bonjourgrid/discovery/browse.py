@@ -1,0 +1,257 @@
+"""Live tables of the peers and jobs on the LAN, kept current from mDNS.
+
+python-zeroconf tells us a service was added, updated or removed; the records themselves
+are in its cache by then, so most changes are applied in the callback, without waiting.
+Two things zeroconf does not do for us: it keeps a PTR for at least 1125 s, so a peer that
+died without a goodbye would linger for ~19 minutes; and nothing refreshes SRV/A records.
+A periodic sweep re-reads every service from the cache and asks the network again for
+those whose records expired (120 s TTL): a dead peer is dropped about two minutes after
+its last word, a live one answers and stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Generic, TypeVar
+
+from zeroconf import (
+    BadTypeInNameException,
+    DNSQuestionType,
+    IPVersion,
+    ServiceStateChange,
+    Zeroconf,
+)
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from bonjourgrid.discovery.advertise import InterfacesType, open_zeroconf
+from bonjourgrid.discovery.txt import (
+    JOB_SERVICE,
+    PEER_SERVICE,
+    JobRecord,
+    PeerRecord,
+    decode_job,
+    decode_peer,
+)
+from bonjourgrid.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+_MAX_SERVICES = 10_000  # a flood of fake services cannot grow the table past this
+_REQUEST_MS = 1000  # how long a service's records may take before it is left out
+_SWEEP_S = 10.0  # how often the cache is re-read (zeroconf expires records this often)
+# QM everywhere: a unicast answer to a QU question goes to port 5353, which several
+# processes on one host share, and the kernel hands it to only one of them.
+_QUESTION = DNSQuestionType.QM
+
+T = TypeVar("T")
+Decoder = Callable[[str, Sequence[str], int, Mapping[bytes, bytes | None]], T]
+
+
+class _ServiceTable(Generic[T]):
+    """The valid records of one service type, keyed by lowercased full service name."""
+
+    def __init__(self, zc: AsyncZeroconf, service_type: str, decode: Decoder[T], kind: str):
+        self._zc = zc
+        self._type = service_type
+        self._decode = decode
+        self._kind = kind
+        self._names: dict[str, str] = {}  # every service zeroconf reports present
+        self._records: dict[str, T] = {}  # those that decoded cleanly
+        self._decoded: dict[str, tuple[bytes, tuple[str, ...], int]] = {}  # what they said
+        self._fetches: dict[str, asyncio.Task[None]] = {}
+        self._changed = asyncio.Event()
+        self._browser: AsyncServiceBrowser | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._full = False
+
+    async def start(self) -> None:
+        """Start browsing; the table fills as answers arrive."""
+        if self._browser is not None:
+            raise RuntimeError(f"the {self._kind} browser is already running")
+        self._browser = AsyncServiceBrowser(
+            self._zc.zeroconf, [self._type], handlers=[self._on_change], question_type=_QUESTION
+        )
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        """Stop browsing; the table keeps what it last knew."""
+        browser, self._browser = self._browser, None
+        if browser is not None:
+            await browser.async_cancel()
+        tasks = [*self._fetches.values(), *([self._sweeper] if self._sweeper else [])]
+        self._fetches.clear()
+        self._sweeper = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def records(self) -> list[T]:
+        """The current valid records, sorted by instance name."""
+        return [self._records[key] for key in sorted(self._records)]
+
+    def get(self, name: str) -> T | None:
+        """The record of one instance name, if it is present and valid."""
+        return self._records.get(f"{name}.{self._type}".lower())
+
+    async def wait_until(self, predicate: Callable[[list[T]], bool], timeout: float) -> bool:
+        """Wait until predicate(records) holds; False if it still does not after timeout s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate(self.records()):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return predicate(self.records())
+        return True
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _on_change(
+        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        # Runs inside zeroconf's packet processing: raising here would lose the rest of
+        # the packet, other services included, so a hostile name is dropped, not raised.
+        key = name.lower()
+        if state_change is ServiceStateChange.Removed:
+            self._forget(key)
+            return
+        if key not in self._names:
+            if not self._valid_name(name):
+                return
+            if len(self._names) >= _MAX_SERVICES:
+                if not self._full:
+                    log.warning(
+                        "more than %d %s services on the LAN: ignoring the rest",
+                        _MAX_SERVICES,
+                        self._kind,
+                    )
+                    self._full = True
+                return
+            self._names[key] = name
+        self._refresh(key, ask_network=True)
+
+    def _valid_name(self, name: str) -> bool:
+        if name.lower().endswith(f".{self._type.lower()}"):
+            try:
+                AsyncServiceInfo(self._type, name)
+                return True
+            except BadTypeInNameException:
+                pass
+        log.debug("ignoring %s service with a malformed name %r", self._kind, name[:300])
+        return False
+
+    def _refresh(self, key: str, ask_network: bool) -> None:
+        info = AsyncServiceInfo(self._type, self._names[key])
+        if info.load_from_cache(self._zc.zeroconf):
+            self._apply(key, info)
+        elif ask_network and key not in self._fetches:
+            self._fetches[key] = asyncio.create_task(self._fetch(key))
+
+    async def _fetch(self, key: str) -> None:
+        info = AsyncServiceInfo(self._type, self._names[key])
+        try:
+            found = await info.async_request(
+                self._zc.zeroconf, _REQUEST_MS, question_type=_QUESTION
+            )
+        finally:
+            if self._fetches.get(key) is asyncio.current_task():
+                del self._fetches[key]
+        if key not in self._names:
+            return  # removed while we asked
+        if found:
+            self._apply(key, info)
+        else:
+            log.debug("%s %s did not answer within %d ms", self._kind, key, _REQUEST_MS)
+            self._drop(key)
+
+    def _apply(self, key: str, info: AsyncServiceInfo) -> None:
+        addresses = tuple(info.parsed_addresses(IPVersion.V4Only))
+        port = info.port or 0
+        said = (info.text, addresses, port)
+        if self._decoded.get(key) == said:
+            return  # nothing new: no need to decode, or to warn again
+        self._decoded[key] = said
+        name = self._names[key][: -len(self._type) - 1]  # the browser matched the type
+        try:
+            record = self._decode(name, addresses, port, info.properties)
+        except ProtocolError as err:
+            log.warning("ignoring %s %r: %s", self._kind, name, err)
+            if self._records.pop(key, None) is not None:
+                self._notify()
+            return
+        if self._records.get(key) != record:
+            self._records[key] = record
+            self._notify()
+
+    def _drop(self, key: str) -> None:
+        self._decoded.pop(key, None)
+        if self._records.pop(key, None) is not None:
+            self._notify()
+
+    def _forget(self, key: str) -> None:
+        self._names.pop(key, None)
+        fetch = self._fetches.pop(key, None)
+        if fetch is not None:
+            fetch.cancel()
+        self._drop(key)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            for key in list(self._names):
+                if key in self._names:
+                    # Only services we hold a record for are worth a question on the air.
+                    self._refresh(key, ask_network=key in self._records)
+
+
+class PeerBrowser(_ServiceTable[PeerRecord]):
+    """A live table of the peers on the LAN, kept current from mDNS."""
+
+    def __init__(self, zc: AsyncZeroconf) -> None:
+        super().__init__(zc, PEER_SERVICE, decode_peer, "peer")
+
+    def peers(self) -> list[PeerRecord]:
+        """The current valid peers, sorted by name."""
+        return self.records()
+
+
+class JobBrowser(_ServiceTable[JobRecord]):
+    """A live table of the jobs coordinators advertise on the LAN."""
+
+    def __init__(self, zc: AsyncZeroconf) -> None:
+        super().__init__(zc, JOB_SERVICE, decode_job, "job")
+
+    def jobs(self) -> list[JobRecord]:
+        """The current valid jobs, sorted by name."""
+        return self.records()
+
+
+async def _snapshot(
+    table: Callable[[AsyncZeroconf], _ServiceTable[T]], interfaces: InterfacesType, wait: float
+) -> list[T]:
+    async with open_zeroconf(interfaces) as zc:
+        browser = table(zc)
+        await browser.start()
+        try:
+            # Nothing says when every responder has answered: listen for a fixed time.
+            await asyncio.sleep(wait)
+        finally:
+            await browser.stop()
+        return browser.records()
+
+
+async def snapshot_peers(interfaces: InterfacesType, wait: float = 1.5) -> list[PeerRecord]:
+    """The peers that answer within `wait` seconds (for `bgrid peers`)."""
+    return await _snapshot(PeerBrowser, interfaces, wait)
+
+
+async def snapshot_jobs(interfaces: InterfacesType, wait: float = 1.5) -> list[JobRecord]:
+    """The jobs advertised within `wait` seconds (for `bgrid status`)."""
+    return await _snapshot(JobBrowser, interfaces, wait)
