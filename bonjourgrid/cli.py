@@ -31,9 +31,13 @@ def _worker(args: argparse.Namespace) -> int:
     name = args.name or socket.gethostname().split(".")[0]
     ram = parse_size(args.ram) // MIB if args.ram else psutil.virtual_memory().available // MIB
     config = WorkerConfig(
-        name=name, cpus=args.cpus or psutil.cpu_count() or 1, ram_mib=ram, cost=args.cost,
+        name=name,
+        cpus=args.cpus or psutil.cpu_count() or 1,
+        ram_mib=ram,
+        cost=args.cost,
         cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(name),
-        grid=grid, interface=args.interface or os.environ.get("BGRID_INTERFACES"),
+        grid=grid,
+        interface=args.interface or os.environ.get("BGRID_INTERFACES"),
         always_idle=args.always_idle,
     )
     config.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -44,13 +48,19 @@ def _worker(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace) -> int:
     from bonjourgrid.coordinator.submit import SubmitOptions, parse_workers, submit
 
-    return submit(SubmitOptions(
-        workflow=Path(args.workflow),
-        workers=parse_workers(args.workers) if args.workers else None,
-        require=args.require, max_cost=args.max_cost, local=args.local,
-        insecure=args.insecure, interface=args.interface,
-        report=Path(args.report) if args.report else None, json=args.json,
-    ))
+    return submit(
+        SubmitOptions(
+            workflow=Path(args.workflow),
+            workers=parse_workers(args.workers) if args.workers else None,
+            require=args.require,
+            max_cost=args.max_cost,
+            local=args.local,
+            insecure=args.insecure,
+            interface=args.interface,
+            report=Path(args.report) if args.report else None,
+            json=args.json,
+        )
+    )
 
 
 def _peers(args: argparse.Namespace) -> int:
@@ -103,15 +113,19 @@ def _keys(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bgrid", description="BonjourGrid: a desktop grid with nothing to administer.")
+        prog="bgrid", description="BonjourGrid: a desktop grid with nothing to administer."
+    )
     parser.add_argument("--version", action="version", version=f"bgrid {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def interface_flag(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--interface", metavar="IP",
-                       help="IPv4 address of the interface to use for mDNS and zmq "
-                            "(default: $BGRID_INTERFACES, else every interface)")
+        p.add_argument(
+            "--interface",
+            metavar="IP",
+            help="IPv4 address of the interface to use for mDNS and zmq "
+            "(default: $BGRID_INTERFACES, else every interface)",
+        )
 
     w = sub.add_parser("worker", help="offer this desktop to the grid (a daemon)")
     w.add_argument("--name", help="peer name on the LAN (default: host name)")
@@ -120,10 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--cost", type=float, default=0.0, help="price per CPU-hour (default 0)")
     w.add_argument("--cache-dir", help="where inputs and outputs are cached")
     w.add_argument("--cache-size", help="cache bound, e.g. 10GiB (enforced by the cache layer)")
-    w.add_argument("--always-idle", action="store_true",
-                   help="a dedicated machine: never wait for its owner to be away")
-    w.add_argument("--insecure", action="store_true",
-                   help="serve without a grid key: anyone on the LAN can run tasks here")
+    w.add_argument(
+        "--always-idle",
+        action="store_true",
+        help="a dedicated machine: never wait for its owner to be away",
+    )
+    w.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve without a grid key: anyone on the LAN can run tasks here",
+    )
     interface_flag(w)
     w.set_defaults(run=_worker)
 
@@ -132,16 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", metavar="MIN..MAX", help="how many peers to recruit")
     s.add_argument("--require", metavar="EXPR", help='e.g. "ram>=4GiB and cpus>=2"')
     s.add_argument("--max-cost", type=float, help="highest cost per CPU-hour to accept")
-    s.add_argument("--local", type=int, metavar="N",
-                   help="start N worker daemons on this machine and run there")
+    s.add_argument(
+        "--local",
+        type=int,
+        metavar="N",
+        help="start N worker daemons on this machine and run there",
+    )
     s.add_argument("--insecure", action="store_true", help="use peers that run --insecure")
     s.add_argument("--report", metavar="FILE", help="write the JSON report to FILE")
     s.add_argument("--json", action="store_true", help="print the JSON report")
     interface_flag(s)
     s.set_defaults(run=_submit)
 
-    for name, func, what in (("peers", _peers, "list the peers on the LAN"),
-                             ("status", _status, "list the jobs running on the LAN")):
+    for name, func, what in (
+        ("peers", _peers, "list the peers on the LAN"),
+        ("status", _status, "list the jobs running on the LAN"),
+    ):
         p = sub.add_parser(name, help=what)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--wait", type=float, default=1.5, help="seconds to listen (default 1.5)")

@@ -112,14 +112,14 @@ def write_grid_key(key: GridKey, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     public_file = directory / f"{_BASENAME}.key"
     public_file.write_text(
-        f"# BonjourGrid grid key (public)\ncurve\n    public-key = \"{key.public.decode()}\"\n"
+        f'# BonjourGrid grid key (public)\ncurve\n    public-key = "{key.public.decode()}"\n'
     )
     if key.secret is not None:
         secret_file = directory / f"{_BASENAME}.key_secret"
         secret_file.write_text(
             "# BonjourGrid grid key (secret)\ncurve\n"
-            f"    public-key = \"{key.public.decode()}\"\n"
-            f"    secret-key = \"{key.secret.decode()}\"\n"
+            f'    public-key = "{key.public.decode()}"\n'
+            f'    secret-key = "{key.secret.decode()}"\n'
         )
         os.chmod(secret_file, 0o600)
 

@@ -42,8 +42,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "heartbeat": {"job": str, "lease_s": (int, float)},
     "release": {"job": str},
     "run": {
-        "job": str, "task": str, "attempt": int, "command": str,
-        "inputs": list, "outputs": list, "env": dict,
+        "job": str,
+        "task": str,
+        "attempt": int,
+        "command": str,
+        "inputs": list,
+        "outputs": list,
+        "env": dict,
     },
     "cancel": {"job": str, "task": str},
     # worker -> coordinator (control)
@@ -52,8 +57,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "heartbeat_ack": {"job": str},
     "released": {"job": str},
     "task_done": {
-        "job": str, "task": str, "attempt": int, "exit_code": int, "outputs": list,
-        "stderr_tail": str, "error": str, "fetch_s": (int, float), "run_s": (int, float),
+        "job": str,
+        "task": str,
+        "attempt": int,
+        "exit_code": int,
+        "outputs": list,
+        "stderr_tail": str,
+        "error": str,
+        "fetch_s": (int, float),
+        "run_s": (int, float),
         "bytes_fetched": int,
     },
     "error": {"reason": str},
@@ -75,15 +87,22 @@ def decode(frame: bytes, limit: int = MAX_CONTROL_FRAME) -> dict[str, Any]:
         raise ProtocolError(f"frame of {len(frame)} bytes is over the {limit}-byte limit")
     try:
         msg = msgpack.unpackb(
-            frame, raw=False, strict_map_key=True, max_str_len=MAX_STRING,
-            max_bin_len=limit, max_array_len=MAX_LIST, max_map_len=MAX_LIST,
+            frame,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_STRING,
+            max_bin_len=limit,
+            max_array_len=MAX_LIST,
+            max_map_len=MAX_LIST,
         )
     except Exception as err:  # msgpack raises a zoo of types on garbage
         raise ProtocolError(f"not a msgpack message: {type(err).__name__}") from err
     if not isinstance(msg, dict):
         raise ProtocolError(f"a message is a map, got {type(msg).__name__}")
     if msg.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {msg.get('v')!r}, this peer speaks {PROTOCOL_VERSION}")
+        raise ProtocolError(
+            f"protocol version {msg.get('v')!r}, this peer speaks {PROTOCOL_VERSION}"
+        )
     msg_type = msg.get("t")
     schema = SCHEMAS.get(msg_type) if isinstance(msg_type, str) else None
     if schema is None:
@@ -105,7 +124,10 @@ def check_list(items: list[Any], shape: tuple[type, ...], what: str) -> list[tup
         if (
             not isinstance(item, list | tuple)
             or len(item) != len(shape)
-            or not all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(item, shape, strict=True))
+            or not all(
+                isinstance(v, t) and not isinstance(v, bool)
+                for v, t in zip(item, shape, strict=True)
+            )
         ):
             raise ProtocolError(f"malformed {what} entry")
         checked.append(tuple(item))
@@ -132,7 +154,9 @@ class KeyPolicy:
         return key in self.allowed
 
 
-def start_authenticator(ctx: zmq.asyncio.Context, policies: Mapping[str, KeyPolicy]) -> AsyncioAuthenticator:
+def start_authenticator(
+    ctx: zmq.asyncio.Context, policies: Mapping[str, KeyPolicy]
+) -> AsyncioAuthenticator:
     """Start pyzmq's ZAP authenticator with one key policy per ZAP domain."""
     auth = AsyncioAuthenticator(ctx)
     auth.start()
@@ -147,9 +171,12 @@ def _common(sock: zmq.asyncio.Socket, limit: int) -> None:
 
 
 def server_socket(
-    ctx: zmq.asyncio.Context, keypair: Keypair | None, domain: str, limit: int,
+    ctx: zmq.asyncio.Context,
+    keypair: Keypair | None,
+    domain: str,
+    limit: int,
 ) -> zmq.asyncio.Socket:
-    """A ROUTER that only CURVE clients allowed by `domain`'s policy can talk to (plain if no key)."""
+    """A ROUTER that only CURVE clients allowed by `domain`'s policy can reach (plain: no key)."""
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, limit)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client takes its identity back
@@ -163,7 +190,10 @@ def server_socket(
 
 
 def client_socket(
-    ctx: zmq.asyncio.Context, keypair: Keypair | None, server_key: str, limit: int,
+    ctx: zmq.asyncio.Context,
+    keypair: Keypair | None,
+    server_key: str,
+    limit: int,
 ) -> zmq.asyncio.Socket:
     """A DEALER that proves `keypair` to a server whose public key is `server_key` (Z85)."""
     sock = ctx.socket(zmq.DEALER)

@@ -9,7 +9,6 @@ Every file is verified against its SHA-256 before it is committed anywhere.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
@@ -149,7 +148,9 @@ class Fetcher:
             while received < ref.size:
                 while in_flight < _WINDOW and next_offset < ref.size:
                     size = min(wire.CHUNK_SIZE, ref.size - next_offset)
-                    await sock.send(wire.encode("get", digest=ref.digest, offset=next_offset, size=size))
+                    await sock.send(
+                        wire.encode("get", digest=ref.digest, offset=next_offset, size=size)
+                    )
                     next_offset += size
                     in_flight += 1
                 if not await sock.poll(_CHUNK_TIMEOUT_S * 1000):

@@ -41,11 +41,16 @@ class TaskStatus(enum.Enum):
 _FINAL = {TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.SKIPPED}
 # The only moves a task may make; validate_state() and _move() hold the core to them.
 _TASK_TRANSITIONS = {
-    (TaskStatus.WAITING, TaskStatus.READY), (TaskStatus.READY, TaskStatus.RUNNING),
-    (TaskStatus.RUNNING, TaskStatus.COLLECTING), (TaskStatus.RUNNING, TaskStatus.READY),
-    (TaskStatus.RUNNING, TaskStatus.FAILED), (TaskStatus.COLLECTING, TaskStatus.DONE),
-    (TaskStatus.COLLECTING, TaskStatus.READY), (TaskStatus.COLLECTING, TaskStatus.FAILED),
-    (TaskStatus.WAITING, TaskStatus.SKIPPED), (TaskStatus.READY, TaskStatus.SKIPPED),
+    (TaskStatus.WAITING, TaskStatus.READY),
+    (TaskStatus.READY, TaskStatus.RUNNING),
+    (TaskStatus.RUNNING, TaskStatus.COLLECTING),
+    (TaskStatus.RUNNING, TaskStatus.READY),
+    (TaskStatus.RUNNING, TaskStatus.FAILED),
+    (TaskStatus.COLLECTING, TaskStatus.DONE),
+    (TaskStatus.COLLECTING, TaskStatus.READY),
+    (TaskStatus.COLLECTING, TaskStatus.FAILED),
+    (TaskStatus.WAITING, TaskStatus.SKIPPED),
+    (TaskStatus.READY, TaskStatus.SKIPPED),
 }
 
 
@@ -234,7 +239,9 @@ class SchedulerCore:
                 task = self.tasks.get(event.task)
                 if task and task.status is TaskStatus.COLLECTING and task.attempts == event.attempt:
                     self._detach(task)
-                    self._failed_attempt(task, f"its outputs could not be fetched: {event.error}", now)
+                    self._failed_attempt(
+                        task, f"its outputs could not be fetched: {event.error}", now
+                    )
             case CancelRequested():
                 self._finish(out, "failed", event.reason)
                 return out
@@ -246,8 +253,12 @@ class SchedulerCore:
             failed = [t.name for t in self.tasks.values() if t.status is TaskStatus.FAILED]
             if failed:
                 skipped = self.counts[TaskStatus.SKIPPED]
-                self._finish(out, "failed", f"{len(failed)} task(s) failed ({', '.join(failed[:5])})"
-                             + (f", {skipped} skipped because they needed their outputs" if skipped else ""))
+                self._finish(
+                    out,
+                    "failed",
+                    f"{len(failed)} task(s) failed ({', '.join(failed[:5])})"
+                    + (f", {skipped} skipped because they needed their outputs" if skipped else ""),
+                )
             else:
                 self._finish(out, "succeeded", f"all {len(self.tasks)} tasks succeeded")
         return out
@@ -269,8 +280,10 @@ class SchedulerCore:
     def _reported(self, event: TaskReported, now: float, out: list[Instruction]) -> None:
         task = self.tasks.get(event.task)
         if (
-            task is None or task.status is not TaskStatus.RUNNING
-            or task.attempts != event.attempt or task.peer != event.peer
+            task is None
+            or task.status is not TaskStatus.RUNNING
+            or task.attempts != event.attempt
+            or task.peer != event.peer
         ):
             return  # a report from an attempt we already gave up on
         task.exit_code, task.stderr_tail = event.exit_code, event.stderr_tail
@@ -353,8 +366,12 @@ class SchedulerCore:
                 task.start = now
                 task.end = None
                 peer.running.add(task.name)
-                self._move(task, TaskStatus.RUNNING, now,
-                           f"placed on {peer.name} (attempt {task.attempts})")
+                self._move(
+                    task,
+                    TaskStatus.RUNNING,
+                    now,
+                    f"placed on {peer.name} (attempt {task.attempts})",
+                )
                 out.append(Dispatch(task.name, peer.name, task.attempts))
 
     def _pop_ready_for(self, peer: PeerSlots) -> TaskState | None:
@@ -388,10 +405,12 @@ class SchedulerCore:
 
     def unplaceable(self) -> list[str]:
         """Ready tasks that no peer currently held can run (the shell recruits, or gives up)."""
-        stuck = []
+        stuck: list[str] = []
         for require, heap in self._ready.items():
             if not any(self._can_run(p, require) for p in self.peers.values()):
-                stuck.extend(name for _, _, name in heap if self.tasks[name].status is TaskStatus.READY)
+                stuck.extend(
+                    name for _, _, name in heap if self.tasks[name].status is TaskStatus.READY
+                )
         return stuck
 
     def wanted_peers(self) -> int:

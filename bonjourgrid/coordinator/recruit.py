@@ -52,14 +52,19 @@ def select_candidates(peers: Sequence[PeerRecord], needs: JobNeeds) -> Selection
     return Selection(candidates, rejected)
 
 
-def explain_shortage(seen: Sequence[PeerRecord], selection: Selection, needs: JobNeeds,
-                     granted: int) -> str:
+def explain_shortage(
+    seen: Sequence[PeerRecord], selection: Selection, needs: JobNeeds, granted: int
+) -> str:
     """A message for the user when fewer than `workers_min` peers were recruited."""
-    head = (f"recruited {granted} peer(s) of grid {needs.grid}, the job needs at least "
-            f"{needs.workers_min}")
+    head = (
+        f"recruited {granted} peer(s) of grid {needs.grid}, the job needs at least "
+        f"{needs.workers_min}"
+    )
     if not seen:
-        return (head + ": no BonjourGrid peer answered on this network. Start `bgrid worker` "
-                "on the desktops (check --interface), or try `bgrid submit --local 3`.")
+        return (
+            head + ": no BonjourGrid peer answered on this network. Start `bgrid worker` "
+            "on the desktops (check --interface), or try `bgrid submit --local 3`."
+        )
     other_grids = sorted({p.grid for p in seen if p.grid != needs.grid})
     lines = [head + f". {len(seen)} peer(s) seen:"]
     lines += [f"  {name}: {why}" for name, why in sorted(selection.rejected.items())]

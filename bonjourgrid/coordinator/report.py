@@ -10,8 +10,9 @@ if TYPE_CHECKING:
     from bonjourgrid.coordinator.shell import Coordinator
 
 
-def build_report(coordinator: Coordinator, finished: core.Finished | None,
-                 started_at: float) -> dict[str, Any]:
+def build_report(
+    coordinator: Coordinator, finished: core.Finished | None, started_at: float
+) -> dict[str, Any]:
     sched = coordinator.core
     tasks = {}
     for name, task in sched.tasks.items():
@@ -57,8 +58,10 @@ def format_summary(report: dict[str, Any]) -> str:
     ]
     for name, task in sorted(tasks.items()):
         if task["status"] == "failed":
-            lines.append(f"  task {name} failed on {task['peer']} after {task['attempts']} "
-                         f"attempt(s): {task.get('error', '')}")
+            lines.append(
+                f"  task {name} failed on {task['peer']} after {task['attempts']} "
+                f"attempt(s): {task.get('error', '')}"
+            )
             tail = task.get("stderr_tail", "").strip()
             if tail:
                 lines += ["    | " + line for line in tail.splitlines()[-10:]]

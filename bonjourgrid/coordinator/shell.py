@@ -13,12 +13,12 @@ import contextlib
 import getpass
 import logging
 import os
+import re
 import secrets
 import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import zmq
@@ -33,7 +33,7 @@ from bonjourgrid.coordinator.report import build_report
 from bonjourgrid.dag import Workflow
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
 from bonjourgrid.discovery.browse import PeerBrowser
-from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, PeerRecord, job_txt
+from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, JobState, PeerRecord, job_txt
 from bonjourgrid.errors import ProtocolError, RecruitError, TransferError
 from bonjourgrid.keys import GridKey, Keypair
 from bonjourgrid.requirements import Requirement
@@ -65,15 +65,19 @@ class Coordinator:
     """Runs one workflow on peers it recruits, then hands every peer back."""
 
     def __init__(
-        self, workflow: Workflow, needs: JobNeeds, grid: GridKey | None,
-        interface: str | None = None, expected_peers: int | None = None,
+        self,
+        workflow: Workflow,
+        needs: JobNeeds,
+        grid: GridKey | None,
+        interface: str | None = None,
+        expected_peers: int | None = None,
     ) -> None:
         self.workflow = workflow
         self.needs = needs
         self.grid = grid
         self.interface = interface
         self.expected_peers = expected_peers  # --local: stop browsing once these are seen
-        self.job = f"{workflow.name}-{secrets.token_hex(3)}"
+        self.job = job_id(workflow.name)
         self.ctx = zmq.asyncio.Context()
         self.keypair = Keypair.generate() if grid is not None else None
         self.client_keys = grid.keypair() if grid is not None else None
@@ -85,12 +89,13 @@ class Coordinator:
         self.used: dict[str, PeerRecord] = {}
         self.events: asyncio.Queue[core.Event] = asyncio.Queue()
         self.core = core.SchedulerCore(
-            ((name, list(workflow.graph.predecessors(name)), spec.require or "", spec.retries)
-             for name, spec in workflow.tasks.items()),
+            (
+                (name, list(workflow.graph.predecessors(name)), spec.require or "", spec.retries)
+                for name, spec in workflow.tasks.items()
+            ),
             matches=lambda text, attrs: Requirement.parse(text).matches(attrs),
         )
-        self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0,
-                      "to_submitter": 0}
+        self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
         self.started = 0.0
         self.started_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -103,8 +108,11 @@ class Coordinator:
         self.started = time.monotonic()
         self.started_at = started_at = time.time()
         await self._stage_inputs()
-        auth = (wire.start_authenticator(self.ctx, {"data": self.data_policy})
-                if self.grid is not None else None)
+        auth = (
+            wire.start_authenticator(self.ctx, {"data": self.data_policy})
+            if self.grid is not None
+            else None
+        )
         data_sock = wire.server_socket(self.ctx, self.keypair, "data", 4096)
         self._data_port = data_sock.bind_to_random_port(f"tcp://{self.interface or '0.0.0.0'}")
         data_server = DataServer(data_sock, self.index.locate)
@@ -116,7 +124,9 @@ class Coordinator:
             self._spawn(data_server.serve_forever())
             await browser.start()
             await self._recruit(browser, self.needs.workers_max, initial=True)
-            advert = Advertiser(zc, JOB_SERVICE, self.job, self._data_port, self._job_txt("running"))
+            advert = Advertiser(
+                zc, JOB_SERVICE, self.job, self._data_port, self._job_txt("running")
+            )
             await advert.start()
             self._spawn(self._heartbeats())
             self._spawn(self._replenish(browser))
@@ -144,6 +154,7 @@ class Coordinator:
         # Hashing reads every input once; a thread keeps the loop free for big files.
         def hash_all() -> dict[str, FileRef]:
             return {p: hash_file(self.workflow.root / p) for p in self.workflow.source_inputs()}
+
         self.source_refs = await asyncio.to_thread(hash_all)
         for path, ref in self.source_refs.items():
             self.index.add(self.workflow.root / path, ref)
@@ -204,8 +215,9 @@ class Coordinator:
         sock.connect(record.endpoint())
         if record.key:
             self.data_policy.allowed.add(record.key.encode())
-        await sock.send(wire.encode("reserve", job=self.job, lease_s=LEASE_S,
-                                    coordinator=socket.gethostname()))
+        await sock.send(
+            wire.encode("reserve", job=self.job, lease_s=LEASE_S, coordinator=socket.gethostname())
+        )
         reply = None
         if await sock.poll(RESERVE_TIMEOUT_S * 1000):
             with contextlib.suppress(ProtocolError):
@@ -237,8 +249,10 @@ class Coordinator:
             if stuck and not any(p.running for p in self.core.peers.values()):
                 stalled_since = stalled_since or time.monotonic()
                 if time.monotonic() - stalled_since > STALL_S:
-                    self.cancel(f"no recruited peer can run {', '.join(stuck[:5])} (and no idle "
-                                "peer of the grid fits): check the tasks' `require`")
+                    self.cancel(
+                        f"no recruited peer can run {', '.join(stuck[:5])} (and no idle "
+                        "peer of the grid fits): check the tasks' `require`"
+                    )
             else:
                 stalled_since = None
 
@@ -274,8 +288,17 @@ class Coordinator:
             input_bytes = sum(self._input_ref(p).size for p in spec.inputs)
             self.bytes["cache_hits"] += max(0, input_bytes - msg["bytes_fetched"])
         return core.TaskReported(
-            peer, msg["task"], msg["attempt"], msg["exit_code"], error, outputs,
-            msg["stderr_tail"], float(msg["fetch_s"]), float(msg["run_s"]), msg["bytes_fetched"])
+            peer,
+            msg["task"],
+            msg["attempt"],
+            msg["exit_code"],
+            error,
+            outputs,
+            msg["stderr_tail"],
+            float(msg["fetch_s"]),
+            float(msg["run_s"]),
+            msg["bytes_fetched"],
+        )
 
     def _input_ref(self, path: str) -> FileRef:
         producer = self.workflow.producer.get(path)
@@ -286,18 +309,31 @@ class Coordinator:
     async def _dispatch(self, task: str, peer: str, attempt: int) -> None:
         link = self.links[peer]
         spec = self.workflow.tasks[task]
-        me = Source(f"tcp://{link.our_address}:{self._data_port}",
-                    self.keypair.public.decode() if self.keypair else "", "coordinator")
+        me = Source(
+            f"tcp://{link.our_address}:{self._data_port}",
+            self.keypair.public.decode() if self.keypair else "",
+            "coordinator",
+        )
         inputs = []
         for path in spec.inputs:
             ref = self._input_ref(path)
             inputs.append([path, ref.digest, ref.size, [[me.endpoint, me.server_key, me.label]]])
-        await link.sock.send(wire.encode(
-            "run", job=self.job, task=task, attempt=attempt, command=spec.command,
-            inputs=inputs, outputs=list(spec.outputs), env=dict(spec.env)))
+        await link.sock.send(
+            wire.encode(
+                "run",
+                job=self.job,
+                task=task,
+                attempt=attempt,
+                command=spec.command,
+                inputs=inputs,
+                outputs=list(spec.outputs),
+                env=dict(spec.env),
+            )
+        )
 
-    async def _collect(self, task: str, peer: str, attempt: int,
-                       outputs: tuple[tuple[str, FileRef], ...]) -> None:
+    async def _collect(
+        self, task: str, peer: str, attempt: int, outputs: tuple[tuple[str, FileRef], ...]
+    ) -> None:
         """Bring a task's outputs into the submit directory, then tell the core."""
         link = self.links.get(peer)
         try:
@@ -358,19 +394,36 @@ class Coordinator:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _job_txt(self, state: str) -> dict[str, str]:
+    def _job_txt(self, state: JobState) -> dict[str, str]:
         counts = self.core.counts
-        return job_txt(JobRecord(
-            name=self.job, addresses=(), port=self._data_port or 1, job=self.job, state=state,
-            tasks=len(self.core.tasks), done=counts[core.TaskStatus.DONE],
-            failed=counts[core.TaskStatus.FAILED], running=counts[core.TaskStatus.RUNNING],
-            peers=len(self.links), user=_user(), started=self.started_at))
+        return job_txt(
+            JobRecord(
+                name=self.job,
+                addresses=(),
+                port=self._data_port or 1,
+                job=self.job,
+                state=state,
+                tasks=len(self.core.tasks),
+                done=counts[core.TaskStatus.DONE],
+                failed=counts[core.TaskStatus.FAILED],
+                running=counts[core.TaskStatus.RUNNING],
+                peers=len(self.links),
+                user=_user(),
+                started=self.started_at,
+            )
+        )
 
 
 async def _close_after_reply(sock: zmq.asyncio.Socket, wait_s: float = 1.0) -> None:
     with contextlib.suppress(Exception):
         await sock.poll(wait_s * 1000)
     sock.close(linger=0)
+
+
+def job_id(workflow_name: str) -> str:
+    """A LAN-unique job name that fits a TXT value and a DNS label: `<workflow>-<6 hex>`."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", workflow_name).strip("-._")[:40] or "job"
+    return f"{stem}-{secrets.token_hex(3)}"
 
 
 def _address_towards(peer_ip: str) -> str:
@@ -383,8 +436,10 @@ def _address_towards(peer_ip: str) -> str:
             return "127.0.0.1"
 
 
-def _job_state(finished: core.Finished | None) -> str:
-    return finished.status if finished is not None else "cancelled"
+def _job_state(finished: core.Finished | None) -> JobState:
+    if finished is None:
+        return "cancelled"
+    return "succeeded" if finished.status == "succeeded" else "failed"
 
 
 def _user() -> str:
@@ -393,17 +448,25 @@ def _user() -> str:
     return "unknown"
 
 
-def needs_from(workflow: Workflow, grid: str, require: str | None, max_cost: float | None,
-               workers: tuple[int, int] | None, overrides: Mapping[str, Any] | None = None,
-               ) -> JobNeeds:
+def needs_from(
+    workflow: Workflow,
+    grid: str,
+    require: str | None,
+    max_cost: float | None,
+    workers: tuple[int, int] | None,
+    overrides: Mapping[str, Any] | None = None,
+) -> JobNeeds:
     """The job's needs: flags win over the workflow's `grid:` section."""
     spec = workflow.grid
     texts = [t for t in (spec.require, require) if t]
     lo, hi = workers or (spec.workers_min or 1, spec.workers_max or min(8, len(workflow.tasks)))
     return JobNeeds(
         grid=grid,
-        require=Requirement.parse(" and ".join(f"({t})" for t in texts)) if texts
+        require=Requirement.parse(" and ".join(f"({t})" for t in texts))
+        if texts
         else Requirement.everything(),
         max_cost=max_cost if max_cost is not None else spec.max_cost,
-        workers_min=lo, workers_max=max(lo, hi), rank=spec.rank or "cost",
+        workers_min=lo,
+        workers_max=max(lo, hi),
+        rank=spec.rank or "cost",
     )

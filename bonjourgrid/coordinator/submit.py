@@ -60,14 +60,18 @@ def submit(opts: SubmitOptions) -> int:
             if (key_dir() / "grid.key").exists():
                 raise
             local = min(4, os.cpu_count() or 1)
-            print(f"bgrid: no grid key in {key_dir()}: running on a local grid of {local} "
-                  "workers (`bgrid keys init` creates a grid for the LAN)", file=sys.stderr)
+            print(
+                f"bgrid: no grid key in {key_dir()}: running on a local grid of {local} "
+                "workers (`bgrid keys init` creates a grid for the LAN)",
+                file=sys.stderr,
+            )
     if local is not None:
         if local < 1:
             raise ConfigError("--local N needs N >= 1")
         with LocalGrid(local) as cluster:
-            report = _run(opts, workflow, cluster.grid, LOOPBACK, expected=local,
-                          default_workers=(1, local))
+            report = _run(
+                opts, workflow, cluster.grid, LOOPBACK, expected=local, default_workers=(1, local)
+            )
             if report["status"] != "succeeded":
                 log.debug("local workers said:\n%s", cluster.logs())
     else:
@@ -81,10 +85,21 @@ def submit(opts: SubmitOptions) -> int:
     return 0 if report["status"] == "succeeded" else 1
 
 
-def _run(opts: SubmitOptions, workflow: Any, grid: GridKey | None, interface: str | None,
-         expected: int | None, default_workers: tuple[int, int] | None) -> dict[str, Any]:
-    needs = needs_from(workflow, grid.fingerprint if grid else INSECURE_FINGERPRINT,
-                       opts.require, opts.max_cost, opts.workers or default_workers)
+def _run(
+    opts: SubmitOptions,
+    workflow: Any,
+    grid: GridKey | None,
+    interface: str | None,
+    expected: int | None,
+    default_workers: tuple[int, int] | None,
+) -> dict[str, Any]:
+    needs = needs_from(
+        workflow,
+        grid.fingerprint if grid else INSECURE_FINGERPRINT,
+        opts.require,
+        opts.max_cost,
+        opts.workers or default_workers,
+    )
     coordinator = Coordinator(workflow, needs, grid, interface=interface, expected_peers=expected)
 
     async def main() -> dict[str, Any]:

@@ -93,8 +93,14 @@ class Tick:
 
 
 Event = (
-    ReserveRequested | HeartbeatReceived | ReleaseRequested | RunRequested | CancelRequested
-    | TaskFinished | OwnerActivity | Tick
+    ReserveRequested
+    | HeartbeatReceived
+    | ReleaseRequested
+    | RunRequested
+    | CancelRequested
+    | TaskFinished
+    | OwnerActivity
+    | Tick
 )
 
 
@@ -204,15 +210,20 @@ class WorkerCore:
             self.lease = _Lease(event.job, event.client, event.coordinator, now + event.lease_s)
             out.append(Advertise(PeerState.RESERVED, event.job))
         out.append(
-            Send(event.client, "reserved",
-                 {"job": event.job, "data_port": self.data_port, "cpus": self.cpus})
+            Send(
+                event.client,
+                "reserved",
+                {"job": event.job, "data_port": self.data_port, "cpus": self.cpus},
+            )
         )
 
     def _run(self, event: RunRequested, out: list[Instruction]) -> None:
         if not self._holds(event.client, event.job):
             out.append(self._deny(event.client, event.job))
         elif event.task in self.running or len(self.running) >= self.cpus:
-            reason = "already running" if event.task in self.running else f"all {self.cpus} slots busy"
+            reason = (
+                "already running" if event.task in self.running else f"all {self.cpus} slots busy"
+            )
             out.append(Send(event.client, "task_done", refused_report(event, reason)))
         else:
             self.running[event.task] = event.attempt
@@ -271,7 +282,14 @@ class WorkerCore:
 def refused_report(event: RunRequested, reason: str) -> dict[str, Any]:
     """A `task_done` for a task that never started (the coordinator retries it elsewhere)."""
     return {
-        "job": event.job, "task": event.task, "attempt": event.attempt, "exit_code": -1,
-        "outputs": [], "stderr_tail": "", "error": f"refused by the peer: {reason}",
-        "fetch_s": 0.0, "run_s": 0.0, "bytes_fetched": 0,
+        "job": event.job,
+        "task": event.task,
+        "attempt": event.attempt,
+        "exit_code": -1,
+        "outputs": [],
+        "stderr_tail": "",
+        "error": f"refused by the peer: {reason}",
+        "fetch_s": 0.0,
+        "run_s": 0.0,
+        "bytes_fetched": 0,
     }

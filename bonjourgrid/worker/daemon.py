@@ -86,7 +86,11 @@ class WorkerDaemon:
         self.core = WorkerCore(cpus=self.config.cpus, data_port=data_port)
         zc = open_zeroconf(resolve_interfaces(self.config.interface))
         self.advertiser = Advertiser(
-            zc, PEER_SERVICE, self.config.name, control_port, self._txt(PeerState.IDLE, None),
+            zc,
+            PEER_SERVICE,
+            self.config.name,
+            control_port,
+            self._txt(PeerState.IDLE, None),
             addresses=[self.config.interface] if self.config.interface else None,
         )
         background = [
@@ -96,8 +100,12 @@ class WorkerDaemon:
         ]
         try:
             await self.advertiser.start()
-            log.info("peer %s serving on port %d (grid %s)", self.config.name, control_port,
-                     grid.fingerprint if grid else INSECURE_FINGERPRINT)
+            log.info(
+                "peer %s serving on port %d (grid %s)",
+                self.config.name,
+                control_port,
+                grid.fingerprint if grid else INSECURE_FINGERPRINT,
+            )
             self.ready.set()
             await stop.wait()
         finally:
@@ -117,11 +125,19 @@ class WorkerDaemon:
     def _txt(self, state: PeerState, job: str | None) -> dict[str, str]:
         grid = self.config.grid
         record = PeerRecord(
-            name=self.config.name, addresses=(), port=self._control_port, state=state.value,  # type: ignore[arg-type]
-            job=job, cpus=self.config.cpus, ram=self.config.ram_mib,
-            disk=shutil.disk_usage(self.config.cache_dir).free // MIB, cost=self.config.cost,
-            arch=platform.machine() or "unknown", os=platform.system().lower() or "unknown",
-            mw=("native",), key=self.keypair.public.decode() if self.keypair else "",
+            name=self.config.name,
+            addresses=(),
+            port=self._control_port,
+            state=state.value,
+            job=job,
+            cpus=self.config.cpus,
+            ram=self.config.ram_mib,
+            disk=shutil.disk_usage(self.config.cache_dir).free // MIB,
+            cost=self.config.cost,
+            arch=platform.machine() or "unknown",
+            os=platform.system().lower() or "unknown",
+            mw=("native",),
+            key=self.keypair.public.decode() if self.keypair else "",
             grid=grid.fingerprint if grid else INSECURE_FINGERPRINT,
         )
         return peer_txt(record)

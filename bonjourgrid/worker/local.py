@@ -42,27 +42,46 @@ class LocalGrid:
         env = {**os.environ, "XDG_CONFIG_HOME": str(config)}
         try:
             for name in self.names:
-                log = open(self._dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
-                self._procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "bonjourgrid.cli", "worker", "--name", name,
-                     "--interface", LOOPBACK, "--always-idle", "--cpus", str(self.cpus_each),
-                     "--cache-dir", str(self._dir / "cache" / name)],
-                    env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                ))
+                log = open(self._dir / f"{name}.log", "wb")
+                self._procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "bonjourgrid.cli",
+                            "worker",
+                            "--name",
+                            name,
+                            "--interface",
+                            LOOPBACK,
+                            "--always-idle",
+                            "--cpus",
+                            str(self.cpus_each),
+                            "--cache-dir",
+                            str(self._dir / "cache" / name),
+                        ],
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                    )
+                )
                 log.close()
         except BaseException:
             self.close()
             raise
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def logs(self) -> str:
         """What the workers printed, for the user when something went wrong."""
         return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(self._dir.glob("*.log"))
+            f"--- {p.name}\n{p.read_text(errors='replace')}"
+            for p in sorted(self._dir.glob("*.log"))
         )
 
     def close(self) -> None:

@@ -59,13 +59,17 @@ def safe_relative(path: str) -> str:
 def parse_spec(msg: dict[str, Any]) -> TaskSpec:
     """The task in a decoded `run` message; ProtocolError if any part is malformed."""
     inputs = []
-    for path, digest, size, sources in wire.check_list(msg["inputs"], (str, str, int, list), "input"):
+    for path, digest, size, sources in wire.check_list(
+        msg["inputs"], (str, str, int, list), "input"
+    ):
         if not is_digest(digest) or size < 0:
             raise ProtocolError(f"input {path!r} has a bad digest or size")
         srcs = tuple(Source(*s) for s in wire.check_list(sources, (str, str, str), "source"))
         inputs.append(TaskInput(safe_relative(path), FileRef(digest, size), srcs))
-    outputs = tuple(safe_relative(p) for (p,) in wire.check_list(
-        [[o] for o in msg["outputs"]], (str,), "output"))
+    outputs = tuple(
+        safe_relative(p)
+        for (p,) in wire.check_list([[o] for o in msg["outputs"]], (str,), "output")
+    )
     return TaskSpec(msg["command"], tuple(inputs), outputs, wire.str_mapping(msg["env"], "env"))
 
 
@@ -73,8 +77,14 @@ class TaskRun:
     """One attempt of one task on this peer; `stop()` ends it from outside."""
 
     def __init__(
-        self, job: str, task: str, attempt: int, spec: TaskSpec, sandbox: Path,
-        store: ContentStore, fetcher: Fetcher,
+        self,
+        job: str,
+        task: str,
+        attempt: int,
+        spec: TaskSpec,
+        sandbox: Path,
+        store: ContentStore,
+        fetcher: Fetcher,
     ) -> None:
         self.job, self.task, self.attempt = job, task, attempt
         self.spec = spec
@@ -87,8 +97,15 @@ class TaskRun:
     async def execute(self) -> dict[str, Any]:
         """Fetch, run, store; the fields of the `task_done` report. Never raises."""
         report: dict[str, Any] = {
-            "job": self.job, "task": self.task, "attempt": self.attempt, "exit_code": -1,
-            "outputs": [], "stderr_tail": "", "error": "", "fetch_s": 0.0, "run_s": 0.0,
+            "job": self.job,
+            "task": self.task,
+            "attempt": self.attempt,
+            "exit_code": -1,
+            "outputs": [],
+            "stderr_tail": "",
+            "error": "",
+            "fetch_s": 0.0,
+            "run_s": 0.0,
             "bytes_fetched": 0,
         }
         started = time.monotonic()
@@ -140,10 +157,20 @@ class TaskRun:
             "BGRID_ATTEMPT": str(self.attempt),
             **self.spec.env,
         }
-        with open(self.sandbox / ".stdout", "wb") as out, open(self.sandbox / ".stderr", "wb") as err:
+        with (
+            open(self.sandbox / ".stdout", "wb") as out,
+            open(self.sandbox / ".stderr", "wb") as err,
+        ):
             self._proc = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", self.spec.command, cwd=self.sandbox, env=env,
-                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                "/bin/sh",
+                "-c",
+                self.spec.command,
+                cwd=self.sandbox,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
             )
         return await self._proc.wait()
 
@@ -162,7 +189,9 @@ class TaskRun:
             if not path.exists() and not path.is_symlink():
                 raise OutputError(f"the command exited 0 but did not write its output {rel!r}")
             if path.is_symlink() or not path.is_file():
-                raise OutputError(f"output {rel!r} is not a regular file (symlink, directory or device): refused")
+                raise OutputError(
+                    f"output {rel!r} is not a regular file (symlink, directory or device): refused"
+                )
             if root not in path.resolve().parents:
                 raise OutputError(f"output {rel!r} lies outside the task directory: refused")
             ref = self.store.adopt(path)

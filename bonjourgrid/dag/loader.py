@@ -1,0 +1,617 @@
+"""Read a workflow file (YAML or JSON) and validate all of it before any peer is touched.
+
+Validation runs in three passes, each reporting every problem it finds in one DagError:
+1. shape and types of every field, paths normalized and kept inside the task directory;
+2. file flow: one writer per file, every input written by a task or present in the submit
+   directory, `after` names existing tasks;
+3. no cycle (networkx, linear time; the cycle is only searched for once one is known to exist).
+Unknown keys are not errors: each one is reported once, as a WorkflowWarning.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import warnings
+from collections import defaultdict, deque
+from collections.abc import Mapping
+from itertools import pairwise
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import networkx as nx
+import yaml
+
+from bonjourgrid.dag.model import RANKS, GridSpec, TaskSpec, Workflow, normalize_path
+from bonjourgrid.errors import DagError, RequirementError
+from bonjourgrid.requirements import Requirement
+
+__all__ = [
+    "WorkflowWarning",
+    "load_workflow",
+    "parse_worker_range",
+    "workflow_from_mapping",
+]
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_MAX_TASK_NAME = 200  # characters; a task name becomes a directory name on the peers
+_JOB_NAME = re.compile(r"\w[\w .-]*\Z")
+_MAX_JOB_NAME_BYTES = 63  # the job is advertised as a DNS-SD instance name: one DNS label
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_WORKERS = re.compile(r"\s*(\d*)\s*(?:\.\.\s*(\d*))?\s*\Z")
+_MAX_PROBLEMS_SHOWN = 20
+_MAX_CYCLE_SHOWN = 12  # tasks
+_MAX_SUGGESTION_POOL = 5000  # beyond this, a "did you mean" search would cost more than it helps
+
+_TOP_KEYS = ("name", "grid", "defaults", "tasks")
+_GRID_KEYS = ("workers", "require", "max_cost", "rank")
+_DEFAULT_KEYS = ("retries", "require", "env", "keep")
+_TASK_KEYS = ("command", "inputs", "outputs", "after", "retries", "require", "env", "keep")
+_KEY_SETS: dict[tuple[str, ...], frozenset[str]] = {
+    keys: frozenset(keys) for keys in (_TOP_KEYS, _GRID_KEYS, _DEFAULT_KEYS, _TASK_KEYS)
+}
+
+
+class WorkflowWarning(UserWarning):
+    """Something in a workflow file was ignored (an unknown key)."""
+
+
+class _Problems:
+    """Collects every problem of one pass, so a user fixes them all in one round."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.items: list[str] = []
+        self.unknown: dict[tuple[str, str], list[str]] = defaultdict(list)
+
+    def add(self, problem: str) -> None:
+        self.items.append(problem)
+
+    @property
+    def few(self) -> bool:
+        """True while extra effort on messages (suggestions) is still going to be shown."""
+        return len(self.items) < _MAX_PROBLEMS_SHOWN
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        if len(self.items) == 1:
+            raise DagError(f"{self.source}: {self.items[0]}")
+        shown = "\n  - ".join(self.items[:_MAX_PROBLEMS_SHOWN])
+        more = len(self.items) - _MAX_PROBLEMS_SHOWN
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        raise DagError(f"{self.source} has {len(self.items)} problems:\n  - {shown}{tail}")
+
+    def note_unknown(self, raw: Mapping[Any, Any], known: tuple[str, ...], where: str) -> None:
+        if raw.keys() <= _KEY_SETS[known]:
+            return
+        for key in raw:
+            if key not in known:
+                self.unknown[(str(key), ", ".join(known))].append(where)
+
+    def warn_unknown(self) -> None:
+        for (key, known), places in self.unknown.items():
+            close = difflib.get_close_matches(key, known.split(", "), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {known}"
+            where = places[0] if len(places) == 1 else f"{places[0]} and {len(places) - 1} more"
+            warnings.warn(
+                f"{self.source}: unknown key {key!r} in {where} is ignored; {hint}",
+                WorkflowWarning,
+                stacklevel=3,
+            )
+
+
+def _suggest(word: str, pool: Mapping[str, object] | list[str], problems: _Problems) -> str:
+    if not problems.few or len(pool) > _MAX_SUGGESTION_POOL:
+        return ""
+    close = difflib.get_close_matches(word, list(pool), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the file
+
+
+def load_workflow(path: str | Path) -> Workflow:
+    """Read and validate a .yaml/.yml/.json workflow; its directory is the submit directory."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise DagError(
+            f"{path}: unknown workflow file type {suffix or '(none)'!r}; "
+            "write the workflow as .yaml, .yml or .json"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DagError(f"{path}: no such workflow file; check the path") from None
+    except IsADirectoryError:
+        raise DagError(f"{path} is a directory; give the workflow file inside it") from None
+    except UnicodeDecodeError as err:
+        raise DagError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise DagError(f"{path}: cannot read the workflow file: {err.strerror}") from None
+    data = _parse_json(text, path.name) if suffix == ".json" else _parse_yaml(text, path.name)
+    return workflow_from_mapping(data, path.resolve().parent, source=path.name)
+
+
+def _parse_json(text: str, source: str) -> object:
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise DagError(
+                    f"{source}: key {key!r} appears twice in one object; "
+                    "the second would silently replace the first, so rename or merge them"
+                )
+            result[key] = value
+        return result
+
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as err:
+        raise DagError(
+            f"{source}: line {err.lineno}, column {err.colno}: {err.msg}; fix the JSON there"
+        ) from None
+    except RecursionError:
+        raise DagError(f"{source}: nested too deeply to be a workflow") from None
+
+
+_YamlBase: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x
+
+
+class _UniqueKeyLoader(_YamlBase):  # type: ignore[misc]
+    """YAML's safe loader, except that a key repeated in one mapping is an error, not a loss."""
+
+
+def _construct_unique_mapping(loader: Any, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[tuple[str, str], yaml.Mark] = {}
+    for key_node, _value in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            first = seen.setdefault((key_node.tag, key_node.value), key_node.start_mark)
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key_node.value!r} appears twice (first on line {first.line + 1}); "
+                    "the second would silently replace the first, so rename or merge them",
+                    key_node.start_mark,
+                )
+    result: dict[Any, Any] = yaml.SafeLoader.construct_mapping(loader, node, deep=True)
+    return result
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def _parse_yaml(text: str, source: str) -> object:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        context = f" ({err.context})" if err.context and err.problem else ""
+        raise DagError(
+            f"{source}: {where}{err.problem or err.context}{context}; fix the YAML there"
+        ) from None
+    except yaml.YAMLError as err:
+        raise DagError(f"{source}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise DagError(f"{source}: nested too deeply to be a workflow") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def workflow_from_mapping(
+    data: object,
+    root: str | Path,
+    source: str = "<workflow>",
+    *,
+    check_sources: bool = True,
+) -> Workflow:
+    """Validate a decoded workflow; `check_sources=False` trusts that unproduced inputs exist."""
+    root = Path(root)
+    problems = _Problems(source)
+    if data is None:
+        raise DagError(f"{source}: the workflow is empty; it needs a `tasks:` mapping")
+    if not isinstance(data, Mapping):
+        raise DagError(
+            f"{source}: the top level is a {type(data).__name__}, not a mapping; "
+            "start the file with `name:` and `tasks:`"
+        )
+    problems.note_unknown(data, _TOP_KEYS, "the top level")
+    name = _read_job_name(data.get("name"), source, problems)
+    grid = _read_grid(data.get("grid"), problems)
+    requirements: dict[str, None] = {}  # texts known to parse, so 100k equal ones parse once
+    defaults = _read_defaults(data.get("defaults"), requirements, problems)
+    raw_tasks = data.get("tasks")
+    if not isinstance(raw_tasks, Mapping) or not raw_tasks:
+        got = f"a {type(raw_tasks).__name__}" if raw_tasks else "missing or empty"
+        problems.add(
+            f"`tasks` is {got}; it must map each task name to its command, inputs and outputs"
+        )
+        raw_tasks = {}
+
+    tasks: dict[str, TaskSpec] = {}
+    for task_name, raw in raw_tasks.items():
+        task = _read_task(task_name, raw, defaults, requirements, problems)
+        if task is not None:
+            tasks[task.name] = task
+    problems.warn_unknown()
+    problems.raise_if_any()
+
+    producer = _producers(tasks, problems)
+    graph = _build_graph(tasks, producer, root, check_sources, problems)
+    problems.raise_if_any()
+    _check_acyclic(graph, problems)
+    problems.raise_if_any()
+    return Workflow(name=name, root=root, tasks=tasks, graph=graph, producer=producer, grid=grid)
+
+
+def _read_job_name(value: object, source: str, problems: _Problems) -> str:
+    if value is None:
+        # default: the file's stem, made into a valid job name
+        stem = re.sub(r"[^\w.-]+", "-", Path(source).stem).strip("-._ ") or "workflow"
+        return stem.encode()[:_MAX_JOB_NAME_BYTES].decode(errors="ignore")
+    if (
+        not isinstance(value, str)
+        or not _JOB_NAME.match(value)
+        or len(value.encode()) > _MAX_JOB_NAME_BYTES
+    ):
+        problems.add(
+            f"name {value!r} is not a job name: use letters, digits, spaces, '.', '_' or '-', "
+            f"at most {_MAX_JOB_NAME_BYTES} bytes, starting with a letter or digit"
+        )
+        return "workflow"
+    return value
+
+
+def parse_worker_range(value: object) -> tuple[int | None, int | None]:
+    """(min, max) from 4 (at most 4), "2..8", "2..", "..8" or {min: 2, max: 8}; else ValueError."""
+    low: object
+    high: object
+    if isinstance(value, Mapping):
+        extra = set(value) - {"min", "max"}
+        if extra:
+            raise ValueError(f"workers has unknown keys {sorted(map(str, extra))}; use min and max")
+        low, high = value.get("min"), value.get("max")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        low, high = None, value
+    elif isinstance(value, str) and (match := _WORKERS.match(value)) and any(match.groups()):
+        low_text, high_text = match.groups()
+        if high_text is None and ".." not in value:
+            low, high = None, int(low_text)
+        else:
+            low = int(low_text) if low_text else None
+            high = int(high_text) if high_text else None
+    else:
+        raise ValueError(
+            f"workers {value!r} is not a count or range; write 4, 1..8 or {{min: 1, max: 8}}"
+        )
+    for label, number in (("min", low), ("max", high)):
+        if number is not None and (
+            not isinstance(number, int) or isinstance(number, bool) or number < 0
+        ):
+            raise ValueError(f"workers {label} {number!r} must be a whole number >= 0")
+    assert low is None or isinstance(low, int)
+    assert high is None or isinstance(high, int)
+    if high is not None and high < 1:
+        raise ValueError("workers max must be at least 1")
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"workers min {low} is larger than max {high}")
+    return low, high
+
+
+def _check_requirement(
+    text: object, where: str, requirements: dict[str, None], problems: _Problems
+) -> str | None:
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        problems.add(f'{where}: require must be a string such as "ram>=4GiB and cpus>=2"')
+        return None
+    if text not in requirements:
+        try:
+            Requirement.parse(text)
+        except RequirementError as err:
+            problems.add(f"{where}: {err}")
+            return None
+        requirements[text] = None
+    return text if text.strip() else None
+
+
+def _read_grid(value: object, problems: _Problems) -> GridSpec:
+    if value is None:
+        return GridSpec()
+    if not isinstance(value, Mapping):
+        problems.add('`grid` must be a mapping such as {workers: 1..8, require: "ram>=2GiB"}')
+        return GridSpec()
+    problems.note_unknown(value, _GRID_KEYS, "grid")
+    low = high = None
+    if value.get("workers") is not None:
+        try:
+            low, high = parse_worker_range(value["workers"])
+        except ValueError as err:
+            problems.add(f"grid: {err}")
+    require = _check_requirement(value.get("require"), "grid", {}, problems)
+    max_cost = value.get("max_cost")
+    if max_cost is not None and (
+        not isinstance(max_cost, int | float)
+        or isinstance(max_cost, bool)
+        or not math.isfinite(max_cost)
+        or max_cost < 0
+    ):
+        problems.add(f"grid: max_cost {max_cost!r} must be a number >= 0 (price per CPU-hour)")
+        max_cost = None
+    rank = value.get("rank")
+    if rank is not None and rank not in RANKS:
+        problems.add(f"grid: rank {rank!r} is not one of {', '.join(RANKS)}")
+        rank = None
+    return GridSpec(
+        workers_min=low,
+        workers_max=high,
+        require=require,
+        max_cost=float(max_cost) if max_cost is not None else None,
+        rank=rank,
+    )
+
+
+def _read_defaults(
+    value: object, requirements: dict[str, None], problems: _Problems
+) -> dict[str, Any]:
+    """The validated `defaults:` section, checked once rather than once per task."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        problems.add('`defaults` must be a mapping such as {retries: 2, require: "ram>=1GiB"}')
+        return {}
+    problems.note_unknown(value, _DEFAULT_KEYS, "defaults")
+    defaults: dict[str, Any] = {}
+    if value.get("retries") is not None:
+        defaults["retries"] = _check_retries(value["retries"], "defaults", problems)
+    if value.get("keep") is not None:
+        defaults["keep"] = _check_keep(value["keep"], "defaults", problems)
+    defaults["require"] = _check_requirement(
+        value.get("require"), "defaults", requirements, problems
+    )
+    defaults["env"] = _read_env(value.get("env"), "defaults", problems)
+    return defaults
+
+
+def _check_retries(value: object, where: str, problems: _Problems) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        problems.add(f"{where}: retries {value!r} must be a whole number >= 0")
+        return 0
+    return value
+
+
+def _check_keep(value: object, where: str, problems: _Problems) -> bool:
+    if not isinstance(value, bool):
+        problems.add(f"{where}: keep {value!r} must be true or false")
+        return False
+    return value
+
+
+def _read_task(
+    name: object,
+    raw: object,
+    defaults: Mapping[str, Any],
+    requirements: dict[str, None],
+    problems: _Problems,
+) -> TaskSpec | None:
+    if not isinstance(name, str) or not _TASK_NAME.match(name) or name in (".", ".."):
+        problems.add(
+            f"task name {name!r} is not valid: use letters, digits, '.', '_' or '-' (quote numbers)"
+        )
+        return None
+    if len(name) > _MAX_TASK_NAME:
+        problems.add(f"task name {name[:40]!r}... is longer than {_MAX_TASK_NAME} characters")
+        return None
+    where = f"task {name!r}"
+    if not isinstance(raw, dict | Mapping):  # dict first: the common case, checked cheaply
+        problems.add(f"{where} must be a mapping with at least `command:`")
+        return None
+    problems.note_unknown(raw, _TASK_KEYS, where)
+    count = len(problems.items)
+
+    command = raw.get("command")
+    if not isinstance(command, str) or not command.strip():
+        got = "has no command" if command is None else f"command {command!r} is not a string"
+        problems.add(f"{where} {got}; write the shell command as one string")
+    inputs = _read_paths(raw.get("inputs"), where, "inputs", problems)
+    outputs = _read_paths(raw.get("outputs"), where, "outputs", problems)
+    both = () if set(inputs).isdisjoint(outputs) else sorted(set(inputs) & set(outputs))
+    for path in both[:3]:
+        problems.add(
+            f"{where}: {path!r} is both an input and an output; write the result to a new path"
+        )
+    after = _read_names(raw.get("after"), where, problems)
+    # a task's own value replaces the default; env is merged, the task's variables winning
+    retries = defaults.get("retries", 0)
+    if "retries" in raw:
+        retries = _check_retries(raw["retries"], where, problems)
+    require = defaults.get("require")
+    if "require" in raw:
+        require = _check_requirement(raw["require"], where, requirements, problems)
+    keep = defaults.get("keep", False)
+    if "keep" in raw:
+        keep = _check_keep(raw["keep"], where, problems)
+    env = defaults.get("env", {})
+    if raw.get("env") is not None:
+        env = {**env, **_read_env(raw["env"], where, problems)}
+    if len(problems.items) > count:
+        return None
+    assert isinstance(command, str)
+    return TaskSpec(
+        name=name,
+        command=command,
+        inputs=inputs,
+        outputs=outputs,
+        after=after,
+        retries=retries,
+        require=require,
+        env=MappingProxyType(env),
+        keep=keep,
+    )
+
+
+def _as_list(value: object, where: str, what: str, problems: _Problems) -> list[object]:
+    if isinstance(value, list):
+        return value
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, tuple):
+        return list(value)
+    problems.add(f"{where} must be a list of {what}, not {type(value).__name__}")
+    return []
+
+
+def _read_paths(value: object, task: str, key: str, problems: _Problems) -> tuple[str, ...]:
+    paths: dict[str, None] = {}  # ordered set: a path listed twice counts once
+    for index, item in enumerate(_as_list(value, f"{task}: {key}", "paths", problems)):
+        try:
+            paths[normalize_path(item)] = None
+        except ValueError as err:
+            problems.add(f"{task}: {key}[{index}]: {err}")
+    return tuple(paths)
+
+
+def _read_names(value: object, where: str, problems: _Problems) -> tuple[str, ...]:
+    names: dict[str, None] = {}
+    for item in _as_list(value, f"{where}: after", "task names", problems):
+        if isinstance(item, str):
+            names[item] = None
+        else:
+            problems.add(f"{where}: after: {item!r} is not a task name; quote it")
+    return tuple(names)
+
+
+def _read_env(value: object, where: str, problems: _Problems) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        problems.add(f"{where}: env must be a mapping of variable names to values")
+        return {}
+    env: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not _ENV_NAME.match(key):
+            problems.add(
+                f"{where}: env name {key!r} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)"
+            )
+        elif isinstance(item, str):
+            env[key] = item
+        elif isinstance(item, int | float) and not isinstance(item, bool):
+            env[key] = str(item)
+        else:
+            problems.add(f"{where}: env {key} = {item!r} must be a string; quote it")
+    return env
+
+
+def _producers(tasks: Mapping[str, TaskSpec], problems: _Problems) -> dict[str, str]:
+    producer: dict[str, str] = {}
+    for name, task in tasks.items():
+        for path in task.outputs:
+            first = producer.setdefault(path, name)
+            if first != name:
+                problems.add(
+                    f"task {name!r}: output {path!r} is also written by task {first!r}; "
+                    "a file must have one writer, so rename one of them"
+                )
+    return producer
+
+
+def _build_graph(
+    tasks: Mapping[str, TaskSpec],
+    producer: Mapping[str, str],
+    root: Path,
+    check_sources: bool,
+    problems: _Problems,
+) -> nx.DiGraph:
+    files: dict[tuple[str, str], list[str]] = {}  # edge -> the files it carries
+    checked: dict[str, bool] = {}  # source path -> present, so a shared input is stat'ed once
+    for name, task in tasks.items():
+        for path in task.inputs:
+            writer = producer.get(path)
+            if writer is not None:
+                files.setdefault((writer, name), []).append(path)
+            elif check_sources:
+                present = checked.get(path)
+                if present is None:
+                    present = checked[path] = (root / path).is_file()
+                if not present:
+                    problems.add(_missing_input(name, path, root, producer, problems))
+        for before in task.after:
+            if before in tasks:
+                files.setdefault((before, name), [])
+            else:
+                hint = _suggest(before, tasks, problems)
+                problems.add(f"task {name!r}: after names unknown task {before!r}{hint}")
+    graph = nx.DiGraph()
+    graph.add_nodes_from(tasks)
+    graph.add_edges_from((u, v, {"files": carried}) for (u, v), carried in files.items())
+    return graph
+
+
+def _missing_input(
+    task: str, path: str, root: Path, producer: Mapping[str, str], problems: _Problems
+) -> str:
+    if (root / path).is_dir():
+        return (
+            f"task {task!r}: input {path!r} is a directory in {root}; "
+            "list the files inside it one by one"
+        )
+    hint = _suggest(path, producer, problems)
+    return (
+        f"task {task!r}: input {path!r} is not written by any task{hint} and is not a file in "
+        f"{root}; add the file there or list it in the outputs of the task that makes it"
+    )
+
+
+def _check_acyclic(graph: nx.DiGraph, problems: _Problems) -> None:
+    if nx.is_directed_acyclic_graph(graph):
+        return
+    names = _shortest_cycle(graph)
+    edges = list(pairwise(names))
+    if len(edges) > _MAX_CYCLE_SHOWN:  # a 100,000-task loop must not make a 1 MB message
+        names = [*names[: _MAX_CYCLE_SHOWN - 2], "...", *names[-2:]]
+    reasons = []
+    for u, v in edges[:_MAX_CYCLE_SHOWN]:
+        files = graph.edges[u, v]["files"]
+        reasons.append(f"{v} reads {files[0]!r} from {u}" if files else f"{v} runs after {u}")
+    more = "; ..." if len(edges) > _MAX_CYCLE_SHOWN else ""
+    who = "a task depends on itself" if len(edges) == 1 else f"{len(edges)} tasks form a cycle"
+    problems.add(
+        f"{who}: {' -> '.join(names)} "
+        f"({'; '.join(reasons)}{more}); remove one of these dependencies"
+    )
+
+
+def _shortest_cycle(graph: nx.DiGraph) -> list[str]:
+    """One cycle as [a, b, ..., a]; linear time (nx.find_cycle takes seconds on long loops)."""
+    for node in nx.nodes_with_selfloops(graph):
+        return [node, node]
+    looped = next(c for c in nx.strongly_connected_components(graph) if len(c) > 1)
+    start = next(iter(looped))
+    parent: dict[str, str] = {}
+    queue = deque([start])
+    while queue:  # breadth-first inside the component: the loop back to start is the shortest
+        node = queue.popleft()
+        for succ in graph.successors(node):
+            if succ == start:
+                path = [node]
+                while path[-1] != start:
+                    path.append(parent[path[-1]])
+                return [*reversed(path), start]
+            if succ in looped and succ not in parent:
+                parent[succ] = node
+                queue.append(succ)
+    raise AssertionError("a strongly connected component always holds a cycle")
