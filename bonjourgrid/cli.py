@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -183,8 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    # A workflow warning (unknown key...) is for the user, not a Python traceback line.
+    print(f"bgrid: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     if args.command == "worker":
         level = min(level, logging.INFO)

@@ -303,7 +303,8 @@ class _Parser:
                 node = self.expr()
                 if self.token.kind != ")":
                     raise self.error(
-                        f"expected ')' (to close the '(' of column {token.column})", self.token.column
+                        f"expected ')' (to close the '(' of column {token.column})",
+                        self.token.column,
                     )
                 self.take()
             else:

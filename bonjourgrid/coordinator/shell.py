@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Mapping
@@ -100,6 +101,7 @@ class Coordinator:
         self.started_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._data_port = 0
+        self._partial_dir = workflow.root / ".bgrid" / "partial"
 
     # -- the run ------------------------------------------------------------------------
 
@@ -188,25 +190,39 @@ class Coordinator:
     # -- recruitment --------------------------------------------------------------------
 
     async def _recruit(self, browser: PeerBrowser, wanted: int, initial: bool = False) -> int:
+        """Reserve up to `wanted` more peers, best first; at the start, at least workers_min."""
+        deadline = time.monotonic() + (DISCOVERY_S if self.expected_peers is None else 15.0)
         if initial:
             expect = self.expected_peers or self.needs.workers_max
             await browser.wait_until(
                 lambda peers: len(select_candidates(peers, self.needs).candidates) >= expect,
-                DISCOVERY_S if self.expected_peers is None else 15.0,
+                max(0.0, deadline - time.monotonic()),
             )
-        seen = browser.peers()
-        selection = select_candidates(seen, self.needs)
+        tried: set[str] = set()
         granted = 0
-        for record in selection.candidates:
-            if granted >= wanted or len(self.links) >= self.needs.workers_max:
+
+        def untried(peers: list[PeerRecord]) -> list[PeerRecord]:
+            fitting = select_candidates(peers, self.needs).candidates
+            return [p for p in fitting if p.name not in tried and p.name not in self.links]
+
+        while True:
+            for record in untried(browser.peers()):
+                if granted >= wanted or len(self.links) >= self.needs.workers_max:
+                    break
+                tried.add(record.name)
+                granted += await self._reserve(record)
+            short = len(self.links) < self.needs.workers_min
+            remaining = deadline - time.monotonic()
+            # Lost a race for a peer, or not all peers seen yet: wait for other candidates.
+            if not initial or not short or remaining <= 0:
                 break
-            if record.name in self.links:
-                continue
-            if await self._reserve(record):
-                granted += 1
+            await browser.wait_until(lambda peers: bool(untried(peers)), remaining)
         if initial and len(self.links) < self.needs.workers_min:
+            seen = browser.peers()
             await self._release_all()
-            raise RecruitError(explain_shortage(seen, selection, self.needs, len(self.links)))
+            raise RecruitError(
+                explain_shortage(seen, select_candidates(seen, self.needs), self.needs, granted)
+            )
         return granted
 
     async def _reserve(self, record: PeerRecord) -> bool:
@@ -341,12 +357,16 @@ class Coordinator:
                 raise TransferError(f"peer {peer} is gone")
             for path, ref in outputs:
                 dest = self.workflow.root / path
-                partial = self.workflow.root / ".bgrid" / "partial" / f"{ref.digest}.part"
-                await self.fetcher.fetch(ref, [link.data_source], partial)
                 dest.parent.mkdir(parents=True, exist_ok=True)
+                partial = self._partial_dir / f"{ref.digest}.{secrets.token_hex(4)}.part"
+                twin = self.index.locate(ref.digest)
+                if twin is not None and twin.is_file():
+                    shutil.copyfile(twin, partial)  # same bytes already here: not fetched again
+                else:
+                    await self.fetcher.fetch(ref, [link.data_source], partial)
+                    self.bytes["to_submitter"] += ref.size
                 os.replace(partial, dest)
                 self.index.add(dest, ref)
-                self.bytes["to_submitter"] += ref.size
         except (TransferError, OSError) as err:
             await self.events.put(core.CollectFailed(task, attempt, str(err)))
             return

@@ -196,9 +196,8 @@ def _parse_yaml(text: str, source: str) -> object:
         mark = err.problem_mark or err.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         context = f" ({err.context})" if err.context and err.problem else ""
-        raise DagError(
-            f"{source}: {where}{err.problem or err.context}{context}; fix the YAML there"
-        ) from None
+        fix = "" if isinstance(err, yaml.constructor.ConstructorError) else "; fix the YAML there"
+        raise DagError(f"{source}: {where}{err.problem or err.context}{context}{fix}") from None
     except yaml.YAMLError as err:
         raise DagError(f"{source}: not valid YAML: {err}") from None
     except RecursionError:

@@ -105,12 +105,16 @@ def test_peers_are_released_as_soon_as_no_unstarted_task_is_left() -> None:
 
 
 def test_per_task_requirements_restrict_placement() -> None:
-    s = SchedulerCore([("big", [], "ram>=4096", 0), ("small", [], "", 0)],
-                      matches=lambda req, attrs: int(attrs["ram"]) >= 4096)
+    s = SchedulerCore(
+        [("big", [], "ram>=4096", 0), ("small", [], "", 0)],
+        matches=lambda req, attrs: int(attrs["ram"]) >= 4096,
+    )
     out = s.handle(core.PeerJoined("tiny", 2, {"ram": "1024"}), 0.0)
     assert dispatched(out) == [("small", "tiny")]
     assert s.unplaceable() == ["big"]
-    assert dispatched(s.handle(core.PeerJoined("huge", 1, {"ram": "8192"}), 0.0)) == [("big", "huge")]
+    assert dispatched(s.handle(core.PeerJoined("huge", 1, {"ram": "8192"}), 0.0)) == [
+        ("big", "huge")
+    ]
 
 
 def test_cancel_releases_every_peer() -> None:

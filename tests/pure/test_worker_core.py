@@ -27,7 +27,9 @@ def reserve(w: WorkerCore, client: bytes, job: str, now: float = 0.0) -> list[co
     return w.handle(core.ReserveRequested(client, job, 10.0, "host"), now)
 
 
-def run(w: WorkerCore, client: bytes, job: str, task: str, attempt: int = 1) -> list[core.Instruction]:
+def run(
+    w: WorkerCore, client: bytes, job: str, task: str, attempt: int = 1
+) -> list[core.Instruction]:
     return w.handle(core.RunRequested(client, job, task, attempt, {"command": "true"}), 1.0)
 
 
@@ -70,8 +72,11 @@ def test_heartbeats_renew_the_lease(peer: WorkerCore) -> None:
 
 def test_a_stranger_cannot_renew_release_or_run(peer: WorkerCore) -> None:
     reserve(peer, A, "job1")
-    for event in (core.HeartbeatReceived(B, "job1", 10.0), core.ReleaseRequested(B, "job1"),
-                  core.RunRequested(B, "job1", "t", 1, {})):
+    for event in (
+        core.HeartbeatReceived(B, "job1", 10.0),
+        core.ReleaseRequested(B, "job1"),
+        core.RunRequested(B, "job1", "t", 1, {}),
+    ):
         assert sent(peer.handle(event, 1.0)) == [(B, "denied")]
     assert peer.state is PeerState.RESERVED and not peer.running
 

@@ -1,0 +1,175 @@
+"""`bgrid submit` end to end over loopback: real daemons, real mDNS, real CurveZMQ."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.multiproc.conftest import LOOPBACK, Grid, bgrid_cmd, write_workflow
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "dags"
+
+FAN = """
+name: fan
+tasks:
+  split:
+    command: "for i in 1 2 3 4; do echo part-$i > p$i.txt; done"
+    outputs: [p1.txt, p2.txt, p3.txt, p4.txt]
+  w1: {command: "tr a-z A-Z < p1.txt > u1.txt", inputs: [p1.txt], outputs: [u1.txt]}
+  w2: {command: "tr a-z A-Z < p2.txt > u2.txt", inputs: [p2.txt], outputs: [u2.txt]}
+  w3: {command: "tr a-z A-Z < p3.txt > u3.txt", inputs: [p3.txt], outputs: [u3.txt]}
+  w4: {command: "tr a-z A-Z < p4.txt > u4.txt", inputs: [p4.txt], outputs: [u4.txt]}
+  join:
+    command: "cat u1.txt u2.txt u3.txt u4.txt > all.txt"
+    inputs: [u1.txt, u2.txt, u3.txt, u4.txt]
+    outputs: [all.txt]
+"""
+
+
+def submit(grid: Grid, workflow: Path, *flags: str, timeout: float = 90) -> tuple[int, dict, str]:
+    report_file = workflow.parent / "report.json"
+    out = grid.run("submit", str(workflow), "--interface", LOOPBACK, "--report", str(report_file),
+                   *flags, timeout=timeout)
+    report = json.loads(report_file.read_text()) if report_file.exists() else {}
+    return out.returncode, report, out.stdout + out.stderr
+
+
+def test_hello_runs_on_the_embedded_local_grid(tmp_path: Path, grid: Grid) -> None:
+    work = tmp_path / "hello"
+    shutil.copytree(EXAMPLES, work)
+    out = grid.run("submit", str(work / "hello.yaml"), "--local", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["status"] == "succeeded"
+    assert set(report["tasks"]) == {"greet", "shout", "sign"}
+    assert all(t["exit_code"] == 0 and t["attempts"] == 1 for t in report["tasks"].values())
+    assert (work / "hello.txt").read_text() == "HELLO, WORLD!\n-- sent by BonjourGrid\n"
+    assert report["bytes"]["to_submitter"] > 0
+
+
+def test_a_job_runs_on_daemons_which_are_all_idle_again_and_keep_running(
+    tmp_path: Path, grid: Grid
+) -> None:
+    names = [grid.start_worker("a", "--cpus", "2"), grid.start_worker("b", "--cpus", "1")]
+    grid.wait_all_idle()
+    code, report, output = submit(grid, write_workflow(tmp_path / "wf", FAN), "--workers", "2..2")
+    assert code == 0, output
+    assert (tmp_path / "wf" / "all.txt").read_text() == "PART-1\nPART-2\nPART-3\nPART-4\n"
+    assert {t["peer"] for t in report["tasks"].values()} <= set(names)
+    assert sorted(p["name"] for p in report["peers"]) == sorted(names)
+    grid.wait_all_idle(timeout=1.0 + 1.0)  # the contract is 1 s; one listing takes 0.7 s
+    assert all(p.poll() is None for p in grid.procs.values()), "a worker daemon exited"
+    # The same daemons take the next job.
+    code, report, output = submit(grid, write_workflow(tmp_path / "again", FAN))
+    assert code == 0, output
+
+
+def test_a_peer_runs_at_most_cpus_tasks_at_once(tmp_path: Path, grid: Grid) -> None:
+    grid.start_worker("solo", "--cpus", "2")
+    grid.wait_all_idle()
+    tasks = "\n".join(
+        f"  t{i}: {{command: 'date +%s.%N > s{i}; sleep 0.3; date +%s.%N > e{i}', "
+        f"outputs: [s{i}, e{i}]}}" for i in range(5))
+    code, report, output = submit(grid, write_workflow(tmp_path / "wf", "tasks:\n" + tasks + "\n"))
+    assert code == 0, output
+    spans = [(float((tmp_path / "wf" / f"s{i}").read_text()),
+              float((tmp_path / "wf" / f"e{i}").read_text())) for i in range(5)]
+    for start, _ in spans:
+        assert sum(1 for s, e in spans if s <= start < e) <= 2
+
+
+def test_a_failing_task_is_retried_then_fails_the_job_with_its_stderr(
+    tmp_path: Path, grid: Grid
+) -> None:
+    grid.start_worker("w", "--cpus", "2")
+    grid.wait_all_idle()
+    wf = write_workflow(tmp_path / "wf", """
+tasks:
+  broken: {command: "echo 'disk on fire' >&2; exit 7", outputs: [x.txt], retries: 1}
+  after: {command: "cp x.txt y.txt", inputs: [x.txt], outputs: [y.txt]}
+  fine: {command: "echo ok > ok.txt", outputs: [ok.txt]}
+""")
+    code, report, output = submit(grid, wf)
+    assert code == 1
+    assert report["status"] == "failed"
+    broken = report["tasks"]["broken"]
+    assert broken["attempts"] == 2 and broken["exit_code"] == 7
+    assert "disk on fire" in broken["stderr_tail"]
+    assert "disk on fire" in output  # the summary shows it too
+    assert report["tasks"]["after"]["status"] == "skipped"
+    assert (tmp_path / "wf" / "ok.txt").read_text() == "ok\n"  # the other branch is kept
+    grid.wait_all_idle()
+
+
+def test_a_bad_workflow_is_refused_before_any_peer_is_touched(tmp_path: Path, grid: Grid) -> None:
+    wf = write_workflow(tmp_path / "wf", """
+tasks:
+  a: {command: "cat b.txt > a.txt", inputs: [b.txt], outputs: [a.txt]}
+  b: {command: "cat a.txt > b.txt", inputs: [a.txt], outputs: [b.txt]}
+""")
+    started = time.monotonic()
+    out = grid.run("submit", str(wf), "--interface", LOOPBACK)
+    assert out.returncode == 2
+    assert "cycle" in out.stderr and "a" in out.stderr
+    assert time.monotonic() - started < 10  # it did not wait for peers
+
+
+def test_two_coordinators_at_once_never_share_a_peer(tmp_path: Path, grid: Grid) -> None:
+    names = {grid.start_worker("r1"), grid.start_worker("r2")}
+    grid.wait_all_idle()
+    slow = "tasks:\n" + "\n".join(
+        f"  t{i}: {{command: 'sleep 0.4; echo $BGRID_JOB > o{i}', outputs: [o{i}]}}" for i in range(3))
+    jobs = []
+    for n in (1, 2):
+        wf = write_workflow(tmp_path / f"wf{n}", slow + "\n")
+        jobs.append(subprocess.Popen(
+            bgrid_cmd("submit", str(wf), "--interface", LOOPBACK, "--workers", "1..1", "--json"),
+            env=grid.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    reports = []
+    for job in jobs:
+        stdout, stderr = job.communicate(timeout=90)
+        assert job.returncode == 0, stdout + stderr
+        reports.append(json.loads(stdout))
+    used = [{t["peer"] for t in r["tasks"].values()} for r in reports]
+    assert used[0] | used[1] == names and not used[0] & used[1]
+    grid.wait_all_idle()
+
+
+def test_ctrl_c_releases_every_peer(tmp_path: Path, grid: Grid) -> None:
+    grid.start_worker("c1")
+    grid.wait_all_idle()
+    wf = write_workflow(tmp_path / "wf", "tasks:\n  long: {command: 'sleep 60', outputs: [x]}\n")
+    job = subprocess.Popen(bgrid_cmd("submit", str(wf), "--interface", LOOPBACK),
+                           env=grid.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    grid.wait_peers(lambda ps: any(p["state"] == "reserved" for p in ps.values()), timeout=15)
+    job.send_signal(signal.SIGINT)
+    stdout, _ = job.communicate(timeout=30)
+    assert job.returncode == 1
+    assert "cancelled by the user" in stdout
+    grid.wait_all_idle(timeout=3)
+
+
+def test_a_coordinator_of_another_grid_recruits_nobody(tmp_path: Path, grid: Grid) -> None:
+    grid.start_worker("mine")
+    grid.wait_all_idle()
+    stranger = Grid(tmp_path / "stranger")
+    stranger.root.mkdir()
+    stranger.init_key()
+    wf = write_workflow(tmp_path / "wf", "tasks:\n  a: {command: 'echo hi > a', outputs: [a]}\n")
+    out = stranger.run("submit", str(wf), "--interface", LOOPBACK)
+    assert out.returncode == 3
+    assert "another grid" in out.stderr
+    assert not (tmp_path / "wf" / "a").exists()
+    grid.wait_all_idle()
+
+
+def test_a_worker_without_a_grid_key_refuses_to_start(tmp_path: Path) -> None:
+    bare = Grid(tmp_path / "bare")
+    bare.root.mkdir()
+    out = bare.run("worker", "--interface", LOOPBACK, timeout=30)
+    assert out.returncode == 2
+    assert "bgrid keys init" in out.stderr and "--insecure" in out.stderr
