@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=what)
         p.add_argument("--json", action="store_true", help="machine-readable output")
-        p.add_argument("--wait", type=float, default=1.5, help="seconds to listen (default 1.5)")
+        p.add_argument("--wait", type=float, default=1.0, help="seconds to listen (default 1)")
         interface_flag(p)
         p.set_defaults(run=func)
 

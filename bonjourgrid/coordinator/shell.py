@@ -47,6 +47,7 @@ LEASE_S = 10.0  # a peer whose coordinator is silent this long returns to idle
 PEER_TIMEOUT_S = 5.0  # a peer silent this long is lost: its tasks go elsewhere
 DISCOVERY_S = 2.0  # how long to browse before recruiting with the peers seen so far
 RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
+PROGRESS_S = 0.5  # how often the job's advertised progress may change
 STALL_S = 10.0  # ready tasks with no peer able to run them for this long fail the job
 
 
@@ -132,7 +133,8 @@ class Coordinator:
             await advert.start()
             self._spawn(self._heartbeats())
             self._spawn(self._replenish(browser))
-            finished = await self._drive(advert)
+            self._spawn(self._advertise_progress(advert))
+            finished = await self._drive()
         finally:
             await self._release_all()
             self.bytes["from_coordinator"] = data_server.bytes_served
@@ -161,15 +163,16 @@ class Coordinator:
         for path, ref in self.source_refs.items():
             self.index.add(self.workflow.root / path, ref)
 
-    async def _drive(self, advert: Advertiser) -> core.Finished:
-        last_progress = 0.0
+    async def _drive(self) -> core.Finished:
         while self.core.finished is None:
-            event = await self.events.get()
-            await self._apply(event)
-            if time.monotonic() - last_progress > 0.5 or self.core.finished is not None:
-                last_progress = time.monotonic()
-                await advert.update(self._job_txt("running"))
+            await self._apply(await self.events.get())
         return self.core.finished
+
+    async def _advertise_progress(self, advert: Advertiser) -> None:
+        """Keep the job's TXT record (what `bgrid status` shows) current, at most twice a second."""
+        while True:
+            await asyncio.sleep(PROGRESS_S)
+            await advert.update(self._job_txt("running"))  # a no-op when nothing changed
 
     async def _apply(self, event: core.Event) -> None:
         for instruction in self.core.handle(event, time.monotonic() - self.started):

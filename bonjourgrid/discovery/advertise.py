@@ -85,9 +85,13 @@ def resolve_interfaces(arg: str | None = None) -> InterfacesType:
     return chosen
 
 
-def open_zeroconf(interfaces: InterfacesType) -> AsyncZeroconf:
-    """An IPv4-only AsyncZeroconf on these interfaces; call it from the running event loop."""
-    zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
+def open_zeroconf(interfaces: InterfacesType, one_shot: bool = False) -> AsyncZeroconf:
+    """An IPv4-only AsyncZeroconf on these interfaces; call it from the running event loop.
+
+    `one_shot`: query from an ephemeral port and hear only direct answers (for snapshots:
+    it cannot advertise, nor hear announcements).
+    """
+    zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only, unicast=one_shot)
     _interfaces_of[zc] = interfaces
     return zc
 

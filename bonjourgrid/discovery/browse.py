@@ -41,9 +41,15 @@ log = logging.getLogger(__name__)
 _MAX_SERVICES = 10_000  # a flood of fake services cannot grow the table past this
 _REQUEST_MS = 1000  # how long a service's records may take before it is left out
 _SWEEP_S = 10.0  # how often the cache is re-read (zeroconf expires records this often)
-# QM everywhere: a unicast answer to a QU question goes to port 5353, which several
-# processes on one host share, and the kernel hands it to only one of them.
+# QM for a browser on port 5353: a unicast answer to a QU question goes to port 5353, which
+# several processes on one host share, and the kernel hands it to only one of them.
+# QU for a one-shot querier (its own ephemeral port): answers come straight back, without
+# the pacing responders apply to multicast (RFC 6762 §14), so a snapshot is quick and whole.
 _QUESTION = DNSQuestionType.QM
+
+
+def _question_for(zc: AsyncZeroconf) -> DNSQuestionType:
+    return DNSQuestionType.QU if zc.zeroconf.unicast else _QUESTION
 
 T = TypeVar("T")
 Decoder = Callable[[str, Sequence[str], int, Mapping[bytes, bytes | None]], T]
@@ -71,7 +77,7 @@ class _ServiceTable(Generic[T]):
         if self._browser is not None:
             raise RuntimeError(f"the {self._kind} browser is already running")
         self._browser = AsyncServiceBrowser(
-            self._zc.zeroconf, [self._type], handlers=[self._on_change], question_type=_QUESTION
+            self._zc.zeroconf, [self._type], handlers=[self._on_change], question_type=_question_for(self._zc)
         )
         self._sweeper = asyncio.create_task(self._sweep_forever())
 
@@ -158,7 +164,7 @@ class _ServiceTable(Generic[T]):
         info = AsyncServiceInfo(self._type, self._names[key])
         try:
             found = await info.async_request(
-                self._zc.zeroconf, _REQUEST_MS, question_type=_QUESTION
+                self._zc.zeroconf, _REQUEST_MS, question_type=_question_for(self._zc)
             )
         finally:
             if self._fetches.get(key) is asyncio.current_task():
@@ -236,7 +242,9 @@ class JobBrowser(_ServiceTable[JobRecord]):
 async def _snapshot(
     table: Callable[[AsyncZeroconf], _ServiceTable[T]], interfaces: InterfacesType, wait: float
 ) -> list[T]:
-    async with open_zeroconf(interfaces) as zc:
+    # A one-shot querier (RFC 6762 §5.1): asking from an ephemeral port gets direct unicast
+    # answers, which responders never hold back the way they pace multicast ones (§14).
+    async with open_zeroconf(interfaces, one_shot=True) as zc:
         browser = table(zc)
         await browser.start()
         try:

@@ -173,3 +173,38 @@ def test_a_worker_without_a_grid_key_refuses_to_start(tmp_path: Path) -> None:
     out = bare.run("worker", "--interface", LOOPBACK, timeout=30)
     assert out.returncode == 2
     assert "bgrid keys init" in out.stderr and "--insecure" in out.stderr
+
+
+def test_bgrid_status_lists_a_running_job_with_its_progress(tmp_path: Path, grid: Grid) -> None:
+    grid.start_worker("s1", "--cpus", "1")
+    grid.wait_all_idle()
+    wf = write_workflow(tmp_path / "wf", """
+name: progress-demo
+tasks:
+  quick: {command: "echo done > q", outputs: [q]}
+  slow: {command: "sleep 30; cat q > s", inputs: [q], outputs: [s]}
+""")
+    job = subprocess.Popen(bgrid_cmd("submit", str(wf), "--interface", LOOPBACK),
+                           env=grid.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        mine: list[dict[str, object]] = []
+        while time.monotonic() < deadline and not mine:
+            out = grid.run("status", "--json", "--interface", LOOPBACK, "--wait", "0.7", check=True)
+            mine = [j for j in json.loads(out.stdout)
+                    if str(j["job"]).startswith("progress-demo-") and j["done"] == 1]
+        assert mine, "the running job never showed in `bgrid status` with 1 task done"
+        assert mine[0]["tasks"] == 2 and mine[0]["state"] == "running"
+        table = grid.run("status", "--interface", LOOPBACK, "--wait", "0.7").stdout
+        assert "progress-demo-" in table and "1/2" in table
+    finally:
+        job.send_signal(signal.SIGINT)
+        job.communicate(timeout=30)
+    grid.wait_all_idle()
+
+
+def test_keys_init_refuses_to_overwrite_and_show_says_what_to_copy(grid: Grid) -> None:
+    again = grid.run("keys", "init")
+    assert again.returncode == 2 and "--force" in again.stderr
+    shown = grid.run("keys", "show", check=True).stdout
+    assert "grid fingerprint:" in shown and "grid.key_secret" in shown and "grid.key" in shown

@@ -1,0 +1,52 @@
+"""Which peers a job recruits, in what order, and what the user is told when none fit."""
+
+from __future__ import annotations
+
+from bonjourgrid.coordinator.recruit import JobNeeds, explain_shortage, select_candidates
+from bonjourgrid.discovery.txt import PeerRecord
+from bonjourgrid.requirements import Requirement
+
+KEY = "rq}^nGw+LqRDFrs!]9pf0%u*WtlmKI0:J7F)b=5d"
+
+
+def peer(name: str, *, cpus: int = 2, ram: int = 4096, cost: float = 0.0, state: str = "idle",
+         grid: str = "g1") -> PeerRecord:
+    return PeerRecord(
+        name=name, addresses=("10.0.0.1",), port=5000, state=state,  # type: ignore[arg-type]
+        job="other-job" if state == "reserved" else None, cpus=cpus, ram=ram, disk=1000,
+        cost=cost, arch="x86_64", os="linux", mw=("native",), key=KEY, grid=grid)
+
+
+def needs(require: str = "", **kw: object) -> JobNeeds:
+    return JobNeeds(grid="g1", require=Requirement.parse(require), **kw)  # type: ignore[arg-type]
+
+
+def test_candidates_are_ranked_by_cost_then_cpus() -> None:
+    peers = [peer("pricey", cost=2.0, cpus=16), peer("cheap-small", cost=0.1, cpus=1),
+             peer("cheap-big", cost=0.1, cpus=8)]
+    chosen = select_candidates(peers, needs()).candidates
+    assert [p.name for p in chosen] == ["cheap-big", "cheap-small", "pricey"]
+
+
+def test_requirements_cost_state_and_grid_filter_peers_with_reasons() -> None:
+    peers = [peer("ok", ram=8192), peer("small", ram=1024), peer("dear", ram=8192, cost=5.0),
+             peer("taken", ram=8192, state="reserved"), peer("alien", ram=8192, grid="g2")]
+    selection = select_candidates(peers, needs("ram>=4GiB", max_cost=1.0))
+    assert [p.name for p in selection.candidates] == ["ok"]
+    assert "ram" in selection.rejected["small"]
+    assert "max 1" in selection.rejected["dear"]
+    assert "other-job" in selection.rejected["taken"]
+    assert "another grid" in selection.rejected["alien"]
+
+
+def test_the_user_is_told_when_every_peer_serves_another_grid() -> None:
+    seen = [peer("a", grid="g2"), peer("b", grid="g2")]
+    n = needs()
+    text = explain_shortage(seen, select_candidates(seen, n), n, granted=0)
+    assert "another grid" in text and "g2" in text and "bgrid keys show" in text
+
+
+def test_the_user_is_told_when_no_peer_answers() -> None:
+    n = needs()
+    text = explain_shortage([], select_candidates([], n), n, granted=0)
+    assert "no BonjourGrid peer answered" in text and "--local" in text
