@@ -184,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+def _show_warning(
+    message: Warning | str, category: type[Warning], *_: object, **__: object
+) -> None:
     # A workflow warning (unknown key...) is for the user, not a Python traceback line.
     print(f"bgrid: warning: {message}", file=sys.stderr)
 

@@ -33,7 +33,7 @@ from bonjourgrid.coordinator.recruit import JobNeeds, explain_shortage, select_c
 from bonjourgrid.coordinator.report import build_report
 from bonjourgrid.dag import Workflow
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
-from bonjourgrid.discovery.browse import PeerBrowser
+from bonjourgrid.discovery.browse import PeerBrowser, snapshot_peers
 from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, JobState, PeerRecord, job_txt
 from bonjourgrid.errors import ProtocolError, RecruitError, TransferError
 from bonjourgrid.keys import GridKey, Keypair
@@ -46,6 +46,7 @@ HEARTBEAT_S = 1.0  # how often a coordinator renews its leases
 LEASE_S = 10.0  # a peer whose coordinator is silent this long returns to idle
 PEER_TIMEOUT_S = 5.0  # a peer silent this long is lost: its tasks go elsewhere
 DISCOVERY_S = 2.0  # how long to browse before recruiting with the peers seen so far
+SNAPSHOT_S = 0.5  # how long a new coordinator listens for peers before recruiting
 RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
 PROGRESS_S = 0.5  # how often the job's advertised progress may change
 STALL_S = 10.0  # ready tasks with no peer able to run them for this long fail the job
@@ -195,12 +196,23 @@ class Coordinator:
     async def _recruit(self, browser: PeerBrowser, wanted: int, initial: bool = False) -> int:
         """Reserve up to `wanted` more peers, best first; at the start, at least workers_min."""
         deadline = time.monotonic() + (DISCOVERY_S if self.expected_peers is None else 15.0)
-        if initial:
-            expect = self.expected_peers or self.needs.workers_max
+        seed: list[PeerRecord] = []
+        expected = self.expected_peers
+        if initial and expected is not None:
+            # Local workers are starting with us: wait until all of them are up.
             await browser.wait_until(
-                lambda peers: len(select_candidates(peers, self.needs).candidates) >= expect,
+                lambda peers: len(select_candidates(peers, self.needs).candidates) >= expected,
                 max(0.0, deadline - time.monotonic()),
             )
+        elif initial:
+            # A one-shot query hears every peer within a round trip, while the long-lived
+            # browser's first answers may be paced by responders for up to a second.
+            seed = await snapshot_peers(resolve_interfaces(self.interface), wait=SNAPSHOT_S)
+
+        def known() -> list[PeerRecord]:
+            fresh = {p.name: p for p in browser.peers()}  # the browser's view is the newer
+            return [*fresh.values(), *(p for p in seed if p.name not in fresh)]
+
         tried: set[str] = set()
         granted = 0
 
@@ -209,7 +221,7 @@ class Coordinator:
             return [p for p in fitting if p.name not in tried and p.name not in self.links]
 
         while True:
-            for record in untried(browser.peers()):
+            for record in untried(known()):
                 if granted >= wanted or len(self.links) >= self.needs.workers_max:
                     break
                 tried.add(record.name)
@@ -221,7 +233,7 @@ class Coordinator:
                 break
             await browser.wait_until(lambda peers: bool(untried(peers)), remaining)
         if initial and len(self.links) < self.needs.workers_min:
-            seen = browser.peers()
+            seen = known()
             await self._release_all()
             raise RecruitError(
                 explain_shortage(seen, select_candidates(seen, self.needs), self.needs, granted)

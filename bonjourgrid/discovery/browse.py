@@ -51,6 +51,7 @@ _QUESTION = DNSQuestionType.QM
 def _question_for(zc: AsyncZeroconf) -> DNSQuestionType:
     return DNSQuestionType.QU if zc.zeroconf.unicast else _QUESTION
 
+
 T = TypeVar("T")
 Decoder = Callable[[str, Sequence[str], int, Mapping[bytes, bytes | None]], T]
 
@@ -77,7 +78,10 @@ class _ServiceTable(Generic[T]):
         if self._browser is not None:
             raise RuntimeError(f"the {self._kind} browser is already running")
         self._browser = AsyncServiceBrowser(
-            self._zc.zeroconf, [self._type], handlers=[self._on_change], question_type=_question_for(self._zc)
+            self._zc.zeroconf,
+            [self._type],
+            handlers=[self._on_change],
+            question_type=_question_for(self._zc),
         )
         self._sweeper = asyncio.create_task(self._sweep_forever())
 

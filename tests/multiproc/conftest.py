@@ -28,24 +28,38 @@ class Grid:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.env = {**os.environ, "XDG_CONFIG_HOME": str(root / "config"),
-                    "XDG_CACHE_HOME": str(root / "cache")}
+        self.env = {
+            **os.environ,
+            "XDG_CONFIG_HOME": str(root / "config"),
+            "XDG_CACHE_HOME": str(root / "cache"),
+        }
         self.tag = uuid.uuid4().hex[:6]  # unique peer names: tests may share the loopback
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def init_key(self) -> None:
         self.run("keys", "init", check=True)
 
-    def run(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(bgrid_cmd(*args), env=self.env, capture_output=True, text=True,
-                              timeout=timeout, check=check)
+    def run(
+        self, *args: str, check: bool = False, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            bgrid_cmd(*args),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+        )
 
     def start_worker(self, name: str, *flags: str) -> str:
         full = f"{name}-{self.tag}"
         log = open(self.root / f"{full}.log", "wb")  # noqa: SIM115
         self.procs[full] = subprocess.Popen(
             bgrid_cmd("worker", "--name", full, "--interface", LOOPBACK, "--always-idle", *flags),
-            env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         return full
 
@@ -54,8 +68,9 @@ class Grid:
         out = self.run("peers", "--json", "--interface", LOOPBACK, "--wait", "0.7", check=True)
         return {p["name"]: p for p in json.loads(out.stdout) if p["name"] in self.procs}
 
-    def wait_peers(self, check: Callable[[dict[str, dict[str, Any]]], bool],
-                   timeout: float = 10.0) -> dict[str, dict[str, Any]]:
+    def wait_peers(
+        self, check: Callable[[dict[str, dict[str, Any]]], bool], timeout: float = 10.0
+    ) -> dict[str, dict[str, Any]]:
         deadline = time.monotonic() + timeout
         peers: dict[str, dict[str, Any]] = {}
         while time.monotonic() < deadline:
@@ -66,12 +81,17 @@ class Grid:
 
     def wait_all_idle(self, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
         return self.wait_peers(
-            lambda ps: set(ps) == set(self.procs) and all(p["state"] == "idle" for p in ps.values()),
-            timeout)
+            lambda ps: (
+                set(ps) == set(self.procs) and all(p["state"] == "idle" for p in ps.values())
+            ),
+            timeout,
+        )
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}"
-                         for p in sorted(self.root.glob("*.log")))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')}"
+            for p in sorted(self.root.glob("*.log"))
+        )
 
     def stop(self) -> None:
         for proc in self.procs.values():

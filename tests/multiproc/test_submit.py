@@ -32,8 +32,16 @@ tasks:
 
 def submit(grid: Grid, workflow: Path, *flags: str, timeout: float = 90) -> tuple[int, dict, str]:
     report_file = workflow.parent / "report.json"
-    out = grid.run("submit", str(workflow), "--interface", LOOPBACK, "--report", str(report_file),
-                   *flags, timeout=timeout)
+    out = grid.run(
+        "submit",
+        str(workflow),
+        "--interface",
+        LOOPBACK,
+        "--report",
+        str(report_file),
+        *flags,
+        timeout=timeout,
+    )
     report = json.loads(report_file.read_text()) if report_file.exists() else {}
     return out.returncode, report, out.stdout + out.stderr
 
@@ -73,11 +81,18 @@ def test_a_peer_runs_at_most_cpus_tasks_at_once(tmp_path: Path, grid: Grid) -> N
     grid.wait_all_idle()
     tasks = "\n".join(
         f"  t{i}: {{command: 'date +%s.%N > s{i}; sleep 0.3; date +%s.%N > e{i}', "
-        f"outputs: [s{i}, e{i}]}}" for i in range(5))
-    code, report, output = submit(grid, write_workflow(tmp_path / "wf", "tasks:\n" + tasks + "\n"))
+        f"outputs: [s{i}, e{i}]}}"
+        for i in range(5)
+    )
+    code, _, output = submit(grid, write_workflow(tmp_path / "wf", "tasks:\n" + tasks + "\n"))
     assert code == 0, output
-    spans = [(float((tmp_path / "wf" / f"s{i}").read_text()),
-              float((tmp_path / "wf" / f"e{i}").read_text())) for i in range(5)]
+    spans = [
+        (
+            float((tmp_path / "wf" / f"s{i}").read_text()),
+            float((tmp_path / "wf" / f"e{i}").read_text()),
+        )
+        for i in range(5)
+    ]
     for start, _ in spans:
         assert sum(1 for s, e in spans if s <= start < e) <= 2
 
@@ -87,12 +102,15 @@ def test_a_failing_task_is_retried_then_fails_the_job_with_its_stderr(
 ) -> None:
     grid.start_worker("w", "--cpus", "2")
     grid.wait_all_idle()
-    wf = write_workflow(tmp_path / "wf", """
+    wf = write_workflow(
+        tmp_path / "wf",
+        """
 tasks:
   broken: {command: "echo 'disk on fire' >&2; exit 7", outputs: [x.txt], retries: 1}
   after: {command: "cp x.txt y.txt", inputs: [x.txt], outputs: [y.txt]}
   fine: {command: "echo ok > ok.txt", outputs: [ok.txt]}
-""")
+""",
+    )
     code, report, output = submit(grid, wf)
     assert code == 1
     assert report["status"] == "failed"
@@ -106,11 +124,14 @@ tasks:
 
 
 def test_a_bad_workflow_is_refused_before_any_peer_is_touched(tmp_path: Path, grid: Grid) -> None:
-    wf = write_workflow(tmp_path / "wf", """
+    wf = write_workflow(
+        tmp_path / "wf",
+        """
 tasks:
   a: {command: "cat b.txt > a.txt", inputs: [b.txt], outputs: [a.txt]}
   b: {command: "cat a.txt > b.txt", inputs: [a.txt], outputs: [b.txt]}
-""")
+""",
+    )
     started = time.monotonic()
     out = grid.run("submit", str(wf), "--interface", LOOPBACK)
     assert out.returncode == 2
@@ -122,13 +143,23 @@ def test_two_coordinators_at_once_never_share_a_peer(tmp_path: Path, grid: Grid)
     names = {grid.start_worker("r1"), grid.start_worker("r2")}
     grid.wait_all_idle()
     slow = "tasks:\n" + "\n".join(
-        f"  t{i}: {{command: 'sleep 0.4; echo $BGRID_JOB > o{i}', outputs: [o{i}]}}" for i in range(3))
+        f"  t{i}: {{command: 'sleep 0.4; echo $BGRID_JOB > o{i}', outputs: [o{i}]}}"
+        for i in range(3)
+    )
     jobs = []
     for n in (1, 2):
         wf = write_workflow(tmp_path / f"wf{n}", slow + "\n")
-        jobs.append(subprocess.Popen(
-            bgrid_cmd("submit", str(wf), "--interface", LOOPBACK, "--workers", "1..1", "--json"),
-            env=grid.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        jobs.append(
+            subprocess.Popen(
+                bgrid_cmd(
+                    "submit", str(wf), "--interface", LOOPBACK, "--workers", "1..1", "--json"
+                ),
+                env=grid.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     reports = []
     for job in jobs:
         stdout, stderr = job.communicate(timeout=90)
@@ -143,8 +174,13 @@ def test_ctrl_c_releases_every_peer(tmp_path: Path, grid: Grid) -> None:
     grid.start_worker("c1")
     grid.wait_all_idle()
     wf = write_workflow(tmp_path / "wf", "tasks:\n  long: {command: 'sleep 60', outputs: [x]}\n")
-    job = subprocess.Popen(bgrid_cmd("submit", str(wf), "--interface", LOOPBACK),
-                           env=grid.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        bgrid_cmd("submit", str(wf), "--interface", LOOPBACK),
+        env=grid.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     grid.wait_peers(lambda ps: any(p["state"] == "reserved" for p in ps.values()), timeout=15)
     job.send_signal(signal.SIGINT)
     stdout, _ = job.communicate(timeout=30)
@@ -178,21 +214,32 @@ def test_a_worker_without_a_grid_key_refuses_to_start(tmp_path: Path) -> None:
 def test_bgrid_status_lists_a_running_job_with_its_progress(tmp_path: Path, grid: Grid) -> None:
     grid.start_worker("s1", "--cpus", "1")
     grid.wait_all_idle()
-    wf = write_workflow(tmp_path / "wf", """
+    wf = write_workflow(
+        tmp_path / "wf",
+        """
 name: progress-demo
 tasks:
   quick: {command: "echo done > q", outputs: [q]}
   slow: {command: "sleep 30; cat q > s", inputs: [q], outputs: [s]}
-""")
-    job = subprocess.Popen(bgrid_cmd("submit", str(wf), "--interface", LOOPBACK),
-                           env=grid.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+""",
+    )
+    job = subprocess.Popen(
+        bgrid_cmd("submit", str(wf), "--interface", LOOPBACK),
+        env=grid.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
         mine: list[dict[str, object]] = []
         while time.monotonic() < deadline and not mine:
             out = grid.run("status", "--json", "--interface", LOOPBACK, "--wait", "0.7", check=True)
-            mine = [j for j in json.loads(out.stdout)
-                    if str(j["job"]).startswith("progress-demo-") and j["done"] == 1]
+            mine = [
+                j
+                for j in json.loads(out.stdout)
+                if str(j["job"]).startswith("progress-demo-") and j["done"] == 1
+            ]
         assert mine, "the running job never showed in `bgrid status` with 1 task done"
         assert mine[0]["tasks"] == 2 and mine[0]["state"] == "running"
         table = grid.run("status", "--interface", LOOPBACK, "--wait", "0.7").stdout

@@ -9,12 +9,31 @@ from bonjourgrid.requirements import Requirement
 KEY = "rq}^nGw+LqRDFrs!]9pf0%u*WtlmKI0:J7F)b=5d"
 
 
-def peer(name: str, *, cpus: int = 2, ram: int = 4096, cost: float = 0.0, state: str = "idle",
-         grid: str = "g1") -> PeerRecord:
+def peer(
+    name: str,
+    *,
+    cpus: int = 2,
+    ram: int = 4096,
+    cost: float = 0.0,
+    state: str = "idle",
+    grid: str = "g1",
+) -> PeerRecord:
     return PeerRecord(
-        name=name, addresses=("10.0.0.1",), port=5000, state=state,  # type: ignore[arg-type]
-        job="other-job" if state == "reserved" else None, cpus=cpus, ram=ram, disk=1000,
-        cost=cost, arch="x86_64", os="linux", mw=("native",), key=KEY, grid=grid)
+        name=name,
+        addresses=("10.0.0.1",),
+        port=5000,
+        state=state,  # type: ignore[arg-type]
+        job="other-job" if state == "reserved" else None,
+        cpus=cpus,
+        ram=ram,
+        disk=1000,
+        cost=cost,
+        arch="x86_64",
+        os="linux",
+        mw=("native",),
+        key=KEY,
+        grid=grid,
+    )
 
 
 def needs(require: str = "", **kw: object) -> JobNeeds:
@@ -22,15 +41,23 @@ def needs(require: str = "", **kw: object) -> JobNeeds:
 
 
 def test_candidates_are_ranked_by_cost_then_cpus() -> None:
-    peers = [peer("pricey", cost=2.0, cpus=16), peer("cheap-small", cost=0.1, cpus=1),
-             peer("cheap-big", cost=0.1, cpus=8)]
+    peers = [
+        peer("pricey", cost=2.0, cpus=16),
+        peer("cheap-small", cost=0.1, cpus=1),
+        peer("cheap-big", cost=0.1, cpus=8),
+    ]
     chosen = select_candidates(peers, needs()).candidates
     assert [p.name for p in chosen] == ["cheap-big", "cheap-small", "pricey"]
 
 
 def test_requirements_cost_state_and_grid_filter_peers_with_reasons() -> None:
-    peers = [peer("ok", ram=8192), peer("small", ram=1024), peer("dear", ram=8192, cost=5.0),
-             peer("taken", ram=8192, state="reserved"), peer("alien", ram=8192, grid="g2")]
+    peers = [
+        peer("ok", ram=8192),
+        peer("small", ram=1024),
+        peer("dear", ram=8192, cost=5.0),
+        peer("taken", ram=8192, state="reserved"),
+        peer("alien", ram=8192, grid="g2"),
+    ]
     selection = select_candidates(peers, needs("ram>=4GiB", max_cost=1.0))
     assert [p.name for p in selection.candidates] == ["ok"]
     assert "ram" in selection.rejected["small"]
