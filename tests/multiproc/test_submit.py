@@ -255,3 +255,32 @@ def test_keys_init_refuses_to_overwrite_and_show_says_what_to_copy(grid: Grid) -
     assert again.returncode == 2 and "--force" in again.stderr
     shown = grid.run("keys", "show", check=True).stdout
     assert "grid fingerprint:" in shown and "grid.key_secret" in shown and "grid.key" in shown
+
+
+def test_a_peer_killed_mid_task_is_replaced_and_the_job_succeeds(
+    tmp_path: Path, grid: Grid
+) -> None:
+    victim, spare = (
+        grid.start_worker("victim", "--cost", "0"),
+        grid.start_worker("spare", "--cost", "1"),
+    )
+    grid.wait_all_idle()
+    wf = write_workflow(
+        tmp_path / "wf", "tasks:\n  t: {command: 'sleep 3; echo ok > t.txt', outputs: [t.txt]}\n"
+    )
+    job = subprocess.Popen(
+        bgrid_cmd("submit", str(wf), "--interface", LOOPBACK, "--workers", "1..1", "--json"),
+        env=grid.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    grid.wait_peers(lambda ps: ps.get(victim, {}).get("state") == "reserved", timeout=15)
+    grid.procs[victim].kill()  # kill -9: no goodbye, no release
+    stdout, stderr = job.communicate(timeout=60)
+    assert job.returncode == 0, stdout + stderr
+    report = json.loads(stdout)
+    assert report["tasks"]["t"]["peer"] == spare
+    assert (tmp_path / "wf" / "t.txt").read_text() == "ok\n"
+    del grid.procs[victim]
+    grid.wait_all_idle()
