@@ -47,8 +47,11 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from bonjourgrid.backends.base import load_backend
     from bonjourgrid.coordinator.submit import SubmitOptions, parse_workers, submit
 
+    if load_backend(args.backend).name != "native":
+        raise ConfigError(f"backend {args.backend!r} is registered but cannot run jobs yet")
     return submit(
         SubmitOptions(
             workflow=Path(args.workflow),
@@ -158,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="start N worker daemons on this machine and run there",
+    )
+    s.add_argument(
+        "--backend",
+        default="native",
+        help="what runs the tasks on the recruited peers (default: native)",
     )
     s.add_argument("--insecure", action="store_true", help="use peers that run --insecure")
     s.add_argument("--report", metavar="FILE", help="write the JSON report to FILE")

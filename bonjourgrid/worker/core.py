@@ -64,7 +64,7 @@ class RunRequested:
     job: str
     task: str
     attempt: int
-    spec: dict[str, Any]  # command, inputs, outputs, env: checked by the daemon at the wire
+    spec: Any  # the task as the daemon parsed it at the wire; opaque to the core
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ class StartTask:
     job: str
     task: str
     attempt: int
-    spec: dict[str, Any]
+    spec: Any
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, Keypair
 from bonjourgrid.units import MIB
 from bonjourgrid.worker import core
 from bonjourgrid.worker.core import PeerState, WorkerCore
-from bonjourgrid.worker.sandbox import TaskRun, parse_spec
+from bonjourgrid.worker.sandbox import TaskRun, RunSpec, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,9 @@ class WorkerDaemon:
             case "release":
                 return core.ReleaseRequested(client, msg["job"])
             case "run":
-                parse_spec(msg)  # refuse a malformed task before it takes a slot
-                return core.RunRequested(client, msg["job"], msg["task"], msg["attempt"], msg)
+                # Parsed here, at the wire: a malformed task is refused before it takes a slot.
+                spec = parse_spec(msg)
+                return core.RunRequested(client, msg["job"], msg["task"], msg["attempt"], spec)
             case "cancel":
                 return core.CancelRequested(client, msg["job"], msg["task"])
         raise ProtocolError(f"a worker does not take {msg['t']!r} messages")
@@ -191,9 +192,9 @@ class WorkerDaemon:
                         log.info("stopping %s/%s: %s", job, task, reason)
                         self._keep(asyncio.create_task(entry[0].stop()))
 
-    def _start(self, job: str, task: str, attempt: int, msg: dict[str, Any]) -> None:
+    def _start(self, job: str, task: str, attempt: int, spec: RunSpec) -> None:
         sandbox = self.store.root / "sandboxes" / f"{job}-{task}-{attempt}-{os.getpid()}"
-        run = TaskRun(job, task, attempt, parse_spec(msg), sandbox, self.store, self.fetcher)
+        run = TaskRun(job, task, attempt, spec, sandbox, self.store, self.fetcher)
 
         async def execute() -> None:
             report = await run.execute()

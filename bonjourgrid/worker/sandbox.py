@@ -39,7 +39,7 @@ class TaskInput:
 
 
 @dataclass(frozen=True)
-class TaskSpec:
+class RunSpec:
     """What a `run` message asks for, checked."""
 
     command: str
@@ -56,7 +56,7 @@ def safe_relative(path: str) -> str:
     return str(pure)
 
 
-def parse_spec(msg: dict[str, Any]) -> TaskSpec:
+def parse_spec(msg: dict[str, Any]) -> RunSpec:
     """The task in a decoded `run` message; ProtocolError if any part is malformed."""
     inputs = []
     for path, digest, size, sources in wire.check_list(
@@ -70,7 +70,7 @@ def parse_spec(msg: dict[str, Any]) -> TaskSpec:
         safe_relative(p)
         for (p,) in wire.check_list([[o] for o in msg["outputs"]], (str,), "output")
     )
-    return TaskSpec(msg["command"], tuple(inputs), outputs, wire.str_mapping(msg["env"], "env"))
+    return RunSpec(msg["command"], tuple(inputs), outputs, wire.str_mapping(msg["env"], "env"))
 
 
 class TaskRun:
@@ -81,7 +81,7 @@ class TaskRun:
         job: str,
         task: str,
         attempt: int,
-        spec: TaskSpec,
+        spec: RunSpec,
         sandbox: Path,
         store: ContentStore,
         fetcher: Fetcher,
