@@ -17,6 +17,8 @@ QUICK_CHUNK_TIMEOUT_S = 0.4
 def quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shrink the module timing constants that tests would otherwise wait out."""
     # Imported here so a broken module fails only the tests that use it, not collection.
+    import zeroconf._core
+
     from bonjourgrid.cache import transfer
     from bonjourgrid.discovery import advertise
     from bonjourgrid.worker import daemon
@@ -25,6 +27,9 @@ def quick_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(daemon, "_TICK_S", 0.05)
     # Test services carry unique names: nobody else can own them, so probing is a formality.
     monkeypatch.setattr(advertise, "_NAME_PROBE_MS", 50)
+    # Goodbyes go out 125 ms apart, a quarter second per daemon stopped; loopback needs no
+    # spacing. A zeroconf internal: if it is renamed, tests only get slower.
+    monkeypatch.setattr(zeroconf._core, "_UNREGISTER_TIME", 5, raising=False)
 
 
 @pytest_asyncio.fixture

@@ -106,9 +106,7 @@ def test_adopting_a_twin_keeps_one_copy(store: ContentStore, tmp_path: Path) -> 
     assert os.stat(stored).st_nlink == 3
 
 
-def test_link_into_hard_links_an_entry_into_a_sandbox(
-    store: ContentStore, tmp_path: Path
-) -> None:
+def test_link_into_hard_links_an_entry_into_a_sandbox(store: ContentStore, tmp_path: Path) -> None:
     ref = put(store, b"input bytes")
     stored = store.locate(ref.digest)
     assert stored is not None

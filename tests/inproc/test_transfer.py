@@ -148,7 +148,10 @@ async def test_several_fetches_share_one_fetcher(
     _, source = servers.start(index_of(*(p for p, _ in files)).locate, "coordinator")
     partials = [tmp_path / "in" / f"{i}.part" for i in range(len(files))]
     await asyncio.gather(
-        *(fetcher.fetch(ref, [source], part) for (_, ref), part in zip(files, partials, strict=True))
+        *(
+            fetcher.fetch(ref, [source], part)
+            for (_, ref), part in zip(files, partials, strict=True)
+        )
     )
     for (path, _), part in zip(files, partials, strict=True):
         assert part.read_bytes() == path.read_bytes()
@@ -204,8 +207,8 @@ async def test_a_dead_source_is_given_up_after_the_chunk_timeout(
     tmp_path: Path, servers: Servers, fetcher: Fetcher
 ) -> None:
     path, ref = make_file(tmp_path / "submit", CHUNK + 10)
-    dead = Source(dead_endpoint(), servers.keypair.public.decode(), "gone")  # type: ignore[union-attr]
     _, live = servers.start(index_of(path).locate, "coordinator")
+    dead = Source(dead_endpoint(), live.server_key, "gone")
     timeout = transfer._CHUNK_TIMEOUT_S  # shrunk by quick_timing
     started = time.monotonic()
     assert await fetcher.fetch(ref, [dead, live], tmp_path / "x.part") == live
@@ -215,14 +218,14 @@ async def test_a_dead_source_is_given_up_after_the_chunk_timeout(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="Fetcher._pull (transfer.py:166-170) accepts a chunk shorter than it asked for: "
+    reason="Fetcher._pull (transfer.py:167-169) accepts a chunk shorter than it asked for: "
     "when a source's copy is truncated in its last chunk the fetcher waits the whole "
     "_CHUNK_TIMEOUT_S for bytes that will never come instead of failing over at once",
 )
 async def test_a_truncated_source_is_given_up_at_once(
     tmp_path: Path, servers: Servers, fetcher: Fetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(transfer, "_CHUNK_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(transfer, "_CHUNK_TIMEOUT_S", 0.8)
     path, ref = make_file(tmp_path / "submit", 2 * CHUNK + CHUNK // 2)
     short = tmp_path / "short"
     short.write_bytes(path.read_bytes()[:-10])  # e.g. edited while the job runs
@@ -230,7 +233,7 @@ async def test_a_truncated_source_is_given_up_at_once(
     _, good = servers.start(index_of(path).locate, "coordinator")
     started = time.monotonic()
     assert await fetcher.fetch(ref, [truncated, good], tmp_path / "x.part") == good
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 0.4
 
 
 # -- security ----------------------------------------------------------------------------------

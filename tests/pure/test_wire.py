@@ -139,8 +139,9 @@ _MSGPACK_SCALARS = (
 )
 _MSGPACK_VALUES = st.recursive(
     _MSGPACK_SCALARS,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 _FIELD_NAMES = sorted({field for schema in wire.SCHEMAS.values() for field in schema})
