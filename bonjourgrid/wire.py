@@ -99,7 +99,7 @@ def decode(frame: bytes, limit: int = MAX_CONTROL_FRAME) -> dict[str, Any]:
         raise ProtocolError(f"not a msgpack message: {type(err).__name__}") from err
     if not isinstance(msg, dict):
         raise ProtocolError(f"a message is a map, got {type(msg).__name__}")
-    if msg.get("v") != PROTOCOL_VERSION:
+    if type(msg.get("v")) is not int or msg["v"] != PROTOCOL_VERSION:
         raise ProtocolError(
             f"protocol version {msg.get('v')!r}, this peer speaks {PROTOCOL_VERSION}"
         )

@@ -8,8 +8,11 @@ submit directory), so nothing is copied just to be served.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +68,11 @@ class ContentStore:
         return path is not None and path.stat().st_size == ref.size
 
     def incoming_path(self, digest: str) -> Path:
-        """Where a fetch writes bytes before they are verified and committed."""
-        return self._incoming / f"{digest}.{os.getpid()}.part"
+        """A fresh place for a fetch to write bytes before they are verified and committed."""
+        return self._incoming / f"{digest}.{secrets.token_hex(6)}.part"
 
     def commit(self, partial: Path, digest: str) -> Path:
-        """Move a verified file into the store (atomic rename; a twin already there wins)."""
+        """Move a verified file into the store (atomic rename: the newest copy wins)."""
         final = self.path_of(digest)
         final.parent.mkdir(exist_ok=True)
         os.replace(partial, final)
@@ -94,13 +97,27 @@ class ContentStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         link_or_copy(self.path_of(digest), dest)
 
+    def evict(self, digest: str) -> None:
+        """Drop an entry (found changed or corrupt); it is fetched again when needed."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path_of(digest).unlink()
+
+    def fingerprint(self, digest: str) -> tuple[int, int, int]:
+        """Size, mtime and ctime of an entry: any write through one of its links changes it."""
+        st = self.path_of(digest).stat()
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
 
 def link_or_copy(src: Path, dest: Path) -> None:
-    """Hard-link `src` at `dest`, copying only across file systems."""
+    """Hard-link `src` at `dest`, copying only across file systems; never writes through."""
     try:
         os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
+    except OSError as err:
+        if err.errno != errno.EXDEV:
+            raise
+        scratch = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}")
+        shutil.copyfile(src, scratch)
+        os.replace(scratch, dest)
 
 
 class FileIndex:

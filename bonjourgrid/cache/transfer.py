@@ -47,7 +47,6 @@ class DataServer:
         self._sock = sock
         self._locate = locate
         self.bytes_served = 0
-        self.bytes_served_to: dict[bytes, int] = defaultdict(int)
 
     async def serve_forever(self) -> None:
         while True:
@@ -154,7 +153,7 @@ class Fetcher:
                     next_offset += size
                     in_flight += 1
                 if not await sock.poll(_CHUNK_TIMEOUT_S * 1000):
-                    raise TransferError(f"no data for {_CHUNK_TIMEOUT_S:.0f} s")
+                    raise TransferError(f"no data for {_CHUNK_TIMEOUT_S:g} s")
                 try:
                     msg = wire.decode(await sock.recv(), limit=wire.MAX_DATA_FRAME)
                 except ProtocolError as err:
@@ -165,8 +164,8 @@ class Fetcher:
                 if msg["t"] != "chunk" or msg["digest"] != ref.digest or msg["offset"] != received:
                     raise TransferError(f"unexpected reply {msg['t']!r}")
                 data: bytes = msg["data"]
-                if not data or received + len(data) > ref.size:
-                    raise TransferError("chunk of the wrong size")
+                if len(data) != min(wire.CHUNK_SIZE, ref.size - received):
+                    raise TransferError("chunk of the wrong size (truncated source?)")
                 os.pwrite(fd, data, received)
                 sha.update(data)
                 received += len(data)

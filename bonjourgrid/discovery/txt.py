@@ -54,6 +54,7 @@ _PEER_KEYS.add(SEQ_KEY)
 _UINT = re.compile(r"[0-9]{1,16}")
 _UFLOAT = re.compile(r"[0-9]{1,20}(?:\.[0-9]{1,20})?(?:[eE][+-]?[0-9]{1,3})?")
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,62}")  # job, arch, os
+JOB_NAME = _TOKEN  # what a job may be called: daemons check it before a job reaches a TXT
 _FINGERPRINT = re.compile(r"[!-~]{1,64}")  # printable ASCII, no space
 _MIDDLEWARE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _KEY_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")

@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,13 @@ from bonjourgrid import wire
 from bonjourgrid.cache.store import ContentStore
 from bonjourgrid.cache.transfer import DataServer, Fetcher
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
-from bonjourgrid.discovery.txt import PEER_SERVICE, PeerRecord, peer_txt
+from bonjourgrid.discovery.txt import JOB_NAME, PEER_SERVICE, PeerRecord, peer_txt
 from bonjourgrid.errors import ProtocolError
 from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, Keypair
 from bonjourgrid.units import MIB
 from bonjourgrid.worker import core
 from bonjourgrid.worker.core import PeerState, WorkerCore
-from bonjourgrid.worker.sandbox import TaskRun, RunSpec, parse_spec
+from bonjourgrid.worker.sandbox import RunSpec, TaskRun, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class WorkerDaemon:
         self.keypair = Keypair.generate() if config.grid is not None else None
         self.store = ContentStore(config.cache_dir)
         self.fetcher = Fetcher(self.ctx, self.keypair)
+        self.inflight: dict[str, asyncio.Task[None]] = {}
         self.runs: dict[tuple[str, str, int], tuple[TaskRun, asyncio.Task[None]]] = {}
         self.core: WorkerCore | None = None
         self.advertiser: Advertiser | None = None
@@ -155,11 +157,16 @@ class WorkerDaemon:
                 log.warning("control: %s", err)
                 await sock.send_multipart([client, wire.encode("error", reason=str(err))])
                 continue
-            await self._apply(event)
+            try:
+                await self._apply(event)
+            except Exception:  # one bad message must never stop the peer serving
+                log.exception("control: could not handle %s", type(event).__name__)
 
     def _event(self, client: bytes, msg: dict[str, Any]) -> core.Event:
         match msg["t"]:
             case "reserve":
+                if not JOB_NAME.fullmatch(msg["job"]):
+                    raise ProtocolError(f"job name {msg['job'][:80]!r} is not a valid name")
                 return core.ReserveRequested(client, msg["job"], _lease(msg), msg["coordinator"])
             case "heartbeat":
                 return core.HeartbeatReceived(client, msg["job"], _lease(msg))
@@ -193,8 +200,11 @@ class WorkerDaemon:
                         self._keep(asyncio.create_task(entry[0].stop()))
 
     def _start(self, job: str, task: str, attempt: int, spec: RunSpec) -> None:
-        sandbox = self.store.root / "sandboxes" / f"{job}-{task}-{attempt}-{os.getpid()}"
-        run = TaskRun(job, task, attempt, spec, sandbox, self.store, self.fetcher)
+        # Names from the wire never become paths: a fresh directory per attempt.
+        sandboxes = self.store.root / "sandboxes"
+        sandboxes.mkdir(exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix="task-", dir=sandboxes))
+        run = TaskRun(job, task, attempt, spec, workdir, self.store, self.fetcher, self.inflight)
 
         async def execute() -> None:
             report = await run.execute()

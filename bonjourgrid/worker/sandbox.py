@@ -51,8 +51,14 @@ class RunSpec:
 def safe_relative(path: str) -> str:
     """`path` if it is relative and stays inside the sandbox; ProtocolError otherwise."""
     pure = PurePosixPath(path)
-    if not path or pure.is_absolute() or ".." in pure.parts or path.startswith("~"):
-        raise ProtocolError(f"path {path!r} would escape the task directory")
+    if (
+        not path
+        or "\x00" in path
+        or pure.is_absolute()
+        or ".." in pure.parts
+        or path.startswith("~")
+    ):
+        raise ProtocolError(f"path {path[:200]!r} would escape the task directory")
     return str(pure)
 
 
@@ -70,11 +76,23 @@ def parse_spec(msg: dict[str, Any]) -> RunSpec:
         safe_relative(p)
         for (p,) in wire.check_list([[o] for o in msg["outputs"]], (str,), "output")
     )
-    return RunSpec(msg["command"], tuple(inputs), outputs, wire.str_mapping(msg["env"], "env"))
+    paths = [i.path for i in inputs] + list(outputs)
+    if len(set(paths)) != len(paths):
+        raise ProtocolError("a path is listed twice among the task's inputs and outputs")
+    env = wire.str_mapping(msg["env"], "env")
+    if any("\x00" in k or "=" in k or not k or "\x00" in v for k, v in env.items()):
+        raise ProtocolError("env names must be non-empty without '=' or NUL; values without NUL")
+    if "\x00" in msg["command"]:
+        raise ProtocolError("the command contains a NUL byte")
+    return RunSpec(msg["command"], tuple(inputs), outputs, env)
 
 
 class TaskRun:
-    """One attempt of one task on this peer; `stop()` ends it from outside."""
+    """One attempt of one task on this peer; `stop()` ends it from outside.
+
+    Layout: `workdir/sandbox/` is the task's directory (its cwd), and its stdout and stderr
+    go to `workdir/` beside it, where no declared path can reach them.
+    """
 
     def __init__(
         self,
@@ -82,15 +100,18 @@ class TaskRun:
         task: str,
         attempt: int,
         spec: RunSpec,
-        sandbox: Path,
+        workdir: Path,
         store: ContentStore,
         fetcher: Fetcher,
+        inflight: dict[str, asyncio.Task[None]],
     ) -> None:
         self.job, self.task, self.attempt = job, task, attempt
         self.spec = spec
-        self.sandbox = sandbox
+        self.workdir = workdir
+        self.sandbox = workdir / "sandbox"
         self.store = store
         self.fetcher = fetcher
+        self._inflight = inflight  # digest -> its fetch, shared by the daemon's runs
         self._proc: asyncio.subprocess.Process | None = None
         self._stopped = False
 
@@ -112,37 +133,70 @@ class TaskRun:
         try:
             report["bytes_fetched"] = await self._stage_inputs()
             report["fetch_s"] = time.monotonic() - started
+            before = {i.ref.digest: self.store.fingerprint(i.ref.digest) for i in self.spec.inputs}
             started = time.monotonic()
             report["exit_code"] = await self._run_command()
             report["run_s"] = time.monotonic() - started
+            self._evict_changed_inputs(before)
             report["stderr_tail"] = self._stderr_tail()
             if report["exit_code"] == 0:
                 report["outputs"] = self._store_outputs()
         except (TransferError, OutputError, OSError) as err:
             report["error"] = str(err)
+        except Exception as err:  # the promise: a report always goes back, whatever happened
+            log.exception("task %s/%s failed in the worker", self.job, self.task)
+            report["error"] = f"the worker could not run the task: {type(err).__name__}: {err}"
         finally:
-            shutil.rmtree(self.sandbox, ignore_errors=True)
+            shutil.rmtree(self.workdir, ignore_errors=True)
         return report
 
     async def _stage_inputs(self) -> int:
         self.sandbox.mkdir(parents=True)
-        fetched = 0
         limit = asyncio.Semaphore(_MAX_PARALLEL_FETCHES)
 
-        async def stage(item: TaskInput) -> int:
-            if self.store.has(item.ref):
-                return 0
+        async def fetch(item: TaskInput) -> None:
             async with limit:
                 partial = self.store.incoming_path(item.ref.digest)
                 await self.fetcher.fetch(item.ref, item.sources, partial)
                 self.store.commit(partial, item.ref.digest)
-                return item.ref.size
 
-        for n in await asyncio.gather(*(stage(i) for i in self.spec.inputs)):
-            fetched += n
+        async def stage(item: TaskInput) -> int:
+            digest = item.ref.digest
+            if self.store.has(item.ref):
+                return 0
+            shared = self._inflight.get(digest)
+            if shared is not None:  # another task on this peer is fetching the same bytes
+                await asyncio.shield(shared)
+                return 0
+            mine = self._inflight[digest] = asyncio.ensure_future(fetch(item))
+            try:
+                await asyncio.shield(mine)
+            finally:
+                if self._inflight.get(digest) is mine:
+                    del self._inflight[digest]
+            return item.ref.size
+
+        fetched = sum(await asyncio.gather(*(stage(i) for i in self.spec.inputs)))
         for item in self.spec.inputs:
             self.store.link_into(item.ref.digest, self.sandbox / item.path)
         return fetched
+
+    def _evict_changed_inputs(self, before: dict[str, tuple[int, int, int]]) -> None:
+        # Inputs are hard links into the store. A task running with enough rights (root
+        # ignores the read-only mode) can write through one: never serve those bytes again.
+        for digest, seen in before.items():
+            try:
+                changed = self.store.fingerprint(digest) != seen
+            except FileNotFoundError:
+                continue
+            if changed:
+                log.warning(
+                    "task %s/%s modified its input %s: dropped from the cache",
+                    self.job,
+                    self.task,
+                    digest[:12],
+                )
+                self.store.evict(digest)
 
     async def _run_command(self) -> int:
         if self._stopped:
@@ -158,8 +212,8 @@ class TaskRun:
             **self.spec.env,
         }
         with (
-            open(self.sandbox / ".stdout", "wb") as out,
-            open(self.sandbox / ".stderr", "wb") as err,
+            open(self.workdir / "stdout", "wb") as out,
+            open(self.workdir / "stderr", "wb") as err,
         ):
             self._proc = await asyncio.create_subprocess_exec(
                 "/bin/sh",
@@ -175,7 +229,7 @@ class TaskRun:
         return await self._proc.wait()
 
     def _stderr_tail(self) -> str:
-        path = self.sandbox / ".stderr"
+        path = self.workdir / "stderr"
         size = path.stat().st_size
         with open(path, "rb") as f:
             f.seek(max(0, size - _STDERR_TAIL))

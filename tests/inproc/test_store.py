@@ -117,13 +117,6 @@ def test_link_into_hard_links_an_entry_into_a_sandbox(store: ContentStore, tmp_p
     assert os.stat(stored).st_nlink == 2
 
 
-@pytest.mark.xfail(
-    os.geteuid() == 0,
-    strict=True,
-    reason="link_or_copy (store.py:98-103) falls back to shutil.copyfile on ANY OSError, "
-    "including EEXIST: copying onto an existing hard link to another entry writes through "
-    "it, and root ignores the 0o444 mode, so the other entry's bytes are overwritten",
-)
 def test_linking_onto_an_existing_link_never_changes_a_stored_entry(
     store: ContentStore, tmp_path: Path
 ) -> None:

@@ -216,12 +216,6 @@ async def test_a_dead_source_is_given_up_after_the_chunk_timeout(
     assert (tmp_path / "x.part").read_bytes() == path.read_bytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Fetcher._pull (transfer.py:167-169) accepts a chunk shorter than it asked for: "
-    "when a source's copy is truncated in its last chunk the fetcher waits the whole "
-    "_CHUNK_TIMEOUT_S for bytes that will never come instead of failing over at once",
-)
 async def test_a_truncated_source_is_given_up_at_once(
     tmp_path: Path, servers: Servers, fetcher: Fetcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -393,15 +393,9 @@ async def test_garbage_on_the_control_socket_never_stops_the_peer(
     assert peer.state is PeerState.RESERVED
 
 
-# -- known bugs --------------------------------------------------------------------------------
+# -- hostile and concurrent runs -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a NUL byte in a run's command (or env, or paths) makes create_subprocess_exec "
-    "raise ValueError, which TaskRun.execute (sandbox.py:121) does not catch: no task_done "
-    "is ever sent and the task keeps its slot until the lease ends",
-)
 async def test_a_command_the_shell_cannot_take_is_reported_and_frees_its_slot(
     peer: Peer, coordinator: Coordinator
 ) -> None:
@@ -417,12 +411,6 @@ async def test_a_command_the_shell_cannot_take_is_reported_and_frees_its_slot(
     assert peer.daemon.core is not None and peer.daemon.core.running == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two tasks of a peer fetching the same input write the same partial file "
-    "(ContentStore.incoming_path, store.py:67-69, is digest + pid); the first commit "
-    "renames it away and the second fails with FileNotFoundError",
-)
 async def test_two_tasks_reading_the_same_input_at_once_both_succeed(
     coordinator: Coordinator,
 ) -> None:
@@ -435,14 +423,6 @@ async def test_two_tasks_reading_the_same_input_at_once_both_succeed(
     assert [(r["exit_code"], r["error"]) for r in reports] == [(0, ""), (0, "")]
 
 
-@pytest.mark.xfail(
-    os.geteuid() == 0,
-    strict=True,
-    reason="inputs are hard links to cache entries (sandbox.py:143-144) and root ignores "
-    "their 0o444 mode: a task that writes to an input, or the daemon writing the task's "
-    "stderr to <sandbox>/.stderr (sandbox.py:160-163) when an input has that name, "
-    "overwrites the cache entry, which is then served to other peers",
-)
 @pytest.mark.parametrize(
     ("name", "command"),
     [("in.txt", "echo changed > in.txt"), (".stderr", "echo oops >&2")],
@@ -461,13 +441,6 @@ async def test_a_task_never_changes_a_cached_input(
     assert cached is None or hash_file(cached) == ref
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a job name that is not a TXT token (e.g. with a space) passes decode and the "
-    "core, then PeerRecord refuses it in WorkerDaemon._txt (daemon.py:125-143) while "
-    "advertising the reservation; the ProtocolError escapes _apply and kills "
-    "_serve_control (daemon.py:145-158): the peer never answers a control message again",
-)
 async def test_a_job_name_that_cannot_be_advertised_is_refused_and_the_peer_keeps_serving(
     peer: Peer, coordinator: Coordinator
 ) -> None:
