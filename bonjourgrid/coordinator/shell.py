@@ -176,6 +176,11 @@ class Coordinator:
             await advert.update(self._job_txt("running"))  # a no-op when nothing changed
 
     async def _apply(self, event: core.Event) -> None:
+        """Hand one event to the core and carry out its instructions.
+
+        Every change of the job's state passes here, in order: this is where a journal (for
+        `--resume`) records events before their instructions go out.
+        """
         for instruction in self.core.handle(event, time.monotonic() - self.started):
             match instruction:
                 case core.Dispatch(task, peer, attempt):

@@ -140,7 +140,8 @@ class TaskRun:
             self._evict_changed_inputs(before)
             report["stderr_tail"] = self._stderr_tail()
             if report["exit_code"] == 0:
-                report["outputs"] = self._store_outputs()
+                # Hashing a big output takes seconds: off the loop, heartbeats keep flowing.
+                report["outputs"] = await asyncio.to_thread(self._store_outputs)
         except (TransferError, OutputError, OSError) as err:
             report["error"] = str(err)
         except Exception as err:  # the promise: a report always goes back, whatever happened

@@ -9,6 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from bonjourgrid.dag import load_workflow
 from tests.multiproc.conftest import LOOPBACK, Grid, bgrid_cmd, write_workflow
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "dags"
@@ -57,6 +60,19 @@ def test_hello_runs_on_the_embedded_local_grid(tmp_path: Path, grid: Grid) -> No
     assert all(t["exit_code"] == 0 and t["attempts"] == 1 for t in report["tasks"].values())
     assert (work / "hello.txt").read_text() == "HELLO, WORLD!\n-- sent by BonjourGrid\n"
     assert report["bytes"]["to_submitter"] > 0
+
+
+@pytest.mark.parametrize("example", ["wordcount/wordcount.yaml", "diamond.yaml"])
+def test_every_example_runs_on_the_local_grid(tmp_path: Path, grid: Grid, example: str) -> None:
+    work = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, work)
+    out = grid.run("submit", str(work / example), "--local", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert all(t["status"] == "done" for t in report["tasks"].values())
+    workflow = load_workflow(work / example)
+    for path in workflow.final_outputs():
+        assert (workflow.root / path).stat().st_size > 0, path
 
 
 def test_a_job_runs_on_daemons_which_are_all_idle_again_and_keep_running(
