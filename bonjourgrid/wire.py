@@ -56,6 +56,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "denied": {"job": str, "reason": str},
     "heartbeat_ack": {"job": str},
     "released": {"job": str},
+    "preempted": {"job": str, "reason": str},  # the owner came back: the peer left the job
     "task_done": {
         "job": str,
         "task": str,

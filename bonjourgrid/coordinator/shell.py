@@ -303,6 +303,9 @@ class Coordinator:
                 msg = wire.decode(frame)
                 if msg["t"] == "task_done":
                     await self.events.put(self._task_report(name, msg))
+                elif msg["t"] == "preempted":
+                    self._lose(name, f"preempted: {msg['reason']}")
+                    return
                 elif msg["t"] == "denied":
                     self._lose(name, f"it dropped the reservation: {msg['reason']}")
                     return

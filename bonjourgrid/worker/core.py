@@ -232,7 +232,10 @@ class WorkerCore:
     def _owner(self, active: bool, now: float, out: list[Instruction]) -> None:
         self.owner_active = active
         if active and self.state is PeerState.RESERVED:
+            assert self.lease is not None
+            holder, job = self.lease.client, self.lease.job
             self._end_lease("the owner came back", now, out, to=PeerState.BUSY)
+            out.append(Send(holder, "preempted", {"job": job, "reason": "its owner came back"}))
         elif active and self.state is PeerState.IDLE:
             self._move(PeerState.BUSY, now, "the owner came back")
             out.append(Advertise(PeerState.BUSY, None))

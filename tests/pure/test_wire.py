@@ -33,7 +33,7 @@ def pack(obj: Any) -> bytes:
 
 def test_the_protocol_has_the_messages_of_both_conversations() -> None:
     control = {"reserve", "heartbeat", "release", "run", "cancel"}
-    replies = {"reserved", "denied", "heartbeat_ack", "released", "task_done", "error"}
+    replies = {"reserved", "denied", "heartbeat_ack", "released", "preempted", "task_done", "error"}
     data = {"get", "chunk", "missing"}
     assert set(wire.SCHEMAS) == control | replies | data
 

@@ -114,6 +114,7 @@ def test_the_owner_coming_back_preempts_the_job(peer: WorkerCore) -> None:
     run(peer, A, "job1", "t1")
     out = peer.handle(core.OwnerActivity(active=True), 4.0)
     assert any(isinstance(i, core.StopTask) for i in out)
+    assert sent(out) == [(A, "preempted")]  # the coordinator reschedules at once
     assert peer.state is PeerState.BUSY
     assert sent(reserve(peer, B, "job2")) == [(B, "denied")]
     peer.handle(core.OwnerActivity(active=False), 5.0)
