@@ -110,6 +110,9 @@ class Fetcher:
             except TransferError as err:
                 problems.append(f"{source.label}: {err}")
                 partial.unlink(missing_ok=True)
+            except BaseException:  # a full disk, a cancellation: leave no half file behind
+                partial.unlink(missing_ok=True)
+                raise
         raise TransferError(
             f"could not fetch {ref.digest[:12]} ({ref.size} bytes) from any source: "
             + ("; ".join(problems) or "no source given")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -142,7 +143,15 @@ class TaskRun:
             if report["exit_code"] == 0:
                 # Hashing a big output takes seconds: off the loop, heartbeats keep flowing.
                 report["outputs"] = await asyncio.to_thread(self._store_outputs)
-        except (TransferError, OutputError, OSError) as err:
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                report["error"] = (
+                    f"this peer's disk is full ({self.workdir.parent}): {err.strerror}; "
+                    "the task should run on another peer"
+                )
+            else:
+                report["error"] = str(err)
+        except (TransferError, OutputError) as err:
             report["error"] = str(err)
         except Exception as err:  # the promise: a report always goes back, whatever happened
             log.exception("task %s/%s failed in the worker", self.job, self.task)
