@@ -21,25 +21,23 @@ def _worker(args: argparse.Namespace) -> int:
     import psutil
 
     from bonjourgrid.keys import load_grid_key
-    from bonjourgrid.units import MIB, parse_size
+    from bonjourgrid.units import MIB
+    from bonjourgrid.worker.config import worker_settings
     from bonjourgrid.worker.daemon import WorkerConfig, default_cache_dir, serve
 
-    if args.cpus is not None and args.cpus < 1:
-        raise ConfigError("--cpus must be at least 1")
-    if args.cost < 0:
-        raise ConfigError("--cost must be 0 or more (price per CPU-hour)")
+    settings = worker_settings(vars(args), Path(args.config) if args.config else None)
     grid = None if args.insecure else load_grid_key()
-    name = args.name or socket.gethostname().split(".")[0]
-    ram = parse_size(args.ram) // MIB if args.ram else psutil.virtual_memory().available // MIB
+    name = settings.name or socket.gethostname().split(".")[0]
     config = WorkerConfig(
         name=name,
-        cpus=args.cpus or psutil.cpu_count() or 1,
-        ram_mib=ram,
-        cost=args.cost,
-        cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(name),
+        cpus=settings.cpus or psutil.cpu_count() or 1,
+        ram_mib=settings.ram_mib or psutil.virtual_memory().available // MIB,
+        cost=settings.cost,
+        cache_dir=settings.cache_dir or default_cache_dir(name),
         grid=grid,
         interface=args.interface or os.environ.get("BGRID_INTERFACES"),
-        always_idle=args.always_idle,
+        always_idle=settings.always_idle,
+        idle=settings.idle,
     )
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     asyncio.run(serve(config))
@@ -63,8 +61,19 @@ def _submit(args: argparse.Namespace) -> int:
             interface=args.interface,
             report=Path(args.report) if args.report else None,
             json=args.json,
+            resume=args.resume,
+            peer_timeout=args.peer_timeout,
+            lease=args.lease,
         )
     )
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from bonjourgrid.coordinator.cancel import cancel_job
+    from bonjourgrid.discovery.advertise import resolve_interfaces
+
+    print(asyncio.run(cancel_job(args.job, resolve_interfaces(args.interface), wait=args.wait)))
+    return 0
 
 
 def _peers(args: argparse.Namespace) -> int:
@@ -135,13 +144,42 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--name", help="peer name on the LAN (default: host name)")
     w.add_argument("--cpus", type=int, help="task slots (default: CPU count)")
     w.add_argument("--ram", help="memory offered to tasks, e.g. 4GiB (default: available)")
-    w.add_argument("--cost", type=float, default=0.0, help="price per CPU-hour (default 0)")
+    w.add_argument("--cost", type=float, help="price per CPU-hour (default 0)")
     w.add_argument("--cache-dir", help="where inputs and outputs are cached")
     w.add_argument("--cache-size", help="cache bound, e.g. 10GiB (enforced by the cache layer)")
     w.add_argument(
         "--always-idle",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="a dedicated machine: never wait for its owner to be away",
+    )
+    w.add_argument(
+        "--idle-minutes",
+        type=float,
+        metavar="M",
+        help="idle after M minutes without keyboard/mouse activity (default 15)",
+    )
+    w.add_argument(
+        "--max-load",
+        type=float,
+        metavar="F",
+        help="... and other work under this fraction of the CPUs (default 0.3; 1: ignore load)",
+    )
+    w.add_argument(
+        "--activity-file",
+        metavar="PATH",
+        help="the file's mtime is the owner's last activity (`touch PATH`: the owner is back); "
+        "replaces the built-in terminal and input-device probes",
+    )
+    w.add_argument(
+        "--activity-command",
+        metavar="CMD",
+        help="a shell command printing the seconds since the last keyboard/mouse input "
+        "(run every second); replaces the built-in probes",
+    )
+    w.add_argument(
+        "--config",
+        metavar="FILE",
+        help="worker settings (default: $XDG_CONFIG_HOME/bonjourgrid/worker.toml); flags win",
     )
     w.add_argument(
         "--insecure",
@@ -170,8 +208,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure", action="store_true", help="use peers that run --insecure")
     s.add_argument("--report", metavar="FILE", help="write the JSON report to FILE")
     s.add_argument("--json", action="store_true", help="print the JSON report")
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the journal of an interrupted run: tasks whose outputs are intact "
+        "are not run again",
+    )
+    s.add_argument(
+        "--peer-timeout",
+        type=float,
+        metavar="S",
+        help="a peer silent this long is lost and its tasks go elsewhere (default 5)",
+    )
+    s.add_argument(
+        "--lease",
+        type=float,
+        metavar="S",
+        help="if this coordinator dies, its peers are free again after S seconds (default 10)",
+    )
     interface_flag(s)
     s.set_defaults(run=_submit)
+
+    c = sub.add_parser("cancel", help="stop a running job (from any desktop of the grid)")
+    c.add_argument("job", help="the job's name as `bgrid status` shows it, or its workflow's")
+    c.add_argument("--wait", type=float, default=1.0, help="seconds to look for it (default 1)")
+    interface_flag(c)
+    c.set_defaults(run=_cancel)
 
     for name, func, what in (
         ("peers", _peers, "list the peers on the LAN"),

@@ -49,6 +49,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "inputs": list,
         "outputs": list,
         "env": dict,
+        "limits": dict,  # {"cpu_s": seconds, "memory": bytes}, each optional: worker/limits.py
     },
     "cancel": {"job": str, "task": str},
     # worker -> coordinator (control)
@@ -70,6 +71,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "bytes_fetched": int,
     },
     "error": {"reason": str},
+    # `bgrid cancel` -> coordinator (job control) and its answer
+    "cancel_job": {"job": str, "by": str},  # by: who asks, e.g. user@host, for the report
+    "cancelling": {"job": str},
     # data plane
     "get": {"digest": str, "offset": int, "size": int},
     "chunk": {"digest": str, "offset": int, "data": bytes},

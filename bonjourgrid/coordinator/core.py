@@ -7,6 +7,15 @@ Theory of operation. Every task walks one path:
                                    '--peer lost-------'   \\--no retries left--> FAILED
     (descendants of a FAILED task are SKIPPED; the other branches go on, as in DAGMan)
 
+A resumed job starts with the tasks its journal vouches for already DONE (`done=`); a task
+is never DONE before every task it needs.
+
+A failed attempt with retries left makes the task READY again, but not placeable before
+`now + backoff` (BACKOFF_BASE_S doubling per failure, capped at BACKOFF_CAP_S): it waits in
+a heap of its own, so other ready tasks go past it, and the job cannot end while it waits.
+The core has no clock: `next_wakeup()` says when the shell must feed a `Tick`. A retry goes
+to another peer than the ones it failed on when one has a free slot.
+
 Ready tasks wait in one heap per requirement class (tasks with the same `require`), ordered
 by their bottom level (the longest chain of tasks after them), so the critical path goes
 first. Placement visits free slots and pops the best task the slot's peer can run: the cost
@@ -102,7 +111,14 @@ class CancelRequested:
     reason: str
 
 
-Event = PeerJoined | PeerLost | TaskReported | OutputsCollected | CollectFailed | CancelRequested
+@dataclass(frozen=True)
+class Tick:
+    """Time passed (the shell sends one at `next_wakeup()`): backoffs may be over."""
+
+
+Event = (
+    PeerJoined | PeerLost | TaskReported | OutputsCollected | CollectFailed | CancelRequested | Tick
+)
 
 
 # -- instructions --------------------------------------------------------------------------
@@ -134,7 +150,29 @@ class Finished:
     reason: str
 
 
-Instruction = Dispatch | Collect | Release | Finished
+@dataclass(frozen=True)
+class TaskDone:
+    """Record (journal) that a task's outputs are in the submit directory."""
+
+    task: str
+    peer: str | None
+    attempts: int
+    outputs: tuple[tuple[str, FileRef], ...]
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    """Record (journal) that a task failed for good."""
+
+    task: str
+    error: str
+    attempts: int
+
+
+Instruction = Dispatch | Collect | Release | Finished | TaskDone | TaskFailed
+
+BACKOFF_BASE_S = 1.0  # wait before the first retry; doubled for each further failure
+BACKOFF_CAP_S = 60.0  # the longest wait before a retry
 
 
 # -- state ---------------------------------------------------------------------------------
@@ -159,6 +197,9 @@ class TaskState:
     fetch_s: float = 0.0
     run_s: float = 0.0
     outputs: tuple[tuple[str, FileRef], ...] = ()
+    not_before: float = 0.0  # a retry waits for its backoff until then
+    failed_on: tuple[str, ...] = ()  # peers where an attempt failed (a retry avoids them)
+    resumed: bool = False  # DONE from an earlier run's journal: never ran in this one
 
 
 @dataclass
@@ -180,9 +221,15 @@ class SchedulerCore:
         self,
         tasks: Iterable[tuple[str, Iterable[str], str, int]],
         matches: Matcher = lambda require, attrs: True,
+        done: Mapping[str, tuple[tuple[str, FileRef], ...]] | None = None,
+        backoff_base_s: float = BACKOFF_BASE_S,
+        backoff_cap_s: float = BACKOFF_CAP_S,
     ) -> None:
-        """`tasks`: (name, predecessors, require text or "", retries) for every task."""
+        """`tasks`: (name, predecessors, require text or "", retries) for every task;
+        `done`: tasks finished in an earlier run (name -> outputs), closed under predecessors."""
         self._matches = matches
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
         preds: dict[str, list[str]] = {}
         self.tasks: dict[str, TaskState] = {}
         for name, deps, require, retries in tasks:
@@ -194,6 +241,7 @@ class SchedulerCore:
                 self.successors[dep].append(name)
         self._assign_priorities(preds)
         self.peers: dict[str, PeerSlots] = {}
+        self._free: dict[str, None] = {}  # peers with a free slot, in the order they joined
         self._ready: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
         self._seq = 0
         self._match_cache: dict[tuple[str, str], bool] = {}
@@ -201,8 +249,12 @@ class SchedulerCore:
         self.counts[TaskStatus.WAITING] = len(self.tasks)
         self.finished: Finished | None = None
         self._stories: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        self._delayed: list[tuple[float, int, str]] = []  # (not_before, seq, task): backoffs
+        self.resumed = 0
+        if done:
+            self._resume(done, preds)
         for task in self.tasks.values():
-            if task.deps_left == 0:
+            if task.deps_left == 0 and task.status is TaskStatus.WAITING:
                 self._make_ready(task, 0.0, "no inputs from other tasks")
 
     def _assign_priorities(self, preds: Mapping[str, list[str]]) -> None:
@@ -218,6 +270,25 @@ class SchedulerCore:
                 if pending[dep] == 0:
                     frontier.append(dep)
 
+    def _resume(
+        self, done: Mapping[str, tuple[tuple[str, FileRef], ...]], preds: Mapping[str, list[str]]
+    ) -> None:
+        for name in done:
+            if name not in self.tasks:
+                raise ValueError(f"resumed task {name!r} is not in the workflow")
+            missing = [dep for dep in preds[name] if dep not in done]
+            if missing:
+                raise ValueError(f"task {name!r} cannot be resumed: {missing[0]!r} runs again")
+        for name, outputs in done.items():
+            task = self.tasks[name]
+            task.status, task.resumed, task.outputs = TaskStatus.DONE, True, tuple(outputs)
+            self.counts[TaskStatus.WAITING] -= 1
+            self.counts[TaskStatus.DONE] += 1
+            self._stories[name].append((0.0, "waiting -> done: resumed, its outputs are intact"))
+            for succ in self.successors.get(name, ()):
+                self.tasks[succ].deps_left -= 1
+        self.resumed = len(done)
+
     # -- the one entry point ------------------------------------------------------------
 
     def handle(self, event: Event, now: float) -> list[Instruction]:
@@ -227,6 +298,7 @@ class SchedulerCore:
         match event:
             case PeerJoined():
                 self.peers[event.peer] = PeerSlots(event.peer, max(1, event.cpus), event.attrs)
+                self._free[event.peer] = None
             case PeerLost():
                 self._lose_peer(event.peer, event.reason, now)
             case TaskReported():
@@ -235,16 +307,20 @@ class SchedulerCore:
                 task = self.tasks.get(event.task)
                 if task and task.status is TaskStatus.COLLECTING and task.attempts == event.attempt:
                     self._collected(task, now)
+                    out.append(TaskDone(task.name, task.peer, task.attempts, task.outputs))
             case CollectFailed():
                 task = self.tasks.get(event.task)
                 if task and task.status is TaskStatus.COLLECTING and task.attempts == event.attempt:
                     self._detach(task)
                     self._failed_attempt(
-                        task, f"its outputs could not be fetched: {event.error}", now
+                        task, f"its outputs could not be fetched: {event.error}", now, out
                     )
             case CancelRequested():
                 self._finish(out, "failed", event.reason)
                 return out
+            case Tick():
+                pass
+        self._end_backoffs(now)
         self._schedule(now, out)
         self._scale_in(out)
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY] == 0 and not any(
@@ -292,25 +368,52 @@ class SchedulerCore:
             task.outputs = event.outputs
             self.peers[event.peer].running.discard(task.name)
             self.peers[event.peer].collecting.add(task.name)
+            self._free[event.peer] = None  # the slot it ran in is free
             self._move(task, TaskStatus.COLLECTING, now, f"exited 0 on {event.peer}")
             out.append(Collect(task.name, event.peer, task.attempts, event.outputs))
         else:
             self._detach(task)
             why = event.error or f"exit code {event.exit_code}"
-            self._failed_attempt(task, why, now)
+            self._failed_attempt(task, why, now, out)
 
-    def _failed_attempt(self, task: TaskState, why: str, now: float) -> None:
+    def backoff(self, failures: int) -> float:
+        """Seconds a task waits before its retry after `failures` failed attempts."""
+        return min(self.backoff_cap_s, self.backoff_base_s * 2.0 ** max(0, failures - 1))
+
+    def _failed_attempt(
+        self, task: TaskState, why: str, now: float, out: list[Instruction]
+    ) -> None:
         task.failures += 1
         task.error = why
+        if task.peer is not None and task.peer not in task.failed_on:
+            task.failed_on += (task.peer,)
         if task.failures <= task.retries:
-            self._move(task, TaskStatus.READY, now, f"{why}; retry {task.failures}/{task.retries}")
+            wait = self.backoff(task.failures)
+            self._move(
+                task,
+                TaskStatus.READY,
+                now,
+                f"{why}; retry {task.failures}/{task.retries} in {wait:g} s",
+            )
             self._seq += 1
-            heapq.heappush(self._ready[task.require], (-task.priority, self._seq, task.name))
-            task.status = TaskStatus.READY
+            if wait > 0:
+                task.not_before = now + wait
+                heapq.heappush(self._delayed, (task.not_before, self._seq, task.name))
+            else:
+                heapq.heappush(self._ready[task.require], (-task.priority, self._seq, task.name))
             return
         task.end = now
         self._move(task, TaskStatus.FAILED, now, f"{why}; no retries left")
+        out.append(TaskFailed(task.name, why, task.attempts))
         self._skip_descendants(task, now)
+
+    def _end_backoffs(self, now: float) -> None:
+        while self._delayed and self._delayed[0][0] <= now:
+            _, seq, name = heapq.heappop(self._delayed)
+            task = self.tasks[name]
+            if task.status is TaskStatus.READY:
+                self._stories[name].append((now, "backoff over: may be placed again"))
+                heapq.heappush(self._ready[task.require], (-task.priority, seq, name))
 
     def _skip_descendants(self, failed: TaskState, now: float) -> None:
         stack = list(self.successors.get(failed.name, ()))
@@ -336,9 +439,13 @@ class SchedulerCore:
         if task.peer in self.peers:
             self.peers[task.peer].running.discard(task.name)
             self.peers[task.peer].collecting.discard(task.name)
+            peer = self.peers[task.peer]
+            if len(peer.running) < peer.cpus:
+                self._free[peer.name] = None
 
     def _lose_peer(self, name: str, reason: str, now: float) -> None:
         peer = self.peers.pop(name, None)
+        self._free.pop(name, None)
         if peer is None:
             return
         for task_name in sorted(peer.running | peer.collecting):
@@ -356,23 +463,47 @@ class SchedulerCore:
         return self._match_cache[key]
 
     def _schedule(self, now: float, out: list[Instruction]) -> None:
-        for peer in self.peers.values():
+        # Only peers with a free slot are visited, and only while tasks wait: an event costs
+        # O(classes), not O(peers), even with thousands of peers and tasks.
+        filled: list[str] = []
+        for name in self._free:  # not mutated in the loop: filled peers leave it after
+            if not any(self._ready.values()):
+                break
+            peer = self.peers[name]
             while len(peer.running) < peer.cpus:
                 task = self._pop_ready_for(peer)
                 if task is None:
                     break
+                target = peer
+                if peer.name in task.failed_on:
+                    target = self._fresh_peer_for(task) or peer
                 task.attempts += 1
-                task.peer = peer.name
+                task.peer = target.name
                 task.start = now
                 task.end = None
-                peer.running.add(task.name)
+                target.running.add(task.name)
+                if len(target.running) >= target.cpus:
+                    filled.append(target.name)
                 self._move(
                     task,
                     TaskStatus.RUNNING,
                     now,
-                    f"placed on {peer.name} (attempt {task.attempts})",
+                    f"placed on {target.name} (attempt {task.attempts})",
                 )
-                out.append(Dispatch(task.name, peer.name, task.attempts))
+                out.append(Dispatch(task.name, target.name, task.attempts))
+        for name in filled:
+            self._free.pop(name, None)
+
+    def _fresh_peer_for(self, task: TaskState) -> PeerSlots | None:
+        """A peer with a free slot that can run `task` and has not seen it fail."""
+        for peer in self.peers.values():
+            if (
+                len(peer.running) < peer.cpus
+                and peer.name not in task.failed_on
+                and self._can_run(peer, task.require)
+            ):
+                return peer
+        return None
 
     def _pop_ready_for(self, peer: PeerSlots) -> TaskState | None:
         best: tuple[int, int, str] | None = None
@@ -390,14 +521,17 @@ class SchedulerCore:
     def _scale_in(self, out: list[Instruction]) -> None:
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY]:
             return
-        for name in [p.name for p in self.peers.values() if not p.running and not p.collecting]:
+        # A peer with nothing running has a free slot: looking at free peers is enough.
+        for name in [n for n in self._free if not self.peers[n].running | self.peers[n].collecting]:
             del self.peers[name]
+            self._free.pop(name, None)
             out.append(Release(name))
 
     def _finish(self, out: list[Instruction], status: str, reason: str) -> None:
         for name in list(self.peers):
             out.append(Release(name))
         self.peers.clear()
+        self._free.clear()
         self.finished = Finished(status, reason)
         out.append(self.finished)
 
@@ -416,7 +550,17 @@ class SchedulerCore:
     def wanted_peers(self) -> int:
         """How many more single-slot peers the ready tasks could use right now."""
         free = sum(p.cpus - len(p.running) for p in self.peers.values())
-        return max(0, self.counts[TaskStatus.READY] - free)
+        return max(0, self.counts[TaskStatus.READY] - len(self._delayed) - free)
+
+    def next_wakeup(self) -> float | None:
+        """When the next retry backoff ends (feed a `Tick` then); None if nothing waits."""
+        if self.finished is not None or not self._delayed:
+            return None
+        return self._delayed[0][0]
+
+    def pending(self) -> int:
+        """Tasks not yet done, failed or skipped."""
+        return len(self.tasks) - sum(self.counts[s] for s in _FINAL)
 
     def story(self, task: str) -> list[tuple[float, str]]:
         return list(self._stories.get(task, ()))
@@ -432,8 +576,15 @@ class SchedulerCore:
                 assert task.name in (peer.running | peer.collecting)
             if task.status is TaskStatus.DONE:
                 assert task.deps_left <= 0
+            if task.resumed:
+                assert task.status is TaskStatus.DONE and task.attempts == 0
+        for _, _, name in self._delayed:
+            assert self.tasks[name].status is TaskStatus.READY or self.finished is not None
+        assert len(self._delayed) <= self.counts[TaskStatus.READY] or self.finished is not None
         for status in TaskStatus:
             assert tally[status] == self.counts[status], f"count of {status.value} is off"
         for peer in self.peers.values():
             assert len(peer.running) <= peer.cpus, f"{peer.name} runs more than its cpus"
             assert not peer.running & peer.collecting
+            assert (peer.name in self._free) == (len(peer.running) < peer.cpus), peer.name
+        assert set(self._free) <= set(self.peers)

@@ -26,12 +26,14 @@ def build_report(
             "fetch_s": _round(task.fetch_s),
             "run_s": _round(task.run_s),
         }
+        if task.resumed:
+            tasks[name]["resumed"] = True  # done in an earlier run; its outputs were intact
         if task.error:
             tasks[name]["error"] = task.error
         if task.status is core.TaskStatus.FAILED:
             tasks[name]["stderr_tail"] = task.stderr_tail
     ends = [t.end for t in sched.tasks.values() if t.end is not None]
-    return {
+    report: dict[str, Any] = {
         "job": coordinator.job,
         "workflow": coordinator.workflow.name,
         "status": finished.status if finished is not None else "failed",
@@ -45,16 +47,34 @@ def build_report(
         ],
         "bytes": dict(coordinator.bytes),
     }
+    if coordinator.journal is not None:
+        report["journal"] = str(coordinator.journal.path)
+    plan = coordinator.resume
+    if plan is not None:
+        report["resumed_from"] = {
+            "job": plan.journal.job,
+            "kept": len(plan.kept),
+            "rerun": dict(plan.rerun),  # recorded done, run again: why
+            "workflow_changed": plan.workflow_changed,
+        }
+    return report
 
 
 def format_summary(report: dict[str, Any]) -> str:
     """What `bgrid submit` prints when it ends (without --json)."""
     tasks = report["tasks"]
     done = sum(1 for t in tasks.values() if t["status"] == "done")
+    kept = sum(1 for t in tasks.values() if t.get("resumed"))
     lines = [
         f"job {report['job']}: {report['status']} - {report['reason']}",
-        f"  {done}/{len(tasks)} tasks done in {report['makespan_s']:.2f} s on "
-        f"{len(report['peers'])} peer(s): " + ", ".join(p["name"] for p in report["peers"]),
+        f"  {done}/{len(tasks)} tasks done"
+        + (f" ({kept} kept from an earlier run)" if kept else "")
+        + f" in {report['makespan_s']:.2f} s "
+        + (
+            f"on {len(report['peers'])} peer(s): " + ", ".join(p["name"] for p in report["peers"])
+            if report["peers"]
+            else "on no peer"
+        ),
     ]
     for name, task in sorted(tasks.items()):
         if task["status"] == "failed":

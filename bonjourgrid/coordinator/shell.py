@@ -3,7 +3,9 @@
 One asyncio loop drives `SchedulerCore`: every message from a peer, every finished output
 collection and every timer becomes an event on one queue; the loop hands it to the core
 with the time and carries out the instructions that come back. Nothing else changes the
-job's state, so the order of events is the whole story of a run.
+job's state, so the order of events is the whole story of a run. Finished tasks go to the
+job's journal (`journal.py`, for `--resume`) on their way through; `bgrid cancel` arrives
+on a job-control socket of its own (`cancel.py`).
 """
 
 from __future__ import annotations
@@ -29,13 +31,21 @@ from bonjourgrid import wire
 from bonjourgrid.cache.store import FileIndex, FileRef, hash_file
 from bonjourgrid.cache.transfer import DataServer, Fetcher, Source
 from bonjourgrid.coordinator import core
+from bonjourgrid.coordinator.cancel import JOBCTL_DOMAIN, serve_job_control
+from bonjourgrid.coordinator.journal import (
+    DoneRecord,
+    JournalWriter,
+    ResumePlan,
+    journal_path,
+    task_digest,
+)
 from bonjourgrid.coordinator.recruit import JobNeeds, explain_shortage, select_candidates
 from bonjourgrid.coordinator.report import build_report
 from bonjourgrid.dag import Workflow
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
 from bonjourgrid.discovery.browse import PeerBrowser, snapshot_peers
 from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, JobState, PeerRecord, job_txt
-from bonjourgrid.errors import ProtocolError, RecruitError, TransferError
+from bonjourgrid.errors import ConfigError, ProtocolError, RecruitError, TransferError
 from bonjourgrid.keys import GridKey, Keypair
 from bonjourgrid.requirements import Requirement
 
@@ -50,6 +60,29 @@ SNAPSHOT_S = 0.5  # how long a new coordinator listens for peers before recruiti
 RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
 PROGRESS_S = 0.5  # how often the job's advertised progress may change
 STALL_S = 10.0  # ready tasks with no peer able to run them for this long fail the job
+MAX_LEASE_S = 3600.0  # workers refuse longer leases
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How fast a dead peer is noticed and a dead coordinator's peers are freed."""
+
+    peer_timeout_s: float = PEER_TIMEOUT_S  # a peer silent this long is lost
+    lease_s: float = LEASE_S  # a peer whose coordinator is silent this long is idle again
+
+    def __post_init__(self) -> None:
+        if not 0 < self.peer_timeout_s <= MAX_LEASE_S:
+            raise ConfigError(f"--peer-timeout {self.peer_timeout_s:g}: give 0 < S <= 3600")
+        if not 2 * self.heartbeat_s <= self.lease_s <= MAX_LEASE_S:
+            raise ConfigError(
+                f"--lease {self.lease_s:g}: give {2 * self.heartbeat_s:g} <= S <= 3600 (a lease "
+                f"must outlive two heartbeats, sent every {self.heartbeat_s:g} s)"
+            )
+
+    @property
+    def heartbeat_s(self) -> float:
+        """How often leases are renewed and peers checked: a few times per peer timeout."""
+        return min(HEARTBEAT_S, self.peer_timeout_s / 4)
 
 
 @dataclass
@@ -74,12 +107,19 @@ class Coordinator:
         grid: GridKey | None,
         interface: str | None = None,
         expected_peers: int | None = None,
+        timeouts: Timeouts | None = None,
+        resume: ResumePlan | None = None,
+        workflow_digest: str = "",
     ) -> None:
         self.workflow = workflow
         self.needs = needs
         self.grid = grid
         self.interface = interface
         self.expected_peers = expected_peers  # --local: stop browsing once these are seen
+        self.timeouts = timeouts or Timeouts()
+        self.resume = resume
+        self.workflow_digest = workflow_digest
+        self.journal: JournalWriter | None = None
         self.job = job_id(workflow.name)
         self.ctx = zmq.asyncio.Context()
         self.keypair = Keypair.generate() if grid is not None else None
@@ -97,13 +137,17 @@ class Coordinator:
                 for name, spec in workflow.tasks.items()
             ),
             matches=lambda text, attrs: Requirement.parse(text).matches(attrs),
+            done={name: r.outputs for name, r in resume.kept.items()} if resume else None,
         )
         self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
         self.started = 0.0
         self.started_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._data_port = 0
+        self._jobctl_port = 0
         self._partial_dir = workflow.root / ".bgrid" / "partial"
+        self._wake_at: float | None = None  # when the pending Tick fires (retry backoffs)
+        self._wake: asyncio.TimerHandle | None = None
 
     # -- the run ------------------------------------------------------------------------
 
@@ -112,14 +156,49 @@ class Coordinator:
         self.started = time.monotonic()
         self.started_at = started_at = time.time()
         await self._stage_inputs()
-        auth = (
-            wire.start_authenticator(self.ctx, {"data": self.data_policy})
-            if self.grid is not None
-            else None
-        )
+        self.journal = self._start_journal()
+        try:
+            if self.core.pending():
+                finished = await self._run_on_grid()
+            else:  # every task was kept from the journal: no peer is needed
+                await self._apply(core.Tick())
+                finished = self.core.finished
+                self.fetcher.close()
+                self.ctx.destroy(linger=0)
+        finally:
+            self.journal.close()
+        return build_report(self, finished, started_at)
+
+    def _start_journal(self) -> JournalWriter:
+        path = journal_path(self.workflow)
+        try:
+            return JournalWriter.start(
+                path,
+                job=self.job,
+                workflow=self.workflow.name,
+                digest=self.workflow_digest,
+                started=self.started_at,
+                lease_s=self.timeouts.lease_s,
+                carried=self.resume.kept.values() if self.resume else (),
+            )
+        except OSError as err:
+            raise ConfigError(
+                f"cannot write the job journal {path}: {err}; the submit directory must be "
+                "writable (outputs come back there too)"
+            ) from None
+
+    async def _run_on_grid(self) -> core.Finished | None:
+        policies = {"data": self.data_policy}
+        if self.grid is not None:
+            # Only holders of the grid's secret key may stop the job (`bgrid cancel`).
+            policies[JOBCTL_DOMAIN] = wire.KeyPolicy({self.grid.public})
+        auth = wire.start_authenticator(self.ctx, policies) if self.grid is not None else None
+        bind = f"tcp://{self.interface or '0.0.0.0'}"
         data_sock = wire.server_socket(self.ctx, self.keypair, "data", 4096)
-        self._data_port = data_sock.bind_to_random_port(f"tcp://{self.interface or '0.0.0.0'}")
+        self._data_port = data_sock.bind_to_random_port(bind)
         data_server = DataServer(data_sock, self.index.locate)
+        jobctl = wire.server_socket(self.ctx, self.keypair, JOBCTL_DOMAIN, wire.MAX_CONTROL_FRAME)
+        self._jobctl_port = jobctl.bind_to_random_port(bind)
         zc = open_zeroconf(resolve_interfaces(self.interface))
         browser = PeerBrowser(zc)
         advert: Advertiser | None = None
@@ -129,8 +208,9 @@ class Coordinator:
             await browser.start()
             await self._recruit(browser, self.needs.workers_max, initial=True)
             advert = Advertiser(
-                zc, JOB_SERVICE, self.job, self._data_port, self._job_txt("running")
+                zc, JOB_SERVICE, self.job, self._jobctl_port, self._job_txt("running")
             )
+            self._spawn(serve_job_control(jobctl, self.job, self.cancel))
             await advert.start()
             self._spawn(self._heartbeats())
             self._spawn(self._replenish(browser))
@@ -150,19 +230,31 @@ class Coordinator:
             await zc.async_close()
             if auth is not None:
                 auth.stop()
+            if self._wake is not None:
+                self._wake.cancel()
             self.fetcher.close()
+            jobctl.close(linger=500)  # let a `cancelling` answer leave
             data_sock.close(linger=0)
             self.ctx.destroy(linger=0)
-        return build_report(self, finished, started_at)
+        return finished
 
     async def _stage_inputs(self) -> None:
+        known = dict(self.resume.source_refs) if self.resume else {}
+
         # Hashing reads every input once; a thread keeps the loop free for big files.
         def hash_all() -> dict[str, FileRef]:
-            return {p: hash_file(self.workflow.root / p) for p in self.workflow.source_inputs()}
+            return {
+                p: known.get(p) or hash_file(self.workflow.root / p)
+                for p in self.workflow.source_inputs()
+            }
 
         self.source_refs = await asyncio.to_thread(hash_all)
         for path, ref in self.source_refs.items():
             self.index.add(self.workflow.root / path, ref)
+        # Outputs kept from an earlier run were just re-hashed: served from where they are.
+        for record in self.resume.kept.values() if self.resume else ():
+            for path, ref in record.outputs:
+                self.index.add(self.workflow.root / path, ref)
 
     async def _drive(self) -> core.Finished:
         while self.core.finished is None:
@@ -178,8 +270,8 @@ class Coordinator:
     async def _apply(self, event: core.Event) -> None:
         """Hand one event to the core and carry out its instructions.
 
-        Every change of the job's state passes here, in order: this is where a journal (for
-        `--resume`) records events before their instructions go out.
+        Every change of the job's state passes here, in order: the journal (for `--resume`)
+        records a finished task before any instruction that follows from it goes out.
         """
         for instruction in self.core.handle(event, time.monotonic() - self.started):
             match instruction:
@@ -189,8 +281,40 @@ class Coordinator:
                     self._spawn(self._collect(task, peer, attempt, outputs))
                 case core.Release(peer):
                     await self._release(peer)
-                case core.Finished():
-                    pass
+                case core.TaskDone(task, peer, attempts, outputs):
+                    self._journal_done(task, peer, attempts, outputs)
+                case core.TaskFailed(task, error, attempts):
+                    if self.journal is not None:
+                        self.journal.failed(task, error, attempts)
+                case core.Finished(status, reason):
+                    if self.journal is not None:
+                        self.journal.end(status, reason)
+        self._arm_wakeup()
+
+    def _journal_done(
+        self, task: str, peer: str | None, attempts: int, outputs: tuple[tuple[str, FileRef], ...]
+    ) -> None:
+        if self.journal is None:
+            return
+        spec = self.workflow.tasks[task]
+        inputs = tuple((path, self._input_ref(path)) for path in spec.inputs)
+        self.journal.done(DoneRecord(task, task_digest(spec), inputs, outputs, peer, attempts))
+
+    def _arm_wakeup(self) -> None:
+        """Have a Tick reach the core when its next retry backoff ends."""
+        wake = self.core.next_wakeup()
+        if wake == self._wake_at:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake_at, self._wake = wake, None
+        if wake is not None:
+            delay = max(0.0, wake - (time.monotonic() - self.started))
+            self._wake = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    def _tick(self) -> None:
+        self._wake_at, self._wake = None, None
+        self.events.put_nowait(core.Tick())
 
     def cancel(self, reason: str) -> None:
         """Stop the job (Ctrl-C, `bgrid cancel`): peers are released, the report says why."""
@@ -225,6 +349,16 @@ class Coordinator:
             fitting = select_candidates(peers, self.needs).candidates
             return [p for p in fitting if p.name not in tried and p.name not in self.links]
 
+        # A resumed job's peers may still be held by the coordinator that died: they are
+        # idle again when its lease runs out, so they are worth waiting for that long.
+        previous = self.resume.journal if self.resume else None
+        held_until = deadline + (previous.lease_s if previous else 0.0)
+
+        def held_by_previous() -> bool:
+            return previous is not None and any(
+                p.state == "reserved" and p.job == previous.job for p in known()
+            )
+
         while True:
             for record in untried(known()):
                 if granted >= wanted or len(self.links) >= self.needs.workers_max:
@@ -233,6 +367,8 @@ class Coordinator:
                 granted += await self._reserve(record)
             short = len(self.links) < self.needs.workers_min
             remaining = deadline - time.monotonic()
+            if remaining <= 0 and initial and short and held_by_previous():
+                remaining = held_until - time.monotonic()
             # Lost a race for a peer, or not all peers seen yet: wait for other candidates.
             if not initial or not short or remaining <= 0:
                 break
@@ -252,7 +388,12 @@ class Coordinator:
         if record.key:
             self.data_policy.allowed.add(record.key.encode())
         await sock.send(
-            wire.encode("reserve", job=self.job, lease_s=LEASE_S, coordinator=socket.gethostname())
+            wire.encode(
+                "reserve",
+                job=self.job,
+                lease_s=self.timeouts.lease_s,
+                coordinator=socket.gethostname(),
+            )
         )
         reply = None
         if await sock.poll(RESERVE_TIMEOUT_S * 1000):
@@ -278,7 +419,7 @@ class Coordinator:
         """Elastic: recruit again while ready tasks wait; give up when none can ever run."""
         stalled_since: float | None = None
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(self.timeouts.heartbeat_s)
             if self.core.wanted_peers() and len(self.links) < self.needs.workers_max:
                 await self._recruit(browser, self.core.wanted_peers())
             stuck = self.core.unplaceable()
@@ -367,6 +508,7 @@ class Coordinator:
                 inputs=inputs,
                 outputs=list(spec.outputs),
                 env=dict(spec.env),
+                limits=dict(spec.limits),
             )
         )
 
@@ -396,14 +538,17 @@ class Coordinator:
         await self.events.put(core.OutputsCollected(task, attempt))
 
     async def _heartbeats(self) -> None:
+        timeouts = self.timeouts
         while True:
-            await asyncio.sleep(HEARTBEAT_S)
+            await asyncio.sleep(timeouts.heartbeat_s)
             now = time.monotonic()
             for name, link in list(self.links.items()):
-                if now - link.last_heard > PEER_TIMEOUT_S:
-                    self._lose(name, f"silent for {PEER_TIMEOUT_S:g} s")
+                if now - link.last_heard > timeouts.peer_timeout_s:
+                    self._lose(name, f"silent for {timeouts.peer_timeout_s:g} s")
                 else:
-                    await link.sock.send(wire.encode("heartbeat", job=self.job, lease_s=LEASE_S))
+                    await link.sock.send(
+                        wire.encode("heartbeat", job=self.job, lease_s=timeouts.lease_s)
+                    )
 
     def _lose(self, name: str, reason: str) -> None:
         link = self.links.pop(name, None)
@@ -443,7 +588,7 @@ class Coordinator:
             JobRecord(
                 name=self.job,
                 addresses=(),
-                port=self._data_port or 1,
+                port=self._jobctl_port or 1,
                 job=self.job,
                 state=state,
                 tasks=len(self.core.tasks),
@@ -453,6 +598,7 @@ class Coordinator:
                 peers=len(self.links),
                 user=_user(),
                 started=self.started_at,
+                key=self.keypair.public.decode() if self.keypair else "",
             )
         )
 
@@ -480,7 +626,7 @@ def _address_towards(peer_ip: str) -> str:
 
 
 def _job_state(finished: core.Finished | None) -> JobState:
-    if finished is None:
+    if finished is None or finished.reason.startswith("cancelled"):
         return "cancelled"
     return "succeeded" if finished.status == "succeeded" else "failed"
 

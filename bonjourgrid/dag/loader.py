@@ -11,7 +11,6 @@ Unknown keys are not errors: each one is reported once, as a WorkflowWarning.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import re
 import warnings
@@ -23,11 +22,12 @@ from types import MappingProxyType
 from typing import Any
 
 import networkx as nx
-import yaml
 
 from bonjourgrid.dag.model import RANKS, GridSpec, TaskSpec, Workflow, normalize_path
+from bonjourgrid.dag.parse import gc_paused, parse_json, parse_yaml
 from bonjourgrid.errors import DagError, RequirementError
 from bonjourgrid.requirements import Requirement
+from bonjourgrid.worker.limits import LIMIT_KEYS, check_cpu_s, check_memory
 
 __all__ = [
     "WorkflowWarning",
@@ -48,10 +48,12 @@ _MAX_SUGGESTION_POOL = 5000  # beyond this, a "did you mean" search would cost m
 
 _TOP_KEYS = ("name", "grid", "defaults", "tasks")
 _GRID_KEYS = ("workers", "require", "max_cost", "rank")
-_DEFAULT_KEYS = ("retries", "require", "env", "keep")
-_TASK_KEYS = ("command", "inputs", "outputs", "after", "retries", "require", "env", "keep")
+_DEFAULT_KEYS = ("retries", "require", "env", "keep", "limits")
+_TASK_KEYS = (
+    "command", "inputs", "outputs", "after", "retries", "require", "env", "keep", "limits"
+)  # fmt: skip
 _KEY_SETS: dict[tuple[str, ...], frozenset[str]] = {
-    keys: frozenset(keys) for keys in (_TOP_KEYS, _GRID_KEYS, _DEFAULT_KEYS, _TASK_KEYS)
+    keys: frozenset(keys) for keys in (_TOP_KEYS, _GRID_KEYS, _DEFAULT_KEYS, _TASK_KEYS, LIMIT_KEYS)
 }
 
 
@@ -134,74 +136,11 @@ def load_workflow(path: str | Path) -> Workflow:
         raise DagError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except OSError as err:
         raise DagError(f"{path}: cannot read the workflow file: {err.strerror}") from None
-    data = _parse_json(text, path.name) if suffix == ".json" else _parse_yaml(text, path.name)
-    return workflow_from_mapping(data, path.resolve().parent, source=path.name)
-
-
-def _parse_json(text: str, source: str) -> object:
-    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise DagError(
-                    f"{source}: key {key!r} appears twice in one object; "
-                    "the second would silently replace the first, so rename or merge them"
-                )
-            result[key] = value
-        return result
-
-    try:
-        return json.loads(text, object_pairs_hook=unique_keys)
-    except json.JSONDecodeError as err:
-        raise DagError(
-            f"{source}: line {err.lineno}, column {err.colno}: {err.msg}; fix the JSON there"
-        ) from None
-    except RecursionError:
-        raise DagError(f"{source}: nested too deeply to be a workflow") from None
-
-
-_YamlBase: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ~10x
-
-
-class _UniqueKeyLoader(_YamlBase):  # type: ignore[misc]
-    """YAML's safe loader, except that a key repeated in one mapping is an error, not a loss."""
-
-
-def _construct_unique_mapping(loader: Any, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: dict[tuple[str, str], yaml.Mark] = {}
-    for key_node, _value in node.value:
-        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-            first = seen.setdefault((key_node.tag, key_node.value), key_node.start_mark)
-            if first is not key_node.start_mark:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"key {key_node.value!r} appears twice (first on line {first.line + 1}); "
-                    "the second would silently replace the first, so rename or merge them",
-                    key_node.start_mark,
-                )
-    result: dict[Any, Any] = yaml.SafeLoader.construct_mapping(loader, node, deep=True)
-    return result
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
-)
-
-
-def _parse_yaml(text: str, source: str) -> object:
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        context = f" ({err.context})" if err.context and err.problem else ""
-        fix = "" if isinstance(err, yaml.constructor.ConstructorError) else "; fix the YAML there"
-        raise DagError(f"{source}: {where}{err.problem or err.context}{context}{fix}") from None
-    except yaml.YAMLError as err:
-        raise DagError(f"{source}: not valid YAML: {err}") from None
-    except RecursionError:
-        raise DagError(f"{source}: nested too deeply to be a workflow") from None
+    # A 100,000-task workflow is millions of objects, none in a cycle: the collector would
+    # walk them over and over (a 3-4x slowdown) and find nothing to free.
+    with gc_paused():
+        data = parse_json(text, path.name) if suffix == ".json" else parse_yaml(text, path.name)
+        return workflow_from_mapping(data, path.resolve().parent, source=path.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +320,8 @@ def _read_defaults(
         value.get("require"), "defaults", requirements, problems
     )
     defaults["env"] = _read_env(value.get("env"), "defaults", problems)
+    limits = _read_limits(value.get("limits"), "defaults", problems)
+    defaults["limits"] = {key: v for key, v in limits.items() if v is not None}
     return defaults
 
 
@@ -445,6 +386,10 @@ def _read_task(
     env = defaults.get("env", {})
     if raw.get("env") is not None:
         env = {**env, **_read_env(raw["env"], where, problems)}
+    limits = defaults.get("limits", {})
+    if raw.get("limits") is not None:
+        merged = {**limits, **_read_limits(raw["limits"], where, problems)}
+        limits = {key: v for key, v in merged.items() if v is not None}  # None lifts a default
     if len(problems.items) > count:
         return None
     assert isinstance(command, str)
@@ -458,6 +403,7 @@ def _read_task(
         require=require,
         env=MappingProxyType(env),
         keep=keep,
+        limits=MappingProxyType(limits),
     )
 
 
@@ -513,6 +459,25 @@ def _read_env(value: object, where: str, problems: _Problems) -> dict[str, str]:
         else:
             problems.add(f"{where}: env {key} = {item!r} must be a string; quote it")
     return env
+
+
+def _read_limits(value: object, where: str, problems: _Problems) -> dict[str, int | None]:
+    """`limits:` as cpu_s (whole seconds) and memory (bytes); None lifts a default limit."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        problems.add(f"{where}: limits must be a mapping such as {{cpu_s: 600, memory: 2GiB}}")
+        return {}
+    problems.note_unknown(value, LIMIT_KEYS, f"{where} limits")
+    limits: dict[str, int | None] = {}
+    for key, check in (("cpu_s", check_cpu_s), ("memory", check_memory)):
+        if key not in value:
+            continue
+        try:
+            limits[key] = None if value[key] is None else check(value[key])
+        except ValueError as err:
+            problems.add(f"{where}: limits: {err}")
+    return limits
 
 
 def _producers(tasks: Mapping[str, TaskSpec], problems: _Problems) -> dict[str, str]:

@@ -44,6 +44,10 @@ def _empty_env() -> Mapping[str, str]:
     return MappingProxyType({})
 
 
+def _empty_limits() -> Mapping[str, int]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One task: a shell command run with cwd = its sandbox, reading and writing relative paths."""
@@ -57,11 +61,16 @@ class TaskSpec:
     require: str | None = None  # a requirement expression, already checked to parse
     env: Mapping[str, str] = field(default_factory=_empty_env, hash=False)
     keep: bool = False  # reserved for caching work
+    # Resource limits per process of the task, as sent on the wire: "cpu_s" (whole seconds of
+    # CPU time) and "memory" (bytes of address space); a key left out is unlimited.
+    limits: Mapping[str, int] = field(default_factory=_empty_limits, hash=False)
 
     def __post_init__(self) -> None:
         # a frozen record must not share a dict its builder may still mutate
         if not isinstance(self.env, MappingProxyType):
             object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
+        if not isinstance(self.limits, MappingProxyType):
+            object.__setattr__(self, "limits", MappingProxyType(dict(self.limits)))
 
 
 @dataclass(frozen=True)

@@ -132,5 +132,6 @@ def job_json(record: JobRecord) -> dict[str, Any]:
         "peers": record.peers,
         "user": record.user,
         "started": record.started,
+        "key": record.key,
         "v": record.v,
     }

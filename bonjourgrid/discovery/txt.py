@@ -196,11 +196,16 @@ class JobRecord:
     peers: int
     user: str
     started: float
+    key: str = ""  # the coordinator's CURVE public key (Z85) for `bgrid cancel`; "" if insecure
     v: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.addresses, self.port, self.v)
         _check(_TOKEN.fullmatch(self.job) is not None, f"job {self.job[:80]!r} is not a name")
+        _check(
+            self.key == "" or _Z85.fullmatch(self.key) is not None,
+            "key is not a 40-character Z85 CURVE public key",
+        )
         _check(self.state in JOB_STATES, f"state {self.state!r} is not one of {JOB_STATES}")
         _check_int("tasks", self.tasks, 0, _MAX_COUNT)
         for what, count in (
@@ -245,7 +250,7 @@ def peer_txt(record: PeerRecord) -> dict[str, str]:
 
 def job_txt(record: JobRecord) -> dict[str, str]:
     """The TXT properties that advertise this job."""
-    return {
+    txt = {
         "v": str(record.v),
         "job": record.job,
         "state": record.state,
@@ -257,6 +262,9 @@ def job_txt(record: JobRecord) -> dict[str, str]:
         "user": record.user,
         "started": repr(float(record.started)),
     }
+    if record.key:
+        txt["key"] = record.key
+    return txt
 
 
 # --- decoding untrusted TXT -------------------------------------------------------------
@@ -363,6 +371,7 @@ def decode_job(
         peers=_uint(txt, "peers"),
         user=_get(txt, "user"),
         started=_ufloat(txt, "started"),
+        key=txt.get("key") or "",  # absent: an insecure job, or a coordinator before `cancel`
         v=version,
     )
 

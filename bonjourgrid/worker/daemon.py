@@ -16,7 +16,7 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,15 @@ from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, Keypair
 from bonjourgrid.units import MIB
 from bonjourgrid.worker import core
 from bonjourgrid.worker.core import PeerState, WorkerCore
+from bonjourgrid.worker.idle import IdleSettings, OwnerMonitor
 from bonjourgrid.worker.sandbox import RunSpec, TaskRun, parse_spec
 
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.2  # how often leases are checked: a dead coordinator's peer is idle within this
+# How often owner activity is sampled: with sandbox.STOP_GRACE_S, a returning owner has the
+# machine back (every task process gone) within a second.
+_IDLE_SAMPLE_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,8 @@ class WorkerConfig:
     cache_dir: Path
     grid: GridKey | None  # None: --insecure
     interface: str | None = None  # an IPv4 address to serve on; None: every interface
-    always_idle: bool = True
+    always_idle: bool = True  # False: the idle policy below decides when the owner is away
+    idle: IdleSettings = field(default_factory=IdleSettings)
 
 
 class WorkerDaemon:
@@ -86,13 +91,14 @@ class WorkerDaemon:
         self._control = control
         self._control_port = control_port
         self.core = WorkerCore(cpus=self.config.cpus, data_port=data_port)
+        monitor = None if self.config.always_idle else await self._first_owner_sample()
         zc = open_zeroconf(resolve_interfaces(self.config.interface))
         self.advertiser = Advertiser(
             zc,
             PEER_SERVICE,
             self.config.name,
             control_port,
-            self._txt(PeerState.IDLE, None),
+            self._txt(self.core.state, None),
             addresses=[self.config.interface] if self.config.interface else None,
         )
         background = [
@@ -100,6 +106,8 @@ class WorkerDaemon:
             asyncio.create_task(DataServer(data, self.store.locate).serve_forever()),
             asyncio.create_task(self._tick()),
         ]
+        if monitor is not None:
+            background.append(asyncio.create_task(self._watch_owner(monitor)))
         try:
             await self.advertiser.start()
             log.info(
@@ -223,6 +231,34 @@ class WorkerDaemon:
         while True:
             await asyncio.sleep(_TICK_S)
             await self._apply(core.Tick())
+
+    async def _first_owner_sample(self) -> OwnerMonitor:
+        """The owner monitor, after one sample: a peer whose owner is at the desk starts busy."""
+        assert self.core is not None
+        monitor = OwnerMonitor(self.config.idle, grid_root=os.getpid())
+        log.info("owner policy: %s", monitor.describe())
+        await asyncio.sleep(_IDLE_SAMPLE_S)  # the first load figure needs an interval
+        if await monitor.owner_active(time.monotonic()):
+            log.info("owner active at start: %s", monitor.policy.why)
+            # Before the first advertisement: its only instruction, Advertise, is moot.
+            self.core.handle(core.OwnerActivity(True), time.monotonic())
+        return monitor
+
+    async def _watch_owner(self, monitor: OwnerMonitor) -> None:
+        assert self.core is not None
+        failing = False
+        while True:
+            await asyncio.sleep(_IDLE_SAMPLE_S)
+            try:
+                active = await monitor.owner_active(time.monotonic(), bool(self.runs))
+                if active != self.core.owner_active:
+                    log.info("owner %s: %s", "back" if active else "away", monitor.policy.why)
+                    await self._apply(core.OwnerActivity(active))
+                failing = False
+            except Exception:  # a failed probe must not leave the owner unwatched for good
+                if not failing:  # once per failing spell, not five times a second
+                    log.exception("owner activity: the sample failed")
+                failing = True
 
 
 def _lease(msg: dict[str, Any]) -> float:

@@ -24,10 +24,13 @@ from bonjourgrid import wire
 from bonjourgrid.cache.store import ContentStore, FileRef, is_digest
 from bonjourgrid.cache.transfer import Fetcher, Source
 from bonjourgrid.errors import ProtocolError, TransferError
+from bonjourgrid.worker.limits import Limits, limits_from_wire
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE_S = 2.0  # between SIGTERM and SIGKILL of a task's process group
+# Between SIGTERM and SIGKILL of a task's process group: with the daemon's owner sampling
+# period (0.2 s), a returning owner gets the machine back within a second.
+STOP_GRACE_S = 0.5
 _STDERR_TAIL = 2000  # characters of stderr kept in a report
 _MAX_PARALLEL_FETCHES = 4
 
@@ -47,6 +50,7 @@ class RunSpec:
     inputs: tuple[TaskInput, ...]
     outputs: tuple[str, ...]
     env: dict[str, str]
+    limits: Limits
 
 
 def safe_relative(path: str) -> str:
@@ -85,7 +89,7 @@ def parse_spec(msg: dict[str, Any]) -> RunSpec:
         raise ProtocolError("env names must be non-empty without '=' or NUL; values without NUL")
     if "\x00" in msg["command"]:
         raise ProtocolError("the command contains a NUL byte")
-    return RunSpec(msg["command"], tuple(inputs), outputs, env)
+    return RunSpec(msg["command"], tuple(inputs), outputs, env, limits_from_wire(msg["limits"]))
 
 
 class TaskRun:
@@ -140,6 +144,7 @@ class TaskRun:
             report["run_s"] = time.monotonic() - started
             self._evict_changed_inputs(before)
             report["stderr_tail"] = self._stderr_tail()
+            report["error"] = self.spec.limits.explain(report["exit_code"], report["stderr_tail"])
             if report["exit_code"] == 0:
                 # Hashing a big output takes seconds: off the loop, heartbeats keep flowing.
                 report["outputs"] = await asyncio.to_thread(self._store_outputs)
@@ -225,18 +230,33 @@ class TaskRun:
             open(self.workdir / "stdout", "wb") as out,
             open(self.workdir / "stderr", "wb") as err,
         ):
-            self._proc = await asyncio.create_subprocess_exec(
-                "/bin/sh",
-                "-c",
-                self.spec.command,
-                cwd=self.sandbox,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-            )
-        return await self._proc.wait()
+            try:
+                self._proc = await asyncio.create_subprocess_exec(
+                    "/bin/sh",
+                    "-c",
+                    self.spec.command,
+                    cwd=self.sandbox,
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
+                    preexec_fn=self.spec.limits.preexec(),  # why a preexec: worker/limits.py
+                )
+            except OSError as failure:
+                if self.spec.limits == Limits():
+                    raise
+                raise OutputError(
+                    f"the command could not start under its limits "
+                    f"({self.spec.limits.describe()}): {failure.strerror or failure}"
+                ) from None
+        code = await self._proc.wait()
+        # What the shell left running in the background must not outlive the task: it would
+        # keep the owner's CPU busy after the job, and could change the sandbox while the
+        # outputs are checked and moved into the store.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        return code
 
     def _stderr_tail(self) -> str:
         path = self.workdir / "stderr"

@@ -172,6 +172,7 @@ class Coordinator:
             "inputs": [[p, r.digest, r.size, sources] for p, r in (inputs or {}).items()],
             "outputs": list(outputs),
             "env": {},
+            "limits": {},
         }
 
     async def close(self) -> None:

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bonjourgrid.dag import (
     GridSpec,
@@ -16,6 +19,7 @@ from bonjourgrid.dag import (
     WorkflowWarning,
     load_workflow,
     normalize_path,
+    parse,
     parse_worker_range,
     workflow_from_mapping,
 )
@@ -260,6 +264,22 @@ def test_bad_worker_ranges(value: object, problem: str) -> None:
         ({"defaults": [], "tasks": {"a": task()}}, ["`defaults` must be a mapping"]),
         ({"defaults": {"retries": -2}, "tasks": {"a": task()}}, ["defaults: retries -2"]),
         ({"defaults": {"require": "(x"}, "tasks": {"a": task()}}, ["defaults: cannot read"]),
+        (flow(a=task(limits=[60])), ["task 'a': limits must be a mapping", "cpu_s: 600"]),
+        (flow(a=task(limits={"cpu_s": -1})), ["task 'a': limits: cpu_s -1 must be a number"]),
+        (flow(a=task(limits={"cpu_s": 0})), ["task 'a': limits: cpu_s 0 must be"]),
+        (flow(a=task(limits={"cpu_s": "10"})), ["task 'a': limits: cpu_s '10' must be"]),
+        (flow(a=task(limits={"cpu_s": True})), ["task 'a': limits: cpu_s True must be"]),
+        (flow(a=task(limits={"cpu_s": float("inf")})), ["limits: cpu_s inf must be"]),
+        (flow(a=task(limits={"cpu_s": 1e12})), ["cpu_s 1000000000000.0 is over"]),
+        (flow(a=task(limits={"memory": "lots"})), ["limits: memory 'lots' is not a size"]),
+        (flow(a=task(limits={"memory": "-5MiB"})), ["limits: memory '-5MiB' is not a size"]),
+        (flow(a=task(limits={"memory": -5})), ["limits: memory -5 must be between 4.0 MiB"]),
+        (flow(a=task(limits={"memory": "1KiB"})), ["limits: memory '1KiB' must be between"]),
+        (flow(a=task(limits={"memory": [1]})), ["limits: memory [1] must be a size"]),
+        (
+            {"defaults": {"limits": {"cpu_s": "x"}}, "tasks": {"a": task()}},
+            ["defaults: limits: cpu_s 'x'"],
+        ),
     ],
 )
 def test_problems_name_the_task_and_what_to_do(data: object, expected: list[str]) -> None:
@@ -267,6 +287,34 @@ def test_problems_name_the_task_and_what_to_do(data: object, expected: list[str]
     assert message.startswith("wf.yaml")
     for part in expected:
         assert part in message
+
+
+def test_limits_come_from_defaults_and_tasks_override_them_key_by_key() -> None:
+    gib, mib = 1024**3, 1024**2
+    wf = workflow_from_mapping(
+        {
+            "defaults": {"limits": {"cpu_s": 60, "memory": "1GiB"}},
+            "tasks": {
+                "plain": task(outputs=["p"]),
+                "own": task(outputs=["o"], limits={"memory": 512, "cpu_s": 2.5}),
+                "free": task(outputs=["f"], limits={"cpu_s": None}),  # null lifts a default
+            },
+        },
+        "/x",
+    )
+    assert dict(wf.tasks["plain"].limits) == {"cpu_s": 60, "memory": gib}
+    assert dict(wf.tasks["own"].limits) == {"cpu_s": 3, "memory": 512 * mib}  # 2.5 s -> 3
+    assert dict(wf.tasks["free"].limits) == {"memory": gib}
+    unlimited = workflow_from_mapping(flow(a=task(outputs=["a"])), "/x")
+    assert dict(unlimited.tasks["a"].limits) == {}
+    with pytest.raises(TypeError):
+        wf.tasks["plain"].limits["cpu_s"] = 1  # type: ignore[index]
+
+
+def test_an_unknown_limit_warns_with_a_suggestion() -> None:
+    with pytest.warns(WorkflowWarning, match=r"'cpu' in task 'a' limits .*did you mean 'cpu_s'"):
+        wf = workflow_from_mapping(flow(a=task(limits={"cpu": 10, "memory": "64MiB"})), "/x")
+    assert dict(wf.tasks["a"].limits) == {"memory": 64 * 1024**2}
 
 
 def test_defaults_problems_are_reported_once_not_per_task() -> None:
@@ -408,6 +456,104 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
         load_workflow(tmp_path / "dir.yaml")
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("tasks:\n  a: {command: x, since: 2001-02-30}\n",
+         "line 2, column 26: cannot read '2001-02-30' as a YAML timestamp"),
+        ("tasks:\n  a: {command: x, retries: " + "9" * 5000 + "}\n",
+         "line 2, column 28: cannot read '999"),
+        ("tasks:\n  a: {command: *nowhere}\n", "line 2, column 16: found undefined alias"),
+        ("tasks: {}\n---\ntasks: {}\n", "line 2, column 1: but found another document"),
+        ("tasks:\n  a: {command: !!python/name:os.system x}\n",
+         "line 2, column 16: could not determine a constructor"),
+        ("tasks:\n  ? [a, b]\n  : {command: x}\n", "found unhashable key"),
+    ],
+)  # fmt: skip
+def test_yaml_problems_give_line_and_column(text: str, expected: str) -> None:
+    for fast in (True, False):
+        with pytest.raises(DagError) as caught:
+            parse.parse_yaml(text, "wf.yaml", fast=fast)
+        assert str(caught.value).startswith("wf.yaml: ")
+        assert expected in str(caught.value)
+
+
+def test_yaml_values_are_those_of_the_safe_loader() -> None:
+    text = (
+        "a: &shared [x, 'y', 010, 0o17, 0x1F, 1_000, 1:20, 1e3, .inf, yes, No, ~, '', 2001-12-14]\n"
+        "b: *shared\n"
+        "c: !!str 12\n"
+        "d: ! 12\n"
+        "e: {<<: {m: 1}, n: 2}\n"
+        "f: !!binary aGVsbG8=\n"
+        "1: one\n"
+        "'1': quoted one\n"
+        "g:\n"
+    )
+    value = parse.parse_yaml(text, "wf.yaml")
+    assert value == yaml.safe_load(text)
+    assert isinstance(value, dict) and value["a"] is value["b"]  # an alias is the same object
+
+
+def test_the_fast_path_takes_workflows_as_users_write_them() -> None:
+    for path in sorted(EXAMPLES.rglob("*.yaml")):
+        text = path.read_text()
+        assert parse._load_fast(text) == yaml.safe_load(text), path  # no fallback raised
+
+
+# Fragments of flow YAML that exercise every branch of the fast path and its fallbacks:
+# implicit types, quoting, explicit tags, merge keys, anchors (duplicate ones too), aliases
+# (undefined, forward, or into their own collection) and syntax errors.
+_LEAVES = st.sampled_from(
+    ["x", "task_1", "yes", "No", "~", "null", "", "0o17", "010", "0x1F", "1_000", "1:20",
+     "2001-12-14", "2001-12-14t21:59:43.10-05:00", "2001-02-30", ".inf", "-.Inf", ".NaN", "=",
+     "<<", "1e3", "+12", "-0", "3.", "'q'", '"d\\n"', "!!str 12", "!!int '7'", "! 12",
+     "!!binary aGVsbG8=", "!local x", "*a0", "*a1", "&a0 v", "&a1 7", "[", "a: b", "? k"]
+)  # fmt: skip
+
+
+def _flow(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    anchor = st.sampled_from(["", "", "&a0 ", "&a1 "])
+    items = st.lists(children, max_size=4)
+    pairs = st.lists(st.tuples(children, children), max_size=4)
+    as_list = st.builds(lambda a, xs: a + "[" + ", ".join(xs) + "]", anchor, items)
+    as_map = st.builds(
+        lambda a, kv: a + "{" + ", ".join(f"{k}: {v}" for k, v in kv) + "}", anchor, pairs
+    )
+    return as_list | as_map
+
+
+def _outcome(text: str, fast: bool) -> tuple[str, str]:
+    try:
+        return "value", repr(parse.parse_yaml(text, "wf.yaml", fast=fast))
+    except DagError as err:
+        return "error", str(err)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.recursive(_LEAVES, _flow, max_leaves=12), st.booleans())
+def test_the_fast_yaml_path_agrees_with_the_complete_loader(body: str, two_docs: bool) -> None:
+    text = f"tasks: {body}\n" + ("---\nx: 1\n" if two_docs else "")
+    assert _outcome(text, fast=True) == _outcome(text, fast=False)
+
+
+_DATA = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_DATA, st.booleans())
+def test_any_data_dumped_as_yaml_loads_back_the_same(data: object, share: bool) -> None:
+    document = {"a": data, "b": data} if share else {"a": data}  # shared: anchors and aliases
+    text = yaml.safe_dump(document, default_flow_style=False, allow_unicode=True)
+    assert parse.parse_yaml(text, "wf.yaml") == document
+
+
 def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:
     (tmp_path / "wf.yaml").write_text(
         "base: &base {command: x, retries: 3}\n"
@@ -469,6 +615,26 @@ def test_a_100k_task_chain_loads_quickly() -> None:
     assert time.perf_counter() - start < 20
     assert f"{N} tasks form a cycle" in message
     assert len(message) < 2000
+
+
+def test_a_100k_task_yaml_file_loads_in_seconds(tmp_path: Path) -> None:
+    lines = ["name: big", "defaults: {retries: 1, limits: {cpu_s: 600}}", "tasks:"]
+    for i in range(N):
+        lines += [
+            f"  t{i}:",
+            f'    command: "cp f{i - 1}.txt f{i}.txt"',
+            f"    inputs: [f{i - 1}.txt]" if i else "    inputs: []",
+            f"    outputs: [f{i}.txt]",
+        ]
+    path = tmp_path / "big.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    wf = load_workflow(path)
+    elapsed = time.perf_counter() - start
+    print(f"\n{N} tasks of YAML ({path.stat().st_size >> 20} MiB) loaded in {elapsed:.2f} s")
+    assert len(wf.tasks) == N and wf.tasks[f"t{N - 1}"].retries == 1
+    assert dict(wf.tasks["t7"].limits) == {"cpu_s": 600}
+    assert elapsed < 15, f"loading {N} YAML tasks took {elapsed:.1f} s"
 
 
 def test_a_100k_wide_fan_out_and_in_loads_quickly(tmp_path: Path) -> None:

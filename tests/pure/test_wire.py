@@ -35,7 +35,8 @@ def test_the_protocol_has_the_messages_of_both_conversations() -> None:
     control = {"reserve", "heartbeat", "release", "run", "cancel"}
     replies = {"reserved", "denied", "heartbeat_ack", "released", "preempted", "task_done", "error"}
     data = {"get", "chunk", "missing"}
-    assert set(wire.SCHEMAS) == control | replies | data
+    jobctl = {"cancel_job", "cancelling"}  # `bgrid cancel` -> coordinator
+    assert set(wire.SCHEMAS) == control | replies | data | jobctl
 
 
 @pytest.mark.parametrize("msg_type", sorted(wire.SCHEMAS))

@@ -1,0 +1,594 @@
+"""Faults on a real LAN (issue 4, "Survive the desktop"): every test ends with correct outputs
+and every surviving peer idle.
+
+Six hosts in network namespaces, shared by the module. Each test starts its own worker
+daemons on hosts 1-4 under names of its own and stops them when it ends, so no test sees
+another's peers and the order of tests does not matter; host 5 submits; host 6 is "another
+terminal" (a second coordinator, `bgrid cancel`, a resumed submit). Every submit shrinks the
+timeouts with `--peer-timeout 2 --lease 3` and tasks sleep 3 s at most. Nothing waits
+blindly: tests poll `bgrid peers --json`, files that tasks append a line to each time they
+start (every namespace shares the filesystem), or processes, each with a deadline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bonjourgrid.coordinator.shell import HEARTBEAT_S
+
+from .conftest import Bgrid, MdnsWatcher
+from .netns import Host, Lan
+
+Peers = dict[str, dict[str, Any]]
+
+PEER_TIMEOUT_S = 2.0  # --peer-timeout: a peer silent this long is lost
+LEASE_S = 3.0  # --lease: a peer whose coordinator is silent this long is idle again
+_FAST = ("--peer-timeout", f"{PEER_TIMEOUT_S:g}", "--lease", f"{LEASE_S:g}")
+_SLACK_S = 3.0  # interpreter starts, mDNS round trips and listings on a busy 2-CPU machine
+_DETECTED_S = PEER_TIMEOUT_S + HEARTBEAT_S + _SLACK_S  # a lost peer's task starts again by then
+_EXPIRED_S = LEASE_S + _SLACK_S  # a peer whose coordinator vanished is idle again by then
+_RELEASED_S = 1.0 + _SLACK_S  # DESIGN.md: a released peer shows idle within a second
+_SEEN_S = 10.0  # a new worker daemon is listed by then
+_STARTED_S = 20.0  # a submitted job's first task starts by then
+_SUBMIT_S = 60.0
+_LISTEN_S = "0.5"  # `bgrid peers --wait`: one-shot answers come within a round trip
+_SUBMITTER, _OTHER = 4, 5  # host indexes; workers run on hosts 0-3
+_MIB = 1 << 20
+
+
+@dataclass
+class Worker:
+    """One worker daemon started by a test."""
+
+    name: str
+    host: Host
+    proc: subprocess.Popen[Any]
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send `sig` to the daemon's process group (the whole desktop side of the grid)."""
+        if self.proc.returncode is None:  # reaped: the pid may be someone else's now
+            os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """`kill -9`: no goodbye, no release."""
+        self.signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.host.record(self.proc).stderr_path.read_text(errors="replace")
+
+    def assert_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            pytest.fail(f"worker {self.name} exited with code {code} (logs below)")
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A finished `bgrid submit`: exit code, output and report ({} when none was written)."""
+
+    code: int
+    stdout: str
+    stderr: str
+    report: dict[str, Any]
+
+    def explain(self) -> str:
+        return (
+            f"`bgrid submit` exited {self.code}\n--- stdout\n{self.stdout}\n"
+            f"--- stderr\n{self.stderr}\n--- report\n{json.dumps(self.report, indent=1)}"
+        )
+
+    def task(self, name: str) -> dict[str, Any]:
+        tasks = self.report.get("tasks", {})
+        assert name in tasks, f"the report has no task {name!r}\n{self.explain()}"
+        return dict(tasks[name])
+
+    def peers_used(self) -> set[str]:
+        return {t["peer"] for t in self.report.get("tasks", {}).values() if t["peer"]}
+
+
+@dataclass
+class Running:
+    """A `bgrid submit` still running in a host."""
+
+    host: Host
+    proc: subprocess.Popen[Any]
+    report_path: Path
+
+    def finish(self, timeout: float = _SUBMIT_S) -> Submitted:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`bgrid submit` still running after {timeout} s (logs below)")
+        record = self.host.record(self.proc)
+        report: dict[str, Any] = {}
+        if self.report_path.is_file():
+            report = json.loads(self.report_path.read_text())
+        return Submitted(
+            code,
+            record.stdout_path.read_text(errors="replace"),
+            record.stderr_path.read_text(errors="replace"),
+            report,
+        )
+
+    def kill(self) -> None:
+        """`kill -9` the coordinator: no release, no last word to anyone."""
+        assert self.proc.poll() is None, "the coordinator ended before it could be killed"
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+class FaultGrid:
+    """One test's view of the LAN: the workers it started, submits, `bgrid peers` listings."""
+
+    def __init__(self, lan: Lan, bgrid: Bgrid, tmp: Path) -> None:
+        self.lan = lan
+        self.bgrid = bgrid
+        self.tmp = tmp
+        self.tag = secrets.token_hex(2)  # peer names of this test only
+        self.workers: dict[str, Worker] = {}
+        self._reports = itertools.count(1)
+
+    @property
+    def submitter(self) -> Host:
+        return self.lan.hosts[_SUBMITTER]
+
+    @property
+    def other(self) -> Host:
+        return self.lan.hosts[_OTHER]
+
+    def start_worker(self, role: str, host_index: int, cost: float, *flags: str) -> Worker:
+        """A one-slot worker daemon on host `host_index` (0-3), named `<role>-<tag>`."""
+        name = f"{role}-{self.tag}"
+        host = self.lan.hosts[host_index]
+        proc = self.bgrid.start(
+            host,
+            "worker",
+            "--name", name,
+            "--cpus", "1",
+            "--ram", "1GiB",
+            "--cost", f"{cost:g}",
+            "--always-idle",
+            *flags,
+        )  # fmt: skip
+        worker = Worker(name, host, proc)
+        self.workers[name] = worker
+        return worker
+
+    def peers(self) -> Peers:
+        """This test's peers as `bgrid peers --json` on the submitting host lists them."""
+        done = self.bgrid(self.submitter, "peers", "--json", "--wait", _LISTEN_S, timeout=30)
+        assert done.returncode == 0, f"`bgrid peers` exited {done.returncode}: {done.stderr}"
+        listed = json.loads(done.stdout)
+        return {p["name"]: p for p in listed if p.get("name") in self.workers}
+
+    def wait_peers(self, until: Callable[[Peers], bool], deadline_s: float, what: str) -> Peers:
+        deadline = time.monotonic() + deadline_s
+        while True:
+            peers = self.peers()
+            if until(peers):
+                return peers
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{what}: not true after {deadline_s:g} s; listed: {peers}")
+
+    def wait_idle(self, workers: Sequence[Worker], deadline_s: float, what: str) -> Peers:
+        """Every worker in `workers` alive and listed idle, with no job."""
+        for worker in workers:
+            worker.assert_alive()
+
+        def idle(peers: Peers) -> bool:
+            return all(
+                peers.get(w.name, {}).get("state") == "idle" and peers[w.name]["job"] is None
+                for w in workers
+            )
+
+        return self.wait_peers(idle, deadline_s, what)
+
+    def workflow(self, name: str, tasks: dict[str, dict[str, Any]], subdir: str = "wf") -> Path:
+        directory = self.tmp / subdir
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "wf.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "tasks": tasks}, sort_keys=False))
+        return path
+
+    def start_submit(self, wf: Path, *flags: str, host: Host | None = None) -> Running:
+        host = host or self.submitter
+        report = wf.parent / f"report-{next(self._reports)}.json"
+        args = ("submit", str(wf), "--report", str(report), *_FAST, *flags)
+        return Running(host, self.bgrid.start(host, *args), report)
+
+    def submit(self, wf: Path, *flags: str, host: Host | None = None) -> Submitted:
+        return self.start_submit(wf, *flags, host=host).finish()
+
+    def stop_workers(self) -> None:
+        """SIGTERM every live worker of this test (thawed first), SIGKILL it after 5 s."""
+        live = [w for w in self.workers.values() if w.proc.poll() is None]
+        for worker in live:
+            worker.signal(signal.SIGCONT)
+            worker.signal(signal.SIGTERM)
+        for worker in live:
+            try:
+                worker.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+
+
+@pytest.fixture(scope="module")
+def keyed_lan(lan6: Lan, bgrid: Bgrid) -> Lan:
+    """Every host holds the same grid key (public and secret halves)."""
+    first = lan6.hosts[0]
+    done = bgrid(first, "keys", "init", timeout=30)
+    assert done.returncode == 0, done.stderr
+    key_dir = Path(first.env["XDG_CONFIG_HOME"]) / "bonjourgrid"
+    for host in lan6.hosts[1:]:
+        target = Path(host.env["XDG_CONFIG_HOME"]) / "bonjourgrid"
+        target.mkdir(parents=True, exist_ok=True)
+        for item in key_dir.iterdir():
+            (target / item.name).write_bytes(item.read_bytes())
+            (target / item.name).chmod(item.stat().st_mode)
+    return lan6
+
+
+@pytest.fixture
+def grid(keyed_lan: Lan, bgrid: Bgrid, tmp_path: Path) -> Generator[FaultGrid, None, None]:
+    """This test's workers and submits; its workers are stopped when it ends."""
+    faults = FaultGrid(keyed_lan, bgrid, tmp_path)
+    try:
+        yield faults
+    finally:
+        faults.stop_workers()
+
+
+def _mark(path: Path) -> str:
+    """A shell command that appends this attempt's number to `path` (one line per start)."""
+    return f"echo $BGRID_ATTEMPT >> {shlex.quote(str(path))}"
+
+
+def _starts(path: Path) -> int:
+    """How many times the task marked with `path` has started."""
+    try:
+        return len(path.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _wait(until: Callable[[], bool], deadline_s: float, what: str) -> float:
+    """Poll `until()`; the seconds it took; fail the test, saying `what`, at the deadline."""
+    start = time.monotonic()
+    while not until():
+        if time.monotonic() - start >= deadline_s:
+            pytest.fail(f"{what}: not true after {deadline_s:g} s (logs below)")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def _sleepers(host: Host) -> list[int]:
+    """Pids of `sleep` processes in `host`'s namespace (only tasks run `sleep` there)."""
+    out = subprocess.run(
+        ["ip", "netns", "pids", host.name], capture_output=True, text=True, check=True
+    ).stdout
+    found = []
+    for pid in (int(tok) for tok in out.split() if tok.isdigit()):
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if Path(argv0.decode(errors="replace")).name == "sleep":
+            found.append(pid)
+    return found
+
+
+def _one_task_workflow(grid: FaultGrid, starts: Path) -> Path:
+    """One 3-second task `t` that marks each start in `starts` and writes t.txt."""
+    command = f"{_mark(starts)}; sleep 3; echo ok > t.txt"
+    return grid.workflow("fault", {"t": {"command": command, "outputs": ["t.txt"]}})
+
+
+def _assert_rescheduled(done: Submitted, wf: Path, spare: Worker) -> None:
+    """The job succeeded with t's second attempt on the spare peer, and t.txt is right."""
+    assert done.code == 0, done.explain()
+    t = done.task("t")
+    assert (t["status"], t["peer"], t["attempts"]) == ("done", spare.name, 2), done.explain()
+    assert (wf.parent / "t.txt").read_text() == "ok\n"
+
+
+def test_a_peer_killed_mid_task_is_replaced_and_the_chain_finishes(grid: FaultGrid) -> None:
+    """kill -9 of the peer running b (a -> b): b runs again elsewhere within the timeout."""
+    victim = grid.start_worker("victim", 0, cost=0.0)
+    spare = grid.start_worker("spare", 1, cost=1.0)
+    grid.wait_idle([victim, spare], _SEEN_S, "both workers listed idle")
+    b_starts = grid.tmp / "b.starts"
+    wf = grid.workflow(
+        "kill9",
+        {
+            # mid.txt is an intermediate: made on the victim, read by b.
+            "a": {"command": "echo intermediate > mid.txt", "outputs": ["mid.txt"]},
+            "b": {
+                "command": f"{_mark(b_starts)}; sleep 3; tr a-z A-Z < mid.txt > final.txt",
+                "inputs": ["mid.txt"],
+                "outputs": ["final.txt"],
+            },
+        },
+    )
+    job = grid.start_submit(wf, "--workers", "1..1")  # the cheapest peer (victim) runs a and b
+    _wait(lambda: _starts(b_starts) >= 1, _STARTED_S, "b started")
+    victim.kill()
+    took = _wait(lambda: _starts(b_starts) >= 2, _DETECTED_S, "b started again after kill -9")
+    print(f"b started again {took:.1f} s after its peer was killed")
+    done = job.finish()
+    assert done.code == 0, done.explain()
+    b = done.task("b")
+    assert (b["status"], b["peer"], b["attempts"]) == ("done", spare.name, 2), done.explain()
+    # a ran once on the victim, or again on the spare if its output was lost with the victim.
+    assert done.task("a")["status"] == "done"
+    assert done.task("a")["peer"] in {victim.name, spare.name}
+    assert (wf.parent / "final.txt").read_text() == "INTERMEDIATE\n"
+    listed = grid.wait_idle([spare], _RELEASED_S, "the surviving peer idle after the job")
+    assert victim.name not in listed, f"a killed peer is still listed: {listed[victim.name]}"
+
+
+def test_a_frozen_peer_is_replaced_and_idle_again_when_thawed(grid: FaultGrid) -> None:
+    """SIGSTOP of a peer mid-task: the task runs elsewhere; thawed, the peer's late report is
+    ignored and it is idle again once its lease has run out."""
+    frozen = grid.start_worker("frozen", 1, cost=0.0)
+    spare = grid.start_worker("spare", 2, cost=1.0)
+    grid.wait_idle([frozen, spare], _SEEN_S, "both workers listed idle")
+    starts = grid.tmp / "t.starts"
+    wf = _one_task_workflow(grid, starts)
+    job = grid.start_submit(wf, "--workers", "1..1")
+    _wait(lambda: _starts(starts) >= 1, _STARTED_S, "t started")
+    frozen.signal(signal.SIGSTOP)
+    try:
+        took = _wait(lambda: _starts(starts) >= 2, _DETECTED_S, "t started again after SIGSTOP")
+        print(f"t started again {took:.1f} s after its peer froze")
+    finally:
+        # Thawed while the second attempt runs: the first one's late report must not count.
+        frozen.signal(signal.SIGCONT)
+    done = job.finish()
+    _assert_rescheduled(done, wf, spare)
+    grid.wait_idle([frozen, spare], _EXPIRED_S, "the thawed peer idle again, the spare released")
+
+
+def test_a_peer_whose_link_is_cut_is_replaced_and_idle_again_when_plugged_back(
+    grid: FaultGrid,
+) -> None:
+    """`ip link set eth0 down` on a peer mid-task: the task runs elsewhere; link up again, the
+    peer is listed idle (its lease ran out while it was cut off)."""
+    cut = grid.start_worker("cut", 2, cost=0.0)
+    spare = grid.start_worker("spare", 3, cost=1.0)
+    grid.wait_idle([cut, spare], _SEEN_S, "both workers listed idle")
+    starts = grid.tmp / "t.starts"
+    wf = _one_task_workflow(grid, starts)
+    job = grid.start_submit(wf, "--workers", "1..1")
+    _wait(lambda: _starts(starts) >= 1, _STARTED_S, "t started")
+    cut.host.set_link(False)
+    try:
+        took = _wait(lambda: _starts(starts) >= 2, _DETECTED_S, "t started again after link down")
+        print(f"t started again {took:.1f} s after its peer's link was cut")
+    finally:
+        cut.host.set_link(True)  # while the second attempt runs, as a cable plugged back in
+    done = job.finish()
+    _assert_rescheduled(done, wf, spare)
+    grid.wait_idle([cut, spare], _SEEN_S, "the plugged-back peer idle again, the spare released")
+
+
+@pytest.mark.parametrize("tamper", [False, True], ids=["intact", "tampered"])
+def test_a_killed_coordinator_frees_its_peers_and_resume_finishes_the_job(
+    grid: FaultGrid, tamper: bool
+) -> None:
+    """kill -9 of `bgrid submit` mid-run: its peers are idle once their lease runs out, and
+    `bgrid submit --resume` (from another host: the journal is in the submit directory) runs
+    only what is not done; an output changed since is made again (checked by digest)."""
+    workers = [grid.start_worker("r1", 0, cost=0.0), grid.start_worker("r2", 1, cost=1.0)]
+    grid.wait_idle(workers, _SEEN_S, "both workers listed idle")
+    starts = {name: grid.tmp / f"{name}.starts" for name in ("first", "side", "second")}
+    wf = grid.workflow(
+        "resume",
+        {
+            "first": {"command": f"{_mark(starts['first'])}; echo one > one.txt",
+                      "outputs": ["one.txt"]},
+            "side": {"command": f"{_mark(starts['side'])}; echo side > side.txt",
+                     "outputs": ["side.txt"]},
+            # `after`, not a file: first's and side's outputs are final outputs, in the submit
+            # directory, whatever the data placement.
+            "second": {"command": f"{_mark(starts['second'])}; sleep 3; echo two > two.txt",
+                       "outputs": ["two.txt"], "after": ["first", "side"]},
+        },
+    )  # fmt: skip
+    job = grid.start_submit(wf, "--workers", "2..2")
+    _wait(lambda: _starts(starts["second"]) >= 1, _STARTED_S, "second started")
+    job.kill()
+    took = time.monotonic()
+    grid.wait_idle(workers, _EXPIRED_S, "peers of the killed coordinator idle after the lease")
+    print(f"peers idle {time.monotonic() - took:.1f} s after the coordinator was killed")
+    if tamper:
+        (wf.parent / "one.txt").write_text("tampered\n")
+
+    done = grid.submit(wf, "--resume", "--workers", "2..2", host=grid.other)
+    assert done.code == 0, done.explain()
+    runs = {name: _starts(path) for name, path in starts.items()}
+    assert runs == {"first": 2 if tamper else 1, "side": 1, "second": 2}, done.explain()
+    for rel, text in (("one.txt", "one\n"), ("side.txt", "side\n"), ("two.txt", "two\n")):
+        assert (wf.parent / rel).read_text() == text, rel
+    assert all(t["status"] == "done" for t in done.report["tasks"].values()), done.explain()
+    grid.wait_idle(workers, _RELEASED_S, "every peer idle after the resumed job")
+
+
+def test_two_coordinators_at_once_never_hold_one_peer_and_both_finish(grid: FaultGrid) -> None:
+    """Two submits from two hosts at the same moment, for 1 peer each, over 2 equal peers."""
+    workers = [grid.start_worker("duo1", 0, cost=0.5), grid.start_worker("duo2", 1, cost=0.5)]
+    grid.wait_idle(workers, _SEEN_S, "both workers listed idle")
+    watcher = MdnsWatcher(grid.lan.hosts[2])
+    try:
+        watcher.wait_until(
+            lambda w: all(w.history(x.name)[-1:] == [("idle", None)] for x in workers),
+            _SEEN_S,
+            "the watcher sees both peers idle",
+        )
+        tasks = {
+            f"t{i}": {"command": f"sleep 1; echo $BGRID_JOB > o{i}.txt", "outputs": [f"o{i}.txt"]}
+            for i in range(3)
+        }
+        wfs = [grid.workflow(f"race{n}", tasks, subdir=f"wf{n}") for n in (1, 2)]
+        jobs = [
+            grid.start_submit(wfs[0], "--workers", "1..1"),
+            grid.start_submit(wfs[1], "--workers", "1..1", host=grid.other),
+        ]
+        dones = [job.finish() for job in jobs]
+        for done in dones:
+            assert done.code == 0, done.explain()
+        used = [done.peers_used() for done in dones]
+        assert len(used[0]) == len(used[1]) == 1 and used[0] != used[1], f"peers used: {used}"
+        for wf, done in zip(wfs, dones, strict=True):
+            for i in range(3):
+                assert (wf.parent / f"o{i}.txt").read_text() == done.report["job"] + "\n"
+        grid.wait_idle(workers, _RELEASED_S, "both peers idle after both jobs")
+        watcher.wait_until(
+            lambda w: all(w.history(x.name)[-1:] == [("idle", None)] for x in workers),
+            _SEEN_S,
+            "the watcher sees both peers idle again",
+        )
+    finally:
+        watcher.stop()
+    jobs_seen: dict[str, set[str]] = {}
+    for worker in workers:
+        holder: str | None = None
+        history = watcher.history(worker.name)
+        for state, job in history:
+            if state == "reserved":
+                assert holder in (None, job), f"{worker.name} went {holder} -> {job}: {history}"
+                holder = job
+                jobs_seen.setdefault(worker.name, set()).add(str(job))
+            else:
+                holder = None
+    expected = {next(iter(u)): {d.report["job"]} for u, d in zip(used, dones, strict=True)}
+    assert jobs_seen == expected, f"mDNS saw {jobs_seen}; the reports say {expected}"
+
+
+def test_bgrid_cancel_from_another_host_stops_the_job_and_releases_its_peers(
+    grid: FaultGrid,
+) -> None:
+    """`bgrid cancel JOB` on a third host: submit exits 1 saying so; peers idle, tasks gone."""
+    workers = [grid.start_worker("long1", 0, cost=0.0), grid.start_worker("long2", 1, cost=1.0)]
+    grid.wait_idle(workers, _SEEN_S, "both workers listed idle")
+    starts = grid.tmp / "long.starts"
+    tasks = {
+        f"long{i}": {"command": f"{_mark(starts)}; sleep 60; echo late > l{i}.txt",
+                     "outputs": [f"l{i}.txt"]}
+        for i in (1, 2)
+    }  # fmt: skip
+    wf = grid.workflow("cancelme", tasks)
+    job = grid.start_submit(wf, "--workers", "2..2")
+    _wait(lambda: _starts(starts) >= 2, _STARTED_S, "both long tasks started")
+    peers = grid.peers()
+    job_ids = {p["job"] for p in peers.values()}
+    assert len(job_ids) == 1 and None not in job_ids, f"peers while the job runs: {peers}"
+    job_id = str(job_ids.pop())
+
+    cancelled = grid.bgrid(grid.other, "cancel", job_id, timeout=30)
+    assert cancelled.returncode == 0, f"`bgrid cancel` said:\n{cancelled.stdout}{cancelled.stderr}"
+    done = job.finish(timeout=10 + _SLACK_S)
+    assert done.code == 1, done.explain()
+    assert done.report.get("status") == "failed", done.explain()
+    assert "cancel" in done.report.get("reason", "").lower(), done.explain()
+    assert "cancel" in done.stdout.lower(), done.explain()
+    assert not any((wf.parent / f"l{i}.txt").exists() for i in (1, 2))
+    grid.wait_idle(workers, _RELEASED_S, "every peer idle after the cancel")
+    _wait(lambda: not any(_sleepers(w.host) for w in workers), _SLACK_S, "the tasks stopped")
+
+
+@pytest.fixture
+def tiny_cache(grid: FaultGrid) -> Generator[Path, None, None]:
+    """A 1 MiB tmpfs for a worker's cache (mounts are not namespaced here: unmounted after)."""
+    path = grid.tmp / "tiny-cache"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        grid.stop_workers()  # nothing may hold the mount
+        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_disk_fails_the_attempt_there_and_the_retry_runs_elsewhere(
+    grid: FaultGrid, tiny_cache: Path
+) -> None:
+    """A 4 MiB output on the cheapest peer whose cache is a 1 MiB tmpfs: that attempt fails
+    saying the disk is full, the retry succeeds on another peer, the small peer stays healthy."""
+    tiny = grid.start_worker("tiny", 0, 0.0, "--cache-dir", str(tiny_cache))
+    roomy = grid.start_worker("roomy", 1, cost=1.0)
+    grid.wait_idle([tiny, roomy], _SEEN_S, "both workers listed idle")
+    size = 4 * _MIB
+    wf = grid.workflow(
+        "diskfull",
+        {"big": {"command": f"head -c {size} /dev/zero > big.bin", "outputs": ["big.bin"],
+                 "retries": 1}},
+    )  # fmt: skip
+    done = grid.submit(wf, "--workers", "1..2")
+    assert done.code == 0, done.explain()
+    big = done.task("big")
+    assert (big["status"], big["peer"], big["attempts"]) == ("done", roomy.name, 2), done.explain()
+    assert (wf.parent / "big.bin").stat().st_size == size
+    said = "\n".join([done.stdout, done.stderr, json.dumps(done.report), tiny.log()])
+    assert "No space left" in said, (
+        "the attempt on the full peer failed without saying that its disk is full "
+        f"(submit output, report and that peer's log):\n{said}"
+    )
+    grid.wait_idle([tiny, roomy], _RELEASED_S, "both peers idle after the job")
+
+    # Still a healthy peer: a small job that only it may run (cost 0) succeeds there.
+    small = grid.workflow(
+        "small", {"s": {"command": "echo small > s.txt", "outputs": ["s.txt"]}}, subdir="small"
+    )
+    done = grid.submit(small, "--max-cost", "0")
+    assert done.code == 0, done.explain()
+    assert done.task("s")["peer"] == tiny.name
+    assert (small.parent / "s.txt").read_text() == "small\n"
+    grid.wait_idle([tiny, roomy], _RELEASED_S, "both peers idle after the small job")
+
+
+def test_a_task_failing_everywhere_fails_the_job_after_backed_off_retries(
+    grid: FaultGrid,
+) -> None:
+    """retries: 2 and exit 3 every time: 3 attempts spaced 1 s then 2 s apart, the job fails
+    with the task's stderr, its descendant is skipped, the independent branch's output kept."""
+    workers = [grid.start_worker("f1", 0, cost=0.0), grid.start_worker("f2", 1, cost=1.0)]
+    grid.wait_idle(workers, _SEEN_S, "both workers listed idle")
+    wf = grid.workflow(
+        "boom",
+        {
+            "boom": {"command": "echo boom >&2; exit 3", "outputs": ["x.txt"], "retries": 2},
+            "after_boom": {"command": "cp x.txt y.txt", "inputs": ["x.txt"],
+                           "outputs": ["y.txt"]},
+            "fine": {"command": "echo fine > fine.txt", "outputs": ["fine.txt"]},
+        },
+    )  # fmt: skip
+    done = grid.submit(wf, "--workers", "1..2")
+    assert done.code == 1, done.explain()
+    assert done.report["status"] == "failed"
+    boom = done.task("boom")
+    assert (boom["status"], boom["attempts"], boom["exit_code"]) == ("failed", 3, 3), boom
+    assert "boom" in boom["stderr_tail"], boom
+    assert "boom" in done.stdout, "the summary does not show the failing task's stderr"
+    # Exponential backoff, base 1 s: 1 s before the 2nd attempt, 2 s before the 3rd.
+    assert boom["end"] >= 1.0 + 2.0, f"3 attempts ended {boom['end']} s into the job"
+    assert done.task("after_boom")["status"] == "skipped"
+    assert done.task("fine")["status"] == "done"
+    assert (wf.parent / "fine.txt").read_text() == "fine\n"
+    assert not (wf.parent / "y.txt").exists()
+    grid.wait_idle(workers, _RELEASED_S, "every peer idle after the failed job")

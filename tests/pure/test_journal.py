@@ -1,0 +1,206 @@
+"""The job journal: written line by line, read back whole or torn, and judged for --resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bonjourgrid.cache.store import hash_file
+from bonjourgrid.coordinator.journal import (
+    DoneRecord,
+    JournalWriter,
+    journal_path,
+    plan_resume,
+    read_journal,
+    task_digest,
+    workflow_digest,
+)
+from bonjourgrid.dag import Workflow, load_workflow
+from bonjourgrid.errors import ConfigError
+
+CHAIN = """
+name: chain
+tasks:
+  a: {command: "cat in.txt > a.txt", inputs: [in.txt], outputs: [a.txt]}
+  b: {command: "cat a.txt a.txt > b.txt", inputs: [a.txt], outputs: [b.txt]}
+  c: {command: "cat b.txt > c.txt", inputs: [b.txt], outputs: [c.txt]}
+  side: {command: "echo side > side.txt", outputs: [side.txt]}
+"""
+
+
+def make(root: Path, text: str = CHAIN) -> tuple[Workflow, Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "in.txt").write_text("input\n")
+    path = root / "wf.yaml"
+    path.write_text(text)
+    return load_workflow(path), path
+
+
+def run_task(wf: Workflow, name: str, content: str) -> DoneRecord:
+    """Write a task's outputs into the submit directory as the coordinator would, and its record."""
+    spec = wf.tasks[name]
+    outputs = []
+    for path in spec.outputs:
+        (wf.root / path).write_text(content)
+        outputs.append((path, hash_file(wf.root / path)))
+    inputs = tuple((p, hash_file(wf.root / p)) for p in spec.inputs)
+    return DoneRecord(name, task_digest(spec), inputs, tuple(outputs), "peer-1", 1)
+
+
+def start(wf: Workflow, wf_file: Path, carried: tuple[DoneRecord, ...] = ()) -> JournalWriter:
+    return JournalWriter.start(
+        journal_path(wf),
+        job="chain-abc123",
+        workflow=wf.name,
+        digest=workflow_digest(wf_file),
+        started=1_700_000_000.5,
+        lease_s=10.0,
+        carried=carried,
+    )
+
+
+def test_a_journal_reads_back_what_was_written(tmp_path: Path) -> None:
+    wf, wf_file = make(tmp_path / "sub")
+    journal = start(wf, wf_file)
+    a = run_task(wf, "a", "input\n")
+    journal.done(a)
+    journal.failed("side", "exit code 3", 2)
+    journal.end("failed", "1 task(s) failed (side)")
+    journal.close()
+    assert journal.path == tmp_path / "sub" / ".bgrid" / "chain.journal"
+    state = read_journal(journal.path)
+    assert (state.job, state.workflow, state.lease_s) == ("chain-abc123", "chain", 10.0)
+    assert state.workflow_digest == workflow_digest(wf_file)
+    assert state.done == {"a": a}
+    assert state.failed == {"side": "exit code 3"}
+    assert state.end == ("failed", "1 task(s) failed (side)")
+    assert state.skipped == 0
+    # One JSON object per line, flushed as it happened.
+    lines = journal.path.read_text().splitlines()
+    assert [json.loads(line)["t"] for line in lines] == ["job", "done", "failed", "end"]
+
+
+def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
+    wf, wf_file = make(tmp_path / "sub")
+    journal = start(wf, wf_file)
+    journal.done(run_task(wf, "a", "input\n"))
+    journal.close()
+    b = run_task(wf, "b", "input\ninput\n")
+    whole = json.dumps({"t": "done", "task": "b", "spec": b.spec, "inputs": [], "outputs": []})
+    with open(journal.path, "a") as f:
+        f.write(whole[: len(whole) // 2])  # kill -9 in the middle of a write
+    state = read_journal(journal.path)
+    assert set(state.done) == {"a"} and state.skipped == 1
+
+
+def test_damaged_lines_are_skipped_and_a_file_without_a_job_line_is_refused(
+    tmp_path: Path,
+) -> None:
+    wf, wf_file = make(tmp_path / "sub")
+    journal = start(wf, wf_file)
+    journal.close()
+    with open(journal.path, "a") as f:
+        f.write('{"t": "done", "task": "a", "spec": "x", "inputs": [["a", "nothex", 1]]}\n')
+        f.write("not json at all\n")
+        f.write('{"t": "mystery"}\n')
+    state = read_journal(journal.path)
+    assert state.done == {} and state.skipped == 3
+    journal.path.write_text('{"t": "done", "task": "a"}\n')
+    with pytest.raises(ConfigError, match="not a bgrid journal"):
+        read_journal(journal.path)
+
+
+def test_a_new_journal_keeps_the_previous_one_aside(tmp_path: Path) -> None:
+    wf, wf_file = make(tmp_path / "sub")
+    first = start(wf, wf_file)
+    first.done(run_task(wf, "side", "side\n"))
+    first.close()
+    start(wf, wf_file).close()
+    previous = journal_path(wf).with_name("chain.journal.1")
+    assert set(read_journal(previous).done) == {"side"}
+    assert read_journal(journal_path(wf)).done == {}
+
+
+def test_resume_keeps_intact_tasks_and_everything_after_a_changed_one_runs(
+    tmp_path: Path,
+) -> None:
+    wf, wf_file = make(tmp_path / "sub")
+    journal = start(wf, wf_file)
+    for name, content in (("a", "input\n"), ("b", "input\ninput\n"), ("side", "side\n")):
+        journal.done(run_task(wf, name, content))
+    journal.close()
+    plan = plan_resume(wf, wf_file)
+    assert set(plan.kept) == {"a", "b", "side"} and plan.rerun == {}
+    assert not plan.workflow_changed
+    assert plan.source_refs == {"in.txt": hash_file(wf.root / "in.txt")}
+
+    (wf.root / "a.txt").write_text("corrupted\n")  # same name, other bytes
+    plan = plan_resume(wf, wf_file)
+    assert set(plan.kept) == {"side"}
+    assert plan.rerun == {
+        "a": "its output a.txt changed since it ran (digest)",
+        "b": "it comes after a, which runs again",
+    }
+
+
+def test_resume_reruns_a_task_whose_output_is_gone_or_whose_input_changed(
+    tmp_path: Path,
+) -> None:
+    wf, wf_file = make(tmp_path / "sub")
+    journal = start(wf, wf_file)
+    journal.done(run_task(wf, "a", "input\n"))
+    journal.done(run_task(wf, "side", "side\n"))
+    journal.close()
+    (wf.root / "side.txt").unlink()
+    (wf.root / "in.txt").write_text("new input\n")
+    plan = plan_resume(wf, wf_file)
+    assert plan.kept == {}
+    assert plan.rerun == {
+        "a": "its input in.txt changed since it ran",
+        "side": "its output side.txt is missing",
+    }
+
+
+def test_an_edited_workflow_reruns_only_the_edited_task_and_what_follows(
+    tmp_path: Path,
+) -> None:
+    wf, wf_file = make(tmp_path / "sub")
+    journal = start(wf, wf_file)
+    for name, content in (("a", "input\n"), ("b", "input\ninput\n"), ("side", "side\n")):
+        journal.done(run_task(wf, name, content))
+    journal.close()
+    wf_file.write_text(CHAIN.replace("cat a.txt a.txt > b.txt", "cat a.txt > b.txt"))
+    wf = load_workflow(wf_file)
+    plan = plan_resume(wf, wf_file)
+    assert plan.workflow_changed
+    assert set(plan.kept) == {"a", "side"}
+    assert plan.rerun == {"b": "its command, files or environment changed since it ran"}
+
+
+def test_resume_without_a_journal_says_to_run_without_it(tmp_path: Path) -> None:
+    wf, wf_file = make(tmp_path / "sub")
+    with pytest.raises(ConfigError, match="without --resume") as err:
+        plan_resume(wf, wf_file)
+    assert err.value.exit_code == 2
+
+
+def test_a_resumed_journal_carries_the_kept_tasks(tmp_path: Path) -> None:
+    wf, wf_file = make(tmp_path / "sub")
+    a = run_task(wf, "a", "input\n")
+    start(wf, wf_file, carried=(a,)).close()
+    assert read_journal(journal_path(wf)).done == {"a": a}
+
+
+def test_task_digests_see_command_files_and_environment_only(tmp_path: Path) -> None:
+    wf, _ = make(tmp_path / "one")
+    other, _ = make(
+        tmp_path / "two",
+        CHAIN.replace("outputs: [a.txt]}", "outputs: [a.txt], retries: 3}"),
+    )
+    assert task_digest(wf.tasks["a"]) == task_digest(other.tasks["a"])  # retries: no matter
+    env, _ = make(
+        tmp_path / "three", CHAIN.replace("outputs: [a.txt]}", "outputs: [a.txt], env: {X: y}}")
+    )
+    assert task_digest(wf.tasks["a"]) != task_digest(env.tasks["a"])
