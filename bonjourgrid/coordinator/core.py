@@ -145,6 +145,12 @@ class Release:
 
 
 @dataclass(frozen=True)
+class Recruit:
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Finished:
     status: str  # "succeeded" | "failed"
     reason: str
@@ -169,7 +175,7 @@ class TaskFailed:
     attempts: int
 
 
-Instruction = Dispatch | Collect | Release | Finished | TaskDone | TaskFailed
+Instruction = Dispatch | Collect | Release | Recruit | Finished | TaskDone | TaskFailed
 
 BACKOFF_BASE_S = 1.0  # wait before the first retry; doubled for each further failure
 BACKOFF_CAP_S = 60.0  # the longest wait before a retry
@@ -396,6 +402,10 @@ class SchedulerCore:
                 f"{why}; retry {task.failures}/{task.retries} in {wait:g} s",
             )
             self._seq += 1
+            if self.peers and all(name in task.failed_on for name in self.peers):
+                # Only peers it already failed on are held (the others went back at
+                # scale-in): ask for a fresh one while the retry waits out its backoff.
+                out.append(Recruit(1, f"a fresh peer for the retry of {task.name}"))
             if wait > 0:
                 task.not_before = now + wait
                 heapq.heappush(self._delayed, (task.not_before, self._seq, task.name))

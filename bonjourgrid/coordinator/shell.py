@@ -144,6 +144,7 @@ class Coordinator:
         self.started_at = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._data_port = 0
+        self._browser: PeerBrowser | None = None  # set once the run starts
         self._jobctl_port = 0
         self._partial_dir = workflow.root / ".bgrid" / "partial"
         self._wake_at: float | None = None  # when the pending Tick fires (retry backoffs)
@@ -200,7 +201,7 @@ class Coordinator:
         jobctl = wire.server_socket(self.ctx, self.keypair, JOBCTL_DOMAIN, wire.MAX_CONTROL_FRAME)
         self._jobctl_port = jobctl.bind_to_random_port(bind)
         zc = open_zeroconf(resolve_interfaces(self.interface))
-        browser = PeerBrowser(zc)
+        browser = self._browser = PeerBrowser(zc)
         advert: Advertiser | None = None
         finished: core.Finished | None = None
         try:
@@ -281,6 +282,10 @@ class Coordinator:
                     self._spawn(self._collect(task, peer, attempt, outputs))
                 case core.Release(peer):
                     await self._release(peer)
+                case core.Recruit(count, reason):
+                    if self._browser is not None and len(self.links) < self.needs.workers_max:
+                        log.info("recruiting %d more peer(s): %s", count, reason)
+                        self._spawn(self._recruit(self._browser, count))
                 case core.TaskDone(task, peer, attempts, outputs):
                     self._journal_done(task, peer, attempts, outputs)
                 case core.TaskFailed(task, error, attempts):

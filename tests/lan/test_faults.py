@@ -15,8 +15,10 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -67,9 +69,6 @@ class Worker:
         """`kill -9`: no goodbye, no release."""
         self.signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
-
-    def log(self) -> str:
-        return self.host.record(self.proc).stderr_path.read_text(errors="replace")
 
     def assert_alive(self) -> None:
         code = self.proc.poll()
@@ -236,10 +235,7 @@ def keyed_lan(lan6: Lan, bgrid: Bgrid) -> Lan:
     key_dir = Path(first.env["XDG_CONFIG_HOME"]) / "bonjourgrid"
     for host in lan6.hosts[1:]:
         target = Path(host.env["XDG_CONFIG_HOME"]) / "bonjourgrid"
-        target.mkdir(parents=True, exist_ok=True)
-        for item in key_dir.iterdir():
-            (target / item.name).write_bytes(item.read_bytes())
-            (target / item.name).chmod(item.stat().st_mode)
+        shutil.copytree(key_dir, target, dirs_exist_ok=True)  # modes too: the secret stays 600
     return lan6
 
 
@@ -525,41 +521,75 @@ def tiny_cache(grid: FaultGrid) -> Generator[Path, None, None]:
             subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def test_a_full_disk_fails_the_attempt_there_and_the_retry_runs_elsewhere(
+def _fill_the_disk(grid: FaultGrid, retries: int) -> Path:
+    """A task writing a 4 MiB output: more than a 1 MiB cache holds."""
+    command = f"head -c {4 * _MIB} /dev/zero > big.bin"
+    return grid.workflow(
+        "diskfull", {"big": {"command": command, "outputs": ["big.bin"], "retries": retries}}
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="product bug: a task whose own writes fill the peer's disk is reported as a bare "
+    "'exit code 1' with an empty stderr_tail. The worker captures the command's stderr in a "
+    "file of the task's workdir, on the full filesystem, so 'No space left on device' is "
+    "lost; and sandbox.py recognises ENOSPC only when the worker itself raises it "
+    "(fetching inputs, storing outputs), never after a command that exits non-zero.",
+)
+def test_a_full_disk_fails_the_task_there_with_a_clear_error_and_the_peer_stays_healthy(
     grid: FaultGrid, tiny_cache: Path
 ) -> None:
-    """A 4 MiB output on the cheapest peer whose cache is a 1 MiB tmpfs: that attempt fails
-    saying the disk is full, the retry succeeds on another peer, the small peer stays healthy."""
+    """A 4 MiB output on a peer whose cache is a 1 MiB tmpfs: the task fails saying the disk
+    is full, and the peer stays a healthy idle peer that runs the next (small) job."""
     tiny = grid.start_worker("tiny", 0, 0.0, "--cache-dir", str(tiny_cache))
-    roomy = grid.start_worker("roomy", 1, cost=1.0)
-    grid.wait_idle([tiny, roomy], _SEEN_S, "both workers listed idle")
-    size = 4 * _MIB
-    wf = grid.workflow(
-        "diskfull",
-        {"big": {"command": f"head -c {size} /dev/zero > big.bin", "outputs": ["big.bin"],
-                 "retries": 1}},
-    )  # fmt: skip
-    done = grid.submit(wf, "--workers", "1..2")
-    assert done.code == 0, done.explain()
-    big = done.task("big")
-    assert (big["status"], big["peer"], big["attempts"]) == ("done", roomy.name, 2), done.explain()
-    assert (wf.parent / "big.bin").stat().st_size == size
-    said = "\n".join([done.stdout, done.stderr, json.dumps(done.report), tiny.log()])
-    assert "No space left" in said, (
-        "the attempt on the full peer failed without saying that its disk is full "
-        f"(submit output, report and that peer's log):\n{said}"
-    )
-    grid.wait_idle([tiny, roomy], _RELEASED_S, "both peers idle after the job")
+    grid.wait_idle([tiny], _SEEN_S, "the worker listed idle")
+    wf = _fill_the_disk(grid, retries=0)
+    failed = grid.submit(wf)
+    assert failed.code == 1, failed.explain()
+    big = failed.task("big")
+    assert (big["status"], big["peer"]) == ("failed", tiny.name), failed.explain()
+    grid.wait_idle([tiny], _RELEASED_S, "the full peer idle after the job")
 
-    # Still a healthy peer: a small job that only it may run (cost 0) succeeds there.
     small = grid.workflow(
         "small", {"s": {"command": "echo small > s.txt", "outputs": ["s.txt"]}}, subdir="small"
     )
-    done = grid.submit(small, "--max-cost", "0")
+    done = grid.submit(small)
     assert done.code == 0, done.explain()
     assert done.task("s")["peer"] == tiny.name
     assert (small.parent / "s.txt").read_text() == "small\n"
-    grid.wait_idle([tiny, roomy], _RELEASED_S, "both peers idle after the small job")
+    grid.wait_idle([tiny], _RELEASED_S, "the peer idle after the small job")
+
+    said = f"{big.get('error', '')}\n{big.get('stderr_tail', '')}"
+    assert re.search(r"disk is full|no space left", said, re.IGNORECASE), (
+        f"the task failed without saying that the peer's disk is full: {big}"
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="product bug: the retry runs on the peer it failed on. The other recruited peer is "
+    "released by scale-in as soon as the only task is placed (nothing waits), and a retry "
+    "prefers another peer only among the peers still held (core._fresh_peer_for): nothing "
+    "recruits one for it (wanted_peers() is 0 while the failed peer has a free slot).",
+)
+def test_a_task_that_fills_a_peers_disk_is_retried_on_another_peer(
+    grid: FaultGrid, tiny_cache: Path
+) -> None:
+    """retries: 1; the cheapest peer's cache is a 1 MiB tmpfs: the 4 MiB output is made, on
+    the second attempt, by another peer."""
+    tiny = grid.start_worker("tiny", 0, 0.0, "--cache-dir", str(tiny_cache))
+    roomy = grid.start_worker("roomy", 1, cost=1.0)
+    grid.wait_idle([tiny, roomy], _SEEN_S, "both workers listed idle")
+    wf = _fill_the_disk(grid, retries=1)
+    done = grid.submit(wf, "--workers", "1..2")
+    grid.wait_idle([tiny, roomy], _RELEASED_S, "both peers idle after the job")
+    assert done.code == 0, done.explain()
+    big = done.task("big")
+    assert (big["status"], big["peer"], big["attempts"]) == ("done", roomy.name, 2), done.explain()
+    assert (wf.parent / "big.bin").stat().st_size == 4 * _MIB
 
 
 def test_a_task_failing_everywhere_fails_the_job_after_backed_off_retries(

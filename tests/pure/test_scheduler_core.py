@@ -308,3 +308,14 @@ def test_random_runs_keep_the_invariants_and_always_end(
             step([2, 4, 5][i % 3])
     assert s.finished is not None
     assert all(s.tasks[name].attempts == 0 for name in done)
+
+
+def test_a_retry_asks_for_a_fresh_peer_when_only_its_failed_peer_is_held() -> None:
+    s = sched([("t", [])], retries=1)
+    s.handle(core.PeerJoined("p1", 1, {}), 0.0)
+    out = finish(s, "t", 1.0, exit_code=1)
+    assert core.Recruit(1, "a fresh peer for the retry of t") in out
+    s.handle(core.PeerJoined("p2", 1, {}), 1.5)
+    out = s.handle(core.Tick(), 1.0 + s.backoff(1))
+    assert dispatched(out) == [("t", "p2")]
+    s.validate_state()
