@@ -530,7 +530,7 @@ def _outcome(text: str, fast: bool) -> tuple[str, str]:
         return "error", str(err)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.recursive(_LEAVES, _flow, max_leaves=12), st.booleans())
 def test_the_fast_yaml_path_agrees_with_the_complete_loader(body: str, two_docs: bool) -> None:
     text = f"tasks: {body}\n" + ("---\nx: 1\n" if two_docs else "")
