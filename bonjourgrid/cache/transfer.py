@@ -27,6 +27,7 @@ from bonjourgrid.keys import Keypair
 
 log = logging.getLogger(__name__)
 
+_MAX_OFFSET = 2**63 - 1  # what pread takes: a bigger offset is a ProtocolError, not a crash
 _WINDOW = 8  # chunks in flight per transfer
 _CHUNK_TIMEOUT_S = 10.0  # no chunk for this long: the source is dead or stuck, try the next
 
@@ -69,7 +70,7 @@ class DataServer:
         if msg["t"] != "get":
             raise ProtocolError(f"a data server only answers 'get', not {msg['t']!r}")
         digest, offset, size = str(msg["digest"]), int(msg["offset"]), int(msg["size"])  # type: ignore[call-overload]
-        if offset < 0 or not 0 < size <= wire.CHUNK_SIZE:
+        if not 0 <= offset < _MAX_OFFSET or not 0 < size <= wire.CHUNK_SIZE:
             raise ProtocolError(f"bad range offset={offset} size={size}")
         path = self._locate(digest)
         if path is None:

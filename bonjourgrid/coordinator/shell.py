@@ -344,15 +344,18 @@ class Coordinator:
             seed = await snapshot_peers(resolve_interfaces(self.interface), wait=SNAPSHOT_S)
 
         def known() -> list[PeerRecord]:
-            fresh = {p.name: p for p in browser.peers()}  # the browser's view is the newer
-            return [*fresh.values(), *(p for p in seed if p.name not in fresh)]
+            # The browser's view is the newer, but a name may be claimed by two services
+            # (an impostor, a restarted peer): keep every distinct endpoint and key.
+            fresh = browser.peers()
+            seen = {_identity(p) for p in fresh}
+            return [*fresh, *(p for p in seed if _identity(p) not in seen)]
 
-        tried: set[str] = set()
+        tried: set[tuple[str, str, str]] = set()
         granted = 0
 
         def untried(peers: list[PeerRecord]) -> list[PeerRecord]:
             fitting = select_candidates(peers, self.needs).candidates
-            return [p for p in fitting if p.name not in tried and p.name not in self.links]
+            return [p for p in fitting if _identity(p) not in tried and p.name not in self.links]
 
         # A resumed job's peers may still be held by the coordinator that died: they are
         # idle again when its lease runs out, so they are worth waiting for that long.
@@ -368,7 +371,7 @@ class Coordinator:
             for record in untried(known()):
                 if granted >= wanted or len(self.links) >= self.needs.workers_max:
                     break
-                tried.add(record.name)
+                tried.add(_identity(record))
                 granted += await self._reserve(record)
             short = len(self.links) < self.needs.workers_min
             remaining = deadline - time.monotonic()
@@ -388,7 +391,7 @@ class Coordinator:
 
     async def _reserve(self, record: PeerRecord) -> bool:
         sock = wire.client_socket(self.ctx, self.client_keys, record.key, wire.MAX_CONTROL_FRAME)
-        sock.routing_id = self.job.encode()
+        sock.routing_id = control_routing_id(self.job)
         sock.connect(record.endpoint())
         if record.key:
             self.data_policy.allowed.add(record.key.encode())
@@ -612,6 +615,18 @@ async def _close_after_reply(sock: zmq.asyncio.Socket, wait_s: float = 1.0) -> N
     with contextlib.suppress(Exception):
         await sock.poll(wait_s * 1000)
     sock.close(linger=0)
+
+
+def control_routing_id(job: str) -> bytes:
+    """How a coordinator names itself to a peer: unguessable. The job name is public (TXT)
+    and ROUTER_HANDOVER gives an identity to whoever claims it last, so a name alone would
+    let another grid member take over the reservation."""
+    return f"{job}-{secrets.token_hex(16)}".encode()
+
+
+def _identity(peer: PeerRecord) -> tuple[str, str, str]:
+    """What tells two services claiming one name apart."""
+    return (peer.name, peer.endpoint(), peer.key)
 
 
 def job_id(workflow_name: str) -> str:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 0.5
 _STDERR_TAIL = 2000  # characters of stderr kept in a report
 _MAX_PARALLEL_FETCHES = 4
+_DISK_FULL_BYTES = 1024 * 1024  # a failed task on a disk with less free than this: disk full
 
 
 @dataclass(frozen=True)
@@ -145,15 +146,15 @@ class TaskRun:
             self._evict_changed_inputs(before)
             report["stderr_tail"] = self._stderr_tail()
             report["error"] = self.spec.limits.explain(report["exit_code"], report["stderr_tail"])
+            if report["exit_code"] != 0 and not report["error"] and self._disk_full():
+                # The command's own complaint may be lost: its stderr file is on that disk.
+                report["error"] = self._disk_full_message("No space left on device")
             if report["exit_code"] == 0:
                 # Hashing a big output takes seconds: off the loop, heartbeats keep flowing.
                 report["outputs"] = await asyncio.to_thread(self._store_outputs)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
-                report["error"] = (
-                    f"this peer's disk is full ({self.workdir.parent}): {err.strerror}; "
-                    "the task should run on another peer"
-                )
+                report["error"] = self._disk_full_message(err.strerror or "no space left")
             else:
                 report["error"] = str(err)
         except (TransferError, OutputError) as err:
@@ -164,6 +165,18 @@ class TaskRun:
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return report
+
+    def _disk_full(self) -> bool:
+        try:
+            return shutil.disk_usage(self.workdir).free < _DISK_FULL_BYTES
+        except OSError:
+            return False
+
+    def _disk_full_message(self, detail: str) -> str:
+        return (
+            f"this peer's disk is full ({self.workdir.parent}): {detail}; "
+            "the task should run on another peer"
+        )
 
     async def _stage_inputs(self) -> int:
         self.sandbox.mkdir(parents=True)

@@ -529,15 +529,6 @@ def _fill_the_disk(grid: FaultGrid, retries: int) -> Path:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="product bug: a task whose own writes fill the peer's disk is reported as a bare "
-    "'exit code 1' with an empty stderr_tail. The worker captures the command's stderr in a "
-    "file of the task's workdir, on the full filesystem, so 'No space left on device' is "
-    "lost; and sandbox.py recognises ENOSPC only when the worker itself raises it "
-    "(fetching inputs, storing outputs), never after a command that exits non-zero.",
-)
 def test_a_full_disk_fails_the_task_there_with_a_clear_error_and_the_peer_stays_healthy(
     grid: FaultGrid, tiny_cache: Path
 ) -> None:
@@ -567,14 +558,6 @@ def test_a_full_disk_fails_the_task_there_with_a_clear_error_and_the_peer_stays_
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="product bug: the retry runs on the peer it failed on. The other recruited peer is "
-    "released by scale-in as soon as the only task is placed (nothing waits), and a retry "
-    "prefers another peer only among the peers still held (core._fresh_peer_for): nothing "
-    "recruits one for it (wanted_peers() is 0 while the failed peer has a free slot).",
-)
 def test_a_task_that_fills_a_peers_disk_is_retried_on_another_peer(
     grid: FaultGrid, tiny_cache: Path
 ) -> None:

@@ -239,9 +239,9 @@ def test_an_impostor_with_a_real_peers_name_does_not_break_bgrid_peers(
 
 @pytest.mark.xfail(
     strict=False,  # the two answers race: about half the submits fail today
-    reason="recruitment remembers peers it tried by name (`tried` in Coordinator._recruit) and "
-    "the browser keeps one record per name: when the impostor's SRV/TXT is the one seen, its "
-    "silence uses up the name and the real peer is never asked (exit 3, 0 peers recruited)",
+    reason="known limitation: the peer browser keeps one record per instance name, so when an "
+    "impostor claims a real peer's name without probing and its record is the one seen, the "
+    "real peer is never asked (exit 3, 0 peers recruited)",
 )
 def test_an_impostor_with_a_real_peers_name_does_not_stop_a_submit(
     tmp_path: Path, grid: Grid, impostor: str
