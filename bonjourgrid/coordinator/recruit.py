@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bonjourgrid.dag import Workflow
 from bonjourgrid.discovery.txt import PeerRecord
 from bonjourgrid.requirements import Requirement
 
@@ -75,3 +76,26 @@ def explain_shortage(
             "(`bgrid keys show` on one of them says how), or start workers with this key."
         )
     return "\n".join(lines)
+
+
+def needs_from(
+    workflow: Workflow,
+    grid: str,
+    require: str | None,
+    max_cost: float | None,
+    workers: tuple[int, int] | None,
+) -> JobNeeds:
+    """The job's needs: flags win over the workflow's `grid:` section."""
+    spec = workflow.grid
+    texts = [t for t in (spec.require, require) if t]
+    lo, hi = workers or (spec.workers_min or 1, spec.workers_max or min(8, len(workflow.tasks)))
+    return JobNeeds(
+        grid=grid,
+        require=Requirement.parse(" and ".join(f"({t})" for t in texts))
+        if texts
+        else Requirement.everything(),
+        max_cost=max_cost if max_cost is not None else spec.max_cost,
+        workers_min=lo,
+        workers_max=max(lo, hi),
+        rank=spec.rank or "cost",
+    )

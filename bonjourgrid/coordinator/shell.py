@@ -20,7 +20,6 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -655,27 +654,3 @@ def _user() -> str:
     with contextlib.suppress(Exception):
         return getpass.getuser()
     return "unknown"
-
-
-def needs_from(
-    workflow: Workflow,
-    grid: str,
-    require: str | None,
-    max_cost: float | None,
-    workers: tuple[int, int] | None,
-    overrides: Mapping[str, Any] | None = None,
-) -> JobNeeds:
-    """The job's needs: flags win over the workflow's `grid:` section."""
-    spec = workflow.grid
-    texts = [t for t in (spec.require, require) if t]
-    lo, hi = workers or (spec.workers_min or 1, spec.workers_max or min(8, len(workflow.tasks)))
-    return JobNeeds(
-        grid=grid,
-        require=Requirement.parse(" and ".join(f"({t})" for t in texts))
-        if texts
-        else Requirement.everything(),
-        max_cost=max_cost if max_cost is not None else spec.max_cost,
-        workers_min=lo,
-        workers_max=max(lo, hi),
-        rank=spec.rank or "cost",
-    )

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from bonjourgrid.coordinator.journal import ResumePlan, journal_path, plan_resume, workflow_digest
+from bonjourgrid.coordinator.recruit import needs_from
 from bonjourgrid.coordinator.report import format_summary
-from bonjourgrid.coordinator.shell import LEASE_S, PEER_TIMEOUT_S, Coordinator, Timeouts, needs_from
+from bonjourgrid.coordinator.shell import LEASE_S, PEER_TIMEOUT_S, Coordinator, Timeouts
 from bonjourgrid.dag import Workflow, load_workflow
 from bonjourgrid.errors import ConfigError, KeyStoreError
 from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, key_dir, load_grid_key
