@@ -551,7 +551,9 @@ _DATA = st.recursive(
 def test_any_data_dumped_as_yaml_loads_back_the_same(data: object, share: bool) -> None:
     document = {"a": data, "b": data} if share else {"a": data}  # shared: anchors and aliases
     text = yaml.safe_dump(document, default_flow_style=False, allow_unicode=True)
-    assert parse.parse_yaml(text, "wf.yaml") == document
+    # Against PyYAML's complete loader, not `document`: PyYAML itself does not round-trip
+    # some characters (a NEL in a quoted key comes back as a space).
+    assert parse.parse_yaml(text, "wf.yaml") == yaml.safe_load(text)
 
 
 def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:
