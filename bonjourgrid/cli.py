@@ -34,6 +34,7 @@ def _worker(args: argparse.Namespace) -> int:
         ram_mib=settings.ram_mib or psutil.virtual_memory().available // MIB,
         cost=settings.cost,
         cache_dir=settings.cache_dir or default_cache_dir(name),
+        cache_size=settings.cache_size,
         grid=grid,
         interface=args.interface or os.environ.get("BGRID_INTERFACES"),
         always_idle=settings.always_idle,
@@ -41,6 +42,28 @@ def _worker(args: argparse.Namespace) -> int:
     )
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     asyncio.run(serve(config))
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from bonjourgrid.cache import local
+    from bonjourgrid.units import format_size
+    from bonjourgrid.worker.config import worker_settings
+    from bonjourgrid.worker.daemon import default_cache_dir
+
+    flags = {"name": args.name, "cache_dir": args.cache_dir}
+    settings = worker_settings(flags, Path(args.config) if args.config else None)
+    name = settings.name or socket.gethostname().split(".")[0]
+    root = settings.cache_dir or default_cache_dir(name)
+    if args.verify:
+        bad = local.verify_cache(root)
+        print(f"verified {root}: {len(bad)} corrupt files dropped")
+    if args.clear:
+        print(f"cleared {root}: {format_size(local.clear_cache(root))} freed")
+    if args.verify or args.clear:
+        return 0
+    report = local.cache_report(root, settings.cache_size)
+    print(json.dumps(report, indent=2) if args.json else local.format_cache_report(report))
     return 0
 
 
@@ -146,7 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--ram", help="memory offered to tasks, e.g. 4GiB (default: available)")
     w.add_argument("--cost", type=float, help="price per CPU-hour (default 0)")
     w.add_argument("--cache-dir", help="where inputs and outputs are cached")
-    w.add_argument("--cache-size", help="cache bound, e.g. 10GiB (enforced by the cache layer)")
+    w.add_argument(
+        "--cache-size",
+        help="bound of the local cache, e.g. 10GiB; least recently used files go first "
+        "(default: the disk)",
+    )
     w.add_argument(
         "--always-idle",
         action=argparse.BooleanOptionalAction,
@@ -244,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", type=float, default=1.0, help="seconds to listen (default 1)")
         interface_flag(p)
         p.set_defaults(run=func)
+
+    ch = sub.add_parser("cache", help="show what this desktop's worker cache holds, or clear it")
+    ch.add_argument("--name", help="the worker's name (default: host name)")
+    ch.add_argument("--cache-dir", help="the cache directory (default: the worker's)")
+    ch.add_argument("--config", metavar="FILE", help="worker settings file (as `bgrid worker`)")
+    ch.add_argument("--json", action="store_true", help="machine-readable output")
+    ch.add_argument(
+        "--clear", action="store_true", help="remove every cached file (the worker must be stopped)"
+    )
+    ch.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every cached file and drop corrupt ones (the worker must be stopped)",
+    )
+    ch.set_defaults(run=_cache)
 
     k = sub.add_parser("keys", help="create and show the grid key")
     ksub = k.add_subparsers(dest="keys_command", required=True)

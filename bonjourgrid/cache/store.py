@@ -1,7 +1,7 @@
 """Content addressing: files known by SHA-256 + size, kept once whatever their names.
 
-`ContentStore` is a directory of files named by digest (the worker's local cache). It is the
-seam the caching work builds on: eviction, pinning and accounting belong here.
+`ContentStore` is a directory of files named by digest; `cache/local.py` adds the worker's
+size bound, LRU eviction, pins and accounting on top of it.
 `FileIndex` maps digests to files that stay where they are (the coordinator's view of the
 submit directory), so nothing is copied just to be served.
 """
@@ -102,10 +102,11 @@ class ContentStore:
         with contextlib.suppress(FileNotFoundError):
             self.path_of(digest).unlink()
 
-    def fingerprint(self, digest: str) -> tuple[int, int, int]:
-        """Size, mtime and ctime of an entry: any write through one of its links changes it."""
+    def fingerprint(self, digest: str) -> tuple[int, int]:
+        """Size and mtime of an entry: any write through one of its links changes them."""
+        # Not ctime: the local cache records last use in the atime, which moves ctime.
         st = self.path_of(digest).stat()
-        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return (st.st_size, st.st_mtime_ns)
 
 
 def link_or_copy(src: Path, dest: Path) -> None:

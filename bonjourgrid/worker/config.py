@@ -7,6 +7,7 @@ cpus = 2                 # task slots (default: CPU count)
 ram = "4GiB"             # memory offered to tasks; a bare number is MiB (default: available)
 cost = 0.5               # price per CPU-hour (default 0)
 cache_dir = "~/bgrid-cache"
+cache_size = "10GiB"     # the local cache's bound (LRU); a bare number is MiB (default: the disk)
 
 [idle]
 idle_minutes = 15        # idle after this long without keyboard/mouse (HTCondor's default)
@@ -31,7 +32,7 @@ from typing import Any
 
 from bonjourgrid.errors import ConfigError
 from bonjourgrid.keys import key_dir
-from bonjourgrid.units import parse_size_mib
+from bonjourgrid.units import MIB, parse_size, parse_size_mib
 from bonjourgrid.worker.idle import IdleSettings
 
 # Every setting: its table in worker.toml and the types it accepts there. The flag of each
@@ -42,6 +43,7 @@ _SCHEMA: dict[str, tuple[str, tuple[type, ...]]] = {
     "ram": ("worker", (str, int)),
     "cost": ("worker", (int, float)),
     "cache_dir": ("worker", (str,)),
+    "cache_size": ("worker", (str, int)),
     "idle_minutes": ("idle", (int, float)),
     "max_load": ("idle", (int, float)),
     "activity_file": ("idle", (str,)),
@@ -64,6 +66,7 @@ class WorkerSettings:
     ram_mib: int | None = None
     cost: float = 0.0
     cache_dir: Path | None = None
+    cache_size: int | None = None  # bytes; None: bounded by the disk only
     always_idle: bool = False
     idle: IdleSettings = field(default_factory=IdleSettings)
 
@@ -163,6 +166,16 @@ def worker_settings(flags: Mapping[str, Any], path: Path | None = None) -> Worke
         activity_file=Path(activity_file).expanduser() if activity_file else None,
         activity_command=get("activity_command"),
     )
+    cache_size = get("cache_size")
+    cache_bytes = None
+    if cache_size is not None:
+        try:
+            # A bare number is MiB, as for `ram`; a size with a unit keeps its exact bytes.
+            bare = isinstance(cache_size, int) or cache_size.strip().replace(".", "").isdigit()
+            cache_bytes = int(float(cache_size) * MIB) if bare else parse_size(cache_size)
+        except ConfigError as err:
+            raise ConfigError(f"{values['cache_size'][1]}: {err}") from None
+        check("cache_size", cache_bytes >= 0, "a size of 0 or more, e.g. 10GiB")
     cache_dir = get("cache_dir")
     return WorkerSettings(
         name=get("name"),
@@ -170,6 +183,7 @@ def worker_settings(flags: Mapping[str, Any], path: Path | None = None) -> Worke
         ram_mib=ram_mib,
         cost=float(cost) if cost is not None else 0.0,
         cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
+        cache_size=cache_bytes,
         always_idle=bool(get("always_idle")),
         idle=idle,
     )

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import platform
-import shutil
 import signal
 import tempfile
 import time
@@ -24,7 +23,7 @@ import zmq
 import zmq.asyncio
 
 from bonjourgrid import wire
-from bonjourgrid.cache.store import ContentStore
+from bonjourgrid.cache.local import SANDBOXES, LocalCache
 from bonjourgrid.cache.transfer import DataServer, Fetcher
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
 from bonjourgrid.discovery.txt import JOB_NAME, PEER_SERVICE, PeerRecord, peer_txt
@@ -55,6 +54,7 @@ class WorkerConfig:
     interface: str | None = None  # an IPv4 address to serve on; None: every interface
     always_idle: bool = True  # False: the idle policy below decides when the owner is away
     idle: IdleSettings = field(default_factory=IdleSettings)
+    cache_size: int | None = None  # bytes the local cache may hold; None: the disk is the bound
 
 
 class WorkerDaemon:
@@ -64,7 +64,8 @@ class WorkerDaemon:
         self.config = config
         self.ctx = zmq.asyncio.Context()
         self.keypair = Keypair.generate() if config.grid is not None else None
-        self.store = ContentStore(config.cache_dir)
+        # Owns the directory (an flock) from here until run() ends: one daemon per cache.
+        self.store = LocalCache(config.cache_dir, config.cache_size)
         self.fetcher = Fetcher(self.ctx, self.keypair)
         self.inflight: dict[str, asyncio.Task[None]] = {}
         self.runs: dict[tuple[str, str, int], tuple[TaskRun, asyncio.Task[None]]] = {}
@@ -131,6 +132,7 @@ class WorkerDaemon:
             control.close(linger=0)
             data.close(linger=0)
             self.ctx.destroy(linger=0)
+            self.store.close()
 
     def _txt(self, state: PeerState, job: str | None) -> dict[str, str]:
         grid = self.config.grid
@@ -142,7 +144,7 @@ class WorkerDaemon:
             job=job,
             cpus=self.config.cpus,
             ram=self.config.ram_mib,
-            disk=shutil.disk_usage(self.config.cache_dir).free // MIB,
+            disk=self.store.free_bytes() // MIB,
             cost=self.config.cost,
             arch=platform.machine() or "unknown",
             os=platform.system().lower() or "unknown",
@@ -209,7 +211,7 @@ class WorkerDaemon:
 
     def _start(self, job: str, task: str, attempt: int, spec: RunSpec) -> None:
         # Names from the wire never become paths: a fresh directory per attempt.
-        sandboxes = self.store.root / "sandboxes"
+        sandboxes = self.store.root / SANDBOXES
         sandboxes.mkdir(exist_ok=True)
         workdir = Path(tempfile.mkdtemp(prefix="task-", dir=sandboxes))
         run = TaskRun(job, task, attempt, spec, workdir, self.store, self.fetcher, self.inflight)

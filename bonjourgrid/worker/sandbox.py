@@ -21,7 +21,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from bonjourgrid import wire
-from bonjourgrid.cache.store import ContentStore, FileRef, is_digest
+from bonjourgrid.cache.local import CacheFullError, LocalCache
+from bonjourgrid.cache.store import FileRef, is_digest
 from bonjourgrid.cache.transfer import Fetcher, Source
 from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.worker.limits import Limits, limits_from_wire
@@ -107,7 +108,7 @@ class TaskRun:
         attempt: int,
         spec: RunSpec,
         workdir: Path,
-        store: ContentStore,
+        store: LocalCache,
         fetcher: Fetcher,
         inflight: dict[str, asyncio.Task[None]],
     ) -> None:
@@ -136,6 +137,8 @@ class TaskRun:
             "bytes_fetched": 0,
         }
         started = time.monotonic()
+        for item in self.spec.inputs:  # no input may be evicted while this task needs it
+            self.store.pin(item.ref.digest)
         try:
             report["bytes_fetched"] = await self._stage_inputs()
             report["fetch_s"] = time.monotonic() - started
@@ -152,6 +155,8 @@ class TaskRun:
             if report["exit_code"] == 0:
                 # Hashing a big output takes seconds: off the loop, heartbeats keep flowing.
                 report["outputs"] = await asyncio.to_thread(self._store_outputs)
+        except CacheFullError as err:
+            report["error"] = f"{err.strerror}; the task should run on another peer"
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 report["error"] = self._disk_full_message(err.strerror or "no space left")
@@ -164,6 +169,8 @@ class TaskRun:
             report["error"] = f"the worker could not run the task: {type(err).__name__}: {err}"
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            for item in self.spec.inputs:
+                self.store.unpin(item.ref.digest)
         return report
 
     def _disk_full(self) -> bool:
@@ -184,13 +191,15 @@ class TaskRun:
 
         async def fetch(item: TaskInput) -> None:
             async with limit:
+                self.store.admit(item.ref.size, f"input {item.path!r}")
                 partial = self.store.incoming_path(item.ref.digest)
                 await self.fetcher.fetch(item.ref, item.sources, partial)
                 self.store.commit(partial, item.ref.digest)
 
         async def stage(item: TaskInput) -> int:
             digest = item.ref.digest
-            if self.store.has(item.ref):
+            # Off the loop: an entry changed on disk is hashed again (and dropped if corrupt).
+            if await asyncio.to_thread(self.store.has, item.ref):
                 return 0
             shared = self._inflight.get(digest)
             if shared is not None:  # another task on this peer is fetching the same bytes
@@ -207,9 +216,10 @@ class TaskRun:
         fetched = sum(await asyncio.gather(*(stage(i) for i in self.spec.inputs)))
         for item in self.spec.inputs:
             self.store.link_into(item.ref.digest, self.sandbox / item.path)
+            self.store.touch(item.ref.digest)
         return fetched
 
-    def _evict_changed_inputs(self, before: dict[str, tuple[int, int, int]]) -> None:
+    def _evict_changed_inputs(self, before: dict[str, tuple[int, int]]) -> None:
         # Inputs are hard links into the store. A task running with enough rights (root
         # ignores the read-only mode) can write through one: never serve those bytes again.
         for digest, seen in before.items():
@@ -291,6 +301,7 @@ class TaskRun:
                 )
             if root not in path.resolve().parents:
                 raise OutputError(f"output {rel!r} lies outside the task directory: refused")
+            self.store.admit(path.stat().st_size, f"output {rel!r}")
             ref = self.store.adopt(path)
             stored.append([rel, ref.digest, ref.size])
         return stored
