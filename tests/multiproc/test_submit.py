@@ -300,3 +300,18 @@ def test_a_peer_killed_mid_task_is_replaced_and_the_job_succeeds(
     assert (tmp_path / "wf" / "t.txt").read_text() == "ok\n"
     del grid.procs[victim]
     grid.wait_all_idle()
+
+
+def test_a_rerun_does_not_bring_back_outputs_the_submit_dir_already_holds(
+    tmp_path: Path, grid: Grid
+) -> None:
+    grid.start_worker("rr", "--cpus", "2")
+    grid.wait_all_idle()
+    wf = write_workflow(tmp_path / "wf", FAN)
+    code, first, output = submit(grid, wf)
+    assert code == 0, output
+    assert first["bytes"]["to_submitter"] > 0
+    code, second, output = submit(grid, wf)
+    assert code == 0, output
+    assert second["bytes"]["to_submitter"] == 0
+    assert (tmp_path / "wf" / "all.txt").read_text() == "PART-1\nPART-2\nPART-3\nPART-4\n"
