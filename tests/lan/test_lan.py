@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import Bgrid
+from .conftest import Bgrid, MdnsWatcher
 from .netns import Host, Lan, LanSetupError, lan_available, namespace_prefix
 
 Peers = list[dict[str, Any]]
@@ -29,7 +29,6 @@ Peers = list[dict[str, Any]]
 _SEEN_DEADLINE_S = 10.0  # the spec says 2 s; the margin covers interpreter start on a busy box
 _IDLE_AGAIN_DEADLINE_S = 5.0
 _SUBMIT_TIMEOUT_S = 60.0
-_SERVICE = "._bonjourgrid._tcp.local."
 
 
 @dataclass(frozen=True)
@@ -148,66 +147,24 @@ def _poll_peers(
             pytest.fail(f"{what}: not true after {deadline_s} s; last `peers --json`:\n{peers}")
 
 
-class PeerWatcher:
-    """Records every TXT state of `_bonjourgrid._tcp` peers seen from one host, as it changes."""
-
-    _SCRIPT = r"""
-import json, sys, threading, time
-from zeroconf import ServiceBrowser, ServiceStateChange, Zeroconf
-lock = threading.Lock()
-def emit(**fields):
-    with lock:
-        print(json.dumps({"t": time.time(), **fields}), flush=True)
-def on_change(zeroconf, service_type, name, state_change):
-    if state_change is ServiceStateChange.Removed:
-        emit(name=name, event="removed", state=None, job=None)
-        return
-    info = zeroconf.get_service_info(service_type, name, timeout=2000)
-    if info is None:
-        emit(name=name, event="unresolved", state=None, job=None)
-        return
-    txt = {k.decode(): v.decode() if v is not None else None for k, v in info.properties.items()}
-    emit(name=name, event=state_change.name.lower(), state=txt.get("state"), job=txt.get("job"))
-zc = Zeroconf()
-ServiceBrowser(zc, "_bonjourgrid._tcp.local.", handlers=[on_change])
-threading.Event().wait()
-"""
-
-    def __init__(self, host: Host) -> None:
-        self.proc = host.popen([sys.executable, "-c", self._SCRIPT])
-        self.log = host.record(self.proc).stdout_path
-
-    def events(self) -> list[dict[str, Any]]:
-        lines = self.log.read_text(errors="replace").splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-    def states(self, name: str) -> list[str | None]:
-        """Every state this peer was seen in, in order."""
-        full = name + _SERVICE
-        return [e["state"] for e in self.events() if e["name"] == full]
-
-    def wait_all_idle(self, deadline_s: float) -> None:
-        deadline = time.monotonic() + deadline_s
-        while not all(self.states(spec.name)[-1:] == ["idle"] for spec in _WORKERS):
-            assert self.proc.poll() is None, "the mDNS watcher died (logs below)"
-            if time.monotonic() >= deadline:
-                pytest.fail(f"watcher did not see every worker idle: {self.events()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=10)
-
-
 @pytest.fixture
-def watcher(grid: Grid) -> Generator[PeerWatcher, None, None]:
+def watcher(grid: Grid) -> Generator[MdnsWatcher, None, None]:
     """A live mDNS view from the submitting host, started with every worker seen idle."""
-    watch = PeerWatcher(grid.submitter)
+    watch = MdnsWatcher(grid.submitter)
     try:
-        watch.wait_all_idle(_SEEN_DEADLINE_S)
+        watch.wait_until(
+            lambda w: all(states(w, spec.name)[-1:] == ["idle"] for spec in _WORKERS),
+            _SEEN_DEADLINE_S,
+            "every worker idle",
+        )
         yield watch
     finally:
         watch.stop()
+
+
+def states(watcher: MdnsWatcher, name: str) -> list[str | None]:
+    """Every state peer `name` was seen in, in order."""
+    return [state for state, _ in watcher.history(name)]
 
 
 def _write_workflow(wf_dir: Path) -> tuple[Path, list[str], dict[str, str]]:
@@ -394,7 +351,7 @@ def test_every_worker_is_seen_from_another_host(grid: Grid, bgrid: Bgrid) -> Non
 
 
 def test_job_runs_only_on_peers_that_fit_and_hands_them_back(
-    grid: Grid, bgrid: Bgrid, watcher: PeerWatcher, tmp_path: Path
+    grid: Grid, bgrid: Bgrid, watcher: MdnsWatcher, tmp_path: Path
 ) -> None:
     """`--require ram>=4GiB`: tasks run on mid and big only, outputs come home, all idle after."""
     _poll_peers(bgrid, grid, _all_idle, _SEEN_DEADLINE_S, "all workers idle before submit")
@@ -428,11 +385,11 @@ def test_job_runs_only_on_peers_that_fit_and_hands_them_back(
         assert path.read_text() == content, f"{rel} holds {path.read_text()!r}"
 
     _poll_peers(bgrid, grid, _all_idle, _IDLE_AGAIN_DEADLINE_S, "every peer idle after the job")
-    assert set(watcher.states("small")) == {"idle"}, "a peer with 2 GiB left idle for the job"
+    assert set(states(watcher, "small")) == {"idle"}, "a peer with 2 GiB left idle for the job"
 
 
 def test_coordinator_of_another_grid_recruits_nobody(
-    grid: Grid, bgrid: Bgrid, watcher: PeerWatcher, tmp_path: Path
+    grid: Grid, bgrid: Bgrid, watcher: MdnsWatcher, tmp_path: Path
 ) -> None:
     """A coordinator holding another grid's key finds no peer: exit 3, says why, none reserved."""
     _poll_peers(bgrid, grid, _all_idle, _SEEN_DEADLINE_S, "all workers idle before submit")
@@ -452,7 +409,7 @@ def test_coordinator_of_another_grid_recruits_nobody(
     assert "Traceback" not in done.stderr, _explain(done)
     assert not any((wf.parent / rel).exists() for rel in finals), "a task ran anyway"
 
-    seen = {spec.name: watcher.states(spec.name) for spec in _WORKERS}
+    seen = {spec.name: states(watcher, spec.name) for spec in _WORKERS}
     assert all(set(states) == {"idle"} for states in seen.values()), f"states seen: {seen}"
     _poll_peers(bgrid, grid, _all_idle, _IDLE_AGAIN_DEADLINE_S, "every peer still idle")
 
