@@ -15,7 +15,8 @@ Two conversations run over two socket pairs so that data never queues behind con
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgpack
@@ -25,6 +26,8 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 
 from bonjourgrid.errors import ProtocolError
 from bonjourgrid.keys import Keypair
+
+log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 CHUNK_SIZE = 1024 * 1024  # bytes of file data per `chunk` message
@@ -144,6 +147,35 @@ def str_mapping(value: Mapping[Any, Any], what: str) -> dict[str, str]:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise ProtocolError(f"{what} must map strings to strings")
     return dict(value)
+
+
+# -- serving --------------------------------------------------------------------------------
+
+Handler = Callable[[bytes, dict[str, Any]], Awaitable[bytes | None]]
+
+
+async def serve(
+    sock: zmq.asyncio.Socket, what: str, handle: Handler, limit: int = MAX_CONTROL_FRAME
+) -> None:
+    """Answer requests on a ROUTER until cancelled; `handle(client, msg)` returns the reply.
+
+    Whatever a client sends, the loop goes on: a message of the wrong shape is dropped, one
+    that fails `decode` or that `handle` refuses (ProtocolError) gets an `error` reply; both
+    are logged as "<what>: <problem>".
+    """
+    while True:
+        frames = await sock.recv_multipart()
+        if len(frames) != 2:
+            log.warning("%s: dropped a message of %d frames", what, len(frames))
+            continue
+        client, frame = frames
+        try:
+            reply = await handle(client, decode(frame, limit))
+        except ProtocolError as err:
+            log.warning("%s: %s", what, err)
+            reply = encode("error", reason=str(err))
+        if reply is not None:
+            await sock.send_multipart([client, reply])
 
 
 # -- sockets --------------------------------------------------------------------------------

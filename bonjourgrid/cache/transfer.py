@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -50,21 +51,14 @@ class DataServer:
         self.bytes_served = 0
 
     async def serve_forever(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart()
-            if len(frames) != 2:
-                log.warning("data server: dropped a request of %d frames", len(frames))
-                continue
-            ident, frame = frames
-            try:
-                reply = self._answer(wire.decode(frame, limit=4096))
-            except ProtocolError as err:
-                log.warning("data server: %s", err)
-                reply = wire.encode("error", reason=str(err))
-            except OSError as err:
-                log.warning("data server: cannot read: %s", err)
-                reply = wire.encode("error", reason="read failed")
-            await self._sock.send_multipart([ident, reply])
+        await wire.serve(self._sock, "data server", self._handle, limit=4096)
+
+    async def _handle(self, client: bytes, msg: dict[str, Any]) -> bytes:
+        try:
+            return self._answer(msg)
+        except OSError as err:
+            log.warning("data server: cannot read: %s", err)
+            return wire.encode("error", reason="read failed")
 
     def _answer(self, msg: dict[str, object]) -> bytes:
         if msg["t"] != "get":

@@ -15,6 +15,7 @@ import getpass
 import logging
 import socket
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -50,26 +51,18 @@ async def serve_job_control(
     sock: zmq.asyncio.Socket, job: str, cancel: Callable[[str], None]
 ) -> None:
     """Answer `cancel_job` requests for `job` on `sock` until cancelled."""
-    while True:
-        frames = await sock.recv_multipart()
-        if len(frames) != 2:
-            log.warning("job control: dropped a message of %d frames", len(frames))
-            continue
-        client, frame = frames
-        try:
-            msg = wire.decode(frame)
-            if msg["t"] != "cancel_job":
-                raise ProtocolError(f"a coordinator does not take {msg['t']!r} messages")
-            if msg["job"] != job:
-                raise ProtocolError(f"this coordinator runs job {job}, not {msg['job'][:80]!r}")
-        except ProtocolError as err:
-            log.warning("job control: %s", err)
-            await sock.send_multipart([client, wire.encode("error", reason=str(err))])
-            continue
+
+    async def answer(client: bytes, msg: dict[str, Any]) -> bytes:
+        if msg["t"] != "cancel_job":
+            raise ProtocolError(f"a coordinator does not take {msg['t']!r} messages")
+        if msg["job"] != job:
+            raise ProtocolError(f"this coordinator runs job {job}, not {msg['job'][:80]!r}")
         by = _printable(msg["by"]) or "an unnamed client"
         log.warning("job %s: cancel requested by %s", job, by)
-        await sock.send_multipart([client, wire.encode("cancelling", job=job)])
-        cancel(f"cancelled from {by}")
+        cancel(f"cancelled from {by}")  # queues an event: the reply still goes out first
+        return wire.encode("cancelling", job=job)
+
+    await wire.serve(sock, "job control", answer)
 
 
 def _printable(text: str) -> str:

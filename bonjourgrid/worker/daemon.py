@@ -103,7 +103,7 @@ class WorkerDaemon:
             addresses=[self.config.interface] if self.config.interface else None,
         )
         background = [
-            asyncio.create_task(self._serve_control(control)),
+            asyncio.create_task(wire.serve(control, "control", self._handle_control)),
             asyncio.create_task(DataServer(data, self.store.locate).serve_forever()),
             asyncio.create_task(self._tick()),
         ]
@@ -154,23 +154,12 @@ class WorkerDaemon:
         )
         return peer_txt(record)
 
-    async def _serve_control(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            frames = await sock.recv_multipart()
-            if len(frames) != 2:
-                log.warning("control: dropped a message of %d frames", len(frames))
-                continue
-            client, frame = frames
-            try:
-                event = self._event(client, wire.decode(frame))
-            except ProtocolError as err:
-                log.warning("control: %s", err)
-                await sock.send_multipart([client, wire.encode("error", reason=str(err))])
-                continue
-            try:
-                await self._apply(event)
-            except Exception:  # one bad message must never stop the peer serving
-                log.exception("control: could not handle %s", type(event).__name__)
+    async def _handle_control(self, client: bytes, msg: dict[str, Any]) -> None:
+        event = self._event(client, msg)  # a ProtocolError here is answered by wire.serve
+        try:
+            await self._apply(event)  # replies go out as the core's Send instructions
+        except Exception:  # one bad message must never stop the peer serving
+            log.exception("control: could not handle %s", type(event).__name__)
 
     def _event(self, client: bytes, msg: dict[str, Any]) -> core.Event:
         match msg["t"]:
