@@ -1,0 +1,301 @@
+"""The scheduler core's data plane: intermediates stay on peers, placement follows the
+bytes, lost intermediates are made again, and what each prefetch policy orders."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from bonjourgrid.cache.store import FileRef
+from bonjourgrid.coordinator import core
+from bonjourgrid.coordinator.core import SchedulerCore, TaskData, TaskStatus
+from bonjourgrid.coordinator.files import COORDINATOR
+from bonjourgrid.coordinator.prefetch import PrefetchSettings
+
+MB = 1_000_000
+
+
+def ref(name: str, size: int = MB) -> FileRef:
+    return FileRef(hashlib.sha256(name.encode()).hexdigest(), size)
+
+
+Spec = tuple[str, list[str], list[str]]  # (task, inputs, outputs)
+
+
+def build(
+    specs: Iterable[Spec],
+    sources: Iterable[str] = (),
+    policy: str = "none",
+    depth: int = 2,
+    max_bytes: int = 10**12,
+    broadcast: int = 0,
+    finals: Iterable[str] | None = None,
+) -> SchedulerCore:
+    """A core for tasks given by their files; dependencies follow the files."""
+    specs = list(specs)
+    producer = {out: name for name, _, outs in specs for out in outs}
+    read = {path for _, ins, _ in specs for path in ins}
+    keep = set(finals) if finals is not None else None
+    tasks = []
+    data = {}
+    for name, ins, outs in specs:
+        deps = sorted({producer[p] for p in ins if p in producer})
+        tasks.append((name, deps, "", 1))
+        final = any(o not in read for o in outs) or bool(keep and set(outs) & keep)
+        data[name] = TaskData(tuple(ins), tuple(outs), collect=final)
+    return SchedulerCore(
+        tasks,
+        data=data,
+        sources={p: ref(p) for p in sources},
+        prefetch=PrefetchSettings(policy, depth, max_bytes, broadcast),
+    )
+
+
+def of(out: list[core.Instruction], kind: type) -> list:  # type: ignore[type-arg]
+    return [i for i in out if isinstance(i, kind)]
+
+
+def placed(out: list[core.Instruction]) -> list[tuple[str, str]]:
+    return [(i.task, i.peer) for i in of(out, core.Dispatch)]
+
+
+def prefetched(out: list[core.Instruction]) -> list[tuple[str, FileRef]]:
+    return [(p.peer, f) for p in of(out, core.Prefetch) for f, _ in p.files]
+
+
+def report(s: SchedulerCore, task: str, now: float = 1.0) -> list[core.Instruction]:
+    t = s.tasks[task]
+    assert t.peer is not None
+    outputs = tuple((o, ref(o)) for o in s.data[task].outputs)
+    out = s.handle(core.TaskReported(t.peer, task, t.attempts, 0, "", outputs), now)
+    for c in of(out, core.Collect):
+        out += s.handle(core.OutputsCollected(c.task, c.attempt), now)
+    s.validate_state()
+    return out
+
+
+# -- intermediates and placement --------------------------------------------------------
+
+
+def test_an_intermediate_stays_on_its_peer_and_only_final_outputs_are_collected() -> None:
+    s = build([("a", ["in"], ["mid"]), ("b", ["mid"], ["final"])], sources=["in"])
+    s.handle(core.PeerJoined("p1", 1, {}), 0.0)
+    out = report(s, "a")
+    assert not of(out, core.Collect)  # mid stays on p1
+    assert s.tasks["a"].status is TaskStatus.DONE
+    assert placed(out) == [("b", "p1")]
+    assert s.sources(ref("mid").digest, "p2") == ["p1"]  # not the coordinator: it lacks it
+    assert s.sources(ref("in").digest, "p2") == ["p1", COORDINATOR]  # a replica, then us
+    out = s.handle(core.TaskReported("p1", "b", 1, 0, "", (("final", ref("final")),)), 2.0)
+    assert of(out, core.Collect) == [core.Collect("b", "p1", 1, (("final", ref("final")),))]
+
+
+def test_keep_brings_an_intermediate_back() -> None:
+    s = build([("a", ["in"], ["mid"]), ("b", ["mid"], ["final"])], ["in"], finals=["mid"])
+    s.handle(core.PeerJoined("p1", 1, {}), 0.0)
+    out = s.handle(core.TaskReported("p1", "a", 1, 0, "", (("mid", ref("mid")),)), 1.0)
+    assert [c.task for c in of(out, core.Collect)] == ["a"]
+
+
+def test_a_task_goes_to_the_peer_that_holds_its_input_bytes() -> None:
+    s = build([("a", [], ["x"]), ("b", ["x"], ["y"]), ("c", [], ["z"])])
+    s.handle(core.PeerJoined("p1", 1, {}), 0.0)
+    s.handle(core.PeerJoined("p2", 1, {}), 0.0)
+    where_a = s.tasks["a"].peer
+    out = report(s, "a")
+    assert placed(out) == [("b", where_a)]  # not the other free-to-be peer
+
+
+def test_recruited_peers_caches_decide_where_tasks_run() -> None:
+    s = build([(f"t{i}", [f"in{i}"], [f"out{i}"]) for i in range(4)], [f"in{i}" for i in range(4)])
+    joined = [
+        core.PeerJoined("p1", 2, {}, frozenset({ref("in2").digest, ref("in3").digest})),
+        core.PeerJoined("p2", 2, {}, frozenset({ref("in0").digest, ref("in1").digest})),
+    ]
+    s.handle(joined[0], 0.0, schedule=False)
+    out = s.handle(joined[1], 0.0)
+    assert sorted(placed(out)) == [("t0", "p2"), ("t1", "p2"), ("t2", "p1"), ("t3", "p1")]
+
+
+# -- lost intermediates -----------------------------------------------------------------
+
+
+def test_a_lost_intermediate_is_made_again() -> None:
+    s = build([("a", ["in"], ["mid"]), ("b", ["mid"], ["final"])], ["in"])
+    s.handle(core.PeerJoined("p1", 1, {}), 0.0)
+    report(s, "a")  # b is now running on p1, where mid is
+    assert s.tasks["b"].peer == "p1"
+    s.handle(core.PeerLost("p1", "kill -9"), 2.0)
+    assert s.tasks["a"].status is TaskStatus.READY  # mid went with p1: a runs again
+    assert s.tasks["b"].status is TaskStatus.WAITING  # and b waits for it
+    assert s.tasks["a"].failures == s.tasks["b"].failures == 0
+    s.validate_state()
+    out = s.handle(core.PeerJoined("p2", 1, {}), 2.5)
+    assert placed(out) == [("a", "p2")]
+    assert placed(report(s, "a", 3.0)) == [("b", "p2")]
+
+
+def test_a_chain_lost_with_its_peer_is_made_again_from_the_first_missing_file() -> None:
+    s = build(
+        [("a", ["in"], ["x"]), ("b", ["x"], ["y"]), ("c", ["y"], ["z"]), ("d", [], ["w"])],
+        ["in"],
+    )
+    s.handle(core.PeerJoined("p1", 2, {}), 0.0)  # a and d
+    report(s, "a")
+    report(s, "b")  # c now runs on p1; p1 dies while it does
+    s.handle(core.PeerLost("p1", "link down"), 2.0)
+    assert s.tasks["a"].status is TaskStatus.READY  # x and y were only on p1
+    assert s.tasks["b"].status is TaskStatus.WAITING
+    assert s.tasks["c"].status is TaskStatus.WAITING
+    assert s.tasks["d"].status is TaskStatus.READY  # it was running there
+    assert s.tasks["a"].failures == 0  # a lost peer is not the task's fault
+    s.validate_state()
+    out = s.handle(core.PeerJoined("p2", 2, {}), 2.5)
+    assert sorted(placed(out)) == [("a", "p2"), ("d", "p2")]
+
+
+def test_a_reader_that_could_not_fetch_a_lost_file_waits_for_it_without_a_failure() -> None:
+    # b needs a "big" peer: it runs on p2 and reads x from p1, which dies meanwhile.
+    s = SchedulerCore(
+        [("a", [], "", 0), ("b", ["a"], "big", 0)],
+        matches=lambda require, attrs: attrs.get("big") == "1",
+        data={"a": TaskData((), ("x",), False), "b": TaskData(("x",), ("y",), True)},
+    )
+    s.handle(core.PeerJoined("p1", 1, {}), 0.0)
+    s.handle(core.PeerJoined("p2", 1, {"big": "1"}), 0.0)
+    assert placed(report(s, "a")) == [("b", "p2")]
+    assert s.sources(ref("x").digest, "p2") == ["p1"]
+    s.handle(core.PeerLost("p1", "kill -9"), 2.0)
+    assert s.tasks["b"].status is TaskStatus.RUNNING  # it may have x already
+    out = s.handle(core.TaskReported("p2", "b", 1, -1, "could not fetch x", ()), 2.5)
+    assert s.tasks["b"].status is TaskStatus.WAITING and s.tasks["b"].failures == 0
+    assert placed(out) == [("a", "p2")]  # x is made again, then b runs (retries: 0)
+    out = report(s, "a", 3.0)
+    assert placed(out) == [("b", "p2")]
+    s.validate_state()
+
+
+# -- prefetch policies --------------------------------------------------------------------
+
+
+def bag(n: int, policy: str, **kw: object) -> SchedulerCore:
+    return build(
+        [(f"t{i}", [f"in{i}"], [f"out{i}"]) for i in range(n)],
+        [f"in{i}" for i in range(n)],
+        policy,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_none_orders_no_prefetch() -> None:
+    s = bag(6, "none")
+    out = s.handle(core.PeerJoined("p1", 1, {}), 0.0)
+    assert len(placed(out)) == 1 and not of(out, core.Prefetch)
+    assert not of(report(s, placed(out)[0][0]), core.Prefetch)
+
+
+def test_lookahead_moves_the_inputs_of_the_next_tasks_planned_for_a_busy_peer() -> None:
+    s = bag(6, "lookahead", depth=2)
+    out = s.handle(core.PeerJoined("p1", 1, {}), 0.0)
+    assert placed(out) == [("t0", "p1")]
+    assert prefetched(out) == [("p1", ref("in1")), ("p1", ref("in2"))]  # depth 2, in order
+    assert all(src == (COORDINATOR,) for p in of(out, core.Prefetch) for _, src in p.files)
+    out = report(s, "t0")
+    assert placed(out) == [("t1", "p1")]  # the planned task, its input already moving
+    assert prefetched(out) == [("p1", ref("in3"))]  # the plan is topped up to depth 2
+
+
+def test_lookahead_plans_on_every_peer_and_an_idle_peer_takes_over_a_plan() -> None:
+    s = bag(5, "lookahead", depth=1)
+    s.handle(core.PeerJoined("p1", 1, {}), 0.0, schedule=False)
+    out = s.handle(core.PeerJoined("p2", 1, {}), 0.0)
+    assert len(placed(out)) == 2 and len(prefetched(out)) == 2
+    assert {p for p, _ in prefetched(out)} == {"p1", "p2"}
+    # p3 joins with nothing ready left: it takes over a planned task instead of idling.
+    out = s.handle(core.PeerJoined("p3", 1, {}), 0.5)
+    assert [p for _, p in placed(out)] == ["p3"]
+
+
+def test_max_bytes_bounds_what_is_planned_ahead_on_a_peer() -> None:
+    s = bag(6, "lookahead", depth=5, max_bytes=2 * MB)
+    out = s.handle(core.PeerJoined("p1", 1, {}), 0.0)
+    assert len(prefetched(out)) == 2  # 2 x 1 MB fit, the third would not
+
+
+def test_eager_plans_every_ready_task_and_moves_an_input_as_soon_as_it_exists() -> None:
+    s = build(
+        [("a", [], ["x"]), ("b", [], ["y"]), ("join", ["x", "y"], ["z"])]
+        + [(f"t{i}", [f"in{i}"], [f"o{i}"]) for i in range(4)],
+        [f"in{i}" for i in range(4)],
+        policy="eager",
+    )
+    s.handle(core.PeerJoined("p1", 1, {}), 0.0, schedule=False)
+    out = s.handle(core.PeerJoined("p2", 1, {}), 0.0)
+    # two placed, the other four ready tasks planned at once, their inputs moving
+    assert len(placed(out)) == 2
+    moving = {f.digest for _, f in prefetched(out)}
+    planned = [t for t in s.tasks.values() if t.planned_on]
+    assert len(planned) == 4
+    assert moving == {
+        ref(s.data[t.name].inputs[0]).digest for t in planned if s.data[t.name].inputs
+    }
+    # `a` done: x moves to where `join` will run although `y` does not exist yet
+    where = {t: s.tasks[t].peer for t in ("a", "b") if s.tasks[t].peer}
+    if "a" in where:
+        out = report(s, "a")
+        join = s.tasks["join"]
+        assert join.status is TaskStatus.WAITING and join.planned_on == where["a"]
+
+
+def test_critical_path_moves_inputs_of_the_waiting_tasks_on_the_longest_path_first() -> None:
+    # long: l0 -> l1 -> l2 -> l3, with l1 also reading a big side file made by `side`;
+    # short: s0 -> s1. One slot each on two peers.
+    specs = [
+        ("l0", [], ["a"]),
+        ("side", [], ["big"]),
+        ("l1", ["a", "big"], ["b"]),
+        ("l2", ["b"], ["c"]),
+        ("l3", ["c"], ["d"]),
+        ("s0", [], ["e"]),
+        ("s1", ["e"], ["f"]),
+    ]
+    s = build(specs, policy="critical-path", depth=0)
+    s.handle(core.PeerJoined("p1", 1, {}), 0.0, schedule=False)
+    out = s.handle(core.PeerJoined("p2", 1, {}), 0.0)
+    assert sorted(t for t, _ in placed(out)) == ["l0", "side"]  # highest bottom levels
+    out = report(s, "side")
+    # big exists, l1 (on the longest path) still waits for `a`: big moves to l0's peer now
+    assert prefetched(out) == [(s.tasks["l0"].peer, ref("big"))]
+    assert s.tasks["l1"].planned_on == s.tasks["l0"].peer
+    # the same DAG under lookahead moves nothing for a waiting task
+    s2 = build(specs, policy="lookahead", depth=0)
+    s2.handle(core.PeerJoined("p1", 1, {}), 0.0, schedule=False)
+    s2.handle(core.PeerJoined("p2", 1, {}), 0.0)
+    assert not prefetched(report(s2, "side"))
+
+
+def test_a_file_read_by_many_tasks_is_broadcast_peer_to_peer() -> None:
+    readers = [(f"t{i}", ["ref"], [f"o{i}"]) for i in range(8)]
+    s = build(readers, ["ref"], policy="none", broadcast=4)
+    for p in ("p1", "p2", "p3", "p4"):
+        s.handle(core.PeerJoined(p, 2, {}), 0.0, schedule=False)
+    out = s.handle(core.Tick(), 0.0)
+    big = ref("ref").digest
+    first = of(out, core.Prefetch)
+    assert len(first) == 1 and first[0].files[0][1][0] == COORDINATOR  # one copy from us
+    assert not placed(out)  # readers wait for the file on their own peer
+    p1 = first[0].peer
+    out = s.handle(core.FileArrived(p1, big), 1.0)
+    assert {t for t, p in placed(out) if p == p1} and all(p == p1 for _, p in placed(out))
+    second = of(out, core.Prefetch)
+    assert len(second) == 1 and second[0].files[0][1][0] == p1  # the holder sends the next
+    out = s.handle(core.FileArrived(second[0].peer, big), 2.0)
+    third = of(out, core.Prefetch)
+    assert len(third) == 2  # two holders, two copies at once
+    assert {pf.files[0][1][0] for pf in third} == {p1, second[0].peer}
+    for pf in third:
+        out = s.handle(core.FileArrived(pf.peer, big), 3.0)
+    assert len({t.peer for t in s.tasks.values() if t.peer}) == 4  # every peer runs some
+    sent_by_us = [pf for pf in first + second + third if pf.files[0][1][0] == COORDINATOR]
+    assert len(sent_by_us) == 1
+    s.validate_state()
