@@ -39,6 +39,7 @@ from bonjourgrid.coordinator.journal import (
     journal_path,
     task_digest,
 )
+from bonjourgrid.coordinator.prefetch import DataOptions
 from bonjourgrid.coordinator.recruit import JobNeeds, explain_shortage, select_candidates
 from bonjourgrid.coordinator.report import build_report
 from bonjourgrid.dag import Workflow
@@ -110,6 +111,7 @@ class Coordinator:
         timeouts: Timeouts | None = None,
         resume: ResumePlan | None = None,
         workflow_digest: str = "",
+        data: DataOptions | None = None,
     ) -> None:
         self.workflow = workflow
         self.needs = needs
@@ -119,6 +121,7 @@ class Coordinator:
         self.timeouts = timeouts or Timeouts()
         self.resume = resume
         self.workflow_digest = workflow_digest
+        self.data = data or DataOptions()
         self.journal: JournalWriter | None = None
         self.job = job_id(workflow.name)
         self.ctx = zmq.asyncio.Context()
