@@ -6,11 +6,14 @@ is the boundary: it checks the size, the version, the type and every field's typ
 which a daemon logs and answers (or drops); it is never fatal.
 
 Two conversations run over two socket pairs so that data never queues behind control:
-- control (coordinator DEALER -> worker ROUTER): reserve, heartbeat, release, run, cancel;
-  worker replies and task reports flow back on the same connection;
+- control (coordinator DEALER -> worker ROUTER): reserve, heartbeat, release, run, cancel,
+  prefetch, probe; worker replies, task reports and `prefetched` flow back on the same
+  connection. `reserve` hands the peer the job's own CURVE keypair: while reserved, the
+  peer's data server admits that key and the peer fetches the job's files with it;
 - data (fetcher DEALER -> server ROUTER): `get` a byte range of a content-addressed file,
   answered by `chunk` or `missing`. The fetcher keeps a window of requests in flight, which is
-  the back-pressure: a server never sends what was not asked for.
+  the back-pressure: a server never sends what was not asked for. Data servers are peers
+  (intermediate files stay where they were made) and the coordinator (the submit directory).
 """
 
 from __future__ import annotations
@@ -41,7 +44,14 @@ _ANY = object()
 # here and item by item by the handler that reads them (see `check_list`).
 SCHEMAS: dict[str, dict[str, Any]] = {
     # coordinator -> worker (control)
-    "reserve": {"job": str, "lease_s": (int, float), "coordinator": str},
+    # job_public/job_secret: the job's CURVE keypair (Z85), "" for both under --insecure
+    "reserve": {
+        "job": str,
+        "lease_s": (int, float),
+        "coordinator": str,
+        "job_public": str,
+        "job_secret": str,
+    },
     "heartbeat": {"job": str, "lease_s": (int, float)},
     "release": {"job": str},
     "run": {
@@ -55,6 +65,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "limits": dict,  # {"cpu_s": seconds, "memory": bytes}, each optional: worker/limits.py
     },
     "cancel": {"job": str, "task": str},
+    # files: [[digest, size, [[endpoint, server_key, label], ...]], ...], as `run` inputs
+    "prefetch": {"job": str, "files": list},
+    "probe": {"digests": list},  # any state: which of these the peer's cache holds
     # worker -> coordinator (control)
     "reserved": {"job": str, "data_port": int, "cpus": int},
     "denied": {"job": str, "reason": str},
@@ -71,8 +84,20 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "error": str,
         "fetch_s": (int, float),
         "run_s": (int, float),
-        "bytes_fetched": int,
+        "bytes_fetched": int,  # the sum of `fetched` bytes
+        "fetched": list,  # [[digest, source label, bytes], ...]: inputs this run moved
+        "hit_bytes": int,  # input bytes found in the local cache
     },
+    # one per prefetched file; source "" (and bytes 0) when it was already there or failed
+    "prefetched": {
+        "job": str,
+        "digest": str,
+        "source": str,
+        "bytes": int,
+        "seconds": (int, float),
+        "error": str,
+    },
+    "holding": {"digests": list},  # the answer to `probe`
     "error": {"reason": str},
     # `bgrid cancel` -> coordinator (job control) and its answer
     "cancel_job": {"job": str, "by": str},  # by: who asks, e.g. user@host, for the report

@@ -4,8 +4,10 @@ Theory of operation. The entries are the files under `objects/`; an in-memory in
 (digest -> size, mtime) in least-recently-used order is rebuilt from them at start. Last use
 survives restarts as each entry's atime, which `touch` sets (mtime is left alone, so a write
 through a hard link still shows). Before bytes come in (`admit`) the least recently used
-entries that no task pins are evicted until the bound holds; when the pinned entries alone
+entries that nobody pins are evicted until the bound holds; when the pinned entries alone
 leave no room, `CacheFullError` (ENOSPC) fails the task, which then runs on another peer.
+Pins are counted: a running task pins its inputs, and the job that holds the peer pins its
+outputs and prefetched files until its reservation ends (the daemon keeps those job pins).
 An entry whose size or mtime differs from the index is re-hashed before use and dropped if
 its bytes no longer match its name, so the task fetches it again.
 
@@ -23,7 +25,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -143,6 +145,16 @@ class LocalCache(ContentStore):
         with self._lock:
             return dict(self._pins)
 
+    def holds(self, digest: str) -> bool:
+        """Whether the index lists `digest` (no stat, no hashing: `has` checks the bytes)."""
+        with self._lock:
+            return digest in self._index
+
+    def holding(self, digests: Iterable[str]) -> list[str]:
+        """The digests the index lists, in the order given, once each (answers `probe`)."""
+        with self._lock:
+            return [d for d in dict.fromkeys(digests) if d in self._index]
+
     # -- pins and use -------------------------------------------------------------------------
 
     def pin(self, digest: str) -> None:
@@ -190,7 +202,8 @@ class LocalCache(ContentStore):
                 raise CacheFullError(
                     f"this peer's cache is full: {format_size(held)} of its "
                     f"{format_size(self.max_bytes)} (--cache-size) is held by files that "
-                    f"running tasks use, no room for {what} of {format_size(size)}"
+                    f"running tasks use or that its job keeps, no room for {what} of "
+                    f"{format_size(size)}"
                 )
 
     def _shrink(self, target: int, keep: str | None = None) -> None:
@@ -241,9 +254,12 @@ class LocalCache(ContentStore):
             self._record(digest, final, size)
             return final
 
-    def adopt(self, path: Path) -> FileRef:
+    def adopt(self, path: Path, *, pin: bool = False) -> FileRef:
+        """ContentStore.adopt; with `pin`, pinned as it comes in (never evictable meanwhile)."""
         with self._lock:
             ref = super().adopt(path)
+            if pin:
+                self.pin(ref.digest)
             self._record(ref.digest, self.path_of(ref.digest), ref.size)
             return ref
 

@@ -3,8 +3,13 @@
 The protocol is pull-only. A fetcher asks a server for byte ranges (`get`) and keeps at most
 `window` requests in flight per transfer; the server answers each with one `chunk`. So the
 server never pushes more than was asked for (back-pressure), a slow disk or link only slows
-its own transfer, and a fetcher can move on to the next source the moment one fails.
+its own transfer, and a fetcher can move on to the next source the moment one fails,
+carrying on from the offset it had reached.
 Every file is verified against its SHA-256 before it is committed anywhere.
+
+Who may read: a server admits the CURVE keys of its `wire.KeyPolicy` (a peer: the grid's
+coordinators and the job that holds its reservation), and a fetch proves the key it is given
+(a peer fetching for a job proves that job's keypair).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 _MAX_OFFSET = 2**63 - 1  # what pread takes: a bigger offset is a ProtocolError, not a crash
 _WINDOW = 8  # chunks in flight per transfer
 _CHUNK_TIMEOUT_S = 10.0  # no chunk for this long: the source is dead or stuck, try the next
+_MAX_REQUEST = 4096  # bytes: a `get` is tiny; the server's socket drops bigger frames
 
 
 @dataclass(frozen=True)
@@ -43,15 +49,53 @@ class Source:
 
 
 class DataServer:
-    """Serves byte ranges of the files `locate(digest)` finds, on a ROUTER socket."""
+    """Serves byte ranges of the files `locate(digest)` finds, on a ROUTER socket.
 
-    def __init__(self, sock: zmq.asyncio.Socket, locate: Callable[[str], Path | None]) -> None:
+    With a `policy`, each request's CURVE key (the ZAP User-Id) is checked against it again:
+    the handshake alone would let a connection opened with a key that is no longer admitted
+    (a job's, after its reservation ended) go on reading.
+    """
+
+    def __init__(
+        self,
+        sock: zmq.asyncio.Socket,
+        locate: Callable[[str], Path | None],
+        policy: wire.KeyPolicy | None = None,
+    ) -> None:
         self._sock = sock
         self._locate = locate
+        self._policy = policy
         self.bytes_served = 0
 
     async def serve_forever(self) -> None:
-        await wire.serve(self._sock, "data server", self._handle, limit=4096)
+        """Answer requests until cancelled; whatever a client sends, the loop goes on."""
+        if self._policy is None:
+            await wire.serve(self._sock, "data server", self._handle, limit=_MAX_REQUEST)
+            return
+        # wire.serve's loop, receiving frames with their metadata for the key check.
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            if len(frames) != 2:
+                log.warning("data server: dropped a message of %d frames", len(frames))
+                continue
+            client, frame = frames
+            if self._admitted(frame):
+                try:
+                    reply = await self._handle(client.bytes, wire.decode(frame.bytes, _MAX_REQUEST))
+                except ProtocolError as err:
+                    log.warning("data server: %s", err)
+                    reply = wire.encode("error", reason=str(err))
+            else:
+                reply = wire.encode("error", reason="this client's key is no longer admitted")
+            await self._sock.send_multipart([client.bytes, reply])
+
+    def _admitted(self, frame: zmq.Frame) -> bool:
+        assert self._policy is not None
+        try:
+            key = frame.get("User-Id")
+        except zmq.ZMQError:  # no ZAP handshake on this connection: nobody vouched for it
+            return False
+        return isinstance(key, str) and self._policy.callback("data", key.encode())
 
     async def _handle(self, client: bytes, msg: dict[str, Any]) -> bytes:
         try:
@@ -80,14 +124,31 @@ class DataServer:
         return wire.encode("chunk", digest=digest, offset=offset, data=data)
 
 
-class Fetcher:
-    """Pulls files from data servers, trying sources in order, verifying every byte."""
+class _Corrupt(TransferError):
+    """The whole file arrived and its digest does not match."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, keypair: Keypair | None) -> None:
+
+@dataclass
+class _Progress:
+    """What a fetch holds so far: bytes 0..received of the partial file, and their hash."""
+
+    received: int = 0
+    sha: Any = field(default_factory=hashlib.sha256)
+
+
+class Fetcher:
+    """Pulls files from data servers, trying sources in order, verifying every byte.
+
+    A fetch proves a client keypair to the servers: the one it is given (a job's), else the
+    fetcher's own (None: plain sockets, --insecure). Idle connections are kept for reuse per
+    (endpoint, server key, client key), so a connection never serves another key's fetches.
+    """
+
+    def __init__(self, ctx: zmq.asyncio.Context, keypair: Keypair | None = None) -> None:
         self._ctx = ctx
         self._keypair = keypair
-        self._idle: dict[tuple[str, str], list[zmq.asyncio.Socket]] = defaultdict(list)
-        self.bytes_from: dict[str, int] = defaultdict(int)
+        self._idle: dict[tuple[str, str, bytes], list[zmq.asyncio.Socket]] = defaultdict(list)
+        self.bytes_from: dict[str, int] = defaultdict(int)  # file bytes per completing source
 
     def close(self) -> None:
         for socks in self._idle.values():
@@ -95,79 +156,119 @@ class Fetcher:
                 sock.close(linger=0)
         self._idle.clear()
 
-    async def fetch(self, ref: FileRef, sources: Sequence[Source], partial: Path) -> Source:
-        """Write the verified file to `partial`; return the source it came from."""
+    def forget(self, keypair: Keypair | None) -> None:
+        """Close the idle connections that prove `keypair` (a job's, once its reservation ended)."""
+        client = keypair.public if keypair is not None else b""
+        for pool_key in [k for k in self._idle if k[2] == client]:
+            for sock in self._idle.pop(pool_key):
+                sock.close(linger=0)
+
+    async def fetch(
+        self,
+        ref: FileRef,
+        sources: Sequence[Source],
+        partial: Path,
+        keypair: Keypair | None = None,
+    ) -> Source:
+        """Write the verified file to `partial`, proving `keypair` (default: the fetcher's own);
+        return the source that completed it.
+
+        A source that fails mid-file (dead, stuck, truncated, without the file) hands over to
+        the next one, which carries on from the same offset. A file whose digest does not
+        match is discarded whole and fetched again from the next source.
+        """
+        client = keypair if keypair is not None else self._keypair
+        queue = list(sources)
         problems = []
-        for source in sources:
-            try:
-                await self._fetch_from(ref, source, partial)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        complete = False
+        try:
+            progress = _Progress()
+            i = 0
+            while i < len(queue):
+                source = queue[i]
+                i += 1
+                resumed = progress.received > 0
+                try:
+                    await self._fetch_from(ref, source, client, fd, progress)
+                except _Corrupt as err:
+                    problems.append(f"{source.label}: {err}")
+                    progress = _Progress()
+                    os.ftruncate(fd, 0)
+                    if resumed:  # the bad bytes may be the previous source's: once more, alone
+                        queue.insert(i, source)
+                    continue
+                except TransferError as err:
+                    problems.append(f"{source.label}: {err}")
+                    continue
+                self.bytes_from[source.label] += ref.size
+                complete = True
                 return source
-            except TransferError as err:
-                problems.append(f"{source.label}: {err}")
+        finally:  # a failure, a full disk, a cancellation: leave no half file behind
+            os.close(fd)
+            if not complete:
                 partial.unlink(missing_ok=True)
-            except BaseException:  # a full disk, a cancellation: leave no half file behind
-                partial.unlink(missing_ok=True)
-                raise
         raise TransferError(
             f"could not fetch {ref.digest[:12]} ({ref.size} bytes) from any source: "
             + ("; ".join(problems) or "no source given")
         )
 
-    async def _fetch_from(self, ref: FileRef, source: Source, partial: Path) -> None:
-        sock = self._checkout(source)
+    async def _fetch_from(
+        self, ref: FileRef, source: Source, client: Keypair | None, fd: int, progress: _Progress
+    ) -> None:
+        pool_key = (source.endpoint, source.server_key, client.public if client else b"")
+        idle = self._idle[pool_key]
+        if idle:
+            sock = idle.pop()
+        else:
+            sock = wire.client_socket(self._ctx, client, source.server_key, wire.MAX_DATA_FRAME)
+            sock.connect(source.endpoint)
         healthy = False
         try:
-            await self._pull(sock, ref, partial)
+            await self._pull(sock, ref, fd, progress)
             healthy = True
         finally:
             if healthy:
-                self._idle[(source.endpoint, source.server_key)].append(sock)
+                self._idle[pool_key].append(sock)
             else:
                 sock.close(linger=0)  # it may still have replies in flight: never reuse it
-        self.bytes_from[source.label] += ref.size
 
-    def _checkout(self, source: Source) -> zmq.asyncio.Socket:
-        idle = self._idle[(source.endpoint, source.server_key)]
-        if idle:
-            return idle.pop()
-        sock = wire.client_socket(self._ctx, self._keypair, source.server_key, wire.MAX_DATA_FRAME)
-        sock.connect(source.endpoint)
-        return sock
-
-    async def _pull(self, sock: zmq.asyncio.Socket, ref: FileRef, partial: Path) -> None:
-        sha = hashlib.sha256()
-        next_offset = 0
-        received = 0
+    async def _pull(
+        self, sock: zmq.asyncio.Socket, ref: FileRef, fd: int, progress: _Progress
+    ) -> None:
+        next_offset = progress.received
         in_flight = 0
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            while received < ref.size:
-                while in_flight < _WINDOW and next_offset < ref.size:
-                    size = min(wire.CHUNK_SIZE, ref.size - next_offset)
-                    await sock.send(
-                        wire.encode("get", digest=ref.digest, offset=next_offset, size=size)
-                    )
-                    next_offset += size
-                    in_flight += 1
-                if not await sock.poll(_CHUNK_TIMEOUT_S * 1000):
-                    raise TransferError(f"no data for {_CHUNK_TIMEOUT_S:g} s")
-                try:
-                    msg = wire.decode(await sock.recv(), limit=wire.MAX_DATA_FRAME)
-                except ProtocolError as err:
-                    raise TransferError(f"bad reply: {err}") from err
-                in_flight -= 1
-                if msg["t"] == "missing":
-                    raise TransferError("source does not hold the file")
-                if msg["t"] != "chunk" or msg["digest"] != ref.digest or msg["offset"] != received:
-                    raise TransferError(f"unexpected reply {msg['t']!r}")
-                data: bytes = msg["data"]
-                if len(data) != min(wire.CHUNK_SIZE, ref.size - received):
-                    raise TransferError("chunk of the wrong size (truncated source?)")
-                os.pwrite(fd, data, received)
-                sha.update(data)
-                received += len(data)
-        finally:
-            os.close(fd)
-        if sha.hexdigest() != ref.digest:
-            raise TransferError("content does not match its digest (corrupt source): discarded")
+        while progress.received < ref.size:
+            while in_flight < _WINDOW and next_offset < ref.size:
+                size = min(wire.CHUNK_SIZE, ref.size - next_offset)
+                await sock.send(
+                    wire.encode("get", digest=ref.digest, offset=next_offset, size=size)
+                )
+                next_offset += size
+                in_flight += 1
+            if not await sock.poll(_CHUNK_TIMEOUT_S * 1000):
+                raise TransferError(f"no data for {_CHUNK_TIMEOUT_S:g} s")
+            try:
+                msg = wire.decode(await sock.recv(), limit=wire.MAX_DATA_FRAME)
+            except ProtocolError as err:
+                raise TransferError(f"bad reply: {err}") from err
+            in_flight -= 1
+            if msg["t"] == "missing":
+                raise TransferError("source does not hold the file")
+            if msg["t"] == "error":
+                raise TransferError(f"refused: {msg['reason'][:200]}")
+            if (
+                msg["t"] != "chunk"
+                or msg["digest"] != ref.digest
+                or msg["offset"] != progress.received
+            ):
+                raise TransferError(f"unexpected reply {msg['t']!r}")
+            data: bytes = msg["data"]
+            if len(data) != min(wire.CHUNK_SIZE, ref.size - progress.received):
+                raise TransferError("chunk of the wrong size (truncated source?)")
+            os.pwrite(fd, data, progress.received)
+            progress.sha.update(data)
+            progress.received += len(data)
+        if progress.sha.hexdigest() != ref.digest:
+            raise _Corrupt("content does not match its digest (corrupt source): discarded")

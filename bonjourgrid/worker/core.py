@@ -9,6 +9,10 @@ A reservation is a lease: the holder renews it with heartbeats; when it runs out
 coordinator died, or its link did), the peer stops the job's tasks and is IDLE again.
 Reserve is a compare-and-set on IDLE, and the daemon handles one event at a time, so two
 coordinators can never both hold the peer.
+
+What a reservation owns besides its tasks (the job's keypair, its pinned files, its
+prefetches) lives in the daemon, between the `JobStarted` and `JobEnded` instructions; the
+core says when, and refuses `run` and `prefetch` from anyone but the holder.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class ReserveRequested:
     job: str
     lease_s: float
     coordinator: str
+    keys: Any = None  # the job's keypair as the daemon parsed it; opaque to the core
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,19 @@ class RunRequested:
     task: str
     attempt: int
     spec: Any  # the task as the daemon parsed it at the wire; opaque to the core
+
+
+@dataclass(frozen=True)
+class PrefetchRequested:
+    client: bytes
+    job: str
+    files: Any  # as the daemon parsed them at the wire; opaque to the core
+
+
+@dataclass(frozen=True)
+class PrefetchFinished:
+    job: str
+    report: dict[str, Any]  # the fields of a `prefetched` message
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,8 @@ Event = (
     | HeartbeatReceived
     | ReleaseRequested
     | RunRequested
+    | PrefetchRequested
+    | PrefetchFinished
     | CancelRequested
     | TaskFinished
     | OwnerActivity
@@ -136,7 +156,29 @@ class StopTask:
     reason: str
 
 
-Instruction = Send | Advertise | StartTask | StopTask
+@dataclass(frozen=True)
+class JobStarted:
+    """A reservation began: admit the job's key, keep its pins until `JobEnded`."""
+
+    job: str
+    keys: Any
+
+
+@dataclass(frozen=True)
+class JobEnded:
+    """The reservation ended: drop the job's key, pins and prefetches."""
+
+    job: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StartPrefetch:
+    job: str
+    files: Any
+
+
+Instruction = Send | Advertise | StartTask | StopTask | JobStarted | JobEnded | StartPrefetch
 
 
 @dataclass
@@ -179,6 +221,14 @@ class WorkerCore:
                     out.append(self._deny(event.client, event.job))
             case RunRequested():
                 self._run(event, out)
+            case PrefetchRequested():
+                if self._holds(event.client, event.job):
+                    out.append(StartPrefetch(event.job, event.files))
+                else:
+                    out.append(self._deny(event.client, event.job))
+            case PrefetchFinished():
+                if self.lease is not None and self.lease.job == event.job:
+                    out.append(Send(self.lease.client, "prefetched", event.report))
             case CancelRequested():
                 if self._holds(event.client, event.job) and event.task in self.running:
                     attempt = self.running.pop(event.task)
@@ -208,6 +258,8 @@ class WorkerCore:
         else:
             self._move(PeerState.RESERVED, now, f"reserved by job {event.job}")
             self.lease = _Lease(event.job, event.client, event.coordinator, now + event.lease_s)
+            # Before `reserved` goes out: the job's key opens the data server from then on.
+            out.append(JobStarted(event.job, event.keys))
             out.append(Advertise(PeerState.RESERVED, event.job))
         out.append(
             Send(
@@ -249,6 +301,7 @@ class WorkerCore:
         assert self.lease is not None
         for task, attempt in sorted(self.running.items()):
             out.append(StopTask(self.lease.job, task, attempt, why))
+        out.append(JobEnded(self.lease.job, why))
         self.running.clear()
         self.lease = None
         self._move(to, now, why)
@@ -295,4 +348,6 @@ def refused_report(event: RunRequested, reason: str) -> dict[str, Any]:
         "fetch_s": 0.0,
         "run_s": 0.0,
         "bytes_fetched": 0,
+        "fetched": [],
+        "hit_bytes": 0,
     }

@@ -3,6 +3,11 @@
 One process, one event loop. It owns the zmq sockets (control and data), the mDNS
 advertisement, the local content store and the running tasks, and it is the only place
 where the clock is read: `WorkerCore.handle` gets `now` from here.
+
+Keys: the control socket admits the grid's coordinators; the data socket admits them and,
+while a job holds the peer, that job's public key, which its other peers prove when they
+fetch the intermediate files this peer made. This peer's own fetches for the job prove the
+job's keypair too. `probe` is answered here, from the cache's index, in any state.
 """
 
 from __future__ import annotations
@@ -21,19 +26,30 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils import z85
 
 from bonjourgrid import wire
-from bonjourgrid.cache.local import SANDBOXES, LocalCache
+from bonjourgrid.cache.local import SANDBOXES, CacheFullError, LocalCache
 from bonjourgrid.cache.transfer import DataServer, Fetcher
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
 from bonjourgrid.discovery.txt import JOB_NAME, PEER_SERVICE, PeerRecord, peer_txt
-from bonjourgrid.errors import ProtocolError
+from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, Keypair
 from bonjourgrid.units import MIB
 from bonjourgrid.worker import core
 from bonjourgrid.worker.core import PeerState, WorkerCore
 from bonjourgrid.worker.idle import IdleSettings, OwnerMonitor
-from bonjourgrid.worker.sandbox import RunSpec, TaskRun, parse_spec
+from bonjourgrid.worker.sandbox import (
+    FETCHED,
+    JobData,
+    PrefetchFile,
+    RunSpec,
+    Staging,
+    TaskRun,
+    parse_digests,
+    parse_prefetch,
+    parse_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +83,11 @@ class WorkerDaemon:
         # Owns the directory (an flock) from here until run() ends: one daemon per cache.
         self.store = LocalCache(config.cache_dir, config.cache_size)
         self.fetcher = Fetcher(self.ctx, self.keypair)
-        self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.staging = Staging(self.store, self.fetcher)
+        self.job: JobData | None = None  # the job that holds the reservation
+        # Who may read this peer's cache: the grid's coordinators, and the job holding it.
+        self.data_policy = wire.KeyPolicy({config.grid.public} if config.grid else set())
+        self.data_server: DataServer | None = None
         self.runs: dict[tuple[str, str, int], tuple[TaskRun, asyncio.Task[None]]] = {}
         self.core: WorkerCore | None = None
         self.advertiser: Advertiser | None = None
@@ -82,8 +102,10 @@ class WorkerDaemon:
         auth = None
         if grid is not None:
             # Only holders of the grid's secret key get past the CURVE handshake.
-            policy = wire.KeyPolicy({grid.public})
-            auth = wire.start_authenticator(self.ctx, {"control": policy, "data": policy})
+            control_policy = wire.KeyPolicy({grid.public})
+            auth = wire.start_authenticator(
+                self.ctx, {"control": control_policy, "data": self.data_policy}
+            )
         bind_ip = self.config.interface or "0.0.0.0"
         control = wire.server_socket(self.ctx, self.keypair, "control", wire.MAX_CONTROL_FRAME)
         control_port = control.bind_to_random_port(f"tcp://{bind_ip}")
@@ -102,9 +124,12 @@ class WorkerDaemon:
             self._txt(self.core.state, None),
             addresses=[self.config.interface] if self.config.interface else None,
         )
+        self.data_server = DataServer(
+            data, self.store.locate, self.data_policy if grid is not None else None
+        )
         background = [
             asyncio.create_task(wire.serve(control, "control", self._handle_control)),
-            asyncio.create_task(DataServer(data, self.store.locate).serve_forever()),
+            asyncio.create_task(self.data_server.serve_forever()),
             asyncio.create_task(self._tick()),
         ]
         if monitor is not None:
@@ -124,6 +149,10 @@ class WorkerDaemon:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await asyncio.gather(*(run.stop() for run, _ in self.runs.values()))
+            if self.job is not None:
+                prefetches = list(self.job.prefetches)
+                self.job.end()
+                await asyncio.gather(*prefetches, return_exceptions=True)
             await self.advertiser.stop()
             await zc.async_close()
             if auth is not None:
@@ -154,19 +183,26 @@ class WorkerDaemon:
         )
         return peer_txt(record)
 
-    async def _handle_control(self, client: bytes, msg: dict[str, Any]) -> None:
+    async def _handle_control(self, client: bytes, msg: dict[str, Any]) -> bytes | None:
+        if msg["t"] == "probe":  # a question about the cache, in any state: no event
+            held = self.store.holding(parse_digests(msg["digests"]))
+            return wire.encode("holding", digests=held)
         event = self._event(client, msg)  # a ProtocolError here is answered by wire.serve
         try:
             await self._apply(event)  # replies go out as the core's Send instructions
         except Exception:  # one bad message must never stop the peer serving
             log.exception("control: could not handle %s", type(event).__name__)
+        return None
 
     def _event(self, client: bytes, msg: dict[str, Any]) -> core.Event:
         match msg["t"]:
             case "reserve":
                 if not JOB_NAME.fullmatch(msg["job"]):
                     raise ProtocolError(f"job name {msg['job'][:80]!r} is not a valid name")
-                return core.ReserveRequested(client, msg["job"], _lease(msg), msg["coordinator"])
+                keys = job_keys(msg)  # checked even under --insecure, where they are not used
+                return core.ReserveRequested(
+                    client, msg["job"], _lease(msg), msg["coordinator"], keys
+                )
             case "heartbeat":
                 return core.HeartbeatReceived(client, msg["job"], _lease(msg))
             case "release":
@@ -177,6 +213,8 @@ class WorkerDaemon:
                 return core.RunRequested(client, msg["job"], msg["task"], msg["attempt"], spec)
             case "cancel":
                 return core.CancelRequested(client, msg["job"], msg["task"])
+            case "prefetch":
+                return core.PrefetchRequested(client, msg["job"], parse_prefetch(msg))
         raise ProtocolError(f"a worker does not take {msg['t']!r} messages")
 
     async def _apply(self, event: core.Event) -> None:
@@ -190,6 +228,12 @@ class WorkerDaemon:
                     await self.advertiser.update(self._txt(state, job))
                 case core.StartTask(job, task, attempt, spec):
                     self._start(job, task, attempt, spec)
+                case core.JobStarted(job, keys):
+                    self._job_started(job, keys)
+                case core.JobEnded(job, reason):
+                    self._job_ended(job, reason)
+                case core.StartPrefetch(job, files):
+                    self._prefetch(job, files)
                 case core.StopTask(job, task, attempt, reason):
                     entry = self.runs.pop((job, task, attempt), None)
                     if entry is not None:
@@ -198,12 +242,86 @@ class WorkerDaemon:
                         log.info("stopping %s/%s: %s", job, task, reason)
                         self._keep(asyncio.create_task(entry[0].stop()))
 
+    def _job_started(self, job: str, keys: Keypair | None) -> None:
+        grid = self.config.grid
+        if grid is None:
+            keys = None  # --insecure: no keys anywhere
+        elif keys is not None and keys.public != grid.public:
+            self.data_policy.allowed.add(keys.public)
+        # Without a job keypair (a coordinator that sent none), fetch as this peer.
+        self.job = JobData(job, keys or self.keypair, self.store)
+
+    def _job_ended(self, job: str, reason: str) -> None:
+        ended = self.job
+        if ended is None or ended.name != job:
+            return
+        self.job = None
+        grid = self.config.grid
+        keys = ended.keypair
+        if grid is not None and keys is not None and keys.public != grid.public:
+            self.data_policy.allowed.discard(keys.public)  # its connections are refused too
+            if keys is not self.keypair:
+                self.fetcher.forget(keys)
+        log.info(
+            "job %s left (%s): %d pinned files released, %d prefetches cancelled",
+            job,
+            reason,
+            len(ended.pins),
+            len(ended.prefetches),
+        )
+        ended.end()
+
+    def _prefetch(self, job: str, files: tuple[PrefetchFile, ...]) -> None:
+        data = self.job
+        if data is None or data.name != job:  # cannot happen: the core checked the holder
+            return
+        for file in files:
+            data.keep(file.ref.digest)  # pinned before its bytes come: nothing evicts them
+            task = self._keep(asyncio.create_task(self._prefetch_one(data, file)))
+            data.prefetches.add(task)
+            task.add_done_callback(data.prefetches.discard)
+
+    async def _prefetch_one(self, job: JobData, file: PrefetchFile) -> None:
+        ref = file.ref
+        started = time.monotonic()
+        source, moved, error = "", 0, ""
+        try:
+            how, label = await self.staging.obtain(
+                ref,
+                file.sources,
+                job,
+                self.staging.prefetch_slots,
+                f"prefetched file {ref.digest[:12]}",
+                prefetch=True,
+            )
+            if how == FETCHED:
+                source, moved = label, ref.size
+        except CacheFullError as err:
+            error = err.strerror or str(err)
+        except (TransferError, OSError) as err:
+            error = str(err)
+        except Exception as err:  # a report always goes back, whatever happened
+            log.exception("prefetch of %s failed in the worker", ref.digest[:12])
+            error = f"the worker could not prefetch it: {type(err).__name__}: {err}"
+        if error and not self.store.holds(ref.digest):  # a pin on nothing helps nobody
+            job.let_go(ref.digest)
+        report = {
+            "job": job.name,
+            "digest": ref.digest,
+            "source": source,
+            "bytes": moved,
+            "seconds": time.monotonic() - started,
+            "error": error,
+        }
+        await self._apply(core.PrefetchFinished(job.name, report))
+
     def _start(self, job: str, task: str, attempt: int, spec: RunSpec) -> None:
+        assert self.job is not None and self.job.name == job  # the core checked the holder
         # Names from the wire never become paths: a fresh directory per attempt.
         sandboxes = self.store.root / SANDBOXES
         sandboxes.mkdir(exist_ok=True)
         workdir = Path(tempfile.mkdtemp(prefix="task-", dir=sandboxes))
-        run = TaskRun(job, task, attempt, spec, workdir, self.store, self.fetcher, self.inflight)
+        run = TaskRun(self.job, task, attempt, spec, workdir, self.staging)
 
         async def execute() -> None:
             report = await run.execute()
@@ -250,6 +368,32 @@ class WorkerDaemon:
                 if not failing:  # once per failing spell, not five times a second
                     log.exception("owner activity: the sample failed")
                 failing = True
+
+
+def job_keys(msg: dict[str, Any]) -> Keypair | None:
+    """The job keypair of a decoded `reserve` (None when both halves are ""); ProtocolError."""
+    public, secret = msg["job_public"], msg["job_secret"]
+    if public == secret == "":
+        return None
+    if not (_is_z85_key(public) and _is_z85_key(secret)):
+        raise ProtocolError(
+            "job_public and job_secret must both be CURVE keys (40 Z85 characters), "
+            "or both empty (--insecure)"
+        )
+    try:
+        matches = zmq.curve_public(secret.encode()) == public.encode()
+    except zmq.ZMQError:
+        matches = False
+    if not matches:
+        raise ProtocolError("job_secret is not the secret half of job_public")
+    return Keypair(public.encode(), secret.encode())
+
+
+def _is_z85_key(text: str) -> bool:
+    return len(text) == 40 and all(c in _Z85 for c in text)
+
+
+_Z85 = frozenset(z85.Z85CHARS.decode())
 
 
 def _lease(msg: dict[str, Any]) -> float:

@@ -4,6 +4,10 @@ A task's sandbox is a fresh directory holding hard links to its inputs at their 
 relative paths. The command runs there under /bin/sh in a session (process group) of its
 own, so stopping it stops everything it started. Declared outputs must be regular files
 inside the sandbox; they are moved into the content store and reported by digest.
+
+Files reach the local cache through one `Staging` per daemon, shared by task runs and
+prefetches: one fetch per digest at a time, whoever asks, proving the job's keypair. What
+the job that holds the peer keeps (pins, files prefetched and not yet used) is its `JobData`.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -25,6 +30,7 @@ from bonjourgrid.cache.local import CacheFullError, LocalCache
 from bonjourgrid.cache.store import FileRef, is_digest
 from bonjourgrid.cache.transfer import Fetcher, Source
 from bonjourgrid.errors import ProtocolError, TransferError
+from bonjourgrid.keys import Keypair
 from bonjourgrid.worker.limits import Limits, limits_from_wire
 
 log = logging.getLogger(__name__)
@@ -33,7 +39,9 @@ log = logging.getLogger(__name__)
 # period (0.2 s), a returning owner gets the machine back within a second.
 STOP_GRACE_S = 0.5
 _STDERR_TAIL = 2000  # characters of stderr kept in a report
-_MAX_PARALLEL_FETCHES = 4
+_MAX_PARALLEL_FETCHES = 4  # per task run
+_MAX_PREFETCHES = 4  # fetches that prefetches run at once, for the whole peer
+_MAX_JOINS = 3  # shared fetches a file waits on (each failed) before it is fetched regardless
 _DISK_FULL_BYTES = 1024 * 1024  # a failed task on a disk with less free than this: disk full
 
 
@@ -69,6 +77,10 @@ def safe_relative(path: str) -> str:
     return str(pure)
 
 
+def _sources(items: list[Any]) -> tuple[Source, ...]:
+    return tuple(Source(*s) for s in wire.check_list(items, (str, str, str), "source"))
+
+
 def parse_spec(msg: dict[str, Any]) -> RunSpec:
     """The task in a decoded `run` message; ProtocolError if any part is malformed."""
     inputs = []
@@ -77,8 +89,7 @@ def parse_spec(msg: dict[str, Any]) -> RunSpec:
     ):
         if not is_digest(digest) or size < 0:
             raise ProtocolError(f"input {path!r} has a bad digest or size")
-        srcs = tuple(Source(*s) for s in wire.check_list(sources, (str, str, str), "source"))
-        inputs.append(TaskInput(safe_relative(path), FileRef(digest, size), srcs))
+        inputs.append(TaskInput(safe_relative(path), FileRef(digest, size), _sources(sources)))
     outputs = tuple(
         safe_relative(p)
         for (p,) in wire.check_list([[o] for o in msg["outputs"]], (str,), "output")
@@ -94,6 +105,165 @@ def parse_spec(msg: dict[str, Any]) -> RunSpec:
     return RunSpec(msg["command"], tuple(inputs), outputs, env, limits_from_wire(msg["limits"]))
 
 
+@dataclass(frozen=True)
+class PrefetchFile:
+    ref: FileRef
+    sources: tuple[Source, ...]
+
+
+def parse_prefetch(msg: dict[str, Any]) -> tuple[PrefetchFile, ...]:
+    """The files of a decoded `prefetch` message; ProtocolError if any entry is malformed."""
+    files = []
+    for digest, size, sources in wire.check_list(msg["files"], (str, int, list), "file"):
+        if not is_digest(digest) or size < 0:
+            raise ProtocolError(f"prefetch of {digest[:64]!r}: bad digest or size")
+        files.append(PrefetchFile(FileRef(digest, size), _sources(sources)))
+    return tuple(files)
+
+
+def parse_digests(items: list[Any]) -> list[str]:
+    """The digests of a decoded `probe` message; ProtocolError if one is not a digest."""
+    if not all(isinstance(d, str) and is_digest(d) for d in items):
+        raise ProtocolError("a probe lists SHA-256 digests (64 lowercase hex digits)")
+    return list(items)
+
+
+@dataclass(eq=False)
+class JobData:
+    """What the peer keeps for the job that holds its reservation, until `end()`."""
+
+    name: str
+    keypair: Keypair | None  # what its fetches prove to data servers (None: --insecure)
+    store: LocalCache
+    pins: set[str] = field(default_factory=set)  # job pins: one count each in the store
+    unclaimed: set[str] = field(default_factory=set)  # prefetched, no run has used them yet
+    prefetches: set[asyncio.Task[None]] = field(default_factory=set)
+    ended: bool = False
+
+    def keep(self, digest: str) -> None:
+        """Pin `digest` until the reservation ends (it need not be cached yet)."""
+        if not self.ended and digest not in self.pins:
+            self.store.pin(digest)
+            self.pins.add(digest)
+
+    def let_go(self, digest: str) -> None:
+        """Drop the job's pin on `digest` (a prefetch that brought nothing)."""
+        if digest in self.pins:
+            self.pins.discard(digest)
+            self.store.unpin(digest)
+
+    def end(self) -> None:
+        """The reservation ended: cancel its prefetches, drop its pins."""
+        self.ended = True
+        for task in self.prefetches:
+            task.cancel()
+        for digest in self.pins:
+            self.store.unpin(digest)
+        self.pins.clear()
+        self.unclaimed.clear()
+
+
+# How `Staging.obtain` found a file: in the cache, brought by this caller, or brought by a
+# fetch someone else on this peer had in flight.
+HIT, FETCHED, SHARED = "hit", "fetched", "shared"
+
+
+@dataclass(eq=False)
+class _Fetch:
+    task: asyncio.Task[str]  # its result: the label of the source that served the file
+    waiters: int = 0
+
+
+class Staging:
+    """Brings files into the local cache: one fetch per digest at a time, whoever asks.
+
+    A run that needs a file a prefetch (or another run) is fetching waits for that fetch;
+    so does a prefetch of a file a run is fetching. A fetch nobody waits for any more (its
+    runs stopped, its prefetches cancelled) is cancelled.
+    """
+
+    def __init__(self, store: LocalCache, fetcher: Fetcher) -> None:
+        self.store = store
+        self.fetcher = fetcher
+        self.inflight: dict[str, _Fetch] = {}  # digest -> the fetch bringing it
+        self.prefetch_slots = asyncio.Semaphore(_MAX_PREFETCHES)
+
+    async def obtain(
+        self,
+        ref: FileRef,
+        sources: tuple[Source, ...],
+        job: JobData,
+        slots: asyncio.Semaphore,
+        what: str,
+        prefetch: bool = False,
+    ) -> tuple[str, str]:
+        """Make `ref` present in the cache: (HIT | FETCHED | SHARED, label of the source).
+
+        Raises what the fetch raised (TransferError, CacheFullError) when this call fetched.
+        """
+        joins = 0
+        while True:
+            # Off the loop: an entry changed on disk is hashed again (and dropped if corrupt).
+            if await asyncio.to_thread(self.store.has, ref):
+                return HIT, ""
+            current = self.inflight.get(ref.digest)
+            if current is not None and joins < _MAX_JOINS:
+                joins += 1
+                try:
+                    await self._join(current)
+                    return SHARED, ""
+                except asyncio.CancelledError:
+                    if _cancelling():
+                        raise
+                except Exception:  # that fetch failed: try again, with our sources
+                    pass
+                continue
+            async with slots:
+                if ref.digest in self.inflight and joins < _MAX_JOINS:
+                    continue  # someone began while this waited for a slot
+                if self.store.holds(ref.digest) and await asyncio.to_thread(self.store.has, ref):
+                    return SHARED, ""  # someone brought it while this waited for a slot
+                entry = _Fetch(
+                    asyncio.ensure_future(self._fetch(ref, sources, job, what, prefetch))
+                )
+                if self.inflight.setdefault(ref.digest, entry) is entry:
+                    # A callback, not a `finally` in the fetch: a fetch cancelled before its
+                    # first step never runs its body. Callbacks run in order: before waiters.
+                    entry.task.add_done_callback(functools.partial(self._forget, ref.digest, entry))
+                return FETCHED, await self._join(entry)
+
+    async def _fetch(
+        self, ref: FileRef, sources: tuple[Source, ...], job: JobData, what: str, prefetch: bool
+    ) -> str:
+        self.store.admit(ref.size, what)
+        partial = self.store.incoming_path(ref.digest)
+        source = await self.fetcher.fetch(ref, sources, partial, job.keypair)
+        self.store.commit(partial, ref.digest)
+        if prefetch and not job.ended:
+            # Here, before any waiter resumes: a run that waited for it sees it prefetched.
+            job.unclaimed.add(ref.digest)
+        return source.label
+
+    def _forget(self, digest: str, entry: _Fetch, done: asyncio.Task[str]) -> None:
+        if self.inflight.get(digest) is entry:
+            del self.inflight[digest]
+
+    async def _join(self, entry: _Fetch) -> str:
+        entry.waiters += 1
+        try:
+            return await asyncio.shield(entry.task)
+        finally:
+            entry.waiters -= 1
+            if entry.waiters == 0 and not entry.task.done():
+                entry.task.cancel()  # nobody wants these bytes any more
+
+
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (not a fetch it waited for)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class TaskRun:
     """One attempt of one task on this peer; `stop()` ends it from outside.
 
@@ -103,23 +273,25 @@ class TaskRun:
 
     def __init__(
         self,
-        job: str,
+        job: JobData,
         task: str,
         attempt: int,
         spec: RunSpec,
         workdir: Path,
-        store: LocalCache,
-        fetcher: Fetcher,
-        inflight: dict[str, asyncio.Task[None]],
+        staging: Staging,
     ) -> None:
-        self.job, self.task, self.attempt = job, task, attempt
+        self.job, self.task, self.attempt = job.name, task, attempt
+        self.jobdata = job
         self.spec = spec
         self.workdir = workdir
         self.sandbox = workdir / "sandbox"
-        self.store = store
-        self.fetcher = fetcher
-        self._inflight = inflight  # digest -> its fetch, shared by the daemon's runs
+        self.staging = staging
+        self.store = staging.store
+        self.fetched: list[list[Any]] = []  # [digest, source label, bytes] per input moved
+        self.hit_bytes = 0
+        self._adopted: list[str] = []  # outputs in the store, each pinned by this run
         self._proc: asyncio.subprocess.Process | None = None
+        self._staging: asyncio.Future[None] | None = None
         self._stopped = False
 
     async def execute(self) -> dict[str, Any]:
@@ -135,12 +307,15 @@ class TaskRun:
             "fetch_s": 0.0,
             "run_s": 0.0,
             "bytes_fetched": 0,
+            "fetched": self.fetched,
+            "hit_bytes": 0,
         }
         started = time.monotonic()
         for item in self.spec.inputs:  # no input may be evicted while this task needs it
             self.store.pin(item.ref.digest)
         try:
-            report["bytes_fetched"] = await self._stage_inputs()
+            self._staging = asyncio.ensure_future(self._stage_inputs())
+            await self._staging
             report["fetch_s"] = time.monotonic() - started
             before = {i.ref.digest: self.store.fingerprint(i.ref.digest) for i in self.spec.inputs}
             started = time.monotonic()
@@ -164,6 +339,10 @@ class TaskRun:
                 report["error"] = str(err)
         except (TransferError, OutputError) as err:
             report["error"] = str(err)
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            report["error"] = "stopped while its inputs were fetched"
         except Exception as err:  # the promise: a report always goes back, whatever happened
             log.exception("task %s/%s failed in the worker", self.job, self.task)
             report["error"] = f"the worker could not run the task: {type(err).__name__}: {err}"
@@ -171,6 +350,12 @@ class TaskRun:
             shutil.rmtree(self.workdir, ignore_errors=True)
             for item in self.spec.inputs:
                 self.store.unpin(item.ref.digest)
+            for digest in self._adopted:  # the job keeps its outputs: consumers fetch them here
+                if report["outputs"]:
+                    self.jobdata.keep(digest)
+                self.store.unpin(digest)
+            report["bytes_fetched"] = sum(size for _, _, size in self.fetched)
+            report["hit_bytes"] = self.hit_bytes
         return report
 
     def _disk_full(self) -> bool:
@@ -185,39 +370,33 @@ class TaskRun:
             "the task should run on another peer"
         )
 
-    async def _stage_inputs(self) -> int:
+    async def _stage_inputs(self) -> None:
         self.sandbox.mkdir(parents=True)
-        limit = asyncio.Semaphore(_MAX_PARALLEL_FETCHES)
+        slots = asyncio.Semaphore(_MAX_PARALLEL_FETCHES)
+        job = self.jobdata
 
-        async def fetch(item: TaskInput) -> None:
-            async with limit:
-                self.store.admit(item.ref.size, f"input {item.path!r}")
-                partial = self.store.incoming_path(item.ref.digest)
-                await self.fetcher.fetch(item.ref, item.sources, partial)
-                self.store.commit(partial, item.ref.digest)
+        async def stage(item: TaskInput) -> None:
+            digest, size = item.ref.digest, item.ref.size
+            how, label = await self.staging.obtain(
+                item.ref, item.sources, job, slots, f"input {item.path!r}"
+            )
+            # The accounting of `task_done`: a file a prefetch brought for this job was
+            # reported by its `prefetched`; its first use here counts as neither hit nor fetch.
+            if how == FETCHED:
+                self.fetched.append([digest, label, size])
+            elif how == HIT and digest not in job.unclaimed:
+                self.hit_bytes += size
+            job.unclaimed.discard(digest)
 
-        async def stage(item: TaskInput) -> int:
-            digest = item.ref.digest
-            # Off the loop: an entry changed on disk is hashed again (and dropped if corrupt).
-            if await asyncio.to_thread(self.store.has, item.ref):
-                return 0
-            shared = self._inflight.get(digest)
-            if shared is not None:  # another task on this peer is fetching the same bytes
-                await asyncio.shield(shared)
-                return 0
-            mine = self._inflight[digest] = asyncio.ensure_future(fetch(item))
-            try:
-                await asyncio.shield(mine)
-            finally:
-                if self._inflight.get(digest) is mine:
-                    del self._inflight[digest]
-            return item.ref.size
-
-        fetched = sum(await asyncio.gather(*(stage(i) for i in self.spec.inputs)))
+        staged = [asyncio.ensure_future(stage(i)) for i in self.spec.inputs]
+        try:
+            await asyncio.gather(*staged)
+        finally:  # one input failed, or the run was stopped: the others need not come
+            for task in staged:
+                task.cancel()
         for item in self.spec.inputs:
             self.store.link_into(item.ref.digest, self.sandbox / item.path)
             self.store.touch(item.ref.digest)
-        return fetched
 
     def _evict_changed_inputs(self, before: dict[str, tuple[int, int]]) -> None:
         # Inputs are hard links into the store. A task running with enough rights (root
@@ -302,13 +481,16 @@ class TaskRun:
             if root not in path.resolve().parents:
                 raise OutputError(f"output {rel!r} lies outside the task directory: refused")
             self.store.admit(path.stat().st_size, f"output {rel!r}")
-            ref = self.store.adopt(path)
+            ref = self.store.adopt(path, pin=True)  # pinned at once: the next output may evict
+            self._adopted.append(ref.digest)
             stored.append([rel, ref.digest, ref.size])
         return stored
 
     async def stop(self) -> None:
         """Stop the command and all it started: SIGTERM, a grace period, then SIGKILL."""
         self._stopped = True
+        if self._staging is not None:
+            self._staging.cancel()  # inputs still on their way: they are not needed any more
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return

@@ -108,7 +108,10 @@ class Coordinator:
         self.peer = peer
         self.submit_dir = submit_dir
         self.keypair = Keypair.generate()  # the coordinator's own data-server key
+        self.job_keys: dict[str, Keypair] = {}  # one CURVE keypair per job, as in `reserve`
         self.index = FileIndex()
+        # Who may fetch from this coordinator: the jobs' keys (the peer fetches with them).
+        self.policy = wire.KeyPolicy()
         self.auth: AsyncioAuthenticator | None = None
         self.server: asyncio.Task[None] | None = None
         self.source: Source | None = None
@@ -129,9 +132,29 @@ class Coordinator:
         await sock.send(wire.encode(msg_type, **fields))
         return await self.recv(sock)
 
+    def job_key(self, job: str) -> Keypair:
+        if job not in self.job_keys:
+            self.job_keys[job] = Keypair.generate()
+            self.policy.allowed.add(self.job_keys[job].public)
+        return self.job_keys[job]
+
+    def reserve_fields(
+        self, job: str, lease_s: float = 30.0, coordinator: str = "test"
+    ) -> dict[str, Any]:
+        """The fields of a `reserve` for `job`, with its job keypair."""
+        keys = self.job_key(job)
+        assert keys.secret is not None
+        return {
+            "job": job,
+            "lease_s": lease_s,
+            "coordinator": coordinator,
+            "job_public": keys.public.decode(),
+            "job_secret": keys.secret.decode(),
+        }
+
     async def reserve(self, job: str, lease_s: float = 30.0) -> zmq.asyncio.Socket:
         sock = self.connect()
-        reply = await self.ask(sock, "reserve", job=job, lease_s=lease_s, coordinator="test")
+        reply = await self.ask(sock, "reserve", **self.reserve_fields(job, lease_s))
         assert reply["t"] == "reserved", reply
         return sock
 
@@ -142,9 +165,7 @@ class Coordinator:
         path.write_bytes(data)
         ref = self.index.add(path)
         if self.server is None:
-            # Only the peer's key may fetch, as the coordinator allows each peer it reserves.
-            policy = wire.KeyPolicy({self.peer.key.encode()})
-            self.auth = wire.start_authenticator(self.ctx, {"data": policy})
+            self.auth = wire.start_authenticator(self.ctx, {"data": self.policy})
             sock = wire.server_socket(self.ctx, self.keypair, "data", 4096)
             port = sock.bind_to_random_port("tcp://127.0.0.1")
             self.server = asyncio.create_task(DataServer(sock, self.index.locate).serve_forever())
@@ -199,7 +220,7 @@ async def test_a_peer_is_reserved_by_one_job_at_a_time(
     peer: Peer, coordinator: Coordinator
 ) -> None:
     first = coordinator.connect()
-    reply = await coordinator.ask(first, "reserve", job="job-1", lease_s=30.0, coordinator="a")
+    reply = await coordinator.ask(first, "reserve", **coordinator.reserve_fields("job-1"))
     assert reply == {
         "v": 1,
         "t": "reserved",
@@ -210,7 +231,7 @@ async def test_a_peer_is_reserved_by_one_job_at_a_time(
     assert peer.state is PeerState.RESERVED
 
     second = coordinator.connect()
-    reply = await coordinator.ask(second, "reserve", job="job-2", lease_s=30.0, coordinator="b")
+    reply = await coordinator.ask(second, "reserve", **coordinator.reserve_fields("job-2"))
     assert reply["t"] == "denied" and "job-1" in reply["reason"]
     # Nor may the other job use the peer it does not hold.
     run = coordinator.run_fields("job-2", "t", "true")
@@ -245,7 +266,7 @@ async def test_a_client_without_the_grid_key_gets_no_reply(
     peer: Peer, coordinator: Coordinator
 ) -> None:
     outsider = coordinator.connect(Keypair.generate())
-    await outsider.send(wire.encode("reserve", job="intruder", lease_s=30.0, coordinator="x"))
+    await outsider.send(wire.encode("reserve", **coordinator.reserve_fields("intruder")))
     assert not await outsider.poll(SILENCE_S * 1000)
     assert peer.state is PeerState.IDLE
     await coordinator.reserve("job-1")  # the grid's coordinators are still served
@@ -269,6 +290,7 @@ async def test_a_task_runs_and_its_output_is_fetchable_from_the_peer(
     assert (done["exit_code"], done["error"]) == (0, "")
     assert done["outputs"] == [["out.txt", digest(expected), len(expected)]]
     assert done["bytes_fetched"] == len(text)
+    assert (done["fetched"], done["hit_bytes"]) == ([[ref.digest, "coordinator", len(text)]], 0)
     assert not any((peer.daemon.store.root / "sandboxes").iterdir())  # cleaned up
 
     # The output stays on the peer; the coordinator fetches it from the peer's data port.
@@ -285,7 +307,8 @@ async def test_a_task_runs_and_its_output_is_fetchable_from_the_peer(
     fields = coordinator.run_fields("job-1", "count", "wc -c < in.txt", {"in.txt": ref})
     await sock.send(wire.encode("run", **fields))
     done = await coordinator.recv(sock)
-    assert (done["exit_code"], done["bytes_fetched"]) == (0, 0)
+    assert (done["exit_code"], done["bytes_fetched"], done["fetched"]) == (0, 0, [])
+    assert done["hit_bytes"] == len(text)
 
 
 async def test_a_failing_command_reports_its_exit_code_and_stderr(
@@ -375,10 +398,20 @@ async def test_garbage_on_the_control_socket_never_stops_the_peer(
         b"",
         b"\xc1 definitely not msgpack",
         wire.encode("chunk", digest="ab" * 32, offset=0, data=b"x"),  # a data-plane message
-        wire.encode("reserve", job="j", lease_s=-1.0, coordinator="h"),
-        wire.encode("reserve", job="j", lease_s=1e9, coordinator="h"),
-        wire.encode("reserve", job="j", lease_s=float("nan"), coordinator="h"),
-        wire.encode("reserve", job="j", lease_s=True, coordinator="h"),
+        wire.encode("reserve", **coordinator.reserve_fields("j", lease_s=-1.0)),
+        wire.encode("reserve", **coordinator.reserve_fields("j", lease_s=1e9)),
+        wire.encode("reserve", **coordinator.reserve_fields("j", lease_s=float("nan"))),
+        wire.encode("reserve", **coordinator.reserve_fields("j", lease_s=True)),
+        wire.encode("reserve", job="j", lease_s=30.0, coordinator="h"),  # no job keys
+        wire.encode("reserve", **{**coordinator.reserve_fields("j"), "job_secret": ""}),
+        wire.encode("reserve", **{**coordinator.reserve_fields("j"), "job_public": "x" * 39}),
+        wire.encode(  # a secret that is not the public key's other half
+            "reserve",
+            **{
+                **coordinator.reserve_fields("j"),
+                "job_secret": coordinator.reserve_fields("k")["job_secret"],
+            },
+        ),
     ):
         await sock.send(frame)
         assert (await coordinator.recv(sock))["t"] == "error", frame[:40]
@@ -387,7 +420,7 @@ async def test_garbage_on_the_control_socket_never_stops_the_peer(
     flooder = coordinator.connect()
     await flooder.send(b"\x00" * (wire.MAX_CONTROL_FRAME + 4096))
 
-    await sock.send(wire.encode("reserve", job="job-1", lease_s=30.0, coordinator="h"))
+    await sock.send(wire.encode("reserve", **coordinator.reserve_fields("job-1")))
     while (reply := await coordinator.recv(sock))["t"] == "error":
         pass
     assert reply["t"] == "reserved"
@@ -446,7 +479,7 @@ async def test_a_job_name_that_cannot_be_advertised_is_refused_and_the_peer_keep
     peer: Peer, coordinator: Coordinator
 ) -> None:
     sock = coordinator.connect()
-    await sock.send(wire.encode("reserve", job="my job", lease_s=30.0, coordinator="h"))
+    await sock.send(wire.encode("reserve", **coordinator.reserve_fields("my job")))
     reply = await coordinator.recv(sock, timeout=0.5)
     assert reply["t"] in ("error", "denied")
     assert peer.state is PeerState.IDLE

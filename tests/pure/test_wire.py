@@ -32,8 +32,9 @@ def pack(obj: Any) -> bytes:
 
 
 def test_the_protocol_has_the_messages_of_both_conversations() -> None:
-    control = {"reserve", "heartbeat", "release", "run", "cancel"}
+    control = {"reserve", "heartbeat", "release", "run", "cancel", "prefetch", "probe"}
     replies = {"reserved", "denied", "heartbeat_ack", "released", "preempted", "task_done", "error"}
+    replies |= {"prefetched", "holding"}
     data = {"get", "chunk", "missing"}
     jobctl = {"cancel_job", "cancelling"}  # `bgrid cancel` -> coordinator
     assert set(wire.SCHEMAS) == control | replies | data | jobctl
@@ -63,7 +64,9 @@ def _with(msg_type: str, **changes: Any) -> bytes:
 
 
 _DROP = object()
-_RESERVE = wire.encode("reserve", job="j", lease_s=10.0, coordinator="host")
+_RESERVE = wire.encode(
+    "reserve", job="j", lease_s=10.0, coordinator="host", job_public="", job_secret=""
+)
 
 MALFORMED: dict[str, bytes] = {
     "empty frame": b"",

@@ -119,3 +119,50 @@ def test_the_owner_coming_back_preempts_the_job(peer: WorkerCore) -> None:
     assert sent(reserve(peer, B, "job2")) == [(B, "denied")]
     peer.handle(core.OwnerActivity(active=False), 5.0)
     assert peer.state is PeerState.IDLE
+
+
+# -- what a reservation owns: the job's keys, pins and prefetches -------------------------------
+
+
+def test_a_reservation_starts_its_job_before_it_is_granted(peer: WorkerCore) -> None:
+    out = peer.handle(core.ReserveRequested(A, "job1", 10.0, "host", keys="job1-keys"), 0.0)
+    started = out.index(core.JobStarted("job1", "job1-keys"))
+    granted = next(i for i, x in enumerate(out) if isinstance(x, core.Send))
+    assert started < granted  # the job's key opens the data server before anyone learns of it
+    retried = peer.handle(core.ReserveRequested(A, "job1", 10.0, "host", keys="other"), 1.0)
+    assert not any(isinstance(i, core.JobStarted) for i in retried)
+
+
+@pytest.mark.parametrize(
+    ("event", "now"),
+    [
+        (core.ReleaseRequested(A, "job1"), 1.0),
+        (core.Tick(), 10.0),
+        (core.OwnerActivity(active=True), 1.0),
+    ],
+    ids=["release", "lease-expiry", "preemption"],
+)
+def test_every_end_of_a_reservation_ends_its_job(
+    peer: WorkerCore, event: core.Event, now: float
+) -> None:
+    reserve(peer, A, "job1")
+    ended = [i for i in peer.handle(event, now) if isinstance(i, core.JobEnded)]
+    assert [e.job for e in ended] == ["job1"]
+
+
+def test_only_the_holder_may_prefetch(peer: WorkerCore) -> None:
+    reserve(peer, A, "job1")
+    assert peer.handle(core.PrefetchRequested(A, "job1", ("f",)), 1.0) == [
+        core.StartPrefetch("job1", ("f",))
+    ]
+    for stranger in (core.PrefetchRequested(B, "job1", ()), core.PrefetchRequested(B, "job2", ())):
+        assert sent(peer.handle(stranger, 1.0)) == [(B, "denied")]
+
+
+def test_a_prefetch_is_reported_to_its_job_while_the_job_holds_the_peer(peer: WorkerCore) -> None:
+    reserve(peer, A, "job1")
+    report = {"job": "job1", "digest": "d", "source": "coordinator", "bytes": 3}
+    assert sent(peer.handle(core.PrefetchFinished("job1", report), 1.0)) == [(A, "prefetched")]
+    peer.handle(core.ReleaseRequested(A, "job1"), 2.0)
+    reserve(peer, B, "job2", now=3.0)
+    assert peer.handle(core.PrefetchFinished("job1", report), 4.0) == []  # job1 is gone
