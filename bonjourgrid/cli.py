@@ -87,6 +87,9 @@ def _submit(args: argparse.Namespace) -> int:
             resume=args.resume,
             peer_timeout=args.peer_timeout,
             lease=args.lease,
+            prefetch=args.prefetch,
+            prefetch_depth=args.prefetch_depth,
+            fetch_all=args.fetch_all,
         )
     )
 
@@ -148,6 +151,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bonjourgrid.coordinator.prefetch import POLICIES
+
     parser = argparse.ArgumentParser(
         prog="bgrid", description="BonjourGrid: a desktop grid with nothing to administer."
     )
@@ -252,6 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="S",
         help="if this coordinator dies, its peers are free again after S seconds (default 10)",
+    )
+    s.add_argument(
+        "--prefetch",
+        choices=POLICIES,
+        metavar="POLICY",
+        help=f"when inputs move to the peers: {', '.join(POLICIES)} "
+        "(default: [prefetch] policy in bgrid.toml, else lookahead)",
+    )
+    s.add_argument(
+        "--prefetch-depth",
+        type=int,
+        metavar="N",
+        help="tasks planned ahead per peer whose inputs move early (default 2)",
+    )
+    s.add_argument(
+        "--fetch-all",
+        action=argparse.BooleanOptionalAction,
+        help="bring every output back to the submit directory, intermediate files too "
+        "(default: final outputs and those of `keep: true` tasks)",
     )
     interface_flag(s)
     s.set_defaults(run=_submit)

@@ -5,6 +5,7 @@
     ├── RequirementError      a `--require` / `require:` expression is wrong (exit 2)
     ├── ConfigError           a flag, config file or key store is wrong (exit 2)
     ├── KeyStoreError         no grid key where one is needed (exit 2)
+    ├── StageError            an input file or URL cannot be staged (exit 2, before any peer)
     ├── ProtocolError         a message on the wire is malformed (never fatal to a daemon)
     ├── TransferError         a file could not be fetched or failed its digest check
     └── RecruitError          no peer of this grid fits the job (exit 3)
@@ -33,6 +34,10 @@ class ConfigError(BonjourGridError):
 
 class KeyStoreError(ConfigError):
     pass
+
+
+class StageError(BonjourGridError):
+    exit_code = 2
 
 
 class ProtocolError(BonjourGridError):

@@ -1,25 +1,47 @@
-"""`bgrid submit` as a library call: load, check, pick the grid, run, report."""
+"""`bgrid submit` as a library call: load, check, pick the grid, run, report.
+
+Settings come from the flags, then `bgrid.toml` in the submit directory, then the user's
+`$XDG_CONFIG_HOME/bonjourgrid/config.toml` (the first that says wins, key by key):
+
+```toml
+[prefetch]
+policy = "lookahead"          # none | lookahead | eager | critical-path  (--prefetch)
+depth = 2                     # tasks planned ahead per peer  (--prefetch-depth)
+max_bytes = "4GiB"            # bytes planned ahead per peer: a size or a number of bytes
+broadcast_min_consumers = 4   # a file read by this many tasks goes to every peer up front; 0: never
+
+[submit]
+fetch_all = false             # bring intermediate outputs back too  (--fetch-all)
+```
+An unknown table or key is an error, so a typo never goes unnoticed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import json
 import logging
 import os
 import signal
 import sys
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bonjourgrid.coordinator.journal import ResumePlan, journal_path, plan_resume, workflow_digest
+from bonjourgrid.coordinator.prefetch import POLICIES, DataOptions, PrefetchSettings
 from bonjourgrid.coordinator.recruit import needs_from
 from bonjourgrid.coordinator.report import format_summary
 from bonjourgrid.coordinator.shell import LEASE_S, PEER_TIMEOUT_S, Coordinator, Timeouts
+from bonjourgrid.coordinator.stage import stage_sources
 from bonjourgrid.dag import Workflow, load_workflow
 from bonjourgrid.errors import ConfigError, KeyStoreError
 from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, key_dir, load_grid_key
+from bonjourgrid.units import parse_size
 from bonjourgrid.worker.local import LOOPBACK, LocalGrid
 
 log = logging.getLogger(__name__)
@@ -39,6 +61,9 @@ class SubmitOptions:
     resume: bool = False  # keep the tasks the journal vouches for
     peer_timeout: float | None = None  # seconds of silence before a peer is lost
     lease: float | None = None  # seconds a peer stays ours without a heartbeat
+    prefetch: str | None = None  # --prefetch POLICY; None: the config files say, else lookahead
+    prefetch_depth: int | None = None
+    fetch_all: bool | None = None  # --fetch-all / --no-fetch-all; None: the config files say
 
 
 def parse_workers(text: str) -> tuple[int, int]:
@@ -53,21 +78,138 @@ def parse_workers(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+CONFIG_NAME = "bgrid.toml"  # in the submit directory
+_COUNT = ((int,), "a whole number")
+# Every setting of bgrid.toml / config.toml: its table, key, the TOML types it takes, in words.
+_CONFIG: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
+    "prefetch": {
+        "policy": ((str,), "a string: " + ", ".join(POLICIES)),
+        "depth": _COUNT,
+        "max_bytes": ((int, str), 'a size such as "4GiB", or a number of bytes'),
+        "broadcast_min_consumers": _COUNT,
+    },
+    "submit": {"fetch_all": ((bool,), "true or false")},
+}
+
+
+def user_config_path() -> Path:
+    """The user's settings for every submit: $XDG_CONFIG_HOME/bonjourgrid/config.toml."""
+    return key_dir() / "config.toml"
+
+
+def read_config(path: Path) -> dict[str, tuple[Any, str]]:
+    """The settings in a config file as {"table.key": (value, where)}; {} if there is none."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}; fix it there") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    found: dict[str, tuple[Any, str]] = {}
+    for table, entries in data.items():
+        known = _CONFIG.get(table)
+        if known is None or not isinstance(entries, dict):
+            what = f"table [{table}]" if isinstance(entries, dict) else f"key {table!r}"
+            raise ConfigError(
+                f"{path}: unknown {what}{_hint(table, _CONFIG)}; the settings go in "
+                + " and ".join(f"[{name}]" for name in _CONFIG)
+            )
+        for key, value in entries.items():
+            where = f"{path}: [{table}] {key}"
+            if key not in known:
+                raise ConfigError(f"{path}: unknown key {key!r} in [{table}]{_hint(key, known)}")
+            types, wanted = known[key]
+            # TOML booleans are not numbers here, whatever Python thinks of bool and int.
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise ConfigError(f"{where} = {value!r}: expected {wanted}")
+            found[f"{table}.{key}"] = (value, where)
+    return found
+
+
+def _hint(word: str, known: Mapping[str, object]) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})"
+
+
+def data_options(
+    submit_dir: Path,
+    *,
+    prefetch: str | None = None,
+    depth: int | None = None,
+    fetch_all: bool | None = None,
+    user_config: Path | None = None,
+) -> DataOptions:
+    """The job's data options: the flags given (not None), then bgrid.toml, then the user's."""
+    values = read_config(user_config or user_config_path())
+    values.update(read_config(submit_dir / CONFIG_NAME))
+    for key, flag, value in (
+        ("prefetch.policy", "--prefetch", prefetch),
+        ("prefetch.depth", "--prefetch-depth", depth),
+        ("submit.fetch_all", "--fetch-all", fetch_all),
+    ):
+        if value is not None:
+            values[key] = (value, flag)
+
+    def count(key: str, default: int) -> int:
+        if key not in values:
+            return default
+        value, where = values[key]
+        if isinstance(value, str):  # max_bytes: a size such as "2GiB"
+            try:
+                value = parse_size(value)
+            except ConfigError as err:
+                raise ConfigError(f"{where}: {err}") from None
+        if value < 0:
+            raise ConfigError(f"{_said(where, value)}: give a whole number, 0 or more")
+        return int(value)
+
+    defaults = PrefetchSettings()
+    policy, where = values.get("prefetch.policy", (defaults.policy, ""))
+    if policy not in POLICIES:
+        raise ConfigError(f"{_said(where, policy)}: choose one of {', '.join(POLICIES)}")
+    settings = PrefetchSettings(
+        policy=policy,
+        depth=count("prefetch.depth", defaults.depth),
+        max_bytes=count("prefetch.max_bytes", defaults.max_bytes),
+        broadcast_min_consumers=count(
+            "prefetch.broadcast_min_consumers", defaults.broadcast_min_consumers
+        ),
+    )
+    return DataOptions(settings, fetch_all=bool(values.get("submit.fetch_all", (False, ""))[0]))
+
+
+def _said(where: str, value: object) -> str:
+    """`--flag VALUE` or `FILE: [table] key = VALUE`, for a message."""
+    return f"{where} {value}" if where.startswith("--") else f"{where} = {value!r}"
+
+
 def submit(opts: SubmitOptions) -> int:
     """Run the workflow; print or write the report; the process exit code."""
     workflow = load_workflow(opts.workflow)  # DagError (exit 2) before any peer is touched
+    data = data_options(  # ConfigError (exit 2), as early
+        workflow.root, prefetch=opts.prefetch, depth=opts.prefetch_depth, fetch_all=opts.fetch_all
+    )
     timeouts = Timeouts(
         PEER_TIMEOUT_S if opts.peer_timeout is None else opts.peer_timeout,
         LEASE_S if opts.lease is None else opts.lease,
     )
-    plan = plan_resume(workflow, opts.workflow) if opts.resume else None
+    plan = None
+    if opts.resume:
+        url_refs = None
+        if workflow.urls:  # what the URLs hold now decides whether their readers rerun
+            staged = asyncio.run(stage_sources(workflow, {}))
+            url_refs = {path: staged[path].ref for path in workflow.urls if path in staged}
+        plan = plan_resume(workflow, opts.workflow, url_refs)
     if plan is not None:
         _tell_resume(workflow, plan)
     if plan is not None and len(plan.kept) == len(workflow.tasks):
         # Nothing left to run: no grid, no key, no local workers.
-        report = _run(opts, workflow, None, None, None, None, timeouts, plan)
+        report = _run(opts, workflow, None, None, None, None, timeouts, plan, data)
     else:
-        report = _run_on_a_grid(opts, workflow, timeouts, plan)
+        report = _run_on_a_grid(opts, workflow, timeouts, plan, data)
     if opts.report is not None:
         opts.report.write_text(json.dumps(report, indent=2) + "\n")
     if opts.json:
@@ -78,7 +220,11 @@ def submit(opts: SubmitOptions) -> int:
 
 
 def _run_on_a_grid(
-    opts: SubmitOptions, workflow: Workflow, timeouts: Timeouts, plan: ResumePlan | None
+    opts: SubmitOptions,
+    workflow: Workflow,
+    timeouts: Timeouts,
+    plan: ResumePlan | None,
+    data: DataOptions,
 ) -> dict[str, Any]:
     """Run on the configured grid, or on a local one when asked or when none is configured."""
     local = opts.local
@@ -96,11 +242,13 @@ def _run_on_a_grid(
                 file=sys.stderr,
             )
     if local is None:
-        return _run(opts, workflow, grid, opts.interface, None, None, timeouts, plan)
+        return _run(opts, workflow, grid, opts.interface, None, None, timeouts, plan, data)
     if local < 1:
         raise ConfigError("--local N needs N >= 1")
     with LocalGrid(local) as cluster:
-        report = _run(opts, workflow, cluster.grid, LOOPBACK, local, (1, local), timeouts, plan)
+        report = _run(
+            opts, workflow, cluster.grid, LOOPBACK, local, (1, local), timeouts, plan, data
+        )
         if report["status"] != "succeeded":
             log.debug("local workers said:\n%s", cluster.logs())
     return report
@@ -134,6 +282,7 @@ def _run(
     default_workers: tuple[int, int] | None,
     timeouts: Timeouts,
     plan: ResumePlan | None,
+    data: DataOptions,
 ) -> dict[str, Any]:
     needs = needs_from(
         workflow,
@@ -151,6 +300,7 @@ def _run(
         timeouts=timeouts,
         resume=plan,
         workflow_digest=workflow_digest(opts.workflow),
+        data=data,
     )
 
     async def main() -> dict[str, Any]:

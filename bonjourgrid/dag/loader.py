@@ -2,10 +2,14 @@
 
 Validation runs in three passes, each reporting every problem it finds in one DagError:
 1. shape and types of every field, paths normalized and kept inside the task directory;
-2. file flow: one writer per file, every input written by a task or present in the submit
-   directory, `after` names existing tasks;
+2. file flow: one writer per file, every input written by a task, present in the submit
+   directory or named by a URL, `after` names existing tasks;
 3. no cycle (networkx, linear time; the cycle is only searched for once one is known to exist).
 Unknown keys are not errors: each one is reported once, as a WorkflowWarning.
+
+An input may be a URL (http, https, file) or `{url: URL, path: NAME}`: the task sees it at
+NAME, by default the URL path's last segment. `TaskSpec.inputs` holds only such paths, and
+`Workflow.urls` says which of them come from a URL, so everything downstream stays path-based.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import networkx as nx
 
 from bonjourgrid.dag.model import RANKS, GridSpec, TaskSpec, Workflow, normalize_path
 from bonjourgrid.dag.parse import gc_paused, parse_json, parse_yaml
+from bonjourgrid.dag.urls import UrlInputs, is_url
 from bonjourgrid.errors import DagError, RequirementError
 from bonjourgrid.requirements import Requirement
 from bonjourgrid.worker.limits import LIMIT_KEYS, check_cpu_s, check_memory
@@ -169,6 +174,7 @@ def workflow_from_mapping(
     grid = _read_grid(data.get("grid"), problems)
     requirements: dict[str, None] = {}  # texts known to parse, so 100k equal ones parse once
     defaults = _read_defaults(data.get("defaults"), requirements, problems)
+    urls = UrlInputs()
     raw_tasks = data.get("tasks")
     if not isinstance(raw_tasks, Mapping) or not raw_tasks:
         got = f"a {type(raw_tasks).__name__}" if raw_tasks else "missing or empty"
@@ -179,18 +185,28 @@ def workflow_from_mapping(
 
     tasks: dict[str, TaskSpec] = {}
     for task_name, raw in raw_tasks.items():
-        task = _read_task(task_name, raw, defaults, requirements, problems)
+        task = _read_task(task_name, raw, defaults, requirements, urls, problems)
         if task is not None:
             tasks[task.name] = task
     problems.warn_unknown()
     problems.raise_if_any()
 
     producer = _producers(tasks, problems)
-    graph = _build_graph(tasks, producer, root, check_sources, problems)
+    for problem in urls.problems(producer, check_sources) if urls.urls else ():
+        problems.add(problem)
+    graph = _build_graph(tasks, producer, root, check_sources, urls.urls, problems)
     problems.raise_if_any()
     _check_acyclic(graph, problems)
     problems.raise_if_any()
-    return Workflow(name=name, root=root, tasks=tasks, graph=graph, producer=producer, grid=grid)
+    return Workflow(
+        name=name,
+        root=root,
+        tasks=tasks,
+        graph=graph,
+        producer=producer,
+        grid=grid,
+        urls=urls.urls,
+    )
 
 
 def _read_job_name(value: object, source: str, problems: _Problems) -> str:
@@ -344,6 +360,7 @@ def _read_task(
     raw: object,
     defaults: Mapping[str, Any],
     requirements: dict[str, None],
+    urls: UrlInputs,
     problems: _Problems,
 ) -> TaskSpec | None:
     if not isinstance(name, str) or not _TASK_NAME.match(name) or name in (".", ".."):
@@ -365,7 +382,7 @@ def _read_task(
     if not isinstance(command, str) or not command.strip():
         got = "has no command" if command is None else f"command {command!r} is not a string"
         problems.add(f"{where} {got}; write the shell command as one string")
-    inputs = _read_paths(raw.get("inputs"), where, "inputs", problems)
+    inputs = _read_paths(raw.get("inputs"), where, "inputs", problems, urls)
     outputs = _read_paths(raw.get("outputs"), where, "outputs", problems)
     both = () if set(inputs).isdisjoint(outputs) else sorted(set(inputs) & set(outputs))
     for path in both[:3]:
@@ -420,11 +437,23 @@ def _as_list(value: object, where: str, what: str, problems: _Problems) -> list[
     return []
 
 
-def _read_paths(value: object, task: str, key: str, problems: _Problems) -> tuple[str, ...]:
+def _read_paths(
+    value: object, task: str, key: str, problems: _Problems, urls: UrlInputs | None = None
+) -> tuple[str, ...]:
+    """Normalized paths; with `urls` (inputs), URL items too, recorded there."""
     paths: dict[str, None] = {}  # ordered set: a path listed twice counts once
     for index, item in enumerate(_as_list(value, f"{task}: {key}", "paths", problems)):
         try:
-            paths[normalize_path(item)] = None
+            if item.__class__ is str and "://" not in item:
+                paths[normalize_path(item)] = None  # the common case, checked cheaply
+            elif urls is not None and (isinstance(item, Mapping) or is_url(str(item))):
+                paths[urls.add(item, task)] = None
+            elif isinstance(item, str) and is_url(item):
+                raise ValueError(
+                    f"{item!r} is a URL; {key} are files in the task directory, write a path"
+                )
+            else:
+                paths[normalize_path(item)] = None
         except ValueError as err:
             problems.add(f"{task}: {key}[{index}]: {err}")
     return tuple(paths)
@@ -498,10 +527,12 @@ def _build_graph(
     producer: Mapping[str, str],
     root: Path,
     check_sources: bool,
+    urls: Mapping[str, str],
     problems: _Problems,
 ) -> nx.DiGraph:
     files: dict[tuple[str, str], list[str]] = {}  # edge -> the files it carries
-    checked: dict[str, bool] = {}  # source path -> present, so a shared input is stat'ed once
+    # source path -> present, so a shared input is stat'ed once; a URL input is not looked for
+    checked: dict[str, bool] = dict.fromkeys(urls, True)
     for name, task in tasks.items():
         for path in task.inputs:
             writer = producer.get(path)

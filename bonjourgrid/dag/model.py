@@ -94,9 +94,10 @@ class Workflow:
     graph: nx.DiGraph  # node = task name; edge u->v when v needs u (edge data "files": list)
     producer: dict[str, str]  # output path -> the task that writes it
     grid: GridSpec = field(default_factory=GridSpec)
+    urls: dict[str, str] = field(default_factory=dict)  # input path -> the URL it comes from
 
     def source_inputs(self) -> list[str]:
-        """Inputs no task produces (staged from `root`), sorted."""
+        """Inputs no task produces (from `root`, or from `urls` for those listed there), sorted."""
         return sorted(
             {path for task in self.tasks.values() for path in task.inputs} - self.producer.keys()
         )
