@@ -144,6 +144,12 @@ class PrefetchFailed:
 
 
 @dataclass(frozen=True)
+class PeersSettled:
+    """The first peers are in (with what their caches hold): a resumed job's intermediates
+    that no peer holds any more are made again."""
+
+
+@dataclass(frozen=True)
 class CancelRequested:
     reason: str
 
@@ -161,6 +167,7 @@ Event = (
     | CollectFailed
     | FileArrived
     | PrefetchFailed
+    | PeersSettled
     | CancelRequested
     | Tick
 )
@@ -390,9 +397,8 @@ class SchedulerCore:
             self.counts[TaskStatus.DONE] += 1
             self._waiting_levels[task.priority] -= 1
             self._stories[name].append((0.0, "waiting -> done: resumed, its outputs are intact"))
-            for path, ref in outputs:  # in the submit directory: the coordinator serves them
+            for path, ref in outputs:  # where they are is for the shell to say (add_sources)
                 self.files.learn(path, ref)
-                self.files.at_coordinator.add(ref.digest)
             for succ in self.successors.get(name, ()):
                 self.tasks[succ].deps_left -= 1
         self.resumed = len(done)
@@ -432,6 +438,8 @@ class SchedulerCore:
                 self._bc_failed[event.digest].add(event.peer)
                 self._release_server(event.peer, event.digest)
                 self._check_broadcast(event.digest, now)
+            case PeersSettled():
+                self._remake("the earlier run (no peer holds it now)", now)
             case CancelRequested():
                 self._finish(out, "failed", event.reason)
                 return out
@@ -1081,6 +1089,12 @@ class SchedulerCore:
         out.append(self.finished)
 
     # -- questions ------------------------------------------------------------------------
+
+    def add_sources(self, refs: Mapping[str, FileRef]) -> None:
+        """Contents the coordinator serves (staged inputs), known once they are hashed."""
+        for path, ref in refs.items():
+            self.files.learn(path, ref)
+            self.files.at_coordinator.add(ref.digest)
 
     def sources(self, digest: str, peer: str) -> list[str]:
         """Where `peer` should fetch `digest` from, best first (peer names, COORDINATOR)."""

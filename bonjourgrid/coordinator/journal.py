@@ -324,8 +324,13 @@ def _read_done(record: Mapping[str, Any]) -> DoneRecord:
 # -- resuming -------------------------------------------------------------------------------
 
 
-def plan_resume(workflow: Workflow, workflow_file: Path) -> ResumePlan:
-    """Read this workflow's journal and check every task it says is done (re-hashing files)."""
+def plan_resume(
+    workflow: Workflow, workflow_file: Path, url_refs: Mapping[str, FileRef] | None = None
+) -> ResumePlan:
+    """Read this workflow's journal and check every task it says is done (re-hashing files).
+
+    `url_refs`: the contents of the workflow's URL inputs as staged now; without them, a
+    task reading a URL runs again."""
     path = journal_path(workflow)
     if not path.exists():
         raise ConfigError(
@@ -337,6 +342,8 @@ def plan_resume(workflow: Workflow, workflow_file: Path) -> ResumePlan:
     hashed: dict[str, FileRef | None] = {}  # submit-directory files hashed so far
 
     def on_disk(rel: str) -> FileRef | None:
+        if rel in workflow.urls:
+            return (url_refs or {}).get(rel)
         if rel not in hashed:
             try:
                 hashed[rel] = hash_file(workflow.root / rel)
@@ -346,11 +353,13 @@ def plan_resume(workflow: Workflow, workflow_file: Path) -> ResumePlan:
 
     kept: dict[str, DoneRecord] = {}
     rerun: dict[str, str] = {}
-    for name in workflow.topological_order():
+    order = workflow.topological_order()
+    read = {path for spec in workflow.tasks.values() for path in spec.inputs}
+    for name in order:
         record = state.done.get(name)
         if record is None:
             continue
-        why = _why_not_kept(workflow, workflow.tasks[name], record, kept, on_disk, sources)
+        why = _why_not_kept(workflow, workflow.tasks[name], record, kept, on_disk, sources, read)
         if why is None:
             kept[name] = record
         else:
@@ -366,6 +375,7 @@ def _why_not_kept(
     kept: Mapping[str, DoneRecord],
     on_disk: Any,
     sources: dict[str, FileRef],
+    read: set[str],
 ) -> str | None:
     if record.spec != task_digest(spec):
         return "its command, files or environment changed since it ran"
@@ -388,6 +398,10 @@ def _why_not_kept(
         return "its outputs are not the ones recorded"
     for path in spec.outputs:
         now = on_disk(path)
+        if now is None and path in read:
+            # An intermediate stays on the peer that made it: the resumed coordinator asks
+            # its peers' caches for it, and makes it again if none holds it any more.
+            continue
         if now is None:
             return f"its output {path} is missing"
         if now != recorded_outputs[path]:

@@ -6,7 +6,7 @@ Reserving is the shell's job: it asks candidates in rank order and keeps those t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bonjourgrid.dag import Workflow
@@ -46,11 +46,19 @@ def select_candidates(peers: Sequence[PeerRecord], needs: JobNeeds) -> Selection
             rejected[peer.name] = f"does not satisfy {needs.require}"
         else:
             candidates.append(peer)
+    return Selection(rank(candidates, needs), rejected)
+
+
+def rank(
+    candidates: list[PeerRecord],
+    needs: JobNeeds,
+    cached_bytes: Callable[[PeerRecord], int] = lambda peer: 0,
+) -> list[PeerRecord]:
+    """Best first: by the job's rank (cost, or cpus), then by the bytes of the job's inputs
+    a peer already caches (what moves once need not move again), then by the other one."""
     if needs.rank == "cpus":
-        candidates.sort(key=lambda p: (-p.cpus, p.cost, p.name))
-    else:
-        candidates.sort(key=lambda p: (p.cost, -p.cpus, p.name))
-    return Selection(candidates, rejected)
+        return sorted(candidates, key=lambda p: (-p.cpus, p.cost, -cached_bytes(p), p.name))
+    return sorted(candidates, key=lambda p: (p.cost, -cached_bytes(p), -p.cpus, p.name))
 
 
 def explain_shortage(

@@ -32,6 +32,7 @@ from bonjourgrid.cache.store import FileIndex, FileRef, hash_file
 from bonjourgrid.cache.transfer import DataServer, Fetcher, Source
 from bonjourgrid.coordinator import core
 from bonjourgrid.coordinator.cancel import JOBCTL_DOMAIN, serve_job_control
+from bonjourgrid.coordinator.files import COORDINATOR
 from bonjourgrid.coordinator.journal import (
     DoneRecord,
     JournalWriter,
@@ -40,8 +41,9 @@ from bonjourgrid.coordinator.journal import (
     task_digest,
 )
 from bonjourgrid.coordinator.prefetch import DataOptions
-from bonjourgrid.coordinator.recruit import JobNeeds, explain_shortage, select_candidates
+from bonjourgrid.coordinator.recruit import JobNeeds, explain_shortage, rank, select_candidates
 from bonjourgrid.coordinator.report import build_report
+from bonjourgrid.coordinator.stage import stage_sources
 from bonjourgrid.dag import Workflow
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
 from bonjourgrid.discovery.browse import PeerBrowser, snapshot_peers
@@ -59,6 +61,7 @@ PEER_TIMEOUT_S = 5.0  # a peer silent this long is lost: its tasks go elsewhere
 DISCOVERY_S = 2.0  # how long to browse before recruiting with the peers seen so far
 SNAPSHOT_S = 0.5  # how long a new coordinator listens for peers before recruiting
 RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
+PROBE_TIMEOUT_S = 0.3  # a candidate that does not say what it caches by then caches nothing
 PROGRESS_S = 0.5  # how often the job's advertised progress may change
 STALL_S = 10.0  # ready tasks with no peer able to run them for this long fail the job
 MAX_LEASE_S = 3600.0  # workers refuse longer leases
@@ -127,10 +130,13 @@ class Coordinator:
         self.ctx = zmq.asyncio.Context()
         self.keypair = Keypair.generate() if grid is not None else None
         self.client_keys = grid.keypair() if grid is not None else None
+        # The job's own key: its peers fetch from each other and from us with it, and only
+        # while they are reserved by this job (`reserve` hands it over, encrypted).
+        self.job_keys = Keypair.generate() if grid is not None else None
         self.index = FileIndex()
         self.source_refs: dict[str, FileRef] = {}
         self.fetcher = Fetcher(self.ctx, self.client_keys)
-        self.data_policy = wire.KeyPolicy()
+        self.data_policy = wire.KeyPolicy({self.job_keys.public} if self.job_keys else set())
         self.links: dict[str, PeerLink] = {}
         self.used: dict[str, PeerRecord] = {}
         self.events: asyncio.Queue[core.Event] = asyncio.Queue()
@@ -141,6 +147,8 @@ class Coordinator:
             ),
             matches=lambda text, attrs: Requirement.parse(text).matches(attrs),
             done={name: r.outputs for name, r in resume.kept.items()} if resume else None,
+            data=task_data(workflow, self.data.fetch_all),
+            prefetch=self.data.prefetch,
         )
         self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
         self.started = 0.0
@@ -148,6 +156,10 @@ class Coordinator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._data_port = 0
         self._browser: PeerBrowser | None = None  # set once the run starts
+        # What candidates said their caches hold of the job's inputs (`probe`), by identity.
+        self._cached: dict[tuple[str, str, str], frozenset[str]] = {}
+        # Contents a resumed job hopes to find in peers' caches (intermediates of kept tasks).
+        self._wanted_from_caches: dict[str, int] = {}
         self._jobctl_port = 0
         self._partial_dir = workflow.root / ".bgrid" / "partial"
         self._wake_at: float | None = None  # when the pending Tick fires (retry backoffs)
@@ -159,7 +171,8 @@ class Coordinator:
         """Recruit, run, release; the report (DESIGN.md's format)."""
         self.started = time.monotonic()
         self.started_at = started_at = time.time()
-        await self._stage_inputs()
+        if self.core.pending():  # a resume with nothing left to run moves nothing
+            await self._stage_inputs()
         self.journal = self._start_journal()
         try:
             if self.core.pending():
@@ -211,6 +224,7 @@ class Coordinator:
             self._spawn(data_server.serve_forever())
             await browser.start()
             await self._recruit(browser, self.needs.workers_max, initial=True)
+            self.events.put_nowait(core.PeersSettled())
             advert = Advertiser(
                 zc, JOB_SERVICE, self.job, self._jobctl_port, self._job_txt("running")
             )
@@ -243,26 +257,28 @@ class Coordinator:
         return finished
 
     async def _stage_inputs(self) -> None:
+        """The remote cache: every source input hashed (or downloaded), served from here."""
         known = dict(self.resume.source_refs) if self.resume else {}
-
-        # Hashing reads every input once; a thread keeps the loop free for big files.
-        def hash_all() -> dict[str, FileRef]:
-            return {
-                p: known.get(p) or hash_file(self.workflow.root / p)
-                for p in self.workflow.source_inputs()
-            }
-
-        self.source_refs = await asyncio.to_thread(hash_all)
-        for path, ref in self.source_refs.items():
-            self.index.add(self.workflow.root / path, ref)
-        # Outputs kept from an earlier run were just re-hashed: served from where they are.
+        staged = await stage_sources(self.workflow, known)
+        self.source_refs = {path: item.ref for path, item in staged.items()}
+        for item in staged.values():
+            self.index.add(item.path, item.ref)
+        self.core.add_sources(self.source_refs)
+        # Outputs kept from an earlier run were just re-hashed: served from where they are
+        # (a kept intermediate may be absent: only kept tasks read it).
         for record in self.resume.kept.values() if self.resume else ():
             for path, ref in record.outputs:
-                self.index.add(self.workflow.root / path, ref)
+                if (self.workflow.root / path).is_file():
+                    self.index.add(self.workflow.root / path, ref)
+                    self.core.add_sources({path: ref})
+                else:
+                    self._wanted_from_caches[ref.digest] = ref.size
 
     async def _drive(self) -> core.Finished:
         while self.core.finished is None:
-            await self._apply(await self.events.get())
+            event = await self.events.get()
+            # Events that arrived together (peers joining at the start) are placed together.
+            await self._apply(event, schedule=self.events.empty())
         return self.core.finished
 
     async def _advertise_progress(self, advert: Advertiser) -> None:
@@ -271,16 +287,19 @@ class Coordinator:
             await asyncio.sleep(PROGRESS_S)
             await advert.update(self._job_txt("running"))  # a no-op when nothing changed
 
-    async def _apply(self, event: core.Event) -> None:
+    async def _apply(self, event: core.Event, schedule: bool = True) -> None:
         """Hand one event to the core and carry out its instructions.
 
         Every change of the job's state passes here, in order: the journal (for `--resume`)
         records a finished task before any instruction that follows from it goes out.
         """
-        for instruction in self.core.handle(event, time.monotonic() - self.started):
+        now = time.monotonic() - self.started
+        for instruction in self.core.handle(event, now, schedule):
             match instruction:
                 case core.Dispatch(task, peer, attempt):
                     await self._dispatch(task, peer, attempt)
+                case core.Prefetch(peer, files, why):
+                    await self._prefetch(peer, files, why)
                 case core.Collect(task, peer, attempt, outputs):
                     self._spawn(self._collect(task, peer, attempt, outputs))
                 case core.Release(peer):
@@ -370,8 +389,16 @@ class Coordinator:
                 p.state == "reserved" and p.job == previous.job for p in known()
             )
 
+        sizes = {ref.digest: ref.size for ref in self.source_refs.values()}
+        sizes.update(self._wanted_from_caches)
+
+        def cached_bytes(peer: PeerRecord) -> int:
+            return sum(sizes[d] for d in self._cached.get(_identity(peer), ()))
+
         while True:
-            for record in untried(known()):
+            candidates = untried(known())
+            await self._probe(candidates)
+            for record in rank(candidates, self.needs, cached_bytes):
                 if granted >= wanted or len(self.links) >= self.needs.workers_max:
                     break
                 tried.add(_identity(record))
@@ -392,18 +419,51 @@ class Coordinator:
             )
         return granted
 
+    async def _probe(self, records: list[PeerRecord]) -> None:
+        """Ask candidates which of the job's input contents their caches hold: recruitment
+        ranks on it and placement starts from it."""
+        digests = sorted(
+            {ref.digest for ref in self.source_refs.values() if ref.size > 0}
+            | set(self._wanted_from_caches)
+        )
+        todo = [r for r in records if _identity(r) not in self._cached]
+        if not digests or not todo:
+            return
+        wanted = set(digests)
+
+        async def ask(record: PeerRecord) -> None:
+            sock = wire.client_socket(
+                self.ctx, self.client_keys, record.key, wire.MAX_CONTROL_FRAME
+            )
+            held: frozenset[str] = frozenset()
+            try:
+                sock.connect(record.endpoint())
+                await sock.send(wire.encode("probe", digests=digests[: wire.MAX_LIST]))
+                if await sock.poll(PROBE_TIMEOUT_S * 1000):
+                    msg = wire.decode(await sock.recv())
+                    if msg["t"] == "holding":
+                        held = frozenset(d for d in msg["digests"] if d in wanted)
+            except (ProtocolError, TypeError, zmq.ZMQError) as err:
+                log.info("peer %s did not say what it caches: %s", record.name, err)
+            finally:
+                sock.close(linger=0)
+            self._cached[_identity(record)] = held
+
+        await asyncio.gather(*(ask(r) for r in todo))
+
     async def _reserve(self, record: PeerRecord) -> bool:
         sock = wire.client_socket(self.ctx, self.client_keys, record.key, wire.MAX_CONTROL_FRAME)
         sock.routing_id = control_routing_id(self.job)
         sock.connect(record.endpoint())
-        if record.key:
-            self.data_policy.allowed.add(record.key.encode())
+        job_keys = self.job_keys
         await sock.send(
             wire.encode(
                 "reserve",
                 job=self.job,
                 lease_s=self.timeouts.lease_s,
                 coordinator=socket.gethostname(),
+                job_public=job_keys.public.decode() if job_keys else "",
+                job_secret=job_keys.secret.decode() if job_keys and job_keys.secret else "",
             )
         )
         reply = None
@@ -413,7 +473,6 @@ class Coordinator:
         if reply is None or reply["t"] != "reserved" or reply["job"] != self.job:
             why = reply["reason"] if reply and reply["t"] == "denied" else "no answer"
             log.info("peer %s not recruited: %s", record.name, why)
-            self.data_policy.allowed.discard(record.key.encode())
             sock.close(linger=0)
             return False
         address = record.addresses[0]
@@ -422,7 +481,8 @@ class Coordinator:
         self.links[record.name] = link
         self.used[record.name] = record
         link.reader = self._spawn(self._read_peer(link))
-        self.events.put_nowait(core.PeerJoined(record.name, reply["cpus"], record.attrs()))
+        cached = self._cached.get(_identity(record), frozenset())
+        self.events.put_nowait(core.PeerJoined(record.name, reply["cpus"], record.attrs(), cached))
         log.info("recruited %s (%d cpus)", record.name, reply["cpus"])
         return True
 
@@ -455,6 +515,8 @@ class Coordinator:
                 msg = wire.decode(frame)
                 if msg["t"] == "task_done":
                     await self.events.put(self._task_report(name, msg))
+                elif msg["t"] == "prefetched":
+                    await self.events.put(self._prefetched(name, msg))
                 elif msg["t"] == "preempted":
                     self._lose(name, f"preempted: {msg['reason']}")
                     return
@@ -476,8 +538,10 @@ class Coordinator:
         if spec is not None and not error and msg["exit_code"] == 0:
             if sorted(p for p, _ in outputs) != sorted(spec.outputs):
                 error = f"peer {peer} reported outputs that the task does not declare"
-            input_bytes = sum(self._input_ref(p).size for p in spec.inputs)
-            self.bytes["cache_hits"] += max(0, input_bytes - msg["bytes_fetched"])
+            self.bytes["cache_hits"] += max(0, msg["hit_bytes"])
+        for _, label, size in wire.check_list(msg["fetched"], (str, str, int), "fetched"):
+            if label != COORDINATOR:
+                self.bytes["peer_to_peer"] += max(0, size)
         return core.TaskReported(
             peer,
             msg["task"],
@@ -491,6 +555,42 @@ class Coordinator:
             msg["bytes_fetched"],
         )
 
+    def _prefetched(self, peer: str, msg: dict[str, Any]) -> core.Event:
+        if msg["source"] and msg["source"] != COORDINATOR:
+            self.bytes["peer_to_peer"] += max(0, msg["bytes"])
+        if msg["error"]:
+            log.info("prefetch of %s to %s failed: %s", msg["digest"][:12], peer, msg["error"])
+            return core.PrefetchFailed(peer, msg["digest"], msg["error"])
+        return core.FileArrived(peer, msg["digest"])
+
+    def _sources(
+        self, digest: str, names: list[str] | tuple[str, ...], link: PeerLink
+    ) -> list[list[str]]:
+        """The data servers named by the core, as `[endpoint, key, label]` for the wire."""
+        out = []
+        for name in names:
+            if name == COORDINATOR:
+                key = self.keypair.public.decode() if self.keypair else ""
+                out.append([f"tcp://{link.our_address}:{self._data_port}", key, COORDINATOR])
+            elif (holder := self.links.get(name)) is not None and holder.data_source is not None:
+                src = holder.data_source
+                out.append([src.endpoint, src.server_key, src.label])
+        if not out and digest in self.core.files.at_coordinator:
+            return self._sources(digest, [COORDINATOR], link)
+        return out
+
+    async def _prefetch(
+        self, peer: str, files: tuple[tuple[FileRef, tuple[str, ...]], ...], why: str
+    ) -> None:
+        link = self.links.get(peer)
+        if link is None:
+            return
+        items = [
+            [ref.digest, ref.size, self._sources(ref.digest, names, link)] for ref, names in files
+        ]
+        log.debug("prefetch to %s (%s): %d file(s)", peer, why, len(items))
+        await link.sock.send(wire.encode("prefetch", job=self.job, files=items))
+
     def _input_ref(self, path: str) -> FileRef:
         producer = self.workflow.producer.get(path)
         if producer is None:
@@ -500,15 +600,11 @@ class Coordinator:
     async def _dispatch(self, task: str, peer: str, attempt: int) -> None:
         link = self.links[peer]
         spec = self.workflow.tasks[task]
-        me = Source(
-            f"tcp://{link.our_address}:{self._data_port}",
-            self.keypair.public.decode() if self.keypair else "",
-            "coordinator",
-        )
         inputs = []
         for path in spec.inputs:
             ref = self._input_ref(path)
-            inputs.append([path, ref.digest, ref.size, [[me.endpoint, me.server_key, me.label]]])
+            sources = self._sources(ref.digest, self.core.sources(ref.digest, peer), link)
+            inputs.append([path, ref.digest, ref.size, sources])
         await link.sock.send(
             wire.encode(
                 "run",
@@ -572,7 +668,6 @@ class Coordinator:
         if link.reader is not None and link.reader is not asyncio.current_task():
             link.reader.cancel()
         link.sock.close(linger=0)
-        self.data_policy.allowed.discard(link.record.key.encode())
         self.events.put_nowait(core.PeerLost(name, reason))
 
     async def _release(self, name: str) -> None:
@@ -584,7 +679,6 @@ class Coordinator:
         # Fire and forget: the lease expires anyway if this message is lost.
         await link.sock.send(wire.encode("release", job=self.job))
         self._spawn(_close_after_reply(link.sock))
-        self.data_policy.allowed.discard(link.record.key.encode())
 
     async def _release_all(self) -> None:
         for name in list(self.links):
@@ -615,6 +709,20 @@ class Coordinator:
                 key=self.keypair.public.decode() if self.keypair else "",
             )
         )
+
+
+def task_data(workflow: Workflow, fetch_all: bool) -> dict[str, core.TaskData]:
+    """Each task's files for the core; a task whose outputs are final (no task reads one),
+    kept (`keep: true`), or all of them (--fetch-all) has them collected."""
+    finals = set(workflow.final_outputs())
+    return {
+        name: core.TaskData(
+            spec.inputs,
+            spec.outputs,
+            collect=fetch_all or spec.keep or any(o in finals for o in spec.outputs),
+        )
+        for name, spec in workflow.tasks.items()
+    }
 
 
 async def _close_after_reply(sock: zmq.asyncio.Socket, wait_s: float = 1.0) -> None:
