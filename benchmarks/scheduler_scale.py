@@ -24,8 +24,13 @@ def layered_dag(n_tasks: int, width: int) -> list[tuple[str, list[str], str, int
     tasks = []
     for i in range(n_tasks):
         layer, pos = divmod(i, width)
-        deps = [] if layer == 0 else sorted(
-            {f"t{(layer - 1) * width + pos}", f"t{(layer - 1) * width + (pos + 1) % width}"})
+        deps = (
+            []
+            if layer == 0
+            else sorted(
+                {f"t{(layer - 1) * width + pos}", f"t{(layer - 1) * width + (pos + 1) % width}"}
+            )
+        )
         tasks.append((f"t{i}", deps, "", 0))
     return tasks
 
@@ -37,8 +42,11 @@ def simulate(n_tasks: int, n_peers: int, cpus: int, width: int) -> dict[str, flo
     pending: deque[core.Dispatch] = deque()
     now = 0.0
     for p in range(n_peers):
-        pending.extend(i for i in sched.handle(core.PeerJoined(f"p{p}", cpus, {}), now)
-                       if isinstance(i, core.Dispatch))
+        pending.extend(
+            i
+            for i in sched.handle(core.PeerJoined(f"p{p}", cpus, {}), now)
+            if isinstance(i, core.Dispatch)
+        )
     events = 0
     while pending:
         d = pending.popleft()
@@ -51,8 +59,11 @@ def simulate(n_tasks: int, n_peers: int, cpus: int, width: int) -> dict[str, flo
     assert sched.finished is not None and sched.finished.status == "succeeded"
     sched.validate_state()
     return {
-        "tasks": n_tasks, "peers": n_peers, "cpus": cpus,
-        "build_s": round(built - start, 3), "run_s": round(done - built, 3),
+        "tasks": n_tasks,
+        "peers": n_peers,
+        "cpus": cpus,
+        "build_s": round(built - start, 3),
+        "run_s": round(done - built, 3),
         "us_per_event": round((done - built) / events * 1e6, 1),
         "tasks_per_s": round(n_tasks / (done - built)),
     }

@@ -1056,28 +1056,27 @@ class SchedulerCore:
             return
         # A peer with nothing running has a free slot: looking at free peers is enough.
         for name in [n for n in self._free if not self.peers[n].running | self.peers[n].collecting]:
-            if self._sole_holder_of_needed(name):
-                continue  # a running task elsewhere may still be fetching from it
+            if self._still_serving(name):
+                continue
             del self.peers[name]
+            self.files.drop_peer(name)
             self._free.pop(name, None)
             self._own_work.pop(name, None)
             out.append(Release(name))
 
-    def _sole_holder_of_needed(self, peer: str) -> bool:
+    def _still_serving(self, peer: str) -> bool:
+        """Whether a running task elsewhere may still be fetching from `peer` (it holds one
+        of its inputs), or a prefetch is pulling from it: releasing it would revoke the job
+        key on its data socket in the middle of that transfer."""
         held = self.files.by_peer.get(peer)
-        busy = [self.tasks[n] for p in self.peers.values() for n in p.running]
-        if not held or not busy:
-            return False
-        needed = {
-            ref.digest
-            for t in busy
-            for p in self.data[t.name].inputs
-            if (ref := self.files.ref(p)) is not None
-        }
-        return any(
-            d in needed and d not in self.files.at_coordinator and len(self.files.holders[d]) == 1
-            for d in held
-        )
+        if held:
+            for other in self.peers.values():
+                for name in other.running if other.name != peer else ():
+                    for path in self.data[name].inputs:
+                        ref = self.files.ref(path)
+                        if ref is not None and ref.digest in held:
+                            return True
+        return any(peer in incoming.values() for incoming in self._incoming.values())
 
     def _finish(self, out: list[Instruction], status: str, reason: str) -> None:
         for name in list(self.peers):

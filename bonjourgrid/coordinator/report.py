@@ -46,6 +46,13 @@ def build_report(
             for p in coordinator.used.values()
         ],
         "bytes": dict(coordinator.bytes),
+        # Summed over tasks: time spent waiting for input data on the peer (fetch_s) and
+        # running the command (run_s). Prefetching turns the first into the second's shadow.
+        "time": {
+            "data_wait_s": _round(sum(t.fetch_s for t in sched.tasks.values())),
+            "compute_s": _round(sum(t.run_s for t in sched.tasks.values())),
+        },
+        "prefetch": coordinator.data.prefetch.policy,
     }
     if coordinator.journal is not None:
         report["journal"] = str(coordinator.journal.path)

@@ -171,6 +171,7 @@ HIT, FETCHED, SHARED = "hit", "fetched", "shared"
 @dataclass(eq=False)
 class _Fetch:
     task: asyncio.Task[str]  # its result: the label of the source that served the file
+    urgent: asyncio.Event  # set when a run waits for it: a prefetch then goes at once
     waiters: int = 0
 
 
@@ -179,7 +180,9 @@ class Staging:
 
     A run that needs a file a prefetch (or another run) is fetching waits for that fetch;
     so does a prefetch of a file a run is fetching. A fetch nobody waits for any more (its
-    runs stopped, its prefetches cancelled) is cancelled.
+    runs stopped, its prefetches cancelled) is cancelled. Runs go first: a prefetch starts
+    moving bytes only while no run of this peer is fetching (or once a run waits for it), so
+    the files of the tasks about to compute never share the link with those of later ones.
     """
 
     def __init__(self, store: LocalCache, fetcher: Fetcher) -> None:
@@ -187,6 +190,9 @@ class Staging:
         self.fetcher = fetcher
         self.inflight: dict[str, _Fetch] = {}  # digest -> the fetch bringing it
         self.prefetch_slots = asyncio.Semaphore(_MAX_PREFETCHES)
+        self._demand = 0  # runs staging their inputs now
+        self._no_demand = asyncio.Event()
+        self._no_demand.set()
 
     async def obtain(
         self,
@@ -209,6 +215,8 @@ class Staging:
             current = self.inflight.get(ref.digest)
             if current is not None and joins < _MAX_JOINS:
                 joins += 1
+                if not prefetch:
+                    current.urgent.set()
                 try:
                     await self._join(current)
                     return SHARED, ""
@@ -223,8 +231,12 @@ class Staging:
                     continue  # someone began while this waited for a slot
                 if self.store.holds(ref.digest) and await asyncio.to_thread(self.store.has, ref):
                     return SHARED, ""  # someone brought it while this waited for a slot
+                urgent = asyncio.Event()
+                if not prefetch:
+                    urgent.set()
                 entry = _Fetch(
-                    asyncio.ensure_future(self._fetch(ref, sources, job, what, prefetch))
+                    asyncio.ensure_future(self._fetch(ref, sources, job, what, urgent)),
+                    urgent,
                 )
                 if self.inflight.setdefault(ref.digest, entry) is entry:
                     # A callback, not a `finally` in the fetch: a fetch cancelled before its
@@ -233,8 +245,16 @@ class Staging:
                 return FETCHED, await self._join(entry)
 
     async def _fetch(
-        self, ref: FileRef, sources: tuple[Source, ...], job: JobData, what: str, prefetch: bool
+        self,
+        ref: FileRef,
+        sources: tuple[Source, ...],
+        job: JobData,
+        what: str,
+        urgent: asyncio.Event,
     ) -> str:
+        prefetch = not urgent.is_set()
+        while not urgent.is_set() and not self._no_demand.is_set():
+            await _first_of(urgent, self._no_demand)
         self.store.admit(ref.size, what)
         partial = self.store.incoming_path(ref.digest)
         source = await self.fetcher.fetch(ref, sources, partial, job.keypair)
@@ -243,6 +263,16 @@ class Staging:
             # Here, before any waiter resumes: a run that waited for it sees it prefetched.
             job.unclaimed.add(ref.digest)
         return source.label
+
+    def begin_demand(self) -> None:
+        """A run is staging its inputs: prefetches that have not started wait."""
+        self._demand += 1
+        self._no_demand.clear()
+
+    def end_demand(self) -> None:
+        self._demand -= 1
+        if self._demand == 0:
+            self._no_demand.set()
 
     def _forget(self, digest: str, entry: _Fetch, done: asyncio.Task[str]) -> None:
         if self.inflight.get(digest) is entry:
@@ -256,6 +286,16 @@ class Staging:
             entry.waiters -= 1
             if entry.waiters == 0 and not entry.task.done():
                 entry.task.cancel()  # nobody wants these bytes any more
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    """Wait until one of `events` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 def _cancelling() -> bool:
@@ -389,9 +429,11 @@ class TaskRun:
             job.unclaimed.discard(digest)
 
         staged = [asyncio.ensure_future(stage(i)) for i in self.spec.inputs]
+        self.staging.begin_demand()
         try:
             await asyncio.gather(*staged)
         finally:  # one input failed, or the run was stopped: the others need not come
+            self.staging.end_demand()
             for task in staged:
                 task.cancel()
         for item in self.spec.inputs:

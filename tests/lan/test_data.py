@@ -1,0 +1,442 @@
+"""Data on a real LAN (issue 3, "Data that moves once"): intermediates travel peer to peer and
+stay there, a lost one is made again, a second run reads its inputs from the peers' caches.
+
+Four hosts in network namespaces, shared by the module: each test starts its own worker
+daemons on hosts 1-3 under names of its own (so each has fresh caches) and stops them when it
+ends; host 4 submits. Tasks are pinned to peers by RAM: `ram<4GiB` runs on the 2 GiB peers,
+`ram>=4GiB` on the 8 GiB one. Nothing waits blindly: tests poll `bgrid peers --json`, the
+job journal in the submit directory, or files that tasks append a line to each time they
+start (every namespace shares the filesystem), each with a deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bonjourgrid.coordinator.shell import HEARTBEAT_S
+
+from .conftest import Bgrid
+from .netns import Host, Lan
+
+Peers = dict[str, dict[str, Any]]
+
+_MIB = 1 << 20
+_MID_SIZE = 4 * _MIB  # the intermediate file
+_INPUT_SIZE = 2 * _MIB  # each source input of the cache test
+PEER_TIMEOUT_S = 2.0  # --peer-timeout: a peer silent this long is lost
+_FAST = ("--peer-timeout", f"{PEER_TIMEOUT_S:g}", "--lease", "3")
+_SLACK_S = 3.0  # interpreter starts, mDNS round trips and listings on a busy 2-CPU machine
+_DETECTED_S = PEER_TIMEOUT_S + HEARTBEAT_S + _SLACK_S  # a lost peer's work starts again by then
+_SEEN_S = 10.0  # a new worker daemon is listed by then
+_STARTED_S = 20.0  # a submitted job's first task is done by then
+_SUBMIT_S = 60.0
+_LISTEN_S = "0.5"  # `bgrid peers --wait`
+_SUBMITTER = 3  # host index; workers run on hosts 0-2
+SMALL, LARGE = "2GiB", "8GiB"  # --ram of the peers `make` and `use` are pinned to
+ON_SMALL, ON_LARGE = "ram<4GiB", "ram>=4GiB"
+
+
+@dataclass
+class Worker:
+    """One worker daemon started by a test."""
+
+    name: str
+    host: Host
+    proc: subprocess.Popen[Any]
+
+    def kill(self) -> None:
+        """`kill -9`: no goodbye, no release."""
+        if self.proc.returncode is None:  # reaped: the pid may be someone else's now
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def assert_alive(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            pytest.fail(f"worker {self.name} exited with code {code} (logs below)")
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A finished `bgrid submit`: exit code, output and report ({} when none was written)."""
+
+    code: int
+    stdout: str
+    stderr: str
+    report: dict[str, Any]
+
+    def explain(self) -> str:
+        return (
+            f"`bgrid submit` exited {self.code}\n--- stdout\n{self.stdout}\n"
+            f"--- stderr\n{self.stderr}\n--- report\n{json.dumps(self.report, indent=1)}"
+        )
+
+    def task(self, name: str) -> dict[str, Any]:
+        tasks = self.report.get("tasks", {})
+        assert name in tasks, f"the report has no task {name!r}\n{self.explain()}"
+        return dict(tasks[name])
+
+    @property
+    def moved(self) -> dict[str, int]:
+        """The report's byte counters."""
+        counters = self.report.get("bytes")
+        assert isinstance(counters, dict), f"the report has no byte counters\n{self.explain()}"
+        return {key: int(value) for key, value in counters.items()}
+
+
+@dataclass
+class Running:
+    """A `bgrid submit` still running in a host."""
+
+    host: Host
+    proc: subprocess.Popen[Any]
+    report_path: Path
+
+    def finish(self, timeout: float = _SUBMIT_S) -> Submitted:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`bgrid submit` still running after {timeout} s (logs below)")
+        record = self.host.record(self.proc)
+        report: dict[str, Any] = {}
+        if self.report_path.is_file():
+            report = json.loads(self.report_path.read_text())
+        return Submitted(
+            code,
+            record.stdout_path.read_text(errors="replace"),
+            record.stderr_path.read_text(errors="replace"),
+            report,
+        )
+
+
+class DataGrid:
+    """One test's view of the LAN: the workers it started, its workflows and submits."""
+
+    def __init__(self, lan: Lan, bgrid: Bgrid, tmp: Path) -> None:
+        self.lan = lan
+        self.bgrid = bgrid
+        self.tmp = tmp
+        self.tag = secrets.token_hex(2)  # peer names (hence cache directories) of this test
+        self.workers: dict[str, Worker] = {}
+        self._reports = 0
+
+    @property
+    def submitter(self) -> Host:
+        return self.lan.hosts[_SUBMITTER]
+
+    def start_worker(self, role: str, host_index: int, ram: str, cost: float) -> Worker:
+        """A one-slot worker daemon on host `host_index` (0-2), named `<role>-<tag>`."""
+        name = f"{role}-{self.tag}"
+        host = self.lan.hosts[host_index]
+        proc = self.bgrid.start(
+            host,
+            "worker",
+            "--name", name,
+            "--cpus", "1",
+            "--ram", ram,
+            "--cost", f"{cost:g}",
+            "--always-idle",
+        )  # fmt: skip
+        worker = Worker(name, host, proc)
+        self.workers[name] = worker
+        return worker
+
+    def peers(self) -> Peers:
+        """This test's peers as `bgrid peers --json` on the submitting host lists them."""
+        done = self.bgrid(self.submitter, "peers", "--json", "--wait", _LISTEN_S, timeout=30)
+        assert done.returncode == 0, f"`bgrid peers` exited {done.returncode}: {done.stderr}"
+        listed = json.loads(done.stdout)
+        return {p["name"]: p for p in listed if p.get("name") in self.workers}
+
+    def wait_idle(self, workers: Sequence[Worker], deadline_s: float, what: str) -> None:
+        """Every worker in `workers` alive and listed idle, with no job."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            for worker in workers:
+                worker.assert_alive()
+            peers = self.peers()
+            if all(
+                peers.get(w.name, {}).get("state") == "idle" and peers[w.name]["job"] is None
+                for w in workers
+            ):
+                return
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{what}: not true after {deadline_s:g} s; listed: {peers}")
+
+    def workflow(self, name: str, tasks: dict[str, dict[str, Any]], subdir: str) -> Path:
+        directory = self.tmp / subdir
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "wf.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "tasks": tasks}, sort_keys=False))
+        return path
+
+    def start_submit(self, wf: Path, *flags: str) -> Running:
+        self._reports += 1
+        report = wf.parent / f"report-{self._reports}.json"
+        args = ("submit", str(wf), "--report", str(report), *_FAST, *flags)
+        return Running(self.submitter, self.bgrid.start(self.submitter, *args), report)
+
+    def submit(self, wf: Path, *flags: str) -> Submitted:
+        return self.start_submit(wf, *flags).finish()
+
+    def stop_workers(self) -> None:
+        """SIGTERM every live worker of this test, SIGKILL it after 5 s."""
+        live = [w for w in self.workers.values() if w.proc.poll() is None]
+        for worker in live:
+            os.killpg(worker.proc.pid, signal.SIGTERM)
+        for worker in live:
+            try:
+                worker.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+
+
+@pytest.fixture(scope="module")
+def keyed_lan(lan4: Lan, bgrid: Bgrid) -> Lan:
+    """Every host holds the same grid key (public and secret halves)."""
+    first = lan4.hosts[0]
+    done = bgrid(first, "keys", "init", timeout=30)
+    assert done.returncode == 0, done.stderr
+    key_dir = Path(first.env["XDG_CONFIG_HOME"]) / "bonjourgrid"
+    for host in lan4.hosts[1:]:
+        target = Path(host.env["XDG_CONFIG_HOME"]) / "bonjourgrid"
+        shutil.copytree(key_dir, target, dirs_exist_ok=True)  # modes too: the secret stays 600
+    return lan4
+
+
+@pytest.fixture
+def grid(keyed_lan: Lan, bgrid: Bgrid, tmp_path: Path) -> Generator[DataGrid, None, None]:
+    """This test's workers and submits; its workers are stopped when it ends."""
+    data = DataGrid(keyed_lan, bgrid, tmp_path)
+    try:
+        yield data
+    finally:
+        data.stop_workers()
+
+
+def _mark(path: Path) -> str:
+    """A shell command appending "<attempt> <sandbox path>" to `path`, one line per start (the
+    sandbox lives in the worker's cache directory, named after the worker)."""
+    return f'echo "$BGRID_ATTEMPT $PWD" >> {shlex.quote(str(path))}'
+
+
+def _starts(path: Path) -> list[str]:
+    """One line per start of the task marked with `path`."""
+    try:
+        return path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _ran_on(start: str, worker: Worker) -> bool:
+    """Whether a `_mark` line was written by a task running on `worker`."""
+    return f"/worker-{worker.name}/" in start
+
+
+def _wait(until: Callable[[], bool], deadline_s: float, what: str) -> float:
+    """Poll `until()`; the seconds it took; fail the test, saying `what`, at the deadline."""
+    start = time.monotonic()
+    while not until():
+        if time.monotonic() - start >= deadline_s:
+            pytest.fail(f"{what}: not true after {deadline_s:g} s (logs below)")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def _journal_done(wf: Path, task: str) -> dict[str, Any] | None:
+    """The journal's record of `task` done (in the submit directory), or None yet."""
+    journal = wf.parent / ".bgrid" / f"{yaml.safe_load(wf.read_text())['name']}.journal"
+    try:
+        lines = journal.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line being written
+        if record.get("t") == "done" and record.get("task") == task:
+            return dict(record)
+    return None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# The intermediate: 4 MiB of one repeated letter, so the test knows its digest.
+_MID_LETTER = "m"
+_MID_BYTES = _MID_LETTER.encode() * _MID_SIZE
+_MAKE_MID = f"head -c {_MID_SIZE} /dev/zero | tr '\\0' {_MID_LETTER} > mid.bin"
+# `use` proves what it read: mid.bin's digest, then the small source input's text.
+_USE_MID = "{ sha256sum mid.bin | cut -c1-64; cat salt.txt; } > final.txt"
+
+
+def _pipeline(grid: DataGrid, variant: str, keep: bool) -> tuple[Path, bytes]:
+    """make (on a 2 GiB peer) -> mid.bin -> use (on the 8 GiB peer, also reading salt.txt from
+    the submit directory) -> final.txt; the workflow and salt.txt's bytes."""
+    salt = f"salt of {variant}\n".encode()
+    make: dict[str, Any] = {"command": _MAKE_MID, "outputs": ["mid.bin"], "require": ON_SMALL}
+    if keep:
+        make["keep"] = True
+    wf = grid.workflow(
+        f"p2p-{variant}",
+        {
+            "make": make,
+            "use": {"command": _USE_MID, "inputs": ["mid.bin", "salt.txt"],
+                    "outputs": ["final.txt"], "require": ON_LARGE},
+        },
+        subdir=variant,
+    )  # fmt: skip
+    (wf.parent / "salt.txt").write_bytes(salt)
+    return wf, salt
+
+
+@pytest.mark.parametrize(
+    ("variant", "flags", "keep", "comes_back"),
+    [
+        ("lookahead", (), False, False),
+        ("no-prefetch", ("--prefetch", "none"), False, False),
+        ("fetch-all", ("--fetch-all",), False, True),
+        ("keep", (), True, True),
+    ],
+)
+def test_an_intermediate_travels_peer_to_peer_and_stays_there(
+    grid: DataGrid, variant: str, flags: tuple[str, ...], keep: bool, comes_back: bool
+) -> None:
+    """A 4 MiB intermediate made on one peer and read on another: the coordinator serves
+    none of its bytes (its served-byte counter is exactly the small source input), the
+    consumer got it peer to peer, and it reaches the submit directory only with
+    `--fetch-all` or `keep: true`."""
+    small = grid.start_worker("small", 0, SMALL, cost=0.0)
+    large = grid.start_worker("large", 1, LARGE, cost=1.0)
+    grid.wait_idle([small, large], _SEEN_S, "both workers listed idle")
+    wf, salt = _pipeline(grid, variant, keep)
+
+    done = grid.submit(wf, "--workers", "2..2", *flags)
+    assert done.code == 0, done.explain()
+    assert done.report["status"] == "succeeded", done.explain()
+    assert done.task("make")["peer"] == small.name, done.explain()
+    assert done.task("use")["peer"] == large.name, done.explain()
+    final = (wf.parent / "final.txt").read_bytes()
+    assert final == f"{_sha256(_MID_BYTES)}\n".encode() + salt, "use read other bytes"
+
+    moved = done.moved
+    # The coordinator's data server served salt.txt, once, and not one byte of mid.bin.
+    assert moved["from_coordinator"] == len(salt), done.explain()
+    assert moved["peer_to_peer"] >= _MID_SIZE, done.explain()
+    mid = wf.parent / "mid.bin"
+    if comes_back:
+        assert mid.is_file(), f"mid.bin did not come back with {variant}"
+        assert _sha256(mid.read_bytes()) == _sha256(_MID_BYTES)
+        assert moved["to_submitter"] == len(final) + _MID_SIZE, done.explain()
+    else:
+        assert not mid.exists(), "an intermediate was collected into the submit directory"
+        assert moved["to_submitter"] == len(final), done.explain()
+
+
+def test_an_intermediate_lost_with_its_peer_is_made_again(grid: DataGrid) -> None:
+    """make writes mid.bin on a 2 GiB peer; use (on the 8 GiB peer) cannot start before a gate
+    the test opens. Once make is done, its peer is killed (-9): make runs again on the other
+    2 GiB peer, and use reads the new copy. `--prefetch none`, so no copy of mid.bin reaches
+    the consumer ahead of time (with one, nothing would be lost)."""
+    twins = [grid.start_worker("small1", 0, SMALL, cost=0.0),
+             grid.start_worker("small2", 1, SMALL, cost=0.5)]  # fmt: skip
+    large = grid.start_worker("large", 2, LARGE, cost=1.0)
+    grid.wait_idle([*twins, large], _SEEN_S, "the three workers listed idle")
+    make_starts = grid.tmp / "make.starts"
+    gate = grid.tmp / "gate-open"
+    wait_gate = f"while [ ! -e {shlex.quote(str(gate))} ]; do sleep 0.1; done"
+    wf = grid.workflow(
+        "remake",
+        {
+            "make": {"command": f"{_mark(make_starts)}; {_MAKE_MID}", "outputs": ["mid.bin"],
+                     "require": ON_SMALL},
+            "gate": {"command": f"{wait_gate}; echo open > gate.txt", "outputs": ["gate.txt"],
+                     "require": ON_LARGE},
+            "use": {"command": "{ sha256sum mid.bin | cut -c1-64; cat gate.txt; } > final.txt",
+                    "inputs": ["mid.bin", "gate.txt"], "outputs": ["final.txt"],
+                    "require": ON_LARGE},
+        },
+        subdir="wf",
+    )  # fmt: skip
+    job = grid.start_submit(wf, "--workers", "3..3", "--prefetch", "none")
+    try:
+        _wait(lambda: _journal_done(wf, "make") is not None, _STARTED_S, "make journaled done")
+        record = _journal_done(wf, "make")
+        assert record is not None
+        by_name = {w.name: w for w in twins}
+        assert record["peer"] in by_name, f"make ran on {record['peer']}"
+        producer = by_name[record["peer"]]
+        spare = next(w for w in twins if w is not producer)
+        assert [_ran_on(s, producer) for s in _starts(make_starts)] == [True]
+        producer.kill()
+        took = _wait(
+            lambda: len(_starts(make_starts)) >= 2, _DETECTED_S, "make started again after kill -9"
+        )
+        print(f"make started again {took:.1f} s after its peer was killed")
+        assert _ran_on(_starts(make_starts)[1], spare), _starts(make_starts)
+    finally:
+        gate.touch()  # also when the test fails: the job ends
+    done = job.finish()
+    assert done.code == 0, done.explain()
+    make = done.task("make")
+    assert (make["status"], make["peer"]) == ("done", spare.name), done.explain()
+    assert make["attempts"] >= 2, done.explain()
+    assert len(_starts(make_starts)) == 2, _starts(make_starts)
+    use = done.task("use")
+    assert (use["status"], use["peer"], use["attempts"]) == ("done", large.name, 1), done.explain()
+    final = (wf.parent / "final.txt").read_text()
+    assert final == f"{_sha256(_MID_BYTES)}\nopen\n"
+    assert not (wf.parent / "mid.bin").exists(), "the remade intermediate was collected"
+    # The new copy went from the spare to the consumer, not through the coordinator.
+    assert done.moved["from_coordinator"] == 0, done.explain()
+    assert done.moved["peer_to_peer"] >= _MID_SIZE, done.explain()
+
+
+def test_a_second_run_reads_its_inputs_from_the_peers_caches(grid: DataGrid) -> None:
+    """Three tasks, each reading its own 2 MiB source input, run twice on the same three
+    peers: the second run finds at least 90% of the input bytes in local caches and the
+    coordinator serves less than 10% of them."""
+    workers = [grid.start_worker(f"c{i}", i, SMALL, cost=float(i)) for i in range(3)]
+    grid.wait_idle(workers, _SEEN_S, "the three workers listed idle")
+    inputs = {f"in{i}.bin": os.urandom(_INPUT_SIZE) for i in range(3)}
+    total = sum(len(data) for data in inputs.values())
+    tasks = {
+        f"t{i}": {"command": f"sha256sum in{i}.bin | cut -c1-64 > out{i}.txt",
+                  "inputs": [f"in{i}.bin"], "outputs": [f"out{i}.txt"]}
+        for i in range(3)
+    }  # fmt: skip
+    wf = grid.workflow("cached", tasks, subdir="wf")
+    for name, data in inputs.items():
+        (wf.parent / name).write_bytes(data)
+
+    runs = []
+    for n in (1, 2):
+        done = grid.submit(wf, "--workers", "3..3")
+        assert done.code == 0, done.explain()
+        for i in range(3):
+            out = (wf.parent / f"out{i}.txt").read_text()
+            assert out == _sha256(inputs[f"in{i}.bin"]) + "\n", f"run {n}: out{i}.txt"
+        runs.append(done)
+        grid.wait_idle(workers, _SEEN_S, f"every peer idle after run {n}")
+    first, second = (run.moved for run in runs)
+    print(f"input bytes {total}; first run {first}; second run {second}")
+    assert first["from_coordinator"] >= total, runs[0].explain()
+    assert second["cache_hits"] >= 0.9 * total, runs[1].explain()
+    assert second["from_coordinator"] < 0.1 * total, runs[1].explain()
