@@ -41,265 +41,81 @@ The shell (`coordinator/shell.py`) feeds events, passes `now`, and carries out i
 
 from __future__ import annotations
 
-import enum
 import heapq
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 
 from bonjourgrid.cache.store import FileRef
-from bonjourgrid.coordinator.files import COORDINATOR, FileTable
+from bonjourgrid.coordinator.dataplane import DataPlane
+from bonjourgrid.coordinator.files import FileTable
+from bonjourgrid.coordinator.model import (
+    FINAL,
+    TASK_TRANSITIONS,
+    CancelRequested,
+    Collect,
+    CollectFailed,
+    Dispatch,
+    Entry,
+    Event,
+    FileArrived,
+    Finished,
+    Instruction,
+    Matcher,
+    OutputsCollected,
+    PeerJoined,
+    PeerLost,
+    PeerSlots,
+    PeersSettled,
+    Prefetch,
+    PrefetchFailed,
+    Recruit,
+    Release,
+    TaskData,
+    TaskDone,
+    TaskFailed,
+    TaskReported,
+    TaskState,
+    TaskStatus,
+    Tick,
+)
 from bonjourgrid.coordinator.prefetch import PrefetchSettings
 
+# The records live in model.py; the shell and the tests reach them through here.
+__all__ = [
+    "CancelRequested",
+    "Collect",
+    "CollectFailed",
+    "Dispatch",
+    "Event",
+    "FileArrived",
+    "Finished",
+    "Instruction",
+    "OutputsCollected",
+    "PeerJoined",
+    "PeerLost",
+    "PeerSlots",
+    "PeersSettled",
+    "Prefetch",
+    "PrefetchFailed",
+    "Recruit",
+    "Release",
+    "SchedulerCore",
+    "TaskData",
+    "TaskDone",
+    "TaskFailed",
+    "TaskReported",
+    "TaskState",
+    "TaskStatus",
+    "Tick",
+]
 
-class TaskStatus(enum.Enum):
-    WAITING = "waiting"
-    READY = "ready"
-    RUNNING = "running"
-    COLLECTING = "collecting"
-    DONE = "done"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-
-
-_FINAL = {TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.SKIPPED}
-# The only moves a task may make; validate_state() and _move() hold the core to them.
-_TASK_TRANSITIONS = {
-    (TaskStatus.WAITING, TaskStatus.READY),
-    (TaskStatus.READY, TaskStatus.RUNNING),
-    (TaskStatus.RUNNING, TaskStatus.COLLECTING),
-    (TaskStatus.RUNNING, TaskStatus.DONE),  # its outputs stay on its peer
-    (TaskStatus.RUNNING, TaskStatus.READY),
-    (TaskStatus.RUNNING, TaskStatus.FAILED),
-    (TaskStatus.COLLECTING, TaskStatus.DONE),
-    (TaskStatus.COLLECTING, TaskStatus.READY),
-    (TaskStatus.COLLECTING, TaskStatus.FAILED),
-    (TaskStatus.WAITING, TaskStatus.SKIPPED),
-    (TaskStatus.READY, TaskStatus.SKIPPED),
-    # an intermediate it needs was lost with a peer: wait until it is made again
-    (TaskStatus.DONE, TaskStatus.WAITING),
-    (TaskStatus.DONE, TaskStatus.READY),
-    (TaskStatus.READY, TaskStatus.WAITING),
-    (TaskStatus.RUNNING, TaskStatus.WAITING),
-}
-
-
-# -- events --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PeerJoined:
-    peer: str
-    cpus: int
-    attrs: Mapping[str, str]  # its TXT record, for per-task requirements
-    cached: frozenset[str] = frozenset()  # digests of the job's files its cache holds
-
-
-@dataclass(frozen=True)
-class PeerLost:
-    peer: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class TaskReported:
-    peer: str
-    task: str
-    attempt: int
-    exit_code: int
-    error: str
-    outputs: tuple[tuple[str, FileRef], ...]
-    stderr_tail: str = ""
-    fetch_s: float = 0.0
-    run_s: float = 0.0
-    bytes_fetched: int = 0
-
-
-@dataclass(frozen=True)
-class OutputsCollected:
-    task: str
-    attempt: int
-
-
-@dataclass(frozen=True)
-class CollectFailed:
-    task: str
-    attempt: int
-    error: str
-
-
-@dataclass(frozen=True)
-class FileArrived:
-    """A prefetch brought `digest` into `peer`'s cache."""
-
-    peer: str
-    digest: str
-
-
-@dataclass(frozen=True)
-class PrefetchFailed:
-    peer: str
-    digest: str
-    error: str
-
-
-@dataclass(frozen=True)
-class PeersSettled:
-    """The first peers are in (with what their caches hold): a resumed job's intermediates
-    that no peer holds any more are made again."""
-
-
-@dataclass(frozen=True)
-class CancelRequested:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Tick:
-    """Time passed (the shell sends one at `next_wakeup()`): backoffs may be over."""
-
-
-Event = (
-    PeerJoined
-    | PeerLost
-    | TaskReported
-    | OutputsCollected
-    | CollectFailed
-    | FileArrived
-    | PrefetchFailed
-    | PeersSettled
-    | CancelRequested
-    | Tick
-)
-
-
-# -- instructions --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Dispatch:
-    task: str
-    peer: str
-    attempt: int
-
-
-@dataclass(frozen=True)
-class Collect:
-    task: str
-    peer: str
-    attempt: int
-    outputs: tuple[tuple[str, FileRef], ...]
-
-
-@dataclass(frozen=True)
-class Prefetch:
-    """Move these contents into `peer`'s cache now; each with its sources, best first
-    (peer names, or files.COORDINATOR)."""
-
-    peer: str
-    files: tuple[tuple[FileRef, tuple[str, ...]], ...]
-    why: str = ""
-
-
-@dataclass(frozen=True)
-class Release:
-    peer: str
-
-
-@dataclass(frozen=True)
-class Recruit:
-    count: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    status: str  # "succeeded" | "failed"
-    reason: str
-
-
-@dataclass(frozen=True)
-class TaskDone:
-    """Record (journal) that a task succeeded (its collected outputs are in the submit dir)."""
-
-    task: str
-    peer: str | None
-    attempts: int
-    outputs: tuple[tuple[str, FileRef], ...]
-
-
-@dataclass(frozen=True)
-class TaskFailed:
-    """Record (journal) that a task failed for good."""
-
-    task: str
-    error: str
-    attempts: int
-
-
-Instruction = Dispatch | Collect | Prefetch | Release | Recruit | Finished | TaskDone | TaskFailed
 
 BACKOFF_BASE_S = 1.0  # wait before the first retry; doubled for each further failure
 BACKOFF_CAP_S = 60.0  # the longest wait before a retry
 _NO_PREFETCH = PrefetchSettings(policy="none", broadcast_min_consumers=0)
 
 
-# -- state ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """A task's files: what it reads, what it writes, and whether its outputs come back."""
-
-    inputs: tuple[str, ...] = ()
-    outputs: tuple[str, ...] = ()
-    collect: bool = True  # False: its outputs stay on peers (intermediates)
-
-
-@dataclass
-class TaskState:
-    name: str
-    require: str  # requirement class: the task's `require` text, "" for none
-    retries: int
-    priority: int  # bottom level: tasks after it on its longest chain
-    deps_left: int  # tasks it needs that are not DONE (kept current while WAITING)
-    status: TaskStatus = TaskStatus.WAITING
-    attempts: int = 0  # dispatches
-    failures: int = 0  # attempts that ended in an error (peer losses do not count)
-    peer: str | None = None
-    start: float | None = None
-    end: float | None = None
-    exit_code: int | None = None
-    error: str = ""
-    stderr_tail: str = ""
-    fetch_s: float = 0.0
-    run_s: float = 0.0
-    outputs: tuple[tuple[str, FileRef], ...] = ()
-    not_before: float = 0.0  # a retry waits for its backoff until then
-    failed_on: tuple[str, ...] = ()  # peers where an attempt failed (a retry avoids them)
-    resumed: bool = False  # DONE from an earlier run's journal: never ran in this one
-    planned_on: str | None = None  # the peer it is planned on (prefetching), not yet placed
-    gated: bool = False  # READY, but waits for a broadcast file on its peer
-
-
-@dataclass
-class PeerSlots:
-    name: str
-    cpus: int
-    attrs: Mapping[str, str]
-    running: set[str] = field(default_factory=set)
-    collecting: set[str] = field(default_factory=set)
-    planned: list[str] = field(default_factory=list)  # tasks to run here next, in order
-    planned_bytes: int = 0  # what planned tasks still had to move here when planned
-    affine: list[tuple[int, int, str]] = field(default_factory=list)  # tasks whose data is here
-    serving: int = 0  # broadcast copies it is sending now
-
-
-Matcher = Callable[[str, Mapping[str, str]], bool]
-_Entry = tuple[int, int, str]  # heap entry: (-priority, sequence, task)
-
-
-class SchedulerCore:
+class SchedulerCore(DataPlane):
     """The job's scheduling state and rules."""
 
     def __init__(
@@ -351,7 +167,7 @@ class SchedulerCore:
         self._own_work: dict[str, None] = {}  # peers with planned or affine tasks (maybe stale)
         self.peers: dict[str, PeerSlots] = {}
         self._free: dict[str, None] = {}  # peers with a free slot, in the order they joined
-        self._ready: dict[str, list[_Entry]] = defaultdict(list)
+        self._ready: dict[str, list[Entry]] = defaultdict(list)
         self._seq = 0
         self._match_cache: dict[tuple[str, str], bool] = {}
         self.counts: dict[TaskStatus, int] = defaultdict(int)
@@ -471,7 +287,7 @@ class SchedulerCore:
     # -- transitions --------------------------------------------------------------------
 
     def _move(self, task: TaskState, to: TaskStatus, now: float, why: str) -> None:
-        assert (task.status, to) in _TASK_TRANSITIONS, f"{task.name}: {task.status} -> {to}"
+        assert (task.status, to) in TASK_TRANSITIONS, f"{task.name}: {task.status} -> {to}"
         self.counts[task.status] -= 1
         self.counts[to] += 1
         if task.status is TaskStatus.WAITING:
@@ -508,27 +324,6 @@ class SchedulerCore:
         best = self._data_peer(task)
         if best is not None:
             self._favour(best, entry)
-
-    def _favour(self, peer: PeerSlots, entry: _Entry) -> None:
-        heapq.heappush(peer.affine, entry)
-        self._own_work[peer.name] = None
-
-    def _data_peer(self, task: TaskState) -> PeerSlots | None:
-        """The peer holding the most of `task`'s input bytes (None: no peer holds any)."""
-        candidates: dict[str, None] = {}
-        for path in self.data[task.name].inputs:
-            ref = self.files.ref(path)
-            if ref is not None:
-                candidates.update(self.files.holders.get(ref.digest, {}))
-        best, best_bytes = None, 0
-        for name in candidates:
-            peer = self.peers.get(name)
-            if peer is None or not self._can_run(peer, task.require):
-                continue
-            held = self.files.held_bytes(name, self.data[task.name].inputs)
-            if held > best_bytes:
-                best, best_bytes = peer, held
-        return best
 
     def _reported(self, event: TaskReported, now: float, out: list[Instruction]) -> None:
         task = self.tasks.get(event.task)
@@ -690,237 +485,6 @@ class SchedulerCore:
         for digest in list(self._bc_active):
             self._check_broadcast(digest, now)
 
-    def _remake(self, cause: str, now: float, also: TaskState | None = None) -> None:
-        """Run again the producers of lost intermediates that unfinished tasks still need."""
-        unfinished = (TaskStatus.WAITING, TaskStatus.READY)
-
-        def gone(path: str) -> bool:
-            ref = self.files.ref(path)
-            return ref is not None and not self.files.available(ref.digest)
-
-        stack = [
-            t
-            for t in self.tasks.values()
-            if t.status in unfinished and any(gone(p) for p in self.data[t.name].inputs)
-        ]
-        if also is not None:
-            stack.append(also)
-        needy = {t.name for t in stack}
-        remade: set[str] = set()
-        while stack:
-            task = stack.pop()
-            for path in self.data[task.name].inputs:
-                producer = self.producer.get(path)
-                if producer is None or producer in remade or not gone(path):
-                    continue
-                if self.tasks[producer].status is TaskStatus.DONE:
-                    remade.add(producer)
-                    stack.append(self.tasks[producer])
-        for name in remade:
-            task = self.tasks[name]
-            task.deps_left = 0
-            self._move(task, TaskStatus.WAITING, now, f"its output was lost with {cause}")
-        for name in remade | needy:
-            task = self.tasks[name]
-            task.deps_left = sum(
-                1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE
-            )
-            if task.status in (TaskStatus.READY, TaskStatus.RUNNING) and task.deps_left:
-                self._unplan(task)
-                self._move(task, TaskStatus.WAITING, now, "an input it needs is made again")
-        for name in sorted(remade):
-            task = self.tasks[name]
-            if task.status is TaskStatus.WAITING and task.deps_left == 0:
-                self._make_ready(task, now, f"runs again: {cause} took its output")
-        if also is not None and also.status is TaskStatus.RUNNING:
-            self._make_ready(also, now, f"an input went with {cause}: runs again")
-
-    # -- data: arrivals, broadcast, prefetch --------------------------------------------
-
-    def _arrived(self, peer: str, digest: str) -> None:
-        via = self._incoming[peer].pop(digest, None)
-        if via:
-            self._release_server(via, digest)
-        if peer not in self.peers:
-            return
-        self.files.hold(peer, digest)
-        if digest in self._bc_active:
-            # Readers waiting for the broadcast may now run here.
-            for path in self._paths_of(digest):
-                for name in self.readers.get(path, ()):
-                    task = self.tasks[name]
-                    if task.status is TaskStatus.READY and task.gated:
-                        self._seq += 1
-                        self._favour(self.peers[peer], (-task.priority, self._seq, name))
-            self._check_broadcast(digest, 0.0)
-
-    def _release_server(self, via: str, digest: str) -> None:
-        if via in self.peers and via != COORDINATOR:
-            self.peers[via].serving = max(0, self.peers[via].serving - 1)
-
-    def _paths_of(self, digest: str) -> list[str]:
-        return [p for p in self.broadcast_paths if (r := self.files.ref(p)) and r.digest == digest]
-
-    def _check_broadcast(self, digest: str, now: float) -> None:
-        """End a broadcast once every peer holds the file or failed to get it."""
-        if digest not in self._bc_active:
-            return
-        if any(
-            not self.files.holds(name, digest) and name not in self._bc_failed[digest]
-            for name in self.peers
-        ):
-            return
-        self._bc_active.discard(digest)
-        for path in self._paths_of(digest):
-            for name in self.readers.get(path, ()):
-                task = self.tasks[name]
-                if task.status is TaskStatus.READY and task.gated and task.planned_on is None:
-                    self._enqueue(task)  # placeable anywhere now (or gated by another file)
-
-    def _broadcast(self, out: list[Instruction]) -> None:
-        """Spread each broadcast file: the coordinator sends the first copy, then every
-        holder sends one copy at a time to a peer that lacks it (a doubling tree)."""
-        if not self.broadcast_paths or not self.peers:
-            return
-        for path in sorted(self.broadcast_paths):
-            ref = self.files.ref(path)
-            if ref is None or not self.files.available(ref.digest):
-                continue
-            digest = ref.digest
-            if digest not in self._bc_started:
-                self._bc_started.add(digest)
-                self._bc_active.add(digest)
-                for name in self.readers[path]:  # gate its ready readers from now on
-                    task = self.tasks[name]
-                    if task.status is TaskStatus.READY and task.planned_on is None:
-                        self._enqueue(task)
-            lacking = [
-                name
-                for name in self.peers
-                if not self.files.holds(name, digest)
-                and digest not in self._incoming[name]
-                and name not in self._bc_failed[digest]
-            ]
-            for target in lacking:
-                servers = [
-                    self.peers[h]
-                    for h in self.files.holders.get(digest, {})
-                    if h in self.peers and self.peers[h].serving == 0
-                ]
-                if servers:
-                    via = servers[0].name
-                    servers[0].serving += 1
-                elif not self.files.holders.get(digest) and not any(
-                    digest in incoming for incoming in self._incoming.values()
-                ):
-                    via = COORDINATOR  # the first copy
-                else:
-                    break  # every holder is busy sending: the next round goes on arrival
-                self._incoming[target][digest] = via
-                sources = self.files.sources(digest, target, first=via)
-                out.append(Prefetch(target, ((ref, tuple(sources)),), f"broadcast of {path}"))
-            self._check_broadcast(digest, 0.0)
-
-    def _prefetch_to(
-        self, peer: str, paths: Iterable[str], why: str, out: list[Instruction]
-    ) -> int:
-        """Order the contents of `paths` that `peer` lacks; the bytes ordered."""
-        files = []
-        total = 0
-        for ref in self.files.missing(peer, paths):
-            if ref.digest in self._incoming[peer] or not self.files.available(ref.digest):
-                continue
-            if ref.digest in self._bc_active:
-                continue  # the broadcast brings it
-            self._incoming[peer][ref.digest] = ""
-            files.append((ref, tuple(self.files.sources(ref.digest, peer))))
-            total += ref.size
-        if files:
-            out.append(Prefetch(peer, tuple(files), why))
-        return total
-
-    def _plan(self, now: float, out: list[Instruction]) -> None:
-        """Plan ready tasks on busy peers ahead of time and order their inputs moved."""
-        settings = self.prefetch
-        if not settings.plans_ahead or not self.peers:
-            return
-        depth = len(self.tasks) if settings.policy == "eager" else settings.depth
-        progress = True
-        while progress and any(self._ready.values()):
-            progress = False  # one task per peer per round: plans stay balanced
-            for peer in self.peers.values():
-                if len(peer.planned) >= depth or peer.planned_bytes >= settings.max_bytes:
-                    continue
-                task = self._pop_affine(peer) or self._pop_ready_for(peer)
-                if task is None:
-                    continue
-                missing = sum(
-                    r.size for r in self.files.missing(peer.name, self.data[task.name].inputs)
-                )
-                if peer.planned and peer.planned_bytes + missing > settings.max_bytes:
-                    self._enqueue(task)  # does not fit in what may move here ahead
-                    peer.planned_bytes = settings.max_bytes
-                    continue
-                self._plan_on(task, peer)
-                peer.planned_bytes += missing
-                self._stories[task.name].append((now, f"planned on {peer.name}"))
-                self._prefetch_to(
-                    peer.name, self.data[task.name].inputs, f"{task.name} planned", out
-                )
-                progress = True
-
-    def _prefetch_for_waiting(self, producer: TaskState, out: list[Instruction]) -> None:
-        """eager / critical-path: move a just-made file to where its waiting reader will run."""
-        policy = self.prefetch.policy
-        if policy not in ("eager", "critical-path"):
-            return
-        while self._top_level > 0 and self._waiting_levels[self._top_level] <= 0:
-            self._top_level -= 1
-        for name in self.successors.get(producer.name, ()):
-            task = self.tasks[name]
-            if task.status is not TaskStatus.WAITING:
-                continue
-            if policy == "critical-path" and task.priority < self._top_level:
-                continue  # not on a longest remaining path
-            peer = self.peers.get(task.planned_on or "")
-            if peer is None:
-                # critical-path: where the chain goes on (its longest unfinished producer);
-                # eager: where most of its bytes already are.
-                peer = self._chain_peer(task) if policy == "critical-path" else None
-                peer = peer or self._data_peer(task)
-                if peer is None:
-                    continue
-                self._plan_on(task, peer)
-            self._prefetch_to(peer.name, self.data[name].inputs, f"{name} waits on it", out)
-
-    def _plan_on(self, task: TaskState, peer: PeerSlots) -> None:
-        task.planned_on = peer.name
-        peer.planned.append(task.name)
-        self._planned += 1
-        self._own_work[peer.name] = None
-
-    def _chain_peer(self, task: TaskState) -> PeerSlots | None:
-        running = [
-            self.tasks[d]
-            for d in self.preds[task.name]
-            if self.tasks[d].status is TaskStatus.RUNNING
-        ]
-        if not running:
-            return None
-        return self.peers.get(max(running, key=lambda t: t.priority).peer or "")
-
-    def _unplan(self, task: TaskState, requeue: bool = True) -> None:
-        peer = self.peers.get(task.planned_on or "")
-        if task.planned_on is not None:
-            self._planned -= 1
-        task.planned_on = None
-        if peer is not None and task.name in peer.planned:
-            peer.planned.remove(task.name)
-            if not peer.planned:
-                peer.planned_bytes = 0
-        if requeue and task.status is TaskStatus.READY:
-            self._enqueue(task)
-
     # -- decisions ----------------------------------------------------------------------
 
     def _can_run(self, peer: PeerSlots, require: str) -> bool:
@@ -1031,15 +595,8 @@ class SchedulerCore:
                 return task
         return None
 
-    def _holds_broadcast_inputs(self, peer: PeerSlots, task: TaskState) -> bool:
-        return all(
-            self.files.holds(peer.name, ref.digest)
-            for p in self.data[task.name].inputs
-            if (ref := self.files.ref(p)) is not None and ref.digest in self._bc_active
-        )
-
     def _pop_ready_for(self, peer: PeerSlots) -> TaskState | None:
-        best: _Entry | None = None
+        best: Entry | None = None
         best_class = ""
         for require, heap in self._ready.items():
             while heap and (not self._placeable(heap[0][2]) or self.tasks[heap[0][2]].gated):
@@ -1063,20 +620,6 @@ class SchedulerCore:
             self._free.pop(name, None)
             self._own_work.pop(name, None)
             out.append(Release(name))
-
-    def _still_serving(self, peer: str) -> bool:
-        """Whether a running task elsewhere may still be fetching from `peer` (it holds one
-        of its inputs), or a prefetch is pulling from it: releasing it would revoke the job
-        key on its data socket in the middle of that transfer."""
-        held = self.files.by_peer.get(peer)
-        if held:
-            for other in self.peers.values():
-                for name in other.running if other.name != peer else ():
-                    for path in self.data[name].inputs:
-                        ref = self.files.ref(path)
-                        if ref is not None and ref.digest in held:
-                            return True
-        return any(peer in incoming.values() for incoming in self._incoming.values())
 
     def _finish(self, out: list[Instruction], status: str, reason: str) -> None:
         for name in list(self.peers):
@@ -1122,7 +665,7 @@ class SchedulerCore:
 
     def pending(self) -> int:
         """Tasks not yet done, failed or skipped."""
-        return len(self.tasks) - sum(self.counts[s] for s in _FINAL)
+        return len(self.tasks) - sum(self.counts[s] for s in FINAL)
 
     def story(self, task: str) -> list[tuple[float, str]]:
         return list(self._stories.get(task, ()))

@@ -1,0 +1,351 @@
+"""The scheduler's data plane, pure: where files are, what moves ahead, what is remade.
+
+Part of `SchedulerCore` (a mixin, to keep each file readable): it reads and changes the
+core's state, declared below, and never touches a socket or a clock.
+
+- Placement follows the bytes: a task that becomes ready is pushed on the "affine" heap of
+  the peer holding most of its input bytes (`_data_peer`), which that peer pops first.
+- Prefetching plans tasks on busy peers ahead of time (`_plan`; depth and max_bytes from
+  the policy) and orders their missing inputs moved there (`Prefetch`); `eager` and
+  `critical-path` also move the inputs of waiting tasks as soon as they exist
+  (`_prefetch_for_waiting`). An idle slot takes over a planned task (`_steal`, in core.py).
+- A file read by many tasks is broadcast in a doubling tree (`_broadcast`): the coordinator
+  sends the first copy, every holder then sends one copy at a time; while it spreads, its
+  readers are "gated": placeable only on peers that hold it.
+- A lost intermediate that an unfinished task needs is made again (`_remake`).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+from collections.abc import Iterable
+
+from bonjourgrid.coordinator.files import COORDINATOR, FileTable
+from bonjourgrid.coordinator.model import (
+    Entry,
+    Instruction,
+    PeerSlots,
+    Prefetch,
+    TaskData,
+    TaskState,
+    TaskStatus,
+)
+from bonjourgrid.coordinator.prefetch import PrefetchSettings
+
+
+class DataPlane:
+    """Data-aware placement, prefetch planning, broadcast and remaking, over the core's state."""
+
+    # The core's state this part reads and changes (set by SchedulerCore.__init__).
+    tasks: dict[str, TaskState]
+    peers: dict[str, PeerSlots]
+    data: dict[str, TaskData]
+    files: FileTable
+    prefetch: PrefetchSettings
+    preds: dict[str, list[str]]
+    successors: dict[str, list[str]]
+    producer: dict[str, str]
+    readers: dict[str, list[str]]
+    broadcast_paths: set[str]
+    _bc_active: set[str]
+    _bc_started: set[str]
+    _bc_failed: dict[str, set[str]]
+    _incoming: dict[str, dict[str, str]]
+    _planned: int
+    _own_work: dict[str, None]
+    _ready: dict[str, list[Entry]]
+    _seq: int
+    _waiting_levels: Counter[int]
+    _top_level: int
+    _stories: dict[str, list[tuple[float, str]]]
+
+    # Provided by SchedulerCore.
+    def _move(self, task: TaskState, to: TaskStatus, now: float, why: str) -> None:
+        raise NotImplementedError
+
+    def _make_ready(self, task: TaskState, now: float, why: str) -> None:
+        raise NotImplementedError
+
+    def _enqueue(self, task: TaskState) -> None:
+        raise NotImplementedError
+
+    def _can_run(self, peer: PeerSlots, require: str) -> bool:
+        raise NotImplementedError
+
+    def _pop_ready_for(self, peer: PeerSlots) -> TaskState | None:
+        raise NotImplementedError
+
+    def _pop_affine(self, peer: PeerSlots) -> TaskState | None:
+        raise NotImplementedError
+
+    def _data_peer(self, task: TaskState) -> PeerSlots | None:
+        """The peer holding the most of `task`'s input bytes (None: no peer holds any)."""
+        candidates: dict[str, None] = {}
+        for path in self.data[task.name].inputs:
+            ref = self.files.ref(path)
+            if ref is not None:
+                candidates.update(self.files.holders.get(ref.digest, {}))
+        best, best_bytes = None, 0
+        for name in candidates:
+            peer = self.peers.get(name)
+            if peer is None or not self._can_run(peer, task.require):
+                continue
+            held = self.files.held_bytes(name, self.data[task.name].inputs)
+            if held > best_bytes:
+                best, best_bytes = peer, held
+        return best
+
+    def _favour(self, peer: PeerSlots, entry: Entry) -> None:
+        heapq.heappush(peer.affine, entry)
+        self._own_work[peer.name] = None
+
+    def _plan(self, now: float, out: list[Instruction]) -> None:
+        """Plan ready tasks on busy peers ahead of time and order their inputs moved."""
+        settings = self.prefetch
+        if not settings.plans_ahead or not self.peers:
+            return
+        depth = len(self.tasks) if settings.policy == "eager" else settings.depth
+        progress = True
+        while progress and any(self._ready.values()):
+            progress = False  # one task per peer per round: plans stay balanced
+            for peer in self.peers.values():
+                if len(peer.planned) >= depth or peer.planned_bytes >= settings.max_bytes:
+                    continue
+                task = self._pop_affine(peer) or self._pop_ready_for(peer)
+                if task is None:
+                    continue
+                missing = sum(
+                    r.size for r in self.files.missing(peer.name, self.data[task.name].inputs)
+                )
+                if peer.planned and peer.planned_bytes + missing > settings.max_bytes:
+                    self._enqueue(task)  # does not fit in what may move here ahead
+                    peer.planned_bytes = settings.max_bytes
+                    continue
+                self._plan_on(task, peer)
+                peer.planned_bytes += missing
+                self._stories[task.name].append((now, f"planned on {peer.name}"))
+                self._prefetch_to(
+                    peer.name, self.data[task.name].inputs, f"{task.name} planned", out
+                )
+                progress = True
+
+    def _plan_on(self, task: TaskState, peer: PeerSlots) -> None:
+        task.planned_on = peer.name
+        peer.planned.append(task.name)
+        self._planned += 1
+        self._own_work[peer.name] = None
+
+    def _unplan(self, task: TaskState, requeue: bool = True) -> None:
+        peer = self.peers.get(task.planned_on or "")
+        if task.planned_on is not None:
+            self._planned -= 1
+        task.planned_on = None
+        if peer is not None and task.name in peer.planned:
+            peer.planned.remove(task.name)
+            if not peer.planned:
+                peer.planned_bytes = 0
+        if requeue and task.status is TaskStatus.READY:
+            self._enqueue(task)
+
+    def _prefetch_to(
+        self, peer: str, paths: Iterable[str], why: str, out: list[Instruction]
+    ) -> int:
+        """Order the contents of `paths` that `peer` lacks; the bytes ordered."""
+        files = []
+        total = 0
+        for ref in self.files.missing(peer, paths):
+            if ref.digest in self._incoming[peer] or not self.files.available(ref.digest):
+                continue
+            if ref.digest in self._bc_active:
+                continue  # the broadcast brings it
+            self._incoming[peer][ref.digest] = ""
+            files.append((ref, tuple(self.files.sources(ref.digest, peer))))
+            total += ref.size
+        if files:
+            out.append(Prefetch(peer, tuple(files), why))
+        return total
+
+    def _prefetch_for_waiting(self, producer: TaskState, out: list[Instruction]) -> None:
+        """eager / critical-path: move a just-made file to where its waiting reader will run."""
+        policy = self.prefetch.policy
+        if policy not in ("eager", "critical-path"):
+            return
+        while self._top_level > 0 and self._waiting_levels[self._top_level] <= 0:
+            self._top_level -= 1
+        for name in self.successors.get(producer.name, ()):
+            task = self.tasks[name]
+            if task.status is not TaskStatus.WAITING:
+                continue
+            if policy == "critical-path" and task.priority < self._top_level:
+                continue  # not on a longest remaining path
+            peer = self.peers.get(task.planned_on or "")
+            if peer is None:
+                # critical-path: where the chain goes on (its longest unfinished producer);
+                # eager: where most of its bytes already are.
+                peer = self._chain_peer(task) if policy == "critical-path" else None
+                peer = peer or self._data_peer(task)
+                if peer is None:
+                    continue
+                self._plan_on(task, peer)
+            self._prefetch_to(peer.name, self.data[name].inputs, f"{name} waits on it", out)
+
+    def _chain_peer(self, task: TaskState) -> PeerSlots | None:
+        running = [
+            self.tasks[d]
+            for d in self.preds[task.name]
+            if self.tasks[d].status is TaskStatus.RUNNING
+        ]
+        if not running:
+            return None
+        return self.peers.get(max(running, key=lambda t: t.priority).peer or "")
+
+    def _broadcast(self, out: list[Instruction]) -> None:
+        """Spread each broadcast file: the coordinator sends the first copy, then every
+        holder sends one copy at a time to a peer that lacks it (a doubling tree)."""
+        if not self.broadcast_paths or not self.peers:
+            return
+        for path in sorted(self.broadcast_paths):
+            ref = self.files.ref(path)
+            if ref is None or not self.files.available(ref.digest):
+                continue
+            digest = ref.digest
+            if digest not in self._bc_started:
+                self._bc_started.add(digest)
+                self._bc_active.add(digest)
+                for name in self.readers[path]:  # gate its ready readers from now on
+                    task = self.tasks[name]
+                    if task.status is TaskStatus.READY and task.planned_on is None:
+                        self._enqueue(task)
+            lacking = [
+                name
+                for name in self.peers
+                if not self.files.holds(name, digest)
+                and digest not in self._incoming[name]
+                and name not in self._bc_failed[digest]
+            ]
+            for target in lacking:
+                servers = [
+                    self.peers[h]
+                    for h in self.files.holders.get(digest, {})
+                    if h in self.peers and self.peers[h].serving == 0
+                ]
+                if servers:
+                    via = servers[0].name
+                    servers[0].serving += 1
+                elif not self.files.holders.get(digest) and not any(
+                    digest in incoming for incoming in self._incoming.values()
+                ):
+                    via = COORDINATOR  # the first copy
+                else:
+                    break  # every holder is busy sending: the next round goes on arrival
+                self._incoming[target][digest] = via
+                sources = self.files.sources(digest, target, first=via)
+                out.append(Prefetch(target, ((ref, tuple(sources)),), f"broadcast of {path}"))
+            self._check_broadcast(digest, 0.0)
+
+    def _arrived(self, peer: str, digest: str) -> None:
+        via = self._incoming[peer].pop(digest, None)
+        if via:
+            self._release_server(via, digest)
+        if peer not in self.peers:
+            return
+        self.files.hold(peer, digest)
+        if digest in self._bc_active:
+            # Readers waiting for the broadcast may now run here.
+            for path in self._paths_of(digest):
+                for name in self.readers.get(path, ()):
+                    task = self.tasks[name]
+                    if task.status is TaskStatus.READY and task.gated:
+                        self._seq += 1
+                        self._favour(self.peers[peer], (-task.priority, self._seq, name))
+            self._check_broadcast(digest, 0.0)
+
+    def _check_broadcast(self, digest: str, now: float) -> None:
+        """End a broadcast once every peer holds the file or failed to get it."""
+        if digest not in self._bc_active:
+            return
+        if any(
+            not self.files.holds(name, digest) and name not in self._bc_failed[digest]
+            for name in self.peers
+        ):
+            return
+        self._bc_active.discard(digest)
+        for path in self._paths_of(digest):
+            for name in self.readers.get(path, ()):
+                task = self.tasks[name]
+                if task.status is TaskStatus.READY and task.gated and task.planned_on is None:
+                    self._enqueue(task)  # placeable anywhere now (or gated by another file)
+
+    def _release_server(self, via: str, digest: str) -> None:
+        if via in self.peers and via != COORDINATOR:
+            self.peers[via].serving = max(0, self.peers[via].serving - 1)
+
+    def _paths_of(self, digest: str) -> list[str]:
+        return [p for p in self.broadcast_paths if (r := self.files.ref(p)) and r.digest == digest]
+
+    def _holds_broadcast_inputs(self, peer: PeerSlots, task: TaskState) -> bool:
+        return all(
+            self.files.holds(peer.name, ref.digest)
+            for p in self.data[task.name].inputs
+            if (ref := self.files.ref(p)) is not None and ref.digest in self._bc_active
+        )
+
+    def _remake(self, cause: str, now: float, also: TaskState | None = None) -> None:
+        """Run again the producers of lost intermediates that unfinished tasks still need."""
+        unfinished = (TaskStatus.WAITING, TaskStatus.READY)
+
+        def gone(path: str) -> bool:
+            ref = self.files.ref(path)
+            return ref is not None and not self.files.available(ref.digest)
+
+        stack = [
+            t
+            for t in self.tasks.values()
+            if t.status in unfinished and any(gone(p) for p in self.data[t.name].inputs)
+        ]
+        if also is not None:
+            stack.append(also)
+        needy = {t.name for t in stack}
+        remade: set[str] = set()
+        while stack:
+            task = stack.pop()
+            for path in self.data[task.name].inputs:
+                producer = self.producer.get(path)
+                if producer is None or producer in remade or not gone(path):
+                    continue
+                if self.tasks[producer].status is TaskStatus.DONE:
+                    remade.add(producer)
+                    stack.append(self.tasks[producer])
+        for name in remade:
+            task = self.tasks[name]
+            task.deps_left = 0
+            self._move(task, TaskStatus.WAITING, now, f"its output was lost with {cause}")
+        for name in remade | needy:
+            task = self.tasks[name]
+            task.deps_left = sum(
+                1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE
+            )
+            if task.status in (TaskStatus.READY, TaskStatus.RUNNING) and task.deps_left:
+                self._unplan(task)
+                self._move(task, TaskStatus.WAITING, now, "an input it needs is made again")
+        for name in sorted(remade):
+            task = self.tasks[name]
+            if task.status is TaskStatus.WAITING and task.deps_left == 0:
+                self._make_ready(task, now, f"runs again: {cause} took its output")
+        if also is not None and also.status is TaskStatus.RUNNING:
+            self._make_ready(also, now, f"an input went with {cause}: runs again")
+
+    def _still_serving(self, peer: str) -> bool:
+        """Whether a running task elsewhere may still be fetching from `peer` (it holds one
+        of its inputs), or a prefetch is pulling from it: releasing it would revoke the job
+        key on its data socket in the middle of that transfer."""
+        held = self.files.by_peer.get(peer)
+        if held:
+            for other in self.peers.values():
+                for name in other.running if other.name != peer else ():
+                    for path in self.data[name].inputs:
+                        ref = self.files.ref(path)
+                        if ref is not None and ref.digest in held:
+                            return True
+        return any(peer in incoming.values() for incoming in self._incoming.values())

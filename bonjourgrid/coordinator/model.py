@@ -1,0 +1,255 @@
+"""The scheduler's vocabulary: task statuses and their moves, the events the shell feeds
+the core, the instructions it gets back, and the state the core keeps per task and per peer.
+Plain records, no behaviour: `coordinator/core.py` and `coordinator/dataplane.py` act on them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from bonjourgrid.cache.store import FileRef
+
+
+class TaskStatus(enum.Enum):
+    WAITING = "waiting"
+    READY = "ready"
+    RUNNING = "running"
+    COLLECTING = "collecting"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+FINAL = {TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.SKIPPED}
+# The only moves a task may make; validate_state() and _move() hold the core to them.
+TASK_TRANSITIONS = {
+    (TaskStatus.WAITING, TaskStatus.READY),
+    (TaskStatus.READY, TaskStatus.RUNNING),
+    (TaskStatus.RUNNING, TaskStatus.COLLECTING),
+    (TaskStatus.RUNNING, TaskStatus.DONE),  # its outputs stay on its peer
+    (TaskStatus.RUNNING, TaskStatus.READY),
+    (TaskStatus.RUNNING, TaskStatus.FAILED),
+    (TaskStatus.COLLECTING, TaskStatus.DONE),
+    (TaskStatus.COLLECTING, TaskStatus.READY),
+    (TaskStatus.COLLECTING, TaskStatus.FAILED),
+    (TaskStatus.WAITING, TaskStatus.SKIPPED),
+    (TaskStatus.READY, TaskStatus.SKIPPED),
+    # an intermediate it needs was lost with a peer: wait until it is made again
+    (TaskStatus.DONE, TaskStatus.WAITING),
+    (TaskStatus.DONE, TaskStatus.READY),
+    (TaskStatus.READY, TaskStatus.WAITING),
+    (TaskStatus.RUNNING, TaskStatus.WAITING),
+}
+
+
+# -- events --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerJoined:
+    peer: str
+    cpus: int
+    attrs: Mapping[str, str]  # its TXT record, for per-task requirements
+    cached: frozenset[str] = frozenset()  # digests of the job's files its cache holds
+
+
+@dataclass(frozen=True)
+class PeerLost:
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class TaskReported:
+    peer: str
+    task: str
+    attempt: int
+    exit_code: int
+    error: str
+    outputs: tuple[tuple[str, FileRef], ...]
+    stderr_tail: str = ""
+    fetch_s: float = 0.0
+    run_s: float = 0.0
+    bytes_fetched: int = 0
+
+
+@dataclass(frozen=True)
+class OutputsCollected:
+    task: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class CollectFailed:
+    task: str
+    attempt: int
+    error: str
+
+
+@dataclass(frozen=True)
+class FileArrived:
+    """A prefetch brought `digest` into `peer`'s cache."""
+
+    peer: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class PrefetchFailed:
+    peer: str
+    digest: str
+    error: str
+
+
+@dataclass(frozen=True)
+class PeersSettled:
+    """The first peers are in (with what their caches hold): a resumed job's intermediates
+    that no peer holds any more are made again."""
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed (the shell sends one at `next_wakeup()`): backoffs may be over."""
+
+
+Event = (
+    PeerJoined
+    | PeerLost
+    | TaskReported
+    | OutputsCollected
+    | CollectFailed
+    | FileArrived
+    | PrefetchFailed
+    | PeersSettled
+    | CancelRequested
+    | Tick
+)
+
+
+# -- instructions --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    task: str
+    peer: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Collect:
+    task: str
+    peer: str
+    attempt: int
+    outputs: tuple[tuple[str, FileRef], ...]
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """Move these contents into `peer`'s cache now; each with its sources, best first
+    (peer names, or files.COORDINATOR)."""
+
+    peer: str
+    files: tuple[tuple[FileRef, tuple[str, ...]], ...]
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class Release:
+    peer: str
+
+
+@dataclass(frozen=True)
+class Recruit:
+    count: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    status: str  # "succeeded" | "failed"
+    reason: str
+
+
+@dataclass(frozen=True)
+class TaskDone:
+    """Record (journal) that a task succeeded (its collected outputs are in the submit dir)."""
+
+    task: str
+    peer: str | None
+    attempts: int
+    outputs: tuple[tuple[str, FileRef], ...]
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    """Record (journal) that a task failed for good."""
+
+    task: str
+    error: str
+    attempts: int
+
+
+Instruction = Dispatch | Collect | Prefetch | Release | Recruit | Finished | TaskDone | TaskFailed
+
+
+# -- state ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task's files: what it reads, what it writes, and whether its outputs come back."""
+
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    collect: bool = True  # False: its outputs stay on peers (intermediates)
+
+
+@dataclass
+class TaskState:
+    name: str
+    require: str  # requirement class: the task's `require` text, "" for none
+    retries: int
+    priority: int  # bottom level: tasks after it on its longest chain
+    deps_left: int  # tasks it needs that are not DONE (kept current while WAITING)
+    status: TaskStatus = TaskStatus.WAITING
+    attempts: int = 0  # dispatches
+    failures: int = 0  # attempts that ended in an error (peer losses do not count)
+    peer: str | None = None
+    start: float | None = None
+    end: float | None = None
+    exit_code: int | None = None
+    error: str = ""
+    stderr_tail: str = ""
+    fetch_s: float = 0.0
+    run_s: float = 0.0
+    outputs: tuple[tuple[str, FileRef], ...] = ()
+    not_before: float = 0.0  # a retry waits for its backoff until then
+    failed_on: tuple[str, ...] = ()  # peers where an attempt failed (a retry avoids them)
+    resumed: bool = False  # DONE from an earlier run's journal: never ran in this one
+    planned_on: str | None = None  # the peer it is planned on (prefetching), not yet placed
+    gated: bool = False  # READY, but waits for a broadcast file on its peer
+
+
+@dataclass
+class PeerSlots:
+    name: str
+    cpus: int
+    attrs: Mapping[str, str]
+    running: set[str] = field(default_factory=set)
+    collecting: set[str] = field(default_factory=set)
+    planned: list[str] = field(default_factory=list)  # tasks to run here next, in order
+    planned_bytes: int = 0  # what planned tasks still had to move here when planned
+    affine: list[tuple[int, int, str]] = field(default_factory=list)  # tasks whose data is here
+    serving: int = 0  # broadcast copies it is sending now
+
+
+Matcher = Callable[[str, Mapping[str, str]], bool]
+Entry = tuple[int, int, str]  # heap entry: (-priority, sequence, task)
