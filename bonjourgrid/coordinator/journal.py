@@ -51,7 +51,8 @@ Refs = tuple[tuple[str, FileRef], ...]
 
 @dataclass(frozen=True)
 class DoneRecord:
-    """A task that finished and whose outputs reached the submit directory."""
+    """A task that finished: its outputs are in the submit directory, or (intermediates) in
+    the cache of the peer that made them."""
 
     task: str
     spec: str  # task_digest() of the task as it ran

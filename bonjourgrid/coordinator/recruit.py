@@ -23,7 +23,7 @@ class JobNeeds:
     max_cost: float | None = None
     workers_min: int = 1
     workers_max: int = 8
-    rank: str = "cost"  # "cost" (cost, then cpus) or "cpus" (cpus, then cost)
+    rank: str = "cost"  # "cost" (cost, cached bytes, cpus) or "cpus" (cpus, cost, cached bytes)
 
 
 @dataclass(frozen=True)

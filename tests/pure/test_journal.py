@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from bonjourgrid.cache.store import hash_file
+from bonjourgrid.cache.store import FileRef, hash_file
 from bonjourgrid.coordinator.journal import (
     DoneRecord,
     JournalWriter,
@@ -204,3 +205,111 @@ def test_task_digests_see_command_files_and_environment_only(tmp_path: Path) -> 
         tmp_path / "three", CHAIN.replace("outputs: [a.txt]}", "outputs: [a.txt], env: {X: y}}")
     )
     assert task_digest(wf.tasks["a"]) != task_digest(env.tasks["a"])
+
+
+def test_resume_keeps_a_task_whose_intermediate_outputs_stayed_on_peers(tmp_path: Path) -> None:
+    wf, wf_file = make(tmp_path / "sub")
+    journal = start(wf, wf_file)
+    for name, content in (("a", "input\n"), ("b", "input\ninput\n"), ("c", "input\ninput\n")):
+        journal.done(run_task(wf, name, content))
+    journal.close()
+    # a.txt and b.txt are read by b and c: they never reach the submit directory.
+    (wf.root / "a.txt").unlink()
+    (wf.root / "b.txt").unlink()
+    plan = plan_resume(wf, wf_file)
+    assert set(plan.kept) == {"a", "b", "c"} and plan.rerun == {}
+    assert plan.source_refs == {"in.txt": hash_file(wf.root / "in.txt")}
+
+
+def test_resume_reruns_a_task_whose_intermediate_is_there_but_other_bytes(
+    tmp_path: Path,
+) -> None:
+    wf, wf_file = make(tmp_path / "sub")
+    journal = start(wf, wf_file)
+    for name, content in (("a", "input\n"), ("b", "input\ninput\n"), ("c", "input\ninput\n")):
+        journal.done(run_task(wf, name, content))
+    journal.close()
+    (wf.root / "a.txt").unlink()  # on a peer: fine
+    (wf.root / "b.txt").write_text("someone edited it\n")  # here, and not what b made
+    plan = plan_resume(wf, wf_file)
+    assert set(plan.kept) == {"a"}
+    assert plan.rerun == {
+        "b": "its output b.txt changed since it ran (digest)",
+        "c": "it comes after b, which runs again",
+    }
+
+
+def test_resume_reruns_a_task_whose_final_output_is_missing(tmp_path: Path) -> None:
+    wf, wf_file = make(tmp_path / "sub")
+    journal = start(wf, wf_file)
+    for name, content in (("a", "input\n"), ("b", "input\ninput\n"), ("c", "input\ninput\n")):
+        journal.done(run_task(wf, name, content))
+    journal.close()
+    for intermediate in ("a.txt", "b.txt"):
+        (wf.root / intermediate).unlink()
+    (wf.root / "c.txt").unlink()  # read by no task: it had to be here
+    plan = plan_resume(wf, wf_file)
+    assert set(plan.kept) == {"a", "b"}
+    assert plan.rerun == {"c": "its output c.txt is missing"}
+
+
+URL_FLOW = """
+name: fetch
+tasks:
+  u: {command: "wc -c ref.fa > u.txt", inputs: ["https://example.org/data/ref.fa"],
+      outputs: [u.txt]}
+  v: {command: "cat u.txt > v.txt", inputs: [u.txt], outputs: [v.txt]}
+"""
+
+
+def ref_of(data: bytes) -> FileRef:
+    return FileRef(hashlib.sha256(data).hexdigest(), len(data))
+
+
+def url_journal(tmp_path: Path, staged: bytes) -> tuple[Workflow, Path]:
+    """A fetch workflow whose u read `staged` from its URL and whose v ran after it."""
+    wf, wf_file = make(tmp_path / "sub", URL_FLOW)
+    assert wf.urls == {"ref.fa": "https://example.org/data/ref.fa"}
+    # A file of that name in the submit directory is not the URL's content, even when it
+    # holds the bytes u read.
+    (wf.root / "ref.fa").write_bytes(staged)
+    u = run_task(wf, "u", "5 ref.fa\n")
+    assert u.inputs == (("ref.fa", ref_of(staged)),)
+    journal = start(wf, wf_file)
+    journal.done(u)
+    journal.done(run_task(wf, "v", "5 ref.fa\n"))
+    journal.close()
+    return wf, wf_file
+
+
+def test_resume_without_url_refs_reruns_a_task_reading_a_url(tmp_path: Path) -> None:
+    wf, wf_file = url_journal(tmp_path, b"ACGT\n")
+    plan = plan_resume(wf, wf_file)
+    assert plan.kept == {}
+    assert plan.rerun == {
+        "u": "its input ref.fa changed since it ran",
+        "v": "it comes after u, which runs again",
+    }
+    plan = plan_resume(wf, wf_file, url_refs={"other.fa": ref_of(b"ACGT\n")})
+    assert set(plan.rerun) == {"u", "v"}
+
+
+def test_resume_keeps_a_url_task_whose_staged_content_is_the_recorded_one(
+    tmp_path: Path,
+) -> None:
+    wf, wf_file = url_journal(tmp_path, b"ACGT\n")
+    plan = plan_resume(wf, wf_file, url_refs={"ref.fa": ref_of(b"ACGT\n")})
+    assert set(plan.kept) == {"u", "v"} and plan.rerun == {}
+    assert plan.source_refs == {"ref.fa": ref_of(b"ACGT\n")}
+
+
+def test_resume_reruns_a_url_task_whose_content_changed_even_if_the_local_file_did_not(
+    tmp_path: Path,
+) -> None:
+    wf, wf_file = url_journal(tmp_path, b"ACGT\n")
+    plan = plan_resume(wf, wf_file, url_refs={"ref.fa": ref_of(b"ACGTT\n")})
+    assert plan.kept == {}
+    assert plan.rerun == {
+        "u": "its input ref.fa changed since it ran",
+        "v": "it comes after u, which runs again",
+    }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bonjourgrid.coordinator.recruit import JobNeeds, explain_shortage, select_candidates
+from bonjourgrid.coordinator.recruit import JobNeeds, explain_shortage, rank, select_candidates
 from bonjourgrid.discovery.txt import PeerRecord
 from bonjourgrid.requirements import Requirement
 
@@ -77,3 +77,55 @@ def test_the_user_is_told_when_no_peer_answers() -> None:
     n = needs()
     text = explain_shortage([], select_candidates([], n), n, granted=0)
     assert "no BonjourGrid peer answered" in text and "--local" in text
+
+
+def names(peers: list[PeerRecord]) -> list[str]:
+    return [p.name for p in peers]
+
+
+def test_at_equal_cost_the_peer_caching_more_of_the_job_goes_first() -> None:
+    cached = {"warm": 3 << 20, "lukewarm": 1 << 20}
+    peers = [peer("cold", cpus=16), peer("lukewarm", cpus=8), peer("warm", cpus=1)]
+    ranked = rank(peers, needs(), lambda p: cached.get(p.name, 0))
+    # Cached bytes outweigh cpus: what a peer holds need not move again.
+    assert names(ranked) == ["warm", "lukewarm", "cold"]
+
+
+def test_a_cheaper_peer_beats_one_caching_more() -> None:
+    cached = {"warm-dear": 1 << 30}
+    peers = [peer("warm-dear", cost=1.0, cpus=8), peer("cold-cheap", cost=0.5, cpus=1)]
+    ranked = rank(peers, needs(), lambda p: cached.get(p.name, 0))
+    assert names(ranked) == ["cold-cheap", "warm-dear"]
+
+
+def test_ranking_by_cpus_puts_cost_then_cached_bytes_after_cpus() -> None:
+    cached = {"warm-small": 1 << 30, "warm-dear": 1 << 30, "warm": 1 << 20}
+    peers = [
+        peer("warm-small", cpus=2),
+        peer("warm-dear", cpus=8, cost=1.0),
+        peer("cold", cpus=8),
+        peer("warm", cpus=8),
+    ]
+    ranked = rank(peers, needs(rank="cpus"), lambda p: cached.get(p.name, 0))
+    assert names(ranked) == ["warm", "cold", "warm-dear", "warm-small"]
+
+
+def test_ties_are_broken_by_name_and_the_input_list_is_left_alone() -> None:
+    peers = [peer("b"), peer("c"), peer("a")]
+    assert names(rank(peers, needs(), lambda p: 0)) == ["a", "b", "c"]
+    assert names(rank(peers, needs(rank="cpus"))) == ["a", "b", "c"]
+    assert names(peers) == ["b", "c", "a"]
+
+
+def test_select_candidates_ranks_as_before_without_cache_knowledge() -> None:
+    peers = [
+        peer("pricey-big", cost=2.0, cpus=16),
+        peer("cheap-small", cost=0.1, cpus=1),
+        peer("cheap-big-b", cost=0.1, cpus=8),
+        peer("cheap-big-a", cost=0.1, cpus=8),
+    ]
+    by_cost = select_candidates(peers, needs()).candidates
+    assert names(by_cost) == ["cheap-big-a", "cheap-big-b", "cheap-small", "pricey-big"]
+    assert by_cost == rank(peers, needs())
+    by_cpus = select_candidates(peers, needs(rank="cpus")).candidates
+    assert names(by_cpus) == ["pricey-big", "cheap-big-a", "cheap-big-b", "cheap-small"]
