@@ -15,8 +15,10 @@ coordinators and the job that holds its reservation), and a fetch proves the key
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from bonjourgrid import wire
 from bonjourgrid.cache.store import FileRef
@@ -37,6 +40,13 @@ _MAX_OFFSET = 2**63 - 1  # what pread takes: a bigger offset is a ProtocolError,
 _WINDOW = 8  # chunks in flight per transfer
 _CHUNK_TIMEOUT_S = 10.0  # no chunk for this long: the source is dead or stuck, try the next
 _MAX_REQUEST = 4096  # bytes: a `get` is tiny; the server's socket drops bigger frames
+# A refused handshake is silent on the socket itself (libzmq just never delivers a message):
+# only its monitor tells, and then at once.
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,71 @@ class _Corrupt(TransferError):
     """The whole file arrived and its digest does not match."""
 
 
+_monitor_ids = itertools.count()
+
+
+class _Connection:
+    """A DEALER to one data server; until the server first answers, its handshake is watched."""
+
+    def __init__(self, sock: zmq.asyncio.Socket, endpoint: str) -> None:
+        self.sock = sock
+        self.monitor: zmq.asyncio.Socket | None = None
+        try:
+            # A name of our own, not pyzmq's default (from the socket's fd): a closed socket's
+            # monitor is reaped asynchronously, and a new socket may get the same fd meanwhile.
+            address = f"inproc://bonjourgrid-fetch-monitor-{next(_monitor_ids)}"
+            # Attached before connect(), so no handshake event can be missed.
+            self.monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED, address)
+            sock.connect(endpoint)
+        except BaseException:
+            self.close()
+            raise
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Whether a reply arrived within `timeout_s`; a refused handshake raises at once."""
+        if self.monitor is None:  # the handshake is long done: only the data socket matters
+            return bool(await self.sock.poll(timeout_s * 1000))
+        poller = zmq.asyncio.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            ready = dict(await poller.poll(left * 1000))
+            if self.sock in ready:
+                self.settled()
+                return True
+            if self.monitor in ready:
+                event = await recv_monitor_message(self.monitor)
+                raise TransferError(_handshake_failure(int(event["event"]), int(event["value"])))
+        return False
+
+    def settled(self) -> None:
+        """The server answered, so the handshake is over: stop watching it."""
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
+
+    def close(self) -> None:
+        self.settled()
+        self.sock.close(linger=0)
+
+
+def _handshake_failure(event: int, value: int) -> str:
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # the server's ZAP handler said no
+        return (
+            f"no data: the source refused our key (ZAP status {value}; "
+            "its reservation for this job may have ended)"
+        )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return f"no data: handshake failed (protocol error {value:#x}; not a data server?)"
+    # A CURVE server that cannot open our hello just hangs up: most often a wrong server key.
+    return (
+        f"no data: handshake failed ({os.strerror(value)}; "
+        "is the source's server key the right one?)"
+    )
+
+
 @dataclass
 class _Progress:
     """What a fetch holds so far: bytes 0..received of the partial file, and their hash."""
@@ -147,21 +222,21 @@ class Fetcher:
     def __init__(self, ctx: zmq.asyncio.Context, keypair: Keypair | None = None) -> None:
         self._ctx = ctx
         self._keypair = keypair
-        self._idle: dict[tuple[str, str, bytes], list[zmq.asyncio.Socket]] = defaultdict(list)
+        self._idle: dict[tuple[str, str, bytes], list[_Connection]] = defaultdict(list)
         self.bytes_from: dict[str, int] = defaultdict(int)  # file bytes per completing source
 
     def close(self) -> None:
-        for socks in self._idle.values():
-            for sock in socks:
-                sock.close(linger=0)
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
         self._idle.clear()
 
     def forget(self, keypair: Keypair | None) -> None:
         """Close the idle connections that prove `keypair` (a job's, once its reservation ended)."""
         client = keypair.public if keypair is not None else b""
         for pool_key in [k for k in self._idle if k[2] == client]:
-            for sock in self._idle.pop(pool_key):
-                sock.close(linger=0)
+            for conn in self._idle.pop(pool_key):
+                conn.close()
 
     async def fetch(
         self,
@@ -175,7 +250,8 @@ class Fetcher:
 
         A source that fails mid-file (dead, stuck, truncated, without the file) hands over to
         the next one, which carries on from the same offset. A file whose digest does not
-        match is discarded whole and fetched again from the next source.
+        match is discarded whole and fetched again from the next source. A source that refuses
+        the key at the handshake is passed over at once, not after the chunk timeout.
         """
         client = keypair if keypair is not None else self._keypair
         queue = list(sources)
@@ -220,23 +296,23 @@ class Fetcher:
         pool_key = (source.endpoint, source.server_key, client.public if client else b"")
         idle = self._idle[pool_key]
         if idle:
-            sock = idle.pop()
+            conn = idle.pop()
         else:
             sock = wire.client_socket(self._ctx, client, source.server_key, wire.MAX_DATA_FRAME)
-            sock.connect(source.endpoint)
+            conn = _Connection(sock, source.endpoint)
         healthy = False
         try:
-            await self._pull(sock, ref, fd, progress)
-            healthy = True
+            await self._pull(conn, ref, fd, progress)
+            # Only a connection the server has answered is kept: a pooled one has no monitor.
+            healthy = conn.monitor is None
         finally:
             if healthy:
-                self._idle[pool_key].append(sock)
+                self._idle[pool_key].append(conn)
             else:
-                sock.close(linger=0)  # it may still have replies in flight: never reuse it
+                conn.close()  # it may still have replies in flight: never reuse it
 
-    async def _pull(
-        self, sock: zmq.asyncio.Socket, ref: FileRef, fd: int, progress: _Progress
-    ) -> None:
+    async def _pull(self, conn: _Connection, ref: FileRef, fd: int, progress: _Progress) -> None:
+        sock = conn.sock
         next_offset = progress.received
         in_flight = 0
         while progress.received < ref.size:
@@ -247,7 +323,7 @@ class Fetcher:
                 )
                 next_offset += size
                 in_flight += 1
-            if not await sock.poll(_CHUNK_TIMEOUT_S * 1000):
+            if not await conn.wait(_CHUNK_TIMEOUT_S):
                 raise TransferError(f"no data for {_CHUNK_TIMEOUT_S:g} s")
             try:
                 msg = wire.decode(await sock.recv(), limit=wire.MAX_DATA_FRAME)

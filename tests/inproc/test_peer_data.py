@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from bonjourgrid import keys, wire
+from bonjourgrid.cache import transfer
 from bonjourgrid.cache.store import FileIndex, FileRef
 from bonjourgrid.cache.transfer import DataServer, Fetcher, Source
 from bonjourgrid.errors import TransferError
@@ -283,7 +285,7 @@ async def test_a_consumer_fetches_an_intermediate_from_the_peer_that_made_it(
 
         # Nobody else reads it: neither a stranger nor a peer of the grid without the job's key.
         for outsider in (Keypair.generate(), b.daemon.keypair):
-            with pytest.raises(TransferError, match="no data"):
+            with pytest.raises(TransferError, match="refused our key"):
                 await fetch(zctx, outsider, mid, a.source(), tmp_path / "stolen")
         assert a.served == mid_size
         # The grid's coordinators (to collect outputs) and the job's peers do.
@@ -294,7 +296,7 @@ async def test_a_consumer_fetches_an_intermediate_from_the_peer_that_made_it(
         fetcher = Fetcher(zctx)
         try:
             await fetcher.fetch(mid, [a.source()], tmp_path / "again", job.keys)
-            with pytest.raises(TransferError, match="no data"):
+            with pytest.raises(TransferError, match="refused our key"):
                 await fetcher.fetch(mid, [a.source()], tmp_path / "other", Keypair.generate())
         finally:
             fetcher.close()
@@ -320,12 +322,56 @@ async def test_after_its_reservation_the_job_key_no_longer_opens_the_peer(
         finally:
             lingering.close()
         # ...and a new one never gets through the handshake.
-        with pytest.raises(TransferError, match="no data"):
+        with pytest.raises(TransferError, match="refused our key"):
             await fetch(zctx, job.keys, mid, a.source(), tmp_path / "third")
         assert a.served == mid_size
         # The grid's coordinators still collect what the peer holds.
         collected = await fetch(zctx, grid.keypair(), mid, a.source(), tmp_path / "collected")
         assert digest(collected) == mid_digest
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_peer_whose_reservation_ended_is_passed_over_at_once(
+    tmp_path: Path,
+    grid: GridKey,
+    job: Job,
+    zctx: zmq.asyncio.Context,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The real chunk timeout: a refusal that went unnoticed would cost this much per source.
+    monkeypatch.setattr(transfer, "_CHUNK_TIMEOUT_S", 10.0)
+    produce = "yes bonjour | head -c 50000 > mid.dat"
+    async with live_peer(tmp_path / "a", grid) as a:
+        sock = await job.reserve(a)
+        made = await run_task(sock, job.run_fields("produce", produce, outputs=("mid.dat",)))
+        [[_, mid_digest, mid_size]] = made["outputs"]
+        mid = FileRef(mid_digest, mid_size)
+        assert (await ask(sock, "release", job=job.name))["t"] == "released"
+        assert job.stage("mid.dat", (b"bonjour\n" * 6250)[:50000]) == mid  # a replica elsewhere
+
+        fetcher = Fetcher(zctx, job.keys)  # a consumer of the job that still lists the peer
+        try:
+            started = time.monotonic()
+            with pytest.raises(TransferError, match=rf"{a.name}: .*refused our key"):
+                await fetcher.fetch(mid, [a.source()], tmp_path / "alone")
+            got = await fetcher.fetch(mid, [a.source(), job.source], tmp_path / "copy")
+            elapsed = time.monotonic() - started
+            assert got == job.source
+            assert elapsed < 5.0, f"two refusals took {elapsed:.1f} s: waited out a timeout"
+            assert digest((tmp_path / "copy").read_bytes()) == mid_digest
+            assert a.served == 0
+
+            # Refused connections are closed with their handshake monitors: no fd piles up.
+            before = open_fds()
+            for i in range(40):
+                with pytest.raises(TransferError, match="refused our key"):
+                    await fetcher.fetch(mid, [a.source()], tmp_path / f"again{i}")
+            await wait_until(lambda: open_fds() <= before + 4, REPLY_S, "the sockets' release")
+        finally:
+            fetcher.close()
 
 
 async def test_insecure_peers_move_files_without_keys(
