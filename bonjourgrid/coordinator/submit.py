@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from bonjourgrid.coordinator.journal import ResumePlan, journal_path, plan_resume, workflow_digest
+from bonjourgrid.coordinator.peers import LEASE_S, PEER_TIMEOUT_S, Timeouts
 from bonjourgrid.coordinator.prefetch import POLICIES, DataOptions, PrefetchSettings
 from bonjourgrid.coordinator.recruit import needs_from
 from bonjourgrid.coordinator.report import format_summary
-from bonjourgrid.coordinator.shell import LEASE_S, PEER_TIMEOUT_S, Coordinator, Timeouts
+from bonjourgrid.coordinator.shell import Coordinator
 from bonjourgrid.coordinator.stage import stage_sources
 from bonjourgrid.dag import Workflow, load_workflow
 from bonjourgrid.errors import ConfigError, KeyStoreError

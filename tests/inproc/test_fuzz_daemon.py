@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bonjourgrid import keys, wire
-from bonjourgrid.coordinator.shell import control_routing_id
+from bonjourgrid.coordinator.peers import control_routing_id
 from bonjourgrid.errors import ProtocolError
 from bonjourgrid.keys import GridKey, Keypair
 from bonjourgrid.worker.core import PeerState

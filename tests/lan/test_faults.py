@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bonjourgrid.coordinator.shell import HEARTBEAT_S
+from bonjourgrid.coordinator.peers import HEARTBEAT_S
 
 from .conftest import Bgrid, MdnsWatcher
 from .netns import Host, Lan

@@ -24,7 +24,7 @@ import zmq
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
 from bonjourgrid import wire
-from bonjourgrid.coordinator.shell import RESERVE_TIMEOUT_S
+from bonjourgrid.coordinator.peers import RESERVE_TIMEOUT_S
 from bonjourgrid.discovery.txt import PEER_SERVICE, PeerRecord, peer_txt
 from bonjourgrid.keys import Keypair, load_grid_key
 from tests.multiproc.conftest import LOOPBACK, Grid, write_workflow

@@ -1,0 +1,333 @@
+"""The coordinator's peers: recruiting them, keeping them, losing them, handing them back.
+
+Part of `Coordinator` (`shell.py`; a mixin, to keep each file readable). Recruitment asks
+the LAN's idle peers that fit the job (`recruit.py` filters and ranks them), first what
+their caches hold of the job's inputs (`probe`), then for a leased reservation (`reserve`,
+which hands over the job's CURVE key); heartbeats renew the leases and notice a peer gone
+silent; `release` hands a peer back. Every change reaches the scheduler core as an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from bonjourgrid import wire
+from bonjourgrid.cache.store import FileRef
+from bonjourgrid.cache.transfer import Source
+from bonjourgrid.coordinator import core
+from bonjourgrid.coordinator.journal import ResumePlan
+from bonjourgrid.coordinator.recruit import JobNeeds, explain_shortage, rank, select_candidates
+from bonjourgrid.discovery.advertise import resolve_interfaces
+from bonjourgrid.discovery.browse import PeerBrowser, snapshot_peers
+from bonjourgrid.discovery.txt import PeerRecord
+from bonjourgrid.errors import ConfigError, ProtocolError, RecruitError
+from bonjourgrid.keys import Keypair
+
+log = logging.getLogger(__name__)
+
+# Module constants with their unit; tests shrink them.
+HEARTBEAT_S = 1.0  # how often a coordinator renews its leases
+LEASE_S = 10.0  # a peer whose coordinator is silent this long returns to idle
+PEER_TIMEOUT_S = 5.0  # a peer silent this long is lost: its tasks go elsewhere
+DISCOVERY_S = 2.0  # how long to browse before recruiting with the peers seen so far
+SNAPSHOT_S = 0.5  # how long a new coordinator listens for peers before recruiting
+RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
+PROBE_TIMEOUT_S = 0.3  # a candidate that does not say what it caches by then caches nothing
+STALL_S = 10.0  # ready tasks with no peer able to run them for this long fail the job
+MAX_LEASE_S = 3600.0  # workers refuse longer leases
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How fast a dead peer is noticed and a dead coordinator's peers are freed."""
+
+    peer_timeout_s: float = PEER_TIMEOUT_S  # a peer silent this long is lost
+    lease_s: float = LEASE_S  # a peer whose coordinator is silent this long is idle again
+
+    def __post_init__(self) -> None:
+        if not 0 < self.peer_timeout_s <= MAX_LEASE_S:
+            raise ConfigError(f"--peer-timeout {self.peer_timeout_s:g}: give 0 < S <= 3600")
+        if not 2 * self.heartbeat_s <= self.lease_s <= MAX_LEASE_S:
+            raise ConfigError(
+                f"--lease {self.lease_s:g}: give {2 * self.heartbeat_s:g} <= S <= 3600 (a lease "
+                f"must outlive two heartbeats, sent every {self.heartbeat_s:g} s)"
+            )
+
+    @property
+    def heartbeat_s(self) -> float:
+        """How often leases are renewed and peers checked: a few times per peer timeout."""
+        return min(HEARTBEAT_S, self.peer_timeout_s / 4)
+
+
+@dataclass
+class PeerLink:
+    """One recruited peer: its control connection and what we know of it."""
+
+    record: PeerRecord
+    sock: zmq.asyncio.Socket
+    data_source: Source | None = None
+    our_address: str = "127.0.0.1"  # our address on the route to this peer
+    last_heard: float = field(default_factory=time.monotonic)
+    reader: asyncio.Task[None] | None = None
+
+
+class PeerPool:
+    """Recruitment and the links to recruited peers, over the coordinator's state."""
+
+    # The coordinator's state this part reads and changes (set by Coordinator.__init__).
+    job: str
+    needs: JobNeeds
+    interface: str | None
+    expected_peers: int | None
+    timeouts: Timeouts
+    resume: ResumePlan | None
+    ctx: zmq.asyncio.Context
+    client_keys: Keypair | None
+    job_keys: Keypair | None
+    links: dict[str, PeerLink]
+    used: dict[str, PeerRecord]
+    events: asyncio.Queue[core.Event]
+    core: core.SchedulerCore
+    source_refs: dict[str, FileRef]
+    _cached: dict[tuple[str, str, str], frozenset[str]]
+    _wanted_from_caches: dict[str, int]
+
+    # Provided by Coordinator.
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        raise NotImplementedError
+
+    async def _read_peer(self, link: PeerLink) -> None:
+        raise NotImplementedError
+
+    def cancel(self, reason: str) -> None:
+        raise NotImplementedError
+
+    async def _recruit(self, browser: PeerBrowser, wanted: int, initial: bool = False) -> int:
+        """Reserve up to `wanted` more peers, best first; at the start, at least workers_min."""
+        deadline = time.monotonic() + (DISCOVERY_S if self.expected_peers is None else 15.0)
+        seed: list[PeerRecord] = []
+        expected = self.expected_peers
+        if initial and expected is not None:
+            # Local workers are starting with us: wait until all of them are up.
+            await browser.wait_until(
+                lambda peers: len(select_candidates(peers, self.needs).candidates) >= expected,
+                max(0.0, deadline - time.monotonic()),
+            )
+        elif initial:
+            # A one-shot query hears every peer within a round trip, while the long-lived
+            # browser's first answers may be paced by responders for up to a second.
+            seed = await snapshot_peers(resolve_interfaces(self.interface), wait=SNAPSHOT_S)
+
+        def known() -> list[PeerRecord]:
+            # The browser's view is the newer, but a name may be claimed by two services
+            # (an impostor, a restarted peer): keep every distinct endpoint and key.
+            fresh = browser.peers()
+            seen = {_identity(p) for p in fresh}
+            return [*fresh, *(p for p in seed if _identity(p) not in seen)]
+
+        tried: set[tuple[str, str, str]] = set()
+        granted = 0
+
+        def untried(peers: list[PeerRecord]) -> list[PeerRecord]:
+            fitting = select_candidates(peers, self.needs).candidates
+            return [p for p in fitting if _identity(p) not in tried and p.name not in self.links]
+
+        # A resumed job's peers may still be held by the coordinator that died: they are
+        # idle again when its lease runs out, so they are worth waiting for that long.
+        previous = self.resume.journal if self.resume else None
+        held_until = deadline + (previous.lease_s if previous else 0.0)
+
+        def held_by_previous() -> bool:
+            return previous is not None and any(
+                p.state == "reserved" and p.job == previous.job for p in known()
+            )
+
+        sizes = {ref.digest: ref.size for ref in self.source_refs.values()}
+        sizes.update(self._wanted_from_caches)
+
+        def cached_bytes(peer: PeerRecord) -> int:
+            return sum(sizes[d] for d in self._cached.get(_identity(peer), ()))
+
+        while True:
+            candidates = untried(known())
+            await self._probe(candidates)
+            for record in rank(candidates, self.needs, cached_bytes):
+                if granted >= wanted or len(self.links) >= self.needs.workers_max:
+                    break
+                tried.add(_identity(record))
+                granted += await self._reserve(record)
+            short = len(self.links) < self.needs.workers_min
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and initial and short and held_by_previous():
+                remaining = held_until - time.monotonic()
+            # Lost a race for a peer, or not all peers seen yet: wait for other candidates.
+            if not initial or not short or remaining <= 0:
+                break
+            await browser.wait_until(lambda peers: bool(untried(peers)), remaining)
+        if initial and len(self.links) < self.needs.workers_min:
+            seen = known()
+            await self._release_all()
+            raise RecruitError(
+                explain_shortage(seen, select_candidates(seen, self.needs), self.needs, granted)
+            )
+        return granted
+
+    async def _probe(self, records: list[PeerRecord]) -> None:
+        """Ask candidates which of the job's input contents their caches hold: recruitment
+        ranks on it and placement starts from it."""
+        digests = sorted(
+            {ref.digest for ref in self.source_refs.values() if ref.size > 0}
+            | set(self._wanted_from_caches)
+        )
+        todo = [r for r in records if _identity(r) not in self._cached]
+        if not digests or not todo:
+            return
+        wanted = set(digests)
+
+        async def ask(record: PeerRecord) -> None:
+            sock = wire.client_socket(
+                self.ctx, self.client_keys, record.key, wire.MAX_CONTROL_FRAME
+            )
+            held: frozenset[str] = frozenset()
+            try:
+                sock.connect(record.endpoint())
+                await sock.send(wire.encode("probe", digests=digests[: wire.MAX_LIST]))
+                if await sock.poll(PROBE_TIMEOUT_S * 1000):
+                    msg = wire.decode(await sock.recv())
+                    if msg["t"] == "holding":
+                        held = frozenset(d for d in msg["digests"] if d in wanted)
+            except (ProtocolError, TypeError, zmq.ZMQError) as err:
+                log.info("peer %s did not say what it caches: %s", record.name, err)
+            finally:
+                sock.close(linger=0)
+            self._cached[_identity(record)] = held
+
+        await asyncio.gather(*(ask(r) for r in todo))
+
+    async def _reserve(self, record: PeerRecord) -> bool:
+        sock = wire.client_socket(self.ctx, self.client_keys, record.key, wire.MAX_CONTROL_FRAME)
+        sock.routing_id = control_routing_id(self.job)
+        sock.connect(record.endpoint())
+        job_keys = self.job_keys
+        await sock.send(
+            wire.encode(
+                "reserve",
+                job=self.job,
+                lease_s=self.timeouts.lease_s,
+                coordinator=socket.gethostname(),
+                job_public=job_keys.public.decode() if job_keys else "",
+                job_secret=job_keys.secret.decode() if job_keys and job_keys.secret else "",
+            )
+        )
+        reply = None
+        if await sock.poll(RESERVE_TIMEOUT_S * 1000):
+            with contextlib.suppress(ProtocolError):
+                reply = wire.decode(await sock.recv())
+        if reply is None or reply["t"] != "reserved" or reply["job"] != self.job:
+            why = reply["reason"] if reply and reply["t"] == "denied" else "no answer"
+            log.info("peer %s not recruited: %s", record.name, why)
+            sock.close(linger=0)
+            return False
+        address = record.addresses[0]
+        link = PeerLink(record, sock, our_address=_address_towards(address))
+        link.data_source = Source(f"tcp://{address}:{reply['data_port']}", record.key, record.name)
+        self.links[record.name] = link
+        self.used[record.name] = record
+        link.reader = self._spawn(self._read_peer(link))
+        cached = self._cached.get(_identity(record), frozenset())
+        self.events.put_nowait(core.PeerJoined(record.name, reply["cpus"], record.attrs(), cached))
+        log.info("recruited %s (%d cpus)", record.name, reply["cpus"])
+        return True
+
+    async def _replenish(self, browser: PeerBrowser) -> None:
+        """Elastic: recruit again while ready tasks wait; give up when none can ever run."""
+        stalled_since: float | None = None
+        while True:
+            await asyncio.sleep(self.timeouts.heartbeat_s)
+            if self.core.wanted_peers() and len(self.links) < self.needs.workers_max:
+                await self._recruit(browser, self.core.wanted_peers())
+            stuck = self.core.unplaceable()
+            if stuck and not any(p.running for p in self.core.peers.values()):
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > STALL_S:
+                    self.cancel(
+                        f"no recruited peer can run {', '.join(stuck[:5])} (and no idle "
+                        "peer of the grid fits): check the tasks' `require`"
+                    )
+            else:
+                stalled_since = None
+
+    async def _heartbeats(self) -> None:
+        timeouts = self.timeouts
+        while True:
+            await asyncio.sleep(timeouts.heartbeat_s)
+            now = time.monotonic()
+            for name, link in list(self.links.items()):
+                if now - link.last_heard > timeouts.peer_timeout_s:
+                    self._lose(name, f"silent for {timeouts.peer_timeout_s:g} s")
+                else:
+                    await link.sock.send(
+                        wire.encode("heartbeat", job=self.job, lease_s=timeouts.lease_s)
+                    )
+
+    def _lose(self, name: str, reason: str) -> None:
+        link = self.links.pop(name, None)
+        if link is None:
+            return
+        log.warning("lost peer %s: %s", name, reason)
+        if link.reader is not None and link.reader is not asyncio.current_task():
+            link.reader.cancel()
+        link.sock.close(linger=0)
+        self.events.put_nowait(core.PeerLost(name, reason))
+
+    async def _release(self, name: str) -> None:
+        link = self.links.pop(name, None)
+        if link is None:
+            return
+        if link.reader is not None:
+            link.reader.cancel()
+        # Fire and forget: the lease expires anyway if this message is lost.
+        await link.sock.send(wire.encode("release", job=self.job))
+        self._spawn(_close_after_reply(link.sock))
+
+    async def _release_all(self) -> None:
+        for name in list(self.links):
+            await self._release(name)
+
+
+async def _close_after_reply(sock: zmq.asyncio.Socket, wait_s: float = 1.0) -> None:
+    with contextlib.suppress(Exception):
+        await sock.poll(wait_s * 1000)
+    sock.close(linger=0)
+
+
+def control_routing_id(job: str) -> bytes:
+    """How a coordinator names itself to a peer: unguessable. The job name is public (TXT)
+    and ROUTER_HANDOVER gives an identity to whoever claims it last, so a name alone would
+    let another grid member take over the reservation."""
+    return f"{job}-{secrets.token_hex(16)}".encode()
+
+
+def _identity(peer: PeerRecord) -> tuple[str, str, str]:
+    """What tells two services claiming one name apart."""
+    return (peer.name, peer.endpoint(), peer.key)
+
+
+def _address_towards(peer_ip: str) -> str:
+    """Our own address on the route to `peer_ip` (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((peer_ip, 9))
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
