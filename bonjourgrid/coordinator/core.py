@@ -336,6 +336,7 @@ class SchedulerCore(DataPlane):
             return  # a report from an attempt we already gave up on
         task.exit_code, task.stderr_tail = event.exit_code, event.stderr_tail
         task.fetch_s, task.run_s = event.fetch_s, event.run_s
+        task.bytes_fetched = event.bytes_fetched
         if event.exit_code == 0 and not event.error:
             task.outputs = event.outputs
             for path in self.data[task.name].inputs:  # it read them there: now cached there

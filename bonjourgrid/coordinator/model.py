@@ -230,6 +230,7 @@ class TaskState:
     stderr_tail: str = ""
     fetch_s: float = 0.0
     run_s: float = 0.0
+    bytes_fetched: int = 0  # input bytes its last attempt moved itself (not prefetched)
     outputs: tuple[tuple[str, FileRef], ...] = ()
     not_before: float = 0.0  # a retry waits for its backoff until then
     failed_on: tuple[str, ...] = ()  # peers where an attempt failed (a retry avoids them)

@@ -25,6 +25,7 @@ def build_report(
             "exit_code": task.exit_code,
             "fetch_s": _round(task.fetch_s),
             "run_s": _round(task.run_s),
+            "bytes_fetched": task.bytes_fetched,
         }
         if task.resumed:
             tasks[name]["resumed"] = True  # done in an earlier run; its outputs were intact
