@@ -2,8 +2,12 @@
 
 Drives `SchedulerCore` exactly as the shell does (PeerJoined, TaskReported, OutputsCollected)
 with simulated peers and zero-length tasks, so the figure is the core's own cost per task.
+With `--data POLICY` every task also reads the files its predecessors wrote (the first layer
+reads source files), intermediates stay on peers, and prefetches arrive at once: the cost of
+data-aware placement and of the prefetch policy.
 
     .venv/bin/python benchmarks/scheduler_scale.py --tasks 100000 --peers 1000 --cpus 4
+    .venv/bin/python benchmarks/scheduler_scale.py --data lookahead
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections import deque
 
 from bonjourgrid.cache.store import FileRef
 from bonjourgrid.coordinator import core
+from bonjourgrid.coordinator.prefetch import PrefetchSettings
 
 REF = FileRef("0" * 64, 1)
 
@@ -35,30 +40,63 @@ def layered_dag(n_tasks: int, width: int) -> list[tuple[str, list[str], str, int
     return tasks
 
 
-def simulate(n_tasks: int, n_peers: int, cpus: int, width: int) -> dict[str, float]:
+def ref(name: str) -> FileRef:
+    return FileRef(f"{hash(name) & (2**256 - 1):064x}", 1000)
+
+
+def with_files(
+    tasks: list[tuple[str, list[str], str, int]],
+) -> tuple[dict[str, core.TaskData], dict[str, FileRef]]:
+    """Each task writes f<name> and reads its predecessors' files (or a source file)."""
+    data = {}
+    sources = {}
+    read = {dep for _, deps, _, _ in tasks for dep in deps}
+    for name, deps, _, _ in tasks:
+        inputs = [f"f{d}" for d in deps] or [f"src{name}"]
+        if not deps:
+            sources[f"src{name}"] = ref(f"src{name}")
+        data[name] = core.TaskData(tuple(inputs), (f"f{name}",), collect=name not in read)
+    return data, sources
+
+
+def simulate(
+    n_tasks: int, n_peers: int, cpus: int, width: int, policy: str | None = None
+) -> dict[str, float | str]:
     start = time.perf_counter()
-    sched = core.SchedulerCore(layered_dag(n_tasks, width))
+    tasks = layered_dag(n_tasks, width)
+    kwargs = {}
+    if policy is not None:
+        data, sources = with_files(tasks)
+        kwargs = {"data": data, "sources": sources, "prefetch": PrefetchSettings(policy)}
+    sched = core.SchedulerCore(tasks, **kwargs)  # type: ignore[arg-type]
     built = time.perf_counter()
-    pending: deque[core.Dispatch] = deque()
+    pending: deque[core.Instruction] = deque()
     now = 0.0
     for p in range(n_peers):
-        pending.extend(
-            i
-            for i in sched.handle(core.PeerJoined(f"p{p}", cpus, {}), now)
-            if isinstance(i, core.Dispatch)
-        )
+        pending.extend(sched.handle(core.PeerJoined(f"p{p}", cpus, {}), now))
     events = 0
     while pending:
-        d = pending.popleft()
+        i = pending.popleft()
         now += 0.001
-        out = sched.handle(core.TaskReported(d.peer, d.task, d.attempt, 0, "", (("f", REF),)), now)
-        out += sched.handle(core.OutputsCollected(d.task, d.attempt), now)
-        events += 2
-        pending.extend(i for i in out if isinstance(i, core.Dispatch))
+        match i:
+            case core.Dispatch(task, peer, attempt):
+                outputs = ((f"f{task}", ref(f"f{task}")),)
+                out = sched.handle(core.TaskReported(peer, task, attempt, 0, "", outputs), now)
+            case core.Collect(task, _, attempt, _):
+                out = sched.handle(core.OutputsCollected(task, attempt), now)
+            case core.Prefetch(peer, files, _):
+                out = []
+                for file_ref, _ in files:
+                    out += sched.handle(core.FileArrived(peer, file_ref.digest), now)
+            case _:
+                continue
+        events += 1
+        pending.extend(out)
     done = time.perf_counter()
     assert sched.finished is not None and sched.finished.status == "succeeded"
     sched.validate_state()
     return {
+        "data": policy or "off",
         "tasks": n_tasks,
         "peers": n_peers,
         "cpus": cpus,
@@ -75,9 +113,10 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=1000)
     parser.add_argument("--cpus", type=int, default=4)
     parser.add_argument("--width", type=int, default=1000)
+    parser.add_argument("--data", metavar="POLICY", help="files and this prefetch policy")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
-    result = simulate(args.tasks, args.peers, args.cpus, args.width)
+    result = simulate(args.tasks, args.peers, args.cpus, args.width, args.data)
     print(" ".join(f"{k}={v}" for k, v in result.items()))
     if args.json:
         with open(args.json, "w") as f:

@@ -163,7 +163,7 @@ class SchedulerCore(DataPlane):
         self._bc_started: set[str] = set()  # broadcast digests whose first copy went out
         self._bc_failed: dict[str, set[str]] = defaultdict(set)  # digest -> peers it failed on
         self._incoming: dict[str, dict[str, str]] = defaultdict(dict)  # peer -> digest -> via
-        self._planned = 0  # tasks planned on peers, not yet placed
+        self._planned = 0  # READY tasks planned on peers, not yet placed
         self._own_work: dict[str, None] = {}  # peers with planned or affine tasks (maybe stale)
         self.peers: dict[str, PeerSlots] = {}
         self._free: dict[str, None] = {}  # peers with a free slot, in the order they joined
@@ -300,6 +300,10 @@ class SchedulerCore(DataPlane):
 
     def _make_ready(self, task: TaskState, now: float, why: str) -> None:
         self._move(task, TaskStatus.READY, now, why)
+        planned_on = self.peers.get(task.planned_on or "")
+        if planned_on is not None:  # planned while it waited (eager, critical-path)
+            self._planned += 1
+            planned_on.planned_ready += 1
         self._enqueue(task)
 
     def _enqueue(self, task: TaskState) -> None:
@@ -453,15 +457,14 @@ class SchedulerCore(DataPlane):
         for digest in event.cached:
             self.files.hold(event.peer, digest)
         # Ready tasks whose bytes it holds favour it (their readers, found by path).
-        wanted = {ref.digest: path for path, ref in self.files.refs.items()}
         for digest in event.cached:
-            path = wanted.get(digest)
-            for name in self.readers.get(path, ()) if path else ():
-                task = self.tasks[name]
-                ready = task.status is TaskStatus.READY and task.planned_on is None
-                if ready and self._data_peer(task) is peer:
-                    self._seq += 1
-                    self._favour(peer, (-task.priority, self._seq, name))
+            for path in self.files.paths.get(digest, ()):
+                for name in self.readers.get(path, ()):
+                    task = self.tasks[name]
+                    ready = task.status is TaskStatus.READY and task.planned_on is None
+                    if ready and self._data_peer(task) is peer:
+                        self._seq += 1
+                        self._favour(peer, (-task.priority, self._seq, name))
 
     def _lose_peer(self, name: str, reason: str, now: float) -> None:
         peer = self.peers.pop(name, None)
@@ -529,7 +532,7 @@ class SchedulerCore(DataPlane):
             self._place(task, peer, now, out)
 
     def _take_own(self, peer: PeerSlots) -> TaskState | None:
-        for name in peer.planned:
+        for name in peer.planned if peer.planned_ready else ():
             task = self.tasks[name]
             if task.status is TaskStatus.READY and not task.gated:
                 self._unplan(task, requeue=False)
@@ -540,8 +543,8 @@ class SchedulerCore(DataPlane):
         """An idle slot takes the last task planned on the most loaded other peer."""
         if not self._planned:
             return None
-        others = [p for p in self.peers.values() if p is not peer and p.planned]
-        for victim in sorted(others, key=lambda p: -len(p.planned)):
+        others = [p for p in self.peers.values() if p is not peer and p.planned_ready]
+        for victim in sorted(others, key=lambda p: -p.planned_ready):
             for name in reversed(victim.planned):
                 task = self.tasks[name]
                 if (
@@ -700,4 +703,8 @@ class SchedulerCore(DataPlane):
             assert (peer.name in self._free) == (len(peer.running) < peer.cpus), peer.name
             for name in peer.planned:
                 assert self.tasks[name].planned_on == peer.name, name
+            ready = [n for n in peer.planned if self.tasks[n].status is TaskStatus.READY]
+            assert peer.planned_ready == len(ready), f"{peer.name}: planned_ready is off"
+        if self.finished is None:
+            assert self._planned == sum(p.planned_ready for p in self.peers.values())
         assert set(self._free) <= set(self.peers)

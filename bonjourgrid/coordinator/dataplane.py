@@ -33,6 +33,8 @@ from bonjourgrid.coordinator.model import (
 )
 from bonjourgrid.coordinator.prefetch import PrefetchSettings
 
+_MAX_AFFINITY_HOLDERS = 16  # holders of one file considered when placing its readers
+
 
 class DataPlane:
     """Data-aware placement, prefetch planning, broadcast and remaking, over the core's state."""
@@ -84,8 +86,11 @@ class DataPlane:
         candidates: dict[str, None] = {}
         for path in self.data[task.name].inputs:
             ref = self.files.ref(path)
-            if ref is not None:
-                candidates.update(self.files.holders.get(ref.digest, {}))
+            holders = self.files.holders.get(ref.digest, {}) if ref is not None else {}
+            # A file (nearly) every peer holds says nothing about where to go, and looking
+            # at all its holders for each of its readers would cost O(tasks x peers).
+            if len(holders) <= _MAX_AFFINITY_HOLDERS:
+                candidates.update(holders)
         best, best_bytes = None, 0
         for name in candidates:
             peer = self.peers.get(name)
@@ -133,13 +138,17 @@ class DataPlane:
     def _plan_on(self, task: TaskState, peer: PeerSlots) -> None:
         task.planned_on = peer.name
         peer.planned.append(task.name)
-        self._planned += 1
+        if task.status is TaskStatus.READY:
+            self._planned += 1
+            peer.planned_ready += 1
         self._own_work[peer.name] = None
 
     def _unplan(self, task: TaskState, requeue: bool = True) -> None:
         peer = self.peers.get(task.planned_on or "")
-        if task.planned_on is not None:
+        if task.planned_on is not None and task.status is TaskStatus.READY:
             self._planned -= 1
+            if peer is not None:
+                peer.planned_ready -= 1
         task.planned_on = None
         if peer is not None and task.name in peer.planned:
             peer.planned.remove(task.name)
@@ -282,7 +291,7 @@ class DataPlane:
             self.peers[via].serving = max(0, self.peers[via].serving - 1)
 
     def _paths_of(self, digest: str) -> list[str]:
-        return [p for p in self.broadcast_paths if (r := self.files.ref(p)) and r.digest == digest]
+        return [p for p in self.files.paths.get(digest, ()) if p in self.broadcast_paths]
 
     def _holds_broadcast_inputs(self, peer: PeerSlots, task: TaskState) -> bool:
         return all(

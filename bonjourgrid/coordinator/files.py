@@ -27,6 +27,7 @@ class FileTable:
 
     def __init__(self, refs: Mapping[str, FileRef] | None = None) -> None:
         self.refs: dict[str, FileRef] = {}  # path -> content, once it exists
+        self.paths: dict[str, list[str]] = defaultdict(list)  # digest -> paths with it
         self.holders: dict[str, dict[str, None]] = defaultdict(dict)  # digest -> peers
         self.by_peer: dict[str, set[str]] = defaultdict(set)  # peer -> digests it holds
         self.at_coordinator: set[str] = set()  # digests the coordinator serves
@@ -39,7 +40,13 @@ class FileTable:
 
     def learn(self, path: str, ref: FileRef) -> None:
         """`path` now has this content (a source, or an output a task reported)."""
+        old = self.refs.get(path)
+        if old == ref:
+            return
+        if old is not None:  # remade with other bytes
+            self.paths[old.digest].remove(path)
         self.refs[path] = ref
+        self.paths[ref.digest].append(path)
 
     def hold(self, peer: str, digest: str) -> None:
         self.holders[digest][peer] = None

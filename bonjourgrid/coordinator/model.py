@@ -247,6 +247,7 @@ class PeerSlots:
     running: set[str] = field(default_factory=set)
     collecting: set[str] = field(default_factory=set)
     planned: list[str] = field(default_factory=list)  # tasks to run here next, in order
+    planned_ready: int = 0  # of those, the ones that could start now (READY)
     planned_bytes: int = 0  # what planned tasks still had to move here when planned
     affine: list[tuple[int, int, str]] = field(default_factory=list)  # tasks whose data is here
     serving: int = 0  # broadcast copies it is sending now
