@@ -177,6 +177,7 @@ class SchedulerCore(DataPlane):
         self.finished: Finished | None = None
         self._stories: dict[str, list[tuple[float, str]]] = defaultdict(list)
         self._delayed: list[tuple[float, int, str]] = []  # (not_before, seq, task): backoffs
+        self._backing_off = 0  # READY tasks waiting out a backoff (live entries of _delayed)
         self.resumed = 0
         if done:
             self._resume(done, self.preds)
@@ -250,9 +251,10 @@ class SchedulerCore(DataPlane):
             case FileArrived():
                 self._arrived(event.peer, event.digest)
             case PrefetchFailed():
-                self._incoming[event.peer].pop(event.digest, None)
+                via = self._incoming[event.peer].pop(event.digest, None)
+                if via:
+                    self._release_server(via, event.digest)
                 self._bc_failed[event.digest].add(event.peer)
-                self._release_server(event.peer, event.digest)
                 self._check_broadcast(event.digest, now)
             case PeersSettled():
                 self._remake("the earlier run (no peer holds it now)", now)
@@ -290,6 +292,9 @@ class SchedulerCore(DataPlane):
         assert (task.status, to) in TASK_TRANSITIONS, f"{task.name}: {task.status} -> {to}"
         self.counts[task.status] -= 1
         self.counts[to] += 1
+        if task.backoff != -1:  # it leaves READY: its backoff no longer matters
+            task.backoff = -1
+            self._backing_off -= 1
         if task.status is TaskStatus.WAITING:
             self._waiting_levels[task.priority] -= 1
         if to is TaskStatus.WAITING:
@@ -310,7 +315,10 @@ class SchedulerCore(DataPlane):
         """Make a READY task placeable: in its class heap, and in the heap of the peer that
         holds most of its input bytes. A reader of a file still being broadcast is only
         placeable on peers that already hold it."""
+        if task.backoff != -1:
+            return  # placeable when its backoff ends (_end_backoffs)
         self._seq += 1
+        task.queued = self._seq
         entry = (-task.priority, self._seq, task.name)
         inputs = self.data[task.name].inputs
         spreading = [
@@ -414,6 +422,8 @@ class SchedulerCore(DataPlane):
                 out.append(Recruit(1, f"a fresh peer for the retry of {task.name}"))
             if wait > 0:
                 task.not_before = now + wait
+                task.backoff = self._seq
+                self._backing_off += 1
                 heapq.heappush(self._delayed, (task.not_before, self._seq, task.name))
             else:
                 self._enqueue(task)
@@ -425,9 +435,11 @@ class SchedulerCore(DataPlane):
 
     def _end_backoffs(self, now: float) -> None:
         while self._delayed and self._delayed[0][0] <= now:
-            _, _, name = heapq.heappop(self._delayed)
+            _, seq, name = heapq.heappop(self._delayed)
             task = self.tasks[name]
-            if task.status is TaskStatus.READY:
+            if task.backoff == seq:  # else it left READY meanwhile (_move ended the backoff)
+                task.backoff = -1
+                self._backing_off -= 1
                 self._stories[name].append((now, "backoff over: may be placed again"))
                 self._enqueue(task)
 
@@ -461,10 +473,9 @@ class SchedulerCore(DataPlane):
             for path in self.files.paths.get(digest, ()):
                 for name in self.readers.get(path, ()):
                     task = self.tasks[name]
-                    ready = task.status is TaskStatus.READY and task.planned_on is None
-                    if ready and self._data_peer(task) is peer:
-                        self._seq += 1
-                        self._favour(peer, (-task.priority, self._seq, name))
+                    entry = (-task.priority, task.queued, name)
+                    if self._valid(entry) and self._data_peer(task) is peer:
+                        self._favour(peer, entry)
 
     def _lose_peer(self, name: str, reason: str, now: float) -> None:
         peer = self.peers.pop(name, None)
@@ -476,15 +487,24 @@ class SchedulerCore(DataPlane):
             self._unplan(self.tasks[task_name])
         for task_name in sorted(peer.running | peer.collecting):
             task = self.tasks[task_name]
-            self._make_ready(task, now, f"peer {name} lost ({reason}): rescheduled")
+            why = f"peer {name} lost ({reason}): rescheduled"
+            task.deps_left = sum(
+                1 for dep in self.preds[task_name] if self.tasks[dep].status is not TaskStatus.DONE
+            )
+            if task.deps_left:  # a producer is being made again: wait for its file
+                self._move(task, TaskStatus.WAITING, now, why)
+            else:
+                self._make_ready(task, now, why)
         for digest, via in self._incoming.pop(name, {}).items():
             self._release_server(via, digest)
         for incoming in self._incoming.values():  # copies it was sending fall back
             for digest, via in list(incoming.items()):
                 if via == name:
                     incoming[digest] = ""
-        lost = {d for d in self.files.drop_peer(name) if not self.files.available(d)}
-        if lost:
+        self.files.drop_peer(name)
+        if self.files.refs:
+            # Its files may have been the last copies, and the tasks it ran go back to the
+            # queue needing files that are gone (an O(tasks) scan: peers are lost rarely).
             self._remake(f"peer {name}", now)
         for digest in list(self._bc_active):
             self._check_broadcast(digest, now)
@@ -534,7 +554,7 @@ class SchedulerCore(DataPlane):
     def _take_own(self, peer: PeerSlots) -> TaskState | None:
         for name in peer.planned if peer.planned_ready else ():
             task = self.tasks[name]
-            if task.status is TaskStatus.READY and not task.gated:
+            if task.status is TaskStatus.READY and self._may_start_on(peer, task):
                 self._unplan(task, requeue=False)
                 return task
         return self._pop_affine(peer)
@@ -549,7 +569,7 @@ class SchedulerCore(DataPlane):
                 task = self.tasks[name]
                 if (
                     task.status is TaskStatus.READY
-                    and not task.gated
+                    and self._may_start_on(peer, task)
                     and self._can_run(peer, task.require)
                 ):
                     self._unplan(task)
@@ -557,11 +577,16 @@ class SchedulerCore(DataPlane):
                     return self._pop_ready_for(peer)
         return None
 
+    def _may_start_on(self, peer: PeerSlots, task: TaskState) -> bool:
+        """Whether a task waiting for a broadcast file (gated) may start there now."""
+        return not task.gated or self._holds_broadcast_inputs(peer, task)
+
     def _place(self, task: TaskState, peer: PeerSlots, now: float, out: list[Instruction]) -> None:
         target = peer
         if peer.name in task.failed_on:
             target = self._fresh_peer_for(task) or peer
         task.attempts += 1
+        task.queued = -1  # its other heap entries are stale from now on
         task.peer = target.name
         task.start = now
         task.end = None
@@ -584,16 +609,19 @@ class SchedulerCore(DataPlane):
                 return peer
         return None
 
-    def _placeable(self, name: str) -> bool:
-        task = self.tasks[name]
-        return task.status is TaskStatus.READY and task.planned_on is None
+    def _valid(self, entry: Entry) -> bool:
+        """Whether a heap entry still stands for a task that may be placed."""
+        task = self.tasks[entry[2]]
+        return (
+            task.queued == entry[1] and task.status is TaskStatus.READY and task.planned_on is None
+        )
 
     def _pop_affine(self, peer: PeerSlots) -> TaskState | None:
         heap = peer.affine
         while heap:
-            _, _, name = heapq.heappop(heap)
-            task = self.tasks[name]
-            if self._placeable(name) and self._can_run(peer, task.require):
+            entry = heapq.heappop(heap)
+            task = self.tasks[entry[2]]
+            if self._valid(entry) and self._can_run(peer, task.require):
                 if task.gated and not self._holds_broadcast_inputs(peer, task):
                     continue
                 return task
@@ -603,8 +631,8 @@ class SchedulerCore(DataPlane):
         best: Entry | None = None
         best_class = ""
         for require, heap in self._ready.items():
-            while heap and (not self._placeable(heap[0][2]) or self.tasks[heap[0][2]].gated):
-                heapq.heappop(heap)  # stale: placed, planned, skipped, or queued twice
+            while heap and (not self._valid(heap[0]) or self.tasks[heap[0][2]].gated):
+                heapq.heappop(heap)  # stale: placed, planned, skipped, or queued again
             if heap and (best is None or heap[0] < best) and self._can_run(peer, require):
                 best, best_class = heap[0], require
         if best is None:
@@ -659,7 +687,7 @@ class SchedulerCore(DataPlane):
     def wanted_peers(self) -> int:
         """How many more single-slot peers the ready tasks could use right now."""
         free = sum(p.cpus - len(p.running) for p in self.peers.values())
-        return max(0, self.counts[TaskStatus.READY] - len(self._delayed) - free)
+        return max(0, self.counts[TaskStatus.READY] - self._backing_off - free)
 
     def next_wakeup(self) -> float | None:
         """When the next retry backoff ends (feed a `Tick` then); None if nothing waits."""
@@ -690,9 +718,10 @@ class SchedulerCore(DataPlane):
             if task.planned_on is not None and self.finished is None:
                 assert task.status in (TaskStatus.READY, TaskStatus.WAITING), task.name
                 assert task.name in self.peers[task.planned_on].planned, task.name
-        for _, _, name in self._delayed:
+        live = [name for _, seq, name in self._delayed if self.tasks[name].backoff == seq]
+        assert len(live) == self._backing_off, "backoff count is off"
+        for name in live:
             assert self.tasks[name].status is TaskStatus.READY or self.finished is not None
-        assert len(self._delayed) <= self.counts[TaskStatus.READY] or self.finished is not None
         for status in TaskStatus:
             assert tally[status] == self.counts[status], f"count of {status.value} is off"
         waiting = Counter(t.priority for t in self.tasks.values() if t.status is TaskStatus.WAITING)
@@ -707,4 +736,7 @@ class SchedulerCore(DataPlane):
             assert peer.planned_ready == len(ready), f"{peer.name}: planned_ready is off"
         if self.finished is None:
             assert self._planned == sum(p.planned_ready for p in self.peers.values())
+            vias = [via for incoming in self._incoming.values() for via in incoming.values()]
+            for peer in self.peers.values():
+                assert peer.serving == vias.count(peer.name), f"{peer.name} serving is off"
         assert set(self._free) <= set(self.peers)

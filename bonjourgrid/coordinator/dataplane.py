@@ -81,6 +81,9 @@ class DataPlane:
     def _pop_affine(self, peer: PeerSlots) -> TaskState | None:
         raise NotImplementedError
 
+    def _valid(self, entry: Entry) -> bool:
+        raise NotImplementedError
+
     def _data_peer(self, task: TaskState) -> PeerSlots | None:
         """The peer holding the most of `task`'s input bytes (None: no peer holds any)."""
         candidates: dict[str, None] = {}
@@ -265,9 +268,9 @@ class DataPlane:
             for path in self._paths_of(digest):
                 for name in self.readers.get(path, ()):
                     task = self.tasks[name]
-                    if task.status is TaskStatus.READY and task.gated:
-                        self._seq += 1
-                        self._favour(self.peers[peer], (-task.priority, self._seq, name))
+                    entry = (-task.priority, task.queued, name)
+                    if task.gated and self._valid(entry):
+                        self._favour(self.peers[peer], entry)
             self._check_broadcast(digest, 0.0)
 
     def _check_broadcast(self, digest: str, now: float) -> None:
@@ -283,8 +286,12 @@ class DataPlane:
         for path in self._paths_of(digest):
             for name in self.readers.get(path, ()):
                 task = self.tasks[name]
-                if task.status is TaskStatus.READY and task.gated and task.planned_on is None:
+                if task.status is not TaskStatus.READY or not task.gated:
+                    continue
+                if task.planned_on is None:
                     self._enqueue(task)  # placeable anywhere now (or gated by another file)
+                else:
+                    task.gated = self._spreading(task)
 
     def _release_server(self, via: str, digest: str) -> None:
         if via in self.peers and via != COORDINATOR:
@@ -292,6 +299,14 @@ class DataPlane:
 
     def _paths_of(self, digest: str) -> list[str]:
         return [p for p in self.files.paths.get(digest, ()) if p in self.broadcast_paths]
+
+    def _spreading(self, task: TaskState) -> bool:
+        """Whether one of the task's inputs is still being broadcast."""
+        return any(
+            ref.digest in self._bc_active
+            for p in self.data[task.name].inputs
+            if (ref := self.files.ref(p)) is not None
+        )
 
     def _holds_broadcast_inputs(self, peer: PeerSlots, task: TaskState) -> bool:
         return all(

@@ -41,6 +41,7 @@ TASK_TRANSITIONS = {
     (TaskStatus.DONE, TaskStatus.READY),
     (TaskStatus.READY, TaskStatus.WAITING),
     (TaskStatus.RUNNING, TaskStatus.WAITING),
+    (TaskStatus.COLLECTING, TaskStatus.WAITING),
 }
 
 
@@ -236,6 +237,10 @@ class TaskState:
     failed_on: tuple[str, ...] = ()  # peers where an attempt failed (a retry avoids them)
     resumed: bool = False  # DONE from an earlier run's journal: never ran in this one
     planned_on: str | None = None  # the peer it is planned on (prefetching), not yet placed
+    # The sequence number of its entries in the ready heaps (a class heap and maybe some
+    # peers' affine heaps): entries with another number are stale. -1: in no heap.
+    queued: int = -1
+    backoff: int = -1  # the sequence number of its entry in the backoff heap; -1: none
     gated: bool = False  # READY, but waits for a broadcast file on its peer
 
 

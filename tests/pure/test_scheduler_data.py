@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from bonjourgrid.cache.store import FileRef
 from bonjourgrid.coordinator import core
 from bonjourgrid.coordinator.core import SchedulerCore, TaskData, TaskStatus
@@ -300,3 +303,80 @@ def test_a_file_read_by_many_tasks_is_broadcast_peer_to_peer() -> None:
     sent_by_us = [pf for pf in first + second + third if pf.files[0][1][0] == COORDINATOR]
     assert len(sent_by_us) == 1
     s.validate_state()
+
+
+# -- random runs ----------------------------------------------------------------------------
+
+
+@st.composite
+def data_scenarios(draw: st.DrawFn) -> tuple[list[Spec], str, list[int]]:
+    """A random DAG of tasks with files (some read one shared file), a policy, and moves."""
+    n = draw(st.integers(1, 10))
+    specs: list[Spec] = []
+    for i in range(n):
+        before = sorted(draw(st.sets(st.integers(0, i - 1), max_size=2))) if i else []
+        inputs = [f"f{d}" for d in before] or [f"s{i}"]
+        if draw(st.booleans()):
+            inputs.append("shared")
+        specs.append((f"t{i}", inputs, [f"f{i}"]))
+    policy = draw(st.sampled_from(["none", "lookahead", "eager", "critical-path"]))
+    return specs, policy, draw(st.lists(st.integers(0, 8), max_size=80))
+
+
+@given(data_scenarios())
+@settings(max_examples=200, deadline=None)
+def test_random_runs_with_data_keep_the_invariants_and_always_end(
+    scenario: tuple[list[Spec], str, list[int]],
+) -> None:
+    specs, policy, moves = scenario
+    sources = sorted({p for _, ins, _ in specs for p in ins if not p.startswith("f")})
+    s = build(specs, sources, policy, depth=2, broadcast=2)
+    s.backoff_base_s = 0.5
+    now, joined = 0.0, 0
+    pending: list[tuple[str, str]] = []  # prefetches ordered, not answered yet
+
+    def step(move: int) -> None:
+        nonlocal now, joined
+        now += 0.25
+        running = [t for t in s.tasks.values() if t.status is TaskStatus.RUNNING]
+        collecting = [t for t in s.tasks.values() if t.status is TaskStatus.COLLECTING]
+        if move == 0 or not s.peers:
+            joined += 1
+            out = s.handle(core.PeerJoined(f"p{joined}", 1 + joined % 2, {}), now)
+        elif move == 1:
+            lost = sorted(s.peers)[0]
+            pending[:] = [(p, d) for p, d in pending if p != lost]
+            out = s.handle(core.PeerLost(lost, "silent"), now)
+        elif move in (2, 3) and running:
+            t = running[0]
+            assert t.peer is not None
+            outputs = tuple((o, ref(o)) for o in s.data[t.name].outputs)
+            code = 0 if move == 2 else 1
+            out = s.handle(core.TaskReported(t.peer, t.name, t.attempts, code, "", outputs), now)
+        elif move == 4 and collecting:
+            out = s.handle(core.OutputsCollected(collecting[0].name, collecting[0].attempts), now)
+        elif move in (5, 6) and pending:
+            peer, digest = pending.pop(0)
+            if move == 5:
+                out = s.handle(core.FileArrived(peer, digest), now)
+            else:
+                out = s.handle(core.PrefetchFailed(peer, digest, "cache full"), now)
+        else:
+            now = max(now, s.next_wakeup() or now)
+            out = s.handle(core.Tick(), now)
+        pending.extend((pf.peer, f.digest) for pf in of(out, core.Prefetch) for f, _ in pf.files)
+        s.validate_state()
+        for d in of(out, core.Dispatch):  # a task goes where it can get every input
+            for path in s.data[d.task].inputs:
+                r = s.files.ref(path)
+                assert r is not None and (
+                    s.files.holds(d.peer, r.digest) or s.sources(r.digest, d.peer)
+                )
+
+    for move in moves:
+        if s.finished is None:
+            step(move)
+    for i in range(800):  # then everything succeeds and every prefetch arrives: it must end
+        if s.finished is None:
+            step([2, 4, 5, 7][i % 4])
+    assert s.finished is not None
