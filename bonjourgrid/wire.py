@@ -180,25 +180,33 @@ Handler = Callable[[bytes, dict[str, Any]], Awaitable[bytes | None]]
 
 
 async def serve(
-    sock: zmq.asyncio.Socket, what: str, handle: Handler, limit: int = MAX_CONTROL_FRAME
+    sock: zmq.asyncio.Socket,
+    what: str,
+    handle: Handler,
+    limit: int = MAX_CONTROL_FRAME,
+    admit: Callable[[zmq.Frame], bool] | None = None,
 ) -> None:
     """Answer requests on a ROUTER until cancelled; `handle(client, msg)` returns the reply.
 
     Whatever a client sends, the loop goes on: a message of the wrong shape is dropped, one
     that fails `decode` or that `handle` refuses (ProtocolError) gets an `error` reply; both
-    are logged as "<what>: <problem>".
+    are logged as "<what>: <problem>". `admit(frame)` (the frame carries the CURVE key that
+    opened the connection) may refuse a request: its client gets an `error` reply.
     """
     while True:
-        frames = await sock.recv_multipart()
+        frames = await sock.recv_multipart(copy=False)
         if len(frames) != 2:
             log.warning("%s: dropped a message of %d frames", what, len(frames))
             continue
-        client, frame = frames
-        try:
-            reply = await handle(client, decode(frame, limit))
-        except ProtocolError as err:
-            log.warning("%s: %s", what, err)
-            reply = encode("error", reason=str(err))
+        client, frame = frames[0].bytes, frames[1]
+        if admit is not None and not admit(frame):
+            reply: bytes | None = encode("error", reason="this client's key is no longer admitted")
+        else:
+            try:
+                reply = await handle(client, decode(frame.bytes, limit))
+            except ProtocolError as err:
+                log.warning("%s: %s", what, err)
+                reply = encode("error", reason=str(err))
         if reply is not None:
             await sock.send_multipart([client, reply])
 

@@ -79,25 +79,8 @@ class DataServer:
 
     async def serve_forever(self) -> None:
         """Answer requests until cancelled; whatever a client sends, the loop goes on."""
-        if self._policy is None:
-            await wire.serve(self._sock, "data server", self._handle, limit=_MAX_REQUEST)
-            return
-        # wire.serve's loop, receiving frames with their metadata for the key check.
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            if len(frames) != 2:
-                log.warning("data server: dropped a message of %d frames", len(frames))
-                continue
-            client, frame = frames
-            if self._admitted(frame):
-                try:
-                    reply = await self._handle(client.bytes, wire.decode(frame.bytes, _MAX_REQUEST))
-                except ProtocolError as err:
-                    log.warning("data server: %s", err)
-                    reply = wire.encode("error", reason=str(err))
-            else:
-                reply = wire.encode("error", reason="this client's key is no longer admitted")
-            await self._sock.send_multipart([client.bytes, reply])
+        admit = self._admitted if self._policy is not None else None
+        await wire.serve(self._sock, "data server", self._handle, _MAX_REQUEST, admit)
 
     def _admitted(self, frame: zmq.Frame) -> bool:
         assert self._policy is not None

@@ -320,12 +320,7 @@ class SchedulerCore(DataPlane):
         self._seq += 1
         task.queued = self._seq
         entry = (-task.priority, self._seq, task.name)
-        inputs = self.data[task.name].inputs
-        spreading = [
-            ref.digest
-            for p in inputs
-            if (ref := self.files.ref(p)) is not None and ref.digest in self._bc_active
-        ]
+        spreading = self._spreading_inputs(task)
         task.gated = bool(spreading)
         if task.gated:
             for peer in self.peers.values():
@@ -488,9 +483,7 @@ class SchedulerCore(DataPlane):
         for task_name in sorted(peer.running | peer.collecting):
             task = self.tasks[task_name]
             why = f"peer {name} lost ({reason}): rescheduled"
-            task.deps_left = sum(
-                1 for dep in self.preds[task_name] if self.tasks[dep].status is not TaskStatus.DONE
-            )
+            task.deps_left = self._undone_preds(task_name)
             if task.deps_left:  # a producer is being made again: wait for its file
                 self._move(task, TaskStatus.WAITING, now, why)
             else:

@@ -291,7 +291,7 @@ class DataPlane:
                 if task.planned_on is None:
                     self._enqueue(task)  # placeable anywhere now (or gated by another file)
                 else:
-                    task.gated = self._spreading(task)
+                    task.gated = bool(self._spreading_inputs(task))
 
     def _release_server(self, via: str, digest: str) -> None:
         if via in self.peers and via != COORDINATOR:
@@ -300,20 +300,20 @@ class DataPlane:
     def _paths_of(self, digest: str) -> list[str]:
         return [p for p in self.files.paths.get(digest, ()) if p in self.broadcast_paths]
 
-    def _spreading(self, task: TaskState) -> bool:
-        """Whether one of the task's inputs is still being broadcast."""
-        return any(
-            ref.digest in self._bc_active
-            for p in self.data[task.name].inputs
-            if (ref := self.files.ref(p)) is not None
-        )
+    def _undone_preds(self, name: str) -> int:
+        """How many of the tasks `name` needs are not DONE (what it waits for)."""
+        return sum(1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE)
 
-    def _holds_broadcast_inputs(self, peer: PeerSlots, task: TaskState) -> bool:
-        return all(
-            self.files.holds(peer.name, ref.digest)
+    def _spreading_inputs(self, task: TaskState) -> list[str]:
+        """The digests of the task's inputs that are still being broadcast."""
+        return [
+            ref.digest
             for p in self.data[task.name].inputs
             if (ref := self.files.ref(p)) is not None and ref.digest in self._bc_active
-        )
+        ]
+
+    def _holds_broadcast_inputs(self, peer: PeerSlots, task: TaskState) -> bool:
+        return all(self.files.holds(peer.name, d) for d in self._spreading_inputs(task))
 
     def _remake(self, cause: str, now: float, also: TaskState | None = None) -> None:
         """Run again the producers of lost intermediates that unfinished tasks still need."""
@@ -347,9 +347,7 @@ class DataPlane:
             self._move(task, TaskStatus.WAITING, now, f"its output was lost with {cause}")
         for name in remade | needy:
             task = self.tasks[name]
-            task.deps_left = sum(
-                1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE
-            )
+            task.deps_left = self._undone_preds(name)
             if task.status in (TaskStatus.READY, TaskStatus.RUNNING) and task.deps_left:
                 self._unplan(task)
                 self._move(task, TaskStatus.WAITING, now, "an input it needs is made again")

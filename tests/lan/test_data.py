@@ -14,208 +14,41 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import shlex
-import shutil
-import signal
-import subprocess
-import time
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from bonjourgrid.coordinator.peers import HEARTBEAT_S
-
 from .conftest import Bgrid
-from .netns import Host, Lan
-
-Peers = dict[str, dict[str, Any]]
+from .harness import DETECTED_S as _DETECTED_S
+from .harness import SEEN_S as _SEEN_S
+from .harness import STARTED_S as _STARTED_S
+from .harness import LanGrid, Worker, share_grid_key
+from .harness import wait_until as _wait
+from .netns import Lan
 
 _MIB = 1 << 20
 _MID_SIZE = 4 * _MIB  # the intermediate file
 _INPUT_SIZE = 2 * _MIB  # each source input of the cache test
-PEER_TIMEOUT_S = 2.0  # --peer-timeout: a peer silent this long is lost
-_FAST = ("--peer-timeout", f"{PEER_TIMEOUT_S:g}", "--lease", "3")
-_SLACK_S = 3.0  # interpreter starts, mDNS round trips and listings on a busy 2-CPU machine
-_DETECTED_S = PEER_TIMEOUT_S + HEARTBEAT_S + _SLACK_S  # a lost peer's work starts again by then
-_SEEN_S = 10.0  # a new worker daemon is listed by then
-_STARTED_S = 20.0  # a submitted job's first task is done by then
-_SUBMIT_S = 60.0
-_LISTEN_S = "0.5"  # `bgrid peers --wait`
 _SUBMITTER = 3  # host index; workers run on hosts 0-2
 SMALL, LARGE = "2GiB", "8GiB"  # --ram of the peers `make` and `use` are pinned to
 ON_SMALL, ON_LARGE = "ram<4GiB", "ram>=4GiB"
 
 
-@dataclass
-class Worker:
-    """One worker daemon started by a test."""
-
-    name: str
-    host: Host
-    proc: subprocess.Popen[Any]
-
-    def kill(self) -> None:
-        """`kill -9`: no goodbye, no release."""
-        if self.proc.returncode is None:  # reaped: the pid may be someone else's now
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def assert_alive(self) -> None:
-        code = self.proc.poll()
-        if code is not None:
-            pytest.fail(f"worker {self.name} exited with code {code} (logs below)")
-
-
-@dataclass(frozen=True)
-class Submitted:
-    """A finished `bgrid submit`: exit code, output and report ({} when none was written)."""
-
-    code: int
-    stdout: str
-    stderr: str
-    report: dict[str, Any]
-
-    def explain(self) -> str:
-        return (
-            f"`bgrid submit` exited {self.code}\n--- stdout\n{self.stdout}\n"
-            f"--- stderr\n{self.stderr}\n--- report\n{json.dumps(self.report, indent=1)}"
-        )
-
-    def task(self, name: str) -> dict[str, Any]:
-        tasks = self.report.get("tasks", {})
-        assert name in tasks, f"the report has no task {name!r}\n{self.explain()}"
-        return dict(tasks[name])
-
-    @property
-    def moved(self) -> dict[str, int]:
-        """The report's byte counters."""
-        counters = self.report.get("bytes")
-        assert isinstance(counters, dict), f"the report has no byte counters\n{self.explain()}"
-        return {key: int(value) for key, value in counters.items()}
-
-
-@dataclass
-class Running:
-    """A `bgrid submit` still running in a host."""
-
-    host: Host
-    proc: subprocess.Popen[Any]
-    report_path: Path
-
-    def finish(self, timeout: float = _SUBMIT_S) -> Submitted:
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"`bgrid submit` still running after {timeout} s (logs below)")
-        record = self.host.record(self.proc)
-        report: dict[str, Any] = {}
-        if self.report_path.is_file():
-            report = json.loads(self.report_path.read_text())
-        return Submitted(
-            code,
-            record.stdout_path.read_text(errors="replace"),
-            record.stderr_path.read_text(errors="replace"),
-            report,
-        )
-
-
-class DataGrid:
-    """One test's view of the LAN: the workers it started, its workflows and submits."""
+class DataGrid(LanGrid):
+    """The LAN of this module: host 4 submits."""
 
     def __init__(self, lan: Lan, bgrid: Bgrid, tmp: Path) -> None:
-        self.lan = lan
-        self.bgrid = bgrid
-        self.tmp = tmp
-        self.tag = secrets.token_hex(2)  # peer names (hence cache directories) of this test
-        self.workers: dict[str, Worker] = {}
-        self._reports = 0
-
-    @property
-    def submitter(self) -> Host:
-        return self.lan.hosts[_SUBMITTER]
-
-    def start_worker(self, role: str, host_index: int, ram: str, cost: float) -> Worker:
-        """A one-slot worker daemon on host `host_index` (0-2), named `<role>-<tag>`."""
-        name = f"{role}-{self.tag}"
-        host = self.lan.hosts[host_index]
-        proc = self.bgrid.start(
-            host,
-            "worker",
-            "--name", name,
-            "--cpus", "1",
-            "--ram", ram,
-            "--cost", f"{cost:g}",
-            "--always-idle",
-        )  # fmt: skip
-        worker = Worker(name, host, proc)
-        self.workers[name] = worker
-        return worker
-
-    def peers(self) -> Peers:
-        """This test's peers as `bgrid peers --json` on the submitting host lists them."""
-        done = self.bgrid(self.submitter, "peers", "--json", "--wait", _LISTEN_S, timeout=30)
-        assert done.returncode == 0, f"`bgrid peers` exited {done.returncode}: {done.stderr}"
-        listed = json.loads(done.stdout)
-        return {p["name"]: p for p in listed if p.get("name") in self.workers}
-
-    def wait_idle(self, workers: Sequence[Worker], deadline_s: float, what: str) -> None:
-        """Every worker in `workers` alive and listed idle, with no job."""
-        deadline = time.monotonic() + deadline_s
-        while True:
-            for worker in workers:
-                worker.assert_alive()
-            peers = self.peers()
-            if all(
-                peers.get(w.name, {}).get("state") == "idle" and peers[w.name]["job"] is None
-                for w in workers
-            ):
-                return
-            if time.monotonic() >= deadline:
-                pytest.fail(f"{what}: not true after {deadline_s:g} s; listed: {peers}")
-
-    def workflow(self, name: str, tasks: dict[str, dict[str, Any]], subdir: str) -> Path:
-        directory = self.tmp / subdir
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "wf.yaml"
-        path.write_text(yaml.safe_dump({"name": name, "tasks": tasks}, sort_keys=False))
-        return path
-
-    def start_submit(self, wf: Path, *flags: str) -> Running:
-        self._reports += 1
-        report = wf.parent / f"report-{self._reports}.json"
-        args = ("submit", str(wf), "--report", str(report), *_FAST, *flags)
-        return Running(self.submitter, self.bgrid.start(self.submitter, *args), report)
-
-    def submit(self, wf: Path, *flags: str) -> Submitted:
-        return self.start_submit(wf, *flags).finish()
-
-    def stop_workers(self) -> None:
-        """SIGTERM every live worker of this test, SIGKILL it after 5 s."""
-        live = [w for w in self.workers.values() if w.proc.poll() is None]
-        for worker in live:
-            os.killpg(worker.proc.pid, signal.SIGTERM)
-        for worker in live:
-            try:
-                worker.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        super().__init__(lan, bgrid, tmp, _SUBMITTER)
 
 
 @pytest.fixture(scope="module")
 def keyed_lan(lan4: Lan, bgrid: Bgrid) -> Lan:
     """Every host holds the same grid key (public and secret halves)."""
-    first = lan4.hosts[0]
-    done = bgrid(first, "keys", "init", timeout=30)
-    assert done.returncode == 0, done.stderr
-    key_dir = Path(first.env["XDG_CONFIG_HOME"]) / "bonjourgrid"
-    for host in lan4.hosts[1:]:
-        target = Path(host.env["XDG_CONFIG_HOME"]) / "bonjourgrid"
-        shutil.copytree(key_dir, target, dirs_exist_ok=True)  # modes too: the secret stays 600
+    share_grid_key(lan4, bgrid)
     return lan4
 
 
@@ -246,16 +79,6 @@ def _starts(path: Path) -> list[str]:
 def _ran_on(start: str, worker: Worker) -> bool:
     """Whether a `_mark` line was written by a task running on `worker`."""
     return f"/worker-{worker.name}/" in start
-
-
-def _wait(until: Callable[[], bool], deadline_s: float, what: str) -> float:
-    """Poll `until()`; the seconds it took; fail the test, saying `what`, at the deadline."""
-    start = time.monotonic()
-    while not until():
-        if time.monotonic() - start >= deadline_s:
-            pytest.fail(f"{what}: not true after {deadline_s:g} s (logs below)")
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def _journal_done(wf: Path, task: str) -> dict[str, Any] | None:
@@ -323,8 +146,8 @@ def test_an_intermediate_travels_peer_to_peer_and_stays_there(
     none of its bytes (its served-byte counter is exactly the small source input), the
     consumer got it peer to peer, and it reaches the submit directory only with
     `--fetch-all` or `keep: true`."""
-    small = grid.start_worker("small", 0, SMALL, cost=0.0)
-    large = grid.start_worker("large", 1, LARGE, cost=1.0)
+    small = grid.start_worker("small", 0, 0.0, ram=SMALL)
+    large = grid.start_worker("large", 1, 1.0, ram=LARGE)
     grid.wait_idle([small, large], _SEEN_S, "both workers listed idle")
     wf, salt = _pipeline(grid, variant, keep)
 
@@ -355,9 +178,9 @@ def test_an_intermediate_lost_with_its_peer_is_made_again(grid: DataGrid) -> Non
     the test opens. Once make is done, its peer is killed (-9): make runs again on the other
     2 GiB peer, and use reads the new copy. `--prefetch none`, so no copy of mid.bin reaches
     the consumer ahead of time (with one, nothing would be lost)."""
-    twins = [grid.start_worker("small1", 0, SMALL, cost=0.0),
-             grid.start_worker("small2", 1, SMALL, cost=0.5)]  # fmt: skip
-    large = grid.start_worker("large", 2, LARGE, cost=1.0)
+    twins = [grid.start_worker("small1", 0, 0.0, ram=SMALL),
+             grid.start_worker("small2", 1, 0.5, ram=SMALL)]  # fmt: skip
+    large = grid.start_worker("large", 2, 1.0, ram=LARGE)
     grid.wait_idle([*twins, large], _SEEN_S, "the three workers listed idle")
     make_starts = grid.tmp / "make.starts"
     gate = grid.tmp / "gate-open"
@@ -413,7 +236,7 @@ def test_a_second_run_reads_its_inputs_from_the_peers_caches(grid: DataGrid) -> 
     """Three tasks, each reading its own 2 MiB source input, run twice on the same three
     peers: the second run finds at least 90% of the input bytes in local caches and the
     coordinator serves less than 10% of them."""
-    workers = [grid.start_worker(f"c{i}", i, SMALL, cost=float(i)) for i in range(3)]
+    workers = [grid.start_worker(f"c{i}", i, float(i), ram=SMALL) for i in range(3)]
     grid.wait_idle(workers, _SEEN_S, "the three workers listed idle")
     inputs = {f"in{i}.bin": os.urandom(_INPUT_SIZE) for i in range(3)}
     total = sum(len(data) for data in inputs.values())
