@@ -12,22 +12,25 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bonjourgrid import __version__
 from bonjourgrid.errors import BonjourGridError, ConfigError
+
+if TYPE_CHECKING:
+    from bonjourgrid.credentials import WorkerIdentity
 
 
 def _worker(args: argparse.Namespace) -> int:
     import psutil
 
-    from bonjourgrid.keys import load_grid_key
     from bonjourgrid.units import MIB
     from bonjourgrid.worker.config import worker_settings
     from bonjourgrid.worker.daemon import WorkerConfig, default_cache_dir, serve
 
     settings = worker_settings(vars(args), Path(args.config) if args.config else None)
-    grid = None if args.insecure else load_grid_key()
-    name = settings.name or socket.gethostname().split(".")[0]
+    identity = None if args.insecure else _worker_identity(settings.name, args.credential)
+    name = settings.name or (identity.name if identity else socket.gethostname().split(".")[0])
     config = WorkerConfig(
         name=name,
         cpus=settings.cpus or psutil.cpu_count() or 1,
@@ -35,7 +38,8 @@ def _worker(args: argparse.Namespace) -> int:
         cost=settings.cost,
         cache_dir=settings.cache_dir or default_cache_dir(name),
         cache_size=settings.cache_size,
-        grid=grid,
+        grid=identity.grid if identity else None,
+        identity=identity,
         interface=args.interface or os.environ.get("BGRID_INTERFACES"),
         always_idle=settings.always_idle,
         idle=settings.idle,
@@ -43,6 +47,27 @@ def _worker(args: argparse.Namespace) -> int:
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     asyncio.run(serve(config))
     return 0
+
+
+def _worker_identity(name: str | None, credential: str | None) -> WorkerIdentity:
+    """The credential this worker proves: its enrolment, or one it signs itself on a desktop
+    that holds the grid's secret half (such a desktop is trusted whole: it could enroll
+    any name anyway)."""
+    from bonjourgrid import credentials
+    from bonjourgrid.keys import key_dir, load_grid_key
+
+    path = Path(credential) if credential else key_dir() / credentials.CREDENTIAL_FILE
+    if credential is None and not path.exists():
+        grid = load_grid_key()  # KeyStoreError (how to get a key) when there is none
+        if grid.secret is not None:
+            return credentials.issue(grid, name or socket.gethostname().split(".")[0])
+    identity = credentials.load_identity(path)  # KeyStoreError saying how to enroll
+    if name is not None and name != identity.name:
+        raise ConfigError(
+            f"this desktop is enrolled as {identity.name!r} ({path}), not {name!r}: start it "
+            f"without --name, or enroll it under the new name (`bgrid keys enroll {name}`)"
+        )
+    return identity
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -129,24 +154,65 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from bonjourgrid import keys
+    from bonjourgrid import credentials, keys
 
-    if args.keys_command == "init":
+    command = args.keys_command
+    if command == "init":
         key = keys.init_grid_key(force=args.force)
         print(f"created grid {key.fingerprint} in {keys.key_dir()}")
-        print("next: `bgrid keys show` says what to copy to the other desktops")
+        print("next: `bgrid keys show` says how other desktops join it")
         return 0
-    key = keys.load_grid_key()
+    if command == "join":
+        text = args.token
+        if not text.startswith(credentials.TOKEN_PREFIX) and Path(text).is_file():
+            text = Path(text).read_text()
+        identity = credentials.parse_token(text)
+        path = credentials.join(identity, force=args.force)
+        print(
+            f"this desktop is now worker {identity.name!r} of grid {identity.grid.fingerprint} "
+            f"({path}); start it with `bgrid worker`"
+        )
+        return 0
+    if command == "revoke":
+        fresh = credentials.revoke(args.name, key=args.key)
+        where = keys.key_dir() / credentials.REVOKED_FILE
+        print(f"revoked {len(fresh)} credential(s) of {args.name!r}: listed in {where}")
+        print("copy that file to every desktop that submits jobs, with grid.key_secret")
+        return 0
+    if command == "list":
+        revoked = credentials.load_revoked()
+        for name, public in credentials.enrolled():
+            print(f"{name:24} {public}  {'revoked' if public in revoked else 'enrolled'}")
+        return 0
+    key = keys.load_grid_key(need_secret=command == "enroll")
+    if command == "enroll":
+        identity, token = credentials.enroll(key, args.name)
+        if args.out:
+            credentials.write_identity(identity, Path(args.out))
+            print(
+                f"wrote the credential of {args.name!r} to {args.out} (`bgrid worker "
+                f"--credential {args.out}`); it holds a secret key: keep it private"
+            )
+            return 0
+        print(f"enrolled worker {args.name!r} in grid {key.fingerprint}. On that desktop run:")
+        print(f"\n  bgrid keys join {token}\n")
+        print(
+            "(the line holds the worker's secret key: paste it, do not publish it; "
+            f"`bgrid keys revoke {args.name}` takes it back)"
+        )
+        return 0
     directory = keys.key_dir()
     print(f"grid fingerprint: {key.fingerprint}")
     print(f"public key:       {key.public.decode()}")
     print(f"stored in:        {directory}")
-    print("\nTo let another desktop WORK for this grid, copy the public half:")
-    print(f"  scp {directory}/grid.key OTHER:~/.config/bonjourgrid/grid.key")
-    print("To let it also SUBMIT jobs, copy the secret half too (keep it private):")
-    print(f"  scp {directory}/grid.key_secret OTHER:~/.config/bonjourgrid/grid.key_secret")
+    print("\nTo let another desktop WORK for this grid, enroll it (here), then paste the line")
+    print("it prints on that desktop:")
+    print("  bgrid keys enroll NAME")
+    print("To let it also SUBMIT jobs, copy the secret half (keep it private) and the revocations:")
+    print(f"  scp {directory}/grid.key_secret {directory}/grid.key OTHER:~/.config/bonjourgrid/")
+    print(f"  scp {directory}/{credentials.REVOKED_FILE} OTHER:~/.config/bonjourgrid/  # if any")
     if key.secret is None:
-        print("\n(this desktop holds only the public half: it can work, not submit)")
+        print("\n(this desktop holds only the public half: it can work, not submit or enroll)")
     return 0
 
 
@@ -217,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure",
         action="store_true",
         help="serve without a grid key: anyone on the LAN can run tasks here",
+    )
+    w.add_argument(
+        "--credential",
+        metavar="FILE",
+        help="this worker's credential (default: $XDG_CONFIG_HOME/bonjourgrid/worker.cred, "
+        "written by `bgrid keys join`)",
     )
     interface_flag(w)
     w.set_defaults(run=_worker)
@@ -311,11 +383,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ch.set_defaults(run=_cache)
 
-    k = sub.add_parser("keys", help="create and show the grid key")
+    k = sub.add_parser("keys", help="create the grid key; enroll, join and revoke workers")
     ksub = k.add_subparsers(dest="keys_command", required=True)
     ki = ksub.add_parser("init", help="create a new grid key")
     ki.add_argument("--force", action="store_true", help="replace an existing key")
-    ksub.add_parser("show", help="print the grid's fingerprint and what to copy")
+    ksub.add_parser("show", help="print the grid's fingerprint and how desktops join it")
+    ke = ksub.add_parser("enroll", help="issue a worker credential for another desktop")
+    ke.add_argument("name", help="the worker's name on the LAN (its `bgrid worker --name`)")
+    ke.add_argument("--out", metavar="FILE", help="write the credential file instead of a token")
+    kj = ksub.add_parser("join", help="make this desktop the worker a token enrolled")
+    kj.add_argument("token", help="the line `bgrid keys enroll` printed (or a file holding it)")
+    kj.add_argument("--force", action="store_true", help="replace this desktop's grid key")
+    kr = ksub.add_parser("revoke", help="stop recruiting an enrolled worker (a stolen desktop)")
+    kr.add_argument("name", help="the worker's name")
+    kr.add_argument("--key", help="revoke this public key (Z85) instead of the names on record")
+    ksub.add_parser("list", help="the workers enrolled from this desktop")
     k.set_defaults(run=_keys)
     return parser
 

@@ -7,7 +7,7 @@ Reserving is the shell's job: it asks candidates in rank order and keeps those t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bonjourgrid.dag import Workflow
 from bonjourgrid.discovery.txt import PeerRecord
@@ -24,6 +24,9 @@ class JobNeeds:
     workers_min: int = 1
     workers_max: int = 8
     rank: str = "cost"  # "cost" (cost, cached bytes, cpus) or "cpus" (cpus, cost, cached bytes)
+    # Why a peer of the grid may not be sent anything (its credential does not verify, or it
+    # was revoked: credentials.CredentialCheck); None admits it. Unset: --insecure.
+    admit: Callable[[PeerRecord], str | None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ def select_candidates(peers: Sequence[PeerRecord], needs: JobNeeds) -> Selection
     for peer in peers:
         if peer.grid != needs.grid:
             rejected[peer.name] = f"serves another grid ({peer.grid})"
+        elif needs.admit is not None and (refusal := needs.admit(peer)) is not None:
+            rejected[peer.name] = f"is not admitted: it {refusal}"
         elif peer.state != "idle":
             rejected[peer.name] = f"is {peer.state}" + (f" by job {peer.job}" if peer.job else "")
         elif needs.max_cost is not None and peer.cost > needs.max_cost:
@@ -83,6 +88,11 @@ def explain_shortage(
             "desktop holds a different grid key. Copy the grid key of those peers here "
             "(`bgrid keys show` on one of them says how), or start workers with this key."
         )
+    if any(why.startswith("is not admitted") for why in selection.rejected.values()):
+        lines.append(
+            "A peer is admitted only with a credential this grid issued: on this desktop run "
+            "`bgrid keys enroll NAME` for each worker desktop, and `bgrid keys join ...` there."
+        )
     return "\n".join(lines)
 
 
@@ -92,6 +102,7 @@ def needs_from(
     require: str | None,
     max_cost: float | None,
     workers: tuple[int, int] | None,
+    admit: Callable[[PeerRecord], str | None] | None = None,
 ) -> JobNeeds:
     """The job's needs: flags win over the workflow's `grid:` section."""
     spec = workflow.grid
@@ -106,4 +117,5 @@ def needs_from(
         workers_min=lo,
         workers_max=max(lo, hi),
         rank=spec.rank or "cost",
+        admit=admit,
     )

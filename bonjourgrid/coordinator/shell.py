@@ -174,7 +174,10 @@ class Coordinator(PeerPool):
         data_sock = wire.server_socket(self.ctx, self.keypair, "data", 4096)
         self._data_port = data_sock.bind_to_random_port(bind)
         data_server = DataServer(data_sock, self.index.locate)
-        jobctl = wire.server_socket(self.ctx, self.keypair, JOBCTL_DOMAIN, wire.MAX_CONTROL_FRAME)
+        # The job-control socket proves the grid's own key: `bgrid cancel` pins it, so a
+        # spoofed job record cannot pass for this coordinator (cancel.py).
+        grid_keys = self.grid.keypair() if self.grid is not None else None
+        jobctl = wire.server_socket(self.ctx, grid_keys, JOBCTL_DOMAIN, wire.MAX_CONTROL_FRAME)
         self._jobctl_port = jobctl.bind_to_random_port(bind)
         zc = open_zeroconf(resolve_interfaces(self.interface))
         browser = self._browser = PeerBrowser(zc)
@@ -472,7 +475,7 @@ class Coordinator(PeerPool):
                 peers=len(self.links),
                 user=_user(),
                 started=self.started_at,
-                key=self.keypair.public.decode() if self.keypair else "",
+                key=self.grid.public.decode() if self.grid else "",
             )
         )
 

@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,9 @@ from bonjourgrid.coordinator.recruit import needs_from
 from bonjourgrid.coordinator.report import format_summary
 from bonjourgrid.coordinator.shell import Coordinator
 from bonjourgrid.coordinator.stage import stage_sources
+from bonjourgrid.credentials import CredentialCheck, load_revoked
 from bonjourgrid.dag import Workflow, load_workflow
+from bonjourgrid.discovery.txt import PeerRecord
 from bonjourgrid.errors import ConfigError, KeyStoreError
 from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, key_dir, load_grid_key
 from bonjourgrid.units import parse_size
@@ -255,6 +257,12 @@ def _run_on_a_grid(
     return report
 
 
+def admission(grid: GridKey) -> Callable[[PeerRecord], str | None]:
+    """Who of the grid's peers may be sent anything: enrolled and not revoked."""
+    check = CredentialCheck(grid, load_revoked())
+    return lambda peer: check.refusal(peer.name, peer.key, peer.cred)
+
+
 def _tell_resume(workflow: Workflow, plan: ResumePlan) -> None:
     """Say on stderr what a resumed run keeps and why the rest runs again."""
     where = journal_path(workflow).relative_to(workflow.root)
@@ -291,6 +299,7 @@ def _run(
         opts.require,
         opts.max_cost,
         opts.workers or default_workers,
+        admit=admission(grid) if grid else None,
     )
     coordinator = Coordinator(
         workflow,

@@ -112,6 +112,7 @@ def peer_json(record: PeerRecord) -> dict[str, Any]:
         "mw": list(record.mw),
         "key": record.key,
         "grid": record.grid,
+        "cred": record.cred,
         "v": record.v,
         "extra": dict(record.extra),
     }

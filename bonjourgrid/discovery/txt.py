@@ -47,7 +47,10 @@ _MAX_UNIX_TIME = 1e11  # year 5138
 _MAX_MIDDLEWARE = 16
 
 # The schema's keys, which an extra attribute may not reuse.
-_PEER_KEYS = {"v", "state", "job", "cpus", "ram", "disk", "cost", "arch", "os", "mw", "key", "grid"}
+_PEER_KEYS = {
+    *("v", "state", "job", "cpus", "ram", "disk", "cost", "arch", "os", "mw", "key", "grid"),
+    "cred",
+}
 _PEER_KEYS.add(SEQ_KEY)
 
 # ASCII-only patterns: `\d` would accept other scripts' digits, which int() then converts.
@@ -59,6 +62,7 @@ _FINGERPRINT = re.compile(r"[!-~]{1,64}")  # printable ASCII, no space
 _MIDDLEWARE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _KEY_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
 _Z85 = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
+_CREDENTIAL = re.compile(r"[A-Za-z0-9_-]{86}")  # a signature, base64url: credentials.py
 
 
 def _endpoint(addresses: tuple[str, ...], port: int) -> str:
@@ -125,6 +129,9 @@ class PeerRecord:
     mw: tuple[str, ...]
     key: str
     grid: str
+    # The grid's signature over (grid, name, key): only a hint until a coordinator verifies
+    # it (credentials.py); "" for --insecure peers and peers not enrolled.
+    cred: str = ""
     v: int = PROTOCOL_VERSION
     extra: Mapping[str, str] = field(default_factory=dict, hash=False)
 
@@ -163,6 +170,10 @@ class PeerRecord:
             f"grid {self.grid[:80]!r} is not a key fingerprint",
         )
         _check(self.key != "" or self.grid == INSECURE_GRID, "a secure peer has no CURVE key")
+        _check(
+            self.cred == "" or _CREDENTIAL.fullmatch(self.cred) is not None,
+            "cred is not an 86-character base64url signature",
+        )
         for key, value in self.extra.items():
             _check(
                 _KEY_NAME.fullmatch(key) is not None and key not in _PEER_KEYS,
@@ -242,6 +253,8 @@ def peer_txt(record: PeerRecord) -> dict[str, str]:
         "key": record.key,
         "grid": record.grid,
     }
+    if record.cred:
+        txt["cred"] = record.cred
     if record.job is not None:
         txt["job"] = record.job
     txt.update(record.extra)
@@ -343,6 +356,7 @@ def decode_peer(
         mw=tuple(mw.split(",")) if mw else (),
         key=_get(txt, "key"),
         grid=_get(txt, "grid"),
+        cred=txt.get("cred") or "",  # absent: insecure, or not enrolled (coordinators refuse it)
         v=version,
         # A key without "=" is a boolean attribute (RFC 6763 §6.4): present, empty.
         extra={k: v or "" for k, v in txt.items() if k not in _PEER_KEYS},

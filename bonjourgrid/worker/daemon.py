@@ -31,6 +31,7 @@ from zmq.utils import z85
 from bonjourgrid import wire
 from bonjourgrid.cache.local import SANDBOXES, CacheFullError, LocalCache
 from bonjourgrid.cache.transfer import DataServer, Fetcher
+from bonjourgrid.credentials import WorkerIdentity
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
 from bonjourgrid.discovery.txt import JOB_NAME, PEER_SERVICE, PeerRecord, peer_txt
 from bonjourgrid.errors import ProtocolError, TransferError
@@ -71,6 +72,9 @@ class WorkerConfig:
     always_idle: bool = True  # False: the idle policy below decides when the owner is away
     idle: IdleSettings = field(default_factory=IdleSettings)
     cache_size: int | None = None  # bytes the local cache may hold; None: the disk is the bound
+    # The keypair this peer proves and the grid's credential for it (credentials.py); None
+    # with a grid: a fresh keypair no coordinator admits (tests that talk to it directly).
+    identity: WorkerIdentity | None = None
 
 
 class WorkerDaemon:
@@ -79,7 +83,9 @@ class WorkerDaemon:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.ctx = zmq.asyncio.Context()
-        self.keypair = Keypair.generate() if config.grid is not None else None
+        self.keypair: Keypair | None = None
+        if config.grid is not None:
+            self.keypair = config.identity.keypair if config.identity else Keypair.generate()
         # Owns the directory (an flock) from here until run() ends: one daemon per cache.
         self.store = LocalCache(config.cache_dir, config.cache_size)
         self.fetcher = Fetcher(self.ctx, self.keypair)
@@ -180,6 +186,7 @@ class WorkerDaemon:
             mw=("native",),
             key=self.keypair.public.decode() if self.keypair else "",
             grid=grid.fingerprint if grid else INSECURE_FINGERPRINT,
+            cred=self.config.identity.credential if grid and self.config.identity else "",
         )
         return peer_txt(record)
 

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
+from bonjourgrid.credentials import issue, write_identity
 from bonjourgrid.keys import GridKey, ephemeral_grid_key, write_grid_key
 
 LOOPBACK = "127.0.0.1"
@@ -42,6 +43,9 @@ class LocalGrid:
         env = {**os.environ, "XDG_CONFIG_HOME": str(config)}
         try:
             for name in self.names:
+                # Enrolled like any desktop: coordinators admit only credentialed peers.
+                credential = config / f"{name}.cred"
+                write_identity(issue(self.grid, name), credential)
                 log = open(self._dir / f"{name}.log", "wb")
                 self._procs.append(
                     subprocess.Popen(
@@ -55,6 +59,8 @@ class LocalGrid:
                             "--interface",
                             LOOPBACK,
                             "--always-idle",
+                            "--credential",
+                            str(credential),
                             "--cpus",
                             str(self.cpus_each),
                             "--cache-dir",

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from zeroconf import IPVersion, ServiceInfo, Zeroconf
+
+from bonjourgrid.discovery.txt import PEER_SERVICE
 
 LOOPBACK = "127.0.0.1"
 
@@ -121,6 +126,52 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+class RogueHost:
+    """Services this test registers on 127.0.0.1, as a host that lies on the LAN would."""
+
+    def __init__(self) -> None:
+        self.zc = Zeroconf(interfaces=[LOOPBACK], ip_version=IPVersion.V4Only)
+        self.infos: list[ServiceInfo] = []
+
+    def advertise(
+        self,
+        name: str,
+        port: int,
+        txt: Mapping[str, str | bytes | None],
+        service: str = PEER_SERVICE,
+    ) -> None:
+        """Register `name` without probing: a rogue claims it even if a real peer owns it."""
+        info = ServiceInfo(
+            service,
+            f"{name}.{service}",
+            port=port,
+            properties=txt,
+            addresses=[socket.inet_aton(LOOPBACK)],
+            server=f"{name}.rogue.local.",
+        )
+        self.zc.register_service(info, cooperating_responders=True)
+        self.infos.append(info)
+
+    def close(self) -> None:
+        for info in self.infos:
+            with contextlib.suppress(Exception):
+                self.zc.unregister_service(info)
+        self.zc.close()
+
+
+@pytest.fixture
+def rogue(monkeypatch: pytest.MonkeyPatch) -> Iterator[RogueHost]:
+    # A rogue needs no manners: no 1.2 s probe and no spaced announcements per service.
+    # zeroconf internals: if they are renamed, registering only gets slower.
+    import zeroconf._core
+
+    for constant in ("_CHECK_TIME", "_REGISTER_TIME", "_UNREGISTER_TIME"):
+        monkeypatch.setattr(zeroconf._core, constant, 5, raising=False)
+    host = RogueHost()
+    yield host
+    host.close()
 
 
 def write_workflow(directory: Path, text: str, **files: str) -> Path:

@@ -14,20 +14,18 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 import zmq
-from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
 from bonjourgrid import wire
 from bonjourgrid.coordinator.peers import RESERVE_TIMEOUT_S
-from bonjourgrid.discovery.txt import PEER_SERVICE, PeerRecord, peer_txt
+from bonjourgrid.discovery.txt import PeerRecord, peer_txt
 from bonjourgrid.keys import Keypair, load_grid_key
-from tests.multiproc.conftest import LOOPBACK, Grid, write_workflow
+from tests.multiproc.conftest import LOOPBACK, Grid, RogueHost, write_workflow
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,46 +56,6 @@ def wait_listed(grid: Grid, names: set[str], timeout: float = 10.0) -> list[dict
         if names <= {p["name"] for p in peers}:
             return peers
         assert time.monotonic() < deadline, f"{names} never listed; seen {peers}"
-
-
-class RogueHost:
-    """Services this test registers on 127.0.0.1, as a host that lies on the LAN would."""
-
-    def __init__(self) -> None:
-        self.zc = Zeroconf(interfaces=[LOOPBACK], ip_version=IPVersion.V4Only)
-        self.infos: list[ServiceInfo] = []
-
-    def advertise(self, name: str, port: int, txt: dict[str, str | bytes | None]) -> None:
-        """Register `name` without probing: a rogue claims it even if a real peer owns it."""
-        info = ServiceInfo(
-            PEER_SERVICE,
-            f"{name}.{PEER_SERVICE}",
-            port=port,
-            properties=txt,
-            addresses=[socket.inet_aton(LOOPBACK)],
-            server=f"{name}.rogue.local.",
-        )
-        self.zc.register_service(info, cooperating_responders=True)
-        self.infos.append(info)
-
-    def close(self) -> None:
-        for info in self.infos:
-            with contextlib.suppress(Exception):
-                self.zc.unregister_service(info)
-        self.zc.close()
-
-
-@pytest.fixture
-def rogue(monkeypatch: pytest.MonkeyPatch) -> Iterator[RogueHost]:
-    # A rogue needs no manners: no 1.2 s probe and no spaced announcements per service.
-    # zeroconf internals: if they are renamed, registering only gets slower.
-    import zeroconf._core
-
-    for constant in ("_CHECK_TIME", "_REGISTER_TIME", "_UNREGISTER_TIME"):
-        monkeypatch.setattr(zeroconf._core, constant, 5, raising=False)
-    host = RogueHost()
-    yield host
-    host.close()
 
 
 def plausible_txt(grid: Grid, name: str, **changes: Any) -> dict[str, str | bytes | None]:

@@ -8,6 +8,7 @@ Timeouts are shrunk with --lease / --peer-timeout; nothing sleeps blindly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -15,7 +16,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ import zmq
 from bonjourgrid.coordinator.cancel import CancelFailed, JobNotFound, cancel_job, find_job
 from bonjourgrid.coordinator.journal import journal_path, read_journal
 from bonjourgrid.dag import load_workflow
-from bonjourgrid.discovery.txt import JobRecord, job_txt, parse_job
-from tests.multiproc.conftest import LOOPBACK, Grid, bgrid_cmd, write_workflow
+from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, job_txt, parse_job
+from tests.multiproc.conftest import LOOPBACK, Grid, RogueHost, bgrid_cmd, write_workflow
 
 LEASE = "2"  # seconds: a dead coordinator's peers are idle again this soon
 
@@ -178,7 +179,7 @@ def test_resume_without_a_journal_says_so(tmp_path: Path, grid: Grid) -> None:
 
 
 def test_bgrid_cancel_stops_the_job_and_releases_its_peers(
-    tmp_path: Path, grid: Grid, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, grid: Grid, rogue: RogueHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     grid.start_worker("c1", "--cpus", "2")
     grid.wait_all_idle()
@@ -205,11 +206,17 @@ tasks:
         stranger.root.mkdir()
         stranger.init_key()
         monkeypatch.setenv("XDG_CONFIG_HOME", stranger.env["XDG_CONFIG_HOME"])
-        with pytest.raises(CancelFailed, match="did not answer"):
+        with pytest.raises(CancelFailed, match="did not prove the grid's key"):
             asyncio.run(cancel_job(job_id, [LOOPBACK], wait=0.7, timeout=1.0))
         assert job.poll() is None
 
-        out = grid.run("cancel", job_id, "--interface", LOOPBACK)
+        # A host of the LAN spoofs the job's record (its own CURVE key, the real TXT): the
+        # grid's members still reach the real coordinator, and the spoof learns nothing.
+        monkeypatch.setenv("XDG_CONFIG_HOME", grid.env["XDG_CONFIG_HOME"])
+        with spoofed_coordinator(rogue, job_id, ours[0]) as heard:
+            out = grid.run("cancel", job_id, "--interface", LOOPBACK)
+            assert heard() == 0
+        assert out.returncode == 0, out.stdout + out.stderr
         assert out.returncode == 0, out.stdout + out.stderr
         assert f"job {job_id}: cancelling" in out.stdout
         code, report = finish(job, wf, timeout=30)
@@ -282,6 +289,61 @@ def test_a_frozen_peer_is_lost_within_the_peer_timeout(tmp_path: Path, grid: Gri
     grid.wait_all_idle()  # the thawed peer's lease has run out: idle again
 
 
+@contextlib.contextmanager
+def spoofed_coordinator(
+    rogue: RogueHost, job: str, listed: dict[str, Any]
+) -> Iterator[Callable[[], int]]:
+    """A job record claiming `job` (the TXT `bgrid status --json` listed for it) served by a
+    CURVE ROUTER with a key of its own; yields how many messages it has received."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    public, secret = zmq.curve_keypair()
+    sock.curve_server, sock.curve_publickey, sock.curve_secretkey = True, public, secret
+    port = sock.bind_to_random_port(f"tcp://{LOOPBACK}")
+    record = JobRecord(
+        name=f"spoof-{job}",
+        addresses=(LOOPBACK,),
+        port=port,
+        job=job,
+        state="running",
+        tasks=listed["tasks"],
+        done=0,
+        failed=0,
+        running=1,
+        peers=1,
+        user="mallory",
+        started=time.time(),
+        key=public.decode(),
+    )
+    rogue.advertise(record.name, port, job_txt(record), service=JOB_SERVICE)
+    received = 0
+
+    def heard() -> int:
+        nonlocal received
+        while sock.poll(0):
+            sock.recv_multipart()
+            received += 1
+        return received
+
+    try:
+        yield heard
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def test_a_spoofed_job_record_gets_a_clear_error_and_learns_nothing(
+    tmp_path: Path, grid: Grid, rogue: RogueHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", grid.env["XDG_CONFIG_HOME"])
+    with spoofed_coordinator(rogue, "payroll-c0ffee", {"tasks": 3}) as heard:
+        out = grid.run("cancel", "payroll-c0ffee", "--interface", LOOPBACK, "--wait", "0.7")
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "cancelling" not in out.stdout
+        assert "did not prove the grid's key" in out.stderr, out.stderr
+        assert heard() == 0  # not the request, not who asked
+
+
 def _job(name: str, state: str = "running") -> JobRecord:
     return JobRecord(
         name=name,
@@ -301,8 +363,13 @@ def _job(name: str, state: str = "running") -> JobRecord:
 
 def test_cancel_finds_a_job_by_its_name_or_its_workflow_s() -> None:
     jobs = [_job("montage-1f3c2a"), _job("montage-9e9e9e", "failed"), _job("other-aaaaaa")]
-    assert find_job(jobs, "montage-9e9e9e").job == "montage-9e9e9e"
-    assert find_job(jobs, "montage").job == "montage-1f3c2a"  # the only running one
+    assert [j.job for j in find_job(jobs, "montage-9e9e9e")] == ["montage-9e9e9e"]
+    assert [j.job for j in find_job(jobs, "montage")] == ["montage-1f3c2a"]  # the only running
+    # Two records claiming one job (one is spoofed): both are asked, running ones first.
+    claims = find_job([_job("montage-9e9e9e", "failed"), *jobs], "montage-9e9e9e")
+    assert [j.state for j in claims] == ["failed", "failed"]
+    claims = find_job([*jobs, dataclasses.replace(_job("x"), job="montage-1f3c2a")], "montage")
+    assert len(claims) == 2 and {j.job for j in claims} == {"montage-1f3c2a"}
     with pytest.raises(JobNotFound, match="2 running jobs"):
         find_job([*jobs, _job("montage-bbbbbb")], "montage")
     with pytest.raises(JobNotFound, match="no job named 'nope'") as err:
