@@ -131,6 +131,7 @@ class Coordinator(PeerPool):
         """Recruit, run, release; the report (DESIGN.md's format)."""
         self.started = time.monotonic()
         self.started_at = started_at = time.time()
+        remove_stale_partials(self._partial_dir)
         if self.core.pending():  # a resume with nothing left to run moves nothing
             await self._stage_inputs()
         self.journal = self._start_journal()
@@ -439,7 +440,11 @@ class Coordinator(PeerPool):
                     self.index.add(dest, ref)  # a rerun made the same bytes: nothing to move
                     continue
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                partial = self._partial_dir / f"{ref.digest}.{secrets.token_hex(4)}.part"
+                self._partial_dir.mkdir(parents=True, exist_ok=True)
+                # The pid says whose it is: a later submit removes it only once we are gone.
+                partial = self._partial_dir / (
+                    f"{ref.digest}.{os.getpid()}.{secrets.token_hex(4)}.part"
+                )
                 twin = self.index.locate(ref.digest)
                 if twin is not None and twin.is_file():
                     shutil.copyfile(twin, partial)  # same bytes already here: not fetched again
@@ -492,6 +497,37 @@ def task_data(workflow: Workflow, fetch_all: bool) -> dict[str, core.TaskData]:
         )
         for name, spec in workflow.tasks.items()
     }
+
+
+def remove_stale_partials(directory: Path) -> int:
+    """Remove the partial downloads that dead coordinators left (`kill -9` mid-collection);
+    those of a live one (another submit in this directory) stay. How many went."""
+    removed = 0
+    try:
+        entries = list(directory.glob("*.part"))
+    except OSError:
+        return 0
+    for path in entries:
+        parts = path.name.split(".")
+        owner = int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
+        if owner is not None and owner != os.getpid() and _alive(owner):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    if removed:
+        log.info("removed %d partial file(s) a dead coordinator left in %s", removed, directory)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: not ours to judge
+    return True
 
 
 def _holds(path: Path, ref: FileRef) -> bool:

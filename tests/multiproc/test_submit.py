@@ -315,3 +315,19 @@ def test_a_rerun_does_not_bring_back_outputs_the_submit_dir_already_holds(
     assert code == 0, output
     assert second["bytes"]["to_submitter"] == 0
     assert (tmp_path / "wf" / "all.txt").read_text() == "PART-1\nPART-2\nPART-3\nPART-4\n"
+
+
+def test_a_copy_like_task_succeeds_in_a_fresh_submit_directory(tmp_path: Path, grid: Grid) -> None:
+    """Its output has the bytes of a staged input: they are copied here, not fetched, into a
+    `.bgrid/partial/` that nothing has made yet."""
+    grid.start_worker("w")
+    grid.wait_all_idle()
+    wf = write_workflow(
+        tmp_path / "copy",
+        "tasks:\n  c: {command: 'cp in.txt out.txt', inputs: [in.txt], outputs: [out.txt]}\n",
+        **{"in.txt": "same bytes\n"},
+    )
+    code, report, out = submit(grid, wf)
+    assert code == 0, out
+    assert report["tasks"]["c"]["attempts"] == 1
+    assert (wf.parent / "out.txt").read_text() == "same bytes\n"
