@@ -141,15 +141,40 @@ def _peers(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from bonjourgrid.coordinator.cancel import verify_jobs
     from bonjourgrid.discovery.advertise import resolve_interfaces
     from bonjourgrid.discovery.browse import snapshot_jobs
     from bonjourgrid.discovery.table import format_job_table, job_json
+    from bonjourgrid.errors import KeyStoreError
+    from bonjourgrid.keys import load_grid_key
 
     jobs = asyncio.run(snapshot_jobs(resolve_interfaces(args.interface), wait=args.wait))
+    try:
+        grid = load_grid_key(need_secret=True)
+    except KeyStoreError:
+        grid = None  # nothing to prove a coordinator against: records are shown as hints
+    verified: list[bool | None] = [None] * len(jobs)
+    if grid is not None:
+        verified = list(asyncio.run(verify_jobs(jobs, grid)))
     if args.json:
-        print(json.dumps([job_json(j) for j in jobs], indent=2))
-    else:
+        print(
+            json.dumps(
+                [{**job_json(j), "verified": v} for j, v in zip(jobs, verified, strict=True)],
+                indent=2,
+            )
+        )
+        return 0
+    if grid is None:
         print(format_job_table(jobs))
+        return 0
+    print(format_job_table([j for j, v in zip(jobs, verified, strict=True) if v]))
+    ignored = [j for j, v in zip(jobs, verified, strict=True) if not v]
+    if ignored:
+        wheres = ", ".join(f"{j.job} at {j.endpoint().removeprefix('tcp://')}" for j in ignored)
+        print(
+            f"({len(ignored)} job record(s) not shown: no coordinator of grid {grid.fingerprint} "
+            f"behind them, ended, spoofed or of another grid: {wheres})"
+        )
     return 0
 
 

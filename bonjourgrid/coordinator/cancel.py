@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 JOBCTL_DOMAIN = "jobctl"  # ZAP domain of the job-control socket
 REPLY_TIMEOUT_S = 5.0  # how long `bgrid cancel` waits for the coordinator's answer
+VERIFY_TIMEOUT_S = 1.0  # how long `bgrid status` waits for a coordinator's handshake
 _MAX_BY = 100  # characters of the canceller's name kept in the job's reason
 
 
@@ -204,6 +205,42 @@ async def _ask(
             monitor.close(linger=0)
         sock.close(linger=0)
     return _Answer(record, authenticated, reply)
+
+
+async def verify_jobs(
+    records: Sequence[JobRecord], grid: GridKey, timeout: float = VERIFY_TIMEOUT_S
+) -> list[bool]:
+    """For each record, whether the service it points at proves the grid's key in a
+    CurveZMQ handshake (`bgrid status`). Nothing is sent: a handshake alone tells."""
+    ctx = zmq.asyncio.Context()
+    try:
+        return list(await asyncio.gather(*(_proves(ctx, r, grid, timeout) for r in records)))
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def _proves(
+    ctx: zmq.asyncio.Context, record: JobRecord, grid: GridKey, timeout: float
+) -> bool:
+    if not record.key:
+        return False  # an --insecure job: no key to prove
+    sock = wire.client_socket(ctx, grid.keypair(), grid.public.decode(), wire.MAX_CONTROL_FRAME)
+    monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+    try:
+        sock.connect(record.endpoint())
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not await monitor.poll(left * 1000):
+                break
+            event = (await recv_monitor_message(monitor))["event"]
+            # Only success proves anything: a service without the key may still answer
+            # a HELLO with an ERROR command, which reads as an authentication failure.
+            return bool(event == zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        return False
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
 
 
 def _who() -> str:

@@ -214,6 +214,11 @@ tasks:
         # grid's members still reach the real coordinator, and the spoof learns nothing.
         monkeypatch.setenv("XDG_CONFIG_HOME", grid.env["XDG_CONFIG_HOME"])
         with spoofed_coordinator(rogue, job_id, ours[0]) as heard:
+            status = grid.run("status", "--interface", LOOPBACK, "--wait", "0.7", check=True)
+            assert "1 job record(s) not shown" in status.stdout, status.stdout
+            listed = grid.run("status", "--json", "--interface", LOOPBACK, "--wait", "0.7")
+            claims = [j for j in json.loads(listed.stdout) if j["job"] == job_id]
+            assert sorted(j["verified"] for j in claims) == [False, True], claims
             out = grid.run("cancel", job_id, "--interface", LOOPBACK)
             assert heard() == 0
         assert out.returncode == 0, out.stdout + out.stderr

@@ -258,6 +258,7 @@ tasks:
             ]
         assert mine, "the running job never showed in `bgrid status` with 1 task done"
         assert mine[0]["tasks"] == 2 and mine[0]["state"] == "running"
+        assert mine[0]["verified"] is True  # its coordinator proved the grid's key
         table = grid.run("status", "--interface", LOOPBACK, "--wait", "0.7").stdout
         assert "progress-demo-" in table and "1/2" in table
     finally:
