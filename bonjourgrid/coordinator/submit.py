@@ -41,6 +41,7 @@ from bonjourgrid.coordinator.shell import Coordinator
 from bonjourgrid.coordinator.stage import stage_sources
 from bonjourgrid.dag import Workflow, load_workflow
 from bonjourgrid.errors import ConfigError, KeyStoreError
+from bonjourgrid.fdlimit import raise_open_file_limit
 from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, key_dir, load_grid_key
 from bonjourgrid.units import parse_size
 from bonjourgrid.worker.local import LOOPBACK, LocalGrid
@@ -189,6 +190,7 @@ def _said(where: str, value: object) -> str:
 
 def submit(opts: SubmitOptions) -> int:
     """Run the workflow; print or write the report; the process exit code."""
+    raise_open_file_limit()  # one descriptor per peer connection and staged file
     workflow = load_workflow(opts.workflow)  # DagError (exit 2) before any peer is touched
     data = data_options(  # ConfigError (exit 2), as early
         workflow.root, prefetch=opts.prefetch, depth=opts.prefetch_depth, fetch_all=opts.fetch_all
