@@ -118,6 +118,7 @@ class Coordinator(PeerPool):
         self._browser: PeerBrowser | None = None  # set once the run starts
         # What candidates said their caches hold of the job's inputs (`probe`), by identity.
         self._cached: dict[tuple[str, str, str], frozenset[str]] = {}
+        self._silent: set[tuple[str, str, str]] = set()  # candidates that never answered
         # Contents a resumed job hopes to find in peers' caches (intermediates of kept tasks).
         self._wanted_from_caches: dict[str, int] = {}
         self._jobctl_port = 0
