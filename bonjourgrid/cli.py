@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bonjourgrid import __version__
-from bonjourgrid.errors import BonjourGridError, ConfigError
+from bonjourgrid.errors import BonjourGridError, ConfigError, Interrupted
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -339,7 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BonjourGridError as err:
         print(f"bgrid: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Interrupted as err:
+        print(f"bgrid: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
+        print("bgrid: interrupted by SIGINT", file=sys.stderr)
         return 130
 
 

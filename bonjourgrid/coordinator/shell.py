@@ -113,6 +113,8 @@ class Coordinator(PeerPool):
         self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
         self.started = 0.0
         self.started_at = 0.0
+        # What the run is doing, for a user who stops it (submit.py's signal handling).
+        self.phase = "starting"
         self._tasks: set[asyncio.Task[Any]] = set()
         self._data_port = 0
         self._browser: PeerBrowser | None = None  # set once the run starts
@@ -133,6 +135,7 @@ class Coordinator(PeerPool):
         self.started = time.monotonic()
         self.started_at = started_at = time.time()
         if self.core.pending():  # a resume with nothing left to run moves nothing
+            self.phase = "staging inputs"
             await self._stage_inputs()
         self.journal = self._start_journal()
         try:
@@ -184,6 +187,7 @@ class Coordinator(PeerPool):
         try:
             self._spawn(data_server.serve_forever())
             await browser.start()
+            self.phase = "recruiting peers"
             await self._recruit(browser, self.needs.workers_max, initial=True)
             self.events.put_nowait(core.PeersSettled())
             advert = Advertiser(
@@ -194,6 +198,7 @@ class Coordinator(PeerPool):
             self._spawn(self._heartbeats())
             self._spawn(self._replenish(browser))
             self._spawn(self._advertise_progress(advert))
+            self.phase = "running tasks"
             finished = await self._drive()
         finally:
             await self._release_all()
