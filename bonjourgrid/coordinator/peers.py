@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import secrets
 import socket
 import time
@@ -45,9 +46,10 @@ SNAPSHOT_S = 0.5  # how long a new coordinator listens for peers before recruiti
 RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
 PROBE_TIMEOUT_S = 0.3  # a candidate that does not say what it caches by then caches nothing
 # Probes and reservations in flight at once: a LAN full of peers that never answer (fakes, a
-# host gone without a goodbye) costs a few timeouts, not one timeout each in turn. Each ask
-# holds a zmq socket and a descriptor, far below the context's 1023 sockets.
-RECRUIT_CONCURRENCY = 256
+# host gone without a goodbye) costs a few timeouts, not one timeout each in turn (2,000
+# silent candidates: 4 probe timeouts). Each ask holds a zmq socket (the context allows 1023)
+# and two descriptors: `_asks_at_once` keeps to a quarter of the open-file limit.
+RECRUIT_CONCURRENCY = 512
 STALL_S = 10.0  # ready tasks with no peer able to run them for this long fail the job
 MAX_LEASE_S = 3600.0  # workers refuse longer leases
 RELEASE_LINGER_MS = 300  # how long a release of an unwanted grant may take to leave
@@ -173,6 +175,8 @@ class PeerPool:
                 rank(candidates, self.needs, cached_bytes),
                 key=lambda p: _identity(p) in self._silent,
             )
+            silent = sum(_identity(p) in self._silent for p in ranked)
+            log.info("recruiting from %d candidate(s), %d of them silent", len(ranked), silent)
             granted += await self._reserve_in_rounds(ranked, wanted - granted, tried, deadline)
             short = len(self.links) < self.needs.workers_min
             remaining = deadline - time.monotonic()
@@ -212,7 +216,7 @@ class PeerPool:
             need = min(wanted - granted, self.needs.workers_max - len(self.links))
             if need <= 0:
                 break
-            width = RECRUIT_CONCURRENCY if _identity(queue[0]) in self._silent else need
+            width = _asks_at_once() if _identity(queue[0]) in self._silent else need
             batch, queue = queue[:width], queue[width:]
             tried.update(_identity(r) for r in batch)
             quota = _Quota(need)
@@ -237,7 +241,7 @@ class PeerPool:
         if not todo:
             return
         wanted = set(digests)
-        gate = asyncio.Semaphore(RECRUIT_CONCURRENCY)  # FIFO: asked in rank order
+        gate = asyncio.Semaphore(_asks_at_once())  # FIFO: asked in rank order
 
         async def ask(record: PeerRecord) -> None:
             async with gate:
@@ -365,6 +369,14 @@ class PeerPool:
     async def _release_all(self) -> None:
         for name in list(self.links):
             await self._release(name)
+
+
+def _asks_at_once() -> int:
+    """RECRUIT_CONCURRENCY, or less if this process may not open that many descriptors."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return RECRUIT_CONCURRENCY
+    return max(16, min(RECRUIT_CONCURRENCY, soft // 4))
 
 
 class _Quota:
