@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bonjourgrid import __version__
-from bonjourgrid.errors import BonjourGridError, ConfigError
+from bonjourgrid.errors import BonjourGridError, ConfigError, Interrupted
 
 if TYPE_CHECKING:
     from bonjourgrid.credentials import WorkerIdentity
@@ -446,7 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BonjourGridError as err:
         print(f"bgrid: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Interrupted as err:
+        print(f"bgrid: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
+        print("bgrid: interrupted by SIGINT", file=sys.stderr)
         return 130
 
 

@@ -11,9 +11,14 @@
     └── RecruitError          no peer of this grid fits the job (exit 3)
 
 Messages say what was wrong and what to do about it.
+
+    KeyboardInterrupt
+    └── Interrupted           SIGINT or SIGTERM stopped a command (exit 128 + the signal)
 """
 
 from __future__ import annotations
+
+import signal
 
 
 class BonjourGridError(Exception):
@@ -50,3 +55,19 @@ class TransferError(BonjourGridError):
 
 class RecruitError(BonjourGridError):
     exit_code = 3
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal stopped the command; a KeyboardInterrupt, so `except Exception` never eats it."""
+
+    def __init__(self, sig: signal.Signals, detail: str = "") -> None:
+        super().__init__(sig.name)
+        self.signal = sig
+        self.detail = detail  # what was going on, and what became of it
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signal)
+
+    def __str__(self) -> str:
+        return f"interrupted by {self.signal.name}" + (f" {self.detail}" if self.detail else "")

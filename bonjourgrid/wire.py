@@ -38,6 +38,9 @@ MAX_CONTROL_FRAME = 4 * 1024 * 1024  # a `run` carries a command and input lists
 MAX_DATA_FRAME = CHUNK_SIZE + 4096  # one chunk plus its envelope
 MAX_STRING = 64 * 1024
 MAX_LIST = 100_000
+# A connection that has not completed its CURVE handshake by then is closed (libzmq's default
+# is 30 s): anyone on the LAN can open TCP connections before any key is checked.
+HANDSHAKE_IVL_MS = 3000
 
 _ANY = object()
 # Field types per message type. A tuple means "one of"; `list`/`dict` are checked shallowly
@@ -238,6 +241,16 @@ def start_authenticator(
 def _common(sock: zmq.asyncio.Socket, limit: int) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, limit + 1024)  # libzmq drops the peer on a bigger frame
+    # What bounds the connections a stranger can hold open. libzmq cannot cap the number of
+    # connections a listening socket accepts (there is no such option), nor stop an idle
+    # TCP connect before the handshake timer runs, so the open-file limit is raised at start
+    # (`fdlimit.py`) and every connection must prove itself quickly: the CURVE handshake
+    # within HANDSHAKE_IVL_MS, then keepalives close connections whose host went away.
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)  # s
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)  # s
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
 
 
 def server_socket(

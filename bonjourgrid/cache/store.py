@@ -14,6 +14,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +29,15 @@ class FileRef:
     size: int
 
 
-def hash_file(path: Path) -> FileRef:
-    """The FileRef of the file at `path` (reads it once)."""
+def hash_file(path: Path, stop: threading.Event | None = None) -> FileRef:
+    """The FileRef of the file at `path` (reads it once); InterruptedError once `stop` is set
+    (hashing runs in a thread, which a Ctrl-C cannot cancel)."""
     sha = hashlib.sha256()
     size = 0
     with open(path, "rb", buffering=0) as f:
         while block := f.read(_HASH_BLOCK):
+            if stop is not None and stop.is_set():
+                raise InterruptedError(f"stopped while hashing {path}")
             sha.update(block)
             size += len(block)
     return FileRef(sha.hexdigest(), size)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +45,14 @@ DISCOVERY_S = 2.0  # how long to browse before recruiting with the peers seen so
 SNAPSHOT_S = 0.5  # how long a new coordinator listens for peers before recruiting
 RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
 PROBE_TIMEOUT_S = 0.3  # a candidate that does not say what it caches by then caches nothing
+# Probes and reservations in flight at once: a LAN full of peers that never answer (fakes, a
+# host gone without a goodbye) costs a few timeouts, not one timeout each in turn (2,000
+# silent candidates: 4 probe timeouts). Each ask holds a zmq socket (the context allows 1023)
+# and two descriptors: `_asks_at_once` keeps to a quarter of the open-file limit.
+RECRUIT_CONCURRENCY = 512
 STALL_S = 10.0  # ready tasks with no peer able to run them for this long fail the job
 MAX_LEASE_S = 3600.0  # workers refuse longer leases
+RELEASE_LINGER_MS = 300  # how long a release of an unwanted grant may take to leave
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,7 @@ class PeerPool:
     core: core.SchedulerCore
     source_refs: dict[str, FileRef]
     _cached: dict[tuple[str, str, str], frozenset[str]]
+    _silent: set[tuple[str, str, str]]  # candidates that answered no probe or reservation
     _wanted_from_caches: dict[str, int]
 
     # Provided by Coordinator.
@@ -161,11 +170,14 @@ class PeerPool:
         while True:
             candidates = untried(known())
             await self._probe(candidates)
-            for record in rank(candidates, self.needs, cached_bytes):
-                if granted >= wanted or len(self.links) >= self.needs.workers_max:
-                    break
-                tried.add(_identity(record))
-                granted += await self._reserve(record)
+            # Best first, but a peer that stayed silent once is asked after every other one.
+            ranked = sorted(
+                rank(candidates, self.needs, cached_bytes),
+                key=lambda p: _identity(p) in self._silent,
+            )
+            silent = sum(_identity(p) in self._silent for p in ranked)
+            log.info("recruiting from %d candidate(s), %d of them silent", len(ranked), silent)
+            granted += await self._reserve_in_rounds(ranked, wanted - granted, tried, deadline)
             short = len(self.links) < self.needs.workers_min
             remaining = deadline - time.monotonic()
             if remaining <= 0 and initial and short and held_by_previous():
@@ -182,61 +194,115 @@ class PeerPool:
             )
         return granted
 
+    async def _reserve_in_rounds(
+        self,
+        ranked: list[PeerRecord],
+        wanted: int,
+        tried: set[tuple[str, str, str]],
+        deadline: float,
+    ) -> int:
+        """Reserve up to `wanted` of `ranked` (best first); how many granted.
+
+        Each round asks at once the best untried candidates for what is still missing, so the
+        best peers are asked first and no more are reserved than wanted; a round of peers
+        known to be silent is as wide as RECRUIT_CONCURRENCY (they seldom grant; one that
+        does beyond the need is released at once). Rounds stop at `deadline` (after the
+        first): N silent peers cost about N / RECRUIT_CONCURRENCY timeouts, not N.
+        """
+        granted = 0
+        queue = list(ranked)
+        first = True
+        while queue and (first or time.monotonic() < deadline):
+            need = min(wanted - granted, self.needs.workers_max - len(self.links))
+            if need <= 0:
+                break
+            width = _asks_at_once() if _identity(queue[0]) in self._silent else need
+            batch, queue = queue[:width], queue[width:]
+            tried.update(_identity(r) for r in batch)
+            quota = _Quota(need)
+
+            def keep(quota: _Quota = quota) -> bool:
+                return len(self.links) < self.needs.workers_max and quota.take()
+
+            results = await asyncio.gather(*(self._reserve(r, keep) for r in batch))
+            granted += sum(results)
+            first = False
+        return granted
+
     async def _probe(self, records: list[PeerRecord]) -> None:
         """Ask candidates which of the job's input contents their caches hold: recruitment
-        ranks on it and placement starts from it."""
+        ranks on it and placement starts from it. One that does not answer is remembered as
+        silent. At most RECRUIT_CONCURRENCY at once, best ranked first."""
         digests = sorted(
             {ref.digest for ref in self.source_refs.values() if ref.size > 0}
             | set(self._wanted_from_caches)
         )
         todo = [r for r in records if _identity(r) not in self._cached]
-        if not digests or not todo:
+        if not todo:
             return
         wanted = set(digests)
+        gate = asyncio.Semaphore(_asks_at_once())  # FIFO: asked in rank order
 
         async def ask(record: PeerRecord) -> None:
-            sock = wire.client_socket(
-                self.ctx, self.client_keys, record.key, wire.MAX_CONTROL_FRAME
-            )
-            held: frozenset[str] = frozenset()
-            try:
-                sock.connect(record.endpoint())
-                await sock.send(wire.encode("probe", digests=digests[: wire.MAX_LIST]))
-                if await sock.poll(PROBE_TIMEOUT_S * 1000):
-                    msg = wire.decode(await sock.recv())
-                    if msg["t"] == "holding":
-                        held = frozenset(d for d in msg["digests"] if d in wanted)
-            except (ProtocolError, TypeError, zmq.ZMQError) as err:
-                log.info("peer %s did not say what it caches: %s", record.name, err)
-            finally:
-                sock.close(linger=0)
-            self._cached[_identity(record)] = held
+            async with gate:
+                sock = wire.client_socket(
+                    self.ctx, self.client_keys, record.key, wire.MAX_CONTROL_FRAME
+                )
+                held: frozenset[str] = frozenset()
+                try:
+                    sock.connect(record.endpoint())
+                    await sock.send(wire.encode("probe", digests=digests[: wire.MAX_LIST]))
+                    if await sock.poll(PROBE_TIMEOUT_S * 1000):
+                        msg = wire.decode(await sock.recv())
+                        if msg["t"] == "holding":
+                            held = frozenset(d for d in msg["digests"] if d in wanted)
+                    else:
+                        self._silent.add(_identity(record))
+                except (ProtocolError, TypeError, zmq.ZMQError) as err:
+                    log.info("peer %s did not say what it caches: %s", record.name, err)
+                finally:
+                    sock.close(linger=0)
+                self._cached[_identity(record)] = held
 
         await asyncio.gather(*(ask(r) for r in todo))
 
-    async def _reserve(self, record: PeerRecord) -> bool:
+    async def _reserve(self, record: PeerRecord, keep: Callable[[], bool] = lambda: True) -> bool:
+        """Ask one peer for a leased reservation; whether it is ours now. A grant that
+        `keep()` refuses (the job has enough peers by then) is handed back at once."""
         sock = wire.client_socket(self.ctx, self.client_keys, record.key, wire.MAX_CONTROL_FRAME)
         sock.routing_id = control_routing_id(self.job)
         sock.connect(record.endpoint())
         job_keys = self.job_keys
-        await sock.send(
-            wire.encode(
-                "reserve",
-                job=self.job,
-                lease_s=self.timeouts.lease_s,
-                coordinator=socket.gethostname(),
-                job_public=job_keys.public.decode() if job_keys else "",
-                job_secret=job_keys.secret.decode() if job_keys and job_keys.secret else "",
-            )
-        )
         reply = None
-        if await sock.poll(RESERVE_TIMEOUT_S * 1000):
-            with contextlib.suppress(ProtocolError):
-                reply = wire.decode(await sock.recv())
+        try:
+            await sock.send(
+                wire.encode(
+                    "reserve",
+                    job=self.job,
+                    lease_s=self.timeouts.lease_s,
+                    coordinator=socket.gethostname(),
+                    job_public=job_keys.public.decode() if job_keys else "",
+                    job_secret=job_keys.secret.decode() if job_keys and job_keys.secret else "",
+                )
+            )
+            if await sock.poll(RESERVE_TIMEOUT_S * 1000):
+                with contextlib.suppress(ProtocolError):
+                    reply = wire.decode(await sock.recv())
+        except asyncio.CancelledError:
+            # Stopped while waiting (Ctrl-C): the peer may grant all the same, and its lease
+            # would hold it for nothing. The release goes out on the same connection.
+            _release_and_close(sock, self.job)
+            raise
         if reply is None or reply["t"] != "reserved" or reply["job"] != self.job:
             why = reply["reason"] if reply and reply["t"] == "denied" else "no answer"
+            if reply is None:
+                self._silent.add(_identity(record))
             log.info("peer %s not recruited: %s", record.name, why)
             sock.close(linger=0)
+            return False
+        if not keep():
+            log.info("peer %s granted beyond what the job needs: released at once", record.name)
+            _release_and_close(sock, self.job)
             return False
         address = record.addresses[0]
         link = PeerLink(record, sock, our_address=_address_towards(address))
@@ -303,6 +369,35 @@ class PeerPool:
     async def _release_all(self) -> None:
         for name in list(self.links):
             await self._release(name)
+
+
+def _asks_at_once() -> int:
+    """RECRUIT_CONCURRENCY, or less if this process may not open that many descriptors."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return RECRUIT_CONCURRENCY
+    return max(16, min(RECRUIT_CONCURRENCY, soft // 4))
+
+
+class _Quota:
+    """How many more grants one reservation round keeps."""
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+    def take(self) -> bool:
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
+
+
+def _release_and_close(sock: zmq.asyncio.Socket, job: str) -> None:
+    """Hand back a reservation we will not use, without waiting: the message leaves within
+    RELEASE_LINGER_MS (or the lease frees the peer)."""
+    with contextlib.suppress(zmq.ZMQError):
+        sock.send(wire.encode("release", job=job), flags=zmq.NOBLOCK)
+    sock.close(linger=RELEASE_LINGER_MS)
 
 
 async def _close_after_reply(sock: zmq.asyncio.Socket, wait_s: float = 1.0) -> None:

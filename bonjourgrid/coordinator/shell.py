@@ -113,11 +113,14 @@ class Coordinator(PeerPool):
         self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
         self.started = 0.0
         self.started_at = 0.0
+        # What the run is doing, for a user who stops it (submit.py's signal handling).
+        self.phase = "starting"
         self._tasks: set[asyncio.Task[Any]] = set()
         self._data_port = 0
         self._browser: PeerBrowser | None = None  # set once the run starts
         # What candidates said their caches hold of the job's inputs (`probe`), by identity.
         self._cached: dict[tuple[str, str, str], frozenset[str]] = {}
+        self._silent: set[tuple[str, str, str]] = set()  # candidates that never answered
         # Contents a resumed job hopes to find in peers' caches (intermediates of kept tasks).
         self._wanted_from_caches: dict[str, int] = {}
         self._jobctl_port = 0
@@ -133,6 +136,7 @@ class Coordinator(PeerPool):
         self.started_at = started_at = time.time()
         remove_stale_partials(self._partial_dir)
         if self.core.pending():  # a resume with nothing left to run moves nothing
+            self.phase = "staging inputs"
             await self._stage_inputs()
         self.journal = self._start_journal()
         try:
@@ -187,6 +191,7 @@ class Coordinator(PeerPool):
         try:
             self._spawn(data_server.serve_forever())
             await browser.start()
+            self.phase = "recruiting peers"
             await self._recruit(browser, self.needs.workers_max, initial=True)
             self.events.put_nowait(core.PeersSettled())
             advert = Advertiser(
@@ -197,6 +202,7 @@ class Coordinator(PeerPool):
             self._spawn(self._heartbeats())
             self._spawn(self._replenish(browser))
             self._spawn(self._advertise_progress(advert))
+            self.phase = "running tasks"
             finished = await self._drive()
         finally:
             await self._release_all()

@@ -98,14 +98,17 @@ async def stage_sources(
     web = {url: paths for url, paths in by_url.items() if url[:5].lower() != "file:"}
     files = {url: paths for url, paths in by_url.items() if url not in web}
     staged: dict[str, StagedFile] = {}
+    stop = threading.Event()  # set: the hashing thread gives up at its next block
     try:
         async with asyncio.TaskGroup() as group:
             hashed = group.create_task(
-                asyncio.to_thread(_hash_in_place, workflow, local, files, known)
+                asyncio.to_thread(_hash_in_place, workflow, local, files, known, stop)
             )
             downloaded = group.create_task(_download_all(workflow, web, free_bytes))
     except BaseExceptionGroup as failed:
         raise _first_stage_error(failed) from None
+    finally:
+        stop.set()  # on a failure or a cancel (Ctrl-C), not after the whole input is read
     staged.update(hashed.result())
     for url, item in downloaded.result().items():
         staged.update(dict.fromkeys(web[url], item))
@@ -138,13 +141,16 @@ def _hash_in_place(
     local: list[str],
     files: Mapping[str, list[str]],
     known: Mapping[str, FileRef],
+    stop: threading.Event | None = None,
 ) -> dict[str, StagedFile]:
     """Submit-directory files and file:// URLs, hashed where they are (one read each)."""
     staged: dict[str, StagedFile] = {}
     for path in local:
         where = workflow.root / path
         try:
-            staged[path] = StagedFile(known.get(path) or hash_file(where), where)
+            staged[path] = StagedFile(known.get(path) or hash_file(where, stop), where)
+        except InterruptedError:
+            raise
         except OSError as err:
             raise StageError(
                 f"cannot read input {path} in {workflow.root} ({_needed_by(workflow, [path])}): "
@@ -153,7 +159,9 @@ def _hash_in_place(
     for url, paths in files.items():
         where = file_url_path(url)
         try:
-            item = StagedFile(hash_file(where), where)
+            item = StagedFile(hash_file(where, stop), where)
+        except InterruptedError:
+            raise
         except OSError as err:
             what = "no such file" if isinstance(err, FileNotFoundError) else err.strerror or err
             raise StageError(

@@ -26,11 +26,12 @@ import logging
 import os
 import signal
 import sys
+import threading
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bonjourgrid.coordinator.journal import ResumePlan, journal_path, plan_resume, workflow_digest
 from bonjourgrid.coordinator.peers import LEASE_S, PEER_TIMEOUT_S, Timeouts
@@ -42,12 +43,20 @@ from bonjourgrid.coordinator.stage import stage_sources
 from bonjourgrid.credentials import CredentialCheck, load_revoked
 from bonjourgrid.dag import Workflow, load_workflow
 from bonjourgrid.discovery.txt import PeerRecord
-from bonjourgrid.errors import ConfigError, KeyStoreError
+from bonjourgrid.errors import ConfigError, Interrupted, KeyStoreError
+from bonjourgrid.fdlimit import raise_open_file_limit
 from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, key_dir, load_grid_key
 from bonjourgrid.units import parse_size
 from bonjourgrid.worker.local import LOOPBACK, LocalGrid
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A signal while tasks run cancels the job as `bgrid cancel` does (tasks stopped, peers
+# released, a report): if that has not ended the run by then, the run is cut short.
+INTERRUPT_GRACE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,18 @@ def _said(where: str, value: object) -> str:
 
 
 def submit(opts: SubmitOptions) -> int:
-    """Run the workflow; print or write the report; the process exit code."""
+    """Run the workflow; print or write the report; the process exit code.
+
+    SIGINT and SIGTERM stop it within a second in every phase: Interrupted (exit 130 or 143)
+    before tasks run, every reserved peer released; once tasks run, the job is cancelled
+    and reported as such (exit 1).
+    """
+    raise_open_file_limit()  # one descriptor per peer connection and staged file
+    with _signals_interrupt():
+        return _submit(opts)
+
+
+def _submit(opts: SubmitOptions) -> int:
     workflow = load_workflow(opts.workflow)  # DagError (exit 2) before any peer is touched
     data = data_options(  # ConfigError (exit 2), as early
         workflow.root, prefetch=opts.prefetch, depth=opts.prefetch_depth, fetch_all=opts.fetch_all
@@ -203,7 +223,9 @@ def submit(opts: SubmitOptions) -> int:
     if opts.resume:
         url_refs = None
         if workflow.urls:  # what the URLs hold now decides whether their readers rerun
-            staged = asyncio.run(stage_sources(workflow, {}))
+            staged = _run_until_signal(
+                lambda: stage_sources(workflow, {}), "while checking the URL inputs"
+            )
             url_refs = {path: staged[path].ref for path in workflow.urls if path in staged}
         plan = plan_resume(workflow, opts.workflow, url_refs)
     if plan is not None:
@@ -313,11 +335,90 @@ def _run(
         data=data,
     )
 
-    async def main() -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, coordinator.cancel, "cancelled by the user")
-        return await coordinator.run()
+    def cancel_running_job(sig: signal.Signals) -> bool:
+        if coordinator.phase != "running tasks":
+            return False
+        coordinator.cancel(f"cancelled by the user ({sig.name})")
+        return True
 
-    return asyncio.run(main())
+    def interrupted() -> str:
+        done = "" if coordinator.phase == "staging inputs" else ": every reserved peer was released"
+        return f"while {coordinator.phase}{done}"
+
+    return _run_until_signal(coordinator.run, interrupted, cancel_running_job)
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """Outside the event loop, SIGINT and SIGTERM raise Interrupted where the code is (SIGTERM
+    would otherwise kill the process and leave a local grid's workers behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(signal.Signals(signum))
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in _watched()}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _watched() -> list[signal.Signals]:
+    """The stop signals this process listens to: not one it was started ignoring (`cmd &`
+    in a script ignores SIGINT, so that a Ctrl-C meant for the script spares it)."""
+    return [sig for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
+
+
+def _run_until_signal(
+    work: Callable[[], Coroutine[Any, Any, T]],
+    detail: str | Callable[[], str],
+    gently: Callable[[signal.Signals], bool] = lambda sig: False,
+) -> T:
+    """`asyncio.run(work())`, which SIGINT or SIGTERM cancel: Interrupted(signal, detail).
+
+    `gently(sig)` may instead ask the work to wind down by itself (True); it is cancelled
+    all the same if it has not within INTERRUPT_GRACE_S. Later signals are ignored: a second
+    Ctrl-C must not cut short the release of the peers.
+    """
+    received: list[signal.Signals] = []
+
+    async def main() -> T | None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(work())
+
+        def on_signal(sig: signal.Signals) -> None:
+            if received:
+                return
+            received.append(sig)
+            if gently(sig):
+                loop.call_later(INTERRUPT_GRACE_S, task.cancel)
+            else:
+                task.cancel()
+
+        for sig in watched:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if not received:
+                raise
+            return None  # raised below, out of the event loop
+
+    watched = _watched()
+    outside = {sig: signal.getsignal(sig) for sig in watched}
+    try:
+        result = asyncio.run(main())
+    finally:
+        # The loop leaves the default handlers behind: put back those of `_signals_interrupt`.
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in outside.items():
+                signal.signal(sig, handler)
+    if result is None and received:
+        raise Interrupted(received[0], detail if isinstance(detail, str) else detail())
+    assert result is not None
+    return result

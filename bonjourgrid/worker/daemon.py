@@ -35,6 +35,7 @@ from bonjourgrid.credentials import WorkerIdentity
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
 from bonjourgrid.discovery.txt import JOB_NAME, PEER_SERVICE, PeerRecord, peer_txt
 from bonjourgrid.errors import ProtocolError, TransferError
+from bonjourgrid.fdlimit import raise_open_file_limit
 from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, Keypair
 from bonjourgrid.units import MIB
 from bonjourgrid.worker import core
@@ -417,6 +418,7 @@ def default_cache_dir(name: str) -> Path:
 
 async def serve(config: WorkerConfig) -> None:
     """Run a worker daemon until SIGTERM or SIGINT."""
+    raise_open_file_limit()  # a LAN's idle connections must not starve tasks of descriptors
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
