@@ -29,7 +29,6 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE.parent)]  # tests/lan/, bonjourgrid/
 
 from bonjourgrid.coordinator.peers import RESERVE_TIMEOUT_S  # noqa: E402
-from bonjourgrid.keys import load_grid_key  # noqa: E402
 from tests.lan.fakes import advertise_fake_peers  # noqa: E402
 from tests.lan.netns import Host, Lan, lan_available  # noqa: E402
 
@@ -85,9 +84,8 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise SystemExit("the real worker was never listed")
         runs_without = [timed_submit(submitter, workflow) for _ in range(args.repeats)]
-        fakes = advertise_fake_peers(
-            attacker, args.fakes, secrets.token_hex(2), load_grid_key(key_dir).fingerprint
-        )
+        # Enrolled fakes (credentials of the grid): the probe/reserve path, the worst case.
+        fakes = advertise_fake_peers(attacker, args.fakes, secrets.token_hex(2), key_dir)
         seen = listed_peers(submitter)
         runs_facing = [timed_submit(submitter, workflow) for _ in range(args.repeats)]
         fakes.stop()

@@ -18,16 +18,23 @@ READY_S = 120.0  # 2,000 fake services are registered, or 2,200 connections open
 
 # Registers N services `fake-<tag>-<i>._bonjourgrid._tcp.local.` with an idle peer's TXT, as a
 # real worker writes it (discovery/txt.py): cost 0 and 64 cpus, so they rank first. Half point
-# at a TCP port that accepts and never answers, half at a closed port.
+# at a TCP port that accepts and never answers, half at a closed port. Given the grid's key
+# directory, each carries a credential the grid issued, as 2,000 enrolled desktops that froze
+# would: the worst case, which coordinators probe and reserve (a fake without a credential is
+# never even contacted: tests/lan/test_trust.py).
 _FAKE_PEERS = r"""
 import asyncio, json, socket, sys
 import zeroconf._core
 from zeroconf import IPVersion, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 from bonjourgrid.discovery.txt import PEER_SERVICE, PeerRecord, peer_txt
-from bonjourgrid.keys import Keypair
+from pathlib import Path
+from bonjourgrid.credentials import issue
+from bonjourgrid.keys import load_grid_key
 
-count, tag, ip, grid = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+count, tag, ip, key_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
+grid_key = load_grid_key(key_dir)
+grid = grid_key.fingerprint
 # A liar needs no manners: no probing, no spaced announcements (names are ours anyway).
 for constant in ("_CHECK_TIME", "_REGISTER_TIME", "_UNREGISTER_TIME"):
     setattr(zeroconf._core, constant, 5)
@@ -38,17 +45,18 @@ with socket.socket() as closed:
     closed.bind((ip, 0))
     closed_port = closed.getsockname()[1]
 ports = (silent.getsockname()[1], closed_port)
-key = Keypair.generate().public.decode()
 
 async def main():
     azc = AsyncZeroconf(interfaces=[ip], ip_version=IPVersion.V4Only)
     infos = []
     for i in range(count):
         name = f"fake-{tag}-{i}"
+        identity = issue(grid_key, name) if grid_key.secret else None
         record = PeerRecord(
             name=name, addresses=(ip,), port=ports[i % 2], state="idle", job=None, cpus=64,
             ram=65536, disk=100_000, cost=0.0, arch="x86_64", os="linux", mw=("native",),
-            key=key, grid=grid,
+            key=identity.keypair.public.decode() if identity else grid_key.public.decode(),
+            grid=grid, cred=identity.credential if identity else "",
         )
         infos.append(ServiceInfo(
             PEER_SERVICE, f"{name}.{PEER_SERVICE}", port=record.port,
@@ -138,9 +146,10 @@ class Script:
                 self.proc.wait()
 
 
-def advertise_fake_peers(host: Host, count: int, tag: str, grid: str) -> Script:
-    """`count` fake idle peers of `grid` on `host`, that never answer (registered on return)."""
-    fakes = Script(host, _FAKE_PEERS, str(count), tag, host.ip, grid)
+def advertise_fake_peers(host: Host, count: int, tag: str, key_dir: Path) -> Script:
+    """`count` fake idle peers of the grid whose key is in `key_dir`, on `host`, that never
+    answer (registered on return); enrolled if `key_dir` holds the grid's secret."""
+    fakes = Script(host, _FAKE_PEERS, str(count), tag, host.ip, str(key_dir))
     fakes.wait_ready(f"{count} fake peers")
     return fakes
 
