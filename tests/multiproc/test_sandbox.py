@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -87,3 +88,23 @@ def test_a_worker_restarted_after_kill_9_kills_the_task_its_previous_life_left(
         if pidfile.exists():
             with contextlib.suppress(ValueError, psutil.Error):
                 psutil.Process(int(pidfile.read_text())).kill()
+
+
+def test_a_task_over_its_wall_clock_limit_fails_and_says_so(tmp_path: Path, grid: Grid) -> None:
+    grid.start_worker("w", "--cpus", "2")
+    grid.wait_all_idle()
+    text = """
+tasks:
+  slow: {command: "sleep 300 & sleep 300", outputs: [s.txt], limits: {wall_s: 1}}
+  fine: {command: "echo fine > f.txt", outputs: [f.txt], limits: {wall_s: 60}}
+"""
+    workflow = write_workflow(tmp_path / "wf", text)
+    report_file = tmp_path / "report.json"
+    out = grid.run("submit", str(workflow), "--interface", LOOPBACK, "--report", str(report_file))
+    assert out.returncode == 1, out.stdout + out.stderr
+    report = json.loads(report_file.read_text())
+    slow = report["tasks"]["slow"]
+    assert "exceeded its wall-clock limit of 1 s" in slow["error"], slow
+    assert report["tasks"]["fine"]["status"] == "done"
+    assert "exceeded its wall-clock limit of 1 s" in out.stdout + out.stderr
+    grid.wait_all_idle()
