@@ -94,11 +94,11 @@ class ContentStore:
         outside the sandbox: that inode is neither moved nor made read-only, it is copied.
         """
         source = path
-        if path.lstat().st_nlink > 1:
-            source = self._incoming / f"adopt.{secrets.token_hex(6)}.part"
-            private_copy(path, source)
-            path.unlink()  # the sandbox's name only: the other links keep their file
         try:
+            if path.lstat().st_nlink > 1:
+                source = self._incoming / f"adopt.{secrets.token_hex(6)}.part"
+                private_copy(path, source)
+                path.unlink()  # the sandbox's name only: the other links keep their file
             ref = hash_file(source)
             final = self.path_of(ref.digest)
             if final.exists():
