@@ -12,7 +12,9 @@ An entry whose size or mtime differs from the index is re-hashed before use and 
 its bytes no longer match its name, so the task fetches it again.
 
 One daemon owns a cache directory at a time: it holds an exclusive `flock` on `lock`, and
-only the owner cleans up what a previous life left (`incoming/*.part`, `sandboxes/*`).
+only the owner cleans up what a previous life left (`incoming/*.part`, `sandboxes/*`): first
+the processes still running in those sandboxes (the owner's `stop_leftovers`), then the files.
+The owner also makes an older, world-readable cache private (directories 0700, entries 0400).
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from bonjourgrid.cache.store import ContentStore, FileRef, hash_file, is_digest
+from bonjourgrid.cache.store import (
+    DIR_MODE,
+    ENTRY_MODE,
+    ContentStore,
+    FileRef,
+    hash_file,
+    is_digest,
+)
 from bonjourgrid.errors import ConfigError
 from bonjourgrid.units import format_size
 
@@ -69,7 +78,8 @@ class LocalCache(ContentStore):
     """A size-bounded, LRU, pin-aware content store that survives daemon restarts.
 
     `max_bytes=None`: unbounded. `owner=True` takes the directory's lock (CacheBusyError if a
-    daemon holds it) and removes leftovers; `owner=False` is a read-only view for `bgrid cache`.
+    daemon holds it) and removes leftovers, after `stop_leftovers(sandboxes directory)` ended
+    what still runs there; `owner=False` is a read-only view for `bgrid cache`.
     """
 
     def __init__(
@@ -79,10 +89,11 @@ class LocalCache(ContentStore):
         *,
         owner: bool = True,
         clock: Callable[[], int] = time.time_ns,
+        stop_leftovers: Callable[[Path], object] | None = None,
     ) -> None:
         if max_bytes is not None and max_bytes < 0:
             raise ValueError("max_bytes must be 0 or more")
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.owner = owner
         self._clock = clock
@@ -94,8 +105,14 @@ class LocalCache(ContentStore):
         self._last_stamp = 0
         if owner:
             self._lockfile = _take_lock(root)
+            if stop_leftovers is not None:
+                stop_leftovers(root / SANDBOXES)
             _remove_leftovers(root)
         super().__init__(root)
+        if owner:
+            (root / SANDBOXES).mkdir(mode=DIR_MODE, exist_ok=True)
+            with contextlib.suppress(PermissionError):
+                (root / SANDBOXES).chmod(DIR_MODE)
         self._scan()
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -118,6 +135,10 @@ class LocalCache(ContentStore):
                 with contextlib.suppress(FileNotFoundError):
                     st = path.stat()
                     found.append((st.st_atime_ns, name, st.st_size, st.st_mtime_ns))
+                    if self.owner and st.st_mode & 0o777 != ENTRY_MODE:
+                        path.chmod(ENTRY_MODE)  # from an older, world-readable cache
+            if self.owner and bucket.stat().st_mode & 0o077:
+                bucket.chmod(DIR_MODE)
         for atime, digest, size, mtime in sorted(found):
             self._index[digest] = _Slot(size, mtime, atime)
             self._used += size

@@ -4,6 +4,9 @@
 size bound, LRU eviction, pins and accounting on top of it.
 `FileIndex` maps digests to files that stay where they are (the coordinator's view of the
 submit directory), so nothing is copied just to be served.
+
+A store holds the data of everyone's jobs on a shared desktop: its directories are 0700 and
+its entries 0400, so only the user it runs as reads them (`tighten` fixes an older tree).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _HASH_BLOCK = 1024 * 1024
+ENTRY_MODE = 0o400  # an entry: read by this user only, and written by nobody
+DIR_MODE = 0o700
+_COPY_CHUNK = 1 << 30  # bytes per copy_file_range call
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,10 @@ class ContentStore:
         self.root = root
         self._objects = root / "objects"
         self._incoming = root / "incoming"
-        self._objects.mkdir(parents=True, exist_ok=True)
-        self._incoming.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        self._objects.mkdir(mode=DIR_MODE, exist_ok=True)
+        self._incoming.mkdir(mode=DIR_MODE, exist_ok=True)
+        tighten(root)
 
     def path_of(self, digest: str) -> Path:
         return self._objects / digest[:2] / digest
@@ -78,21 +86,35 @@ class ContentStore:
     def commit(self, partial: Path, digest: str) -> Path:
         """Move a verified file into the store (atomic rename: the newest copy wins)."""
         final = self.path_of(digest)
-        final.parent.mkdir(exist_ok=True)
+        final.parent.mkdir(mode=DIR_MODE, exist_ok=True)
         os.replace(partial, final)
-        final.chmod(0o444)  # entries are shared by hard links: no sandbox may edit them
+        final.chmod(ENTRY_MODE)
         return final
 
     def adopt(self, path: Path) -> FileRef:
-        """Move a task's output file into the store and leave a hard link in its place."""
-        ref = hash_file(path)
-        final = self.path_of(ref.digest)
-        if final.exists():
-            path.unlink()
-        else:
-            final.parent.mkdir(exist_ok=True)
-            os.replace(path, final)
-            final.chmod(0o444)
+        """Move a task's output file into the store and leave a hard link in its place.
+
+        An output with other links (`ln ~/private out.txt`) shares its inode with a file
+        outside the sandbox: that inode is neither moved nor made read-only, it is copied.
+        """
+        source = path
+        try:
+            if path.lstat().st_nlink > 1:
+                source = self._incoming / f"adopt.{secrets.token_hex(6)}.part"
+                private_copy(path, source)
+                path.unlink()  # the sandbox's name only: the other links keep their file
+            ref = hash_file(source)
+            final = self.path_of(ref.digest)
+            if final.exists():
+                source.unlink()
+            else:
+                final.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+                os.replace(source, final)
+                final.chmod(ENTRY_MODE)
+        finally:
+            if source != path:
+                with contextlib.suppress(FileNotFoundError):
+                    source.unlink()
         link_or_copy(final, path)
         return ref
 
@@ -100,6 +122,11 @@ class ContentStore:
         """Put the stored file at `dest` (hard link: no bytes copied)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         link_or_copy(self.path_of(digest), dest)
+
+    def copy_into(self, digest: str, dest: Path) -> None:
+        """Put a private, read-only copy of the stored file at `dest` (see `private_copy`)."""
+        dest.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        private_copy(self.path_of(digest), dest, ENTRY_MODE)
 
     def evict(self, digest: str) -> None:
         """Drop an entry (found changed or corrupt); it is fetched again when needed."""
@@ -123,6 +150,34 @@ def link_or_copy(src: Path, dest: Path) -> None:
         scratch = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}")
         shutil.copyfile(src, scratch)
         os.replace(scratch, dest)
+
+
+def private_copy(src: Path, dest: Path, mode: int = 0o600) -> None:
+    """Copy `src` to `dest`, a new file, in the kernel; no write to one ever reaches the other.
+
+    copy_file_range moves the bytes inside the kernel (no trip through this process), and on
+    file systems that share extents (btrfs, XFS) it makes a reflink: no bytes copied at all
+    until one side is written. Where it is missing, an ordinary copy.
+    """
+    with open(src, "rb") as fin:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as fout:
+            try:
+                while os.copy_file_range(fin.fileno(), fout.fileno(), _COPY_CHUNK) > 0:
+                    pass
+            except (AttributeError, OSError) as err:
+                if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                shutil.copyfileobj(fin, fout)  # goes on from where the kernel copy stopped
+            os.fchmod(fout.fileno(), mode)
+
+
+def tighten(root: Path) -> None:
+    """Make a store made by an older version private: its directories 0700 (not its files)."""
+    for directory in (root, root / "objects", root / "incoming"):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if directory.stat().st_mode & 0o077:
+                directory.chmod(DIR_MODE)
 
 
 class FileIndex:

@@ -32,7 +32,8 @@ from bonjourgrid.dag.parse import gc_paused, parse_json, parse_yaml
 from bonjourgrid.dag.urls import UrlInputs, is_url
 from bonjourgrid.errors import DagError, RequirementError
 from bonjourgrid.requirements import Requirement
-from bonjourgrid.worker.limits import LIMIT_KEYS, check_cpu_s, check_memory
+from bonjourgrid.wire import MAX_STRING
+from bonjourgrid.worker.limits import LIMIT_KEYS, check_cpu_s, check_memory, check_wall_s
 
 __all__ = [
     "WorkflowWarning",
@@ -382,6 +383,10 @@ def _read_task(
     if not isinstance(command, str) or not command.strip():
         got = "has no command" if command is None else f"command {command!r} is not a string"
         problems.add(f"{where} {got}; write the shell command as one string")
+    else:
+        _check_wire_string(
+            command, f"{where}: command", "put the script in an input file and run that", problems
+        )
     inputs = _read_paths(raw.get("inputs"), where, "inputs", problems, urls)
     outputs = _read_paths(raw.get("outputs"), where, "outputs", problems)
     both = () if set(inputs).isdisjoint(outputs) else sorted(set(inputs) & set(outputs))
@@ -481,8 +486,13 @@ def _read_env(value: object, where: str, problems: _Problems) -> dict[str, str]:
             problems.add(
                 f"{where}: env name {key!r} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)"
             )
+        elif len(key) > MAX_STRING:
+            problems.add(f"{where}: env name {key[:40]}... is over {MAX_STRING // 1024} KiB")
         elif isinstance(item, str):
-            env[key] = item
+            if _check_wire_string(
+                item, f"{where}: env {key}", "pass it in an input file instead", problems
+            ):
+                env[key] = item
         elif isinstance(item, int | float) and not isinstance(item, bool):
             env[key] = str(item)
         else:
@@ -490,8 +500,23 @@ def _read_env(value: object, where: str, problems: _Problems) -> dict[str, str]:
     return env
 
 
+def _check_wire_string(text: str, what: str, instead: str, problems: _Problems) -> bool:
+    """Whether a worker would take `text` (no NUL, within the wire's string limit); else noted."""
+    # A worker refuses both at its boundary: caught here, the user hears it before any run.
+    if "\0" in text:
+        problems.add(f"{what} contains a NUL character, which no process can receive; remove it")
+        return False
+    if len(text) * 4 > MAX_STRING and len(text.encode("utf-8", "surrogatepass")) > MAX_STRING:
+        problems.add(
+            f"{what} is {len(text.encode('utf-8', 'surrogatepass'))} bytes, over the "
+            f"{MAX_STRING // 1024} KiB a worker takes; {instead}"
+        )
+        return False
+    return True
+
+
 def _read_limits(value: object, where: str, problems: _Problems) -> dict[str, int | None]:
-    """`limits:` as cpu_s (whole seconds) and memory (bytes); None lifts a default limit."""
+    """`limits:` as cpu_s, wall_s (whole seconds) and memory (bytes); None lifts a default."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
@@ -499,7 +524,7 @@ def _read_limits(value: object, where: str, problems: _Problems) -> dict[str, in
         return {}
     problems.note_unknown(value, LIMIT_KEYS, f"{where} limits")
     limits: dict[str, int | None] = {}
-    for key, check in (("cpu_s", check_cpu_s), ("memory", check_memory)):
+    for key, check in (("cpu_s", check_cpu_s), ("memory", check_memory), ("wall_s", check_wall_s)):
         if key not in value:
             continue
         try:

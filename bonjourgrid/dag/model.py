@@ -61,8 +61,9 @@ class TaskSpec:
     require: str | None = None  # a requirement expression, already checked to parse
     env: Mapping[str, str] = field(default_factory=_empty_env, hash=False)
     keep: bool = False  # reserved for caching work
-    # Resource limits per process of the task, as sent on the wire: "cpu_s" (whole seconds of
-    # CPU time) and "memory" (bytes of address space); a key left out is unlimited.
+    # Resource limits of the task, as sent on the wire: per process "cpu_s" (whole seconds of
+    # CPU time) and "memory" (bytes of address space); for the whole task "wall_s" (whole
+    # seconds from its start); a key left out is unlimited.
     limits: Mapping[str, int] = field(default_factory=_empty_limits, hash=False)
 
     def __post_init__(self) -> None:

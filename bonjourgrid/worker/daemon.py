@@ -38,7 +38,7 @@ from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.fdlimit import raise_open_file_limit
 from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, Keypair
 from bonjourgrid.units import MIB
-from bonjourgrid.worker import core
+from bonjourgrid.worker import core, reaper
 from bonjourgrid.worker.core import PeerState, WorkerCore
 from bonjourgrid.worker.idle import IdleSettings, OwnerMonitor
 from bonjourgrid.worker.sandbox import (
@@ -87,8 +87,13 @@ class WorkerDaemon:
         self.keypair: Keypair | None = None
         if config.grid is not None:
             self.keypair = config.identity.keypair if config.identity else Keypair.generate()
+        # Orphaned task processes come back to this process, which kills them with their task.
+        reaper.become_subreaper()
         # Owns the directory (an flock) from here until run() ends: one daemon per cache.
-        self.store = LocalCache(config.cache_dir, config.cache_size)
+        # Tasks a killed daemon left running in it are killed before their sandboxes go.
+        self.store = LocalCache(
+            config.cache_dir, config.cache_size, stop_leftovers=reaper.kill_marked_under
+        )
         self.fetcher = Fetcher(self.ctx, self.keypair)
         self.staging = Staging(self.store, self.fetcher)
         self.job: JobData | None = None  # the job that holds the reservation

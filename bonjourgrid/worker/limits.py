@@ -1,20 +1,32 @@
-"""Per-task resource limits: checked at the wire, set in the task's process before it execs.
+"""Per-task resource limits and priority: checked at the wire, set in the task before it execs.
 
-A `run` message carries `limits`, a map with the optional keys `cpu_s` (seconds of CPU time)
-and `memory` (bytes of address space). The worker applies them with setrlimit in the child,
-between fork and exec (`Limits.preexec`), so /bin/sh and everything it starts inherit them
-and no process of the task runs a moment without them. Setting them from outside after the
-spawn (psutil's prlimit) would leave a window in which the shell may already have forked an
-unlimited child. Like `ulimit`, a limit holds for each process of the task, not their sum.
+A `run` message carries `limits`, a map with the optional keys `cpu_s` (seconds of CPU time),
+`memory` (bytes of address space) and `wall_s` (seconds of wall-clock time for the whole
+task, from the start of its command). The worker applies the first two with setrlimit in
+the child, between fork and exec (`task_preexec`), so /bin/sh and everything it starts
+inherit them and no process of the task runs a moment without them. Setting them from
+outside after the spawn (psutil's prlimit) would leave a window in which the shell may
+already have forked an unlimited child. Like `ulimit`, those two hold for each process of
+the task, not their sum. `wall_s` is kept by the sandbox (worker/sandbox.py), which kills
+the task's whole tree at the limit.
+
+The same function gives every task the desktop's leftovers, as BOINC and HTCondor's desktop
+policy do: nice 19, the idle I/O class (ioprio_set, IOPRIO_CLASS_IDLE) and SCHED_IDLE where
+the kernel allows, each inherited by all the task starts; and a umask of 077, so what the
+task writes is readable by the worker's user only.
 
 Why a preexec function is acceptable although the daemon has threads (zmq, zeroconf): the
-function only calls setrlimit with numbers computed before the fork; it takes no lock, logs
-nothing and imports nothing, and CPython reinitialises its own locks in the child.
+function only makes system calls with arguments computed before the fork; it takes no lock,
+logs nothing and imports nothing, and CPython reinitialises its own locks in the child.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import os
+import platform
 import re
 import resource
 import signal
@@ -30,11 +42,17 @@ __all__ = [
     "Limits",
     "check_cpu_s",
     "check_memory",
+    "check_wall_s",
     "limits_from_wire",
+    "task_preexec",
 ]
 
-LIMIT_KEYS = ("cpu_s", "memory")  # the keys of `limits`, in workflow files and on the wire
+# The keys of `limits`, in workflow files and on the wire.
+LIMIT_KEYS = ("cpu_s", "memory", "wall_s")
 MAX_CPU_S = 10**7  # about four months: anything larger is a typo
+MAX_WALL_S = MAX_CPU_S
+TASK_NICE = 19  # the lowest priority: the owner's every process goes first
+TASK_UMASK = 0o077  # what a task writes, only the worker's user reads
 MIN_MEMORY = 4 * MIB  # below this not even /bin/sh starts
 MAX_MEMORY = 1 << 50  # a pebibyte
 CPU_GRACE_S = 1  # between SIGXCPU (soft limit) and SIGKILL (hard limit)
@@ -51,16 +69,25 @@ _NUMBER = re.compile(r"\s*[0-9]+(?:\.[0-9]+)?\s*")
 
 def check_cpu_s(value: object) -> int:
     """Whole seconds of CPU time from a positive number (rounded up); ValueError otherwise."""
+    return _check_seconds("cpu_s", value, MAX_CPU_S)
+
+
+def check_wall_s(value: object) -> int:
+    """Whole seconds of wall-clock time from a positive number (rounded up); ValueError else."""
+    return _check_seconds("wall_s", value, MAX_WALL_S)
+
+
+def _check_seconds(key: str, value: object, most: int) -> int:
     if (
         not isinstance(value, int | float)
         or isinstance(value, bool)
         or not math.isfinite(value)
         or value <= 0
     ):
-        raise ValueError(f"cpu_s {value!r} must be a number of seconds > 0")
+        raise ValueError(f"{key} {value!r} must be a number of seconds > 0")
     seconds = math.ceil(value)
-    if seconds > MAX_CPU_S:
-        raise ValueError(f"cpu_s {value!r} is over the maximum of {MAX_CPU_S} s")
+    if seconds > most:
+        raise ValueError(f"{key} {value!r} is over the maximum of {most} s")
     return seconds
 
 
@@ -93,6 +120,7 @@ class Limits:
 
     cpu_s: int | None = None  # seconds of CPU time, per process
     memory: int | None = None  # bytes of address space (RLIMIT_AS), per process
+    wall_s: int | None = None  # seconds from the start of the task to its end, the whole tree
 
     def rlimits(self) -> list[tuple[int, int, int]]:
         """(resource, soft, hard) to set, never above the hard limits this daemon runs under."""
@@ -123,8 +151,16 @@ class Limits:
 
         return apply
 
-    def explain(self, exit_code: int, stderr_tail: str) -> str:
-        """Why a task that exited with `exit_code` failed, if one of its limits says; else ""."""
+    def explain(self, exit_code: int, stderr_tail: str, out_of_time: bool = False) -> str:
+        """Why a task that exited with `exit_code` failed, if one of its limits says; else "".
+
+        `out_of_time`: the sandbox stopped the task at its wall-clock limit.
+        """
+        if out_of_time:
+            return (
+                f"exceeded its wall-clock limit of {self.wall_s} s and was killed with every "
+                "process it started; raise limits.wall_s or make the task shorter"
+            )
         if exit_code == 0:
             return ""
         # A signal shows as -N from the process itself, or as 128+N from a shell that waited.
@@ -162,6 +198,8 @@ class Limits:
             parts.append(f"CPU {self.cpu_s} s")
         if self.memory is not None:
             parts.append(f"memory {format_size(self.memory)}")
+        if self.wall_s is not None:
+            parts.append(f"wall-clock {self.wall_s} s")
         return ", ".join(parts) or "none"
 
 
@@ -181,7 +219,11 @@ def limits_from_wire(value: Mapping[Any, Any]) -> Limits:
             f"unknown limit {str(unknown[0])[:40]!r}: this peer enforces {', '.join(LIMIT_KEYS)}"
         )
     checked: dict[str, int] = {}
-    for key, low, high in (("cpu_s", 1, MAX_CPU_S), ("memory", MIN_MEMORY, MAX_MEMORY)):
+    for key, low, high in (
+        ("cpu_s", 1, MAX_CPU_S),
+        ("memory", MIN_MEMORY, MAX_MEMORY),
+        ("wall_s", 1, MAX_WALL_S),
+    ):
         number = value.get(key)
         if number is None:
             continue
@@ -189,3 +231,68 @@ def limits_from_wire(value: Mapping[Any, Any]) -> Limits:
             raise ProtocolError(f"limit {key} must be a whole number in {low}..{high}")
         checked[key] = number
     return Limits(**checked)
+
+
+# -- priority ---------------------------------------------------------------------------------
+
+_IOPRIO_WHO_PROCESS = 1
+_IOPRIO_CLASS_IDLE = 3
+_IOPRIO_CLASS_SHIFT = 13
+# ioprio_set has no libc wrapper: its system call number, per architecture.
+_NR_IOPRIO_SET = {
+    "x86_64": 251,
+    "amd64": 251,
+    "aarch64": 30,
+    "arm64": 30,
+    "riscv64": 30,
+    "i386": 289,
+    "i686": 289,
+    "armv7l": 314,
+    "ppc64le": 273,
+    "s390x": 282,
+}
+
+
+def _ioprio_idle() -> Callable[[], None] | None:
+    """A function that puts the calling process in the idle I/O class; None where unknown."""
+    number = _NR_IOPRIO_SET.get(platform.machine().lower())
+    if number is None or not hasattr(os, "sched_setscheduler"):  # not Linux
+        return None
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    args = (
+        ctypes.c_long(number),
+        ctypes.c_int(_IOPRIO_WHO_PROCESS),
+        ctypes.c_int(0),  # this process
+        ctypes.c_int(_IOPRIO_CLASS_IDLE << _IOPRIO_CLASS_SHIFT),
+    )
+
+    def apply() -> None:
+        syscall(*args)  # best effort: -1 (EPERM, ENOSYS) leaves the default class
+
+    return apply
+
+
+def task_preexec(limits: Limits) -> Callable[[], None]:
+    """The preexec_fn of a task: lowest priority, private umask, then `limits`' rlimits."""
+    rlimits = limits.preexec()
+    idle_io = _ioprio_idle()
+    scheduler = getattr(os, "SCHED_IDLE", None)
+    param = os.sched_param(0) if scheduler is not None else None
+
+    def apply() -> None:
+        os.umask(TASK_UMASK)
+        # Each step on its own: a kernel that refuses one still gets the others.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, TASK_NICE)
+        if idle_io is not None:
+            idle_io()
+        if scheduler is not None and param is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, scheduler, param)
+        if rlimits is not None:
+            rlimits()
+
+    return apply

@@ -1,9 +1,19 @@
 """Running one task: inputs into a private directory, the command, outputs into the store.
 
-A task's sandbox is a fresh directory holding hard links to its inputs at their declared
-relative paths. The command runs there under /bin/sh in a session (process group) of its
-own, so stopping it stops everything it started. Declared outputs must be regular files
-inside the sandbox; they are moved into the content store and reported by digest.
+A task's sandbox is a fresh, private (0700) directory holding copies of its inputs at their
+declared relative paths. The command runs there under /bin/sh in a session (process group) of
+its own, at the desktop's lowest priority (worker/limits.py), with a marker in its
+environment; when it ends or is stopped, its group and every process carrying the marker
+are killed (worker/reaper.py). Declared outputs must be regular files inside the sandbox;
+they are moved into the content store and reported by digest.
+
+Why copies and not hard links into the cache: a hard link is the cache's own inode, and a
+task running as root (tests, CI, many desktops' daemons) writes through any file mode, so a
+task that truncates its input would corrupt the cache and every other task reading it.
+A copy costs the input's bytes once more on disk and the time to write them; it is made in
+the kernel (copy_file_range), and on btrfs or XFS it is a reflink that costs neither until
+the task writes. The copies live in the sandbox, outside the cache's size bound, and go with
+it when the task ends.
 
 Files reach the local cache through one `Staging` per daemon, shared by task runs and
 prefetches: one fetch per digest at a time, whoever asks, proving the job's keypair. What
@@ -31,7 +41,8 @@ from bonjourgrid.cache.store import FileRef, is_digest
 from bonjourgrid.cache.transfer import Fetcher, Source
 from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.keys import Keypair
-from bonjourgrid.worker.limits import Limits, limits_from_wire
+from bonjourgrid.worker import reaper
+from bonjourgrid.worker.limits import Limits, limits_from_wire, task_preexec
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +319,8 @@ class TaskRun:
     """One attempt of one task on this peer; `stop()` ends it from outside.
 
     Layout: `workdir/sandbox/` is the task's directory (its cwd), and its stdout and stderr
-    go to `workdir/` beside it, where no declared path can reach them.
+    go to `workdir/` beside it, where no declared path can reach them. `workdir`, resolved,
+    is the marker its processes carry.
     """
 
     def __init__(
@@ -325,6 +337,7 @@ class TaskRun:
         self.spec = spec
         self.workdir = workdir
         self.sandbox = workdir / "sandbox"
+        self.marker = str(workdir.resolve())
         self.staging = staging
         self.store = staging.store
         self.fetched: list[list[Any]] = []  # [digest, source label, bytes] per input moved
@@ -333,6 +346,7 @@ class TaskRun:
         self._proc: asyncio.subprocess.Process | None = None
         self._staging: asyncio.Future[None] | None = None
         self._stopped = False
+        self._out_of_time = False  # stopped at its wall-clock limit
 
     async def execute(self) -> dict[str, Any]:
         """Fetch, run, store; the fields of the `task_done` report. Never raises."""
@@ -363,7 +377,9 @@ class TaskRun:
             report["run_s"] = time.monotonic() - started
             self._evict_changed_inputs(before)
             report["stderr_tail"] = self._stderr_tail()
-            report["error"] = self.spec.limits.explain(report["exit_code"], report["stderr_tail"])
+            report["error"] = self.spec.limits.explain(
+                report["exit_code"], report["stderr_tail"], self._out_of_time
+            )
             if report["exit_code"] != 0 and not report["error"] and self._disk_full():
                 # The command's own complaint may be lost: its stderr file is on that disk.
                 report["error"] = self._disk_full_message("No space left on device")
@@ -411,7 +427,8 @@ class TaskRun:
         )
 
     async def _stage_inputs(self) -> None:
-        self.sandbox.mkdir(parents=True)
+        self.workdir.chmod(0o700)
+        self.sandbox.mkdir(mode=0o700)
         slots = asyncio.Semaphore(_MAX_PARALLEL_FETCHES)
         job = self.jobdata
 
@@ -437,12 +454,13 @@ class TaskRun:
             for task in staged:
                 task.cancel()
         for item in self.spec.inputs:
-            self.store.link_into(item.ref.digest, self.sandbox / item.path)
+            # A private copy (why: the module's docstring); big ones take a while: off the loop.
+            await asyncio.to_thread(self.store.copy_into, item.ref.digest, self.sandbox / item.path)
             self.store.touch(item.ref.digest)
 
     def _evict_changed_inputs(self, before: dict[str, tuple[int, int]]) -> None:
-        # Inputs are hard links into the store. A task running with enough rights (root
-        # ignores the read-only mode) can write through one: never serve those bytes again.
+        # Inputs are copies, but a task running with enough rights (root) may still reach into
+        # the cache by its path: never serve bytes that changed meanwhile.
         for digest, seen in before.items():
             try:
                 changed = self.store.fingerprint(digest) != seen
@@ -469,6 +487,7 @@ class TaskRun:
             "BGRID_TASK": self.task,
             "BGRID_ATTEMPT": str(self.attempt),
             **self.spec.env,
+            reaper.MARKER: self.marker,  # last: the workflow's env cannot remove it
         }
         with (
             open(self.workdir / "stdout", "wb") as out,
@@ -485,7 +504,7 @@ class TaskRun:
                     stdout=out,
                     stderr=err,
                     start_new_session=True,
-                    preexec_fn=self.spec.limits.preexec(),  # why a preexec: worker/limits.py
+                    preexec_fn=task_preexec(self.spec.limits),  # why a preexec: worker/limits.py
                 )
             except OSError as failure:
                 if self.spec.limits == Limits():
@@ -494,13 +513,32 @@ class TaskRun:
                     f"the command could not start under its limits "
                     f"({self.spec.limits.describe()}): {failure.strerror or failure}"
                 ) from None
-        code = await self._proc.wait()
+        try:
+            code = await asyncio.wait_for(self._proc.wait(), self.spec.limits.wall_s)
+        except TimeoutError:
+            self._out_of_time = True
+            await self._end_processes(self._proc, grace=True)
+            code = await self._proc.wait()
         # What the shell left running in the background must not outlive the task: it would
         # keep the owner's CPU busy after the job, and could change the sandbox while the
         # outputs are checked and moved into the store.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
+        await self._end_processes(self._proc, grace=False)
         return code
+
+    async def _end_processes(self, proc: asyncio.subprocess.Process, grace: bool) -> None:
+        """End the task's process group and every process carrying its marker."""
+        if grace and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+        # The shell may be gone while its children linger in the group: end them all.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        # Those that left the group (setsid, double fork) still carry the marker.
+        await asyncio.to_thread(reaper.kill_marked, self.marker)
+        reaper.reap_group(proc.pid)  # orphans of the task that ended by themselves
 
     def _stderr_tail(self) -> str:
         path = self.workdir / "stderr"
@@ -534,16 +572,9 @@ class TaskRun:
         if self._staging is not None:
             self._staging.cancel()  # inputs still on their way: they are not needed any more
         proc = self._proc
-        if proc is None or proc.returncode is not None:
+        if proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
-        # The shell may be gone while its children linger in the group: end them all.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        await self._end_processes(proc, grace=True)
 
 
 class OutputError(Exception):

@@ -271,6 +271,7 @@ tasks:
     assert env["HOME"] == env["TMPDIR"] == cwd and cwd.endswith("/sandbox")
     assert (env["BGRID_TASK"], env["BGRID_ATTEMPT"]) == ("t", "1")
     given = {"PATH", "HOME", "TMPDIR", "LANG", "BGRID_JOB", "BGRID_TASK", "BGRID_ATTEMPT"}
+    given.add("BGRID_SANDBOX")  # the marker every process of the task carries
     by_the_shell = {"PWD", "OLDPWD", "SHLVL", "_"}
     assert set(env) <= given | {"GREETING"} | by_the_shell, set(env) - given
 

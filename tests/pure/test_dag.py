@@ -280,6 +280,28 @@ def test_bad_worker_ranges(value: object, problem: str) -> None:
             {"defaults": {"limits": {"cpu_s": "x"}}, "tasks": {"a": task()}},
             ["defaults: limits: cpu_s 'x'"],
         ),
+        (flow(a=task(limits={"wall_s": 0})), ["task 'a': limits: wall_s 0 must be"]),
+        (flow(a=task(limits={"wall_s": "1h"})), ["limits: wall_s '1h' must be a number"]),
+        (flow(a=task(limits={"wall_s": 1e12})), ["wall_s 1000000000000.0 is over"]),
+        # What a worker would refuse at its boundary is refused here, before any peer is used.
+        (flow(a=task("echo a\0b")), ["task 'a': command contains a NUL", "remove it"]),
+        (
+            flow(a=task(env={"GREETING": "hi\0there"})),
+            ["task 'a': env GREETING contains a NUL", "remove it"],
+        ),
+        (flow(a=task(env={"A\0B": "x"})), ["task 'a': env name 'A\\x00B' is not a variable"]),
+        (
+            flow(a=task("echo " + "x" * (64 * 1024))),
+            ["task 'a': command is 65541 bytes, over the 64 KiB a worker takes", "input file"],
+        ),
+        (
+            flow(a=task("echo " + "é" * (32 * 1024))),  # characters fit, UTF-8 bytes do not
+            ["task 'a': command is 65541 bytes, over the 64 KiB"],
+        ),
+        (
+            {"defaults": {"env": {"BIG": "x" * (64 * 1024 + 1)}}, "tasks": {"a": task()}},
+            ["defaults: env BIG is 65537 bytes, over the 64 KiB a worker takes", "input file"],
+        ),
     ],
 )
 def test_problems_name_the_task_and_what_to_do(data: object, expected: list[str]) -> None:
@@ -309,6 +331,24 @@ def test_limits_come_from_defaults_and_tasks_override_them_key_by_key() -> None:
     assert dict(unlimited.tasks["a"].limits) == {}
     with pytest.raises(TypeError):
         wf.tasks["plain"].limits["cpu_s"] = 1  # type: ignore[index]
+
+
+def test_a_command_and_env_values_up_to_the_wire_limit_are_taken() -> None:
+    command = "echo " + "x" * (64 * 1024 - 5)  # exactly 64 KiB
+    wf = workflow_from_mapping(flow(a=task(command, env={"V": "y" * 64 * 1024})), "/x")
+    assert wf.tasks["a"].command == command and len(wf.tasks["a"].env["V"]) == 64 * 1024
+
+
+def test_a_wall_clock_limit_is_whole_seconds_rounded_up() -> None:
+    wf = workflow_from_mapping(
+        {
+            "defaults": {"limits": {"wall_s": 600}},
+            "tasks": {"a": task(outputs=["a"]), "b": task(outputs=["b"], limits={"wall_s": 1.5})},
+        },
+        "/x",
+    )
+    assert dict(wf.tasks["a"].limits) == {"wall_s": 600}
+    assert dict(wf.tasks["b"].limits) == {"wall_s": 2}
 
 
 def test_an_unknown_limit_warns_with_a_suggestion() -> None:

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import subprocess
+import sys
 from typing import Any
 
+import psutil
 import pytest
 
 from bonjourgrid.errors import ProtocolError
 from bonjourgrid.worker import limits
-from bonjourgrid.worker.limits import Limits, check_cpu_s, check_memory, limits_from_wire
+from bonjourgrid.worker.limits import (
+    Limits,
+    check_cpu_s,
+    check_memory,
+    limits_from_wire,
+    task_preexec,
+)
 
 MIB = 1024**2
 
@@ -73,6 +82,7 @@ def test_limits_from_the_wire() -> None:
     assert limits_from_wire({"cpu_s": 10}) == Limits(cpu_s=10)
     assert limits_from_wire({"cpu_s": 1, "memory": 64 * MIB}) == Limits(1, 64 * MIB)
     assert limits_from_wire({"cpu_s": None}) == Limits()
+    assert limits_from_wire({"wall_s": 30}) == Limits(wall_s=30)
 
 
 @pytest.mark.parametrize(
@@ -89,6 +99,9 @@ def test_limits_from_the_wire() -> None:
         ({"memory": 1024}, "memory must be a whole number"),
         ({"memory": 2**63}, "memory"),
         ({"memory": [1]}, "memory"),
+        ({"wall_s": 0}, "wall_s must be a whole number"),
+        ({"wall_s": 2.5}, "wall_s"),
+        ({"wall_s": 2**64}, "wall_s"),
     ],
 )
 def test_malformed_limits_are_protocol_errors(fields: dict[Any, Any], problem: str) -> None:
@@ -135,6 +148,38 @@ def test_the_child_and_its_children_run_under_the_limits() -> None:
     )
     assert out.stdout.split() == ["7", str(256 * 1024), "7"]
     assert resource.getrlimit(resource.RLIMIT_CPU)[0] != 7  # the daemon itself is untouched
+
+
+def test_a_task_yields_to_the_owner_and_keeps_its_files_private() -> None:
+    # Read by the child itself: its nice value, scheduling policy, I/O class and umask.
+    probe = (
+        "import os, psutil; p = psutil.Process(); "
+        "print(p.nice(), os.sched_getscheduler(0), int(p.ionice().ioclass), os.umask(0))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        preexec_fn=task_preexec(Limits()),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    nice, policy, ioclass, umask = (int(v) for v in out.stdout.split())
+    assert nice == limits.TASK_NICE == 19
+    assert policy == os.SCHED_IDLE
+    assert ioclass == psutil.IOPRIO_CLASS_IDLE
+    assert umask == 0o077
+    assert os.getpriority(os.PRIO_PROCESS, 0) != 19  # the daemon itself is untouched
+
+
+def test_the_task_preexec_applies_the_limits_too() -> None:
+    out = subprocess.run(
+        ["/bin/sh", "-c", "ulimit -t"],
+        preexec_fn=task_preexec(Limits(cpu_s=9)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split() == ["9"]
 
 
 # -- telling the user --------------------------------------------------------------------------
@@ -186,6 +231,14 @@ def test_other_exits_are_left_to_the_exit_code(limit: Limits, code: int, stderr:
     assert limit.explain(code, stderr) == ""
 
 
+def test_the_wall_clock_limit_is_named_when_the_sandbox_hit_it() -> None:
+    message = Limits(wall_s=30).explain(-signal.SIGKILL, "", out_of_time=True)
+    assert "exceeded its wall-clock limit of 30 s" in message
+    assert "raise limits.wall_s" in message
+    assert Limits(wall_s=30).explain(-signal.SIGKILL, "") == ""  # killed by someone else
+
+
 def test_describe() -> None:
     assert Limits().describe() == "none"
+    assert Limits(wall_s=5).describe() == "wall-clock 5 s"
     assert Limits(cpu_s=10, memory=512 * MIB).describe() == "CPU 10 s, memory 512.0 MiB"

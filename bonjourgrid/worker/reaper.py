@@ -1,0 +1,133 @@
+"""Every process a task starts ends with the task, even one that left its process group.
+
+Theory of operation. A task runs under /bin/sh in a session of its own, and stopping its
+process group stops what stayed in it. A process can leave the group (`setsid`, a double
+fork), so two more things hold it:
+
+- The daemon is a child subreaper (prctl PR_SET_CHILD_SUBREAPER, Linux): an orphaned
+  task process is reparented to the daemon, not to init, so it stays among the daemon's
+  descendants whatever it does to its session.
+- Each task's processes carry a marker in their environment, `BGRID_SANDBOX=<the sandbox
+  directory>`, which every child inherits and /proc/PID/environ shows (psutil). When the
+  task ends, every descendant of the daemon that carries its marker is killed, round after
+  round until none is left (a process that forks meanwhile is found in the next round).
+
+The marker also names the cache directory the sandbox is in. A daemon killed with -9 leaves
+its tasks running; the next daemon of the same cache kills every process whose marker names
+a sandbox of that cache (`kill_marked_under`) before it removes the sandboxes, so an orphaned
+task neither finishes a second time nor sees its directory vanish under it.
+
+What this does not catch: a process that drops the marker (`env -i`, exec with a new
+environment) and leaves the process group. A cgroup per task would; it needs a writable
+cgroup v2 tree, which a desktop daemon rarely has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+MARKER = "BGRID_SANDBOX"  # the environment variable that tags a task's processes
+_PR_SET_CHILD_SUBREAPER = 36
+_KILL_ROUNDS = 50  # rounds of find-and-kill before giving up on a process that forks faster
+_REAP_S = 2.0  # how long a SIGKILLed process may take to become a zombie and be reaped
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants; False where impossible."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        done = bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+    if not done:
+        log.warning("could not become a child subreaper: %s", os.strerror(ctypes.get_errno()))
+    return done
+
+
+def _marker_of(process: psutil.Process) -> str | None:
+    with contextlib.suppress(psutil.Error, OSError):
+        return process.environ().get(MARKER)
+    return None
+
+
+def _kill_rounds(find: Callable[[], list[psutil.Process]]) -> int:
+    """SIGKILL what `find` returns until it returns nothing; how many processes were killed."""
+    killed: dict[int, psutil.Process] = {}
+    for _ in range(_KILL_ROUNDS):
+        alive = []
+        for process in find():
+            with contextlib.suppress(psutil.Error):
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    process.send_signal(signal.SIGKILL)
+                    alive.append(process)
+        if not alive:
+            break
+        killed.update((p.pid, p) for p in alive)
+    else:
+        log.warning("task processes kept forking through %d rounds of SIGKILL", _KILL_ROUNDS)
+    # Those reparented to this process are its zombies now: reap them (psutil waits on its
+    # own children with waitpid), and wait for the others to be gone.
+    psutil.wait_procs(list(killed.values()), timeout=_REAP_S)
+    return len(killed)
+
+
+def kill_marked(tag: str) -> int:
+    """Kill every descendant of this process whose marker is `tag`; how many."""
+    me = psutil.Process()
+
+    def find() -> list[psutil.Process]:
+        with contextlib.suppress(psutil.Error):
+            return [p for p in me.children(recursive=True) if _marker_of(p) == tag]
+        return []
+
+    return _kill_rounds(find)
+
+
+def kill_marked_under(directory: Path) -> int:
+    """Kill every process of this user whose marker names a sandbox in `directory`."""
+    prefix = str(directory.resolve()) + os.sep
+    uid = os.geteuid()
+    me = os.getpid()
+
+    def find() -> list[psutil.Process]:
+        found = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if process.pid == me or process.uids().real != uid:
+                    continue
+                tag = _marker_of(process)
+                if tag is not None and tag.startswith(prefix):
+                    found.append(process)
+        return found
+
+    killed = _kill_rounds(find)
+    if killed:
+        log.warning("killed %d task processes left by a previous daemon of this cache", killed)
+    return killed
+
+
+def reap_group(pgid: int) -> None:
+    """Reap this process's zombie children in process group `pgid`.
+
+    A task process orphaned by its parent and then ended by itself is this (subreaper)
+    process's zombie; the group is the task's, so no other child of the daemon is reaped.
+    """
+    while True:
+        try:
+            if os.waitid(os.P_PGID, pgid, os.WEXITED | os.WNOHANG) is None:
+                return  # children in that group, none of them ended
+        except ChildProcessError:
+            return  # no child of ours is in that group

@@ -1,0 +1,233 @@
+"""The task sandbox on a shared desktop, through a real worker daemon on 127.0.0.1.
+
+Each test is a finding of an attack run: a task that reaches out through a hard link, reads
+another job's cache, escapes its process group, corrupts an input another task reads,
+competes with the owner, or runs past its wall-clock limit. Tests run as root in CI, where
+file modes stop nothing: the defences under test must hold without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from bonjourgrid import wire
+from bonjourgrid.cache.local import SANDBOXES, LocalCache
+from bonjourgrid.cache.store import hash_file
+from bonjourgrid.worker import reaper
+from tests.inproc import test_worker_daemon as daemon_tests
+from tests.inproc.test_worker_daemon import REPLY_S, Coordinator, Peer, wait_until
+
+# A real daemon on 127.0.0.1, and this test in the coordinator's role (the same fixtures).
+peer = daemon_tests.peer
+coordinator = daemon_tests.coordinator
+
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("quick_timing")]
+
+
+async def run_task(
+    coordinator: Coordinator, command: str, task: str = "t", **fields: Any
+) -> dict[str, Any]:
+    """Reserve the peer for job-1 (once), run one task, and return its `task_done`."""
+    sock = coordinator.__dict__.get("_sock")
+    if sock is None:
+        sock = coordinator.__dict__["_sock"] = await coordinator.reserve("job-1")
+    message = {**coordinator.run_fields("job-1", task, command), **fields}
+    await sock.send(wire.encode("run", **message))
+    done = await coordinator.recv(sock, timeout=20)
+    assert done["t"] == "task_done", done
+    return done
+
+
+def stored(peer: Peer, done: dict[str, Any], path: str) -> bytes:
+    """The bytes of output `path` of a finished task, as the peer's store holds them."""
+    digest = {rel: d for rel, d, _ in done["outputs"]}[path]
+    located = peer.daemon.store.locate(digest)
+    assert located is not None
+    return located.read_bytes()
+
+
+@pytest.fixture
+def pidfile(tmp_path: Path) -> Iterator[Path]:
+    """Where an escaping process writes its pid; whatever it names is killed at teardown."""
+    path = tmp_path / "escaped.pid"
+    yield path
+    if path.exists():  # a failed test must not leave its escapee to the next one
+        with contextlib.suppress(ValueError, psutil.Error):
+            psutil.Process(int(path.read_text())).kill()
+
+
+def gone(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie nobody reaped yet counts as ended)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# -- hard-linked outputs -----------------------------------------------------------------------
+
+
+async def test_an_output_hard_linked_to_a_private_file_is_copied_never_chmod_ed(
+    peer: Peer, coordinator: Coordinator, tmp_path: Path
+) -> None:
+    private = tmp_path / "home" / "private"
+    private.parent.mkdir()
+    private.write_bytes(b"the owner's secret\n")
+    private.chmod(0o600)
+    before = private.stat()
+    done = await run_task(coordinator, f"ln {private} out.txt", outputs=["out.txt"])
+    assert (done["exit_code"], done["error"]) == (0, "")
+    after = private.stat()
+    assert stat.S_IMODE(after.st_mode) == 0o600, "the shared inode was chmod-ed"
+    assert (after.st_ino, after.st_nlink) == (before.st_ino, 1)  # the sandbox's link is gone
+    assert private.read_bytes() == b"the owner's secret\n"
+    entry = peer.daemon.store.locate(done["outputs"][0][1])
+    assert entry is not None and entry.stat().st_ino != after.st_ino  # a copy, not the inode
+
+
+# -- private caches and sandboxes --------------------------------------------------------------
+
+
+async def test_the_cache_and_the_sandbox_are_readable_by_the_worker_s_user_only(
+    peer: Peer, coordinator: Coordinator
+) -> None:
+    ref = coordinator.serve("in.txt", b"job data\n")
+    command = (
+        "stat -c %a .. . in.txt > modes.txt; echo new > new.txt; stat -c %a new.txt >> modes.txt"
+    )
+    inputs = coordinator.run_fields("job-1", "t", "", {"in.txt": ref})["inputs"]
+    done = await run_task(coordinator, command, inputs=inputs, outputs=["modes.txt"])
+    assert (done["exit_code"], done["error"]) == (0, "")
+    # The work directory, the sandbox, an input, a file the task made.
+    assert stored(peer, done, "modes.txt").split() == [b"700", b"700", b"400", b"600"]
+    root = peer.daemon.store.root
+    for path in [root, *root.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_dir():
+            assert mode == 0o700, f"{path} is {oct(mode)}"
+        elif path.parent.parent.name == "objects":
+            assert mode == 0o400, f"{path} is {oct(mode)}"
+        else:
+            assert mode & 0o077 == 0 or path.name == "lock", f"{path} is {oct(mode)}"
+
+
+def test_a_world_readable_cache_of_an_older_version_is_made_private_on_start(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "cache"
+    cache = LocalCache(root)
+    partial = cache.incoming_path("x")
+    partial.write_bytes(b"old data")
+    digest = hashlib.sha256(b"old data").hexdigest()
+    entry = cache.commit(partial, digest)
+    cache.close()
+    for path in (root, root / "objects", entry.parent, root / "incoming", root / SANDBOXES):
+        path.chmod(0o755)  # as an older version left them
+    entry.chmod(0o444)
+    LocalCache(root).close()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    for path in (root / "objects", entry.parent, root / "incoming", root / SANDBOXES):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o400
+
+
+# -- escaped processes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "escape",
+    [
+        "setsid -f sh -c 'echo $$ > {pidfile}; exec sleep 3000'",
+        "( setsid sh -c 'echo $$ > {pidfile}; exec sleep 3000' & )",  # double fork, new session
+    ],
+    ids=["setsid-fork", "double-fork"],
+)
+async def test_a_process_that_leaves_the_task_s_session_dies_with_the_task(
+    coordinator: Coordinator, pidfile: Path, escape: str
+) -> None:
+    # The task ends only once the escaped process runs, so the test can never pass vacuously.
+    command = escape.format(pidfile=pidfile) + f"; until [ -s {pidfile} ]; do sleep 0.01; done"
+    done = await run_task(coordinator, command)
+    assert (done["exit_code"], done["error"]) == (0, "")
+    pid = int(pidfile.read_text())
+    await wait_until(lambda: gone(pid), REPLY_S, f"the end of escaped process {pid}")
+
+
+async def test_a_task_s_processes_carry_its_sandbox_as_a_marker_the_workflow_cannot_unset(
+    peer: Peer, coordinator: Coordinator
+) -> None:
+    command = f'echo "${reaper.MARKER}" > m.txt'
+    done = await run_task(
+        coordinator, command, outputs=["m.txt"], env={reaper.MARKER: "/elsewhere"}
+    )
+    assert (done["exit_code"], done["error"]) == (0, "")
+    marker = Path(stored(peer, done, "m.txt").decode().strip())
+    assert marker.parent == (peer.daemon.store.root / SANDBOXES).resolve()
+
+
+# -- inputs another task reads -----------------------------------------------------------------
+
+
+async def test_a_task_that_truncates_its_input_changes_nobody_else_s_copy(
+    peer: Peer, coordinator: Coordinator, tmp_path: Path
+) -> None:
+    data = os.urandom(3 * wire.CHUNK_SIZE)
+    ref = coordinator.serve("shared.dat", data)
+    sock = await coordinator.reserve("job-1")  # the peer has 2 slots: both run at once
+    flag = tmp_path / "truncated"
+    writer = f": > shared.dat; echo gone > shared.dat; touch {flag}"
+    reader = f"until [ -e {flag} ]; do sleep 0.01; done; sha256sum shared.dat > sum.txt"
+    for task, command, outputs in (("reader", reader, ("sum.txt",)), ("writer", writer, ())):
+        fields = coordinator.run_fields("job-1", task, command, {"shared.dat": ref}, outputs)
+        await sock.send(wire.encode("run", **fields))
+    reports = {}
+    for _ in range(2):
+        done = await coordinator.recv(sock, timeout=20)
+        reports[done["task"]] = done
+    assert [(r["exit_code"], r["error"]) for r in reports.values()] == [(0, ""), (0, "")]
+    assert stored(peer, reports["reader"], "sum.txt").split()[0].decode() == ref.digest
+    cached = peer.daemon.store.locate(ref.digest)
+    assert cached is not None and hash_file(cached) == ref  # and still cached: not evicted
+
+
+# -- priority ----------------------------------------------------------------------------------
+
+
+async def test_a_task_runs_at_the_desktop_s_lowest_priority(
+    peer: Peer, coordinator: Coordinator
+) -> None:
+    probe = (
+        "import os, psutil; p = psutil.Process(); "
+        "print(p.nice(), os.sched_getscheduler(0), int(p.ionice().ioclass))"
+    )
+    done = await run_task(
+        coordinator, f'{sys.executable} -c "{probe}" > prio.txt', outputs=["prio.txt"]
+    )
+    assert (done["exit_code"], done["error"]) == (0, "")
+    nice, policy, ioclass = (int(v) for v in stored(peer, done, "prio.txt").split())
+    assert (nice, policy, ioclass) == (19, os.SCHED_IDLE, psutil.IOPRIO_CLASS_IDLE)
+
+
+# -- the wall-clock limit ----------------------------------------------------------------------
+
+
+async def test_a_task_over_its_wall_clock_limit_is_killed_with_its_whole_tree(
+    coordinator: Coordinator, pidfile: Path
+) -> None:
+    command = f"setsid -f sh -c 'echo $$ > {pidfile}; exec sleep 3000'; sleep 3000"
+    done = await run_task(coordinator, command, limits={"wall_s": 1})
+    assert done["exit_code"] != 0
+    assert "exceeded its wall-clock limit of 1 s" in done["error"], done
+    assert "raise limits.wall_s" in done["error"]
+    pid = int(pidfile.read_text())
+    await wait_until(lambda: gone(pid), REPLY_S, f"the end of escaped process {pid}")
