@@ -152,14 +152,15 @@ def _curve_public(secret: str) -> str | None:
         return None
 
 
-def issue(grid: GridKey, name: str) -> WorkerIdentity:
-    """A new keypair and credential for the worker called `name` (needs the grid secret)."""
+def issue(grid: GridKey, name: str, keypair: Keypair | None = None) -> WorkerIdentity:
+    """A credential for the worker called `name` and `keypair` (default: a new one); needs
+    the grid's secret."""
     if WORKER_NAME.fullmatch(name) is None:
         raise KeyStoreError(
             f"worker name {name[:80]!r}: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
-    pair = Keypair.generate()
+    pair = keypair or Keypair.generate()
     signature = _signing_key(grid).sign(_payload(grid.fingerprint, name, pair.public.decode()))
     return WorkerIdentity(name, pair, encode_signature(signature), GridKey(grid.public, None))
 

@@ -101,8 +101,9 @@ def test_an_impostor_copying_a_real_peer_s_txt_receives_nothing(
     tmp_path: Path, grid: Grid, rogue: RogueHost, copied: str
 ) -> None:
     """A keyless host copies a real peer's TXT (fingerprint, credential; its own key, or the
-    real one too), at cost 0 with 64 CPUs so it ranks first: the job runs on the real peer,
-    and the impostor's socket never receives a message (no command, env, key or digest)."""
+    real one too), at cost 0 with 64 CPUs so it ranks first: its credential does not verify,
+    the job runs on the real peer, and the impostor's socket never receives a message (no
+    command, env, key or digest)."""
     real = grid.start_worker("real", "--cost", "5")
     listed = grid.wait_all_idle()[real]
     ctx = zmq.Context()
@@ -111,7 +112,7 @@ def test_an_impostor_copying_a_real_peer_s_txt_receives_nothing(
     trap.curve_server, trap.curve_publickey, trap.curve_secretkey = True, public, secret
     port = trap.bind_to_random_port(f"tcp://{LOOPBACK}")
     fake = PeerRecord(
-        name=f"impostor-{grid.tag}" if copied == "own-key" else real,
+        name=f"impostor-{grid.tag}",
         addresses=(LOOPBACK,),
         port=port,
         state="idle",
@@ -127,8 +128,9 @@ def test_an_impostor_copying_a_real_peer_s_txt_receives_nothing(
         grid=listed["grid"],
         cred=listed["cred"],
     )
-    # Under the real name too: the credential then verifies, and only the handshake,
-    # pinned to the real peer's key, keeps the impostor out.
+    # (Under the real peer's very name, the credential would verify and the handshake,
+    # pinned to the real key, keep the impostor out; but the two records then race in the
+    # browser: see test_hostile's name-conflict xfail.)
     rogue.advertise(fake.name, port, peer_txt(fake))
     try:
         wf = write_workflow(

@@ -23,6 +23,7 @@ import zmq
 
 from bonjourgrid import wire
 from bonjourgrid.coordinator.peers import RESERVE_TIMEOUT_S
+from bonjourgrid.credentials import issue
 from bonjourgrid.discovery.txt import PeerRecord, peer_txt
 from bonjourgrid.keys import Keypair, load_grid_key
 from tests.multiproc.conftest import LOOPBACK, Grid, RogueHost, write_workflow
@@ -58,8 +59,13 @@ def wait_listed(grid: Grid, names: set[str], timeout: float = 10.0) -> list[dict
         assert time.monotonic() < deadline, f"{names} never listed; seen {peers}"
 
 
-def plausible_txt(grid: Grid, name: str, **changes: Any) -> dict[str, str | bytes | None]:
-    """The TXT of an idle peer of `grid`, with a key of its own, as a real one would say."""
+def plausible_txt(
+    grid: Grid, name: str, enrolled: Keypair | None = None, **changes: Any
+) -> dict[str, str | bytes | None]:
+    """The TXT of an idle peer of `grid`, with a key of its own, as a real one would say;
+    with the grid's credential for `enrolled` (an enrolled desktop gone silent), if given."""
+    grid_key = load_grid_key(grid.root / "config" / "bonjourgrid")
+    identity = issue(grid_key, name, enrolled) if enrolled else None
     record = PeerRecord(
         name=name,
         addresses=(LOOPBACK,),
@@ -73,8 +79,9 @@ def plausible_txt(grid: Grid, name: str, **changes: Any) -> dict[str, str | byte
         arch="x86_64",
         os="linux",
         mw=("native",),
-        key=Keypair.generate().public.decode(),
-        grid=load_grid_key(grid.root / "config" / "bonjourgrid").fingerprint,
+        key=(enrolled or Keypair.generate()).public.decode(),
+        grid=grid_key.fingerprint,
+        cred=identity.credential if identity else "",
     )
     txt: dict[str, str | bytes | None] = dict(peer_txt(record))
     txt.update(changes)
@@ -106,7 +113,9 @@ def test_a_peer_that_never_answers_is_skipped_and_the_job_runs_on_a_real_one(
                 probe.bind((LOOPBACK, 0))
                 port = probe.getsockname()[1]
         fake = f"fake-{grid.tag}"
-        rogue.advertise(fake, port, plausible_txt(grid, fake, key=keypair.public.decode()))
+        # Enrolled (the grid issued its credential): a desktop of the grid gone silent,
+        # which recruitment must ask, and skip. Without one it is never contacted at all.
+        rogue.advertise(fake, port, plausible_txt(grid, fake, enrolled=keypair))
         wait_listed(grid, {real, fake})
 
         started = time.monotonic()
