@@ -15,7 +15,6 @@ import getpass
 import logging
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -26,6 +25,7 @@ from bonjourgrid.discovery.browse import snapshot_jobs
 from bonjourgrid.discovery.txt import JobRecord
 from bonjourgrid.errors import BonjourGridError, ProtocolError
 from bonjourgrid.keys import load_grid_key
+from bonjourgrid.protocol import CancelJob, Cancelling, Error, Message
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,15 @@ async def serve_job_control(
 ) -> None:
     """Answer `cancel_job` requests for `job` on `sock` until cancelled."""
 
-    async def answer(client: bytes, msg: dict[str, Any]) -> bytes:
-        if msg["t"] != "cancel_job":
-            raise ProtocolError(f"a coordinator does not take {msg['t']!r} messages")
-        if msg["job"] != job:
-            raise ProtocolError(f"this coordinator runs job {job}, not {msg['job'][:80]!r}")
-        by = _printable(msg["by"]) or "an unnamed client"
+    async def answer(client: bytes, msg: Message) -> bytes:
+        if not isinstance(msg, CancelJob):
+            raise ProtocolError(f"a coordinator does not take {msg.TYPE!r} messages")
+        if msg.job != job:
+            raise ProtocolError(f"this coordinator runs job {job}, not {msg.job[:80]!r}")
+        by = _printable(msg.by) or "an unnamed client"
         log.warning("job %s: cancel requested by %s", job, by)
         cancel(f"cancelled from {by}")  # queues an event: the reply still goes out first
-        return wire.encode("cancelling", job=job)
+        return wire.encode(Cancelling(job))
 
     await wire.serve(sock, "job control", answer)
 
@@ -102,7 +102,7 @@ async def cancel_job(
     try:
         sock = wire.client_socket(ctx, keypair, record.key, wire.MAX_CONTROL_FRAME)
         sock.connect(record.endpoint())
-        await sock.send(wire.encode("cancel_job", job=record.job, by=_who()))
+        await sock.send(wire.encode(CancelJob(record.job, _who())))
         reply = None
         if await sock.poll(timeout * 1000):
             with contextlib.suppress(ProtocolError):
@@ -116,9 +116,9 @@ async def cancel_job(
             "it may have just ended, or it serves another grid than this desktop's key (a job "
             "on an embedded --local grid stops only with Ctrl-C in its terminal)"
         )
-    if reply["t"] == "cancelling" and reply["job"] == record.job:
+    if isinstance(reply, Cancelling) and reply.job == record.job:
         return f"job {record.job}: cancelling; its coordinator ({where}) releases every peer"
-    reason = reply["reason"] if reply["t"] == "error" else f"unexpected {reply['t']!r} reply"
+    reason = reply.reason if isinstance(reply, Error) else f"unexpected {reply.TYPE!r} reply"
     raise CancelFailed(f"the coordinator of job {record.job} refused: {reason}")
 
 
