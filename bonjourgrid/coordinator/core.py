@@ -123,7 +123,6 @@ __all__ = [
 
 BACKOFF_BASE_S = 1.0  # wait before the first retry; doubled for each further failure
 BACKOFF_CAP_S = 60.0  # the longest wait before a retry
-ACK_TIMEOUT_S = 5.0  # a run its peer has not acknowledged by then failed (the shell's timeout)
 UNLISTED_LIMIT = 2  # heartbeats in a row without an acknowledged run: its attempt failed
 _NO_PREFETCH = PrefetchSettings(policy="none", broadcast_min_consumers=0)
 
@@ -141,13 +140,13 @@ class SchedulerCore(DataPlane):
         data: Mapping[str, TaskData] | None = None,
         sources: Mapping[str, FileRef] | None = None,
         prefetch: PrefetchSettings = _NO_PREFETCH,
-        ack_timeout_s: float = ACK_TIMEOUT_S,
+        ack_timeout_s: float | None = None,
     ) -> None:
         """`tasks`: (name, predecessors, require text or "", retries) for every task;
         `done`: tasks finished in an earlier run (name -> outputs), closed under predecessors;
         `data`: each task's files (default: none, every output collected); `sources`: the
         contents of the inputs the coordinator serves; `prefetch`: the data policy;
-        `ack_timeout_s`: how long a peer has to acknowledge a run."""
+        `ack_timeout_s`: how long a peer has to acknowledge a run (None: forever)."""
         self._matches = matches
         self.ack_timeout_s = ack_timeout_s
         self._ack_due: list[tuple[float, str, int]] = []  # (deadline, task, attempt)
@@ -651,7 +650,8 @@ class SchedulerCore(DataPlane):
         task.start = now
         task.end = None
         task.acked, task.unlisted = False, 0
-        heapq.heappush(self._ack_due, (now + self.ack_timeout_s, task.name, task.attempts))
+        if self.ack_timeout_s is not None:
+            heapq.heappush(self._ack_due, (now + self.ack_timeout_s, task.name, task.attempts))
         target.running.add(task.name)
         if len(target.running) >= target.cpus:
             self._free.pop(target.name, None)
