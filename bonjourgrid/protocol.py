@@ -140,7 +140,10 @@ def check_path(value: Any, what: str = "path") -> str:
         or str(pure) != text
         or text == "."
     ):
-        raise ProtocolError(f"{what} {text[:200]!r} is not a normalized relative path inside")
+        raise ProtocolError(
+            f"{what} {text[:200]!r} would escape the task directory or is not normalized "
+            "(give a relative path without '..', '.' or '//')"
+        )
     return text
 
 
@@ -661,6 +664,12 @@ def encode(message: Message) -> bytes:
             "limit (a receiver would drop it)"
         )
     return frame
+
+
+def pack_raw(msg_type: str, **fields: Any) -> bytes:
+    """A frame of `msg_type` with these fields as they are, unchecked: how tests (and the
+    hostile peers in them) build what `encode` never would."""
+    return bytes(msgpack.packb({"v": PROTOCOL_VERSION, "t": msg_type, **fields}, use_bin_type=True))
 
 
 def _unpack(frame: bytes, limit: int) -> Any:

@@ -43,6 +43,7 @@ from bonjourgrid.protocol import (
     as_map,
     decode,
     encode,
+    pack_raw,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ __all__ = [
     "client_socket",
     "decode",
     "encode",
+    "pack_raw",
     "serve",
     "server_socket",
     "start_authenticator",

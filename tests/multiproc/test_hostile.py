@@ -160,7 +160,7 @@ def test_a_peer_that_never_answers_is_skipped_and_the_job_runs_on_a_real_one(
         assert took < RESERVE_TIMEOUT_S + 15, f"the silent peer held the job up for {took:.1f} s"
         if listening == "silent-router":
             assert silent.poll(0), "the coordinator never asked the fake peer"
-            assert wire.decode(silent.recv_multipart()[-1])["t"] == "reserve"
+            assert wire.as_map(wire.decode(silent.recv_multipart()[-1]))["t"] == "reserve"
     finally:
         silent.close()
         ctx.destroy(linger=0)
