@@ -41,7 +41,7 @@ def test_a_task_with_30000_inputs_runs_on_a_real_worker(tmp_path: Path, grid: Gr
         (work / name).write_text(f"{i % 7}\n")  # seven contents: the cache moves seven files
     workflow = work / "wf.json"
     task = {
-        "command": "ls parts | wc -l > count.txt && cat parts/shard-29999-of-30000.txt >> count.txt",
+        "command": "ls parts | wc -l > count.txt; cat parts/shard-29999-of-30000.txt >> count.txt",
         "inputs": names,
         "outputs": ["count.txt"],
     }
