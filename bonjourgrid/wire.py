@@ -1,14 +1,16 @@
 """The wire: versioned msgpack messages, their schemas and size limits, and CURVE sockets.
 
-Every message is one msgpack map ``{"v": 1, "t": <type>, ...}`` in one zmq frame. `decode`
-is the boundary: it checks the size, the version, the type and every field's type against
-`SCHEMAS`, so code past it can trust what it reads. Anything else is a `ProtocolError`,
-which a daemon logs and answers (or drops); it is never fatal.
+Every message is one msgpack map ``{"v": 1, "t": <type>, ...}`` in one zmq frame, and one
+frozen dataclass in `protocol.py`. `decode` is the boundary: it checks the size, the version,
+the type and every field's value, so code past it can trust what it reads. Anything else is a
+`ProtocolError`, which a daemon logs and answers (or drops); it is never fatal.
 
 Two conversations run over two socket pairs so that data never queues behind control:
 - control (coordinator DEALER -> worker ROUTER): reserve, heartbeat, release, run, cancel,
   prefetch, probe; worker replies, task reports and `prefetched` flow back on the same
-  connection. `reserve` hands the peer the job's own CURVE keypair: while reserved, the
+  connection. Every accepted `run` is acknowledged (`started`), a refused one answered
+  (`refused`), and each `heartbeat_ack` lists the runs the peer has going. `reserve` hands
+  the peer the job's own CURVE keypair: while reserved, the
   peer's data server admits that key and the peer fetches the job's files with it;
 - data (fetcher DEALER -> server ROUTER): `get` a byte range of a content-addressed file,
   answered by `chunk` or `missing`. The fetcher keeps a window of requests in flight, which is
@@ -20,9 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 
-import msgpack
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
@@ -30,156 +30,53 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from bonjourgrid.errors import ProtocolError
 from bonjourgrid.keys import Keypair
 
+# The messages and their limits live in protocol.py; the wire re-exports them.
+from bonjourgrid.protocol import (
+    CHUNK_SIZE,
+    MAX_CONTROL_FRAME,
+    MAX_DATA_FRAME,
+    MAX_LIST,
+    MAX_STRING,
+    PROTOCOL_VERSION,
+    Error,
+    Message,
+    as_map,
+    decode,
+    encode,
+    pack_raw,
+)
+
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
-CHUNK_SIZE = 1024 * 1024  # bytes of file data per `chunk` message
-MAX_CONTROL_FRAME = 4 * 1024 * 1024  # a `run` carries a command and input lists, never file data
-MAX_DATA_FRAME = CHUNK_SIZE + 4096  # one chunk plus its envelope
-MAX_STRING = 64 * 1024
-MAX_LIST = 100_000
 # A connection that has not completed its CURVE handshake by then is closed (libzmq's default
 # is 30 s): anyone on the LAN can open TCP connections before any key is checked.
 HANDSHAKE_IVL_MS = 3000
 
-_ANY = object()
-# Field types per message type. A tuple means "one of"; `list`/`dict` are checked shallowly
-# here and item by item by the handler that reads them (see `check_list`).
-SCHEMAS: dict[str, dict[str, Any]] = {
-    # coordinator -> worker (control)
-    # job_public/job_secret: the job's CURVE keypair (Z85), "" for both under --insecure
-    "reserve": {
-        "job": str,
-        "lease_s": (int, float),
-        "coordinator": str,
-        "job_public": str,
-        "job_secret": str,
-    },
-    "heartbeat": {"job": str, "lease_s": (int, float)},
-    "release": {"job": str},
-    "run": {
-        "job": str,
-        "task": str,
-        "attempt": int,
-        "command": str,
-        "inputs": list,
-        "outputs": list,
-        "env": dict,
-        "limits": dict,  # {"cpu_s": seconds, "memory": bytes}, each optional: worker/limits.py
-    },
-    "cancel": {"job": str, "task": str},
-    # files: [[digest, size, [[endpoint, server_key, label], ...]], ...], as `run` inputs
-    "prefetch": {"job": str, "files": list},
-    "probe": {"digests": list},  # any state: which of these the peer's cache holds
-    # worker -> coordinator (control)
-    "reserved": {"job": str, "data_port": int, "cpus": int},
-    "denied": {"job": str, "reason": str},
-    "heartbeat_ack": {"job": str},
-    "released": {"job": str},
-    "preempted": {"job": str, "reason": str},  # the owner came back: the peer left the job
-    "task_done": {
-        "job": str,
-        "task": str,
-        "attempt": int,
-        "exit_code": int,
-        "outputs": list,
-        "stderr_tail": str,
-        "error": str,
-        "fetch_s": (int, float),
-        "run_s": (int, float),
-        "bytes_fetched": int,  # the sum of `fetched` bytes
-        "fetched": list,  # [[digest, source label, bytes], ...]: inputs this run moved
-        "hit_bytes": int,  # input bytes found in the local cache
-    },
-    # one per prefetched file; source "" (and bytes 0) when it was already there or failed
-    "prefetched": {
-        "job": str,
-        "digest": str,
-        "source": str,
-        "bytes": int,
-        "seconds": (int, float),
-        "error": str,
-    },
-    "holding": {"digests": list},  # the answer to `probe`
-    "error": {"reason": str},
-    # `bgrid cancel` -> coordinator (job control) and its answer
-    "cancel_job": {"job": str, "by": str},  # by: who asks, e.g. user@host, for the report
-    "cancelling": {"job": str},
-    # data plane
-    "get": {"digest": str, "offset": int, "size": int},
-    "chunk": {"digest": str, "offset": int, "data": bytes},
-    "missing": {"digest": str},
-}
-
-
-def encode(msg_type: str, **fields: Any) -> bytes:
-    """One frame holding a message of `msg_type`; fields are not checked (we trust ourselves)."""
-    return msgpack.packb({"v": PROTOCOL_VERSION, "t": msg_type, **fields}, use_bin_type=True)
-
-
-def decode(frame: bytes, limit: int = MAX_CONTROL_FRAME) -> dict[str, Any]:
-    """The message in `frame`, checked against its schema; ProtocolError otherwise."""
-    if len(frame) > limit:
-        raise ProtocolError(f"frame of {len(frame)} bytes is over the {limit}-byte limit")
-    try:
-        msg = msgpack.unpackb(
-            frame,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=MAX_STRING,
-            max_bin_len=limit,
-            max_array_len=MAX_LIST,
-            max_map_len=MAX_LIST,
-        )
-    except Exception as err:  # msgpack raises a zoo of types on garbage
-        raise ProtocolError(f"not a msgpack message: {type(err).__name__}") from err
-    if not isinstance(msg, dict):
-        raise ProtocolError(f"a message is a map, got {type(msg).__name__}")
-    if type(msg.get("v")) is not int or msg["v"] != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {msg.get('v')!r}, this peer speaks {PROTOCOL_VERSION}"
-        )
-    msg_type = msg.get("t")
-    schema = SCHEMAS.get(msg_type) if isinstance(msg_type, str) else None
-    if schema is None:
-        raise ProtocolError(f"unknown message type {msg_type!r}")
-    for field, expected in schema.items():
-        value = msg.get(field, _ANY)
-        if value is _ANY:
-            raise ProtocolError(f"{msg_type!r} message without its {field!r} field")
-        # bool is an int in Python; a flag is never a valid count here
-        if isinstance(value, bool) or not isinstance(value, expected):
-            raise ProtocolError(f"{msg_type!r} field {field!r} has the wrong type")
-    return msg
-
-
-def check_list(items: list[Any], shape: tuple[type, ...], what: str) -> list[tuple[Any, ...]]:
-    """Items of a list field that must each be a list of values of the types in `shape`."""
-    checked = []
-    for item in items:
-        if (
-            not isinstance(item, list | tuple)
-            or len(item) != len(shape)
-            or not all(
-                isinstance(v, t) and not isinstance(v, bool)
-                for v, t in zip(item, shape, strict=True)
-            )
-        ):
-            raise ProtocolError(f"malformed {what} entry")
-        checked.append(tuple(item))
-    return checked
-
-
-def str_mapping(value: Mapping[Any, Any], what: str) -> dict[str, str]:
-    """A field that must map strings to strings (task environments)."""
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise ProtocolError(f"{what} must map strings to strings")
-    return dict(value)
+__all__ = [
+    "CHUNK_SIZE",
+    "MAX_CONTROL_FRAME",
+    "MAX_DATA_FRAME",
+    "MAX_LIST",
+    "MAX_STRING",
+    "PROTOCOL_VERSION",
+    "KeyPolicy",
+    "Message",
+    "as_map",
+    "client_socket",
+    "decode",
+    "encode",
+    "pack_raw",
+    "serve",
+    "server_socket",
+    "start_authenticator",
+]
 
 
 # -- serving --------------------------------------------------------------------------------
 
-Handler = Callable[[bytes, dict[str, Any]], Awaitable[bytes | None]]
+Handler = Callable[[bytes, Message], Awaitable[bytes | None]]
+# What a server answers a frame that fails `decode` (default: an `error` reply).
+Refuser = Callable[[bytes, bytes, ProtocolError], Awaitable[bytes | None]]
 
 
 async def serve(
@@ -188,6 +85,7 @@ async def serve(
     handle: Handler,
     limit: int = MAX_CONTROL_FRAME,
     admit: Callable[[zmq.Frame], bool] | None = None,
+    refuse: Refuser | None = None,
 ) -> None:
     """Answer requests on a ROUTER until cancelled; `handle(client, msg)` returns the reply.
 
@@ -195,6 +93,8 @@ async def serve(
     that fails `decode` or that `handle` refuses (ProtocolError) gets an `error` reply; both
     are logged as "<what>: <problem>". `admit(frame)` (the frame carries the CURVE key that
     opened the connection) may refuse a request: its client gets an `error` reply.
+    `refuse(client, frame, error)` answers a frame that fails `decode` instead (e.g. a worker's
+    `refused` for a run it cannot read); it may return None to answer nothing.
     """
     while True:
         frames = await sock.recv_multipart(copy=False)
@@ -203,13 +103,22 @@ async def serve(
             continue
         client, frame = frames[0].bytes, frames[1]
         if admit is not None and not admit(frame):
-            reply: bytes | None = encode("error", reason="this client's key is no longer admitted")
+            reply: bytes | None = encode(Error("this client's key is no longer admitted"))
         else:
             try:
-                reply = await handle(client, decode(frame.bytes, limit))
+                msg = decode(frame.bytes, limit)
             except ProtocolError as err:
                 log.warning("%s: %s", what, err)
-                reply = encode("error", reason=str(err))
+                if refuse is not None:
+                    reply = await refuse(client, frame.bytes, err)
+                else:
+                    reply = encode(Error(str(err)[:1000]))
+            else:
+                try:
+                    reply = await handle(client, msg)
+                except ProtocolError as err:
+                    log.warning("%s: %s", what, err)
+                    reply = encode(Error(str(err)[:1000]))
         if reply is not None:
             await sock.send_multipart([client, reply])
 

@@ -33,6 +33,9 @@ from bonjourgrid import wire
 from bonjourgrid.cache.store import FileRef
 from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.keys import Keypair
+from bonjourgrid.protocol import Chunk, Error, Get, Message, Missing, Source
+
+__all__ = ["DataServer", "Fetcher", "Source"]
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +50,6 @@ _HANDSHAKE_FAILED = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
-
-
-@dataclass(frozen=True)
-class Source:
-    """A data server that may hold a file: its endpoint and CURVE public key (Z85)."""
-
-    endpoint: str
-    server_key: str
-    label: str  # who it is, for accounting: "coordinator" or a peer name
 
 
 class DataServer:
@@ -90,22 +84,22 @@ class DataServer:
             return False
         return isinstance(key, str) and self._policy.callback("data", key.encode())
 
-    async def _handle(self, client: bytes, msg: dict[str, Any]) -> bytes:
+    async def _handle(self, client: bytes, msg: Message) -> bytes:
         try:
             return self._answer(msg)
         except OSError as err:
             log.warning("data server: cannot read: %s", err)
-            return wire.encode("error", reason="read failed")
+            return wire.encode(Error("read failed"))
 
-    def _answer(self, msg: dict[str, object]) -> bytes:
-        if msg["t"] != "get":
-            raise ProtocolError(f"a data server only answers 'get', not {msg['t']!r}")
-        digest, offset, size = str(msg["digest"]), int(msg["offset"]), int(msg["size"])  # type: ignore[call-overload]
+    def _answer(self, msg: Message) -> bytes:
+        if not isinstance(msg, Get):
+            raise ProtocolError(f"a data server only answers 'get', not {msg.TYPE!r}")
+        digest, offset, size = msg.digest, msg.offset, msg.size
         if not 0 <= offset < _MAX_OFFSET or not 0 < size <= wire.CHUNK_SIZE:
             raise ProtocolError(f"bad range offset={offset} size={size}")
         path = self._locate(digest)
         if path is None:
-            return wire.encode("missing", digest=digest)
+            return wire.encode(Missing(digest))
         # A chunk is at most 1 MiB from the page cache: reading it inline costs less than a
         # thread hop, and keeps chunks of one transfer in order.
         fd = os.open(path, os.O_RDONLY)
@@ -114,7 +108,7 @@ class DataServer:
         finally:
             os.close(fd)
         self.bytes_served += len(data)
-        return wire.encode("chunk", digest=digest, offset=offset, data=data)
+        return wire.encode(Chunk(digest, offset, data))
 
 
 class _Corrupt(TransferError):
@@ -301,9 +295,7 @@ class Fetcher:
         while progress.received < ref.size:
             while in_flight < _WINDOW and next_offset < ref.size:
                 size = min(wire.CHUNK_SIZE, ref.size - next_offset)
-                await sock.send(
-                    wire.encode("get", digest=ref.digest, offset=next_offset, size=size)
-                )
+                await sock.send(wire.encode(Get(ref.digest, next_offset, size)))
                 next_offset += size
                 in_flight += 1
             if not await conn.wait(_CHUNK_TIMEOUT_S):
@@ -313,17 +305,17 @@ class Fetcher:
             except ProtocolError as err:
                 raise TransferError(f"bad reply: {err}") from err
             in_flight -= 1
-            if msg["t"] == "missing":
+            if isinstance(msg, Missing):
                 raise TransferError("source does not hold the file")
-            if msg["t"] == "error":
-                raise TransferError(f"refused: {msg['reason'][:200]}")
+            if isinstance(msg, Error):
+                raise TransferError(f"refused: {msg.reason[:200]}")
             if (
-                msg["t"] != "chunk"
-                or msg["digest"] != ref.digest
-                or msg["offset"] != progress.received
+                not isinstance(msg, Chunk)
+                or msg.digest != ref.digest
+                or msg.offset != progress.received
             ):
-                raise TransferError(f"unexpected reply {msg['t']!r}")
-            data: bytes = msg["data"]
+                raise TransferError(f"unexpected reply {msg.TYPE!r}")
+            data = msg.data
             if len(data) != min(wire.CHUNK_SIZE, ref.size - progress.received):
                 raise TransferError("chunk of the wrong size (truncated source?)")
             os.pwrite(fd, data, progress.received)

@@ -20,7 +20,6 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -32,6 +31,7 @@ from bonjourgrid.discovery.browse import snapshot_jobs
 from bonjourgrid.discovery.txt import JobRecord
 from bonjourgrid.errors import BonjourGridError, ProtocolError
 from bonjourgrid.keys import GridKey, key_dir, load_grid_key
+from bonjourgrid.protocol import CancelJob, Cancelling, Error, Message
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,15 @@ async def serve_job_control(
 ) -> None:
     """Answer `cancel_job` requests for `job` on `sock` until cancelled."""
 
-    async def answer(client: bytes, msg: dict[str, Any]) -> bytes:
-        if msg["t"] != "cancel_job":
-            raise ProtocolError(f"a coordinator does not take {msg['t']!r} messages")
-        if msg["job"] != job:
-            raise ProtocolError(f"this coordinator runs job {job}, not {msg['job'][:80]!r}")
-        by = _printable(msg["by"]) or "an unnamed client"
+    async def answer(client: bytes, msg: Message) -> bytes:
+        if not isinstance(msg, CancelJob):
+            raise ProtocolError(f"a coordinator does not take {msg.TYPE!r} messages")
+        if msg.job != job:
+            raise ProtocolError(f"this coordinator runs job {job}, not {msg.job[:80]!r}")
+        by = _printable(msg.by) or "an unnamed client"
         log.warning("job %s: cancel requested by %s", job, by)
         cancel(f"cancelled from {by}")  # queues an event: the reply still goes out first
-        return wire.encode("cancelling", job=job)
+        return wire.encode(Cancelling(job))
 
     await wire.serve(sock, "job control", answer)
 
@@ -104,7 +104,7 @@ def find_job(jobs: Sequence[JobRecord], name: str) -> list[JobRecord]:
 class _Answer:
     record: JobRecord
     authenticated: bool  # the CURVE handshake proved the grid's key (always True if plain)
-    reply: dict[str, Any] | None
+    reply: Message | None
 
 
 async def cancel_job(
@@ -134,13 +134,13 @@ async def cancel_job(
         ctx.destroy(linger=0)
     for answer in answers:
         reply, where = answer.reply, answer.record.endpoint().removeprefix("tcp://")
-        if reply is not None and reply["t"] == "cancelling" and reply["job"] == job:
+        if isinstance(reply, Cancelling) and reply.job == job:
             return f"job {job}: cancelling; its coordinator ({where}) releases every peer"
     for answer in answers:
         if answer.reply is not None:
             reply = answer.reply
             reason = (
-                reply["reason"] if reply["t"] == "error" else f"unexpected {reply['t']!r} reply"
+                reply.reason if isinstance(reply, Error) else f"unexpected {reply.TYPE!r} reply"
             )
             raise CancelFailed(f"the coordinator of job {job} refused: {reason}")
     wheres = ", ".join(a.record.endpoint().removeprefix("tcp://") for a in answers)
@@ -181,7 +181,7 @@ async def _ask(
     reply = None
     try:
         sock.connect(record.endpoint())
-        await sock.send(wire.encode("cancel_job", job=record.job, by=_who()))
+        await sock.send(wire.encode(CancelJob(record.job, _who())))
         poller = zmq.asyncio.Poller()
         poller.register(sock, zmq.POLLIN)
         if monitor is not None:

@@ -35,6 +35,11 @@ peer. When a lost peer took the only replica of an intermediate that an unfinish
 still needs, the task that made it runs again (DONE -> WAITING/READY), and so do its own
 producers if their outputs went the same way.
 
+Peers are checked, not trusted. A dispatched run must be acknowledged (`RunStarted`) within
+`ack_timeout_s`, and once it is, every heartbeat of its peer must list it (`PeerRunning`): a
+run never acknowledged, or missing from two heartbeats in a row, is a failed attempt, as is
+one the peer refused (`AttemptFailed`). A failed attempt is retried per the task's retries.
+
 The shell (`coordinator/shell.py`) feeds events, passes `now`, and carries out instructions.
 `story(task)` tells why a task ran where it ran, as many times as it did.
 """
@@ -51,6 +56,7 @@ from bonjourgrid.coordinator.files import FileTable
 from bonjourgrid.coordinator.model import (
     FINAL,
     TASK_TRANSITIONS,
+    AttemptFailed,
     CancelRequested,
     Collect,
     CollectFailed,
@@ -64,12 +70,14 @@ from bonjourgrid.coordinator.model import (
     OutputsCollected,
     PeerJoined,
     PeerLost,
+    PeerRunning,
     PeerSlots,
     PeersSettled,
     Prefetch,
     PrefetchFailed,
     Recruit,
     Release,
+    RunStarted,
     TaskData,
     TaskDone,
     TaskFailed,
@@ -82,6 +90,7 @@ from bonjourgrid.coordinator.prefetch import PrefetchSettings
 
 # The records live in model.py; the shell and the tests reach them through here.
 __all__ = [
+    "AttemptFailed",
     "CancelRequested",
     "Collect",
     "CollectFailed",
@@ -93,12 +102,14 @@ __all__ = [
     "OutputsCollected",
     "PeerJoined",
     "PeerLost",
+    "PeerRunning",
     "PeerSlots",
     "PeersSettled",
     "Prefetch",
     "PrefetchFailed",
     "Recruit",
     "Release",
+    "RunStarted",
     "SchedulerCore",
     "TaskData",
     "TaskDone",
@@ -112,6 +123,7 @@ __all__ = [
 
 BACKOFF_BASE_S = 1.0  # wait before the first retry; doubled for each further failure
 BACKOFF_CAP_S = 60.0  # the longest wait before a retry
+UNLISTED_LIMIT = 2  # heartbeats in a row without an acknowledged run: its attempt failed
 _NO_PREFETCH = PrefetchSettings(policy="none", broadcast_min_consumers=0)
 
 
@@ -128,12 +140,16 @@ class SchedulerCore(DataPlane):
         data: Mapping[str, TaskData] | None = None,
         sources: Mapping[str, FileRef] | None = None,
         prefetch: PrefetchSettings = _NO_PREFETCH,
+        ack_timeout_s: float | None = None,
     ) -> None:
         """`tasks`: (name, predecessors, require text or "", retries) for every task;
         `done`: tasks finished in an earlier run (name -> outputs), closed under predecessors;
         `data`: each task's files (default: none, every output collected); `sources`: the
-        contents of the inputs the coordinator serves; `prefetch`: the data policy."""
+        contents of the inputs the coordinator serves; `prefetch`: the data policy;
+        `ack_timeout_s`: how long a peer has to acknowledge a run (None: forever)."""
         self._matches = matches
+        self.ack_timeout_s = ack_timeout_s
+        self._ack_due: list[tuple[float, str, int]] = []  # (deadline, task, attempt)
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.prefetch = prefetch
@@ -235,6 +251,18 @@ class SchedulerCore(DataPlane):
                 self._lose_peer(event.peer, event.reason, now)
             case TaskReported():
                 self._reported(event, now, out)
+            case RunStarted():
+                task = self._running_on(event.peer, event.task, event.attempt)
+                if task is not None and not task.acked:
+                    task.acked = True
+                    self._stories[task.name].append((now, f"{event.peer} acknowledged the run"))
+            case AttemptFailed():
+                task = self._running_on(event.peer, event.task, event.attempt)
+                if task is not None:
+                    self._detach(task)
+                    self._failed_attempt(task, event.reason, now, out)
+            case PeerRunning():
+                self._check_listed(event, now, out)
             case OutputsCollected():
                 task = self.tasks.get(event.task)
                 if task and task.status is TaskStatus.COLLECTING and task.attempts == event.attempt:
@@ -266,6 +294,7 @@ class SchedulerCore(DataPlane):
         if not schedule:
             return out
         self._end_backoffs(now)
+        self._expire_acks(now, out)
         self._broadcast(out)
         self._schedule(now, out)
         self._plan(now, out)
@@ -376,6 +405,43 @@ class SchedulerCore(DataPlane):
             return
         why = event.error or f"exit code {event.exit_code}"
         self._failed_attempt(task, why, now, out)
+
+    def _running_on(self, peer: str, name: str, attempt: int) -> TaskState | None:
+        """The task, if its attempt `attempt` is running on `peer`; else None (stale news)."""
+        task = self.tasks.get(name)
+        if (
+            task is None
+            or task.status is not TaskStatus.RUNNING
+            or task.attempts != attempt
+            or task.peer != peer
+        ):
+            return None
+        return task
+
+    def _check_listed(self, event: PeerRunning, now: float, out: list[Instruction]) -> None:
+        peer = self.peers.get(event.peer)
+        if peer is None:
+            return
+        for name in sorted(peer.running):
+            task = self.tasks[name]
+            if not task.acked:
+                continue  # not started yet: the acknowledgement deadline watches it
+            if (name, task.attempts) in event.running:
+                task.unlisted = 0
+                continue
+            task.unlisted += 1
+            if task.unlisted >= UNLISTED_LIMIT:
+                self._detach(task)
+                self._failed_attempt(task, f"peer {event.peer} is not running it", now, out)
+
+    def _expire_acks(self, now: float, out: list[Instruction]) -> None:
+        while self._ack_due and self._ack_due[0][0] <= now:
+            _, name, attempt = heapq.heappop(self._ack_due)
+            task = self.tasks[name]
+            if task.status is TaskStatus.RUNNING and task.attempts == attempt and not task.acked:
+                self._detach(task)
+                why = f"peer {task.peer} never acknowledged the run of {name}"
+                self._failed_attempt(task, why, now, out)
 
     def _done(self, task: TaskState, now: float, why: str, out: list[Instruction]) -> None:
         self._detach(task)
@@ -583,6 +649,9 @@ class SchedulerCore(DataPlane):
         task.peer = target.name
         task.start = now
         task.end = None
+        task.acked, task.unlisted = False, 0
+        if self.ack_timeout_s is not None:
+            heapq.heappush(self._ack_due, (now + self.ack_timeout_s, task.name, task.attempts))
         target.running.add(task.name)
         if len(target.running) >= target.cpus:
             self._free.pop(target.name, None)
@@ -683,10 +752,12 @@ class SchedulerCore(DataPlane):
         return max(0, self.counts[TaskStatus.READY] - self._backing_off - free)
 
     def next_wakeup(self) -> float | None:
-        """When the next retry backoff ends (feed a `Tick` then); None if nothing waits."""
-        if self.finished is not None or not self._delayed:
+        """When the next retry backoff or run acknowledgement deadline ends (feed a `Tick`
+        then); None if nothing waits."""
+        if self.finished is not None:
             return None
-        return self._delayed[0][0]
+        due = [heap[0][0] for heap in (self._delayed, self._ack_due) if heap]
+        return min(due) if due else None
 
     def pending(self) -> int:
         """Tasks not yet done, failed or skipped."""

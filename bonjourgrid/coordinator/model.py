@@ -77,6 +77,34 @@ class TaskReported:
 
 
 @dataclass(frozen=True)
+class RunStarted:
+    """The peer acknowledged the run (`started`): from now on its heartbeats must list it."""
+
+    peer: str
+    task: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class AttemptFailed:
+    """The attempt cannot go on: the peer refused the run, or sent a malformed message
+    about it, or the run could not be sent. `reason` says which, for the report."""
+
+    peer: str
+    task: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class PeerRunning:
+    """The runs a peer says it has going (a `heartbeat_ack`)."""
+
+    peer: str
+    running: frozenset[tuple[str, int]]
+
+
+@dataclass(frozen=True)
 class OutputsCollected:
     task: str
     attempt: int
@@ -124,6 +152,9 @@ Event = (
     PeerJoined
     | PeerLost
     | TaskReported
+    | RunStarted
+    | AttemptFailed
+    | PeerRunning
     | OutputsCollected
     | CollectFailed
     | FileArrived
@@ -242,6 +273,8 @@ class TaskState:
     queued: int = -1
     backoff: int = -1  # the sequence number of its entry in the backoff heap; -1: none
     gated: bool = False  # READY, but waits for a broadcast file on its peer
+    acked: bool = False  # its peer acknowledged the current attempt (`started`)
+    unlisted: int = 0  # heartbeats in a row since then in which its peer did not list it
 
 
 @dataclass

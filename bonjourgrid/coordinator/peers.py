@@ -25,7 +25,6 @@ import zmq.asyncio
 
 from bonjourgrid import wire
 from bonjourgrid.cache.store import FileRef
-from bonjourgrid.cache.transfer import Source
 from bonjourgrid.coordinator import core
 from bonjourgrid.coordinator.journal import ResumePlan
 from bonjourgrid.coordinator.recruit import JobNeeds, explain_shortage, rank, select_candidates
@@ -34,6 +33,16 @@ from bonjourgrid.discovery.browse import PeerBrowser, snapshot_peers
 from bonjourgrid.discovery.txt import PeerRecord
 from bonjourgrid.errors import ConfigError, ProtocolError, RecruitError
 from bonjourgrid.keys import Keypair
+from bonjourgrid.protocol import (
+    Denied,
+    Heartbeat,
+    Holding,
+    Probe,
+    Release,
+    Reserve,
+    Reserved,
+    Source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0  # how often a coordinator renews its leases
 LEASE_S = 10.0  # a peer whose coordinator is silent this long returns to idle
 PEER_TIMEOUT_S = 5.0  # a peer silent this long is lost: its tasks go elsewhere
+RUN_ACK_TIMEOUT_S = 5.0  # a run its peer has not acknowledged (`started`) by then failed
 DISCOVERY_S = 2.0  # how long to browse before recruiting with the peers seen so far
 SNAPSHOT_S = 0.5  # how long a new coordinator listens for peers before recruiting
 RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
@@ -75,6 +85,11 @@ class Timeouts:
     def heartbeat_s(self) -> float:
         """How often leases are renewed and peers checked: a few times per peer timeout."""
         return min(HEARTBEAT_S, self.peer_timeout_s / 4)
+
+    @property
+    def run_ack_s(self) -> float:
+        """How long a peer has to acknowledge a run (`started`) before the attempt fails."""
+        return min(self.peer_timeout_s, RUN_ACK_TIMEOUT_S)
 
 
 @dataclass
@@ -251,11 +266,11 @@ class PeerPool:
                 held: frozenset[str] = frozenset()
                 try:
                     sock.connect(record.endpoint())
-                    await sock.send(wire.encode("probe", digests=digests[: wire.MAX_LIST]))
+                    await sock.send(wire.encode(Probe(tuple(digests[: wire.MAX_LIST]))))
                     if await sock.poll(PROBE_TIMEOUT_S * 1000):
                         msg = wire.decode(await sock.recv())
-                        if msg["t"] == "holding":
-                            held = frozenset(d for d in msg["digests"] if d in wanted)
+                        if isinstance(msg, Holding):
+                            held = frozenset(d for d in msg.digests if d in wanted)
                     else:
                         self._silent.add(_identity(record))
                 except (ProtocolError, TypeError, zmq.ZMQError) as err:
@@ -277,12 +292,13 @@ class PeerPool:
         try:
             await sock.send(
                 wire.encode(
-                    "reserve",
-                    job=self.job,
-                    lease_s=self.timeouts.lease_s,
-                    coordinator=socket.gethostname(),
-                    job_public=job_keys.public.decode() if job_keys else "",
-                    job_secret=job_keys.secret.decode() if job_keys and job_keys.secret else "",
+                    Reserve(
+                        self.job,
+                        self.timeouts.lease_s,
+                        socket.gethostname(),
+                        job_keys.public.decode() if job_keys else "",
+                        job_keys.secret.decode() if job_keys and job_keys.secret else "",
+                    )
                 )
             )
             if await sock.poll(RESERVE_TIMEOUT_S * 1000):
@@ -293,8 +309,8 @@ class PeerPool:
             # would hold it for nothing. The release goes out on the same connection.
             _release_and_close(sock, self.job)
             raise
-        if reply is None or reply["t"] != "reserved" or reply["job"] != self.job:
-            why = reply["reason"] if reply and reply["t"] == "denied" else "no answer"
+        if not isinstance(reply, Reserved) or reply.job != self.job:
+            why = reply.reason if isinstance(reply, Denied) else "no answer"
             if reply is None:
                 self._silent.add(_identity(record))
             log.info("peer %s not recruited: %s", record.name, why)
@@ -306,13 +322,13 @@ class PeerPool:
             return False
         address = record.addresses[0]
         link = PeerLink(record, sock, our_address=_address_towards(address))
-        link.data_source = Source(f"tcp://{address}:{reply['data_port']}", record.key, record.name)
+        link.data_source = Source(f"tcp://{address}:{reply.data_port}", record.key, record.name)
         self.links[record.name] = link
         self.used[record.name] = record
         link.reader = self._spawn(self._read_peer(link))
         cached = self._cached.get(_identity(record), frozenset())
-        self.events.put_nowait(core.PeerJoined(record.name, reply["cpus"], record.attrs(), cached))
-        log.info("recruited %s (%d cpus)", record.name, reply["cpus"])
+        self.events.put_nowait(core.PeerJoined(record.name, reply.cpus, record.attrs(), cached))
+        log.info("recruited %s (%d cpus)", record.name, reply.cpus)
         return True
 
     async def _replenish(self, browser: PeerBrowser) -> None:
@@ -342,9 +358,7 @@ class PeerPool:
                 if now - link.last_heard > timeouts.peer_timeout_s:
                     self._lose(name, f"silent for {timeouts.peer_timeout_s:g} s")
                 else:
-                    await link.sock.send(
-                        wire.encode("heartbeat", job=self.job, lease_s=timeouts.lease_s)
-                    )
+                    await link.sock.send(wire.encode(Heartbeat(self.job, timeouts.lease_s)))
 
     def _lose(self, name: str, reason: str) -> None:
         link = self.links.pop(name, None)
@@ -363,7 +377,7 @@ class PeerPool:
         if link.reader is not None:
             link.reader.cancel()
         # Fire and forget: the lease expires anyway if this message is lost.
-        await link.sock.send(wire.encode("release", job=self.job))
+        await link.sock.send(wire.encode(Release(self.job)))
         self._spawn(_close_after_reply(link.sock))
 
     async def _release_all(self) -> None:
@@ -396,7 +410,7 @@ def _release_and_close(sock: zmq.asyncio.Socket, job: str) -> None:
     """Hand back a reservation we will not use, without waiting: the message leaves within
     RELEASE_LINGER_MS (or the lease frees the peer)."""
     with contextlib.suppress(zmq.ZMQError):
-        sock.send(wire.encode("release", job=job), flags=zmq.NOBLOCK)
+        sock.send(wire.encode(Release(job)), flags=zmq.NOBLOCK)
     sock.close(linger=RELEASE_LINGER_MS)
 
 

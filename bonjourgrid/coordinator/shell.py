@@ -54,6 +54,23 @@ from bonjourgrid.discovery.browse import PeerBrowser
 from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, JobState, PeerRecord, job_txt
 from bonjourgrid.errors import ConfigError, ProtocolError, TransferError
 from bonjourgrid.keys import GridKey, Keypair
+from bonjourgrid.protocol import (
+    Denied,
+    Error,
+    HeartbeatAck,
+    Preempted,
+    Prefetch,
+    Prefetched,
+    PrefetchFile,
+    Refused,
+    Run,
+    Source,
+    Started,
+    TaskDone,
+    TaskInput,
+    attempt_of,
+    split_run,
+)
 from bonjourgrid.requirements import Requirement
 
 log = logging.getLogger(__name__)
@@ -109,6 +126,7 @@ class Coordinator(PeerPool):
             done={name: r.outputs for name, r in resume.kept.items()} if resume else None,
             data=task_data(workflow, self.data.fetch_all),
             prefetch=self.data.prefetch,
+            ack_timeout_s=self.timeouts.run_ack_s,
         )
         self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
         self.started = 0.0
@@ -322,75 +340,110 @@ class Coordinator(PeerPool):
     async def _read_peer(self, link: PeerLink) -> None:
         name = link.record.name
         while True:
-            frame = await link.sock.recv()
+            try:
+                frame = await link.sock.recv()
+            except zmq.ZMQError as err:  # closed under us: the link was dropped meanwhile
+                self._lose(name, f"its connection failed: {err}")
+                return
             link.last_heard = time.monotonic()
             try:
-                msg = wire.decode(frame)
-                if msg["t"] == "task_done":
-                    await self.events.put(self._task_report(name, msg))
-                elif msg["t"] == "prefetched":
-                    await self.events.put(self._prefetched(name, msg))
-                elif msg["t"] == "preempted":
-                    self._lose(name, f"preempted: {msg['reason']}")
+                if not await self._from_peer(name, frame):
                     return
-                elif msg["t"] == "denied":
-                    self._lose(name, f"it dropped the reservation: {msg['reason']}")
+            except Exception as err:  # one peer's message must never hang or stop the job
+                if not isinstance(err, ProtocolError):
+                    log.exception("peer %s: could not handle its message", name)
+                why = f"peer {name} sent a bad message: {err}"
+                about = attempt_of(frame)
+                if about is not None and self._runs_on(name, about[2], about[3]):
+                    log.warning("%s: attempt %d of %s failed", why, about[3], about[2])
+                    await self.events.put(core.AttemptFailed(name, about[2], about[3], why))
+                else:
+                    self._lose(name, why)
                     return
-                elif msg["t"] == "error":
-                    log.warning("peer %s: %s", name, msg["reason"])
-            except ProtocolError as err:
-                log.warning("peer %s sent a bad message: %s", name, err)
 
-    def _task_report(self, peer: str, msg: dict[str, Any]) -> core.TaskReported:
-        outputs = tuple(
-            (path, FileRef(digest, size))
-            for path, digest, size in wire.check_list(msg["outputs"], (str, str, int), "output")
+    async def _from_peer(self, name: str, frame: bytes) -> bool:
+        """Handle one message of peer `name`; False when the peer is gone with it."""
+        match wire.decode(frame):
+            case TaskDone() as msg:
+                await self.events.put(self._task_report(name, msg))
+            case Started(task=task, attempt=attempt):
+                await self.events.put(core.RunStarted(name, task, attempt))
+            case Refused(task=task, attempt=attempt, reason=reason):
+                log.warning("peer %s refused attempt %d of %s: %s", name, attempt, task, reason)
+                why = f"peer {name} refused the run: {reason}"
+                await self.events.put(core.AttemptFailed(name, task, attempt, why))
+            case HeartbeatAck(running=running):
+                await self.events.put(core.PeerRunning(name, frozenset(running)))
+            case Prefetched() as msg:
+                await self.events.put(self._prefetched(name, msg))
+            case Preempted(reason=reason):
+                self._lose(name, f"preempted: {reason}")
+                return False
+            case Denied(reason=reason):
+                self._lose(name, f"it dropped the reservation: {reason}")
+                return False
+            case Error(reason=reason):
+                log.warning("peer %s: %s", name, reason)
+            case msg:
+                log.info("peer %s sent an unexpected %r message", name, msg.TYPE)
+        return True
+
+    def _runs_on(self, peer: str, task: str, attempt: int) -> bool:
+        """Whether attempt `attempt` of `task` runs on `peer`, as far as the core knows."""
+        state = self.core.tasks.get(task)
+        return (
+            state is not None
+            and state.status is core.TaskStatus.RUNNING
+            and state.peer == peer
+            and state.attempts == attempt
         )
-        spec = self.workflow.tasks.get(msg["task"])
-        error = msg["error"]
-        if spec is not None and not error and msg["exit_code"] == 0:
-            if sorted(p for p, _ in outputs) != sorted(spec.outputs):
+
+    def _task_report(self, peer: str, msg: TaskDone) -> core.TaskReported:
+        spec = self.workflow.tasks.get(msg.task)
+        error = msg.error
+        if spec is not None and not error and msg.exit_code == 0:
+            if sorted(p for p, _ in msg.outputs) != sorted(spec.outputs):
                 error = f"peer {peer} reported outputs that the task does not declare"
-            self.bytes["cache_hits"] += max(0, msg["hit_bytes"])
-        for _, label, size in wire.check_list(msg["fetched"], (str, str, int), "fetched"):
+            self.bytes["cache_hits"] += msg.hit_bytes
+        for _, label, size in msg.fetched:
             if label != COORDINATOR:
-                self.bytes["peer_to_peer"] += max(0, size)
+                self.bytes["peer_to_peer"] += size
         return core.TaskReported(
             peer,
-            msg["task"],
-            msg["attempt"],
-            msg["exit_code"],
+            msg.task,
+            msg.attempt,
+            msg.exit_code,
             error,
-            outputs,
-            msg["stderr_tail"],
-            float(msg["fetch_s"]),
-            float(msg["run_s"]),
-            msg["bytes_fetched"],
+            msg.outputs,
+            msg.stderr_tail,
+            msg.fetch_s,
+            msg.run_s,
+            msg.bytes_fetched,
         )
 
-    def _prefetched(self, peer: str, msg: dict[str, Any]) -> core.Event:
-        if msg["source"] and msg["source"] != COORDINATOR:
-            self.bytes["peer_to_peer"] += max(0, msg["bytes"])
-        if msg["error"]:
-            log.info("prefetch of %s to %s failed: %s", msg["digest"][:12], peer, msg["error"])
-            return core.PrefetchFailed(peer, msg["digest"], msg["error"])
-        return core.FileArrived(peer, msg["digest"])
+    def _prefetched(self, peer: str, msg: Prefetched) -> core.Event:
+        if msg.source and msg.source != COORDINATOR:
+            self.bytes["peer_to_peer"] += msg.bytes
+        if msg.error:
+            log.info("prefetch of %s to %s failed: %s", msg.digest[:12], peer, msg.error[:200])
+            return core.PrefetchFailed(peer, msg.digest, msg.error)
+        return core.FileArrived(peer, msg.digest)
 
     def _sources(
         self, digest: str, names: list[str] | tuple[str, ...], link: PeerLink
-    ) -> list[list[str]]:
-        """The data servers named by the core, as `[endpoint, key, label]` for the wire."""
+    ) -> tuple[Source, ...]:
+        """The data servers named by the core, for the wire."""
         out = []
         for name in names:
             if name == COORDINATOR:
                 key = self.keypair.public.decode() if self.keypair else ""
-                out.append([f"tcp://{link.our_address}:{self._data_port}", key, COORDINATOR])
+                endpoint = f"tcp://{link.our_address}:{self._data_port}"
+                out.append(Source(endpoint, key, COORDINATOR))
             elif (holder := self.links.get(name)) is not None and holder.data_source is not None:
-                src = holder.data_source
-                out.append([src.endpoint, src.server_key, src.label])
+                out.append(holder.data_source)
         if not out and digest in self.core.files.at_coordinator:
             return self._sources(digest, [COORDINATOR], link)
-        return out
+        return tuple(out)
 
     async def _prefetch(
         self, peer: str, files: tuple[tuple[FileRef, tuple[str, ...]], ...], why: str
@@ -398,11 +451,11 @@ class Coordinator(PeerPool):
         link = self.links.get(peer)
         if link is None:
             return
-        items = [
-            [ref.digest, ref.size, self._sources(ref.digest, names, link)] for ref, names in files
-        ]
+        items = tuple(
+            PrefetchFile(ref, self._sources(ref.digest, names, link)) for ref, names in files
+        )
         log.debug("prefetch to %s (%s): %d file(s)", peer, why, len(items))
-        await link.sock.send(wire.encode("prefetch", job=self.job, files=items))
+        await link.sock.send(wire.encode(Prefetch(self.job, items)))
 
     def _input_ref(self, path: str) -> FileRef:
         producer = self.workflow.producer.get(path)
@@ -411,31 +464,42 @@ class Coordinator(PeerPool):
         return dict(self.core.tasks[producer].outputs)[path]
 
     async def _dispatch(self, task: str, peer: str, attempt: int) -> None:
-        link = self.links[peer]
+        link = self.links.get(peer)
+        if link is None:
+            return  # lost meanwhile: its PeerLost event puts the task back
         spec = self.workflow.tasks[task]
         inputs = []
         for path in spec.inputs:
             ref = self._input_ref(path)
             sources = self._sources(ref.digest, self.core.sources(ref.digest, peer), link)
-            inputs.append([path, ref.digest, ref.size, sources])
-        await link.sock.send(
-            wire.encode(
-                "run",
-                job=self.job,
-                task=task,
-                attempt=attempt,
-                command=spec.command,
-                inputs=inputs,
-                outputs=list(spec.outputs),
-                env=dict(spec.env),
-                limits=dict(spec.limits),
-            )
+            inputs.append(TaskInput(path, ref, sources))
+        run = Run(
+            self.job,
+            task,
+            attempt,
+            spec.command,
+            tuple(inputs),
+            tuple(spec.outputs),
+            dict(spec.env),
+            dict(spec.limits),
         )
+        try:
+            # A run too big for one frame goes as a `run` and its `run_part`s, in order.
+            for message in split_run(run):
+                await link.sock.send(wire.encode(message))
+        except ProtocolError as err:
+            why = f"the run of {task} cannot be sent: {err}"
+            await self.events.put(core.AttemptFailed(peer, task, attempt, why))
 
     async def _collect(
         self, task: str, peer: str, attempt: int, outputs: tuple[tuple[str, FileRef], ...]
     ) -> None:
-        """Bring a task's outputs into the submit directory, then tell the core."""
+        """Bring a task's outputs into the submit directory, then tell the core.
+
+        Whatever goes wrong is a CollectFailed (the attempt fails, the job goes on): nothing
+        may leave the core waiting for an answer. The paths and digests were checked by
+        `decode`, and the paths against the task's declared outputs (`_task_report`).
+        """
         link = self.links.get(peer)
         try:
             if link is None or link.data_source is None:
@@ -459,8 +523,14 @@ class Coordinator(PeerPool):
                     self.bytes["to_submitter"] += ref.size
                 os.replace(partial, dest)
                 self.index.add(dest, ref)
+        except asyncio.CancelledError:
+            raise
         except (TransferError, OSError) as err:
             await self.events.put(core.CollectFailed(task, attempt, str(err)))
+            return
+        except Exception as err:
+            log.exception("collecting the outputs of %s failed", task)
+            await self.events.put(core.CollectFailed(task, attempt, f"{type(err).__name__}: {err}"))
             return
         await self.events.put(core.OutputsCollected(task, attempt))
 
@@ -468,7 +538,16 @@ class Coordinator(PeerPool):
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._ended)
         return task
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        """A background task died of an error: said, and the job stops rather than hang."""
+        if task.cancelled() or task.exception() is None:
+            return
+        err = task.exception()
+        log.error("coordinator task %s failed", task.get_coro(), exc_info=err)
+        self.cancel(f"internal error in the coordinator: {type(err).__name__}: {err}")
 
     def _job_txt(self, state: JobState) -> dict[str, str]:
         counts = self.core.counts

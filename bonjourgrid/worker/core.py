@@ -13,6 +13,12 @@ coordinators can never both hold the peer.
 What a reservation owns besides its tasks (the job's keypair, its pinned files, its
 prefetches) lives in the daemon, between the `JobStarted` and `JobEnded` instructions; the
 core says when, and refuses `run` and `prefetch` from anyone but the holder.
+
+A run moves through `_RUN_STEPS`: a `run` takes a slot; its `run_part`s (when its inputs did
+not fit one frame) are assembled in order; `StartTask` hands the whole of it to the daemon,
+whose `TaskStarted` makes the core acknowledge it (`started`). Whatever stops a run before
+that answers `refused` with the reason, so the coordinator never waits on a silent peer; a
+`heartbeat_ack` lists the runs in progress, so it can tell a run the peer forgot.
 """
 
 from __future__ import annotations
@@ -20,6 +26,19 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+from bonjourgrid.protocol import (
+    Denied,
+    HeartbeatAck,
+    Message,
+    Preempted,
+    Prefetched,
+    Refused,
+    Released,
+    Reserved,
+    Started,
+    TaskDone,
+)
 
 
 class PeerState(enum.Enum):
@@ -35,6 +54,19 @@ _TRANSITIONS: dict[tuple[PeerState, PeerState], str] = {
     (PeerState.IDLE, PeerState.BUSY): "the owner came back",
     (PeerState.RESERVED, PeerState.BUSY): "the owner came back: the job is preempted",
     (PeerState.BUSY, PeerState.IDLE): "the owner went away",
+}
+
+
+# How a run moves (the slot is taken at `run` and given back at the end of any path).
+_RUN_STEPS: dict[tuple[str, str], str] = {
+    ("run", "assembling"): "its inputs come in run_part messages",
+    ("run", "starting"): "all of it came in one message",
+    ("assembling", "starting"): "its last part came",
+    ("starting", "started"): "the daemon started it: acknowledged with `started`",
+    ("run", "refused"): "not the holder's, or no free slot, or malformed",
+    ("assembling", "refused"): "a part out of order or malformed",
+    ("starting", "refused"): "the daemon could not start it",
+    ("started", "done"): "it ended: `task_done`",
 }
 
 
@@ -70,6 +102,47 @@ class RunRequested:
     task: str
     attempt: int
     spec: Any  # the task as the daemon parsed it at the wire; opaque to the core
+    parts: int = 0  # `run_part` messages still to come
+
+
+@dataclass(frozen=True)
+class RunPartReceived:
+    client: bytes
+    job: str
+    task: str
+    attempt: int
+    part: int
+    items: Any  # its inputs and outputs as the daemon parsed them; opaque to the core
+
+
+@dataclass(frozen=True)
+class RunUnreadable:
+    """A `run` or `run_part` that failed its checks, but says which run it is about."""
+
+    client: bytes
+    job: str
+    task: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class TaskStarted:
+    """The daemon started a run it was told to (StartTask)."""
+
+    job: str
+    task: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    """The daemon could not start a run it was told to (StartTask)."""
+
+    job: str
+    task: str
+    attempt: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -82,7 +155,7 @@ class PrefetchRequested:
 @dataclass(frozen=True)
 class PrefetchFinished:
     job: str
-    report: dict[str, Any]  # the fields of a `prefetched` message
+    report: Prefetched
 
 
 @dataclass(frozen=True)
@@ -97,7 +170,7 @@ class TaskFinished:
     job: str
     task: str
     attempt: int
-    report: dict[str, Any]  # the fields of a `task_done` message
+    report: TaskDone
 
 
 @dataclass(frozen=True)
@@ -115,6 +188,10 @@ Event = (
     | HeartbeatReceived
     | ReleaseRequested
     | RunRequested
+    | RunPartReceived
+    | RunUnreadable
+    | TaskStarted
+    | StartFailed
     | PrefetchRequested
     | PrefetchFinished
     | CancelRequested
@@ -130,8 +207,7 @@ Event = (
 @dataclass(frozen=True)
 class Send:
     client: bytes
-    msg_type: str
-    fields: dict[str, Any]
+    message: Message
 
 
 @dataclass(frozen=True)
@@ -142,10 +218,14 @@ class Advertise:
 
 @dataclass(frozen=True)
 class StartTask:
+    """Start a run: `spec` from its `run`, `parts` the items of its `run_part`s, in order.
+    The daemon answers with TaskStarted or StartFailed."""
+
     job: str
     task: str
     attempt: int
     spec: Any
+    parts: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -190,6 +270,16 @@ class _Lease:
 
 
 @dataclass
+class _Assembly:
+    """A run whose `run_part`s are still coming."""
+
+    attempt: int
+    spec: Any
+    parts: int
+    received: list[Any] = field(default_factory=list)
+
+
+@dataclass
 class WorkerCore:
     """The peer state machine for one worker daemon."""
 
@@ -198,6 +288,8 @@ class WorkerCore:
     state: PeerState = PeerState.IDLE
     lease: _Lease | None = None
     running: dict[str, int] = field(default_factory=dict)  # task -> attempt, of lease.job
+    assembling: dict[str, _Assembly] = field(default_factory=dict)  # runs still coming in
+    started: set[str] = field(default_factory=set)  # tasks of `running` acknowledged
     owner_active: bool = False
     log: list[tuple[float, str]] = field(default_factory=list)
 
@@ -210,17 +302,42 @@ class WorkerCore:
                 if self._holds(event.client, event.job):
                     assert self.lease is not None
                     self.lease.expires = now + event.lease_s
-                    out.append(Send(event.client, "heartbeat_ack", {"job": event.job}))
+                    runs = tuple(
+                        sorted((t, a) for t, a in self.running.items() if t in self.started)
+                    )
+                    out.append(Send(event.client, HeartbeatAck(event.job, runs)))
                 else:
                     out.append(self._deny(event.client, event.job))
             case ReleaseRequested():
                 if self._holds(event.client, event.job):
                     self._end_lease("released by its coordinator", now, out)
-                    out.append(Send(event.client, "released", {"job": event.job}))
+                    out.append(Send(event.client, Released(event.job)))
                 else:
                     out.append(self._deny(event.client, event.job))
             case RunRequested():
                 self._run(event, out)
+            case RunPartReceived():
+                self._run_part(event, out)
+            case RunUnreadable():
+                if not self._holds(event.client, event.job):
+                    out.append(self._deny(event.client, event.job))
+                else:
+                    self._refuse(
+                        event.client, event.job, event.task, event.attempt, event.reason, out
+                    )
+            case TaskStarted():
+                if self._runs(event.job, event.task, event.attempt):
+                    assert self.lease is not None
+                    self.started.add(event.task)
+                    out.append(
+                        Send(self.lease.client, Started(event.job, event.task, event.attempt))
+                    )
+            case StartFailed():
+                if self._runs(event.job, event.task, event.attempt):
+                    assert self.lease is not None
+                    self._refuse(
+                        self.lease.client, event.job, event.task, event.attempt, event.reason, out
+                    )
             case PrefetchRequested():
                 if self._holds(event.client, event.job):
                     out.append(StartPrefetch(event.job, event.files))
@@ -228,19 +345,17 @@ class WorkerCore:
                     out.append(self._deny(event.client, event.job))
             case PrefetchFinished():
                 if self.lease is not None and self.lease.job == event.job:
-                    out.append(Send(self.lease.client, "prefetched", event.report))
+                    out.append(Send(self.lease.client, event.report))
             case CancelRequested():
                 if self._holds(event.client, event.job) and event.task in self.running:
-                    attempt = self.running.pop(event.task)
+                    attempt = self.running[event.task]
+                    self._forget(event.task)
                     out.append(StopTask(event.job, event.task, attempt, "cancelled"))
             case TaskFinished():
-                if (
-                    self.lease is not None
-                    and self.lease.job == event.job
-                    and self.running.get(event.task) == event.attempt
-                ):
-                    del self.running[event.task]
-                    out.append(Send(self.lease.client, "task_done", event.report))
+                if self._runs(event.job, event.task, event.attempt):
+                    assert self.lease is not None
+                    self._forget(event.task)
+                    out.append(Send(self.lease.client, event.report))
             case OwnerActivity():
                 self._owner(event.active, now, out)
             case Tick():
@@ -261,13 +376,7 @@ class WorkerCore:
             # Before `reserved` goes out: the job's key opens the data server from then on.
             out.append(JobStarted(event.job, event.keys))
             out.append(Advertise(PeerState.RESERVED, event.job))
-        out.append(
-            Send(
-                event.client,
-                "reserved",
-                {"job": event.job, "data_port": self.data_port, "cpus": self.cpus},
-            )
-        )
+        out.append(Send(event.client, Reserved(event.job, self.data_port, self.cpus)))
 
     def _run(self, event: RunRequested, out: list[Instruction]) -> None:
         if not self._holds(event.client, event.job):
@@ -276,10 +385,50 @@ class WorkerCore:
             reason = (
                 "already running" if event.task in self.running else f"all {self.cpus} slots busy"
             )
-            out.append(Send(event.client, "task_done", refused_report(event, reason)))
+            out.append(Send(event.client, Refused(event.job, event.task, event.attempt, reason)))
         else:
             self.running[event.task] = event.attempt
-            out.append(StartTask(event.job, event.task, event.attempt, event.spec))
+            if event.parts:
+                self.assembling[event.task] = _Assembly(event.attempt, event.spec, event.parts)
+            else:
+                out.append(StartTask(event.job, event.task, event.attempt, event.spec))
+
+    def _run_part(self, event: RunPartReceived, out: list[Instruction]) -> None:
+        if not self._holds(event.client, event.job):
+            out.append(self._deny(event.client, event.job))
+            return
+        run = self.assembling.get(event.task)
+        if run is None or run.attempt != event.attempt or event.part != len(run.received) + 1:
+            why = f"part {event.part} of a run that is not expecting it"
+            self._refuse(event.client, event.job, event.task, event.attempt, why, out)
+            return
+        run.received.append(event.items)
+        if len(run.received) == run.parts:
+            del self.assembling[event.task]
+            out.append(
+                StartTask(event.job, event.task, event.attempt, run.spec, tuple(run.received))
+            )
+
+    def _refuse(
+        self, client: bytes, job: str, task: str, attempt: int, reason: str, out: list[Instruction]
+    ) -> None:
+        """Answer `refused`; a run of that attempt gives its slot back (stopped if started)."""
+        if self._runs(job, task, attempt):
+            if task in self.started:
+                out.append(StopTask(job, task, attempt, f"refused: {reason}"))
+            self._forget(task)
+        out.append(Send(client, Refused(job, task, attempt, reason)))
+
+    def _runs(self, job: str, task: str, attempt: int) -> bool:
+        """Whether this run (of the job holding the peer) has a slot."""
+        return (
+            self.lease is not None and self.lease.job == job and self.running.get(task) == attempt
+        )
+
+    def _forget(self, task: str) -> None:
+        self.running.pop(task, None)
+        self.assembling.pop(task, None)
+        self.started.discard(task)
 
     def _owner(self, active: bool, now: float, out: list[Instruction]) -> None:
         self.owner_active = active
@@ -287,7 +436,7 @@ class WorkerCore:
             assert self.lease is not None
             holder, job = self.lease.client, self.lease.job
             self._end_lease("the owner came back", now, out, to=PeerState.BUSY)
-            out.append(Send(holder, "preempted", {"job": job, "reason": "its owner came back"}))
+            out.append(Send(holder, Preempted(job, "its owner came back")))
         elif active and self.state is PeerState.IDLE:
             self._move(PeerState.BUSY, now, "the owner came back")
             out.append(Advertise(PeerState.BUSY, None))
@@ -303,6 +452,8 @@ class WorkerCore:
             out.append(StopTask(self.lease.job, task, attempt, why))
         out.append(JobEnded(self.lease.job, why))
         self.running.clear()
+        self.assembling.clear()
+        self.started.clear()
         self.lease = None
         self._move(to, now, why)
         out.append(Advertise(to, None))
@@ -319,7 +470,7 @@ class WorkerCore:
             reason = "busy: its owner is using it"
         else:
             reason = "not reserved by this job (the lease may have expired)"
-        return Send(client, "denied", {"job": job, "reason": reason})
+        return Send(client, Denied(job, reason))
 
     def _move(self, to: PeerState, now: float, why: str) -> None:
         assert (self.state, to) in _TRANSITIONS, f"illegal transition {self.state} -> {to}"
@@ -332,22 +483,7 @@ class WorkerCore:
         assert (self.state is PeerState.RESERVED) == (self.lease is not None)
         assert len(self.running) <= self.cpus
         assert not self.running or self.state is PeerState.RESERVED
+        assert set(self.assembling) <= set(self.running)
+        assert self.started <= set(self.running)
+        assert not set(self.assembling) & self.started
         assert not (self.owner_active and self.state is PeerState.IDLE)
-
-
-def refused_report(event: RunRequested, reason: str) -> dict[str, Any]:
-    """A `task_done` for a task that never started (the coordinator retries it elsewhere)."""
-    return {
-        "job": event.job,
-        "task": event.task,
-        "attempt": event.attempt,
-        "exit_code": -1,
-        "outputs": [],
-        "stderr_tail": "",
-        "error": f"refused by the peer: {reason}",
-        "fetch_s": 0.0,
-        "run_s": 0.0,
-        "bytes_fetched": 0,
-        "fetched": [],
-        "hit_bytes": 0,
-    }

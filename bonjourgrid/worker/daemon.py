@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -33,25 +34,33 @@ from bonjourgrid.cache.local import SANDBOXES, CacheFullError, LocalCache
 from bonjourgrid.cache.transfer import DataServer, Fetcher
 from bonjourgrid.credentials import WorkerIdentity
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
-from bonjourgrid.discovery.txt import JOB_NAME, PEER_SERVICE, PeerRecord, peer_txt
+from bonjourgrid.discovery.txt import PEER_SERVICE, PeerRecord, peer_txt
 from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.fdlimit import raise_open_file_limit
 from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, Keypair
+from bonjourgrid.protocol import (
+    Cancel,
+    Error,
+    Heartbeat,
+    Holding,
+    Message,
+    Prefetch,
+    Prefetched,
+    PrefetchFile,
+    Probe,
+    Release,
+    Reserve,
+    Run,
+    RunPart,
+    TaskDone,
+    attempt_of,
+    from_fields,
+)
 from bonjourgrid.units import MIB
 from bonjourgrid.worker import core, reaper
 from bonjourgrid.worker.core import PeerState, WorkerCore
 from bonjourgrid.worker.idle import IdleSettings, OwnerMonitor
-from bonjourgrid.worker.sandbox import (
-    FETCHED,
-    JobData,
-    PrefetchFile,
-    RunSpec,
-    Staging,
-    TaskRun,
-    parse_digests,
-    parse_prefetch,
-    parse_spec,
-)
+from bonjourgrid.worker.sandbox import FETCHED, JobData, RunSpec, Staging, TaskRun, run_spec
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +149,9 @@ class WorkerDaemon:
             data, self.store.locate, self.data_policy if grid is not None else None
         )
         background = [
-            asyncio.create_task(wire.serve(control, "control", self._handle_control)),
+            asyncio.create_task(
+                wire.serve(control, "control", self._handle_control, refuse=self._unreadable)
+            ),
             asyncio.create_task(self.data_server.serve_forever()),
             asyncio.create_task(self._tick()),
         ]
@@ -196,10 +207,9 @@ class WorkerDaemon:
         )
         return peer_txt(record)
 
-    async def _handle_control(self, client: bytes, msg: dict[str, Any]) -> bytes | None:
-        if msg["t"] == "probe":  # a question about the cache, in any state: no event
-            held = self.store.holding(parse_digests(msg["digests"]))
-            return wire.encode("holding", digests=held)
+    async def _handle_control(self, client: bytes, msg: Message) -> bytes | None:
+        if isinstance(msg, Probe):  # a question about the cache, in any state: no event
+            return wire.encode(Holding(tuple(self.store.holding(list(msg.digests)))))
         event = self._event(client, msg)  # a ProtocolError here is answered by wire.serve
         try:
             await self._apply(event)  # replies go out as the core's Send instructions
@@ -207,40 +217,53 @@ class WorkerDaemon:
             log.exception("control: could not handle %s", type(event).__name__)
         return None
 
-    def _event(self, client: bytes, msg: dict[str, Any]) -> core.Event:
-        match msg["t"]:
-            case "reserve":
-                if not JOB_NAME.fullmatch(msg["job"]):
-                    raise ProtocolError(f"job name {msg['job'][:80]!r} is not a valid name")
+    async def _unreadable(self, client: bytes, frame: bytes, err: ProtocolError) -> bytes | None:
+        """A frame that failed `decode`: a run it names is refused (so its coordinator does
+        not wait for it), anything else gets an `error`."""
+        about = attempt_of(frame)
+        if about is None or about[0] not in (Run.TYPE, RunPart.TYPE):
+            return wire.encode(Error(str(err)[:1000]))
+        _, job, task, attempt = about
+        await self._apply(core.RunUnreadable(client, job, task, attempt, str(err)[:1000]))
+        return None
+
+    def _event(self, client: bytes, msg: Message) -> core.Event:
+        match msg:
+            case Reserve():
                 keys = job_keys(msg)  # checked even under --insecure, where they are not used
-                return core.ReserveRequested(
-                    client, msg["job"], _lease(msg), msg["coordinator"], keys
-                )
-            case "heartbeat":
-                return core.HeartbeatReceived(client, msg["job"], _lease(msg))
-            case "release":
-                return core.ReleaseRequested(client, msg["job"])
-            case "run":
-                # Parsed here, at the wire: a malformed task is refused before it takes a slot.
-                spec = parse_spec(msg)
-                return core.RunRequested(client, msg["job"], msg["task"], msg["attempt"], spec)
-            case "cancel":
-                return core.CancelRequested(client, msg["job"], msg["task"])
-            case "prefetch":
-                return core.PrefetchRequested(client, msg["job"], parse_prefetch(msg))
-        raise ProtocolError(f"a worker does not take {msg['t']!r} messages")
+                return core.ReserveRequested(client, msg.job, msg.lease_s, msg.coordinator, keys)
+            case Heartbeat():
+                return core.HeartbeatReceived(client, msg.job, msg.lease_s)
+            case Release():
+                return core.ReleaseRequested(client, msg.job)
+            case Run():
+                # The whole run is checked when its last part is in (StartTask: run_spec).
+                return core.RunRequested(client, msg.job, msg.task, msg.attempt, msg, msg.parts)
+            case RunPart():
+                return core.RunPartReceived(client, msg.job, msg.task, msg.attempt, msg.part, msg)
+            case Cancel():
+                return core.CancelRequested(client, msg.job, msg.task)
+            case Prefetch():
+                return core.PrefetchRequested(client, msg.job, msg.files)
+        raise ProtocolError(f"a worker does not take {msg.TYPE!r} messages")
 
     async def _apply(self, event: core.Event) -> None:
         assert self.core is not None and self._control is not None
         for instruction in self.core.handle(event, time.monotonic()):
             match instruction:
-                case core.Send(client, msg_type, fields):
-                    await self._control.send_multipart([client, wire.encode(msg_type, **fields)])
+                case core.Send(client, message):
+                    await self._control.send_multipart([client, _encode_reply(message)])
                 case core.Advertise(state, job):
                     assert self.advertiser is not None
                     await self.advertiser.update(self._txt(state, job))
-                case core.StartTask(job, task, attempt, spec):
-                    self._start(job, task, attempt, spec)
+                case core.StartTask(job, task, attempt, run, parts):
+                    try:
+                        self._start(job, task, attempt, run_spec(run, parts))
+                    except (ProtocolError, OSError) as err:
+                        log.warning("refused %s/%s: %s", job, task, err)
+                        await self._apply(core.StartFailed(job, task, attempt, str(err)[:1000]))
+                    else:
+                        await self._apply(core.TaskStarted(job, task, attempt))
                 case core.JobStarted(job, keys):
                     self._job_started(job, keys)
                 case core.JobEnded(job, reason):
@@ -318,14 +341,9 @@ class WorkerDaemon:
             error = f"the worker could not prefetch it: {type(err).__name__}: {err}"
         if error and not self.store.holds(ref.digest):  # a pin on nothing helps nobody
             job.let_go(ref.digest)
-        report = {
-            "job": job.name,
-            "digest": ref.digest,
-            "source": source,
-            "bytes": moved,
-            "seconds": time.monotonic() - started,
-            "error": error,
-        }
+        report = Prefetched(
+            job.name, ref.digest, source, moved, time.monotonic() - started, error[:10_000]
+        )
         await self._apply(core.PrefetchFinished(job.name, report))
 
     def _start(self, job: str, task: str, attempt: int, spec: RunSpec) -> None:
@@ -337,7 +355,7 @@ class WorkerDaemon:
         run = TaskRun(self.job, task, attempt, spec, workdir, self.staging)
 
         async def execute() -> None:
-            report = await run.execute()
+            report = task_done(await run.execute())
             if self.runs.pop((job, task, attempt), None) is not None:
                 await self._apply(core.TaskFinished(job, task, attempt, report))
 
@@ -383,9 +401,34 @@ class WorkerDaemon:
                 failing = True
 
 
-def job_keys(msg: dict[str, Any]) -> Keypair | None:
+def task_done(report: dict[str, Any]) -> TaskDone:
+    """The `task_done` for a run's report (TaskRun.execute), checked as the coordinator will."""
+    try:
+        return from_fields(TaskDone, report)
+    except ProtocolError as err:  # a report always goes back: a failed one, then
+        log.exception("task report of %s is malformed", report.get("task"))
+        fields = {**report, "outputs": [], "fetched": [], "stderr_tail": ""}
+        fields.update(exit_code=-1, error=f"the worker made a malformed report: {err}")
+        return from_fields(TaskDone, fields)
+
+
+def _encode_reply(message: Message) -> bytes:
+    try:
+        return wire.encode(message)
+    except ProtocolError as err:
+        if not isinstance(message, TaskDone):
+            raise
+        # Too big for a frame (a run that fetched more files than a frame can list):
+        # the bytes moved still add up, the per-file list goes.
+        log.warning(
+            "task_done of %s: %s; sent without its list of fetched files", message.task, err
+        )
+        return wire.encode(dataclasses.replace(message, fetched=()))
+
+
+def job_keys(msg: Reserve) -> Keypair | None:
     """The job keypair of a decoded `reserve` (None when both halves are ""); ProtocolError."""
-    public, secret = msg["job_public"], msg["job_secret"]
+    public, secret = msg.job_public, msg.job_secret
     if public == secret == "":
         return None
     if not (_is_z85_key(public) and _is_z85_key(secret)):
@@ -407,13 +450,6 @@ def _is_z85_key(text: str) -> bool:
 
 
 _Z85 = frozenset(z85.Z85CHARS.decode())
-
-
-def _lease(msg: dict[str, Any]) -> float:
-    lease = float(msg["lease_s"])
-    if not 0 < lease <= 3600:
-        raise ProtocolError(f"lease of {lease} s is out of range (0, 3600]")
-    return lease
 
 
 def default_cache_dir(name: str) -> Path:

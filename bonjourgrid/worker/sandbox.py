@@ -31,16 +31,23 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from bonjourgrid import wire
 from bonjourgrid.cache.local import CacheFullError, LocalCache
-from bonjourgrid.cache.store import FileRef, is_digest
+from bonjourgrid.cache.store import FileRef
 from bonjourgrid.cache.transfer import Fetcher, Source
 from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.keys import Keypair
+from bonjourgrid.protocol import (
+    MAX_RUN_FILES,
+    Run,
+    RunPart,
+    TaskInput,
+    check_path,
+)
 from bonjourgrid.worker import reaper
 from bonjourgrid.worker.limits import Limits, limits_from_wire, task_preexec
 
@@ -57,15 +64,8 @@ _DISK_FULL_BYTES = 1024 * 1024  # a failed task on a disk with less free than th
 
 
 @dataclass(frozen=True)
-class TaskInput:
-    path: str
-    ref: FileRef
-    sources: tuple[Source, ...]
-
-
-@dataclass(frozen=True)
 class RunSpec:
-    """What a `run` message asks for, checked."""
+    """What a `run` (and its `run_part`s) asks for, checked."""
 
     command: str
     inputs: tuple[TaskInput, ...]
@@ -76,67 +76,25 @@ class RunSpec:
 
 def safe_relative(path: str) -> str:
     """`path` if it is relative and stays inside the sandbox; ProtocolError otherwise."""
-    pure = PurePosixPath(path)
-    if (
-        not path
-        or "\x00" in path
-        or pure.is_absolute()
-        or ".." in pure.parts
-        or path.startswith("~")
-    ):
-        raise ProtocolError(f"path {path[:200]!r} would escape the task directory")
-    return str(pure)
+    return check_path(path)
 
 
-def _sources(items: list[Any]) -> tuple[Source, ...]:
-    return tuple(Source(*s) for s in wire.check_list(items, (str, str, str), "source"))
-
-
-def parse_spec(msg: dict[str, Any]) -> RunSpec:
-    """The task in a decoded `run` message; ProtocolError if any part is malformed."""
-    inputs = []
-    for path, digest, size, sources in wire.check_list(
-        msg["inputs"], (str, str, int, list), "input"
-    ):
-        if not is_digest(digest) or size < 0:
-            raise ProtocolError(f"input {path!r} has a bad digest or size")
-        inputs.append(TaskInput(safe_relative(path), FileRef(digest, size), _sources(sources)))
-    outputs = tuple(
-        safe_relative(p)
-        for (p,) in wire.check_list([[o] for o in msg["outputs"]], (str,), "output")
-    )
-    paths = [i.path for i in inputs] + list(outputs)
+def run_spec(run: Run, parts: Sequence[RunPart] = ()) -> RunSpec:
+    """The task of a decoded `run` and its parts (each checked by `decode`) as a whole;
+    ProtocolError if the whole does not hold together."""
+    inputs = list(run.inputs)
+    outputs = list(run.outputs)
+    for part in parts:
+        inputs.extend(part.inputs)
+        outputs.extend(part.outputs)
+    if len(inputs) + len(outputs) > MAX_RUN_FILES:
+        raise ProtocolError(f"a run lists more than {MAX_RUN_FILES} inputs and outputs")
+    paths = [i.path for i in inputs] + outputs
     if len(set(paths)) != len(paths):
         raise ProtocolError("a path is listed twice among the task's inputs and outputs")
-    env = wire.str_mapping(msg["env"], "env")
-    if any("\x00" in k or "=" in k or not k or "\x00" in v for k, v in env.items()):
-        raise ProtocolError("env names must be non-empty without '=' or NUL; values without NUL")
-    if "\x00" in msg["command"]:
-        raise ProtocolError("the command contains a NUL byte")
-    return RunSpec(msg["command"], tuple(inputs), outputs, env, limits_from_wire(msg["limits"]))
-
-
-@dataclass(frozen=True)
-class PrefetchFile:
-    ref: FileRef
-    sources: tuple[Source, ...]
-
-
-def parse_prefetch(msg: dict[str, Any]) -> tuple[PrefetchFile, ...]:
-    """The files of a decoded `prefetch` message; ProtocolError if any entry is malformed."""
-    files = []
-    for digest, size, sources in wire.check_list(msg["files"], (str, int, list), "file"):
-        if not is_digest(digest) or size < 0:
-            raise ProtocolError(f"prefetch of {digest[:64]!r}: bad digest or size")
-        files.append(PrefetchFile(FileRef(digest, size), _sources(sources)))
-    return tuple(files)
-
-
-def parse_digests(items: list[Any]) -> list[str]:
-    """The digests of a decoded `probe` message; ProtocolError if one is not a digest."""
-    if not all(isinstance(d, str) and is_digest(d) for d in items):
-        raise ProtocolError("a probe lists SHA-256 digests (64 lowercase hex digits)")
-    return list(items)
+    return RunSpec(
+        run.command, tuple(inputs), tuple(outputs), run.env, limits_from_wire(run.limits)
+    )
 
 
 @dataclass(eq=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -30,7 +31,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bonjourgrid import keys, wire
+from bonjourgrid import keys, protocol, wire
 from bonjourgrid.coordinator.peers import control_routing_id
 from bonjourgrid.errors import ProtocolError
 from bonjourgrid.keys import GridKey, Keypair
@@ -157,9 +158,9 @@ def dealer(
 
 def ask(sock: zmq.Socket[bytes], msg_type: str, **fields: Any) -> dict[str, Any]:
     """Send one message and return the reply, decoded; fails the test after REPLY_S."""
-    sock.send(wire.encode(msg_type, **fields))
+    sock.send(wire.pack_raw(msg_type, **fields))
     assert sock.poll(int(REPLY_S * 1000)), f"no reply to {msg_type!r} within {REPLY_S} s"
-    return wire.decode(sock.recv(), limit=wire.MAX_DATA_FRAME)
+    return wire.as_map(wire.decode(sock.recv(), limit=wire.MAX_DATA_FRAME))
 
 
 def drain(sock: zmq.Socket[bytes], wait_ms: int = 0) -> list[bytes]:
@@ -195,7 +196,7 @@ class RealCoordinator:
     def check_still_served(self) -> None:
         """Heartbeat acknowledged, reservation ours, data served, daemon thread alive."""
         ack = ask(self.control, "heartbeat", job=JOB, lease_s=30.0)
-        assert ack == {"v": 1, "t": "heartbeat_ack", "job": JOB}
+        assert ack == {"v": 1, "t": "heartbeat_ack", "job": JOB, "running": []}
         core = self.peer.daemon.core
         assert core is not None and core.state is PeerState.RESERVED
         assert core.lease is not None and (core.lease.job, core.lease.client) == (
@@ -215,17 +216,17 @@ def real(ctx: zmq.Context[zmq.Socket[bytes]], live: LivePeer) -> RealCoordinator
 
 # -- what attackers send ---------------------------------------------------------------------
 
-_TYPES = sorted(wire.SCHEMAS)
+_TYPES = sorted(protocol.MESSAGES)
 _VALID = [
-    wire.encode(
+    wire.pack_raw(
         "reserve", job="intruder", lease_s=30.0, coordinator="x", job_public="", job_secret=""
     ),
-    wire.encode("prefetch", job=JOB, files=[[SEEDED_DIGEST, len(SEEDED), []]]),
-    wire.encode("probe", digests=[SEEDED_DIGEST]),
-    wire.encode("heartbeat", job=JOB, lease_s=3600),
-    wire.encode("release", job=JOB),
-    wire.encode("cancel", job=JOB, task="t"),
-    wire.encode(
+    wire.pack_raw("prefetch", job=JOB, files=[[SEEDED_DIGEST, len(SEEDED), []]]),
+    wire.pack_raw("probe", digests=[SEEDED_DIGEST]),
+    wire.pack_raw("heartbeat", job=JOB, lease_s=3600),
+    wire.pack_raw("release", job=JOB),
+    wire.pack_raw("cancel", job=JOB, task="t"),
+    wire.pack_raw(
         "run",
         job=JOB,
         task="t",
@@ -236,8 +237,8 @@ _VALID = [
         env={},
         limits={},
     ),
-    wire.encode("get", digest=SEEDED_DIGEST, offset=0, size=16),
-    wire.encode("chunk", digest=SEEDED_DIGEST, offset=0, data=b"forged"),
+    wire.pack_raw("get", digest=SEEDED_DIGEST, offset=0, size=16),
+    wire.pack_raw("chunk", digest=SEEDED_DIGEST, offset=0, data=b"forged"),
 ]
 _SCALARS = (
     st.none()
@@ -268,7 +269,7 @@ def _typed(draw: st.DrawFn) -> bytes:
     """A map with the right envelope, each schema field right, arbitrary or absent."""
     msg_type = draw(st.sampled_from(_TYPES))
     msg: dict[str, Any] = {"v": 1, "t": msg_type}
-    for name in wire.SCHEMAS[msg_type]:
+    for name in (f.name for f in dataclasses.fields(protocol.MESSAGES[msg_type])):
         how = draw(st.sampled_from(["arbitrary", "arbitrary", "absent"]))
         if how == "arbitrary":
             msg[name] = draw(_VALUES)
@@ -290,7 +291,7 @@ def _truncated(draw: st.DrawFn) -> bytes:
 
 
 _RUNS = st.builds(
-    lambda inputs, outputs, env, limits, command: wire.encode(
+    lambda inputs, outputs, env, limits, command: wire.pack_raw(
         "run", job=JOB, task="t", attempt=1, command=command,
         inputs=inputs, outputs=outputs, env=env, limits=limits,
     ),
@@ -301,7 +302,7 @@ _RUNS = st.builds(
     st.text(max_size=20),
 )  # fmt: skip
 _GETS = st.builds(
-    lambda digest, offset, size: wire.encode("get", digest=digest, offset=offset, size=size),
+    lambda digest, offset, size: wire.pack_raw("get", digest=digest, offset=offset, size=size),
     st.sampled_from([SEEDED_DIGEST, "ab" * 32, "", "../x"]) | st.text(max_size=70),
     _OFFSETS,
     st.integers(-(2**63), 2**64 - 1) | st.sampled_from([1, wire.CHUNK_SIZE, wire.CHUNK_SIZE + 1]),
@@ -334,7 +335,7 @@ def _reply_types(frames: list[bytes]) -> set[str]:
     types = set()
     for frame in frames:
         try:
-            types.add(wire.decode(frame, limit=wire.MAX_DATA_FRAME)["t"])
+            types.add(wire.as_map(wire.decode(frame, limit=wire.MAX_DATA_FRAME))["t"])
         except ProtocolError as err:  # the daemon only ever sends well-formed messages
             pytest.fail(f"the daemon sent a malformed reply: {err}")
     return types
@@ -434,9 +435,9 @@ def test_a_get_past_the_largest_file_offset_is_refused_and_the_server_keeps_serv
     live: LivePeer, real: RealCoordinator, ctx: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
     insider = dealer(ctx, live.data, live.key, live.grid.keypair())
-    insider.send(wire.encode("get", digest=SEEDED_DIGEST, offset=2**63, size=16))
+    insider.send(wire.pack_raw("get", digest=SEEDED_DIGEST, offset=2**63, size=16))
     assert insider.poll(1000), "no answer: the data server is gone"
-    assert wire.decode(insider.recv())["t"] == "error"
+    assert wire.as_map(wire.decode(insider.recv()))["t"] == "error"
     real.check_still_served()
 
 

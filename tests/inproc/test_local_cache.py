@@ -232,7 +232,7 @@ async def test_a_corrupt_cached_input_is_fetched_again(
     fields = coordinator.run_fields(
         "job-1", "a", "cp in.txt out.txt", {"in.txt": ref}, ("out.txt",)
     )
-    await sock.send(wire.encode("run", **fields))
+    await sock.send(wire.pack_raw("run", **fields))
     done = await coordinator.recv(sock)
     assert (done["exit_code"], done["bytes_fetched"]) == (0, len(text))
 
@@ -243,7 +243,7 @@ async def test_a_corrupt_cached_input_is_fetched_again(
     fields = coordinator.run_fields(
         "job-1", "b", "cp in.txt out.txt", {"in.txt": ref}, ("out.txt",)
     )
-    await sock.send(wire.encode("run", **fields))
+    await sock.send(wire.pack_raw("run", **fields))
     done = await coordinator.recv(sock)
     assert (done["exit_code"], done["error"]) == (0, "")
     assert done["bytes_fetched"] == len(text)  # the corrupt copy was not used
@@ -259,7 +259,7 @@ async def test_an_output_larger_than_the_cache_fails_the_task_clearly(
     sock = await coordinator.reserve("job-1")
     command = "head -c 100000 /dev/zero > big.dat"
     fields = coordinator.run_fields("job-1", "t", command, outputs=("big.dat",))
-    await sock.send(wire.encode("run", **fields))
+    await sock.send(wire.pack_raw("run", **fields))
     done = await coordinator.recv(sock)
     assert done["exit_code"] == 0 and done["outputs"] == []
     assert "output 'big.dat'" in done["error"] and "--cache-size" in done["error"]
@@ -310,7 +310,7 @@ async def test_the_cache_survives_a_daemon_restart(
                 sock = await coord.reserve("job-1")
                 ref = coord.serve("in.txt", text)
                 fields = coord.run_fields("job-1", f"t{life}", "cat in.txt", {"in.txt": ref})
-                await sock.send(wire.encode("run", **fields))
+                await sock.send(wire.pack_raw("run", **fields))
                 reports.append(await coord.recv(sock))
             finally:
                 await coord.close()

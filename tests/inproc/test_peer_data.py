@@ -207,12 +207,16 @@ class Job:
 
 
 async def recv(sock: zmq.asyncio.Socket, timeout: float = REPLY_S) -> dict[str, Any]:
-    assert await sock.poll(timeout * 1000), f"no reply within {timeout} s"
-    return wire.decode(await sock.recv())
+    """The next message other than a run's acknowledgement (`started`)."""
+    while True:
+        assert await sock.poll(timeout * 1000), f"no reply within {timeout} s"
+        msg = wire.as_map(wire.decode(await sock.recv()))
+        if msg["t"] != "started":
+            return msg
 
 
 async def ask(sock: zmq.asyncio.Socket, msg_type: str, **fields: Any) -> dict[str, Any]:
-    await sock.send(wire.encode(msg_type, **fields))
+    await sock.send(wire.pack_raw(msg_type, **fields))
     return await recv(sock)
 
 
@@ -407,7 +411,7 @@ async def test_a_prefetched_file_is_reported_by_its_prefetch_and_then_is_a_hit(
     ref = job.stage("ref.bin", data)
     async with live_peer(tmp_path / "a", grid) as a:
         sock = await job.reserve(a)
-        await sock.send(wire.encode("prefetch", **job.prefetch_fields((ref, [job.source]))))
+        await sock.send(wire.pack_raw("prefetch", **job.prefetch_fields((ref, [job.source]))))
         got = await recv(sock)
         assert got["t"] == "prefetched", got
         assert {k: got[k] for k in ("job", "digest", "source", "bytes", "error")} == {
@@ -445,8 +449,8 @@ async def test_a_prefetch_and_a_run_of_one_file_share_one_fetch(
     ref = job.stage("big.bin", os.urandom(2 * wire.CHUNK_SIZE), start=False)
     inputs = {"big.bin": (ref, [job.source])}
     messages = {
-        "prefetch": wire.encode("prefetch", **job.prefetch_fields((ref, [job.source]))),
-        "run": wire.encode("run", **job.run_fields("t", "test -s big.bin", inputs)),
+        "prefetch": wire.pack_raw("prefetch", **job.prefetch_fields((ref, [job.source]))),
+        "run": wire.pack_raw("run", **job.run_fields("t", "test -s big.bin", inputs)),
     }
     second = "run" if first == "prefetch" else "prefetch"
     async with live_peer(tmp_path / "a", grid) as a:
@@ -504,9 +508,9 @@ async def test_the_end_of_a_reservation_cancels_its_fetches(
     other = job.stage("input.bin", os.urandom(wire.CHUNK_SIZE), start=False)
     async with live_peer(tmp_path / "a", grid) as a:
         sock = await job.reserve(a)
-        await sock.send(wire.encode("prefetch", **job.prefetch_fields((ref, [job.source]))))
+        await sock.send(wire.pack_raw("prefetch", **job.prefetch_fields((ref, [job.source]))))
         inputs = {"input.bin": (other, [job.source])}
-        await sock.send(wire.encode("run", **job.run_fields("t", "true", inputs)))
+        await sock.send(wire.pack_raw("run", **job.run_fields("t", "true", inputs)))
         inflight = a.daemon.staging.inflight
         await wait_until(lambda: len(inflight) == 2, REPLY_S, "the fetches")
         assert ref.digest in a.daemon.store.pinned()

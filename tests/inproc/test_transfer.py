@@ -290,22 +290,22 @@ async def test_a_data_server_answers_nonsense_with_errors_and_keeps_serving(
     async def ask(frame: bytes) -> dict[str, object]:
         await sock.send(frame)
         assert await sock.poll(5000), "the data server did not answer"
-        return wire.decode(await sock.recv(), limit=wire.MAX_DATA_FRAME)
+        return wire.as_map(wire.decode(await sock.recv(), limit=wire.MAX_DATA_FRAME))
 
     nonsense = [
         b"\xc1 not msgpack",
-        wire.encode("reserve", job="j", lease_s=1.0, coordinator="h"),  # control, not data
-        wire.encode("get", digest=ref.digest, offset=-1, size=10),
-        wire.encode("get", digest=ref.digest, offset=0, size=0),
-        wire.encode("get", digest=ref.digest, offset=0, size=CHUNK + 1),
+        wire.pack_raw("reserve", job="j", lease_s=1.0, coordinator="h"),  # control, not data
+        wire.pack_raw("get", digest=ref.digest, offset=-1, size=10),
+        wire.pack_raw("get", digest=ref.digest, offset=0, size=0),
+        wire.pack_raw("get", digest=ref.digest, offset=0, size=CHUNK + 1),
     ]
     for frame in nonsense:
         assert (await ask(frame))["t"] == "error"
-    assert await ask(wire.encode("get", digest="ab" * 32, offset=0, size=10)) == {
+    assert await ask(wire.pack_raw("get", digest="ab" * 32, offset=0, size=10)) == {
         "v": 1,
         "t": "missing",
         "digest": "ab" * 32,
     }
-    reply = await ask(wire.encode("get", digest=ref.digest, offset=10, size=50))
+    reply = await ask(wire.pack_raw("get", digest=ref.digest, offset=10, size=50))
     assert reply["t"] == "chunk" and reply["data"] == path.read_bytes()[10:60]
     assert server.bytes_served == 50

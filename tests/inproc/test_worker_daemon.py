@@ -107,6 +107,7 @@ class Coordinator:
         self.ctx = ctx
         self.peer = peer
         self.submit_dir = submit_dir
+        self.started: list[tuple[str, int]] = []  # (task, attempt) of `started` messages
         self.keypair = Keypair.generate()  # the coordinator's own data-server key
         self.job_keys: dict[str, Keypair] = {}  # one CURVE keypair per job, as in `reserve`
         self.index = FileIndex()
@@ -125,11 +126,16 @@ class Coordinator:
         return sock
 
     async def recv(self, sock: zmq.asyncio.Socket, timeout: float = REPLY_S) -> dict[str, Any]:
-        assert await sock.poll(timeout * 1000), f"no reply within {timeout} s"
-        return wire.decode(await sock.recv())
+        """The next message other than `started` (those are kept in `self.started`)."""
+        while True:
+            assert await sock.poll(timeout * 1000), f"no reply within {timeout} s"
+            msg = wire.as_map(wire.decode(await sock.recv()))
+            if msg["t"] != "started":
+                return msg
+            self.started.append((msg["task"], msg["attempt"]))
 
     async def ask(self, sock: zmq.asyncio.Socket, msg_type: str, **fields: Any) -> dict[str, Any]:
-        await sock.send(wire.encode(msg_type, **fields))
+        await sock.send(wire.pack_raw(msg_type, **fields))
         return await self.recv(sock)
 
     def job_key(self, job: str) -> Keypair:
@@ -266,7 +272,7 @@ async def test_a_client_without_the_grid_key_gets_no_reply(
     peer: Peer, coordinator: Coordinator
 ) -> None:
     outsider = coordinator.connect(Keypair.generate())
-    await outsider.send(wire.encode("reserve", **coordinator.reserve_fields("intruder")))
+    await outsider.send(wire.pack_raw("reserve", **coordinator.reserve_fields("intruder")))
     assert not await outsider.poll(SILENCE_S * 1000)
     assert peer.state is PeerState.IDLE
     await coordinator.reserve("job-1")  # the grid's coordinators are still served
@@ -283,7 +289,7 @@ async def test_a_task_runs_and_its_output_is_fetchable_from_the_peer(
     ref = coordinator.serve("in.txt", text)
     command = "tr a-z A-Z < in.txt > out.txt"
     fields = coordinator.run_fields("job-1", "upper", command, {"in.txt": ref}, ("out.txt",))
-    await sock.send(wire.encode("run", **fields))
+    await sock.send(wire.pack_raw("run", **fields))
     done = await coordinator.recv(sock)
     expected = text.upper()
     assert done["t"] == "task_done" and done["task"] == "upper" and done["attempt"] == 1
@@ -305,7 +311,7 @@ async def test_a_task_runs_and_its_output_is_fetchable_from_the_peer(
 
     # The input is now in the peer's cache: the next task that reads it fetches nothing.
     fields = coordinator.run_fields("job-1", "count", "wc -c < in.txt", {"in.txt": ref})
-    await sock.send(wire.encode("run", **fields))
+    await sock.send(wire.pack_raw("run", **fields))
     done = await coordinator.recv(sock)
     assert (done["exit_code"], done["bytes_fetched"], done["fetched"]) == (0, 0, [])
     assert done["hit_bytes"] == len(text)
@@ -316,7 +322,7 @@ async def test_a_failing_command_reports_its_exit_code_and_stderr(
 ) -> None:
     sock = await coordinator.reserve("job-1")
     command = "echo 'cannot open raw/1.fits' >&2; exit 3"
-    await sock.send(wire.encode("run", **coordinator.run_fields("job-1", "proj", command)))
+    await sock.send(wire.pack_raw("run", **coordinator.run_fields("job-1", "proj", command)))
     done = await coordinator.recv(sock)
     assert done["t"] == "task_done" and done["exit_code"] == 3
     assert "cannot open raw/1.fits" in done["stderr_tail"]
@@ -326,7 +332,7 @@ async def test_a_failing_command_reports_its_exit_code_and_stderr(
 async def test_an_output_that_is_a_symlink_is_refused(peer: Peer, coordinator: Coordinator) -> None:
     sock = await coordinator.reserve("job-1")
     fields = coordinator.run_fields("job-1", "t", "ln -s /etc/passwd out.txt", outputs=("out.txt",))
-    await sock.send(wire.encode("run", **fields))
+    await sock.send(wire.pack_raw("run", **fields))
     done = await coordinator.recv(sock)
     assert done["t"] == "task_done"
     assert "not a regular file" in done["error"]
@@ -336,7 +342,7 @@ async def test_an_output_that_is_a_symlink_is_refused(peer: Peer, coordinator: C
 
 async def test_release_stops_the_jobs_running_tasks(peer: Peer, coordinator: Coordinator) -> None:
     sock = await coordinator.reserve("job-1")
-    await sock.send(wire.encode("run", **coordinator.run_fields("job-1", "t", "sleep 30")))
+    await sock.send(wire.pack_raw("run", **coordinator.run_fields("job-1", "t", "sleep 30")))
     me = psutil.Process()
 
     def sleepers() -> list[psutil.Process]:
@@ -375,19 +381,43 @@ def _bad_runs(good: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-async def test_a_malformed_run_is_answered_with_an_error_and_takes_no_slot(
+async def test_a_malformed_run_is_refused_with_its_reason_and_takes_no_slot(
     peer: Peer, coordinator: Coordinator
 ) -> None:
     sock = await coordinator.reserve("job-1")
     good = coordinator.run_fields("job-1", "t", "true", outputs=("out.txt",))
-    for what, fields in _bad_runs(good).items():
+    bad = {
+        **_bad_runs(good),
+        "command over 64 KiB": {**good, "command": "x" * (wire.MAX_STRING + 1)},
+        "NUL in an env value": {**good, "env": {"A": "1\x00"}},
+        "a path twice": {**good, "outputs": ["out.txt", "out.txt"]},
+    }
+    for what, fields in bad.items():
         reply = await coordinator.ask(sock, "run", **fields)
-        assert reply["t"] == "error", what
+        # Refused, and said of which run: its coordinator fails that attempt at once.
+        assert (reply["t"], reply["task"], reply["attempt"]) == ("refused", "t", 1), what
+        assert reply["reason"], what
     reply = await coordinator.ask(sock, "run", **_bad_runs(good)["input escapes"])
     assert "escape" in reply["reason"]
     assert peer.daemon.core is not None and peer.daemon.core.running == {}
     ack = await coordinator.ask(sock, "heartbeat", job="job-1", lease_s=30.0)
-    assert ack == {"v": 1, "t": "heartbeat_ack", "job": "job-1"}
+    assert ack == {"v": 1, "t": "heartbeat_ack", "job": "job-1", "running": []}
+    assert coordinator.started == []
+
+
+async def test_a_run_is_acknowledged_before_it_is_reported_and_listed_while_it_runs(
+    peer: Peer, coordinator: Coordinator
+) -> None:
+    sock = await coordinator.reserve("job-1")
+    await sock.send(wire.pack_raw("run", **coordinator.run_fields("job-1", "t", "sleep 30")))
+    assert await sock.poll(REPLY_S * 1000)
+    started = wire.as_map(wire.decode(await sock.recv()))
+    assert (started["t"], started["task"], started["attempt"]) == ("started", "t", 1)
+    ack = await coordinator.ask(sock, "heartbeat", job="job-1", lease_s=30.0)
+    assert ack["running"] == [["t", 1]]
+    await sock.send(wire.pack_raw("cancel", job="job-1", task="t"))
+    ack = await coordinator.ask(sock, "heartbeat", job="job-1", lease_s=30.0)
+    assert ack["running"] == []
 
 
 async def test_garbage_on_the_control_socket_never_stops_the_peer(
@@ -397,15 +427,15 @@ async def test_garbage_on_the_control_socket_never_stops_the_peer(
     for frame in (
         b"",
         b"\xc1 definitely not msgpack",
-        wire.encode("chunk", digest="ab" * 32, offset=0, data=b"x"),  # a data-plane message
-        wire.encode("reserve", **coordinator.reserve_fields("j", lease_s=-1.0)),
-        wire.encode("reserve", **coordinator.reserve_fields("j", lease_s=1e9)),
-        wire.encode("reserve", **coordinator.reserve_fields("j", lease_s=float("nan"))),
-        wire.encode("reserve", **coordinator.reserve_fields("j", lease_s=True)),
-        wire.encode("reserve", job="j", lease_s=30.0, coordinator="h"),  # no job keys
-        wire.encode("reserve", **{**coordinator.reserve_fields("j"), "job_secret": ""}),
-        wire.encode("reserve", **{**coordinator.reserve_fields("j"), "job_public": "x" * 39}),
-        wire.encode(  # a secret that is not the public key's other half
+        wire.pack_raw("chunk", digest="ab" * 32, offset=0, data=b"x"),  # a data-plane message
+        wire.pack_raw("reserve", **coordinator.reserve_fields("j", lease_s=-1.0)),
+        wire.pack_raw("reserve", **coordinator.reserve_fields("j", lease_s=1e9)),
+        wire.pack_raw("reserve", **coordinator.reserve_fields("j", lease_s=float("nan"))),
+        wire.pack_raw("reserve", **coordinator.reserve_fields("j", lease_s=True)),
+        wire.pack_raw("reserve", job="j", lease_s=30.0, coordinator="h"),  # no job keys
+        wire.pack_raw("reserve", **{**coordinator.reserve_fields("j"), "job_secret": ""}),
+        wire.pack_raw("reserve", **{**coordinator.reserve_fields("j"), "job_public": "x" * 39}),
+        wire.pack_raw(  # a secret that is not the public key's other half
             "reserve",
             **{
                 **coordinator.reserve_fields("j"),
@@ -420,7 +450,7 @@ async def test_garbage_on_the_control_socket_never_stops_the_peer(
     flooder = coordinator.connect()
     await flooder.send(b"\x00" * (wire.MAX_CONTROL_FRAME + 4096))
 
-    await sock.send(wire.encode("reserve", **coordinator.reserve_fields("job-1")))
+    await sock.send(wire.pack_raw("reserve", **coordinator.reserve_fields("job-1")))
     while (reply := await coordinator.recv(sock))["t"] == "error":
         pass
     assert reply["t"] == "reserved"
@@ -434,14 +464,15 @@ async def test_a_command_the_shell_cannot_take_is_reported_and_frees_its_slot(
     peer: Peer, coordinator: Coordinator
 ) -> None:
     sock = await coordinator.reserve("job-1")
-    await sock.send(wire.encode("run", **coordinator.run_fields("job-1", "t", "true\x00rm")))
+    await sock.send(wire.pack_raw("run", **coordinator.run_fields("job-1", "t", "true\x00rm")))
     answered = await sock.poll(500)
     # Retrieved here, a crashed run shows in this test instead of at garbage collection.
     crashed = [t.exception() for _, t in peer.daemon.runs.values() if t.done()]
     assert crashed == [], f"the run crashed: {crashed[0]!r}"
     assert answered, "no reply within 0.5 s"
-    reply = wire.decode(await sock.recv())  # an error reply or a failed task_done
-    assert reply["t"] == "error" or (reply["t"] == "task_done" and reply["exit_code"] != 0)
+    reply = wire.as_map(wire.decode(await sock.recv()))
+    assert (reply["t"], reply["task"], reply["attempt"]) == ("refused", "t", 1)
+    assert "NUL" in reply["reason"]
     assert peer.daemon.core is not None and peer.daemon.core.running == {}
 
 
@@ -452,7 +483,7 @@ async def test_two_tasks_reading_the_same_input_at_once_both_succeed(
     ref = coordinator.serve("shared.dat", os.urandom(4 * wire.CHUNK_SIZE))
     for task in ("a", "b"):
         fields = coordinator.run_fields("job-1", task, "test -s shared.dat", {"shared.dat": ref})
-        await sock.send(wire.encode("run", **fields))
+        await sock.send(wire.pack_raw("run", **fields))
     reports = [await coordinator.recv(sock), await coordinator.recv(sock)]
     assert [(r["exit_code"], r["error"]) for r in reports] == [(0, ""), (0, "")]
 
@@ -468,7 +499,7 @@ async def test_a_task_never_changes_a_cached_input(
     sock = await coordinator.reserve("job-1")
     ref = coordinator.serve("log.txt", b"the original bytes\n")
     await sock.send(
-        wire.encode("run", **coordinator.run_fields("job-1", "t", command, {name: ref}))
+        wire.pack_raw("run", **coordinator.run_fields("job-1", "t", command, {name: ref}))
     )
     await coordinator.recv(sock)  # refused, failed or succeeded: any is fine
     cached = peer.daemon.store.locate(ref.digest)
@@ -479,7 +510,7 @@ async def test_a_job_name_that_cannot_be_advertised_is_refused_and_the_peer_keep
     peer: Peer, coordinator: Coordinator
 ) -> None:
     sock = coordinator.connect()
-    await sock.send(wire.encode("reserve", **coordinator.reserve_fields("my job")))
+    await sock.send(wire.pack_raw("reserve", **coordinator.reserve_fields("my job")))
     reply = await coordinator.recv(sock, timeout=0.5)
     assert reply["t"] in ("error", "denied")
     assert peer.state is PeerState.IDLE

@@ -128,7 +128,10 @@ def test_a_peer_that_never_answers_is_skipped_and_the_job_runs_on_a_real_one(
         if listening == "silent-router":
             assert silent.poll(0), "the coordinator never asked the fake peer"
             # Asked first (it ranks first); silent, so asked no more once a real peer grants.
-            assert wire.decode(silent.recv_multipart()[-1])["t"] in ("probe", "reserve")
+            assert wire.as_map(wire.decode(silent.recv_multipart()[-1]))["t"] in (
+                "probe",
+                "reserve",
+            )
     finally:
         silent.close()
         ctx.destroy(linger=0)

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from bonjourgrid import protocol
+from bonjourgrid.cache.store import FileRef
 from bonjourgrid.worker import core
 from bonjourgrid.worker.core import PeerState, WorkerCore
 
@@ -20,7 +22,15 @@ def peer() -> Iterator[WorkerCore]:
 
 
 def sent(instructions: list[core.Instruction]) -> list[tuple[bytes, str]]:
-    return [(i.client, i.msg_type) for i in instructions if isinstance(i, core.Send)]
+    return [(i.client, i.message.TYPE) for i in instructions if isinstance(i, core.Send)]
+
+
+def messages(instructions: list[core.Instruction]) -> list[protocol.Message]:
+    return [i.message for i in instructions if isinstance(i, core.Send)]
+
+
+def done(task: str, attempt: int = 1) -> protocol.TaskDone:
+    return protocol.TaskDone("job1", task, attempt, 0, (), "", "", 0.0, 0.0, 0, (), 0)
 
 
 def reserve(w: WorkerCore, client: bytes, job: str, now: float = 0.0) -> list[core.Instruction]:
@@ -44,7 +54,7 @@ def test_two_coordinators_never_hold_the_same_peer(peer: WorkerCore) -> None:
     reserve(peer, A, "job1")
     out = reserve(peer, B, "job2")
     assert sent(out) == [(B, "denied")]
-    assert "job1" in out[0].fields["reason"]  # type: ignore[union-attr]
+    assert "job1" in out[0].message.reason  # type: ignore[union-attr]
     assert peer.lease is not None and peer.lease.job == "job1"
 
 
@@ -86,15 +96,14 @@ def test_a_peer_runs_at_most_cpus_tasks(peer: WorkerCore) -> None:
     assert isinstance(run(peer, A, "job1", "t1")[0], core.StartTask)
     assert isinstance(run(peer, A, "job1", "t2")[0], core.StartTask)
     refused = run(peer, A, "job1", "t3")
-    assert sent(refused) == [(A, "task_done")]
-    assert "slots busy" in refused[0].fields["error"]  # type: ignore[union-attr]
+    assert messages(refused) == [protocol.Refused("job1", "t3", 1, "all 2 slots busy")]
     assert set(peer.running) == {"t1", "t2"}
 
 
 def test_a_finished_task_is_reported_to_its_coordinator_once(peer: WorkerCore) -> None:
     reserve(peer, A, "job1")
     run(peer, A, "job1", "t1")
-    report = {"task": "t1", "exit_code": 0}
+    report = done("t1")
     assert sent(peer.handle(core.TaskFinished("job1", "t1", 1, report), 2.0)) == [(A, "task_done")]
     assert peer.handle(core.TaskFinished("job1", "t1", 1, report), 2.0) == []
 
@@ -161,8 +170,95 @@ def test_only_the_holder_may_prefetch(peer: WorkerCore) -> None:
 
 def test_a_prefetch_is_reported_to_its_job_while_the_job_holds_the_peer(peer: WorkerCore) -> None:
     reserve(peer, A, "job1")
-    report = {"job": "job1", "digest": "d", "source": "coordinator", "bytes": 3}
+    report = protocol.Prefetched("job1", "ab" * 32, "coordinator", 3, 0.1, "")
     assert sent(peer.handle(core.PrefetchFinished("job1", report), 1.0)) == [(A, "prefetched")]
     peer.handle(core.ReleaseRequested(A, "job1"), 2.0)
     reserve(peer, B, "job2", now=3.0)
     assert peer.handle(core.PrefetchFinished("job1", report), 4.0) == []  # job1 is gone
+
+
+# -- a run is acknowledged, refused with a reason, or assembled from its parts -----------------
+
+
+def test_a_started_run_is_acknowledged_and_listed_in_heartbeat_acks(peer: WorkerCore) -> None:
+    reserve(peer, A, "job1")
+    assert isinstance(run(peer, A, "job1", "t1", attempt=2)[0], core.StartTask)
+    ack = peer.handle(core.HeartbeatReceived(A, "job1", 10.0), 1.0)
+    assert messages(ack) == [protocol.HeartbeatAck("job1", ())]  # not started yet
+    out = peer.handle(core.TaskStarted("job1", "t1", 2), 1.0)
+    assert messages(out) == [protocol.Started("job1", "t1", 2)]
+    ack = peer.handle(core.HeartbeatReceived(A, "job1", 10.0), 2.0)
+    assert messages(ack) == [protocol.HeartbeatAck("job1", (("t1", 2),))]
+    peer.handle(core.TaskFinished("job1", "t1", 2, done("t1", 2)), 3.0)
+    ack = peer.handle(core.HeartbeatReceived(A, "job1", 10.0), 4.0)
+    assert messages(ack) == [protocol.HeartbeatAck("job1", ())]
+
+
+def test_a_run_that_cannot_start_is_refused_and_frees_its_slot(peer: WorkerCore) -> None:
+    reserve(peer, A, "job1")
+    run(peer, A, "job1", "t1")
+    out = peer.handle(core.StartFailed("job1", "t1", 1, "a path is listed twice"), 1.0)
+    assert messages(out) == [protocol.Refused("job1", "t1", 1, "a path is listed twice")]
+    assert not peer.running
+    assert peer.handle(core.TaskStarted("job1", "t1", 1), 1.0) == []  # too late: forgotten
+
+
+def test_an_unreadable_run_is_refused_to_the_holder_and_denied_to_others(
+    peer: WorkerCore,
+) -> None:
+    reserve(peer, A, "job1")
+    out = peer.handle(core.RunUnreadable(A, "job1", "t1", 3, "command over 65536"), 1.0)
+    assert messages(out) == [protocol.Refused("job1", "t1", 3, "command over 65536")]
+    assert sent(peer.handle(core.RunUnreadable(B, "job1", "t1", 3, "x"), 1.0)) == [(B, "denied")]
+    assert not peer.running
+
+
+def test_a_run_in_parts_starts_when_its_last_part_is_in(peer: WorkerCore) -> None:
+    reserve(peer, A, "job1")
+    assert peer.handle(core.RunRequested(A, "job1", "t1", 1, "head", parts=2), 1.0) == []
+    assert peer.running == {"t1": 1}  # the slot is taken while the parts come
+    assert peer.handle(core.RunPartReceived(A, "job1", "t1", 1, 1, "p1"), 1.0) == []
+    out = peer.handle(core.RunPartReceived(A, "job1", "t1", 1, 2, "p2"), 1.0)
+    assert out == [core.StartTask("job1", "t1", 1, "head", ("p1", "p2"))]
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        core.RunPartReceived(A, "job1", "t1", 1, 2, "p2"),  # part 1 skipped
+        core.RunPartReceived(A, "job1", "t1", 2, 1, "p1"),  # another attempt
+        core.RunPartReceived(A, "job1", "t9", 1, 1, "p1"),  # no such run
+    ],
+    ids=["out-of-order", "wrong-attempt", "unknown-task"],
+)
+def test_a_part_out_of_place_is_refused(peer: WorkerCore, part: core.RunPartReceived) -> None:
+    reserve(peer, A, "job1")
+    peer.handle(core.RunRequested(A, "job1", "t1", 1, "head", parts=2), 1.0)
+    out = peer.handle(part, 1.0)
+    assert [type(m) for m in messages(out)] == [protocol.Refused]
+    assert not any(isinstance(i, core.StartTask) for i in out)
+    assert sent(peer.handle(core.RunPartReceived(B, "job1", "t1", 1, 1, "p1"), 1.0)) == [
+        (B, "denied")
+    ]
+
+
+def test_the_end_of_a_lease_drops_runs_being_assembled(peer: WorkerCore) -> None:
+    reserve(peer, A, "job1")
+    peer.handle(core.RunRequested(A, "job1", "t1", 1, "head", parts=2), 1.0)
+    peer.handle(core.ReleaseRequested(A, "job1"), 2.0)
+    assert not peer.assembling and not peer.running
+
+
+def test_a_refused_started_run_is_stopped(peer: WorkerCore) -> None:
+    reserve(peer, A, "job1")
+    run(peer, A, "job1", "t1")
+    peer.handle(core.TaskStarted("job1", "t1", 1), 1.0)
+    out = peer.handle(core.RunUnreadable(A, "job1", "t1", 1, "a malformed duplicate"), 2.0)
+    assert any(isinstance(i, core.StopTask) for i in out)
+    assert not peer.running
+
+
+def test_the_reports_of_a_run_are_typed_messages() -> None:
+    ref = FileRef("cd" * 32, 1)
+    report = protocol.TaskDone("job1", "t", 1, 0, (("o", ref),), "", "", 0.0, 0.0, 0, (), 0)
+    assert protocol.from_fields(protocol.TaskDone, protocol.as_map(report)) == report

@@ -1,0 +1,72 @@
+"""Runs at the wire's limits, end to end on real worker daemons over 127.0.0.1: a task with
+30,000 inputs runs (its `run` travels in parts), and a run the worker refuses ends the job
+with the worker's reason instead of leaving the task running forever."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bonjourgrid import wire
+from tests.multiproc.conftest import LOOPBACK, Grid
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def submit(grid: Grid, workflow: Path, *flags: str) -> tuple[int, dict[str, Any], str]:
+    report_file = workflow.parent / "report.json"
+    out = grid.run(
+        "submit",
+        str(workflow),
+        "--interface",
+        LOOPBACK,
+        "--report",
+        str(report_file),
+        *flags,
+        timeout=240,
+    )
+    report = json.loads(report_file.read_text()) if report_file.exists() else {}
+    return out.returncode, report, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_a_task_with_30000_inputs_runs_on_a_real_worker(tmp_path: Path, grid: Grid) -> None:
+    work = tmp_path / "reduce"
+    (work / "parts").mkdir(parents=True)
+    names = [f"parts/shard-{i:05d}-of-30000.txt" for i in range(30_000)]
+    for i, name in enumerate(names):
+        (work / name).write_text(f"{i % 7}\n")  # seven contents: the cache moves seven files
+    workflow = work / "wf.json"
+    task = {
+        "command": "ls parts | wc -l > count.txt; cat parts/shard-29999-of-30000.txt >> count.txt",
+        "inputs": names,
+        "outputs": ["count.txt"],
+    }
+    workflow.write_text(json.dumps({"name": "reduce", "tasks": {"reduce": task}}))
+    # The run's inputs alone need more than one control frame: each also carries its digest
+    # (64 characters) and at least one source (endpoint, key, label).
+    assert sum(len(name) + 64 + 60 for name in names) > wire.MAX_CONTROL_FRAME
+    code, report, logs = submit(grid, workflow, "--local", "1")
+    assert code == 0, logs
+    assert report["tasks"]["reduce"]["attempts"] == 1
+    assert (work / "count.txt").read_text().split() == ["30000", str(29_999 % 7)]
+
+
+def test_a_run_the_worker_refuses_fails_with_the_workers_reason(tmp_path: Path, grid: Grid) -> None:
+    work = tmp_path / "refused"
+    work.mkdir()
+    # A command over the wire's 64 KiB string limit: the worker cannot read the run, but it
+    # can tell which run it was, and says why it refuses it.
+    command = "true " + "x" * (wire.MAX_STRING + 10)
+    task = {"command": command, "outputs": ["never.txt"], "retries": 1}
+    workflow = work / "wf.json"
+    workflow.write_text(json.dumps({"name": "refused", "tasks": {"big": task}}))
+    code, report, logs = submit(grid, workflow, "--local", "1")
+    assert code != 0, logs
+    assert report["status"] == "failed"
+    big = report["tasks"]["big"]
+    assert big["status"] == "failed" and big["attempts"] == 2  # retried once, refused twice
+    assert "refused the run" in big["error"] and "max_str_len" in big["error"], big["error"]
