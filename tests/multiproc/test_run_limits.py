@@ -4,6 +4,8 @@ with the worker's reason instead of leaving the task running forever."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,11 @@ from typing import Any
 import pytest
 
 from bonjourgrid import wire
+from bonjourgrid.coordinator.recruit import needs_from
+from bonjourgrid.coordinator.shell import Coordinator
+from bonjourgrid.coordinator.submit import admission
+from bonjourgrid.dag import load_workflow
+from bonjourgrid.worker.local import LocalGrid
 from tests.multiproc.conftest import LOOPBACK, Grid
 
 pytestmark = pytest.mark.timeout(300)
@@ -55,18 +62,27 @@ def test_a_task_with_30000_inputs_runs_on_a_real_worker(tmp_path: Path, grid: Gr
     assert (work / "count.txt").read_text().split() == ["30000", str(29_999 % 7)]
 
 
-def test_a_run_the_worker_refuses_fails_with_the_workers_reason(tmp_path: Path, grid: Grid) -> None:
+def test_a_run_the_worker_refuses_fails_with_the_workers_reason(tmp_path: Path) -> None:
     work = tmp_path / "refused"
     work.mkdir()
-    # A command over the wire's 64 KiB string limit: the worker cannot read the run, but it
-    # can tell which run it was, and says why it refuses it.
-    command = "true " + "x" * (wire.MAX_STRING + 10)
-    task = {"command": command, "outputs": ["never.txt"], "retries": 1}
-    workflow = work / "wf.json"
-    workflow.write_text(json.dumps({"name": "refused", "tasks": {"big": task}}))
-    code, report, logs = submit(grid, workflow, "--local", "1")
-    assert code != 0, logs
+    task = {"command": "true", "outputs": ["never.txt"], "retries": 1}
+    (work / "wf.json").write_text(json.dumps({"name": "refused", "tasks": {"big": task}}))
+    workflow = load_workflow(work / "wf.json")
+    # A command over the wire's 64 KiB string limit, which the loader refuses, set here as a
+    # coordinator with a bug would send it: the worker cannot read the run, but it can tell
+    # which run it was, and says why it refuses it.
+    big = "true " + "x" * (wire.MAX_STRING + 10)
+    workflow.tasks["big"] = dataclasses.replace(workflow.tasks["big"], command=big)
+    with LocalGrid(1) as cluster:
+        needs = needs_from(
+            workflow, cluster.grid.fingerprint, None, None, (1, 1), admission(cluster.grid)
+        )
+        coordinator = Coordinator(
+            workflow, needs, cluster.grid, interface=LOOPBACK, expected_peers=1
+        )
+        report = asyncio.run(coordinator.run())
     assert report["status"] == "failed"
-    big = report["tasks"]["big"]
-    assert big["status"] == "failed" and big["attempts"] == 2  # retried once, refused twice
-    assert "refused the run" in big["error"] and "max_str_len" in big["error"], big["error"]
+    big_task = report["tasks"]["big"]
+    assert big_task["status"] == "failed" and big_task["attempts"] == 2  # retried once
+    assert "refused the run" in big_task["error"], big_task["error"]
+    assert "max_str_len" in big_task["error"], big_task["error"]
