@@ -55,6 +55,10 @@ DISCOVERY_S = 2.0  # how long to browse before recruiting with the peers seen so
 SNAPSHOT_S = 0.5  # how long a new coordinator listens for peers before recruiting
 RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
 PROBE_TIMEOUT_S = 0.3  # a candidate that does not say what it caches by then caches nothing
+# A peer that denied a reservation (held by another job, its owner back) is asked again this
+# long after, while the first recruitment still waits for peers: its TXT may have said idle
+# before it was reserved, or it may be free again at once (a dead coordinator's lease ran out).
+DENIED_RETRY_S = 0.5
 # Probes and reservations in flight at once: a LAN full of peers that never answer (fakes, a
 # host gone without a goodbye) costs a few timeouts, not one timeout each in turn (2,000
 # silent candidates: 4 probe timeouts). Each ask holds a zmq socket (the context allows 1023)
@@ -124,6 +128,7 @@ class PeerPool:
     source_refs: dict[str, FileRef]
     _cached: dict[tuple[str, str, str], frozenset[str]]
     _silent: set[tuple[str, str, str]]  # candidates that answered no probe or reservation
+    _denied: dict[tuple[str, str, str], float]  # candidates that said no, and when
     _wanted_from_caches: dict[str, int]
 
     # Provided by Coordinator.
@@ -164,7 +169,15 @@ class PeerPool:
 
         def untried(peers: list[PeerRecord]) -> list[PeerRecord]:
             fitting = select_candidates(peers, self.needs).candidates
-            return [p for p in fitting if _identity(p) not in tried and p.name not in self.links]
+            retry_from = time.monotonic() - DENIED_RETRY_S
+            return [
+                p
+                for p in fitting
+                if p.name not in self.links
+                and (
+                    _identity(p) not in tried or self._denied.get(_identity(p), 1e18) <= retry_from
+                )
+            ]
 
         # A resumed job's peers may still be held by the coordinator that died: they are
         # idle again when its lease runs out, so they are worth waiting for that long.
@@ -200,7 +213,9 @@ class PeerPool:
             # Lost a race for a peer, or not all peers seen yet: wait for other candidates.
             if not initial or not short or remaining <= 0:
                 break
-            await browser.wait_until(lambda peers: bool(untried(peers)), remaining)
+            # A denial may be lifted without any change on mDNS: look again now and then.
+            wait = min(remaining, DENIED_RETRY_S) if self._denied else remaining
+            await browser.wait_until(lambda peers: bool(untried(peers)), wait)
         if initial and len(self.links) < self.needs.workers_min:
             seen = known()
             await self._release_all()
@@ -311,6 +326,8 @@ class PeerPool:
             raise
         if not isinstance(reply, Reserved) or reply.job != self.job:
             why = reply.reason if isinstance(reply, Denied) else "no answer"
+            if isinstance(reply, Denied):
+                self._denied[_identity(record)] = time.monotonic()
             if reply is None:
                 self._silent.add(_identity(record))
             log.info("peer %s not recruited: %s", record.name, why)

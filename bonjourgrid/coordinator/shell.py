@@ -139,6 +139,7 @@ class Coordinator(PeerPool):
         # What candidates said their caches hold of the job's inputs (`probe`), by identity.
         self._cached: dict[tuple[str, str, str], frozenset[str]] = {}
         self._silent: set[tuple[str, str, str]] = set()  # candidates that never answered
+        self._denied: dict[tuple[str, str, str], float] = {}  # candidates that said no, when
         # Contents a resumed job hopes to find in peers' caches (intermediates of kept tasks).
         self._wanted_from_caches: dict[str, int] = {}
         self._jobctl_port = 0

@@ -42,7 +42,7 @@ async def run_task(
     if sock is None:
         sock = coordinator.__dict__["_sock"] = await coordinator.reserve("job-1")
     message = {**coordinator.run_fields("job-1", task, command), **fields}
-    await sock.send(wire.encode("run", **message))
+    await sock.send(wire.pack_raw("run", **message))
     done = await coordinator.recv(sock, timeout=20)
     assert done["t"] == "task_done", done
     return done
@@ -189,7 +189,7 @@ async def test_a_task_that_truncates_its_input_changes_nobody_else_s_copy(
     reader = f"until [ -e {flag} ]; do sleep 0.01; done; sha256sum shared.dat > sum.txt"
     for task, command, outputs in (("reader", reader, ("sum.txt",)), ("writer", writer, ())):
         fields = coordinator.run_fields("job-1", task, command, {"shared.dat": ref}, outputs)
-        await sock.send(wire.encode("run", **fields))
+        await sock.send(wire.pack_raw("run", **fields))
     reports = {}
     for _ in range(2):
         done = await coordinator.recv(sock, timeout=20)
