@@ -23,6 +23,7 @@ from bonjourgrid.dag import load_workflow
 from bonjourgrid.discovery.txt import PeerRecord
 from bonjourgrid.protocol import Source
 from bonjourgrid.requirements import Requirement
+from tests.records import idle_peer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,22 +84,7 @@ class HostilePeer:
 
 
 def record(name: str, port: int) -> PeerRecord:
-    return PeerRecord(
-        name=name,
-        addresses=("127.0.0.1",),
-        port=port,
-        state="idle",
-        job=None,
-        cpus=1,
-        ram=1024,
-        disk=1024,
-        cost=0.0,
-        arch="x86_64",
-        os="linux",
-        mw=("native",),
-        key="",
-        grid="insecure",
-    )
+    return idle_peer(name, port=port)
 
 
 Until = Callable[[Coordinator], bool]

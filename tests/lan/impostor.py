@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import socket
 from pathlib import Path
@@ -94,22 +95,9 @@ async def main() -> None:
     zc = AsyncZeroconf(interfaces=[args.ip], ip_version=IPVersion.V4Only)
     copies = ((f"{args.alias}-own", own, own.public), (f"{args.alias}-copy", same, real.key))
     for name, trap, key in copies:
-        fake = PeerRecord(
-            name=name,
-            addresses=(args.ip,),
-            port=trap.port,
-            state="idle",
-            job=None,
-            cpus=64,
-            ram=65536,
-            disk=100_000,
-            cost=0.0,
-            arch=real.arch,
-            os=real.os,
-            mw=real.mw,
-            key=key,
-            grid=real.grid,
-            cred=real.cred,
+        # Every field copied, but where to connect, and a rank no real peer can beat.
+        fake = dataclasses.replace(
+            real, name=name, addresses=(args.ip,), port=trap.port, cpus=64, cost=0.0, key=key
         )
         info = ServiceInfo(
             PEER_SERVICE,

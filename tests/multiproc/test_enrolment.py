@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import zmq
 
-from bonjourgrid.discovery.txt import PeerRecord, peer_txt
+from bonjourgrid.discovery.txt import peer_txt
 from tests.multiproc.conftest import LOOPBACK, Grid, RogueHost, bgrid_cmd, write_workflow
+from tests.records import idle_peer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -111,19 +112,10 @@ def test_an_impostor_copying_a_real_peer_s_txt_receives_nothing(
     public, secret = zmq.curve_keypair()
     trap.curve_server, trap.curve_publickey, trap.curve_secretkey = True, public, secret
     port = trap.bind_to_random_port(f"tcp://{LOOPBACK}")
-    fake = PeerRecord(
-        name=f"impostor-{grid.tag}",
-        addresses=(LOOPBACK,),
+    fake = idle_peer(
+        f"impostor-{grid.tag}",
         port=port,
-        state="idle",
-        job=None,
         cpus=64,
-        ram=65536,
-        disk=100_000,
-        cost=0.0,
-        arch=listed["arch"],
-        os=listed["os"],
-        mw=("native",),
         key=public.decode() if copied == "own-key" else listed["key"],
         grid=listed["grid"],
         cred=listed["cred"],

@@ -24,9 +24,10 @@ import zmq
 from bonjourgrid import wire
 from bonjourgrid.coordinator.peers import RESERVE_TIMEOUT_S
 from bonjourgrid.credentials import issue
-from bonjourgrid.discovery.txt import PeerRecord, peer_txt
+from bonjourgrid.discovery.txt import peer_txt
 from bonjourgrid.keys import Keypair, load_grid_key
 from tests.multiproc.conftest import LOOPBACK, Grid, RogueHost, write_workflow
+from tests.records import idle_peer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,19 +67,11 @@ def plausible_txt(
     with the grid's credential for `enrolled` (an enrolled desktop gone silent), if given."""
     grid_key = load_grid_key(grid.root / "config" / "bonjourgrid")
     identity = issue(grid_key, name, enrolled) if enrolled else None
-    record = PeerRecord(
-        name=name,
-        addresses=(LOOPBACK,),
-        port=1,
-        state="idle",
-        job=None,
+    record = idle_peer(
+        name,
         cpus=64,  # more than any real peer here: it ranks first and is asked first
         ram=65536,
         disk=100_000,
-        cost=0.0,
-        arch="x86_64",
-        os="linux",
-        mw=("native",),
         key=(enrolled or Keypair.generate()).public.decode(),
         grid=grid_key.fingerprint,
         cred=identity.credential if identity else "",

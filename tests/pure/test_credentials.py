@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import stat
 from pathlib import Path
 
@@ -14,29 +13,22 @@ from bonjourgrid.discovery.txt import PeerRecord
 from bonjourgrid.errors import KeyStoreError
 from bonjourgrid.keys import GridKey, Keypair, ephemeral_grid_key, init_grid_key
 from bonjourgrid.requirements import Requirement
+from tests.records import idle_peer
 
 GRID = ephemeral_grid_key()
 
 
 def record(identity: credentials.WorkerIdentity, **changes: object) -> PeerRecord:
-    peer = PeerRecord(
-        name=identity.name,
-        addresses=("10.0.0.2",),
-        port=4000,
-        state="idle",
-        job=None,
-        cpus=4,
-        ram=4096,
-        disk=1000,
-        cost=0.0,
-        arch="x86_64",
-        os="linux",
-        mw=("native",),
-        key=identity.keypair.public.decode(),
-        grid=GRID.fingerprint,
-        cred=identity.credential,
-    )
-    return dataclasses.replace(peer, **changes)  # type: ignore[arg-type]
+    name = str(changes.pop("name", identity.name))
+    fields: dict[str, object] = {
+        "addresses": ("10.0.0.2",),
+        "cpus": 4,
+        "key": identity.keypair.public.decode(),
+        "grid": GRID.fingerprint,
+        "cred": identity.credential,
+        **changes,
+    }
+    return idle_peer(name, **fields)
 
 
 def refusal(check: credentials.CredentialCheck, peer: PeerRecord) -> str | None:
