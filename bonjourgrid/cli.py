@@ -119,6 +119,22 @@ def _submit(args: argparse.Namespace) -> int:
     )
 
 
+def _report(args: argparse.Namespace) -> int:
+    from bonjourgrid.coordinator.report import write_report
+
+    source = Path(args.report)
+    try:
+        report = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read the report {source}: {err}") from err
+    if not isinstance(report, dict) or not isinstance(report.get("tasks"), dict):
+        raise ConfigError(f"{source} is not a bgrid report (`bgrid submit --report FILE.json`)")
+    out = Path(args.output) if args.output else source.with_suffix(".html")
+    write_report(out, report)
+    print(f"wrote {out}")
+    return 0
+
+
 def _cancel(args: argparse.Namespace) -> int:
     from bonjourgrid.coordinator.cancel import cancel_job
     from bonjourgrid.discovery.advertise import resolve_interfaces
@@ -335,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="what runs the tasks on the recruited peers (default: native)",
     )
     s.add_argument("--insecure", action="store_true", help="use peers that run --insecure")
-    s.add_argument("--report", metavar="FILE", help="write the JSON report to FILE")
+    s.add_argument(
+        "--report",
+        metavar="FILE",
+        help="write the report to FILE: JSON, or a page to look at if FILE ends in .html",
+    )
     s.add_argument("--json", action="store_true", help="print the JSON report")
     s.add_argument(
         "--resume",
@@ -382,6 +402,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wait", type=float, default=1.0, help="seconds to look for it (default 1)")
     interface_flag(c)
     c.set_defaults(run=_cancel)
+
+    r = sub.add_parser("report", help="draw a JSON report as a page (Gantt chart, DAG, bytes)")
+    r.add_argument("report", help="a report written by `bgrid submit --report FILE.json`")
+    r.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="where to write it; .html: one self-contained page (default: REPORT with .html)",
+    )
+    r.set_defaults(run=_report)
 
     for name, func, what in (
         ("peers", _peers, "list the peers on the LAN"),
