@@ -43,6 +43,7 @@ _STATUS_COLOURS = {
 _FETCH_COLOUR = "#ffa726"  # waiting for input data
 _RUN_COLOUR = "#1e88e5"  # computing
 _FAILED_RUN_COLOUR = "#e53935"
+_LOST_COLOUR = "#f8bbd0"  # an earlier attempt: failed, or its peer was lost
 
 _CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
@@ -95,12 +96,17 @@ def _gantt_section(report: dict[str, Any], tasks: dict[str, dict[str, Any]]) -> 
     for name, task in tasks.items():
         if task.get("peer") and task.get("start") is not None and task.get("end") is not None:
             by_peer[str(task["peer"])].append((name, task))
+        for attempt in task.get("history") or []:
+            # an attempt that failed, or whose peer was lost: where and when it ran
+            if isinstance(attempt, dict) and attempt.get("peer") and "start" in attempt:
+                by_peer[str(attempt["peer"])].append((name, {**attempt, "end": attempt["t"]}))
     head = (
         "<section id='gantt'><h2>What ran where</h2><p class='legend'>"
         f"<span style='background:{_FETCH_COLOUR}'></span>waiting for input data (fetch_s)"
         f"<span style='background:{_RUN_COLOUR}'></span>computing (run_s)"
         f"<span style='background:{_FAILED_RUN_COLOUR}'></span>computing, failed"
-        "<span style='background:#e0e0e0'></span>other (dispatch, returning outputs)</p>"
+        "<span style='background:#e0e0e0'></span>other (dispatch, returning outputs)"
+        f"<span style='background:{_LOST_COLOUR}'></span>an attempt that failed or was lost</p>"
     )
     if not by_peer:
         return head + "<p>No task ran in this job.</p></section>"
@@ -164,6 +170,8 @@ def _pack_lanes(
 
 def _gantt_bar(name: str, task: dict[str, Any], x0: float, y: float, scale: float) -> str:
     start, end = _num(task["start"]), _num(task["end"])
+    if "what" in task:
+        return _gantt_attempt(name, task, x0 + start * scale, y, max(1.0, (end - start) * scale))
     fetch, run = max(0.0, _num(task.get("fetch_s"))), max(0.0, _num(task.get("run_s")))
     failed = task.get("status") == "failed"
     tip = (
@@ -191,6 +199,18 @@ def _gantt_bar(name: str, task: dict[str, Any], x0: float, y: float, scale: floa
         f"fill='{_FETCH_COLOUR}'/>"
         f"<rect class='run' x='{x + fetch_w:.1f}' y='{y:.1f}' width='{run_w:.1f}' height='{h}' "
         f"fill='{colour}'/>{label}</g>"
+    )
+
+
+def _gantt_attempt(name: str, attempt: dict[str, Any], x: float, y: float, width: float) -> str:
+    tip = (
+        f"{name}, attempt {int(_num(attempt.get('attempt')))} on {attempt.get('peer')}: "
+        f"{_num(attempt.get('start')):.3f}-{_num(attempt.get('t')):.3f} s: {attempt.get('what')}"
+    )
+    return (
+        f"<g class='gantt-attempt' data-task='{_e(name)}'><title>{_e(tip)}</title>"
+        f"<rect x='{x:.1f}' y='{y:.1f}' width='{width:.1f}' height='{_LANE_H - 3}' "
+        f"fill='{_LOST_COLOUR}' stroke='{_FAILED_RUN_COLOUR}' stroke-dasharray='3 2'/></g>"
     )
 
 
@@ -344,7 +364,10 @@ def _retries_section(tasks: dict[str, dict[str, Any]]) -> str:
     for name in troubled:
         task = tasks[name]
         history = "".join(
-            f"<li>{_num(h.get('t')):.2f} s: {_e(h.get('what', ''))}</li>"
+            f"<li>{_num(h.get('t')):.2f} s"
+            + (f" on {_e(h['peer'])}" if h.get("peer") else "")
+            + (f" (attempt {int(_num(h.get('attempt')))})" if h.get("attempt") else "")
+            + f": {_e(h.get('what', ''))}</li>"
             for h in task.get("history") or []
             if isinstance(h, dict)
         )

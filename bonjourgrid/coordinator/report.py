@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -115,13 +116,27 @@ def format_summary(report: dict[str, Any]) -> str:
 
 def attempt_history(story: list[tuple[float, str]]) -> list[dict[str, Any]]:
     """The attempts of a task that did not end well (failed, peer lost, preempted), from its
-    story: `[{"t": seconds since the job started, "what": why}]`, oldest first."""
-    return [
-        {"t": round(now, 3), "what": what}
-        for now, what in story
-        if what.startswith(("running -> ", "collecting -> "))
-        and not what.startswith(("running -> done", "running -> collecting", "collecting -> done"))
-    ]
+    story, oldest first: `{"t": when it ended, "what": why}`, plus `"peer"`, `"attempt"` and
+    `"start"` (seconds since the job started) when the story says where it was placed."""
+    history: list[dict[str, Any]] = []
+    placed: re.Match[str] | None = None
+    started = 0.0
+    for now, what in story:
+        if " -> running: " in what:
+            placed, started = _PLACED.search(what), now
+        elif what.startswith(("running -> ", "collecting -> ")) and not what.startswith(
+            ("running -> done", "running -> collecting", "collecting -> done")
+        ):
+            entry: dict[str, Any] = {"t": round(now, 3), "what": what}
+            if placed is not None:
+                entry.update(
+                    peer=placed["peer"], attempt=int(placed["attempt"]), start=round(started, 3)
+                )
+            history.append(entry)
+    return history
+
+
+_PLACED = re.compile(r"placed on (?P<peer>.+) \(attempt (?P<attempt>\d+)\)$")
 
 
 def _round(value: float | None) -> float | None:
