@@ -135,6 +135,25 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service(args: argparse.Namespace) -> int:
+    from bonjourgrid.worker.service import UNIT_NAME, systemd_unit, user_unit_path
+
+    worker_args = list(args.worker_args)
+    build_parser().parse_args(["worker", *worker_args])  # a bad flag stops here (exit 2)
+    unit = systemd_unit(worker_args)
+    if args.service_command == "print":
+        print(unit, end="")
+        return 0
+    path = user_unit_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(unit)
+    service = UNIT_NAME.removesuffix(".service")
+    print(f"wrote {path}; start it now and at every login with:")
+    print(f"  systemctl --user daemon-reload && systemctl --user enable --now {service}")
+    print(f"its log: journalctl --user -u {service} -f")
+    return 0
+
+
 def _cancel(args: argparse.Namespace) -> int:
     from bonjourgrid.coordinator.cancel import cancel_job
     from bonjourgrid.discovery.advertise import resolve_interfaces
@@ -413,6 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(run=_report)
 
+    sv = sub.add_parser("service", help="run `bgrid worker` as a systemd user service")
+    svsub = sv.add_subparsers(dest="service_command", required=True)
+    for name, what in (
+        ("print", "print the systemd user unit"),
+        ("install", "write it to $XDG_CONFIG_HOME/systemd/user/ (then `systemctl --user ...`)"),
+    ):
+        svp = svsub.add_parser(name, help=what)
+        svp.add_argument(
+            "worker_args",
+            nargs="*",
+            metavar="-- WORKER_FLAG",
+            help="flags for `bgrid worker`, after `--` (e.g. -- --always-idle --cpus 2)",
+        )
+    sv.set_defaults(run=_service)
+
     for name, func, what in (
         ("peers", _peers, "list the peers on the LAN"),
         ("status", _status, "list the jobs running on the LAN"),
@@ -470,7 +504,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     if args.command == "worker":
         level = min(level, logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from bonjourgrid.worker.service import configure_logging
+
+    configure_logging(level)  # under systemd, without the time: the journal adds it
     try:
         return int(args.run(args))
     except BonjourGridError as err:
