@@ -154,6 +154,17 @@ def _service(args: argparse.Namespace) -> int:
     return 0
 
 
+def _examples(args: argparse.Namespace) -> int:
+    from bonjourgrid.dag.examples import copy_examples
+
+    dest = Path(args.directory)
+    copied = copy_examples(dest, force=args.force)
+    workflows = [str(dest / path) for path in copied if path.suffix == ".yaml"]
+    print(f"copied {len(copied)} files into {dest}: the workflows {', '.join(workflows)}")
+    print(f"try: bgrid submit {dest / 'hello.yaml'} --local 2")
+    return 0
+
+
 def _cancel(args: argparse.Namespace) -> int:
     from bonjourgrid.coordinator.cancel import cancel_job
     from bonjourgrid.discovery.advertise import resolve_interfaces
@@ -431,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write it; .html: one self-contained page (default: REPORT with .html)",
     )
     r.set_defaults(run=_report)
+
+    ex = sub.add_parser("examples", help="copy the example workflows into a directory")
+    ex.add_argument("directory", help="where to copy them (made if missing)")
+    ex.add_argument("--force", action="store_true", help="copy into a directory that is not empty")
+    ex.set_defaults(run=_examples)
 
     sv = sub.add_parser("service", help="run `bgrid worker` as a systemd user service")
     svsub = sv.add_subparsers(dest="service_command", required=True)
