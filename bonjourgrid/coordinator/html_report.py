@@ -98,7 +98,10 @@ def _gantt_section(report: dict[str, Any], tasks: dict[str, dict[str, Any]]) -> 
             by_peer[str(task["peer"])].append((name, task))
         for attempt in task.get("history") or []:
             # an attempt that failed, or whose peer was lost: where and when it ran
-            if isinstance(attempt, dict) and attempt.get("peer") and "start" in attempt:
+            if not isinstance(attempt, dict) or not attempt.get("peer") or "start" not in attempt:
+                continue
+            last = (attempt["peer"], attempt["start"]) == (task.get("peer"), task.get("start"))
+            if not last:  # the last attempt, failed too, is the task's own bar
                 by_peer[str(attempt["peer"])].append((name, {**attempt, "end": attempt["t"]}))
     head = (
         "<section id='gantt'><h2>What ran where</h2><p class='legend'>"

@@ -55,7 +55,14 @@ def a_report() -> dict[str, Any]:
                         "peer": "p1",
                         "attempt": 1,
                         "start": 0.2,
-                    }
+                    },
+                    {  # the last attempt: the task's own bar, not drawn twice
+                        "t": 3.0,
+                        "what": "running -> failed: exit code 3; no retries left",
+                        "peer": f"p2{EVIL}",
+                        "attempt": 2,
+                        "start": 2.0,
+                    },
                 ],
             ),
             "c": task(None, None, "skipped"),
@@ -82,7 +89,7 @@ def test_the_page_holds_every_section_and_one_gantt_row_per_peer() -> None:
     assert page.count("class='dag-edge'") == 3
     assert page.count("class='bytes-row'") == 4
     assert page.count("class='retry-row'") == 1
-    assert page.count("class='gantt-attempt'") == 1  # the failed attempt, on p1
+    assert page.count("class='gantt-attempt'") == 1  # the first failed attempt, on p1
     assert "data-status='failed'" in page and "data-status='skipped'" in page
 
 
