@@ -67,6 +67,7 @@ from bonjourgrid.coordinator.model import (
     Finished,
     Instruction,
     Matcher,
+    Notice,
     OutputsCollected,
     PeerJoined,
     PeerLost,
@@ -78,6 +79,7 @@ from bonjourgrid.coordinator.model import (
     Recruit,
     Release,
     RunStarted,
+    StopRun,
     TaskData,
     TaskDone,
     TaskFailed,
@@ -99,6 +101,7 @@ __all__ = [
     "FileArrived",
     "Finished",
     "Instruction",
+    "Notice",
     "OutputsCollected",
     "PeerJoined",
     "PeerLost",
@@ -111,6 +114,7 @@ __all__ = [
     "Release",
     "RunStarted",
     "SchedulerCore",
+    "StopRun",
     "TaskData",
     "TaskDone",
     "TaskFailed",
@@ -248,7 +252,7 @@ class SchedulerCore(DataPlane):
             case PeerJoined():
                 self._join(event)
             case PeerLost():
-                self._lose_peer(event.peer, event.reason, now)
+                self._lose_peer(event.peer, event.reason, now, out)
             case TaskReported():
                 self._reported(event, now, out)
             case RunStarted():
@@ -285,7 +289,7 @@ class SchedulerCore(DataPlane):
                 self._bc_failed[event.digest].add(event.peer)
                 self._check_broadcast(event.digest, now)
             case PeersSettled():
-                self._remake("the earlier run (no peer holds it now)", now)
+                self._remake("the earlier run (no peer holds it now)", now, out)
             case CancelRequested():
                 self._finish(out, "failed", event.reason)
                 return out
@@ -324,6 +328,8 @@ class SchedulerCore(DataPlane):
         if task.backoff != -1:  # it leaves READY: its backoff no longer matters
             task.backoff = -1
             self._backing_off -= 1
+        if task.status is TaskStatus.RUNNING:
+            task.lost_input = ""  # that attempt is over: it no longer waits for the file
         if task.status is TaskStatus.WAITING:
             self._waiting_levels[task.priority] -= 1
         if to is TaskStatus.WAITING:
@@ -390,6 +396,7 @@ class SchedulerCore(DataPlane):
                 out.append(Collect(task.name, event.peer, task.attempts, event.outputs))
             else:
                 self._done(task, now, f"exited 0 on {event.peer}; its outputs stay there", out)
+            self._restart_stalled_readers(task, now, out)
             self._prefetch_for_waiting(task, out)
             return
         self._detach(task)
@@ -401,7 +408,12 @@ class SchedulerCore(DataPlane):
         if lost:
             # It could not get an input that a lost peer took with it: not its fault. It
             # runs again once the producer has made the file again.
-            self._remake("a lost peer", now, also=task)
+            self._remake("a lost peer", now, out, also=task)
+            return
+        if task.lost_input:
+            # Its fetch failed on the lost peer, and the file exists again meanwhile.
+            why = f"could not fetch {task.lost_input} from a lost peer; it exists again"
+            self._make_ready(task, now, why)
             return
         why = event.error or f"exit code {event.exit_code}"
         self._failed_attempt(task, why, now, out)
@@ -538,12 +550,19 @@ class SchedulerCore(DataPlane):
                     if self._valid(entry) and self._data_peer(task) is peer:
                         self._favour(peer, entry)
 
-    def _lose_peer(self, name: str, reason: str, now: float) -> None:
+    def _lose_peer(self, name: str, reason: str, now: float, out: list[Instruction]) -> None:
         peer = self.peers.pop(name, None)
         self._free.pop(name, None)
         self._own_work.pop(name, None)
         if peer is None:
             return
+        lost_runs = sorted(peer.running | peer.collecting)
+        out.append(
+            Notice(
+                f"peer {name} lost ({reason})"
+                + (f": {', '.join(lost_runs)} go back to the queue" if lost_runs else "")
+            )
+        )
         for task_name in list(peer.planned):
             self._unplan(self.tasks[task_name])
         for task_name in sorted(peer.running | peer.collecting):
@@ -564,7 +583,7 @@ class SchedulerCore(DataPlane):
         if self.files.refs:
             # Its files may have been the last copies, and the tasks it ran go back to the
             # queue needing files that are gone (an O(tasks) scan: peers are lost rarely).
-            self._remake(f"peer {name}", now)
+            self._remake(f"peer {name}", now, out)
         for digest in list(self._bc_active):
             self._check_broadcast(digest, now)
 
@@ -650,6 +669,7 @@ class SchedulerCore(DataPlane):
         task.start = now
         task.end = None
         task.acked, task.unlisted = False, 0
+        task.lost_input = ""
         if self.ack_timeout_s is not None:
             heapq.heappush(self._ack_due, (now + self.ack_timeout_s, task.name, task.attempts))
         target.running.add(task.name)
@@ -779,6 +799,8 @@ class SchedulerCore(DataPlane):
                 assert task.deps_left > 0, f"{task.name} waits on nothing"
             if task.resumed:
                 assert task.status is TaskStatus.DONE and task.attempts == 0
+            if task.lost_input:
+                assert task.status is TaskStatus.RUNNING, f"{task.name} waits for a file idle"
             if task.planned_on is not None and self.finished is None:
                 assert task.status in (TaskStatus.READY, TaskStatus.WAITING), task.name
                 assert task.name in self.peers[task.planned_on].planned, task.name
