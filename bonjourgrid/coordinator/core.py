@@ -32,8 +32,10 @@ Placement prefers the peer that holds the most of a task's input bytes (each pee
 tasks on busy peers ahead of time and orders `Prefetch` of their inputs; a file many tasks
 read is broadcast peer to peer in a doubling tree, and its readers wait for it on their
 peer. When a lost peer took the only replica of an intermediate that an unfinished task
-still needs, the task that made it runs again (DONE -> WAITING/READY), and so do its own
-producers if their outputs went the same way.
+still needs, the task that made it runs again at once (DONE -> WAITING/READY), and so do
+its own producers if their outputs went the same way. A reader already RUNNING elsewhere may
+be stuck fetching from the lost peer: it goes on, and is stopped (`StopRun`) and placed again,
+without using a retry, as soon as the file exists again, unless it reports first.
 
 Peers are checked, not trusted. A dispatched run must be acknowledged (`RunStarted`) within
 `ack_timeout_s`, and once it is, every heartbeat of its peer must list it (`PeerRunning`): a
