@@ -32,6 +32,8 @@ def build_report(
         }
         if task.resumed:
             tasks[name]["resumed"] = True  # done in an earlier run; its outputs were intact
+        if task.rerun:
+            tasks[name]["rerun"] = task.rerun  # it ran again after it was done: why
         if task.error:
             tasks[name]["error"] = task.error
         if task.status is core.TaskStatus.FAILED:
