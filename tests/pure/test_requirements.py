@@ -34,7 +34,9 @@ PEER = {
         ("ram>8GiB", False),
         ("ram>=4096", True),  # a bare number for ram is MiB
         ("ram>=512MiB", True),
-        ("ram>=9G", False),  # 9 GB = 8583 MiB
+        ("ram>=9G", False),  # 9G = 9GiB = 9216 MiB
+        ("ram>=8G", True),  # G is 2**30, as in HTCondor and Slurm
+        ("ram>=8GB", True),
         ("disk>=1.5TiB", False),
         ("disk<=48.9GiB", True),
         ("cost<=0.5", True),

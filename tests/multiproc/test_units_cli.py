@@ -1,0 +1,25 @@
+"""What the user types on the command line means one thing: sizes, `--require`, flags, exits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.multiproc.conftest import LOOPBACK, Grid, write_workflow
+
+ONE_TASK = "tasks:\n  t: {command: 'echo ok > out.txt', outputs: [out.txt]}\n"
+
+
+def test_a_4g_worker_is_shown_as_4_gib_and_matches_ram_4g(tmp_path: Path, grid: Grid) -> None:
+    name = grid.start_worker("four", "--ram", "4G")
+    peers = grid.wait_all_idle()
+    assert peers[name]["ram"] == 4096  # MiB: G is 2**30, as in HTCondor and Slurm
+    table = grid.run("peers", "--interface", LOOPBACK, "--wait", "0.7", check=True).stdout
+    assert any(name in line and "4.0 GiB" in line for line in table.splitlines()), table
+    wf = write_workflow(tmp_path / "wf", ONE_TASK)
+    out = grid.run(
+        "submit", str(wf), "--interface", LOOPBACK, "--json",
+        "--require", "ram>=4G and ram<=4G",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["tasks"]["t"]["peer"] == name
