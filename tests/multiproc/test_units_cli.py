@@ -23,3 +23,12 @@ def test_a_4g_worker_is_shown_as_4_gib_and_matches_ram_4g(tmp_path: Path, grid: 
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert json.loads(out.stdout)["tasks"]["t"]["peer"] == name
+
+
+def test_a_quiet_worker_logs_errors_only(grid: Grid) -> None:
+    loud, quiet = grid.start_worker("loud"), grid.start_worker("quiet", "-q")
+    grid.wait_all_idle()
+    grid.stop()
+    logs = {name: (grid.root / f"{name}.log").read_text() for name in (loud, quiet)}
+    assert " INFO " in logs[loud]  # what a worker says at start: the test would see it
+    assert " INFO " not in logs[quiet] and " WARNING " not in logs[quiet], logs[quiet]
