@@ -32,3 +32,12 @@ def test_a_quiet_worker_logs_errors_only(grid: Grid) -> None:
     logs = {name: (grid.root / f"{name}.log").read_text() for name in (loud, quiet)}
     assert " INFO " in logs[loud]  # what a worker says at start: the test would see it
     assert " INFO " not in logs[quiet] and " WARNING " not in logs[quiet], logs[quiet]
+
+
+def test_a_workflow_with_an_unknown_key_is_refused_by_submit(tmp_path: Path, grid: Grid) -> None:
+    path = tmp_path / "wf.yaml"
+    path.write_text("tasks:\n  a: {command: 'cat x > y', input: [x], outputs: [y]}\n")
+    (tmp_path / "x").write_text("x")
+    out = grid.run("submit", str(path), "--local", "1")
+    assert out.returncode == 2, out.stderr
+    assert "wf.yaml: unknown key 'input' in task 'a'; did you mean 'inputs'?" in out.stderr
