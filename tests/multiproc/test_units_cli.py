@@ -41,3 +41,23 @@ def test_a_workflow_with_an_unknown_key_is_refused_by_submit(tmp_path: Path, gri
     out = grid.run("submit", str(path), "--local", "1")
     assert out.returncode == 2, out.stderr
     assert "wf.yaml: unknown key 'input' in task 'a'; did you mean 'inputs'?" in out.stderr
+
+
+def test_an_unknown_attribute_in_require_is_refused_listing_the_known_ones(
+    tmp_path: Path, grid: Grid
+) -> None:
+    wf = write_workflow(tmp_path / "wf", ONE_TASK)
+    out = grid.run("submit", str(wf), "--local", "1", "--require", "Memory2 >= 4096")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "unknown attribute 'Memory2' (did you mean Memory?); known: cpus, ram" in out.stderr
+
+
+def test_a_peer_that_fails_require_is_told_which_clause_and_what_it_has(
+    tmp_path: Path, grid: Grid
+) -> None:
+    name = grid.start_worker("small", "--ram", "4G")
+    grid.wait_all_idle()
+    wf = write_workflow(tmp_path / "wf", ONE_TASK)
+    out = grid.run("submit", str(wf), "--interface", LOOPBACK, "--require", "Memory>=8GiB")
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert f"{name}: does not satisfy ram>=8GiB (it has 4.0 GiB)" in out.stderr
