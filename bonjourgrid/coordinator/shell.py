@@ -181,6 +181,7 @@ class Coordinator(PeerPool):
                 started=self.started_at,
                 lease_s=self.timeouts.lease_s,
                 carried=self.resume.kept.values() if self.resume else (),
+                local=self.expected_peers is not None,  # --local: the caches go with it
             )
         except OSError as err:
             raise ConfigError(

@@ -229,7 +229,7 @@ def _submit(opts: SubmitOptions) -> int:
                 lambda: stage_sources(workflow, {}), "while checking the URL inputs"
             )
             url_refs = {path: staged[path].ref for path in workflow.urls if path in staged}
-        plan = plan_resume(workflow, opts.workflow, url_refs)
+        plan = plan_resume(workflow, opts.workflow, url_refs, local=_runs_locally(opts))
     if plan is not None:
         _tell_resume(workflow, plan)
     if plan is not None and len(plan.kept) == len(workflow.tasks):
@@ -265,6 +265,19 @@ def resume_command(opts: SubmitOptions) -> str:
             words += [flag, str(value)]
     words += ["--insecure"] if opts.insecure else []
     return shlex.join([*words, "--resume"])
+
+
+def _runs_locally(opts: SubmitOptions) -> bool:
+    """Whether this submit will run on a new local grid (as `_run_on_a_grid` decides)."""
+    if opts.local is not None:
+        return True
+    if opts.insecure:
+        return False
+    try:
+        load_grid_key(need_secret=True)
+    except KeyStoreError:
+        return not (key_dir() / "grid.key").exists()
+    return False
 
 
 def _run_on_a_grid(
