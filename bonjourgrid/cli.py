@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bonjourgrid import __version__
 from bonjourgrid.errors import BonjourGridError, ConfigError, Interrupted
@@ -287,15 +287,45 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StrictParser(argparse.ArgumentParser):
+    """No abbreviated flags: `--worker 2` is a typo, not `--workers 2`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{"allow_abbrev": False, **kwargs})
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bonjourgrid.coordinator.prefetch import POLICIES
 
-    parser = argparse.ArgumentParser(
-        prog="bgrid", description="BonjourGrid: a desktop grid with nothing to administer."
+    # -v and -q are read before and after the subcommand: each place counts in its own
+    # dest (a subparser would overwrite the main parser's), and main() adds them up.
+    def verbosity(where: str) -> _StrictParser:
+        flags = _StrictParser(add_help=False)
+        flags.add_argument(
+            "-v", "--verbose", action="count", default=0, dest=f"verbose_{where}",
+            help="more log output (-vv: debug)",
+        )  # fmt: skip
+        flags.add_argument(
+            "-q", "--quiet", action="count", default=0, dest=f"quiet_{where}",
+            help="log errors only",
+        )  # fmt: skip
+        return flags
+
+    parser = _StrictParser(
+        prog="bgrid",
+        description="BonjourGrid: a desktop grid with nothing to administer.",
+        parents=[verbosity("before")],
     )
     parser.add_argument("--version", action="version", version=f"bgrid {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=_StrictParser,
+    )
+    after = verbosity("after")
+
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[after], **kwargs)
 
     def interface_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -305,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(default: $BGRID_INTERFACES, else every interface)",
         )
 
-    w = sub.add_parser("worker", help="offer this desktop to the grid (a daemon)")
+    w = command("worker", help="offer this desktop to the grid (a daemon)")
     w.add_argument("--name", help="peer name on the LAN (default: host name)")
     w.add_argument("--cpus", type=int, help="task slots (default: CPU count)")
     w.add_argument("--ram", help="memory offered to tasks, e.g. 4GiB (default: available)")
@@ -364,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     interface_flag(w)
     w.set_defaults(run=_worker)
 
-    s = sub.add_parser("submit", help="run a workflow on the grid")
+    s = command("submit", help="run a workflow on the grid")
     s.add_argument("workflow", help="workflow file (YAML or JSON)")
     s.add_argument("--workers", metavar="MIN..MAX", help="how many peers to recruit")
     s.add_argument("--require", metavar="EXPR", help='e.g. "ram>=4GiB and cpus>=2"')
@@ -427,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     interface_flag(s)
     s.set_defaults(run=_submit)
 
-    c = sub.add_parser("cancel", help="stop a running job (from any desktop of the grid)")
+    c = command("cancel", help="stop a running job (from any desktop of the grid)")
     c.add_argument("job", help="the job's name as `bgrid status` shows it, or its workflow's")
     c.add_argument("--wait", type=float, default=1.0, help="seconds to look for it (default 1)")
     interface_flag(c)
@@ -467,13 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("peers", _peers, "list the peers on the LAN"),
         ("status", _status, "list the jobs running on the LAN"),
     ):
-        p = sub.add_parser(name, help=what)
+        p = command(name, help=what)
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--wait", type=float, default=1.0, help="seconds to listen (default 1)")
         interface_flag(p)
         p.set_defaults(run=func)
 
-    ch = sub.add_parser("cache", help="show what this desktop's worker cache holds, or clear it")
+    ch = command("cache", help="show what this desktop's worker cache holds, or clear it")
     ch.add_argument("--name", help="the worker's name (default: host name)")
     ch.add_argument("--cache-dir", help="the cache directory (default: the worker's)")
     ch.add_argument("--config", metavar="FILE", help="worker settings file (as `bgrid worker`)")
@@ -488,8 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ch.set_defaults(run=_cache)
 
-    k = sub.add_parser("keys", help="create the grid key; enroll, join and revoke workers")
-    ksub = k.add_subparsers(dest="keys_command", required=True)
+    k = command("keys", help="create the grid key; enroll, join and revoke workers")
+    ksub = k.add_subparsers(
+        dest="keys_command",
+        required=True,
+        parser_class=_StrictParser,
+    )
     ki = ksub.add_parser("init", help="create a new grid key")
     ki.add_argument("--force", action="store_true", help="replace an existing key")
     ksub.add_parser("show", help="print the grid's fingerprint and how desktops join it")
@@ -517,9 +551,15 @@ def _show_warning(
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    if args.command == "worker":
-        level = min(level, logging.INFO)
+    quiet = args.quiet_before + args.quiet_after
+    verbose = args.verbose_before + args.verbose_after
+    if quiet:
+        level = logging.ERROR
+        warnings.simplefilter("ignore")
+    else:
+        level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+        if args.command == "worker":
+            level = min(level, logging.INFO)  # a daemon's log says what it serves
     from bonjourgrid.worker.service import configure_logging
 
     configure_logging(level)  # under systemd, without the time: the journal adds it

@@ -8,11 +8,20 @@ as Python. The grammar:
     and_expr   := not_expr (("and" | "&&") not_expr)*
     not_expr   := ("not" | "!") not_expr | "(" expr ")" | "true" | "false" | comparison
     comparison := KEY OP VALUE          OP in >= <= > < == != (and "=" for "==")
-    KEY        := [A-Za-z_][A-Za-z0-9_]*
+    KEY        := a TXT schema key | an HTCondor alias | "txt." + an extra TXT key
     VALUE      := number | number+size unit (4GiB, 512MiB, 2G) | bare word | "quoted"
+
+Attributes are checked when the text is parsed, so a typo is an error, not a silent false:
+- the peer TXT schema keys (cpus, ram, disk, cost, arch, os, mw, state, ...), in any case;
+- HTCondor's names, in any case: Memory -> ram, Cpus -> cpus, Disk -> disk, Arch -> arch,
+  OpSys -> os. They rename, they do not convert: a bare number is MiB for ram and disk (an
+  HTCondor Disk is KiB: write a unit, Disk>=10GiB);
+- an extra key a peer advertises outside the schema (its daemon's own, e.g. `gpu`) is named
+  with the prefix `txt.`: `txt.gpu==a100`. The prefix keeps a typo of a schema key an error.
 
 Semantics, chosen so that a stranger's TXT record can never make a match raise:
 - sizes are MiB (the unit of the `ram` and `disk` TXT keys): `4GiB` is 4096, `1500` is 1500;
+  K, M, G, T are powers of 1024 (units.py), so `ram>=4G` is `ram>=4096`;
 - both sides numbers -> numeric comparison; otherwise `==`/`!=` compare text (case-insensitive)
   and an ordering comparison is False;
 - a missing key makes its comparison False, whatever the operator;
@@ -21,6 +30,7 @@ Semantics, chosen so that a stranger's TXT record can never make a match raise:
 
 from __future__ import annotations
 
+import difflib
 import operator
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -28,9 +38,9 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 from bonjourgrid.errors import ConfigError, RequirementError
-from bonjourgrid.units import MIB, parse_size
+from bonjourgrid.units import MIB, format_size, parse_size
 
-__all__ = ["Requirement", "combine"]
+__all__ = ["ALIASES", "ATTRIBUTES", "EXTRA_PREFIX", "Requirement", "combine"]
 
 _MAX_LENGTH = 65536  # characters; far beyond any real requirement, bounds the work per parse
 _MAX_DEPTH = 64  # nested parentheses / `not`; keeps the parser off Python's recursion limit
@@ -38,6 +48,16 @@ _EXAMPLE = "ram>=4GiB and cpus>=2"
 _LIST_KEYS = frozenset({"mw"})  # TXT keys whose value is a comma-separated set
 
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_EXTRA_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}\Z")  # as txt.py accepts an extra TXT key
+# The peer TXT schema's keys (discovery/txt.py PEER_KEYS, pinned equal by a test: importing
+# it here would load zeroconf into every workflow check).
+ATTRIBUTES = ("cpus", "ram", "disk", "cost", "arch", "os", "mw", "state", "job", "grid", "v")
+_INTERNAL = ("key", "cred", "seq")  # may be named, but are not worth listing in a message
+_NATIVE = frozenset(ATTRIBUTES + _INTERNAL)
+EXTRA_PREFIX = "txt."
+# HTCondor's ClassAd names for what our TXT schema calls otherwise (lower case: matched so).
+ALIASES = {"memory": "ram", "cpus": "cpus", "disk": "disk", "arch": "arch", "opsys": "os"}
+_SIZE_KEYS = frozenset({"ram", "disk"})  # MiB: shown as sizes when a peer fails a clause
 _BARE_WORD = re.compile(r"[A-Za-z0-9_.+\-:/@%]+")
 _NUMBER = re.compile(r"\s*([+-]?\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*\Z")
 _OPERATORS = (">=", "<=", "==", "!=", ">", "<", "=")  # longest first
@@ -81,16 +101,23 @@ class _Const:
     def matches(self, attrs: Mapping[str, str]) -> bool:
         return self.value
 
+    def comparisons(self) -> Iterator[_Compare]:
+        return iter(())
+
     def text(self) -> str:
         return "true" if self.value else "false"
 
 
 @dataclass(frozen=True)
 class _Compare:
-    key: str
+    key: str  # the TXT key looked up: a schema key (aliases resolved) or an extra one
     op: str
     value: str
     number: float | None
+    extra: bool = False  # written `txt.KEY`: a key outside the schema
+
+    def comparisons(self) -> Iterator[_Compare]:
+        yield self
 
     def matches(self, attrs: Mapping[str, str]) -> bool:
         have = attrs.get(self.key)
@@ -109,7 +136,11 @@ class _Compare:
         return equal if self.op == "==" else not equal
 
     def text(self) -> str:
-        return f"{self.key}{self.op}{_quote(self.value)}"
+        return f"{self.name}{self.op}{_quote(self.value)}"
+
+    @property
+    def name(self) -> str:
+        return EXTRA_PREFIX + self.key if self.extra else self.key
 
 
 @dataclass(frozen=True)
@@ -118,6 +149,9 @@ class _Not:
 
     def matches(self, attrs: Mapping[str, str]) -> bool:
         return not self.item.matches(attrs)
+
+    def comparisons(self) -> Iterator[_Compare]:
+        return self.item.comparisons()
 
     def text(self) -> str:
         inner = self.item.text()
@@ -133,6 +167,10 @@ class _All:
     def matches(self, attrs: Mapping[str, str]) -> bool:
         return all(item.matches(attrs) for item in self.items)
 
+    def comparisons(self) -> Iterator[_Compare]:
+        for item in self.items:
+            yield from item.comparisons()
+
     def text(self) -> str:
         return " and ".join(
             f"({i.text()})" if isinstance(i, _Any) else i.text() for i in self.items
@@ -146,11 +184,35 @@ class _Any:
     def matches(self, attrs: Mapping[str, str]) -> bool:
         return any(item.matches(attrs) for item in self.items)
 
+    def comparisons(self) -> Iterator[_Compare]:
+        for item in self.items:
+            yield from item.comparisons()
+
     def text(self) -> str:
         return " or ".join(item.text() for item in self.items)
 
 
 _Node: TypeAlias = _Const | _Compare | _Not | _All | _Any
+
+
+def _failing(node: _Node, attrs: Mapping[str, str]) -> _Node | None:
+    """The smallest clause of an unmet requirement that fails: one item of an `and`."""
+    if node.matches(attrs):
+        return None
+    if isinstance(node, _All):
+        return next(_failing(i, attrs) or i for i in node.items if not i.matches(attrs))
+    return node
+
+
+def _has(compare: _Compare, attrs: Mapping[str, str]) -> str:
+    """What a peer advertises for one attribute, as a person reads it."""
+    have = attrs.get(compare.key)
+    if not isinstance(have, str):
+        return f"no {compare.name}"
+    number = _as_number(have)
+    if compare.key in _SIZE_KEYS and not compare.extra and number is not None:
+        return format_size(number * MIB)
+    return have if len(have) <= 40 else have[:37] + "..."
 
 
 def _quote(value: str) -> str:
@@ -317,11 +379,13 @@ class _Parser:
         key = self.take()
         if key.kind == "word" and key.text.lower() in _CONSTANTS:
             return _Const(key.text.lower() == "true")
-        if key.kind != "word" or not _KEY.match(key.text):
+        is_extra = key.kind == "word" and key.text.lower().startswith(EXTRA_PREFIX)
+        if key.kind != "word" or not (is_extra or _KEY.match(key.text)):
             found = "the end" if key.kind == "end" else repr(key.text)
             raise self.error(
                 f"expected an attribute name such as ram or cpus, found {found}", key.column
             )
+        name = self.attribute(key)
         op = self.take()
         if op.kind != "op":
             raise self.error(
@@ -330,7 +394,33 @@ class _Parser:
         value = self.take()
         if value.kind not in ("word", "string"):
             raise self.error(f"expected a value after {op.text!r}", value.column)
-        return _Compare(key.text, op.text, value.text, _as_number(value.text))
+        return _Compare(name, op.text, value.text, _as_number(value.text), is_extra)
+
+    def attribute(self, token: _Token) -> str:
+        """The TXT key an attribute name stands for; an unknown name is an error."""
+        lower = token.text.lower()
+        if lower.startswith(EXTRA_PREFIX):
+            extra = lower[len(EXTRA_PREFIX) :]
+            if _EXTRA_KEY.match(extra):
+                return extra
+            raise self.error(
+                f"{token.text!r}: after {EXTRA_PREFIX!r} write a TXT key a peer advertises "
+                "(lower case letters, digits, _ . -)",
+                token.column,
+            )
+        if lower in ALIASES or lower in _NATIVE:
+            return ALIASES.get(lower, lower)
+        names = [*ATTRIBUTES, "Memory", "Cpus", "Disk", "Arch", "OpSys"]
+        close = difflib.get_close_matches(lower, [n.lower() for n in names], n=1)
+        hint = (
+            f" (did you mean {next(n for n in names if n.lower() == close[0])}?)" if close else ""
+        )
+        raise self.error(
+            f"unknown attribute {token.text!r}{hint}; known: {', '.join(ATTRIBUTES)}; "
+            "HTCondor's Memory, Cpus, Disk, Arch, OpSys; txt.NAME for another TXT key a peer "
+            "advertises",
+            token.column,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,6 +454,23 @@ class Requirement:
     def matches(self, attrs: Mapping[str, str]) -> bool:
         """True when a peer with these TXT attributes meets the requirement."""
         return self._node.matches(attrs)
+
+    def explain(self, attrs: Mapping[str, str]) -> str | None:
+        """None when the peer meets it; else the clause it fails and what it has there, as
+        `condor_q -better-analyze` says it: "ram>=8GiB (it has 4.0 GiB)"."""
+        clause = _failing(self._node, attrs)
+        if clause is None:
+            return None
+        seen: dict[str, str] = {}
+        for compare in clause.comparisons():
+            seen.setdefault(compare.name, _has(compare, attrs))
+        if not seen:
+            return clause.text()
+        if len(seen) == 1:
+            facts = next(iter(seen.values()))
+        else:
+            facts = ", ".join(f"{name} {have}" for name, have in seen.items())
+        return f"{clause.text()} (it has {facts})"
 
     def __and__(self, other: Requirement) -> Requirement:
         return Requirement(_all_of([self._node, other._node]))

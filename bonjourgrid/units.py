@@ -1,4 +1,8 @@
-"""Human sizes ("4GiB", "512MiB", "2G", "1500") to numbers and back."""
+"""Human sizes ("4GiB", "512MiB", "2G", "1500") to numbers and back.
+
+K, M, G and T mean 2**10, 2**20, 2**30 and 2**40 whatever follows them (B, iB or nothing):
+"4G", "4GB" and "4GiB" are the same 4096 MiB, as in HTCondor, Slurm and Docker.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +10,16 @@ import re
 
 from bonjourgrid.errors import ConfigError
 
+# One rule everywhere (worker flags, worker.toml, bgrid.toml, workflow limits, --require):
+# K, M, G, T, with or without B or i, are powers of 1024, as HTCondor and Slurm read them.
 _UNITS = {
     "": 1,
     "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "ki": 1024,
-    "kib": 1024,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "mi": 1024**2,
-    "mib": 1024**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "gi": 1024**3,
-    "gib": 1024**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "ti": 1024**4,
-    "tib": 1024**4,
+    **{
+        prefix + suffix: 1024**power
+        for power, prefix in enumerate("kmgt", start=1)
+        for suffix in ("", "b", "i", "ib")
+    },
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 MIB = 1024**2

@@ -339,6 +339,8 @@ class SchedulerCore(DataPlane):
             self._top_level = max(self._top_level, task.priority)
         self._stories[task.name].append((now, f"{task.status.value} -> {to.value}: {why}"))
         task.status = to
+        if task.resumed and to is not TaskStatus.DONE:
+            task.resumed = False  # made again in this run (its output was lost): not kept
 
     def _make_ready(self, task: TaskState, now: float, why: str) -> None:
         self._move(task, TaskStatus.READY, now, why)

@@ -3,7 +3,7 @@
 One append-only JSON-lines file per workflow in the submit directory,
 `.bgrid/<workflow name>.journal`:
 
-    {"t": "job", "v": 1, "job", "workflow", "workflow_digest", "started", "lease_s"}
+    {"t": "job", "v": 1, "job", "workflow", "workflow_digest", "started", "lease_s", "local"}
     {"t": "done", "task", "spec", "inputs": [[path, digest, size], ...], "outputs": [...],
      "peer", "attempts"}
     {"t": "failed", "task", "error", "attempts"}
@@ -18,6 +18,13 @@ Resuming trusts nothing it cannot check: a task recorded done is kept only if it
 files and environment are unchanged (the `spec` digest), the inputs it read are the bytes
 there now, each of its outputs in the submit directory still has the recorded digest, and
 every task it depends on is kept too. Everything else runs again.
+
+An intermediate output stays in the cache of the peer that made it. A resumed run on the
+same grid asks its peers' caches for it (and makes it again if none holds it any more). A
+local grid's workers (`--local`) are new at every run and their caches go with them: when
+the earlier run or this one is local, an intermediate that only such a cache held is gone,
+and a task whose lost output an unkept task still needs runs again, with that reason, rather
+than being counted as kept and then run again behind the user's back.
 
 Every submit starts a new journal; the previous one is kept as `.journal.1`. A resumed
 submit's new journal first carries the done records of the tasks it kept.
@@ -75,6 +82,7 @@ class JournalState:
     failed: Mapping[str, str] = field(default_factory=dict)
     end: tuple[str, str] | None = None  # (status, reason) of a job that ended
     skipped: int = 0
+    local: bool = False  # the run was on a local grid: its workers' caches are gone
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,7 @@ class JournalWriter:
         started: float,
         lease_s: float,
         carried: Iterable[DoneRecord] = (),
+        local: bool = False,
     ) -> JournalWriter:
         """A new journal at `path` (the old one becomes `.journal.1`), ready to append to."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +150,7 @@ class JournalWriter:
             "workflow_digest": digest,
             "started": started,
             "lease_s": lease_s,
+            "local": local,
         }
         lines = [_line(header), *(_line(_done_fields(r)) for r in carried)]
         # Written aside and renamed: a crash here leaves the old journal whole.
@@ -268,7 +278,8 @@ def read_journal(path: Path) -> JournalState:
         except ValueError as err:
             log.warning("%s: skipping a damaged line: %s", path, err)
             skipped += 1
-    return JournalState(job, workflow, digest, started, lease_s, done, failed, end, skipped)
+    local = head.get("local") is True  # absent in journals of older runs: a grid's
+    return JournalState(job, workflow, digest, started, lease_s, done, failed, end, skipped, local)
 
 
 def _text(record: Mapping[str, Any], key: str, empty: bool = False) -> str:
@@ -326,12 +337,17 @@ def _read_done(record: Mapping[str, Any]) -> DoneRecord:
 
 
 def plan_resume(
-    workflow: Workflow, workflow_file: Path, url_refs: Mapping[str, FileRef] | None = None
+    workflow: Workflow,
+    workflow_file: Path,
+    url_refs: Mapping[str, FileRef] | None = None,
+    *,
+    local: bool = False,
 ) -> ResumePlan:
     """Read this workflow's journal and check every task it says is done (re-hashing files).
 
     `url_refs`: the contents of the workflow's URL inputs as staged now; without them, a
-    task reading a URL runs again."""
+    task reading a URL runs again. `local`: this run is on a new local grid, whose workers'
+    caches hold nothing of an earlier run."""
     path = journal_path(workflow)
     if not path.exists():
         raise ConfigError(
@@ -365,8 +381,54 @@ def plan_resume(
             kept[name] = record
         else:
             rerun[name] = why
+    if state.local:
+        gone = "a worker of the earlier run's local grid, gone with it"
+        _drop_lost_intermediates(workflow, kept, rerun, on_disk, gone, order)
+    elif local:
+        gone = "which this run's local grid does not include"
+        _drop_lost_intermediates(workflow, kept, rerun, on_disk, gone, order)
     changed = workflow_digest(workflow_file) != state.workflow_digest
     return ResumePlan(state, kept, rerun, sources, changed)
+
+
+def _drop_lost_intermediates(
+    workflow: Workflow,
+    kept: dict[str, DoneRecord],
+    rerun: dict[str, str],
+    on_disk: Any,
+    gone: str,
+    order: list[str],
+) -> None:
+    """Run again each kept task whose output, gone with the earlier run's peers, a task
+    that runs again needs; and the kept tasks after it. Until nothing changes: a task that
+    runs again may need another lost output."""
+    readers: dict[str, list[str]] = {}
+    for name in order:
+        for path in workflow.tasks[name].inputs:
+            readers.setdefault(path, []).append(name)
+    lost = {
+        path: name
+        for name, record in kept.items()
+        for path, _ in record.outputs
+        if path in readers and on_disk(path) is None
+    }
+    changed = True
+    while changed:
+        changed = False
+        for path, producer in lost.items():
+            needy = next((r for r in readers[path] if r not in kept), None)
+            if producer not in kept or needy is None:
+                continue
+            peer = kept.pop(producer).peer or "a peer"
+            rerun[producer] = (
+                f"its output {path}, which {needy} needs, was only in the cache of {peer}, {gone}"
+            )
+            changed = True
+        for name in order if changed else ():
+            pred = next((p for p in workflow.graph.predecessors(name) if p not in kept), None)
+            if name in kept and pred is not None:
+                del kept[name]
+                rerun[name] = f"it comes after {pred}, which runs again"
 
 
 def _why_not_kept(

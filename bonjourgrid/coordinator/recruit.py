@@ -47,8 +47,8 @@ def select_candidates(peers: Sequence[PeerRecord], needs: JobNeeds) -> Selection
             rejected[peer.name] = f"is {peer.state}" + (f" by job {peer.job}" if peer.job else "")
         elif needs.max_cost is not None and peer.cost > needs.max_cost:
             rejected[peer.name] = f"costs {peer.cost:g} > max {needs.max_cost:g}"
-        elif not needs.require.matches(peer.attrs()):
-            rejected[peer.name] = f"does not satisfy {needs.require}"
+        elif (unmet := needs.require.explain(peer.attrs())) is not None:
+            rejected[peer.name] = f"does not satisfy {unmet}"
         else:
             candidates.append(peer)
     return Selection(rank(candidates, needs), rejected)

@@ -182,6 +182,7 @@ class Coordinator(PeerPool):
                 started=self.started_at,
                 lease_s=self.timeouts.lease_s,
                 carried=self.resume.kept.values() if self.resume else (),
+                local=self.expected_peers is not None,  # --local: the caches go with it
             )
         except OSError as err:
             raise ConfigError(
@@ -190,6 +191,8 @@ class Coordinator(PeerPool):
             ) from None
 
     async def _run_on_grid(self) -> core.Finished | None:
+        # First: when the mDNS port is not ours (avahi), fail before anything else is open.
+        zc = open_zeroconf(resolve_interfaces(self.interface))
         policies = {"data": self.data_policy}
         if self.grid is not None:
             # Only holders of the grid's secret key may stop the job (`bgrid cancel`).
@@ -204,7 +207,6 @@ class Coordinator(PeerPool):
         grid_keys = self.grid.keypair() if self.grid is not None else None
         jobctl = wire.server_socket(self.ctx, grid_keys, JOBCTL_DOMAIN, wire.MAX_CONTROL_FRAME)
         self._jobctl_port = jobctl.bind_to_random_port(bind)
-        zc = open_zeroconf(resolve_interfaces(self.interface))
         browser = self._browser = PeerBrowser(zc)
         advert: Advertiser | None = None
         finished: core.Finished | None = None

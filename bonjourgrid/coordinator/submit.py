@@ -24,6 +24,7 @@ import difflib
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -201,9 +202,10 @@ def _said(where: str, value: object) -> str:
 def submit(opts: SubmitOptions) -> int:
     """Run the workflow; print or write the report; the process exit code.
 
-    SIGINT and SIGTERM stop it within a second in every phase: Interrupted (exit 130 or 143)
-    before tasks run, every reserved peer released; once tasks run, the job is cancelled
-    and reported as such (exit 1).
+    SIGINT and SIGTERM stop it within a second in every phase, with exit 130 or 143 (128 +
+    the signal, as a shell reports it): before tasks run, Interrupted, every reserved peer
+    released; once tasks run, the job is cancelled and reported as such, and stderr says
+    the `--resume` command that goes on from there.
     """
     raise_open_file_limit()  # one descriptor per peer connection and staged file
     with _signals_interrupt():
@@ -227,7 +229,7 @@ def _submit(opts: SubmitOptions) -> int:
                 lambda: stage_sources(workflow, {}), "while checking the URL inputs"
             )
             url_refs = {path: staged[path].ref for path in workflow.urls if path in staged}
-        plan = plan_resume(workflow, opts.workflow, url_refs)
+        plan = plan_resume(workflow, opts.workflow, url_refs, local=_runs_locally(opts))
     if plan is not None:
         _tell_resume(workflow, plan)
     if plan is not None and len(plan.kept) == len(workflow.tasks):
@@ -241,7 +243,41 @@ def _submit(opts: SubmitOptions) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_summary(report))
+    if report["status"] != "succeeded" and report.get("signal") in signal.Signals.__members__:
+        sig = signal.Signals[report["signal"]]
+        print(f"bgrid: to go on from there: {resume_command(opts)}", file=sys.stderr)
+        return 128 + int(sig)
     return 0 if report["status"] == "succeeded" else 1
+
+
+def resume_command(opts: SubmitOptions) -> str:
+    """The `bgrid submit ... --resume` command line that goes on with this job."""
+    words = ["bgrid", "submit", str(opts.workflow)]
+    for flag, value in (
+        ("--local", opts.local),
+        ("--workers", f"{opts.workers[0]}..{opts.workers[1]}" if opts.workers else None),
+        ("--require", opts.require),
+        ("--max-cost", opts.max_cost),
+        ("--interface", opts.interface),
+        ("--report", opts.report),
+    ):
+        if value is not None:
+            words += [flag, str(value)]
+    words += ["--insecure"] if opts.insecure else []
+    return shlex.join([*words, "--resume"])
+
+
+def _runs_locally(opts: SubmitOptions) -> bool:
+    """Whether this submit will run on a new local grid (as `_run_on_a_grid` decides)."""
+    if opts.local is not None:
+        return True
+    if opts.insecure:
+        return False
+    try:
+        load_grid_key(need_secret=True)
+    except KeyStoreError:
+        return not (key_dir() / "grid.key").exists()
+    return False
 
 
 def _run_on_a_grid(
@@ -335,9 +371,12 @@ def _run(
         data=data,
     )
 
+    stopped_by: list[signal.Signals] = []
+
     def cancel_running_job(sig: signal.Signals) -> bool:
         if coordinator.phase != "running tasks":
             return False
+        stopped_by.append(sig)
         coordinator.cancel(f"cancelled by the user ({sig.name})")
         return True
 
@@ -345,7 +384,10 @@ def _run(
         done = "" if coordinator.phase == "staging inputs" else ": every reserved peer was released"
         return f"while {coordinator.phase}{done}"
 
-    return _run_until_signal(coordinator.run, interrupted, cancel_running_job)
+    report = _run_until_signal(coordinator.run, interrupted, cancel_running_job)
+    if stopped_by:
+        report["signal"] = stopped_by[0].name  # the exit code says it too: 128 + the signal
+    return report
 
 
 @contextlib.contextmanager

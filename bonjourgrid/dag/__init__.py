@@ -1,7 +1,6 @@
 """Workflows: the task model, the file-flow graph, and loading with full validation."""
 
 from bonjourgrid.dag.loader import (
-    WorkflowWarning,
     load_workflow,
     parse_worker_range,
     workflow_from_mapping,
@@ -12,7 +11,6 @@ __all__ = [
     "GridSpec",
     "TaskSpec",
     "Workflow",
-    "WorkflowWarning",
     "load_workflow",
     "normalize_path",
     "parse_worker_range",

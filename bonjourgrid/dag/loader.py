@@ -5,7 +5,9 @@ Validation runs in three passes, each reporting every problem it finds in one Da
 2. file flow: one writer per file, every input written by a task, present in the submit
    directory or named by a URL, `after` names existing tasks;
 3. no cycle (networkx, linear time; the cycle is only searched for once one is known to exist).
-Unknown keys are not errors: each one is reported once, as a WorkflowWarning.
+An unknown key is an error (a typo such as `input:` must not drop a task's inputs unnoticed),
+reported once per key with a suggestion. Top-level keys that start with `x-` are the user's
+own (YAML anchors for merge keys, as in Docker Compose) and are skipped.
 
 An input may be a URL (http, https, file) or `{url: URL, path: NAME}`: the task sees it at
 NAME, by default the URL path's last segment. `TaskSpec.inputs` holds only such paths, and
@@ -17,7 +19,6 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import warnings
 from collections import defaultdict, deque
 from collections.abc import Mapping
 from itertools import pairwise
@@ -36,7 +37,6 @@ from bonjourgrid.wire import MAX_STRING
 from bonjourgrid.worker.limits import LIMIT_KEYS, check_cpu_s, check_memory, check_wall_s
 
 __all__ = [
-    "WorkflowWarning",
     "load_workflow",
     "parse_worker_range",
     "workflow_from_mapping",
@@ -61,10 +61,6 @@ _TASK_KEYS = (
 _KEY_SETS: dict[tuple[str, ...], frozenset[str]] = {
     keys: frozenset(keys) for keys in (_TOP_KEYS, _GRID_KEYS, _DEFAULT_KEYS, _TASK_KEYS, LIMIT_KEYS)
 }
-
-
-class WorkflowWarning(UserWarning):
-    """Something in a workflow file was ignored (an unknown key)."""
 
 
 class _Problems:
@@ -100,16 +96,13 @@ class _Problems:
             if key not in known:
                 self.unknown[(str(key), ", ".join(known))].append(where)
 
-    def warn_unknown(self) -> None:
+    def add_unknown(self) -> None:
+        """One problem per unknown key, however many tasks repeat it."""
         for (key, known), places in self.unknown.items():
             close = difflib.get_close_matches(key, known.split(", "), n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known keys: {known}"
             where = places[0] if len(places) == 1 else f"{places[0]} and {len(places) - 1} more"
-            warnings.warn(
-                f"{self.source}: unknown key {key!r} in {where} is ignored; {hint}",
-                WorkflowWarning,
-                stacklevel=3,
-            )
+            self.add(f"unknown key {key!r} in {where}; {hint}")
 
 
 def _suggest(word: str, pool: Mapping[str, object] | list[str], problems: _Problems) -> str:
@@ -170,7 +163,8 @@ def workflow_from_mapping(
             f"{source}: the top level is a {type(data).__name__}, not a mapping; "
             "start the file with `name:` and `tasks:`"
         )
-    problems.note_unknown(data, _TOP_KEYS, "the top level")
+    own = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
+    problems.note_unknown(own, _TOP_KEYS, "the top level")
     name = _read_job_name(data.get("name"), source, problems)
     grid = _read_grid(data.get("grid"), problems)
     requirements: dict[str, None] = {}  # texts known to parse, so 100k equal ones parse once
@@ -189,7 +183,7 @@ def workflow_from_mapping(
         task = _read_task(task_name, raw, defaults, requirements, urls, problems)
         if task is not None:
             tasks[task.name] = task
-    problems.warn_unknown()
+    problems.add_unknown()
     problems.raise_if_any()
 
     producer = _producers(tasks, problems)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -85,13 +86,29 @@ def resolve_interfaces(arg: str | None = None) -> InterfacesType:
     return chosen
 
 
+# What a desktop whose mDNS port another responder holds alone must change. Avahi does so
+# with `disallow-other-stacks=yes` (python-zeroconf cannot bind 5353 next to it then).
+MDNS_PORT_TAKEN = (
+    "cannot listen for mDNS on UDP port 5353: another mDNS responder holds it alone "
+    "(avahi-daemon with disallow-other-stacks=yes?); set disallow-other-stacks=no in "
+    "/etc/avahi/avahi-daemon.conf and restart avahi (systemctl restart avahi-daemon), "
+    "or stop avahi-daemon"
+)
+
+
 def open_zeroconf(interfaces: InterfacesType, one_shot: bool = False) -> AsyncZeroconf:
     """An IPv4-only AsyncZeroconf on these interfaces; call it from the running event loop.
+    ConfigError (MDNS_PORT_TAKEN) when another responder holds UDP 5353 alone.
 
     `one_shot`: query from an ephemeral port and hear only direct answers (for snapshots:
     it cannot advertise, nor hear announcements).
     """
-    zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only, unicast=one_shot)
+    try:
+        zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only, unicast=one_shot)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:  # python-zeroconf's 56-line traceback, in one line
+            raise ConfigError(MDNS_PORT_TAKEN) from None
+        raise
     _interfaces_of[zc] = interfaces
     return zc
 

@@ -52,6 +52,7 @@ _PEER_KEYS = {
     "cred",
 }
 _PEER_KEYS.add(SEQ_KEY)
+PEER_KEYS = frozenset(_PEER_KEYS)  # the attributes a requirement may name (requirements.py)
 
 # ASCII-only patterns: `\d` would accept other scripts' digits, which int() then converts.
 _UINT = re.compile(r"[0-9]{1,16}")

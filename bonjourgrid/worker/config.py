@@ -16,7 +16,8 @@ activity_file = "~/.bgrid-active"   # its mtime is the owner's last activity (re
 activity_command = "..." # prints the seconds since the last input (replaces the probes)
 always_idle = false      # a dedicated machine: never wait for an owner
 ```
-Relative paths in the file are relative to the file's directory.
+Relative paths in the file are relative to the file's directory. An unknown table or key is
+an error (exit 2) that names the file and suggests the closest known name, as in bgrid.toml.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import difflib
 import math
 import tomllib
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +51,6 @@ _SCHEMA: dict[str, tuple[str, tuple[type, ...]]] = {
     "always_idle": ("idle", (bool,)),
 }
 _PATHS = ("cache_dir", "activity_file")
-
-
-class WorkerConfigWarning(UserWarning):
-    """Something in worker.toml is ignored."""
 
 
 @dataclass(frozen=True)
@@ -89,14 +85,12 @@ def read_worker_file(path: Path) -> dict[str, tuple[Any, str]]:
     tables = {table for table, _ in _SCHEMA.values()}
     for table, entries in data.items():
         if table not in tables or not isinstance(entries, dict):
-            _unknown(path, f"[{table}]", table, sorted(tables))
-            continue
+            raise _unknown(path, f"table [{table}]", table, sorted(tables))
         known = [k for k, (t, _) in _SCHEMA.items() if t == table]
         for key, value in entries.items():
             where = f"{path}: [{table}] {key}"
             if key not in known:
-                _unknown(path, f"{key!r} in [{table}]", key, known)
-                continue
+                raise _unknown(path, f"key {key!r} in [{table}]", key, known)
             types = _SCHEMA[key][1]
             # TOML booleans are not numbers here, whatever Python thinks of bool and int.
             if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
@@ -108,10 +102,10 @@ def read_worker_file(path: Path) -> dict[str, tuple[Any, str]]:
     return found
 
 
-def _unknown(path: Path, what: str, key: str, known: list[str]) -> None:
+def _unknown(path: Path, what: str, key: str, known: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
-    warnings.warn(f"{path}: unknown {what} is ignored; {hint}", WorkerConfigWarning, stacklevel=3)
+    return ConfigError(f"{path}: unknown {what}; {hint}")
 
 
 def worker_settings(flags: Mapping[str, Any], path: Path | None = None) -> WorkerSettings:

@@ -120,6 +120,8 @@ class WorkerDaemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then leave the LAN cleanly."""
         grid = self.config.grid
+        # First: when the mDNS port is not ours (avahi), fail before anything else is open.
+        zc = open_zeroconf(resolve_interfaces(self.config.interface))
         auth = None
         if grid is not None:
             # Only holders of the grid's secret key get past the CURVE handshake.
@@ -136,7 +138,6 @@ class WorkerDaemon:
         self._control_port = control_port
         self.core = WorkerCore(cpus=self.config.cpus, data_port=data_port)
         monitor = None if self.config.always_idle else await self._first_owner_sample()
-        zc = open_zeroconf(resolve_interfaces(self.config.interface))
         self.advertiser = Advertiser(
             zc,
             PEER_SERVICE,

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import zmq
 
@@ -390,3 +391,53 @@ def test_a_job_advertises_its_control_key_and_a_bad_one_is_ignored() -> None:
     assert parse_job(record.name, record.addresses, record.port, txt) == record
     txt[b"key"] = b"not-a-curve-key"
     assert parse_job(record.name, record.addresses, record.port, txt) is None
+
+
+def test_resume_of_a_killed_local_job_keeps_only_what_it_can_and_says_why(
+    tmp_path: Path, grid: Grid
+) -> None:
+    """A --local grid's workers are new at every run: an intermediate that stayed in a dead
+    local worker's cache is gone, so its maker runs again, says so, and is not reported kept."""
+    count_a, count_b = tmp_path / "a.count", tmp_path / "b.count"
+    wf = write_workflow(
+        tmp_path / "wf",
+        f"""
+name: local-chain
+tasks:
+  a: {{command: "echo run >> {count_a}; echo A > a.txt", outputs: [a.txt]}}
+  b:
+    command: "n=$(cat {count_b} 2>/dev/null | wc -l); echo run >> {count_b};
+      [ $n -gt 0 ] || sleep 60; cat a.txt > b.txt"
+    inputs: [a.txt]
+    outputs: [b.txt]
+  d: {{command: "echo D > d.txt", outputs: [d.txt]}}
+""",
+    )
+    first = start_submit(grid, wf, "--local", "1")
+    journal = journal_path(load_workflow(wf))
+    wait_for(
+        lambda: bool(lines(count_b)) and {"a", "d"} <= set(read_journal(journal).done),
+        60,
+        "b to run after a and d were journaled",
+    )
+    local_workers = psutil.Process(first.pid).children(recursive=True)
+    first.kill()  # kill -9: the local grid's workers are orphans now, their caches unreachable
+    first.wait()
+    for worker in local_workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    psutil.wait_procs(local_workers, timeout=10)
+    assert (wf.parent / "d.txt").exists() and not (wf.parent / "a.txt").exists()
+
+    code, report = finish(start_submit(grid, wf, "--local", "1", "--resume"), wf)
+    said = output_of(wf)
+    assert code == 0, said
+    assert "1 of 3 task(s) kept" in said
+    assert "a runs again: its output a.txt, which b needs, was only in the cache of local-" in said
+    tasks = report["tasks"]
+    assert (tasks["d"]["attempts"], tasks["d"].get("resumed")) == (0, True)
+    for name in ("a", "b"):
+        assert tasks[name]["attempts"] == 1 and "resumed" not in tasks[name], tasks[name]
+    assert report["resumed_from"]["kept"] == 1
+    assert len(lines(count_a)) == 2 and len(lines(count_b)) == 2
+    assert (wf.parent / "b.txt").read_text() == "A\n"

@@ -9,6 +9,7 @@ freed them: the submit released them.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -157,9 +158,15 @@ def test_a_signal_while_tasks_run_cancels_the_job_and_releases_its_peers(
         f"  t{i}: {{command: 'touch {started}.{i}; sleep 60', outputs: [o{i}]}}\n" for i in range(2)
     )
     wf = write_workflow(tmp_path / "wf", "tasks:\n" + tasks)
-    proc, log = start_submit(grid, wf, "--workers", "2..2")
+    report = tmp_path / "report.json"
+    proc, log = start_submit(grid, wf, "--workers", "2..2", "--report", str(report))
     wait_for(lambda: all(Path(f"{started}.{i}").exists() for i in range(2)), proc, log, "running")
     code, output = stop(proc, sig, log)
-    assert code == 1, output
+    assert code == 128 + sig, output  # 130 or 143, as a shell reports a stopped command
     assert f"cancelled by the user ({sig.name})" in output
+    resume = f"bgrid submit {wf} --workers 2..2 --interface {LOOPBACK} --report {report} --resume"
+    assert f"to go on from there: {resume}" in output
+    said = json.loads(report.read_text())
+    assert said["reason"] == f"cancelled by the user ({sig.name})", said
+    assert said["status"] == "failed" and said["signal"] == sig.name
     grid.wait_all_idle(timeout=RELEASED_S)

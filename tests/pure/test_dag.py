@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from bonjourgrid.dag import (
     GridSpec,
     TaskSpec,
-    WorkflowWarning,
     load_workflow,
     normalize_path,
     parse,
@@ -351,10 +350,9 @@ def test_a_wall_clock_limit_is_whole_seconds_rounded_up() -> None:
     assert dict(wf.tasks["b"].limits) == {"wall_s": 2}
 
 
-def test_an_unknown_limit_warns_with_a_suggestion() -> None:
-    with pytest.warns(WorkflowWarning, match=r"'cpu' in task 'a' limits .*did you mean 'cpu_s'"):
-        wf = workflow_from_mapping(flow(a=task(limits={"cpu": 10, "memory": "64MiB"})), "/x")
-    assert dict(wf.tasks["a"].limits) == {"memory": 64 * 1024**2}
+def test_an_unknown_limit_is_an_error_with_a_suggestion() -> None:
+    message = dag_error(flow(a=task(limits={"cpu": 10, "memory": "64MiB"})))
+    assert "unknown key 'cpu' in task 'a' limits; did you mean 'cpu_s'?" in message
 
 
 def test_defaults_problems_are_reported_once_not_per_task() -> None:
@@ -428,22 +426,21 @@ def test_a_flood_of_problems_is_cut_short() -> None:
     assert len(message) < 5000
 
 
-def test_unknown_keys_warn_once_with_a_suggestion() -> None:
+def test_unknown_keys_are_errors_once_each_with_a_suggestion() -> None:
     data = {
-        "tasks": {f"t{i}": {"command": "true", "ouputs": ["x"]} for i in range(3)},
+        "tasks": {f"t{i}": {"command": "true", "input": ["x"], "outputs": ["y"]} for i in range(3)},
+        "defaults": {"retry": 2},
         "grid": {"workers": 2, "colour": "blue"},
         "extra": 1,
     }
-    with pytest.warns(WorkflowWarning) as caught:
+    with pytest.raises(DagError) as err:
         workflow_from_mapping(data, "/x", source="wf.yaml")
-    messages = sorted(str(w.message) for w in caught)
-    assert len(messages) == 3
-    assert any(
-        "unknown key 'ouputs' in task 't0' and 2 more is ignored; did you mean 'outputs'?" in m
-        for m in messages
-    )
-    assert any("'colour' in grid" in m and "known keys: workers" in m for m in messages)
-    assert any("'extra' in the top level" in m for m in messages)
+    message = str(err.value)
+    assert message.startswith("wf.yaml has 4 problems"), message
+    assert "unknown key 'input' in task 't0' and 2 more; did you mean 'inputs'?" in message
+    assert "unknown key 'retry' in defaults; did you mean 'retries'?" in message
+    assert "'colour' in grid" in message and "known keys: workers" in message
+    assert "unknown key 'extra' in the top level" in message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,11 +595,10 @@ def test_any_data_dumped_as_yaml_loads_back_the_same(data: object, share: bool) 
 
 def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:
     (tmp_path / "wf.yaml").write_text(
-        "base: &base {command: x, retries: 3}\n"
+        "x-base: &base {command: x, retries: 3}\n"  # x-: the user's own top-level keys
         "tasks:\n  a: {<<: *base, outputs: a}\n  b: {<<: *base, command: y, outputs: b}\n"
     )
-    with pytest.warns(WorkflowWarning, match="'base'"):
-        wf = load_workflow(tmp_path / "wf.yaml")
+    wf = load_workflow(tmp_path / "wf.yaml")
     assert (wf.tasks["a"].command, wf.tasks["b"].command, wf.tasks["b"].retries) == ("x", "y", 3)
 
 

@@ -313,3 +313,60 @@ def test_resume_reruns_a_url_task_whose_content_changed_even_if_the_local_file_d
         "u": "its input ref.fa changed since it ran",
         "v": "it comes after u, which runs again",
     }
+
+
+LOCAL = """
+name: local
+tasks:
+  a: {command: "echo a > mid", outputs: [mid]}
+  b: {command: "cat mid > b.txt", inputs: [mid], outputs: [b.txt]}
+  c: {command: "cat b.txt > c.txt", inputs: [b.txt], outputs: [c.txt]}
+  p: {command: "echo p > pmid", outputs: [pmid]}
+  q: {command: "cat pmid > q.txt", inputs: [pmid], outputs: [q.txt]}
+"""
+
+
+def intermediate(wf: Workflow, name: str, content: str, peer: str) -> DoneRecord:
+    """A task whose outputs stayed in the cache of `peer` (nothing in the submit directory)."""
+    outputs = tuple(
+        (p, FileRef(hashlib.sha256(content.encode()).hexdigest(), len(content)))
+        for p in wf.tasks[name].outputs
+    )
+    return DoneRecord(name, task_digest(wf.tasks[name]), (), outputs, peer, 1)
+
+
+@pytest.mark.parametrize("earlier_local", [True, False])
+def test_a_local_grid_keeps_no_intermediate_that_a_task_running_again_needs(
+    tmp_path: Path, earlier_local: bool
+) -> None:
+    wf, wf_file = make(tmp_path / "sub", LOCAL)
+    journal = JournalWriter.start(
+        journal_path(wf),
+        job="local-abc123",
+        workflow=wf.name,
+        digest=workflow_digest(wf_file),
+        started=1_700_000_000.5,
+        lease_s=10.0,
+        local=earlier_local,
+    )
+    journal.done(intermediate(wf, "a", "a\n", "local-ab12-1"))  # b, its reader, never ran
+    p = intermediate(wf, "p", "p\n", "local-ab12-2")
+    journal.done(p)
+    (wf.root / "q.txt").write_text("p\n")  # q ran: pmid is needed by nobody any more
+    q_out = (("q.txt", hash_file(wf.root / "q.txt")),)
+    journal.done(DoneRecord("q", task_digest(wf.tasks["q"]), p.outputs, q_out, "local-ab12-2"))
+    journal.close()
+    assert read_journal(journal.path).local is earlier_local
+    # On the same grid, the peers' caches may still hold mid: a is kept (the core makes it
+    # again if none does). On a new local grid they cannot.
+    assert set(plan_resume(wf, wf_file).kept) == ({"p", "q"} if earlier_local else {"a", "p", "q"})
+    plan = plan_resume(wf, wf_file, local=True)
+    assert set(plan.kept) == {"p", "q"}  # pmid is gone too, but no task that runs needs it
+    gone = (
+        "a worker of the earlier run's local grid, gone with it"
+        if earlier_local
+        else "which this run's local grid does not include"
+    )
+    assert plan.rerun == {
+        "a": f"its output mid, which b needs, was only in the cache of local-ab12-1, {gone}"
+    }

@@ -43,7 +43,8 @@ def test_cpu_time_must_be_a_positive_number(value: object) -> None:
     [
         ("512MiB", 512 * MIB),
         ("2GiB", 2 * 1024 * MIB),
-        ("1G", 10**9),
+        ("1G", 1024 * MIB),
+        ("1GB", 1024 * MIB),
         (512, 512 * MIB),  # a bare number is MiB, as the `ram` TXT key
         ("512", 512 * MIB),
         (" 64.5 ", int(64.5 * MIB)),

@@ -60,10 +60,17 @@ def test_requirements_cost_state_and_grid_filter_peers_with_reasons() -> None:
     ]
     selection = select_candidates(peers, needs("ram>=4GiB", max_cost=1.0))
     assert [p.name for p in selection.candidates] == ["ok"]
-    assert "ram" in selection.rejected["small"]
+    assert selection.rejected["small"] == "does not satisfy ram>=4GiB (it has 1.0 GiB)"
     assert "max 1" in selection.rejected["dear"]
     assert "other-job" in selection.rejected["taken"]
     assert "another grid" in selection.rejected["alien"]
+
+
+def test_a_rejected_peer_is_told_the_clause_it_fails_as_condor_q_better_analyze() -> None:
+    seen = [peer("small", cpus=8, ram=4096)]
+    n = needs("Cpus>=4 and Memory>=8G")
+    text = explain_shortage(seen, select_candidates(seen, n), n, granted=0)
+    assert "  small: does not satisfy ram>=8G (it has 4.0 GiB)" in text
 
 
 def test_the_user_is_told_when_every_peer_serves_another_grid() -> None:

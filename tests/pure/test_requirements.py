@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bonjourgrid.errors import RequirementError
-from bonjourgrid.requirements import Requirement, combine
+from bonjourgrid.requirements import ALIASES, Requirement, combine
 
 PEER = {
     "cpus": "4",
@@ -34,7 +34,9 @@ PEER = {
         ("ram>8GiB", False),
         ("ram>=4096", True),  # a bare number for ram is MiB
         ("ram>=512MiB", True),
-        ("ram>=9G", False),  # 9 GB = 8583 MiB
+        ("ram>=9G", False),  # 9G = 9GiB = 9216 MiB
+        ("ram>=8G", True),  # G is 2**30, as in HTCondor and Slurm
+        ("ram>=8GB", True),
         ("disk>=1.5TiB", False),
         ("disk<=48.9GiB", True),
         ("cost<=0.5", True),
@@ -49,9 +51,13 @@ PEER = {
         ("mw==boinc", False),
         ("mw!=boinc", True),
         ("arch>x86", False),  # ordering on text is never true
-        ("gpu>=1", False),  # missing key
-        ("gpu!=1", False),  # missing key, whatever the operator
-        ("not gpu>=1", True),
+        ("txt.gpu>=1", False),  # missing key
+        ("txt.gpu!=1", False),  # missing key, whatever the operator
+        ("not txt.gpu>=1", True),
+        ("Memory>=8GiB", True),  # HTCondor's names, any case
+        ("memory>8G", False),
+        ("Cpus==4 and Arch==X86_64 and OpSys==LINUX and Disk>=1", True),
+        ("RAM>=8G and CPUS>=4 and Mw==condor", True),  # native names in any case
         ("state==idle && cpus>=2", True),
         ("state==busy || cpus>=2", True),
         ("!(state==busy)", True),
@@ -78,7 +84,7 @@ def test_matches_table(text: str, expected: bool) -> None:
         ("not (cpus>=2 and ram>=1)", False),
         ("not not cpus>=2", True),
         ("((((cpus>=2))))", True),
-        ("CPUS>=2", False),  # keys are case-sensitive: TXT keys are lower case
+        ("CPUS>=2", True),  # attribute names are read without case, as in HTCondor
         ("cpus>=2 AND ram>=1 Or false", True),  # keywords are not
     ],
 )
@@ -87,7 +93,7 @@ def test_precedence_and_parentheses(text: str, expected: bool) -> None:
 
 
 def test_quoted_value_keeps_spaces_and_quotes() -> None:
-    requirement = Requirement.parse(r'site=="lab \"A\" floor 2"')
+    requirement = Requirement.parse(r'txt.site=="lab \"A\" floor 2"')
     assert requirement.matches({"site": 'lab "A" floor 2'})
     assert not requirement.matches({"site": "lab A"})
     assert Requirement.parse(str(requirement)) == requirement
@@ -126,7 +132,7 @@ def test_bad_attribute_values_never_raise() -> None:
         ("ram>=$4", "unexpected character '$' at column 6"),
         ("ram>='4", "never closed"),
         ("ram>=4 and ; rm -rf /", "unexpected character ';'"),
-        ("__import__('os')", "expected an operator"),
+        ("__import__('os')", "unknown attribute '__import__'"),
         ("ram >= 4GiB or", "found the end"),
         ("ram==and", "expected a value after '=='"),
         ("mw==native,condor", "unexpected character ','"),  # quote a value holding commas
@@ -172,15 +178,16 @@ def test_parse_refuses_non_text() -> None:
     ("text", "canonical"),
     [
         ("ram >= 4GiB  AND cpus>=2", "ram>=4GiB and cpus>=2"),
-        ("a==1 && (b==2 || c==3)", "a==1 and (b==2 or c==3)"),
-        ("(a==1 and b==2) or c==3", "a==1 and b==2 or c==3"),
-        ("(a==1 and b==2) and c==3", "a==1 and b==2 and c==3"),
-        ("!(a==1 or b==2)", "not (a==1 or b==2)"),
-        ("! a==1", "not a==1"),
+        ("cpus==1 && (v==2 || txt.c==3)", "cpus==1 and (v==2 or txt.c==3)"),
+        ("(cpus==1 and v==2) or txt.c==3", "cpus==1 and v==2 or txt.c==3"),
+        ("(cpus==1 and v==2) and txt.c==3", "cpus==1 and v==2 and txt.c==3"),
+        ("!(cpus==1 or v==2)", "not (cpus==1 or v==2)"),
+        ("! cpus==1", "not cpus==1"),
         ("os='my os'", 'os=="my os"'),
         ("os=='linux'", "os==linux"),
-        ("x=='and'", 'x=="and"'),
-        ("x==''", 'x==""'),
+        ("TXT.X=='and'", 'txt.x=="and"'),
+        ("arch==''", 'arch==""'),
+        ("Memory>=4G and OpSys==LINUX", "ram>=4G and os==LINUX"),
         ("", "true"),
     ],
 )
@@ -226,7 +233,7 @@ _VALUES = st.one_of(
 )
 _COMPARISONS = st.builds(
     lambda key, op, value: f"{key}{op}{value}",
-    st.sampled_from(["cpus", "ram", "disk", "cost", "arch", "mw", "gpu"]),
+    st.sampled_from(["cpus", "ram", "disk", "cost", "arch", "mw", "txt.gpu", "Memory", "OPSYS"]),
     st.sampled_from([">=", "<=", ">", "<", "==", "!="]),
     _VALUES,
 )
@@ -252,3 +259,50 @@ def test_valid_expressions_round_trip_and_keep_their_meaning(
     assert again == requirement
     assert again.matches(attrs) == requirement.matches(attrs)
     assert again.matches(PEER) == requirement.matches(PEER)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("Memory2 >= 4096", "unknown attribute 'Memory2' (did you mean Memory?); known: cpus, ram"),
+        ("gpu>=1", "unknown attribute 'gpu'; known: cpus, ram, disk"),
+        ("cpus>=1 and rma>=2G", "unknown attribute 'rma' (did you mean ram?)"),
+    ],
+)
+def test_an_unknown_attribute_is_an_error_listing_the_known_ones(text: str, message: str) -> None:
+    with pytest.raises(RequirementError) as caught:
+        Requirement.parse(text)
+    assert message in str(caught.value)
+    assert "HTCondor's Memory, Cpus, Disk, Arch, OpSys; txt.NAME" in str(caught.value)
+
+
+def test_the_known_attributes_are_the_txt_schema() -> None:
+    from bonjourgrid.discovery.txt import PEER_KEYS
+    from bonjourgrid.requirements import _NATIVE
+
+    assert _NATIVE == PEER_KEYS
+    assert set(ALIASES.values()) <= PEER_KEYS
+
+
+def test_txt_needs_a_key_after_it() -> None:
+    with pytest.raises(RequirementError, match=r"after 'txt\.' write a TXT key a peer advertises"):
+        Requirement.parse("txt.>=1")
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("ram>=8GiB", "ram>=8GiB (it has 4.0 GiB)"),
+        ("cpus>=2 and Memory>=8G", "ram>=8G (it has 4.0 GiB)"),
+        ("cpus>=8", "cpus>=8 (it has 4)"),
+        (
+            "cpus>=2 and (ram>=8G or arch==arm)",
+            "ram>=8G or arch==arm (it has ram 4.0 GiB, arch x86_64)",
+        ),
+        ("txt.gpu==a100", "txt.gpu==a100 (it has no txt.gpu)"),
+        ("false", "false"),
+        ("ram>=4G and ram<=4G", None),
+    ],
+)
+def test_explain_names_the_failing_clause_and_what_the_peer_has(text: str, why: str | None) -> None:
+    assert Requirement.parse(text).explain({**PEER, "ram": "4096"}) == why

@@ -419,3 +419,19 @@ def test_random_runs_with_data_keep_the_invariants_and_always_end(
         if s.finished is None:
             step([2, 4, 5, 7][i % 4])
     assert s.finished is not None
+
+
+def test_a_kept_task_whose_intermediate_no_peer_holds_runs_again_and_is_not_resumed() -> None:
+    s = SchedulerCore(
+        [("a", [], "", 0), ("b", ["a"], "", 0)],
+        data={"a": TaskData((), ("mid",), False), "b": TaskData(("mid",), ("final",), True)},
+        done={"a": (("mid", ref("mid")),)},  # kept from the journal; mid was on a peer
+    )
+    assert s.tasks["a"].resumed
+    s.handle(core.PeerJoined("p1", 1, {}), 0.0, schedule=False)
+    out = s.handle(core.PeersSettled(), 0.0)  # p1 does not hold mid: a is made again
+    assert placed(out) == [("a", "p1")]
+    assert not s.tasks["a"].resumed  # the report must not call it kept: it ran in this run
+    s.validate_state()
+    assert placed(report(s, "a")) == [("b", "p1")]
+    assert s.tasks["a"].attempts == 1 and not s.tasks["a"].resumed

@@ -9,7 +9,7 @@ import pytest
 
 from bonjourgrid.cli import build_parser
 from bonjourgrid.errors import ConfigError
-from bonjourgrid.worker.config import WorkerConfigWarning, worker_config_path, worker_settings
+from bonjourgrid.worker.config import worker_config_path, worker_settings
 from bonjourgrid.worker.idle import IDLE_AFTER_S, MAX_LOAD
 
 FILE = """
@@ -107,14 +107,21 @@ def test_a_bad_flag_names_the_flag(tmp_path: Path) -> None:
         worker_settings(flags("--cpus", "0"), write(tmp_path, ""))
 
 
-def test_unknown_keys_are_warned_about_with_a_suggestion(tmp_path: Path) -> None:
-    path = write(tmp_path, "[idle]\nidle_minute = 3\n[wroker]\nname = 'a'\n")
-    with pytest.warns(WorkerConfigWarning) as caught:
-        s = worker_settings(flags(), path)
-    messages = [str(w.message) for w in caught]
-    assert any("'idle_minute'" in m and "did you mean 'idle_minutes'" in m for m in messages)
-    assert any("[wroker]" in m and "did you mean 'worker'" in m for m in messages)
-    assert s.idle.idle_after_s == IDLE_AFTER_S
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (
+            "[idle]\nidle_minute = 3\n",
+            "unknown key 'idle_minute' in [idle]; did you mean 'idle_minutes'?",
+        ),
+        ("[wroker]\nname = 'a'\n", "unknown table [wroker]; did you mean 'worker'?"),
+    ],
+)
+def test_an_unknown_key_is_an_error_with_a_suggestion(tmp_path: Path, text: str, said: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        worker_settings(flags(), path)
+    assert str(err.value) == f"{path}: {said}"
 
 
 def test_a_named_config_file_must_exist(tmp_path: Path) -> None:
