@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     interface_flag(c)
     c.set_defaults(run=_cancel)
 
-    r = sub.add_parser("report", help="draw a JSON report as a page (Gantt chart, DAG, bytes)")
+    r = command("report", help="draw a JSON report as a page (Gantt chart, DAG, bytes)")
     r.add_argument("report", help="a report written by `bgrid submit --report FILE.json`")
     r.add_argument(
         "-o",
@@ -473,12 +473,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(run=_report)
 
-    ex = sub.add_parser("examples", help="copy the example workflows into a directory")
+    ex = command("examples", help="copy the example workflows into a directory")
     ex.add_argument("directory", help="where to copy them (made if missing)")
     ex.add_argument("--force", action="store_true", help="copy into a directory that is not empty")
     ex.set_defaults(run=_examples)
 
-    sv = sub.add_parser("service", help="run `bgrid worker` as a systemd user service")
+    sv = command("service", help="run `bgrid worker` as a systemd user service")
     svsub = sv.add_subparsers(dest="service_command", required=True)
     for name, what in (
         ("print", "print the systemd user unit"),
