@@ -127,6 +127,18 @@ def _cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _logs(args: argparse.Namespace) -> int:
+    from bonjourgrid.coordinator.logs import find_log
+
+    path = find_log(Path(args.dir), args.job, args.task, args.attempt, stderr=args.err)
+    with open(path, "rb") as f:
+        sys.stdout.flush()
+        while chunk := f.read(1 << 16):
+            sys.stdout.buffer.write(chunk)
+    sys.stdout.flush()
+    return 0
+
+
 def _peers(args: argparse.Namespace) -> int:
     from bonjourgrid.discovery.advertise import resolve_interfaces
     from bonjourgrid.discovery.browse import snapshot_peers
@@ -382,6 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--wait", type=float, default=1.0, help="seconds to look for it (default 1)")
     interface_flag(c)
     c.set_defaults(run=_cancel)
+
+    lg = sub.add_parser("logs", help="print what a task wrote on stdout (or stderr)")
+    lg.add_argument(
+        "job", help="the job id (as the report says), or its workflow's name: its latest job"
+    )
+    lg.add_argument("task", help="the task's name")
+    lg.add_argument("--attempt", type=int, metavar="N", help="this attempt (default: the latest)")
+    lg.add_argument("--err", action="store_true", help="print its stderr instead of its stdout")
+    lg.add_argument(
+        "--dir", default=".", help="the directory the job was submitted from (default: here)"
+    )
+    lg.set_defaults(run=_logs)
 
     for name, func, what in (
         ("peers", _peers, "list the peers on the LAN"),

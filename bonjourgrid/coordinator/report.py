@@ -14,7 +14,7 @@ def build_report(
     coordinator: Coordinator, finished: core.Finished | None, started_at: float
 ) -> dict[str, Any]:
     sched = coordinator.core
-    tasks = {}
+    tasks: dict[str, dict[str, Any]] = {}
     for name, task in sched.tasks.items():
         tasks[name] = {
             "status": task.status.value,
@@ -33,6 +33,9 @@ def build_report(
             tasks[name]["error"] = task.error
         if task.status is core.TaskStatus.FAILED:
             tasks[name]["stderr_tail"] = task.stderr_tail
+        logs = coordinator.logs.report(name)
+        if logs is not None:
+            tasks[name]["logs"] = logs  # where its stdout and stderr are kept (logs.py)
     ends = [t.end for t in sched.tasks.values() if t.end is not None]
     report: dict[str, Any] = {
         "job": coordinator.job,

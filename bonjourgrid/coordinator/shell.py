@@ -16,7 +16,6 @@ import contextlib
 import getpass
 import logging
 import os
-import re
 import secrets
 import shutil
 import time
@@ -39,6 +38,7 @@ from bonjourgrid.coordinator.journal import (
     journal_path,
     task_digest,
 )
+from bonjourgrid.coordinator.logs import LogKeeper, job_stem
 from bonjourgrid.coordinator.peers import (
     PeerLink,
     PeerPool,
@@ -104,6 +104,7 @@ class Coordinator(PeerPool):
         self.data = data or DataOptions()
         self.journal: JournalWriter | None = None
         self.job = job_id(workflow.name)
+        self.logs = LogKeeper(workflow.root, self.job)  # every attempt's stdout and stderr
         self.ctx = zmq.asyncio.Context()
         self.keypair = Keypair.generate() if grid is not None else None
         self.client_keys = grid.keypair() if grid is not None else None
@@ -366,6 +367,7 @@ class Coordinator(PeerPool):
         """Handle one message of peer `name`; False when the peer is gone with it."""
         match wire.decode(frame):
             case TaskDone() as msg:
+                self._keep_logs(name, msg)
                 await self.events.put(self._task_report(name, msg))
             case Started(task=task, attempt=attempt):
                 await self.events.put(core.RunStarted(name, task, attempt))
@@ -388,6 +390,18 @@ class Coordinator(PeerPool):
             case msg:
                 log.info("peer %s sent an unexpected %r message", name, msg.TYPE)
         return True
+
+    def _keep_logs(self, peer: str, msg: TaskDone) -> None:
+        """Write the attempt's stdout and stderr into the submit directory (logs.py): only
+        for an attempt this peer runs, so the task name is one of the workflow's."""
+        if not self._runs_on(peer, msg.task, msg.attempt):
+            return
+        try:
+            self.logs.keep(
+                msg.task, msg.attempt, msg.stdout, msg.stdout_size, msg.stderr, msg.stderr_size
+            )
+        except OSError as err:  # a full disk loses the logs, not the job
+            log.warning("cannot keep the logs of %s in %s: %s", msg.task, self.logs.dir, err)
 
     def _runs_on(self, peer: str, task: str, attempt: int) -> bool:
         """Whether attempt `attempt` of `task` runs on `peer`, as far as the core knows."""
@@ -631,8 +645,7 @@ def _holds(path: Path, ref: FileRef) -> bool:
 
 def job_id(workflow_name: str) -> str:
     """A LAN-unique job name that fits a TXT value and a DNS label: `<workflow>-<6 hex>`."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", workflow_name).strip("-._")[:40] or "job"
-    return f"{stem}-{secrets.token_hex(3)}"
+    return f"{job_stem(workflow_name)}-{secrets.token_hex(3)}"
 
 
 def _job_state(finished: core.Finished | None) -> JobState:
