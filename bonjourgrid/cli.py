@@ -109,6 +109,7 @@ def _submit(args: argparse.Namespace) -> int:
             interface=args.interface,
             report=Path(args.report) if args.report else None,
             json=args.json,
+            quiet=args.quiet,
             resume=args.resume,
             peer_timeout=args.peer_timeout,
             lease=args.lease,
@@ -348,7 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--insecure", action="store_true", help="use peers that run --insecure")
     s.add_argument("--report", metavar="FILE", help="write the JSON report to FILE")
-    s.add_argument("--json", action="store_true", help="print the JSON report")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="print the JSON report and nothing else on stdout (progress: stderr, if a terminal)",
+    )
+    s.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress display: only errors and the final summary",
+    )
     s.add_argument(
         "--resume",
         action="store_true",

@@ -45,6 +45,7 @@ from bonjourgrid.coordinator.peers import (
     Timeouts,
 )
 from bonjourgrid.coordinator.prefetch import DataOptions
+from bonjourgrid.coordinator.progress import REFRESH_S, Display, PeerNow, Snapshot, notes_of
 from bonjourgrid.coordinator.recruit import JobNeeds
 from bonjourgrid.coordinator.report import build_report
 from bonjourgrid.coordinator.stage import stage_sources
@@ -92,8 +93,10 @@ class Coordinator(PeerPool):
         resume: ResumePlan | None = None,
         workflow_digest: str = "",
         data: DataOptions | None = None,
+        display: Display | None = None,
     ) -> None:
         self.workflow = workflow
+        self.display = display  # what the user sees while it runs (progress.py)
         self.needs = needs
         self.grid = grid
         self.interface = interface
@@ -136,6 +139,7 @@ class Coordinator(PeerPool):
         self.phase = "starting"
         self._tasks: set[asyncio.Task[Any]] = set()
         self._data_port = 0
+        self._data_server: DataServer | None = None
         self._browser: PeerBrowser | None = None  # set once the run starts
         # What candidates said their caches hold of the job's inputs (`probe`), by identity.
         self._cached: dict[tuple[str, str, str], frozenset[str]] = {}
@@ -154,6 +158,20 @@ class Coordinator(PeerPool):
         """Recruit, run, release; the report (DESIGN.md's format)."""
         self.started = time.monotonic()
         self.started_at = started_at = time.time()
+        display = self.display
+        shown = asyncio.create_task(self._show_progress(display)) if display else None
+        finished: core.Finished | None = None
+        try:
+            finished = await self._run_to_the_end()
+        finally:
+            if display is not None and shown is not None:
+                shown.cancel()
+                await asyncio.gather(shown, return_exceptions=True)
+                self.phase = finished.status if finished is not None else "stopped"
+                display.update(self.snapshot())  # the last word: every count final
+        return build_report(self, finished, started_at)
+
+    async def _run_to_the_end(self) -> core.Finished | None:
         remove_stale_partials(self._partial_dir)
         if self.core.pending():  # a resume with nothing left to run moves nothing
             self.phase = "staging inputs"
@@ -169,7 +187,7 @@ class Coordinator(PeerPool):
                 self.ctx.destroy(linger=0)
         finally:
             self.journal.close()
-        return build_report(self, finished, started_at)
+        return finished
 
     def _start_journal(self) -> JournalWriter:
         path = journal_path(self.workflow)
@@ -198,7 +216,7 @@ class Coordinator(PeerPool):
         bind = f"tcp://{self.interface or '0.0.0.0'}"
         data_sock = wire.server_socket(self.ctx, self.keypair, "data", 4096)
         self._data_port = data_sock.bind_to_random_port(bind)
-        data_server = DataServer(data_sock, self.index.locate)
+        data_server = self._data_server = DataServer(data_sock, self.index.locate)
         # The job-control socket proves the grid's own key: `bgrid cancel` pins it, so a
         # spoofed job record cannot pass for this coordinator (cancel.py).
         grid_keys = self.grid.keypair() if self.grid is not None else None
@@ -284,7 +302,14 @@ class Coordinator(PeerPool):
         records a finished task before any instruction that follows from it goes out.
         """
         now = time.monotonic() - self.started
-        for instruction in self.core.handle(event, now, schedule):
+        instructions = self.core.handle(event, now, schedule)
+        if self.display is not None:
+            notes = notes_of(event, instructions, self.core.tasks)
+            if notes:
+                snapshot = self.snapshot()
+                for note in notes:
+                    self.display.note(note, snapshot)
+        for instruction in instructions:
             match instruction:
                 case core.Dispatch(task, peer, attempt):
                     await self._dispatch(task, peer, attempt)
@@ -307,6 +332,35 @@ class Coordinator(PeerPool):
                     if self.journal is not None:
                         self.journal.end(status, reason)
         self._arm_wakeup()
+
+    async def _show_progress(self, display: Display) -> None:
+        while True:
+            display.update(self.snapshot())
+            await asyncio.sleep(REFRESH_S)
+
+    def snapshot(self) -> Snapshot:
+        """The job as the user sees it now (progress.py): counters and one entry per peer."""
+        counts = self.core.counts
+        served = self._data_server.bytes_served if self._data_server is not None else 0
+        bytes_ = self.bytes
+        return Snapshot(
+            job=self.job,
+            phase=self.phase,
+            elapsed_s=time.monotonic() - self.started,
+            total=len(self.core.tasks),
+            done=counts[core.TaskStatus.DONE],
+            running=counts[core.TaskStatus.RUNNING] + counts[core.TaskStatus.COLLECTING],
+            failed=counts[core.TaskStatus.FAILED],
+            skipped=counts[core.TaskStatus.SKIPPED],
+            kept=len(self.resume.kept) if self.resume else 0,
+            peers=tuple(
+                PeerNow(name, slots.cpus, tuple(sorted(slots.running | slots.collecting)))
+                for name, slots in sorted(self.core.peers.items())
+            ),
+            bytes_moved=max(served, bytes_["from_coordinator"])
+            + bytes_["peer_to_peer"]
+            + bytes_["to_submitter"],
+        )
 
     def _journal_done(
         self, task: str, peer: str | None, attempts: int, outputs: tuple[tuple[str, FileRef], ...]
