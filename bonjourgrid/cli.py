@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,8 @@ from bonjourgrid.errors import BonjourGridError, ConfigError, Interrupted
 
 if TYPE_CHECKING:
     from bonjourgrid.credentials import WorkerIdentity
+    from bonjourgrid.discovery.txt import JobRecord
+    from bonjourgrid.keys import GridKey
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -154,22 +157,25 @@ def _peers(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from bonjourgrid.coordinator.cancel import verify_jobs
+    from bonjourgrid.coordinator.watch import watch_jobs
     from bonjourgrid.discovery.advertise import resolve_interfaces
     from bonjourgrid.discovery.browse import snapshot_jobs
-    from bonjourgrid.discovery.table import format_job_table, job_json
+    from bonjourgrid.discovery.table import job_json
     from bonjourgrid.errors import KeyStoreError
     from bonjourgrid.keys import load_grid_key
 
-    jobs = asyncio.run(snapshot_jobs(resolve_interfaces(args.interface), wait=args.wait))
     try:
         grid = load_grid_key(need_secret=True)
     except KeyStoreError:
         grid = None  # nothing to prove a coordinator against: records are shown as hints
-    verified: list[bool | None] = [None] * len(jobs)
-    if grid is not None:
-        verified = list(asyncio.run(verify_jobs(jobs, grid)))
+    interfaces = resolve_interfaces(args.interface)
+    if args.watch:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+            asyncio.run(watch_jobs(interfaces, lambda jobs: _job_table(jobs, grid)))
+        return 0
+    jobs = asyncio.run(snapshot_jobs(interfaces, wait=args.wait))
     if args.json:
+        verified = asyncio.run(_verified(jobs, grid))
         print(
             json.dumps(
                 [{**job_json(j), "verified": v} for j, v in zip(jobs, verified, strict=True)],
@@ -177,18 +183,35 @@ def _status(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    print(asyncio.run(_job_table(jobs, grid)))
+    return 0
+
+
+async def _verified(jobs: list[JobRecord], grid: GridKey | None) -> list[bool | None]:
+    """Whether each job's coordinator proves the grid's key (None: no key to check with)."""
+    from bonjourgrid.coordinator.cancel import verify_jobs
+
     if grid is None:
-        print(format_job_table(jobs))
-        return 0
-    print(format_job_table([j for j, v in zip(jobs, verified, strict=True) if v]))
+        return [None] * len(jobs)
+    return list(await verify_jobs(jobs, grid))
+
+
+async def _job_table(jobs: list[JobRecord], grid: GridKey | None) -> str:
+    """What `bgrid status` prints: the jobs whose coordinator proves the grid's key."""
+    from bonjourgrid.discovery.table import format_job_table
+
+    if grid is None:
+        return format_job_table(jobs)
+    verified = await _verified(jobs, grid)
+    lines = [format_job_table([j for j, v in zip(jobs, verified, strict=True) if v])]
     ignored = [j for j, v in zip(jobs, verified, strict=True) if not v]
     if ignored:
         wheres = ", ".join(f"{j.job} at {j.endpoint().removeprefix('tcp://')}" for j in ignored)
-        print(
+        lines.append(
             f"({len(ignored)} job record(s) not shown: no coordinator of grid {grid.fingerprint} "
             f"behind them, ended, spoofed or of another grid: {wheres})"
         )
-    return 0
+    return "\n".join(lines)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -427,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", type=float, default=1.0, help="seconds to listen (default 1)")
         interface_flag(p)
         p.set_defaults(run=func)
+        if name == "status":
+            p.add_argument(
+                "--watch",
+                action="store_true",
+                help="keep the table current, in place, until Ctrl-C",
+            )
 
     ch = sub.add_parser("cache", help="show what this desktop's worker cache holds, or clear it")
     ch.add_argument("--name", help="the worker's name (default: host name)")

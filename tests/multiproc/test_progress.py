@@ -9,6 +9,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import termios
@@ -105,3 +106,56 @@ def test_a_terminal_shows_the_live_panel(tmp_path: Path, grid: Grid) -> None:
     assert saw_running_panel, text[-3000:]
     assert "200/200 done" in text and "running now" in text and "ETA" in text
     assert "job many-" in text and "succeeded" in text
+
+
+def test_status_watch_redraws_the_job_table_until_ctrl_c(tmp_path: Path, grid: Grid) -> None:
+    grid.start_worker("s1", "--cpus", "1")
+    grid.wait_all_idle()
+    wf = write_workflow(
+        tmp_path / "wf",
+        """
+name: watched
+tasks:
+  quick: {command: "echo done > q", outputs: [q]}
+  slow: {command: "sleep 30; cat q > s", inputs: [q], outputs: [s]}
+""",
+    )
+    job = subprocess.Popen(
+        bgrid_cmd("submit", str(wf), "--interface", LOOPBACK, "--quiet"),
+        env=grid.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    watch = subprocess.Popen(
+        bgrid_cmd("status", "--watch", "--interface", LOOPBACK),
+        env={**grid.env, "TERM": "xterm-256color"},
+        stdin=child,
+        stdout=child,
+        stderr=child,
+    )
+    os.close(child)
+    seen = ""
+    try:
+        deadline = time.monotonic() + 30
+        # The table shows the job, then its progress as it changes: redrawn, not appended.
+        while time.monotonic() < deadline and not re.search(r"watched-\S+\s+running\s+1/2", seen):
+            if select.select([main], [], [], 1.0)[0]:
+                seen += ANSI.sub("", os.read(main, 65536).decode(errors="replace"))
+        assert re.search(r"watched-\S+\s+running\s+1/2", seen), seen[-2000:]
+        assert "Ctrl-C to stop" in seen
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(timeout=15) == 0
+    finally:
+        for proc in (watch, job):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in (watch, job):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        os.close(main)
+    grid.wait_all_idle()
