@@ -167,8 +167,8 @@ class Coordinator(PeerPool):
             if display is not None and shown is not None:
                 shown.cancel()
                 await asyncio.gather(shown, return_exceptions=True)
-                self.phase = finished.status if finished is not None else "stopped"
-                display.update(self.snapshot())  # the last word: every count final
+                # The last word, every count final (`phase` stays: an interruption names it).
+                display.update(self.snapshot(finished.status if finished else "stopped"))
         return build_report(self, finished, started_at)
 
     async def _run_to_the_end(self) -> core.Finished | None:
@@ -338,14 +338,14 @@ class Coordinator(PeerPool):
             display.update(self.snapshot())
             await asyncio.sleep(REFRESH_S)
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, phase: str | None = None) -> Snapshot:
         """The job as the user sees it now (progress.py): counters and one entry per peer."""
         counts = self.core.counts
         served = self._data_server.bytes_served if self._data_server is not None else 0
         bytes_ = self.bytes
         return Snapshot(
             job=self.job,
-            phase=self.phase,
+            phase=phase or self.phase,
             elapsed_s=time.monotonic() - self.started,
             total=len(self.core.tasks),
             done=counts[core.TaskStatus.DONE],
