@@ -123,6 +123,52 @@ def _submit(args: argparse.Namespace) -> int:
     )
 
 
+def _report(args: argparse.Namespace) -> int:
+    from bonjourgrid.coordinator.report import write_report
+
+    source = Path(args.report)
+    try:
+        report = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read the report {source}: {err}") from err
+    if not isinstance(report, dict) or not isinstance(report.get("tasks"), dict):
+        raise ConfigError(f"{source} is not a bgrid report (`bgrid submit --report FILE.json`)")
+    out = Path(args.output) if args.output else source.with_suffix(".html")
+    write_report(out, report)
+    print(f"wrote {out}")
+    return 0
+
+
+def _service(args: argparse.Namespace) -> int:
+    from bonjourgrid.worker.service import UNIT_NAME, systemd_unit, user_unit_path
+
+    worker_args = list(args.worker_args)
+    build_parser().parse_args(["worker", *worker_args])  # a bad flag stops here (exit 2)
+    unit = systemd_unit(worker_args)
+    if args.service_command == "print":
+        print(unit, end="")
+        return 0
+    path = user_unit_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(unit)
+    service = UNIT_NAME.removesuffix(".service")
+    print(f"wrote {path}; start it now and at every login with:")
+    print(f"  systemctl --user daemon-reload && systemctl --user enable --now {service}")
+    print(f"its log: journalctl --user -u {service} -f")
+    return 0
+
+
+def _examples(args: argparse.Namespace) -> int:
+    from bonjourgrid.dag.examples import copy_examples
+
+    dest = Path(args.directory)
+    copied = copy_examples(dest, force=args.force)
+    workflows = [str(dest / path) for path in copied if path.suffix == ".yaml"]
+    print(f"copied {len(copied)} files into {dest}: the workflows {', '.join(workflows)}")
+    print(f"try: bgrid submit {dest / 'hello.yaml'} --local 2")
+    return 0
+
+
 def _cancel(args: argparse.Namespace) -> int:
     from bonjourgrid.coordinator.cancel import cancel_job
     from bonjourgrid.discovery.advertise import resolve_interfaces
@@ -371,7 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="what runs the tasks on the recruited peers (default: native)",
     )
     s.add_argument("--insecure", action="store_true", help="use peers that run --insecure")
-    s.add_argument("--report", metavar="FILE", help="write the JSON report to FILE")
+    s.add_argument(
+        "--report",
+        metavar="FILE",
+        help="write the report to FILE: JSON, or a page to look at if FILE ends in .html",
+    )
     s.add_argument(
         "--json",
         action="store_true",
@@ -441,6 +491,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lg.set_defaults(run=_logs)
 
+    r = sub.add_parser("report", help="draw a JSON report as a page (Gantt chart, DAG, bytes)")
+    r.add_argument("report", help="a report written by `bgrid submit --report FILE.json`")
+    r.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="where to write it; .html: one self-contained page (default: REPORT with .html)",
+    )
+    r.set_defaults(run=_report)
+
+    ex = sub.add_parser("examples", help="copy the example workflows into a directory")
+    ex.add_argument("directory", help="where to copy them (made if missing)")
+    ex.add_argument("--force", action="store_true", help="copy into a directory that is not empty")
+    ex.set_defaults(run=_examples)
+
+    sv = sub.add_parser("service", help="run `bgrid worker` as a systemd user service")
+    svsub = sv.add_subparsers(dest="service_command", required=True)
+    for name, what in (
+        ("print", "print the systemd user unit"),
+        ("install", "write it to $XDG_CONFIG_HOME/systemd/user/ (then `systemctl --user ...`)"),
+    ):
+        svp = svsub.add_parser(name, help=what)
+        svp.add_argument(
+            "worker_args",
+            nargs="*",
+            metavar="-- WORKER_FLAG",
+            help="flags for `bgrid worker`, after `--` (e.g. -- --always-idle --cpus 2)",
+        )
+    sv.set_defaults(run=_service)
+
     for name, func, what in (
         ("peers", _peers, "list the peers on the LAN"),
         ("status", _status, "list the jobs running on the LAN"),
@@ -504,7 +584,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     if args.command == "worker":
         level = min(level, logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from bonjourgrid.worker.service import configure_logging
+
+    configure_logging(level)  # under systemd, without the time: the journal adds it
     try:
         return int(args.run(args))
     except BonjourGridError as err:

@@ -1,12 +1,24 @@
-"""Fixtures shared by every tier: shrunk timing constants and zmq contexts torn down for sure."""
+"""Fixtures shared by every tier: shrunk timing constants, zmq contexts torn down for sure,
+and two guards that every test passes through: no thread it started outlives it, and no
+coroutine of an async test blocks the event loop."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
 import zmq.asyncio
+
+THREADS_END_S = 5.0  # threads a test started have this long to end after it
+# A stall this long means a coroutine blocked the loop (a sync call, a busy loop): generous,
+# so that a loaded 2-core machine delaying a wake-up is not mistaken for one.
+LOOP_BLOCKED_S = 2.0
+_WATCH_S = 0.05
 
 # Small enough that a dead source costs a test a fraction of a second, large enough that a
 # live loopback source (CURVE handshake included) always answers first.
@@ -38,3 +50,47 @@ async def zctx() -> AsyncIterator[zmq.asyncio.Context]:
     ctx = zmq.asyncio.Context()
     yield ctx
     ctx.destroy(linger=0)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fail a test that leaves a thread of its own running (an unclosed Zeroconf, a
+    daemon or authenticator not stopped)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + THREADS_END_S
+
+    def leaked() -> list[threading.Thread]:
+        # asyncio's default executor ("asyncio_N") ends with its loop, torn down after us.
+        return [
+            t
+            for t in threading.enumerate()
+            if t not in before and t.is_alive() and not t.name.startswith("asyncio_")
+        ]
+
+    while threads := leaked():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"the test left {len(threads)} thread(s) running: {threads}")
+        time.sleep(0.05)
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def loop_not_blocked() -> AsyncIterator[None]:
+    """Fail an async test during which the event loop stalled for LOOP_BLOCKED_S or more."""
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+
+    async def watch() -> None:
+        nonlocal worst
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(_WATCH_S)
+            worst = max(worst, loop.time() - asked - _WATCH_S)
+
+    watcher = asyncio.create_task(watch())
+    yield
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    if worst >= LOOP_BLOCKED_S:
+        pytest.fail(f"the event loop was blocked for {worst:.1f} s during the test")

@@ -32,8 +32,10 @@ Placement prefers the peer that holds the most of a task's input bytes (each pee
 tasks on busy peers ahead of time and orders `Prefetch` of their inputs; a file many tasks
 read is broadcast peer to peer in a doubling tree, and its readers wait for it on their
 peer. When a lost peer took the only replica of an intermediate that an unfinished task
-still needs, the task that made it runs again (DONE -> WAITING/READY), and so do its own
-producers if their outputs went the same way.
+still needs, the task that made it runs again at once (DONE -> WAITING/READY), and so do
+its own producers if their outputs went the same way. A reader already RUNNING elsewhere may
+be stuck fetching from the lost peer: it goes on, and is stopped (`StopRun`) and placed again,
+without using a retry, as soon as the file exists again, unless it reports first.
 
 Peers are checked, not trusted. A dispatched run must be acknowledged (`RunStarted`) within
 `ack_timeout_s`, and once it is, every heartbeat of its peer must list it (`PeerRunning`): a
@@ -67,6 +69,7 @@ from bonjourgrid.coordinator.model import (
     Finished,
     Instruction,
     Matcher,
+    Notice,
     OutputsCollected,
     PeerJoined,
     PeerLost,
@@ -78,6 +81,7 @@ from bonjourgrid.coordinator.model import (
     Recruit,
     Release,
     RunStarted,
+    StopRun,
     TaskData,
     TaskDone,
     TaskFailed,
@@ -99,6 +103,7 @@ __all__ = [
     "FileArrived",
     "Finished",
     "Instruction",
+    "Notice",
     "OutputsCollected",
     "PeerJoined",
     "PeerLost",
@@ -111,6 +116,7 @@ __all__ = [
     "Release",
     "RunStarted",
     "SchedulerCore",
+    "StopRun",
     "TaskData",
     "TaskDone",
     "TaskFailed",
@@ -248,7 +254,7 @@ class SchedulerCore(DataPlane):
             case PeerJoined():
                 self._join(event)
             case PeerLost():
-                self._lose_peer(event.peer, event.reason, now)
+                self._lose_peer(event.peer, event.reason, now, out)
             case TaskReported():
                 self._reported(event, now, out)
             case RunStarted():
@@ -285,7 +291,7 @@ class SchedulerCore(DataPlane):
                 self._bc_failed[event.digest].add(event.peer)
                 self._check_broadcast(event.digest, now)
             case PeersSettled():
-                self._remake("the earlier run (no peer holds it now)", now)
+                self._remake("the earlier run (no peer holds it now)", now, out)
             case CancelRequested():
                 self._finish(out, "failed", event.reason)
                 return out
@@ -324,6 +330,8 @@ class SchedulerCore(DataPlane):
         if task.backoff != -1:  # it leaves READY: its backoff no longer matters
             task.backoff = -1
             self._backing_off -= 1
+        if task.status is TaskStatus.RUNNING:
+            task.lost_input = ""  # that attempt is over: it no longer waits for the file
         if task.status is TaskStatus.WAITING:
             self._waiting_levels[task.priority] -= 1
         if to is TaskStatus.WAITING:
@@ -390,6 +398,7 @@ class SchedulerCore(DataPlane):
                 out.append(Collect(task.name, event.peer, task.attempts, event.outputs))
             else:
                 self._done(task, now, f"exited 0 on {event.peer}; its outputs stay there", out)
+            self._restart_stalled_readers(task, now, out)
             self._prefetch_for_waiting(task, out)
             return
         self._detach(task)
@@ -401,7 +410,12 @@ class SchedulerCore(DataPlane):
         if lost:
             # It could not get an input that a lost peer took with it: not its fault. It
             # runs again once the producer has made the file again.
-            self._remake("a lost peer", now, also=task)
+            self._remake("a lost peer", now, out, also=task)
+            return
+        if task.lost_input:
+            # Its fetch failed on the lost peer, and the file exists again meanwhile.
+            why = f"could not fetch {task.lost_input} from a lost peer; it exists again"
+            self._make_ready(task, now, why)
             return
         why = event.error or f"exit code {event.exit_code}"
         self._failed_attempt(task, why, now, out)
@@ -538,12 +552,19 @@ class SchedulerCore(DataPlane):
                     if self._valid(entry) and self._data_peer(task) is peer:
                         self._favour(peer, entry)
 
-    def _lose_peer(self, name: str, reason: str, now: float) -> None:
+    def _lose_peer(self, name: str, reason: str, now: float, out: list[Instruction]) -> None:
         peer = self.peers.pop(name, None)
         self._free.pop(name, None)
         self._own_work.pop(name, None)
         if peer is None:
             return
+        lost_runs = sorted(peer.running | peer.collecting)
+        out.append(
+            Notice(
+                f"peer {name} lost ({reason})"
+                + (f": {', '.join(lost_runs)} go back to the queue" if lost_runs else "")
+            )
+        )
         for task_name in list(peer.planned):
             self._unplan(self.tasks[task_name])
         for task_name in sorted(peer.running | peer.collecting):
@@ -564,7 +585,7 @@ class SchedulerCore(DataPlane):
         if self.files.refs:
             # Its files may have been the last copies, and the tasks it ran go back to the
             # queue needing files that are gone (an O(tasks) scan: peers are lost rarely).
-            self._remake(f"peer {name}", now)
+            self._remake(f"peer {name}", now, out)
         for digest in list(self._bc_active):
             self._check_broadcast(digest, now)
 
@@ -650,6 +671,7 @@ class SchedulerCore(DataPlane):
         task.start = now
         task.end = None
         task.acked, task.unlisted = False, 0
+        task.lost_input = ""
         if self.ack_timeout_s is not None:
             heapq.heappush(self._ack_due, (now + self.ack_timeout_s, task.name, task.attempts))
         target.running.add(task.name)
@@ -779,6 +801,8 @@ class SchedulerCore(DataPlane):
                 assert task.deps_left > 0, f"{task.name} waits on nothing"
             if task.resumed:
                 assert task.status is TaskStatus.DONE and task.attempts == 0
+            if task.lost_input:
+                assert task.status is TaskStatus.RUNNING, f"{task.name} waits for a file idle"
             if task.planned_on is not None and self.finished is None:
                 assert task.status in (TaskStatus.READY, TaskStatus.WAITING), task.name
                 assert task.name in self.peers[task.planned_on].planned, task.name

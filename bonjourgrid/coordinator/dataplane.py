@@ -12,7 +12,9 @@ core's state, declared below, and never touches a socket or a clock.
 - A file read by many tasks is broadcast in a doubling tree (`_broadcast`): the coordinator
   sends the first copy, every holder then sends one copy at a time; while it spreads, its
   readers are "gated": placeable only on peers that hold it.
-- A lost intermediate that an unfinished task needs is made again (`_remake`).
+- A lost intermediate that an unfinished task needs is made again at once, when its peer
+  is lost (`_remake`); a reader running elsewhere meanwhile is stopped and placed again
+  once the file exists again, unless it finished first (`_restart_stalled_readers`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from bonjourgrid.coordinator.files import COORDINATOR, FileTable
 from bonjourgrid.coordinator.model import (
     Entry,
     Instruction,
+    Notice,
     PeerSlots,
     Prefetch,
+    StopRun,
     TaskData,
     TaskState,
     TaskStatus,
@@ -82,6 +86,9 @@ class DataPlane:
         raise NotImplementedError
 
     def _valid(self, entry: Entry) -> bool:
+        raise NotImplementedError
+
+    def _detach(self, task: TaskState) -> None:
         raise NotImplementedError
 
     def _data_peer(self, task: TaskState) -> PeerSlots | None:
@@ -315,23 +322,38 @@ class DataPlane:
     def _holds_broadcast_inputs(self, peer: PeerSlots, task: TaskState) -> bool:
         return all(self.files.holds(peer.name, d) for d in self._spreading_inputs(task))
 
-    def _remake(self, cause: str, now: float, also: TaskState | None = None) -> None:
-        """Run again the producers of lost intermediates that unfinished tasks still need."""
+    def _remake(
+        self, cause: str, now: float, out: list[Instruction], also: TaskState | None = None
+    ) -> None:
+        """Run again, at once, the producers of lost intermediates that unfinished tasks
+        still need; their readers wait for them (no retry used).
+
+        A reader RUNNING elsewhere may have fetched the file before it went, or may be stuck
+        fetching it from the lost peer: it goes on, and is stopped and placed again only
+        once the file exists again (`_restart_stalled_readers`), unless it reports first.
+        Waiting for its fetch to fail before remaking would add the fetcher's timeout."""
         unfinished = (TaskStatus.WAITING, TaskStatus.READY)
 
         def gone(path: str) -> bool:
             ref = self.files.ref(path)
             return ref is not None and not self.files.available(ref.digest)
 
-        stack = [
-            t
-            for t in self.tasks.values()
-            if t.status in unfinished and any(gone(p) for p in self.data[t.name].inputs)
-        ]
+        stack = []
+        stalled = []
+        for t in self.tasks.values():
+            lost = [p for p in self.data[t.name].inputs if gone(p)]
+            if not lost:
+                continue
+            if t.status in unfinished:
+                stack.append(t)
+            elif t.status is TaskStatus.RUNNING and t is not also and not t.lost_input:
+                t.lost_input = lost[0]
+                stalled.append(t)
         if also is not None:
             stack.append(also)
         needy = {t.name for t in stack}
-        remade: set[str] = set()
+        stack.extend(stalled)
+        remade: dict[str, str] = {}  # producer -> the lost output that someone needs
         while stack:
             task = stack.pop()
             for path in self.data[task.name].inputs:
@@ -339,13 +361,15 @@ class DataPlane:
                 if producer is None or producer in remade or not gone(path):
                     continue
                 if self.tasks[producer].status is TaskStatus.DONE:
-                    remade.add(producer)
+                    remade[producer] = path
                     stack.append(self.tasks[producer])
-        for name in remade:
+        for name, path in sorted(remade.items()):
             task = self.tasks[name]
             task.deps_left = 0
-            self._move(task, TaskStatus.WAITING, now, f"its output was lost with {cause}")
-        for name in remade | needy:
+            task.rerun = f"its output {path} was lost with {cause}"
+            self._move(task, TaskStatus.WAITING, now, task.rerun)
+            out.append(Notice(f"{cause} lost: remaking {name} (its output {path} was only there)"))
+        for name in sorted(remade.keys() | needy):
             task = self.tasks[name]
             task.deps_left = self._undone_preds(name)
             if task.status in (TaskStatus.READY, TaskStatus.RUNNING) and task.deps_left:
@@ -355,8 +379,39 @@ class DataPlane:
             task = self.tasks[name]
             if task.status is TaskStatus.WAITING and task.deps_left == 0:
                 self._make_ready(task, now, f"runs again: {cause} took its output")
+        for task in stalled:
+            path = task.lost_input
+            why = (
+                f"its input {path} went with {cause}: it goes on on {task.peer} in case it "
+                f"has it, and is stopped once {self.producer.get(path, '?')} has made it again"
+            )
+            self._stories[task.name].append((now, why))
+            out.append(Notice(f"{task.name}: {why}", detail=True))
         if also is not None and also.status is TaskStatus.RUNNING:
             self._make_ready(also, now, f"an input went with {cause}: runs again")
+
+    def _restart_stalled_readers(
+        self, producer: TaskState, now: float, out: list[Instruction]
+    ) -> None:
+        """`producer` made its outputs again: its readers still running since their input
+        was lost (maybe stuck fetching it from the lost peer) are stopped and placed again."""
+        for path in self.data[producer.name].outputs:
+            for name in self.readers.get(path, ()):
+                task = self.tasks[name]
+                if task.status is not TaskStatus.RUNNING or not task.lost_input:
+                    continue
+                refs = [self.files.ref(p) for p in self.data[name].inputs]
+                if not all(r is not None and self.files.available(r.digest) for r in refs):
+                    continue  # another of its lost inputs is still being made
+                assert task.peer is not None
+                why = (
+                    f"stopped on {task.peer}: {task.lost_input} exists again "
+                    f"({producer.name} remade it); runs again with it (no retry used)"
+                )
+                out.append(StopRun(name, task.peer, task.attempts, why))
+                out.append(Notice(f"{name}: {why}"))
+                self._detach(task)
+                self._make_ready(task, now, why)
 
     def _still_serving(self, peer: str) -> bool:
         """Whether a running task elsewhere may still be fetching from `peer` (it holds one

@@ -194,6 +194,24 @@ class Prefetch:
 
 
 @dataclass(frozen=True)
+class StopRun:
+    """Stop this attempt on its peer (`cancel`): the core gave up on it, no report expected."""
+
+    task: str
+    peer: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A decision worth telling the user (logged at INFO, or at DEBUG when `detail`)."""
+
+    message: str
+    detail: bool = False
+
+
+@dataclass(frozen=True)
 class Release:
     peer: str
 
@@ -229,7 +247,18 @@ class TaskFailed:
     attempts: int
 
 
-Instruction = Dispatch | Collect | Prefetch | Release | Recruit | Finished | TaskDone | TaskFailed
+Instruction = (
+    Dispatch
+    | Collect
+    | Prefetch
+    | StopRun
+    | Notice
+    | Release
+    | Recruit
+    | Finished
+    | TaskDone
+    | TaskFailed
+)
 
 
 # -- state ---------------------------------------------------------------------------------
@@ -275,6 +304,10 @@ class TaskState:
     gated: bool = False  # READY, but waits for a broadcast file on its peer
     acked: bool = False  # its peer acknowledged the current attempt (`started`)
     unlisted: int = 0  # heartbeats in a row since then in which its peer did not list it
+    # RUNNING, reading a file that went with a lost peer: its fetch may be stuck on that
+    # peer. Stopped and placed again once the file is made again (unless it reports first).
+    lost_input: str = ""
+    rerun: str = ""  # why it ran again after it was done (its output was lost), for the report
 
 
 @dataclass

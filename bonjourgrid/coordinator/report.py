@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bonjourgrid.coordinator import core
@@ -29,10 +32,20 @@ def build_report(
         }
         if task.resumed:
             tasks[name]["resumed"] = True  # done in an earlier run; its outputs were intact
+        if task.rerun:
+            tasks[name]["rerun"] = task.rerun  # it ran again after it was done: why
         if task.error:
             tasks[name]["error"] = task.error
         if task.status is core.TaskStatus.FAILED:
             tasks[name]["stderr_tail"] = task.stderr_tail
+        history = attempt_history(sched.story(name))
+        kept_logs = coordinator.logs.kept.get(name, {})
+        for entry in history:  # an attempt that ended badly: where its logs are, if it sent any
+            attempt_logs = kept_logs.get(entry.get("attempt", 0))
+            if attempt_logs is not None:
+                entry["logs"] = attempt_logs.as_json()
+        if history:
+            tasks[name]["history"] = history
         logs = coordinator.logs.report(name)
         if logs is not None:
             tasks[name]["logs"] = logs  # where its stdout and stderr are kept (logs.py)
@@ -45,6 +58,8 @@ def build_report(
         "started_at": round(started_at, 3),
         "makespan_s": _round(max(ends) if ends else 0.0),
         "tasks": tasks,
+        # [parent, child]: child needs parent (a file it reads, or `after`).
+        "edges": [[u, v] for u, v in coordinator.workflow.graph.edges],
         "peers": [
             {"name": p.name, "cpus": p.cpus, "ram": p.ram, "cost": p.cost}
             for p in coordinator.used.values()
@@ -69,6 +84,16 @@ def build_report(
             "workflow_changed": plan.workflow_changed,
         }
     return report
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """`--report FILE`: a page to look at when FILE ends in .html (or .htm), JSON otherwise."""
+    if path.suffix.lower() in (".html", ".htm"):
+        from bonjourgrid.coordinator.html_report import render_html
+
+        path.write_text(render_html(report), encoding="utf-8")
+    else:
+        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -97,6 +122,31 @@ def format_summary(report: dict[str, Any]) -> str:
             if tail:
                 lines += ["    | " + line for line in tail.splitlines()[-10:]]
     return "\n".join(lines)
+
+
+def attempt_history(story: list[tuple[float, str]]) -> list[dict[str, Any]]:
+    """The attempts of a task that did not end well (failed, peer lost, preempted), from its
+    story, oldest first: `{"t": when it ended, "what": why}`, plus `"peer"`, `"attempt"` and
+    `"start"` (seconds since the job started) when the story says where it was placed."""
+    history: list[dict[str, Any]] = []
+    placed: re.Match[str] | None = None
+    started = 0.0
+    for now, what in story:
+        if " -> running: " in what:
+            placed, started = _PLACED.search(what), now
+        elif what.startswith(("running -> ", "collecting -> ")) and not what.startswith(
+            ("running -> done", "running -> collecting", "collecting -> done")
+        ):
+            entry: dict[str, Any] = {"t": round(now, 3), "what": what}
+            if placed is not None:
+                entry.update(
+                    peer=placed["peer"], attempt=int(placed["attempt"]), start=round(started, 3)
+                )
+            history.append(entry)
+    return history
+
+
+_PLACED = re.compile(r"placed on (?P<peer>.+) \(attempt (?P<attempt>\d+)\)$")
 
 
 def _round(value: float | None) -> float | None:

@@ -56,6 +56,7 @@ from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, JobState, PeerReco
 from bonjourgrid.errors import ConfigError, ProtocolError, TransferError
 from bonjourgrid.keys import GridKey, Keypair
 from bonjourgrid.protocol import (
+    Cancel,
     Denied,
     Error,
     HeartbeatAck,
@@ -315,6 +316,10 @@ class Coordinator(PeerPool):
                     await self._dispatch(task, peer, attempt)
                 case core.Prefetch(peer, files, why):
                     await self._prefetch(peer, files, why)
+                case core.StopRun(task, peer, _, reason):
+                    await self._stop_run(task, peer, reason)
+                case core.Notice(message, detail):
+                    log.log(logging.DEBUG if detail else logging.INFO, "%s", message)
                 case core.Collect(task, peer, attempt, outputs):
                     self._spawn(self._collect(task, peer, attempt, outputs))
                 case core.Release(peer):
@@ -531,6 +536,14 @@ class Coordinator(PeerPool):
         if producer is None:
             return self.source_refs[path]
         return dict(self.core.tasks[producer].outputs)[path]
+
+    async def _stop_run(self, task: str, peer: str, reason: str) -> None:
+        """Have `peer` stop its run of `task` (it frees the slot before any later run)."""
+        link = self.links.get(peer)
+        if link is None:
+            return
+        log.debug("stopping %s on %s: %s", task, peer, reason)
+        await link.sock.send(wire.encode(Cancel(self.job, task)))
 
     async def _dispatch(self, task: str, peer: str, attempt: int) -> None:
         link = self.links.get(peer)

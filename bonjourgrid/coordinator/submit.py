@@ -38,7 +38,7 @@ from bonjourgrid.coordinator.peers import LEASE_S, PEER_TIMEOUT_S, Timeouts
 from bonjourgrid.coordinator.prefetch import POLICIES, DataOptions, PrefetchSettings
 from bonjourgrid.coordinator.progress import choose_display
 from bonjourgrid.coordinator.recruit import needs_from
-from bonjourgrid.coordinator.report import format_summary
+from bonjourgrid.coordinator.report import format_summary, write_report
 from bonjourgrid.coordinator.shell import Coordinator
 from bonjourgrid.coordinator.stage import stage_sources
 from bonjourgrid.credentials import CredentialCheck, load_revoked
@@ -238,7 +238,7 @@ def _submit(opts: SubmitOptions) -> int:
     else:
         report = _run_on_a_grid(opts, workflow, timeouts, plan, data)
     if opts.report is not None:
-        opts.report.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(opts.report, report)
     if opts.json:
         print(json.dumps(report, indent=2))
     else:

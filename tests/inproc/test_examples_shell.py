@@ -85,3 +85,20 @@ def test_wordcount_agrees_with_python(tmp_path: Path) -> None:
 def test_wordcount_parts_are_a_few_kilobytes(part: int) -> None:
     size = (EXAMPLES / "wordcount" / "text" / f"part-{part}.txt").stat().st_size
     assert 2000 <= size <= 8000
+
+
+def test_montage_levels_the_tiles_and_adds_them_into_a_mosaic(tmp_path: Path) -> None:
+    wf = load_workflow(EXAMPLES / "montage" / "montage.yaml")
+    made = run_locally(wf, tmp_path)
+
+    def mean(path: Path) -> float:
+        values = [float(v) for v in path.read_text().split()]
+        return sum(values) / len(values)
+
+    # after background correction every tile has the first one's mean level
+    means = [mean(made / "corr" / f"{k}.txt") for k in (1, 2, 3, 4)]
+    assert max(means) - min(means) < 0.01
+    mosaic = (made / "mosaic.txt").read_text().splitlines()
+    assert len(mosaic) == 4 and all(len(row.split()) == 24 for row in mosaic)
+    assert len((made / "mosaic_small.txt").read_text().splitlines()) == 4
+    assert sorted(wf.final_outputs()) == ["mosaic_small.txt"]

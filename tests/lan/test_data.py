@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shlex
+import signal
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,58 @@ def test_an_intermediate_lost_with_its_peer_is_made_again(grid: DataGrid) -> Non
     # The new copy went from the spare to the consumer, not through the coordinator.
     assert done.moved["from_coordinator"] == 0, done.explain()
     assert done.moved["peer_to_peer"] >= _MID_SIZE, done.explain()
+
+
+def test_a_reader_stuck_on_a_lost_peer_gets_the_remade_intermediate(grid: DataGrid) -> None:
+    """make writes mid.bin on a 2 GiB peer, which is then frozen (SIGSTOP) before use (on the
+    8 GiB peer) may start: use's fetch of mid.bin hangs on it. The frozen peer is killed (-9)
+    and lost: make runs again on the other 2 GiB peer at once, use gets the new copy, and the
+    report says why make ran again."""
+    twins = [grid.start_worker("stuck1", 0, 0.0, ram=SMALL),
+             grid.start_worker("stuck2", 1, 0.5, ram=SMALL)]  # fmt: skip
+    large = grid.start_worker("reader", 2, 1.0, ram=LARGE)
+    grid.wait_idle([*twins, large], _SEEN_S, "the three workers listed idle")
+    make_starts = grid.tmp / "make.starts"
+    gate = grid.tmp / "gate-open"
+    wait_gate = f"while [ ! -e {shlex.quote(str(gate))} ]; do sleep 0.1; done"
+    wf = grid.workflow(
+        "stuck",
+        {
+            "make": {"command": f"{_mark(make_starts)}; {_MAKE_MID}", "outputs": ["mid.bin"],
+                     "require": ON_SMALL},
+            "gate": {"command": f"{wait_gate}; echo open > gate.txt", "outputs": ["gate.txt"],
+                     "require": ON_LARGE},
+            "use": {"command": "{ sha256sum mid.bin | cut -c1-64; cat gate.txt; } > final.txt",
+                    "inputs": ["mid.bin", "gate.txt"], "outputs": ["final.txt"],
+                    "require": ON_LARGE},
+        },
+        subdir="wf",
+    )  # fmt: skip
+    job = grid.start_submit(wf, "--workers", "3..3", "--prefetch", "none")
+    try:
+        _wait(lambda: _journal_done(wf, "make") is not None, _STARTED_S, "make journaled done")
+        record = _journal_done(wf, "make")
+        assert record is not None
+        by_name = {w.name: w for w in twins}
+        producer = by_name[record["peer"]]
+        spare = next(w for w in twins if w is not producer)
+        producer.signal(signal.SIGSTOP)  # it holds the only mid.bin and serves nothing now
+        gate.touch()  # use may start: its fetch of mid.bin hangs on the frozen producer
+        producer.kill()
+        _wait(lambda: len(_starts(make_starts)) >= 2, _DETECTED_S, "make started again")
+        assert _ran_on(_starts(make_starts)[1], spare), _starts(make_starts)
+    finally:
+        gate.touch()  # also when the test fails: the job ends
+    done = job.finish()
+    assert done.code == 0, done.explain()
+    make = done.task("make")
+    assert (make["status"], make["peer"]) == ("done", spare.name), done.explain()
+    assert make["rerun"] == f"its output mid.bin was lost with peer {producer.name}"
+    use = done.task("use")
+    assert (use["status"], use["peer"]) == ("done", large.name), done.explain()
+    assert "error" not in use, done.explain()  # a lost input is not the reader's failure
+    final = (wf.parent / "final.txt").read_text()
+    assert final == f"{_sha256(_MID_BYTES)}\nopen\n"
 
 
 def test_a_second_run_reads_its_inputs_from_the_peers_caches(grid: DataGrid) -> None:

@@ -122,7 +122,7 @@ def test_an_impostor_copying_a_real_peer_s_txt_receives_nothing(
     )
     # (Under the real peer's very name, the credential would verify and the handshake,
     # pinned to the real key, keep the impostor out; but the two records then race in the
-    # browser: see test_hostile's name-conflict xfail.)
+    # browser: see test_hostile's same-name impostor test.)
     rogue.advertise(fake.name, port, peer_txt(fake))
     try:
         wf = write_workflow(

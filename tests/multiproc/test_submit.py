@@ -62,7 +62,9 @@ def test_hello_runs_on_the_embedded_local_grid(tmp_path: Path, grid: Grid) -> No
     assert report["bytes"]["to_submitter"] > 0
 
 
-@pytest.mark.parametrize("example", ["wordcount/wordcount.yaml", "diamond.yaml"])
+@pytest.mark.parametrize(
+    "example", ["wordcount/wordcount.yaml", "diamond.yaml", "montage/montage.yaml"]
+)
 def test_every_example_runs_on_the_local_grid(tmp_path: Path, grid: Grid, example: str) -> None:
     work = tmp_path / "examples"
     shutil.copytree(EXAMPLES, work)

@@ -82,7 +82,8 @@ def test_a_lost_peer_s_tasks_are_rescheduled_without_using_a_retry() -> None:
     s = sched([("a", []), ("b", []), ("c", [])])
     s.handle(core.PeerJoined("p1", 2, {}), 0.0)  # takes a and b
     s.handle(core.PeerJoined("p2", 1, {}), 0.0)  # takes c
-    assert s.handle(core.PeerLost("p1", "silent"), 1.0) == []  # p2 is full
+    out = s.handle(core.PeerLost("p1", "silent"), 1.0)
+    assert out == [core.Notice("peer p1 lost (silent): a, b go back to the queue")]  # p2 full
     s.validate_state()
     assert s.wanted_peers() == 2
     assert all(t.failures == 0 for t in s.tasks.values())

@@ -157,8 +157,8 @@ def test_a_chain_lost_with_its_peer_is_made_again_from_the_first_missing_file() 
     assert sorted(placed(out)) == [("a", "p2"), ("d", "p2")]
 
 
-def test_a_reader_that_could_not_fetch_a_lost_file_waits_for_it_without_a_failure() -> None:
-    # b needs a "big" peer: it runs on p2 and reads x from p1, which dies meanwhile.
+def reader_elsewhere() -> SchedulerCore:
+    """b needs a "big" peer: it runs on p2 and reads x, made by a on p1."""
     s = SchedulerCore(
         [("a", [], "", 0), ("b", ["a"], "big", 0)],
         matches=lambda require, attrs: attrs.get("big") == "1",
@@ -168,14 +168,53 @@ def test_a_reader_that_could_not_fetch_a_lost_file_waits_for_it_without_a_failur
     s.handle(core.PeerJoined("p2", 1, {"big": "1"}), 0.0)
     assert placed(report(s, "a")) == [("b", "p2")]
     assert s.sources(ref("x").digest, "p2") == ["p1"]
-    s.handle(core.PeerLost("p1", "kill -9"), 2.0)
-    b = s.tasks["b"]
-    assert b.status is TaskStatus.RUNNING  # it may have x already
-    out = s.handle(core.TaskReported("p2", "b", 1, -1, "could not fetch x", ()), 2.5)
-    assert s.tasks["b"].status.value == "waiting" and b.failures == 0
-    assert placed(out) == [("a", "p2")]  # x is made again, then b runs (retries: 0)
+    return s
+
+
+def test_a_lost_peer_remakes_at_once_what_a_running_reader_may_be_fetching_from_it() -> None:
+    s = reader_elsewhere()
+    out = s.handle(core.PeerLost("p1", "kill -9"), 2.0)
+    # a runs again at once: not after b's fetch from p1 times out.
+    assert s.tasks["a"].status is TaskStatus.READY
+    assert s.tasks["b"].status is TaskStatus.RUNNING  # it may have x already
+    notices = [n.message for n in of(out, core.Notice)]
+    assert "peer p1 lost: remaking a (its output x was only there)" in notices
+    assert any("was lost with peer p1" in why for _, why in s.story("a"))
+    assert s.tasks["a"].rerun == "its output x was lost with peer p1"
+    s.validate_state()
+    assert placed(s.handle(core.PeerJoined("p3", 1, {}), 2.5)) == [("a", "p3")]
+    # x exists again: b, maybe stuck on p1, is stopped and placed again, no retry used.
     out = report(s, "a", 3.0)
+    assert [(i.task, i.peer, i.attempt) for i in of(out, core.StopRun)] == [("b", "p2", 1)]
     assert placed(out) == [("b", "p2")]
+    b = s.tasks["b"]
+    assert (b.attempts, b.failures) == (2, 0)
+    assert any("stopped on p2: x exists again" in why for _, why in s.story("b"))
+    # The stopped attempt's late report changes nothing.
+    s.handle(core.TaskReported("p2", "b", 1, -1, "could not fetch x", ()), 3.5)
+    assert b.status is TaskStatus.RUNNING and b.failures == 0
+    report(s, "b", 4.0)
+    assert s.finished is not None and s.finished.status == "succeeded"
+
+
+def test_a_reader_that_had_the_lost_file_finishes_and_is_not_stopped() -> None:
+    s = reader_elsewhere()
+    s.handle(core.PeerLost("p1", "kill -9"), 2.0)
+    report(s, "b", 2.5)  # it had fetched x before p1 died
+    out = report(s, "a", 3.0)  # the remake was for nothing, and harmless
+    assert not of(out, core.StopRun)
+    assert s.finished is not None and s.finished.status == "succeeded"
+    assert s.tasks["b"].attempts == 1
+
+
+def test_a_reader_whose_fetch_failed_waits_for_the_remake_without_a_failure() -> None:
+    s = reader_elsewhere()
+    s.handle(core.PeerLost("p1", "kill -9"), 2.0)
+    out = s.handle(core.TaskReported("p2", "b", 1, -1, "could not fetch x", ()), 2.5)
+    b = s.tasks["b"]
+    assert b.status is TaskStatus.WAITING and b.failures == 0  # retries: 0, and not failed
+    assert placed(out) == [("a", "p2")]  # the freed slot remakes x
+    assert placed(report(s, "a", 3.0)) == [("b", "p2")]
     s.validate_state()
 
 
