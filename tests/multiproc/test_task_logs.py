@@ -67,5 +67,7 @@ tasks:
     assert Path(first["stdout"]).read_text() == "try 1\n"
     assert Path(first["stderr"]).read_text() == "err 1\n"
     assert Path(second["stderr"]).read_text() == "err 2\n"
+    (failed,) = task["history"]  # the attempt that ended badly says where its logs are
+    assert failed["attempt"] == 1 and failed["logs"]["stdout"] == first["stdout"]
     first_out = grid.run("logs", "flaky", "flaky", "--attempt", "1", "--dir", str(work))
     assert first_out.returncode == 0 and first_out.stdout == "try 1\n"
