@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,8 @@ from bonjourgrid.errors import BonjourGridError, ConfigError, Interrupted
 
 if TYPE_CHECKING:
     from bonjourgrid.credentials import WorkerIdentity
+    from bonjourgrid.discovery.txt import JobRecord
+    from bonjourgrid.keys import GridKey
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -109,6 +112,7 @@ def _submit(args: argparse.Namespace) -> int:
             interface=args.interface,
             report=Path(args.report) if args.report else None,
             json=args.json,
+            quiet=args.quiet,
             resume=args.resume,
             peer_timeout=args.peer_timeout,
             lease=args.lease,
@@ -173,6 +177,18 @@ def _cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _logs(args: argparse.Namespace) -> int:
+    from bonjourgrid.coordinator.logs import find_log
+
+    path = find_log(Path(args.dir), args.job, args.task, args.attempt, stderr=args.err)
+    with open(path, "rb") as f:
+        sys.stdout.flush()
+        while chunk := f.read(1 << 16):
+            sys.stdout.buffer.write(chunk)
+    sys.stdout.flush()
+    return 0
+
+
 def _peers(args: argparse.Namespace) -> int:
     from bonjourgrid.discovery.advertise import resolve_interfaces
     from bonjourgrid.discovery.browse import snapshot_peers
@@ -187,22 +203,25 @@ def _peers(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from bonjourgrid.coordinator.cancel import verify_jobs
+    from bonjourgrid.coordinator.watch import watch_jobs
     from bonjourgrid.discovery.advertise import resolve_interfaces
     from bonjourgrid.discovery.browse import snapshot_jobs
-    from bonjourgrid.discovery.table import format_job_table, job_json
+    from bonjourgrid.discovery.table import job_json
     from bonjourgrid.errors import KeyStoreError
     from bonjourgrid.keys import load_grid_key
 
-    jobs = asyncio.run(snapshot_jobs(resolve_interfaces(args.interface), wait=args.wait))
     try:
         grid = load_grid_key(need_secret=True)
     except KeyStoreError:
         grid = None  # nothing to prove a coordinator against: records are shown as hints
-    verified: list[bool | None] = [None] * len(jobs)
-    if grid is not None:
-        verified = list(asyncio.run(verify_jobs(jobs, grid)))
+    interfaces = resolve_interfaces(args.interface)
+    if args.watch:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+            asyncio.run(watch_jobs(interfaces, lambda jobs: _job_table(jobs, grid)))
+        return 0
+    jobs = asyncio.run(snapshot_jobs(interfaces, wait=args.wait))
     if args.json:
+        verified = asyncio.run(_verified(jobs, grid))
         print(
             json.dumps(
                 [{**job_json(j), "verified": v} for j, v in zip(jobs, verified, strict=True)],
@@ -210,18 +229,35 @@ def _status(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    print(asyncio.run(_job_table(jobs, grid)))
+    return 0
+
+
+async def _verified(jobs: list[JobRecord], grid: GridKey | None) -> list[bool | None]:
+    """Whether each job's coordinator proves the grid's key (None: no key to check with)."""
+    from bonjourgrid.coordinator.cancel import verify_jobs
+
     if grid is None:
-        print(format_job_table(jobs))
-        return 0
-    print(format_job_table([j for j, v in zip(jobs, verified, strict=True) if v]))
+        return [None] * len(jobs)
+    return list(await verify_jobs(jobs, grid))
+
+
+async def _job_table(jobs: list[JobRecord], grid: GridKey | None) -> str:
+    """What `bgrid status` prints: the jobs whose coordinator proves the grid's key."""
+    from bonjourgrid.discovery.table import format_job_table
+
+    if grid is None:
+        return format_job_table(jobs)
+    verified = await _verified(jobs, grid)
+    lines = [format_job_table([j for j, v in zip(jobs, verified, strict=True) if v])]
     ignored = [j for j, v in zip(jobs, verified, strict=True) if not v]
     if ignored:
         wheres = ", ".join(f"{j.job} at {j.endpoint().removeprefix('tcp://')}" for j in ignored)
-        print(
+        lines.append(
             f"({len(ignored)} job record(s) not shown: no coordinator of grid {grid.fingerprint} "
             f"behind them, ended, spoofed or of another grid: {wheres})"
         )
-    return 0
+    return "\n".join(lines)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -416,7 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="write the report to FILE: JSON, or a page to look at if FILE ends in .html",
     )
-    s.add_argument("--json", action="store_true", help="print the JSON report")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="print the JSON report and nothing else on stdout (progress: stderr, if a terminal)",
+    )
+    s.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress display: only errors and the final summary",
+    )
     s.add_argument(
         "--resume",
         action="store_true",
@@ -463,6 +509,18 @@ def build_parser() -> argparse.ArgumentParser:
     interface_flag(c)
     c.set_defaults(run=_cancel)
 
+    lg = command("logs", help="print what a task wrote on stdout (or stderr)")
+    lg.add_argument(
+        "job", help="the job id (as the report says), or its workflow's name: its latest job"
+    )
+    lg.add_argument("task", help="the task's name")
+    lg.add_argument("--attempt", type=int, metavar="N", help="this attempt (default: the latest)")
+    lg.add_argument("--err", action="store_true", help="print its stderr instead of its stdout")
+    lg.add_argument(
+        "--dir", default=".", help="the directory the job was submitted from (default: here)"
+    )
+    lg.set_defaults(run=_logs)
+
     r = command("report", help="draw a JSON report as a page (Gantt chart, DAG, bytes)")
     r.add_argument("report", help="a report written by `bgrid submit --report FILE.json`")
     r.add_argument(
@@ -502,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", type=float, default=1.0, help="seconds to listen (default 1)")
         interface_flag(p)
         p.set_defaults(run=func)
+        if name == "status":
+            p.add_argument(
+                "--watch",
+                action="store_true",
+                help="keep the table current, in place, until Ctrl-C",
+            )
 
     ch = command("cache", help="show what this desktop's worker cache holds, or clear it")
     ch.add_argument("--name", help="the worker's name (default: host name)")

@@ -39,8 +39,16 @@ def build_report(
         if task.status is core.TaskStatus.FAILED:
             tasks[name]["stderr_tail"] = task.stderr_tail
         history = attempt_history(sched.story(name))
+        kept_logs = coordinator.logs.kept.get(name, {})
+        for entry in history:  # an attempt that ended badly: where its logs are, if it sent any
+            attempt_logs = kept_logs.get(entry.get("attempt", 0))
+            if attempt_logs is not None:
+                entry["logs"] = attempt_logs.as_json()
         if history:
             tasks[name]["history"] = history
+        logs = coordinator.logs.report(name)
+        if logs is not None:
+            tasks[name]["logs"] = logs  # where its stdout and stderr are kept (logs.py)
     ends = [t.end for t in sched.tasks.values() if t.end is not None]
     report: dict[str, Any] = {
         "job": coordinator.job,

@@ -16,7 +16,6 @@ import contextlib
 import getpass
 import logging
 import os
-import re
 import secrets
 import shutil
 import time
@@ -39,12 +38,14 @@ from bonjourgrid.coordinator.journal import (
     journal_path,
     task_digest,
 )
+from bonjourgrid.coordinator.logs import LogKeeper, job_stem
 from bonjourgrid.coordinator.peers import (
     PeerLink,
     PeerPool,
     Timeouts,
 )
 from bonjourgrid.coordinator.prefetch import DataOptions
+from bonjourgrid.coordinator.progress import REFRESH_S, Display, PeerNow, Snapshot, notes_of
 from bonjourgrid.coordinator.recruit import JobNeeds
 from bonjourgrid.coordinator.report import build_report
 from bonjourgrid.coordinator.stage import stage_sources
@@ -93,8 +94,10 @@ class Coordinator(PeerPool):
         resume: ResumePlan | None = None,
         workflow_digest: str = "",
         data: DataOptions | None = None,
+        display: Display | None = None,
     ) -> None:
         self.workflow = workflow
+        self.display = display  # what the user sees while it runs (progress.py)
         self.needs = needs
         self.grid = grid
         self.interface = interface
@@ -105,6 +108,7 @@ class Coordinator(PeerPool):
         self.data = data or DataOptions()
         self.journal: JournalWriter | None = None
         self.job = job_id(workflow.name)
+        self.logs = LogKeeper(workflow.root, self.job)  # every attempt's stdout and stderr
         self.ctx = zmq.asyncio.Context()
         self.keypair = Keypair.generate() if grid is not None else None
         self.client_keys = grid.keypair() if grid is not None else None
@@ -136,6 +140,7 @@ class Coordinator(PeerPool):
         self.phase = "starting"
         self._tasks: set[asyncio.Task[Any]] = set()
         self._data_port = 0
+        self._data_server: DataServer | None = None
         self._browser: PeerBrowser | None = None  # set once the run starts
         # What candidates said their caches hold of the job's inputs (`probe`), by identity.
         self._cached: dict[tuple[str, str, str], frozenset[str]] = {}
@@ -154,6 +159,20 @@ class Coordinator(PeerPool):
         """Recruit, run, release; the report (DESIGN.md's format)."""
         self.started = time.monotonic()
         self.started_at = started_at = time.time()
+        display = self.display
+        shown = asyncio.create_task(self._show_progress(display)) if display else None
+        finished: core.Finished | None = None
+        try:
+            finished = await self._run_to_the_end()
+        finally:
+            if display is not None and shown is not None:
+                shown.cancel()
+                await asyncio.gather(shown, return_exceptions=True)
+                # The last word, every count final (`phase` stays: an interruption names it).
+                display.update(self.snapshot(finished.status if finished else "stopped"))
+        return build_report(self, finished, started_at)
+
+    async def _run_to_the_end(self) -> core.Finished | None:
         remove_stale_partials(self._partial_dir)
         if self.core.pending():  # a resume with nothing left to run moves nothing
             self.phase = "staging inputs"
@@ -169,7 +188,7 @@ class Coordinator(PeerPool):
                 self.ctx.destroy(linger=0)
         finally:
             self.journal.close()
-        return build_report(self, finished, started_at)
+        return finished
 
     def _start_journal(self) -> JournalWriter:
         path = journal_path(self.workflow)
@@ -201,7 +220,7 @@ class Coordinator(PeerPool):
         bind = f"tcp://{self.interface or '0.0.0.0'}"
         data_sock = wire.server_socket(self.ctx, self.keypair, "data", 4096)
         self._data_port = data_sock.bind_to_random_port(bind)
-        data_server = DataServer(data_sock, self.index.locate)
+        data_server = self._data_server = DataServer(data_sock, self.index.locate)
         # The job-control socket proves the grid's own key: `bgrid cancel` pins it, so a
         # spoofed job record cannot pass for this coordinator (cancel.py).
         grid_keys = self.grid.keypair() if self.grid is not None else None
@@ -286,7 +305,14 @@ class Coordinator(PeerPool):
         records a finished task before any instruction that follows from it goes out.
         """
         now = time.monotonic() - self.started
-        for instruction in self.core.handle(event, now, schedule):
+        instructions = self.core.handle(event, now, schedule)
+        if self.display is not None:
+            notes = notes_of(event, instructions, self.core.tasks)
+            if notes:
+                snapshot = self.snapshot()
+                for note in notes:
+                    self.display.note(note, snapshot)
+        for instruction in instructions:
             match instruction:
                 case core.Dispatch(task, peer, attempt):
                     await self._dispatch(task, peer, attempt)
@@ -313,6 +339,35 @@ class Coordinator(PeerPool):
                     if self.journal is not None:
                         self.journal.end(status, reason)
         self._arm_wakeup()
+
+    async def _show_progress(self, display: Display) -> None:
+        while True:
+            display.update(self.snapshot())
+            await asyncio.sleep(REFRESH_S)
+
+    def snapshot(self, phase: str | None = None) -> Snapshot:
+        """The job as the user sees it now (progress.py): counters and one entry per peer."""
+        counts = self.core.counts
+        served = self._data_server.bytes_served if self._data_server is not None else 0
+        bytes_ = self.bytes
+        return Snapshot(
+            job=self.job,
+            phase=phase or self.phase,
+            elapsed_s=time.monotonic() - self.started,
+            total=len(self.core.tasks),
+            done=counts[core.TaskStatus.DONE],
+            running=counts[core.TaskStatus.RUNNING] + counts[core.TaskStatus.COLLECTING],
+            failed=counts[core.TaskStatus.FAILED],
+            skipped=counts[core.TaskStatus.SKIPPED],
+            kept=len(self.resume.kept) if self.resume else 0,
+            peers=tuple(
+                PeerNow(name, slots.cpus, tuple(sorted(slots.running | slots.collecting)))
+                for name, slots in sorted(self.core.peers.items())
+            ),
+            bytes_moved=max(served, bytes_["from_coordinator"])
+            + bytes_["peer_to_peer"]
+            + bytes_["to_submitter"],
+        )
 
     def _journal_done(
         self, task: str, peer: str | None, attempts: int, outputs: tuple[tuple[str, FileRef], ...]
@@ -373,6 +428,7 @@ class Coordinator(PeerPool):
         """Handle one message of peer `name`; False when the peer is gone with it."""
         match wire.decode(frame):
             case TaskDone() as msg:
+                self._keep_logs(name, msg)
                 await self.events.put(self._task_report(name, msg))
             case Started(task=task, attempt=attempt):
                 await self.events.put(core.RunStarted(name, task, attempt))
@@ -395,6 +451,18 @@ class Coordinator(PeerPool):
             case msg:
                 log.info("peer %s sent an unexpected %r message", name, msg.TYPE)
         return True
+
+    def _keep_logs(self, peer: str, msg: TaskDone) -> None:
+        """Write the attempt's stdout and stderr into the submit directory (logs.py): only
+        for an attempt this peer runs, so the task name is one of the workflow's."""
+        if not self._runs_on(peer, msg.task, msg.attempt):
+            return
+        try:
+            self.logs.keep(
+                msg.task, msg.attempt, msg.stdout, msg.stdout_size, msg.stderr, msg.stderr_size
+            )
+        except OSError as err:  # a full disk loses the logs, not the job
+            log.warning("cannot keep the logs of %s in %s: %s", msg.task, self.logs.dir, err)
 
     def _runs_on(self, peer: str, task: str, attempt: int) -> bool:
         """Whether attempt `attempt` of `task` runs on `peer`, as far as the core knows."""
@@ -646,8 +714,7 @@ def _holds(path: Path, ref: FileRef) -> bool:
 
 def job_id(workflow_name: str) -> str:
     """A LAN-unique job name that fits a TXT value and a DNS label: `<workflow>-<6 hex>`."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", workflow_name).strip("-._")[:40] or "job"
-    return f"{stem}-{secrets.token_hex(3)}"
+    return f"{job_stem(workflow_name)}-{secrets.token_hex(3)}"
 
 
 def _job_state(finished: core.Finished | None) -> JobState:

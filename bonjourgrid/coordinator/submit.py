@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from bonjourgrid.coordinator.journal import ResumePlan, journal_path, plan_resume, workflow_digest
 from bonjourgrid.coordinator.peers import LEASE_S, PEER_TIMEOUT_S, Timeouts
 from bonjourgrid.coordinator.prefetch import POLICIES, DataOptions, PrefetchSettings
+from bonjourgrid.coordinator.progress import choose_display
 from bonjourgrid.coordinator.recruit import needs_from
 from bonjourgrid.coordinator.report import format_summary, write_report
 from bonjourgrid.coordinator.shell import Coordinator
@@ -71,6 +72,7 @@ class SubmitOptions:
     interface: str | None = None
     report: Path | None = None
     json: bool = False
+    quiet: bool = False  # no progress: errors and the final summary only
     resume: bool = False  # keep the tasks the journal vouches for
     peer_timeout: float | None = None  # seconds of silence before a peer is lost
     lease: float | None = None  # seconds a peer stays ours without a heartbeat
@@ -351,6 +353,7 @@ def _run(
     plan: ResumePlan | None,
     data: DataOptions,
 ) -> dict[str, Any]:
+    display = choose_display(opts.quiet, opts.json)  # a terminal's live panel, or lines
     needs = needs_from(
         workflow,
         grid.fingerprint if grid else INSECURE_FINGERPRINT,
@@ -369,6 +372,7 @@ def _run(
         resume=plan,
         workflow_digest=workflow_digest(opts.workflow),
         data=data,
+        display=display,
     )
 
     stopped_by: list[signal.Signals] = []
@@ -384,7 +388,13 @@ def _run(
         done = "" if coordinator.phase == "staging inputs" else ": every reserved peer was released"
         return f"while {coordinator.phase}{done}"
 
-    report = _run_until_signal(coordinator.run, interrupted, cancel_running_job)
+    if display is not None:
+        display.start()
+    try:
+        report = _run_until_signal(coordinator.run, interrupted, cancel_running_job)
+    finally:
+        if display is not None:
+            display.stop()
     if stopped_by:
         report["signal"] = stopped_by[0].name  # the exit code says it too: 128 + the signal
     return report

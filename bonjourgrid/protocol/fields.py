@@ -35,6 +35,9 @@ MAX_RUN_PARTS = 1024  # `run_part` messages after one `run`
 MAX_RUN_FILES = 1_000_000  # inputs plus outputs of one run, over all its parts
 MAX_LEASE_S = 3600.0
 MAX_SECONDS = 10.0 * 365 * 24 * 3600  # a duration in a report
+# Bytes of a task's stdout, and as many of its stderr, that a `task_done` carries: the last
+# ones. Both together stay well under MAX_CONTROL_FRAME, beside the rest of the report.
+MAX_LOG = 1024 * 1024
 
 _CHECK = "check"
 _PACK = "pack"
@@ -336,6 +339,14 @@ def _bytes(value: Any, what: str) -> bytes:
     return value
 
 
+def _log(value: Any, what: str) -> bytes:
+    """The tail of a task's stdout or stderr: bytes, at most MAX_LOG of them."""
+    data = _bytes(value, what)
+    if len(data) > MAX_LOG:
+        raise ProtocolError(f"{what} holds {len(data)} bytes, more than {MAX_LOG}")
+    return data
+
+
 def _f(
     check: Callable[[Any, str], Any], pack: Callable[[Any], Any] | None = None
 ) -> dict[str, Any]:
@@ -349,3 +360,4 @@ TEXT = _f(_text)
 DIGEST = _f(check_digest)
 SIZE = _f(_size)
 SECONDS = _f(_seconds)
+LOG = _f(_log)

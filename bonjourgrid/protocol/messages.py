@@ -23,6 +23,7 @@ from bonjourgrid.protocol.fields import (
     CHUNK_SIZE,
     DIGEST,
     JOB,
+    LOG,
     MAX_CONTROL_FRAME,
     MAX_DATA_FRAME,
     MAX_LIST,
@@ -256,6 +257,13 @@ class TaskDone(Message):
     # inputs this run moved: (digest, source label, bytes)
     fetched: tuple[tuple[str, str, int], ...] = field(metadata=_f(_fetched, _listed))
     hit_bytes: int = field(metadata=SIZE)  # input bytes found in the local cache
+    # The last MAX_LOG bytes of what the command wrote on stdout and stderr, and how many it
+    # wrote in all (more than the tail holds: the head was dropped). Optional: a peer of an
+    # earlier release sends none.
+    stdout: bytes = field(default=b"", metadata=LOG)
+    stderr: bytes = field(default=b"", metadata=LOG)
+    stdout_size: int = field(default=0, metadata=SIZE)
+    stderr_size: int = field(default=0, metadata=SIZE)
 
 
 @_message

@@ -409,6 +409,7 @@ def task_done(report: dict[str, Any]) -> TaskDone:
     except ProtocolError as err:  # a report always goes back: a failed one, then
         log.exception("task report of %s is malformed", report.get("task"))
         fields = {**report, "outputs": [], "fetched": [], "stderr_tail": ""}
+        fields.update(stdout=b"", stderr=b"", stdout_size=0, stderr_size=0)
         fields.update(exit_code=-1, error=f"the worker made a malformed report: {err}")
         return from_fields(TaskDone, fields)
 
@@ -424,7 +425,28 @@ def _encode_reply(message: Message) -> bytes:
         log.warning(
             "task_done of %s: %s; sent without its list of fetched files", message.task, err
         )
-        return wire.encode(dataclasses.replace(message, fetched=()))
+        return _encode_shrinking_logs(dataclasses.replace(message, fetched=()))
+
+
+def _encode_shrinking_logs(message: TaskDone) -> bytes:
+    """`message`, its logs cut to their last bytes until it fits a frame (many outputs)."""
+    keep = len(message.stdout) + len(message.stderr)
+    while True:
+        try:
+            return wire.encode(message)
+        except ProtocolError:
+            if keep == 0:
+                raise
+            keep //= 4
+            message = dataclasses.replace(
+                message,
+                stdout=_last(message.stdout, keep // 2),
+                stderr=_last(message.stderr, keep // 2),
+            )
+
+
+def _last(data: bytes, count: int) -> bytes:
+    return data[max(0, len(data) - count) :]
 
 
 def job_keys(msg: Reserve) -> Keypair | None:

@@ -42,6 +42,7 @@ from bonjourgrid.cache.transfer import Fetcher, Source
 from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.keys import Keypair
 from bonjourgrid.protocol import (
+    MAX_LOG,
     MAX_RUN_FILES,
     Run,
     RunPart,
@@ -361,6 +362,9 @@ class TaskRun:
             log.exception("task %s/%s failed in the worker", self.job, self.task)
             report["error"] = f"the worker could not run the task: {type(err).__name__}: {err}"
         finally:
+            # Every attempt's stdout and stderr go back, bounded: the coordinator keeps them.
+            for stream in ("stdout", "stderr"):
+                report[stream], report[f"{stream}_size"] = read_tail(self.workdir / stream)
             shutil.rmtree(self.workdir, ignore_errors=True)
             for item in self.spec.inputs:
                 self.store.unpin(item.ref.digest)
@@ -533,6 +537,17 @@ class TaskRun:
         if proc is None:
             return
         await self._end_processes(proc, grace=True)
+
+
+def read_tail(path: Path, limit: int = MAX_LOG) -> tuple[bytes, int]:
+    """The last `limit` bytes of a file and its size; (b"", 0) when there is none."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - limit))
+            return f.read(limit), size
+    except OSError:
+        return b"", 0
 
 
 class OutputError(Exception):
