@@ -112,7 +112,7 @@ def _submit(args: argparse.Namespace) -> int:
             interface=args.interface,
             report=Path(args.report) if args.report else None,
             json=args.json,
-            quiet=args.quiet,
+            quiet=bool(args.quiet_before + args.quiet_after),  # -q anywhere: no progress
             resume=args.resume,
             peer_timeout=args.peer_timeout,
             lease=args.lease,
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         )  # fmt: skip
         flags.add_argument(
             "-q", "--quiet", action="count", default=0, dest=f"quiet_{where}",
-            help="log errors only",
+            help="log errors only (submit: no progress display, only the final summary)",
         )  # fmt: skip
         return flags
 
@@ -456,12 +456,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help="print the JSON report and nothing else on stdout (progress: stderr, if a terminal)",
-    )
-    s.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="no progress display: only errors and the final summary",
     )
     s.add_argument(
         "--resume",
