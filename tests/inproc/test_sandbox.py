@@ -25,7 +25,8 @@ from bonjourgrid.cache.local import SANDBOXES, LocalCache
 from bonjourgrid.cache.store import hash_file
 from bonjourgrid.worker import reaper
 from tests.inproc import test_worker_daemon as daemon_tests
-from tests.inproc.test_worker_daemon import REPLY_S, Coordinator, Peer, wait_until
+from tests.inproc.test_worker_daemon import REPLY_S, Coordinator, Peer
+from tests.waiting import async_wait_until as wait_until
 
 # A real daemon on 127.0.0.1, and this test in the coordinator's role (the same fixtures).
 peer = daemon_tests.peer

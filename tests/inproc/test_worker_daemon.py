@@ -6,9 +6,8 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,21 +25,12 @@ from bonjourgrid.cache.transfer import DataServer, Fetcher, Source
 from bonjourgrid.keys import GridKey, Keypair
 from bonjourgrid.worker.core import PeerState
 from bonjourgrid.worker.daemon import WorkerConfig, WorkerDaemon
+from tests.waiting import async_wait_until as wait_until
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("quick_timing")]
 
 REPLY_S = 5.0  # a live peer on loopback answers in milliseconds; this only bounds a failure
 SILENCE_S = 0.3  # how long "no reply at all" is waited for
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until `condition()` held; fails the test after `timeout`."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{what} did not happen within {timeout} s")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
 
 
 def digest(data: bytes) -> str:

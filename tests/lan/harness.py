@@ -2,8 +2,8 @@
 
 Each test starts its own worker daemons under names of its own (so each has fresh caches and
 sees no other test's peers) and stops them when it ends. Every submit shrinks the timeouts
-with `--peer-timeout 2 --lease 3`. Nothing waits blindly: `wait_until` and `LanGrid.wait_peers`
-poll with a deadline.
+with `--peer-timeout 2 --lease 3`. Nothing waits blindly: `tests/waiting.py` and
+`LanGrid.wait_peers` poll with a deadline.
 """
 
 from __future__ import annotations
@@ -227,13 +227,3 @@ def share_grid_key(lan: Lan, bgrid: Bgrid) -> None:
     for host in lan.hosts[1:]:
         target = Path(host.env["XDG_CONFIG_HOME"]) / "bonjourgrid"
         shutil.copytree(key_dir, target, dirs_exist_ok=True)  # modes too: the secret stays 600
-
-
-def wait_until(until: Callable[[], bool], deadline_s: float, what: str) -> float:
-    """Poll `until()`; the seconds it took; fail the test, saying `what`, at the deadline."""
-    start = time.monotonic()
-    while not until():
-        if time.monotonic() - start >= deadline_s:
-            pytest.fail(f"{what}: not true after {deadline_s:g} s (logs below)")
-        time.sleep(0.05)
-    return time.monotonic() - start

@@ -23,12 +23,13 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.waiting import wait_until as _wait
+
 from .conftest import Bgrid
 from .harness import DETECTED_S as _DETECTED_S
 from .harness import SEEN_S as _SEEN_S
 from .harness import STARTED_S as _STARTED_S
 from .harness import LanGrid, Worker, share_grid_key
-from .harness import wait_until as _wait
 from .netns import Lan
 
 _MIB = 1 << 20

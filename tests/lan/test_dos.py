@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_until
+
 from .conftest import Bgrid
 from .fakes import advertise_fake_peers, flood, listening_ports
-from .harness import SEEN_S, STARTED_S, LanGrid, Worker, share_grid_key, wait_until
+from .harness import SEEN_S, STARTED_S, LanGrid, Worker, share_grid_key
 from .netns import Lan
 
 _SUBMITTER, _WORKER, _ATTACKER = 0, 1, 2

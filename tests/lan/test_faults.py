@@ -22,13 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_until as _wait
+
 from .conftest import Bgrid, MdnsWatcher
 from .harness import DETECTED_S as _DETECTED_S
 from .harness import LEASE_S, LanGrid, Submitted, Worker, share_grid_key
 from .harness import SEEN_S as _SEEN_S
 from .harness import SLACK_S as _SLACK_S
 from .harness import STARTED_S as _STARTED_S
-from .harness import wait_until as _wait
 from .netns import Host, Lan
 
 _EXPIRED_S = LEASE_S + _SLACK_S  # a peer whose coordinator vanished is idle again by then

@@ -18,8 +18,10 @@ from typing import Any
 
 import pytest
 
+from tests.waiting import wait_until
+
 from .conftest import Bgrid
-from .harness import SEEN_S, LanGrid, wait_until
+from .harness import SEEN_S, LanGrid
 from .netns import Lan
 
 _WORKER, _IMPOSTOR, _SUBMITTER = 0, 1, 3

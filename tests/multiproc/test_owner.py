@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -21,6 +20,7 @@ import pytest
 
 from bonjourgrid.worker.idle import NonGridLoad
 from tests.multiproc.conftest import LOOPBACK, Grid, bgrid_cmd, write_workflow
+from tests.waiting import wait_until as wait_for
 
 IDLE_MINUTES = 0.05  # 3 s: long enough for a listing (0.7 s) to see `busy`, short for CI
 IDLE_S = 60 * IDLE_MINUTES
@@ -33,16 +33,6 @@ def start_desktop(grid: Grid, name: str, activity: Path, *flags: str) -> str:
     return grid.start_worker(
         name, "--no-always-idle", "--activity-file", str(activity), "--max-load", "1", *flags
     )
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll `condition()` until it is true; the time it held; fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout} s")
-        time.sleep(0.01)
-    return time.monotonic()
 
 
 def test_touching_the_activity_file_makes_the_peer_busy_then_idle_after_the_idle_time(
@@ -109,8 +99,8 @@ def test_an_owner_coming_back_stops_the_task_within_a_second_and_the_job_moves(
         assert grid.procs[desk].pid in [p.pid for p in sleeper.parents()]
         active.touch()
         touched = time.monotonic()
-        gone = wait_for(lambda: not _sleepers(marker), 5, "the task's processes ending")
-        stop_s = gone - touched
+        wait_for(lambda: not _sleepers(marker), 5, "the task's processes ending")
+        stop_s = time.monotonic() - touched
         print(f"\nowner back -> task process group gone in {stop_s:.3f} s")
         stdout, stderr = job.communicate(timeout=60)
     finally:

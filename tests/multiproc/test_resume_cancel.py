@@ -29,18 +29,9 @@ from bonjourgrid.coordinator.journal import journal_path, read_journal
 from bonjourgrid.dag import load_workflow
 from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, job_txt, parse_job
 from tests.multiproc.conftest import LOOPBACK, Grid, RogueHost, bgrid_cmd, write_workflow
+from tests.waiting import wait_until as wait_for
 
 LEASE = "2"  # seconds: a dead coordinator's peers are idle again this soon
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until `check()` held; fails the test after `timeout`."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def lines(path: Path) -> list[str]:

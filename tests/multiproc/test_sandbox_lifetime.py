@@ -8,8 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -17,15 +15,9 @@ import pytest
 
 from bonjourgrid.cache.local import SANDBOXES
 from tests.multiproc.conftest import LOOPBACK, Grid, bgrid_cmd, write_workflow
+from tests.waiting import wait_until as wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
-        time.sleep(0.05)
 
 
 def ended(pid: int) -> bool:

@@ -13,7 +13,6 @@ import json
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from bonjourgrid.discovery.txt import PEER_SERVICE
 from bonjourgrid.keys import Keypair
 from tests.multiproc.conftest import LOOPBACK, Grid, bgrid_cmd, write_workflow
 from tests.multiproc.test_hostile import plausible_txt
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,11 +50,11 @@ def start_submit(grid: Grid, wf: Path, *flags: str) -> tuple[subprocess.Popen[by
 def wait_for(
     until: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, what: str
 ) -> None:
-    deadline = time.monotonic() + PHASE_S
-    while not until():
-        assert proc.poll() is None, f"submit ended before {what}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"not {what} after {PHASE_S} s:\n{log.read_text()}"
-        time.sleep(0.02)
+    """Wait until `until()`; fail at once, with the submit's log, if the submit ends first."""
+    wait_until(
+        lambda: until() or proc.poll() is not None, PHASE_S, lambda: f"{what}:\n{log.read_text()}"
+    )
+    assert until(), f"submit ended before {what}:\n{log.read_text()}"
 
 
 def stop(proc: subprocess.Popen[bytes], sig: signal.Signals, log: Path) -> tuple[int, str]:

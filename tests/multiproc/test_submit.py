@@ -53,7 +53,7 @@ def test_the_examples_are_copied_without_what_a_run_left_in_them(tmp_path: Path)
     run_before = tmp_path / "examples"
     shutil.copytree(EXAMPLES, run_before)
     (run_before / "hello.txt").write_text("an earlier run\n")  # the README's first command
-    (run_before / ".bgrid").mkdir()
+    (run_before / ".bgrid").mkdir(exist_ok=True)  # the README command may have left one
     copy_examples(tmp_path / "copy", source=run_before)
     assert (tmp_path / "copy" / "hello.yaml").exists()
     assert not (tmp_path / "copy" / "hello.txt").exists()

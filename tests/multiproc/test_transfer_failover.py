@@ -26,7 +26,7 @@ from bonjourgrid import wire
 from bonjourgrid.cache.store import FileRef, hash_file
 from bonjourgrid.cache.transfer import DataServer, Fetcher, Source
 from bonjourgrid.keys import Keypair
-from tests.inproc.test_worker_daemon import wait_until
+from tests.waiting import async_wait_until as wait_until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("quick_timing")]
 
