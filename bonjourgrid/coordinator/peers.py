@@ -27,6 +27,7 @@ from bonjourgrid import wire
 from bonjourgrid.cache.store import FileRef
 from bonjourgrid.coordinator import core
 from bonjourgrid.coordinator.journal import ResumePlan
+from bonjourgrid.coordinator.model import PeerJoined
 from bonjourgrid.coordinator.recruit import JobNeeds, explain_shortage, rank, select_candidates
 from bonjourgrid.discovery.advertise import resolve_interfaces
 from bonjourgrid.discovery.browse import PeerBrowser, snapshot_peers
@@ -254,8 +255,13 @@ class PeerPool:
             def keep(quota: _Quota = quota) -> bool:
                 return len(self.links) < self.needs.workers_max and quota.take()
 
-            results = await asyncio.gather(*(self._reserve(r, keep) for r in batch))
-            granted += sum(results)
+            joined = await asyncio.gather(*(self._reserve(r, keep) for r in batch))
+            # Announced in rank order, not in the order the grants came back: the core
+            # offers work to the peers it knows in the order they joined (cheapest first).
+            for event in joined:
+                if event is not None:
+                    self.events.put_nowait(event)
+                    granted += 1
             first = False
         return granted
 
@@ -296,9 +302,12 @@ class PeerPool:
 
         await asyncio.gather(*(ask(r) for r in todo))
 
-    async def _reserve(self, record: PeerRecord, keep: Callable[[], bool] = lambda: True) -> bool:
-        """Ask one peer for a leased reservation; whether it is ours now. A grant that
-        `keep()` refuses (the job has enough peers by then) is handed back at once."""
+    async def _reserve(
+        self, record: PeerRecord, keep: Callable[[], bool] = lambda: True
+    ) -> PeerJoined | None:
+        """Ask one peer for a leased reservation: the event announcing it if it is ours now,
+        else None. A grant that `keep()` refuses (the job has enough peers by then) is handed
+        back at once."""
         sock = wire.client_socket(self.ctx, self.client_keys, record.key, wire.MAX_CONTROL_FRAME)
         sock.routing_id = control_routing_id(self.job)
         sock.connect(record.endpoint())
@@ -332,11 +341,11 @@ class PeerPool:
                 self._silent.add(_identity(record))
             log.info("peer %s not recruited: %s", record.name, why)
             sock.close(linger=0)
-            return False
+            return None
         if not keep():
             log.info("peer %s granted beyond what the job needs: released at once", record.name)
             _release_and_close(sock, self.job)
-            return False
+            return None
         address = record.addresses[0]
         link = PeerLink(record, sock, our_address=_address_towards(address))
         link.data_source = Source(f"tcp://{address}:{reply.data_port}", record.key, record.name)
@@ -344,9 +353,8 @@ class PeerPool:
         self.used[record.name] = record
         link.reader = self._spawn(self._read_peer(link))
         cached = self._cached.get(_identity(record), frozenset())
-        self.events.put_nowait(core.PeerJoined(record.name, reply.cpus, record.attrs(), cached))
         log.info("recruited %s (%d cpus)", record.name, reply.cpus)
-        return True
+        return PeerJoined(record.name, reply.cpus, record.attrs(), cached)
 
     async def _replenish(self, browser: PeerBrowser) -> None:
         """Elastic: recruit again while ready tasks wait; give up when none can ever run."""
