@@ -64,6 +64,8 @@ from bonjourgrid.worker.sandbox import FETCHED, JobData, RunSpec, Staging, TaskR
 
 log = logging.getLogger(__name__)
 
+# Set by whoever starts a worker that must not outlive it (the embedded local grid): its pid.
+PARENT_PID_ENV = "BGRID_PARENT_PID"
 _TICK_S = 0.2  # how often leases are checked: a dead coordinator's peer is idle within this
 # How often owner activity is sampled: with sandbox.STOP_GRACE_S, a returning owner has the
 # machine back (every task process gone) within a second.
@@ -484,6 +486,10 @@ async def serve(config: WorkerConfig) -> None:
     """Run a worker daemon until SIGTERM or SIGINT."""
     raise_open_file_limit()  # a LAN's idle connections must not starve tasks of descriptors
     stop = asyncio.Event()
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    if parent.isdigit() and not reaper.stop_with_parent(int(parent)):
+        log.warning("the process that started this worker is gone: stopping")
+        return
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):

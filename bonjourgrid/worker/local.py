@@ -20,6 +20,7 @@ from types import TracebackType
 
 from bonjourgrid.credentials import issue, write_identity
 from bonjourgrid.keys import GridKey, ephemeral_grid_key, write_grid_key
+from bonjourgrid.worker.daemon import PARENT_PID_ENV
 
 LOOPBACK = "127.0.0.1"
 _STOP_S = 5.0
@@ -40,7 +41,8 @@ class LocalGrid:
     def __enter__(self) -> LocalGrid:
         config = self._dir / "config"
         write_grid_key(GridKey(self.grid.public, None), config / "bonjourgrid")
-        env = {**os.environ, "XDG_CONFIG_HOME": str(config)}
+        # The workers stop when this process dies, even by kill -9 (PR_SET_PDEATHSIG).
+        env = {**os.environ, "XDG_CONFIG_HOME": str(config), PARENT_PID_ENV: str(os.getpid())}
         try:
             for name in self.names:
                 # Enrolled like any desktop: coordinators admit only credentialed peers.

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "BGRID_SANDBOX"  # the environment variable that tags a task's processes
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_PDEATHSIG = 1
 _KILL_ROUNDS = 50  # rounds of find-and-kill before giving up on a process that forks faster
 _REAP_S = 2.0  # how long a SIGKILLed process may take to become a zombie and be reaped
 
@@ -55,6 +56,21 @@ def become_subreaper() -> bool:
     if not done:
         log.warning("could not become a child subreaper: %s", os.strerror(ctypes.get_errno()))
     return done
+
+
+def stop_with_parent(parent_pid: int) -> bool:
+    """Have the kernel send this process SIGTERM when `parent_pid`, its parent, dies (even by
+    `kill -9`): the embedded local grid's workers must not outlive their submit. False where
+    impossible, or when the parent is already gone (then the caller should stop at once)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        set_up = bool(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return True  # nothing to rely on: the parent stops its workers itself
+    # The parent may have died before the signal was armed: then we are someone else's now.
+    return set_up and os.getppid() == parent_pid
 
 
 def _marker_of(process: psutil.Process) -> str | None:

@@ -341,6 +341,13 @@ def test_a_spoofed_job_record_gets_a_clear_error_and_learns_nothing(
         assert heard() == 0  # not the request, not who asked
 
 
+def _ended(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _job(name: str, state: str = "running") -> JobRecord:
     return JobRecord(
         name=name,
@@ -412,12 +419,17 @@ tasks:
         "b to run after a and d were journaled",
     )
     local_workers = psutil.Process(first.pid).children(recursive=True)
-    first.kill()  # kill -9: the local grid's workers are orphans now, their caches unreachable
+    assert local_workers, "the --local submit started no worker"
+    first.kill()  # kill -9: the local grid's caches are unreachable from now on
     first.wait()
-    for worker in local_workers:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            worker.kill()
-    psutil.wait_procs(local_workers, timeout=10)
+    # The kernel tells the orphaned local workers (PR_SET_PDEATHSIG): they stop on their own.
+    wait_for(
+        lambda: (
+            not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in local_workers)
+        ),
+        15,
+        "the killed submit's local workers to stop",
+    )
     assert (wf.parent / "d.txt").exists() and not (wf.parent / "a.txt").exists()
 
     code, report = finish(start_submit(grid, wf, "--local", "1", "--resume"), wf)
