@@ -175,14 +175,15 @@ def test_an_intermediate_travels_peer_to_peer_and_stays_there(
         assert moved["to_submitter"] == len(final), done.explain()
 
 
-def test_an_intermediate_lost_with_its_peer_is_made_again(grid: DataGrid) -> None:
-    """make writes mid.bin on a 2 GiB peer; use (on the 8 GiB peer) cannot start before a gate
-    the test opens. Once make is done, its peer is killed (-9): make runs again on the other
-    2 GiB peer, and use reads the new copy. `--prefetch none`, so no copy of mid.bin reaches
-    the consumer ahead of time (with one, nothing would be lost)."""
-    twins = [grid.start_worker("small1", 0, 0.0, ram=SMALL),
-             grid.start_worker("small2", 1, 0.5, ram=SMALL)]  # fmt: skip
-    large = grid.start_worker("large", 2, 1.0, ram=LARGE)
+def _remake_setup(
+    grid: DataGrid, roles: tuple[str, str, str]
+) -> tuple[list[Worker], Worker, Path, Path, Path]:
+    """Two 2 GiB twins and an 8 GiB reader, listed idle; `make` writes mid.bin on a twin,
+    `use` reads it on the reader once `gate` opens (the file the test touches). Returns the
+    twins, the reader, the file make marks each start in, the gate, and the workflow."""
+    twins = [grid.start_worker(roles[0], 0, 0.0, ram=SMALL),
+             grid.start_worker(roles[1], 1, 0.5, ram=SMALL)]  # fmt: skip
+    large = grid.start_worker(roles[2], 2, 1.0, ram=LARGE)
     grid.wait_idle([*twins, large], _SEEN_S, "the three workers listed idle")
     make_starts = grid.tmp / "make.starts"
     gate = grid.tmp / "gate-open"
@@ -200,6 +201,15 @@ def test_an_intermediate_lost_with_its_peer_is_made_again(grid: DataGrid) -> Non
         },
         subdir="wf",
     )  # fmt: skip
+    return twins, large, make_starts, gate, wf
+
+
+def test_an_intermediate_lost_with_its_peer_is_made_again(grid: DataGrid) -> None:
+    """make writes mid.bin on a 2 GiB peer; use (on the 8 GiB peer) cannot start before a gate
+    the test opens. Once make is done, its peer is killed (-9): make runs again on the other
+    2 GiB peer, and use reads the new copy. `--prefetch none`, so no copy of mid.bin reaches
+    the consumer ahead of time (with one, nothing would be lost)."""
+    twins, large, make_starts, gate, wf = _remake_setup(grid, ("small1", "small2", "large"))
     job = grid.start_submit(wf, "--workers", "3..3", "--prefetch", "none")
     try:
         _wait(lambda: _journal_done(wf, "make") is not None, _STARTED_S, "make journaled done")
@@ -239,26 +249,7 @@ def test_a_reader_stuck_on_a_lost_peer_gets_the_remade_intermediate(grid: DataGr
     8 GiB peer) may start: use's fetch of mid.bin hangs on it. The frozen peer is killed (-9)
     and lost: make runs again on the other 2 GiB peer at once, use gets the new copy, and the
     report says why make ran again."""
-    twins = [grid.start_worker("stuck1", 0, 0.0, ram=SMALL),
-             grid.start_worker("stuck2", 1, 0.5, ram=SMALL)]  # fmt: skip
-    large = grid.start_worker("reader", 2, 1.0, ram=LARGE)
-    grid.wait_idle([*twins, large], _SEEN_S, "the three workers listed idle")
-    make_starts = grid.tmp / "make.starts"
-    gate = grid.tmp / "gate-open"
-    wait_gate = f"while [ ! -e {shlex.quote(str(gate))} ]; do sleep 0.1; done"
-    wf = grid.workflow(
-        "stuck",
-        {
-            "make": {"command": f"{_mark(make_starts)}; {_MAKE_MID}", "outputs": ["mid.bin"],
-                     "require": ON_SMALL},
-            "gate": {"command": f"{wait_gate}; echo open > gate.txt", "outputs": ["gate.txt"],
-                     "require": ON_LARGE},
-            "use": {"command": "{ sha256sum mid.bin | cut -c1-64; cat gate.txt; } > final.txt",
-                    "inputs": ["mid.bin", "gate.txt"], "outputs": ["final.txt"],
-                    "require": ON_LARGE},
-        },
-        subdir="wf",
-    )  # fmt: skip
+    twins, large, make_starts, gate, wf = _remake_setup(grid, ("stuck1", "stuck2", "reader"))
     job = grid.start_submit(wf, "--workers", "3..3", "--prefetch", "none")
     try:
         _wait(lambda: _journal_done(wf, "make") is not None, _STARTED_S, "make journaled done")

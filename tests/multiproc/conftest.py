@@ -174,6 +174,26 @@ def rogue(monkeypatch: pytest.MonkeyPatch) -> Iterator[RogueHost]:
     host.close()
 
 
+def submit(
+    grid: Grid, workflow: Path, *flags: str, timeout: float = 90
+) -> tuple[int, dict[str, Any], str]:
+    """`bgrid submit WORKFLOW` on loopback: its exit code, report ({} if none) and output."""
+    report_file = workflow.parent / "report.json"
+    report_file.unlink(missing_ok=True)  # a report of an earlier submit is not this one's
+    out = grid.run(
+        "submit",
+        str(workflow),
+        "--interface",
+        LOOPBACK,
+        "--report",
+        str(report_file),
+        *flags,
+        timeout=timeout,
+    )
+    report = json.loads(report_file.read_text()) if report_file.exists() else {}
+    return out.returncode, report, out.stdout + out.stderr
+
+
 def write_workflow(directory: Path, text: str, **files: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():

@@ -4,31 +4,19 @@ Real `bgrid` processes over 127.0.0.1."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import zmq
 
 from bonjourgrid.discovery.txt import peer_txt
-from tests.multiproc.conftest import LOOPBACK, Grid, RogueHost, bgrid_cmd, write_workflow
+from tests.multiproc.conftest import LOOPBACK, Grid, RogueHost, bgrid_cmd, submit, write_workflow
 from tests.records import idle_peer
 
 pytestmark = pytest.mark.timeout(120)
 
 ONE_TASK = "tasks:\n  t: {command: 'echo ran on $BGRID_JOB > t.txt', outputs: [t.txt]}\n"
-
-
-def submit(grid: Grid, workflow: Path, *flags: str) -> tuple[int, dict[str, Any], str]:
-    report_file = workflow.parent / "report.json"
-    report_file.unlink(missing_ok=True)
-    out = grid.run(
-        "submit", str(workflow), "--interface", LOOPBACK, "--report", str(report_file), *flags
-    )
-    report = json.loads(report_file.read_text()) if report_file.exists() else {}
-    return out.returncode, report, out.stdout + out.stderr
 
 
 def desk(grid: Grid, name: str) -> Grid:

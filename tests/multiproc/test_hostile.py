@@ -25,22 +25,13 @@ from bonjourgrid import wire
 from bonjourgrid.credentials import issue
 from bonjourgrid.discovery.txt import peer_txt
 from bonjourgrid.keys import Keypair, load_grid_key
-from tests.multiproc.conftest import LOOPBACK, Grid, RogueHost, write_workflow
+from tests.multiproc.conftest import LOOPBACK, Grid, RogueHost, submit, write_workflow
 from tests.records import idle_peer
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 ONE_TASK = "tasks:\n  t: {command: 'echo ran on $BGRID_JOB > t.txt', outputs: [t.txt]}\n"
-
-
-def submit(grid: Grid, workflow: Path, *flags: str) -> tuple[int, dict[str, Any], str]:
-    report_file = workflow.parent / "report.json"
-    out = grid.run(
-        "submit", str(workflow), "--interface", LOOPBACK, "--report", str(report_file), *flags
-    )
-    report = json.loads(report_file.read_text()) if report_file.exists() else {}
-    return out.returncode, report, out.stdout + out.stderr
 
 
 def all_peers(grid: Grid) -> list[dict[str, Any]]:

@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,25 +17,9 @@ from bonjourgrid.coordinator.shell import Coordinator
 from bonjourgrid.coordinator.submit import admission
 from bonjourgrid.dag import load_workflow
 from bonjourgrid.worker.local import LocalGrid
-from tests.multiproc.conftest import LOOPBACK, Grid
+from tests.multiproc.conftest import LOOPBACK, Grid, submit
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def submit(grid: Grid, workflow: Path, *flags: str) -> tuple[int, dict[str, Any], str]:
-    report_file = workflow.parent / "report.json"
-    out = grid.run(
-        "submit",
-        str(workflow),
-        "--interface",
-        LOOPBACK,
-        "--report",
-        str(report_file),
-        *flags,
-        timeout=240,
-    )
-    report = json.loads(report_file.read_text()) if report_file.exists() else {}
-    return out.returncode, report, out.stdout + out.stderr
 
 
 @pytest.mark.slow
@@ -56,7 +39,7 @@ def test_a_task_with_30000_inputs_runs_on_a_real_worker(tmp_path: Path, grid: Gr
     # The run's inputs alone need more than one control frame: each also carries its digest
     # (64 characters) and at least one source (endpoint, key, label).
     assert sum(len(name) + 64 + 60 for name in names) > wire.MAX_CONTROL_FRAME
-    code, report, logs = submit(grid, workflow, "--local", "1")
+    code, report, logs = submit(grid, workflow, "--local", "1", timeout=240)
     assert code == 0, logs
     assert report["tasks"]["reduce"]["attempts"] == 1
     assert (work / "count.txt").read_text().split() == ["30000", str(29_999 % 7)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bonjourgrid.dag import load_workflow
-from tests.multiproc.conftest import LOOPBACK, Grid, bgrid_cmd, write_workflow
+from tests.multiproc.conftest import LOOPBACK, Grid, bgrid_cmd, submit, write_workflow
 from tests.waiting import wait_until
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "dags"
@@ -58,22 +58,6 @@ def test_the_examples_are_copied_without_what_a_run_left_in_them(tmp_path: Path)
     assert (tmp_path / "copy" / "hello.yaml").exists()
     assert not (tmp_path / "copy" / "hello.txt").exists()
     assert not (tmp_path / "copy" / ".bgrid").exists()
-
-
-def submit(grid: Grid, workflow: Path, *flags: str, timeout: float = 90) -> tuple[int, dict, str]:
-    report_file = workflow.parent / "report.json"
-    out = grid.run(
-        "submit",
-        str(workflow),
-        "--interface",
-        LOOPBACK,
-        "--report",
-        str(report_file),
-        *flags,
-        timeout=timeout,
-    )
-    report = json.loads(report_file.read_text()) if report_file.exists() else {}
-    return out.returncode, report, out.stdout + out.stderr
 
 
 def test_hello_runs_on_the_embedded_local_grid(tmp_path: Path, grid: Grid) -> None:
