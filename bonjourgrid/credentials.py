@@ -46,7 +46,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from zmq.utils import z85
 
 from bonjourgrid.errors import KeyStoreError
-from bonjourgrid.keys import GridKey, Keypair, key_dir, load_grid_key, write_grid_key
+from bonjourgrid.keys import (
+    GridKey,
+    Keypair,
+    is_curve_key,
+    key_dir,
+    load_grid_key,
+    write_grid_key,
+)
 
 CREDENTIAL_FILE = "worker.cred"  # on a worker desktop: its keypair and credential (mode 600)
 REVOKED_FILE = "grid.revoked"  # on submitting desktops: one revoked worker key per line
@@ -56,9 +63,9 @@ TOKEN_PREFIX = "bgrid-enroll-1:"
 _SIGNING_INFO = b"bonjourgrid worker credentials v1"
 _PAYLOAD_TAG = b"bonjourgrid-worker-credential-v1"
 _SIGNATURE_BYTES = 64
+_MAX_VERDICTS = 100_000  # remembered admission checks (peers x their records)
 CREDENTIAL_CHARS = 86  # unpadded base64url of a 64-byte signature: one TXT value
 _CREDENTIAL_TEXT = re.compile(r"[A-Za-z0-9_-]{86}")
-_Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 # What a worker may be called: an mDNS instance label that prints safely.
 WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
@@ -132,7 +139,7 @@ class WorkerIdentity:
         if not (
             all(isinstance(v, str) for v in fields)
             and WORKER_NAME.fullmatch(name)
-            and all(_Z85_KEY.fullmatch(k) for k in (grid_public, public, secret))
+            and all(is_curve_key(k) for k in (grid_public, public, secret))
             and decode_signature(credential) is not None
             and _curve_public(secret) == public
         ):
@@ -172,9 +179,19 @@ class CredentialCheck:
         self.grid = grid.fingerprint
         self._verify_key: Ed25519PublicKey = _signing_key(grid).public_key()
         self.revoked = frozenset(revoked)
+        # Recruitment asks again on every change it hears of: a signature is checked once.
+        self._verdicts: dict[tuple[str, str, str], str | None] = {}
 
     def refusal(self, name: str, public: str, credential: str) -> str | None:
         """Why a peer advertising this name, key and credential is not admitted; None if it is."""
+        claim = (name, public, credential)
+        if claim not in self._verdicts:
+            if len(self._verdicts) >= _MAX_VERDICTS:  # a flood of fakes cannot grow it forever
+                self._verdicts.clear()
+            self._verdicts[claim] = self._judge(name, public, credential)
+        return self._verdicts[claim]
+
+    def _judge(self, name: str, public: str, credential: str) -> str | None:
         if not credential:
             return "has no worker credential (enroll it: `bgrid keys enroll NAME`)"
         signature = decode_signature(credential)
@@ -303,14 +320,14 @@ def load_revoked(directory: Path | None = None) -> set[str]:
         return set()
     except OSError as err:
         raise KeyStoreError(f"cannot read {path}: {err.strerror or err}") from None
-    return {key for line in lines if _Z85_KEY.fullmatch(key := line.split(" ", 1)[0])}
+    return {key for line in lines if is_curve_key(key := line.split(" ", 1)[0])}
 
 
 def revoke(name: str, directory: Path | None = None, key: str | None = None) -> list[str]:
     """Revoke every credential issued to `name` from this desktop (or the one `key`)."""
     directory = directory or key_dir()
     if key is not None:
-        if _Z85_KEY.fullmatch(key) is None:
+        if not is_curve_key(key):
             raise KeyStoreError(f"--key {key[:80]!r} is not a 40-character Z85 CURVE key")
         keys = [key]
     else:

@@ -53,6 +53,14 @@ class GridKey:
         return Keypair(self.public, self.secret)
 
 
+_Z85_CHARS = frozenset(zmq.utils.z85.Z85CHARS.decode())
+
+
+def is_curve_key(text: str) -> bool:
+    """Whether `text` is a CURVE key (public or secret) in Z85: 40 characters of its alphabet."""
+    return len(text) == 40 and set(text) <= _Z85_CHARS
+
+
 def fingerprint(public_z85: bytes) -> str:
     """16 hex digits that name a grid in TXT records and messages."""
     return hashlib.sha256(zmq.utils.z85.decode(public_z85)).hexdigest()[:16]

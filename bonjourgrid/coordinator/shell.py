@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import zmq
 import zmq.asyncio
 
@@ -679,7 +680,7 @@ def remove_stale_partials(directory: Path) -> int:
     for path in entries:
         parts = path.name.split(".")
         owner = int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
-        if owner is not None and owner != os.getpid() and _alive(owner):
+        if owner is not None and owner != os.getpid() and psutil.pid_exists(owner):
             continue
         with contextlib.suppress(OSError):
             path.unlink()
@@ -687,16 +688,6 @@ def remove_stale_partials(directory: Path) -> int:
     if removed:
         log.info("removed %d partial file(s) a dead coordinator left in %s", removed, directory)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: not ours to judge
-    return True
 
 
 def _holds(path: Path, ref: FileRef) -> bool:

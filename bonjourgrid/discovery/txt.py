@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from bonjourgrid.errors import ProtocolError
+from bonjourgrid.keys import is_curve_key
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,6 @@ JOB_NAME = _TOKEN  # what a job may be called: daemons check it before a job rea
 _FINGERPRINT = re.compile(r"[!-~]{1,64}")  # printable ASCII, no space
 _MIDDLEWARE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _KEY_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
-_Z85 = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 _CREDENTIAL = re.compile(r"[A-Za-z0-9_-]{86}")  # a signature, base64url: credentials.py
 
 
@@ -163,7 +163,7 @@ class PeerRecord:
                 f"middleware {middleware[:80]!r} is not a name",
             )
         _check(
-            self.key == "" or _Z85.fullmatch(self.key) is not None,
+            self.key == "" or is_curve_key(self.key),
             "key is not a 40-character Z85 CURVE public key",
         )
         _check(
@@ -215,7 +215,7 @@ class JobRecord:
         _check_common(self.name, self.addresses, self.port, self.v)
         _check(_TOKEN.fullmatch(self.job) is not None, f"job {self.job[:80]!r} is not a name")
         _check(
-            self.key == "" or _Z85.fullmatch(self.key) is not None,
+            self.key == "" or is_curve_key(self.key),
             "key is not a 40-character Z85 CURVE public key",
         )
         _check(self.state in JOB_STATES, f"state {self.state!r} is not one of {JOB_STATES}")

@@ -18,6 +18,7 @@ from typing import Any
 from bonjourgrid.cache.store import FileRef
 from bonjourgrid.discovery.txt import JOB_NAME
 from bonjourgrid.errors import ProtocolError
+from bonjourgrid.keys import is_curve_key
 
 PROTOCOL_VERSION = 1
 CHUNK_SIZE = 1024 * 1024  # bytes of file data per `chunk` message
@@ -138,16 +139,13 @@ def check_path(value: Any, what: str = "path") -> str:
     return text
 
 
-_Z85 = frozenset(
-    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
-)
 _ENDPOINT = re.compile(r"tcp://([0-9.]{7,15}):([0-9]{1,5})")
 
 
 def check_key(value: Any, what: str = "key") -> str:
     """A CURVE public or secret key in Z85 (40 characters), or "" (--insecure)."""
     text = _str(value, what, 40)
-    if text and (len(text) != 40 or not set(text) <= _Z85):
+    if text and not is_curve_key(text):
         raise ProtocolError(f"{what} must be a CURVE key (40 Z85 characters) or empty")
     return text
 
