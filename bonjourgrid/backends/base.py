@@ -353,7 +353,12 @@ class Backend(Protocol):
         """The middleware's own files for `plan` (name -> text). Pure."""
 
     async def submit(self, run: TaskRun) -> None:
-        """Hand one run to the middleware; what becomes of it comes out of `events`."""
+        """Hand one run to the middleware; what becomes of it comes out of `events`.
+        Called per ready task when `capabilities.dependencies == "core"`."""
+
+    async def submit_plan(self, plan: JobPlan) -> None:
+        """Hand the whole DAG at once (`capabilities.dependencies == "middleware"`, e.g.
+        DAGMan): every run of `plan`, with its parents; events follow per run."""
 
     def events(self) -> AsyncIterator[TaskEvent]:
         """Started/finished/failed runs and lost peers, as the middleware reports them."""
