@@ -1,0 +1,189 @@
+"""What every backend must do on the namespace LAN (issue 11, "A conformance suite").
+
+One module, parametrized by backend: a diamond with files, a failing task with a retry, a peer
+killed mid-run, Ctrl-C, `--resume`, and every peer idle after each of them. A backend joins
+the suite by adding itself to `BACKENDS`, with what it needs on this machine; where that is
+missing, its cases are skipped with the reason (never silently passed).
+
+Six hosts: workers on hosts 1-4, host 5 submits, host 6 is "another terminal" (a resumed
+submit). Each test starts its own worker daemons under names of its own and stops them at the
+end. Nothing waits blindly: files that tasks append a line to when they start (every namespace
+shares the filesystem) and `bgrid peers --json`, each with a deadline.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import signal
+from collections.abc import Generator
+from pathlib import Path
+
+import pytest
+
+from tests.waiting import wait_until
+
+from .conftest import Bgrid
+from .harness import DETECTED_S, LEASE_S, SEEN_S, SLACK_S, STARTED_S, LanGrid, share_grid_key
+from .netns import Lan
+
+_SUBMITTER, _OTHER = 4, 5
+_RELEASED_S = 1.0 + SLACK_S  # a released peer shows idle within a second (DESIGN.md)
+_EXPIRED_S = LEASE_S + SLACK_S  # a peer whose coordinator vanished is idle again by then
+
+
+def _missing(*programs: str) -> str | None:
+    absent = [p for p in programs if shutil.which(p) is None]
+    return f"{', '.join(absent)} not installed on this machine" if absent else None
+
+
+# backend name -> why it cannot run here (None: it runs)
+BACKENDS = {
+    "native": None,
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    reason = BACKENDS[name]
+    if reason is not None:
+        pytest.skip(f"backend {name}: {reason}")
+    return name
+
+
+@pytest.fixture(scope="module")
+def keyed_lan(lan6: Lan, bgrid: Bgrid) -> Lan:
+    share_grid_key(lan6, bgrid)
+    return lan6
+
+
+class ConformanceGrid(LanGrid):
+    def __init__(self, lan: Lan, bgrid: Bgrid, tmp: Path, backend: str) -> None:
+        super().__init__(lan, bgrid, tmp, _SUBMITTER)
+        self.backend = backend
+
+    def run_flags(self, *flags: str) -> tuple[str, ...]:
+        return ("--backend", self.backend, *flags)
+
+
+@pytest.fixture
+def grid(
+    keyed_lan: Lan, bgrid: Bgrid, tmp_path: Path, backend: str
+) -> Generator[ConformanceGrid, None, None]:
+    conformance = ConformanceGrid(keyed_lan, bgrid, tmp_path, backend)
+    try:
+        yield conformance
+    finally:
+        conformance.stop_workers()
+
+
+def _mark(path: Path) -> str:
+    """A shell command appending this attempt's number to `path` (one line per start)."""
+    return f"echo $BGRID_ATTEMPT >> {shlex.quote(str(path))}"
+
+
+def _starts(path: Path) -> int:
+    try:
+        return len(path.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def test_a_diamond_with_files_runs_and_frees_every_peer(grid: ConformanceGrid) -> None:
+    workers = [grid.start_worker(f"d{i}", i, cost=float(i)) for i in range(3)]
+    grid.wait_idle(workers, SEEN_S, "the workers listed idle")
+    wf = grid.workflow(
+        "diamond",
+        {
+            "top": {"command": "echo seed > seed.txt", "outputs": ["seed.txt"]},
+            "left": {"command": "tr a-z A-Z < seed.txt > left.txt",
+                     "inputs": ["seed.txt"], "outputs": ["left.txt"]},
+            "right": {"command": "rev < seed.txt > right.txt",
+                      "inputs": ["seed.txt"], "outputs": ["right.txt"]},
+            "bottom": {"command": "cat left.txt right.txt > bottom.txt",
+                       "inputs": ["left.txt", "right.txt"], "outputs": ["bottom.txt"]},
+        },
+    )  # fmt: skip
+    done = grid.submit(wf, *grid.run_flags("--workers", "2..3"))
+    assert done.code == 0, done.explain()
+    assert (wf.parent / "bottom.txt").read_text() == "SEED\ndees\n"
+    assert {t["status"] for t in done.report["tasks"].values()} == {"done"}, done.explain()
+    grid.wait_idle(workers, _RELEASED_S, "every peer idle after the job")
+
+
+def test_a_failing_task_is_retried_and_the_job_succeeds(grid: ConformanceGrid) -> None:
+    workers = [grid.start_worker(f"f{i}", i, cost=float(i)) for i in range(2)]
+    grid.wait_idle(workers, SEEN_S, "the workers listed idle")
+    starts = grid.tmp / "flaky.starts"
+    # Fails its first attempt only (the namespaces share the filesystem, so wherever it runs).
+    command = f"{_mark(starts)}; [ $BGRID_ATTEMPT -ge 2 ] || exit 3; echo ok > out.txt"
+    wf = grid.workflow("retry", {"flaky": {"command": command, "outputs": ["out.txt"],
+                                           "retries": 1}})  # fmt: skip
+    done = grid.submit(wf, *grid.run_flags("--workers", "1..2"))
+    assert done.code == 0, done.explain()
+    flaky = done.task("flaky")
+    assert (flaky["status"], flaky["attempts"]) == ("done", 2), done.explain()
+    assert _starts(starts) == 2
+    assert (wf.parent / "out.txt").read_text() == "ok\n"
+    grid.wait_idle(workers, _RELEASED_S, "every peer idle after the job")
+
+
+def test_a_peer_killed_mid_run_is_replaced(grid: ConformanceGrid) -> None:
+    victim = grid.start_worker("victim", 0, cost=0.0)
+    spare = grid.start_worker("spare", 1, cost=1.0)
+    grid.wait_idle([victim, spare], SEEN_S, "both workers listed idle")
+    starts = grid.tmp / "t.starts"
+    wf = grid.workflow(
+        "kill9", {"t": {"command": f"{_mark(starts)}; sleep 3; echo ok > t.txt",
+                        "outputs": ["t.txt"]}}
+    )  # fmt: skip
+    job = grid.start_submit(wf, *grid.run_flags("--workers", "1..1"))
+    wait_until(lambda: _starts(starts) >= 1, STARTED_S, "t started")
+    victim.kill()
+    wait_until(lambda: _starts(starts) >= 2, DETECTED_S, "t started again after kill -9")
+    done = job.finish()
+    assert done.code == 0, done.explain()
+    t = done.task("t")
+    assert (t["status"], t["peer"]) == ("done", spare.name), done.explain()
+    assert (wf.parent / "t.txt").read_text() == "ok\n"
+    grid.wait_idle([spare], _RELEASED_S, "the surviving peer idle after the job")
+
+
+def test_ctrl_c_stops_the_job_and_frees_every_peer(grid: ConformanceGrid) -> None:
+    workers = [grid.start_worker(f"c{i}", i, cost=float(i)) for i in range(2)]
+    grid.wait_idle(workers, SEEN_S, "the workers listed idle")
+    starts = grid.tmp / "long.starts"
+    wf = grid.workflow("ctrlc", {"long": {"command": f"{_mark(starts)}; sleep 60"}})
+    job = grid.start_submit(wf, *grid.run_flags("--workers", "1..2"))
+    wait_until(lambda: _starts(starts) >= 1, STARTED_S, "the long task started")
+    job.proc.send_signal(signal.SIGINT)
+    done = job.finish(timeout=30)
+    assert done.code == 128 + signal.SIGINT, done.explain()
+    grid.wait_idle(workers, _RELEASED_S, "every peer idle after Ctrl-C")
+
+
+def test_resume_runs_only_what_is_not_done(grid: ConformanceGrid) -> None:
+    workers = [grid.start_worker(f"r{i}", i, cost=float(i)) for i in range(2)]
+    grid.wait_idle(workers, SEEN_S, "the workers listed idle")
+    starts = {name: grid.tmp / f"{name}.starts" for name in ("first", "second")}
+    wf = grid.workflow(
+        "resume",
+        {
+            "first": {"command": f"{_mark(starts['first'])}; echo one > one.txt",
+                      "outputs": ["one.txt"]},
+            "second": {"command": f"{_mark(starts['second'])}; sleep 3; echo two > two.txt",
+                       "outputs": ["two.txt"], "after": ["first"]},
+        },
+    )  # fmt: skip
+    job = grid.start_submit(wf, *grid.run_flags("--workers", "1..2"))
+    wait_until(lambda: _starts(starts["second"]) >= 1, STARTED_S, "second started")
+    job.kill()
+    grid.wait_idle(workers, _EXPIRED_S, "peers of the killed coordinator idle after the lease")
+    done = grid.submit(
+        wf, *grid.run_flags("--resume", "--workers", "1..2"), host=grid.lan.hosts[_OTHER]
+    )
+    assert done.code == 0, done.explain()
+    assert {n: _starts(p) for n, p in starts.items()} == {"first": 1, "second": 2}
+    assert (wf.parent / "two.txt").read_text() == "two\n"
+    grid.wait_idle(workers, _RELEASED_S, "every peer idle after the resumed job")
