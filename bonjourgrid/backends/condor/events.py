@@ -84,8 +84,10 @@ class EventLogReader:
             return self._settle(run, self._terminated(run, event))
         if kind == JobEventType.JOB_HELD:
             reason = str(event.get("HoldReason", "no reason given"))
-            code = f" (code {event.get('HoldReasonCode', '?')}, subcode {event.get('HoldReasonSubCode', '?')})"
-            return self._settle(run, self._failed(run, f"held by HTCondor: {reason}{code}"))
+            code = event.get("HoldReasonCode", "?")
+            subcode = event.get("HoldReasonSubCode", "?")
+            why = f"held by HTCondor: {reason} (code {code}, subcode {subcode})"
+            return self._settle(run, self._failed(run, why))
         if kind == JobEventType.JOB_ABORTED:
             reason = str(event.get("Reason", "") or "removed")
             return self._settle(run, self._failed(run, f"removed from the queue: {reason}"))
