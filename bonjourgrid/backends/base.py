@@ -276,7 +276,8 @@ class Commands:
         cwd: Path | None = None,
         log: Path | None = None,
     ) -> asyncio.subprocess.Process:
-        """Start a daemon on this host in its own process group; `close` stops it."""
+        """Start a daemon on this host in its own process group; `close` stops it, and it
+        stops by itself if the coordinator dies."""
         args = tuple(str(a) for a in argv)
         self._note(args)
         out = open(log, "ab") if log is not None else asyncio.subprocess.DEVNULL  # noqa: SIM115
@@ -289,6 +290,7 @@ class Commands:
                 env={**os.environ, **env} if env else None,
                 cwd=cwd,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         except FileNotFoundError as err:
             raise CommandFailed(f"{args[0]}: not found ({err}); is it installed?") from None
@@ -313,6 +315,18 @@ class Commands:
                         asyncio.gather(*(p.wait() for p in alive)), grace_s
                     )
         self._daemons.clear()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel sends it SIGTERM when the coordinator dies, even
+    by `kill -9`, so no middleware daemon outlives its job (PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
 
 
 @dataclass
