@@ -8,6 +8,10 @@ Keys: the control socket admits the grid's coordinators; the data socket admits 
 while a job holds the peer, that job's public key, which its other peers prove when they
 fetch the intermediate files this peer made. This peer's own fetches for the job prove the
 job's keypair too. `probe` is answered here, from the cache's index, in any state.
+
+Service runs (a backend's middleware daemons: worker/service_run.py) live in `services`,
+each with the task that supervises it from start to end; the core says when to start and
+stop them. The middleware this peer advertises in `mw` is worker/middleware.py's.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ from bonjourgrid.protocol import (
     Reserve,
     Run,
     RunPart,
+    ServiceExited,
+    ServiceStart,
+    ServiceStop,
+    ServiceUp,
     TaskDone,
     attempt_of,
     from_fields,
@@ -59,7 +67,9 @@ from bonjourgrid.units import MIB
 from bonjourgrid.worker import core, reaper
 from bonjourgrid.worker.core import PeerState, WorkerCore
 from bonjourgrid.worker.idle import IdleSettings, OwnerMonitor
+from bonjourgrid.worker.middleware import detect_middleware
 from bonjourgrid.worker.sandbox import FETCHED, JobData, RunSpec, Staging, TaskRun, run_spec
+from bonjourgrid.worker.service_run import ServiceRun, ServiceStartError
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +96,8 @@ class WorkerConfig:
     # The keypair this peer proves and the grid's credential for it (credentials.py); None
     # with a grid: a fresh keypair no coordinator admits (tests that talk to it directly).
     identity: WorkerIdentity | None = None
+    # What `mw` advertises (worker/middleware.py); None: detected from the programs installed.
+    middleware: tuple[str, ...] | None = None
 
 
 class WorkerDaemon:
@@ -111,6 +123,10 @@ class WorkerDaemon:
         self.data_policy = wire.KeyPolicy({config.grid.public} if config.grid else set())
         self.data_server: DataServer | None = None
         self.runs: dict[tuple[str, str, int], tuple[TaskRun, asyncio.Task[None]]] = {}
+        # (job, service name) -> the run and the task supervising it until it ends
+        self.services: dict[tuple[str, str], tuple[ServiceRun, asyncio.Task[None]]] = {}
+        self.middleware = config.middleware or detect_middleware()
+        self._closing = False  # run() is ending: service runs report nothing more
         self.core: WorkerCore | None = None
         self.advertiser: Advertiser | None = None
         self._control: zmq.asyncio.Socket | None = None
@@ -174,6 +190,7 @@ class WorkerDaemon:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await asyncio.gather(*(run.stop() for run, _ in self.runs.values()))
+            await self._stop_all_services()
             if self.job is not None:
                 prefetches = list(self.job.prefetches)
                 self.job.end()
@@ -202,7 +219,7 @@ class WorkerDaemon:
             cost=self.config.cost,
             arch=platform.machine() or "unknown",
             os=platform.system().lower() or "unknown",
-            mw=("native",),
+            mw=self.middleware,
             key=self.keypair.public.decode() if self.keypair else "",
             grid=grid.fingerprint if grid else INSECURE_FINGERPRINT,
             cred=self.config.identity.credential if grid and self.config.identity else "",
@@ -247,6 +264,10 @@ class WorkerDaemon:
                 return core.CancelRequested(client, msg.job, msg.task)
             case Prefetch():
                 return core.PrefetchRequested(client, msg.job, msg.files)
+            case ServiceStart():
+                return core.ServiceStartRequested(client, msg.job, msg.name, msg)
+            case ServiceStop():
+                return core.ServiceStopRequested(client, msg.job, msg.name)
         raise ProtocolError(f"a worker does not take {msg.TYPE!r} messages")
 
     async def _apply(self, event: core.Event) -> None:
@@ -279,6 +300,13 @@ class WorkerDaemon:
                         # its report is dropped because the run is no longer registered.
                         log.info("stopping %s/%s: %s", job, task, reason)
                         self._keep(asyncio.create_task(entry[0].stop()))
+                case core.StartService(job, name, spec):
+                    await self._start_service(job, spec)
+                case core.StopService(job, name, reason):
+                    service = self.services.pop((job, name), None)
+                    if service is not None:
+                        log.info("stopping service %s of job %s: %s", name, job, reason)
+                        self._keep(asyncio.create_task(self._stop_service(*service)))
 
     def _job_started(self, job: str, keys: Keypair | None) -> None:
         grid = self.config.grid
@@ -362,6 +390,68 @@ class WorkerDaemon:
                 await self._apply(core.TaskFinished(job, task, attempt, report))
 
         self.runs[(job, task, attempt)] = (run, self._keep(asyncio.create_task(execute())))
+
+    async def _start_service(self, job: str, spec: ServiceStart) -> None:
+        # Beside the task sandboxes: a daemon restarted after a crash kills what runs there.
+        sandboxes = self.store.root / SANDBOXES
+        try:
+            sandboxes.mkdir(exist_ok=True)
+            workdir = Path(tempfile.mkdtemp(prefix="service-", dir=sandboxes))
+        except OSError as err:
+            await self._apply(core.ServiceStartFailed(job, spec.name, f"no directory: {err}"))
+            return
+        run = ServiceRun(job, spec, workdir, self.config.interface or _own_address())
+        key = (job, spec.name)
+        self.services[key] = (run, self._keep(asyncio.create_task(self._supervise(key, run))))
+
+    async def _supervise(self, key: tuple[str, str], run: ServiceRun) -> None:
+        """Start `run`, report it up, wait for its end and report that. What a stop
+        (StopService) ended is reported by `_stop_service`: it is no longer in `services`."""
+        job, name = key
+
+        def mine() -> bool:  # not stopped meanwhile, nor the daemon stopping
+            entry = self.services.get(key)
+            return entry is not None and entry[0] is run
+
+        try:
+            ports = await run.start()
+        except ServiceStartError as err:
+            await run.stop()
+            await run.remove()
+            if mine():
+                del self.services[key]
+                log.warning("service %s of job %s did not start: %s", name, job, err)
+                await self._apply(core.ServiceStartFailed(job, name, str(err)[:10_000]))
+            return
+        if mine():
+            log.info("service %s of job %s is up (ports %s)", name, job, ports)
+            up = ServiceUp(job, name, ports, str(run.directory))
+            await self._apply(core.ServiceIsUp(job, name, up))
+        code = await run.wait()
+        await run.stop()  # what it left behind in its group, or carrying its marker
+        await run.remove()
+        if mine():
+            del self.services[key]
+            log.warning("service %s of job %s exited on its own (%d)", name, job, code)
+            ended = ServiceExited(job, name, code, False, run.final_log)
+            await self._apply(core.ServiceEnded(job, name, ended))
+
+    async def _stop_service(self, run: ServiceRun, supervisor: asyncio.Task[None]) -> None:
+        await run.stop()
+        await asyncio.gather(supervisor, return_exceptions=True)  # its directory is gone then
+        if self._closing:
+            return
+        code = run.exit_code if run.exit_code is not None else 0  # 0: it never began
+        ended = ServiceExited(run.job, run.name, code, True, run.final_log)
+        await self._apply(core.ServiceEnded(run.job, run.name, ended))
+
+    async def _stop_all_services(self) -> None:
+        """This daemon stops: every service with it, directories removed."""
+        self._closing = True  # nothing is reported any more
+        services = list(self.services.values())
+        self.services.clear()
+        await asyncio.gather(*(run.stop() for run, _ in services))
+        await asyncio.gather(*(task for _, task in services), return_exceptions=True)
 
     def _keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
         """Hold a reference to a fire-and-forget task until it ends (asyncio keeps weak ones)."""
@@ -465,6 +555,16 @@ def job_keys(msg: Reserve) -> Keypair | None:
     if not matches:
         raise ProtocolError("job_secret is not the secret half of job_public")
     return Keypair(public.encode(), secret.encode())
+
+
+def _own_address() -> str:
+    """The address a service's `{host}` names on a peer serving every interface: the first it
+    advertises (a routable one before a link-local one)."""
+    from zeroconf import InterfaceChoice
+
+    from bonjourgrid.discovery.advertise import advertised_addresses
+
+    return advertised_addresses(InterfaceChoice.All)[0]
 
 
 def default_cache_dir(name: str) -> Path:
