@@ -74,6 +74,7 @@ from bonjourgrid.protocol.messages import (
     frame_limit,
     from_fields,
     pack_raw,
+    service_of,
     split_run,
 )
 
@@ -134,5 +135,6 @@ __all__ = [
     "frame_limit",
     "from_fields",
     "pack_raw",
+    "service_of",
     "split_run",
 ]

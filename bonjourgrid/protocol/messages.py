@@ -553,6 +553,21 @@ def attempt_of(frame: bytes) -> tuple[str, str, str, int] | None:
         return None
 
 
+def service_of(frame: bytes) -> tuple[str, str, str] | None:
+    """(type, job, service name) named by a frame that may fail `decode`, else None: so a
+    malformed `service_start` is answered `service_failed`, not left unanswered."""
+    try:
+        msg = msgpack.unpackb(frame[:MAX_CONTROL_FRAME], raw=False, strict_map_key=False)
+    except Exception:
+        return None
+    if not isinstance(msg, dict) or msg.get("t") not in (ServiceStart.TYPE, ServiceStop.TYPE):
+        return None
+    try:
+        return (msg["t"], check_job(msg.get("job")), check_service_name(msg.get("name")))
+    except ProtocolError:
+        return None
+
+
 def split_run(run: Run) -> list[Run | RunPart]:
     """`run` as frames that fit: the `run` with as many inputs and outputs as fit, then
     `run_part`s with the rest. ProtocolError if it cannot be sent at all."""

@@ -56,12 +56,14 @@ from bonjourgrid.protocol import (
     Run,
     RunPart,
     ServiceExited,
+    ServiceFailed,
     ServiceStart,
     ServiceStop,
     ServiceUp,
     TaskDone,
     attempt_of,
     from_fields,
+    service_of,
 )
 from bonjourgrid.units import MIB
 from bonjourgrid.worker import core, reaper
@@ -237,9 +239,12 @@ class WorkerDaemon:
         return None
 
     async def _unreadable(self, client: bytes, frame: bytes, err: ProtocolError) -> bytes | None:
-        """A frame that failed `decode`: a run it names is refused (so its coordinator does
-        not wait for it), anything else gets an `error`."""
+        """A frame that failed `decode`: a run it names is refused and a service it names
+        failed (so its coordinator does not wait for them), anything else gets an `error`."""
         about = attempt_of(frame)
+        service = service_of(frame)
+        if service is not None:
+            return wire.encode(ServiceFailed(service[1], service[2], str(err)[:1000]))
         if about is None or about[0] not in (Run.TYPE, RunPart.TYPE):
             return wire.encode(Error(str(err)[:1000]))
         _, job, task, attempt = about

@@ -209,3 +209,10 @@ def test_whatever_ends_the_lease_stops_its_services(
     assert peer.services == {} and peer.state is not PeerState.RESERVED
     # What the stopped runs report afterwards goes nowhere: the lease is gone.
     assert ended(peer, "munge", stopped=True) == []
+
+
+def test_a_malformed_service_message_still_says_which_service_it_is_about() -> None:
+    frame = wire.pack_raw("service_start", **{**START, "argv": []})
+    assert p.service_of(frame) == ("service_start", "job-1", "munge")
+    assert p.service_of(wire.pack_raw("service_start", job="job-1", name="../x")) is None
+    assert p.service_of(wire.pack_raw("run", job="job-1", name="munge")) is None
