@@ -9,9 +9,9 @@ while a job holds the peer, that job's public key, which its other peers prove w
 fetch the intermediate files this peer made. This peer's own fetches for the job prove the
 job's keypair too. `probe` is answered here, from the cache's index, in any state.
 
-Service runs (a backend's middleware daemons: worker/service_run.py) live in `services`,
-each with the task that supervises it from start to end; the core says when to start and
-stop them. The middleware this peer advertises in `mw` is worker/middleware.py's.
+Service runs (a backend's middleware daemons) are `services` (worker/service_run.py
+`ServiceRuns`); the core says when to start and stop them. The middleware this peer
+advertises in `mw` is worker/middleware.py's.
 """
 
 from __future__ import annotations
@@ -31,12 +31,18 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zeroconf import InterfaceChoice
 
 from bonjourgrid import wire
 from bonjourgrid.cache.local import SANDBOXES, CacheFullError, LocalCache
 from bonjourgrid.cache.transfer import DataServer, Fetcher
 from bonjourgrid.credentials import WorkerIdentity
-from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
+from bonjourgrid.discovery.advertise import (
+    Advertiser,
+    advertised_addresses,
+    open_zeroconf,
+    resolve_interfaces,
+)
 from bonjourgrid.discovery.txt import PEER_SERVICE, PeerRecord, peer_txt
 from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.fdlimit import raise_open_file_limit
@@ -55,11 +61,9 @@ from bonjourgrid.protocol import (
     Reserve,
     Run,
     RunPart,
-    ServiceExited,
     ServiceFailed,
     ServiceStart,
     ServiceStop,
-    ServiceUp,
     TaskDone,
     attempt_of,
     from_fields,
@@ -71,7 +75,7 @@ from bonjourgrid.worker.core import PeerState, WorkerCore
 from bonjourgrid.worker.idle import IdleSettings, OwnerMonitor
 from bonjourgrid.worker.middleware import detect_middleware
 from bonjourgrid.worker.sandbox import FETCHED, JobData, RunSpec, Staging, TaskRun, run_spec
-from bonjourgrid.worker.service_run import ServiceRun, ServiceStartError
+from bonjourgrid.worker.service_run import ServiceRuns
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +129,12 @@ class WorkerDaemon:
         self.data_policy = wire.KeyPolicy({config.grid.public} if config.grid else set())
         self.data_server: DataServer | None = None
         self.runs: dict[tuple[str, str, int], tuple[TaskRun, asyncio.Task[None]]] = {}
-        # (job, service name) -> the run and the task supervising it until it ends
-        self.services: dict[tuple[str, str], tuple[ServiceRun, asyncio.Task[None]]] = {}
+        self.services = ServiceRuns(
+            self.store.root / SANDBOXES,
+            lambda: config.interface or _own_address(),
+            self._apply,
+        )
         self.middleware = config.middleware or detect_middleware()
-        self._closing = False  # run() is ending: service runs report nothing more
         self.core: WorkerCore | None = None
         self.advertiser: Advertiser | None = None
         self._control: zmq.asyncio.Socket | None = None
@@ -192,7 +198,7 @@ class WorkerDaemon:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await asyncio.gather(*(run.stop() for run, _ in self.runs.values()))
-            await self._stop_all_services()
+            await self.services.close()
             if self.job is not None:
                 prefetches = list(self.job.prefetches)
                 self.job.end()
@@ -241,10 +247,10 @@ class WorkerDaemon:
     async def _unreadable(self, client: bytes, frame: bytes, err: ProtocolError) -> bytes | None:
         """A frame that failed `decode`: a run it names is refused and a service it names
         failed (so its coordinator does not wait for them), anything else gets an `error`."""
-        about = attempt_of(frame)
         service = service_of(frame)
         if service is not None:
             return wire.encode(ServiceFailed(service[1], service[2], str(err)[:1000]))
+        about = attempt_of(frame)
         if about is None or about[0] not in (Run.TYPE, RunPart.TYPE):
             return wire.encode(Error(str(err)[:1000]))
         _, job, task, attempt = about
@@ -305,13 +311,10 @@ class WorkerDaemon:
                         # its report is dropped because the run is no longer registered.
                         log.info("stopping %s/%s: %s", job, task, reason)
                         self._keep(asyncio.create_task(entry[0].stop()))
-                case core.StartService(job, name, spec):
-                    await self._start_service(job, spec)
+                case core.StartService(job, _, spec):
+                    self.services.start(job, spec)
                 case core.StopService(job, name, reason):
-                    service = self.services.pop((job, name), None)
-                    if service is not None:
-                        log.info("stopping service %s of job %s: %s", name, job, reason)
-                        self._keep(asyncio.create_task(self._stop_service(*service)))
+                    self.services.stop(job, name, reason)
 
     def _job_started(self, job: str, keys: Keypair | None) -> None:
         grid = self.config.grid
@@ -396,68 +399,6 @@ class WorkerDaemon:
 
         self.runs[(job, task, attempt)] = (run, self._keep(asyncio.create_task(execute())))
 
-    async def _start_service(self, job: str, spec: ServiceStart) -> None:
-        # Beside the task sandboxes: a daemon restarted after a crash kills what runs there.
-        sandboxes = self.store.root / SANDBOXES
-        try:
-            sandboxes.mkdir(exist_ok=True)
-            workdir = Path(tempfile.mkdtemp(prefix="service-", dir=sandboxes))
-        except OSError as err:
-            await self._apply(core.ServiceStartFailed(job, spec.name, f"no directory: {err}"))
-            return
-        run = ServiceRun(job, spec, workdir, self.config.interface or _own_address())
-        key = (job, spec.name)
-        self.services[key] = (run, self._keep(asyncio.create_task(self._supervise(key, run))))
-
-    async def _supervise(self, key: tuple[str, str], run: ServiceRun) -> None:
-        """Start `run`, report it up, wait for its end and report that. What a stop
-        (StopService) ended is reported by `_stop_service`: it is no longer in `services`."""
-        job, name = key
-
-        def mine() -> bool:  # not stopped meanwhile, nor the daemon stopping
-            entry = self.services.get(key)
-            return entry is not None and entry[0] is run
-
-        try:
-            ports = await run.start()
-        except ServiceStartError as err:
-            await run.stop()
-            await run.remove()
-            if mine():
-                del self.services[key]
-                log.warning("service %s of job %s did not start: %s", name, job, err)
-                await self._apply(core.ServiceStartFailed(job, name, str(err)[:10_000]))
-            return
-        if mine():
-            log.info("service %s of job %s is up (ports %s)", name, job, ports)
-            up = ServiceUp(job, name, ports, str(run.directory))
-            await self._apply(core.ServiceIsUp(job, name, up))
-        code = await run.wait()
-        await run.stop()  # what it left behind in its group, or carrying its marker
-        await run.remove()
-        if mine():
-            del self.services[key]
-            log.warning("service %s of job %s exited on its own (%d)", name, job, code)
-            ended = ServiceExited(job, name, code, False, run.final_log)
-            await self._apply(core.ServiceEnded(job, name, ended))
-
-    async def _stop_service(self, run: ServiceRun, supervisor: asyncio.Task[None]) -> None:
-        await run.stop()
-        await asyncio.gather(supervisor, return_exceptions=True)  # its directory is gone then
-        if self._closing:
-            return
-        code = run.exit_code if run.exit_code is not None else 0  # 0: it never began
-        ended = ServiceExited(run.job, run.name, code, True, run.final_log)
-        await self._apply(core.ServiceEnded(run.job, run.name, ended))
-
-    async def _stop_all_services(self) -> None:
-        """This daemon stops: every service with it, directories removed."""
-        self._closing = True  # nothing is reported any more
-        services = list(self.services.values())
-        self.services.clear()
-        await asyncio.gather(*(run.stop() for run, _ in services))
-        await asyncio.gather(*(task for _, task in services), return_exceptions=True)
-
     def _keep(self, task: asyncio.Task[None]) -> asyncio.Task[None]:
         """Hold a reference to a fire-and-forget task until it ends (asyncio keeps weak ones)."""
         self._tasks.add(task)
@@ -487,7 +428,10 @@ class WorkerDaemon:
         while True:
             await asyncio.sleep(_IDLE_SAMPLE_S)
             try:
-                active = await monitor.owner_active(time.monotonic(), bool(self.runs))
+                # Service runs are the grid's too (a slurmd and the jobs it starts): their
+                # CPU is not the owner's load.
+                grid_busy = bool(self.runs or self.services)
+                active = await monitor.owner_active(time.monotonic(), grid_busy)
                 if active != self.core.owner_active:
                     log.info("owner %s: %s", "back" if active else "away", monitor.policy.why)
                     await self._apply(core.OwnerActivity(active))
@@ -565,10 +509,6 @@ def job_keys(msg: Reserve) -> Keypair | None:
 def _own_address() -> str:
     """The address a service's `{host}` names on a peer serving every interface: the first it
     advertises (a routable one before a link-local one)."""
-    from zeroconf import InterfaceChoice
-
-    from bonjourgrid.discovery.advertise import advertised_addresses
-
     return advertised_addresses(InterfaceChoice.All)[0]
 
 

@@ -22,24 +22,39 @@ one:
   the background and exits has ended, as far as the worker can tell.
 
 It stops like a task: SIGTERM to its group, STOP_GRACE_S, SIGKILL; then its directory goes.
+
+`ServiceRuns` holds a daemon's services, each with the asyncio task that supervises it from
+start to end, and tells the core what became of them (`ServiceIsUp`, `ServiceStartFailed`,
+`ServiceEnded`). A service the core stopped leaves the table at once; its end is reported by
+the stop, so a late report of its supervisor never reaches a later service of that name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shutil
 import signal
 import socket
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-from bonjourgrid.protocol import SERVICE_PLACEHOLDER, SERVICE_READY_S, ServiceStart
-from bonjourgrid.worker import reaper
+from bonjourgrid.protocol import (
+    SERVICE_PLACEHOLDER,
+    SERVICE_READY_S,
+    ServiceExited,
+    ServiceStart,
+    ServiceUp,
+)
+from bonjourgrid.worker import core, reaper
 from bonjourgrid.worker.limits import Limits, task_preexec
 from bonjourgrid.worker.sandbox import STOP_GRACE_S, read_tail
+
+log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = SERVICE_READY_S  # a daemon not ready by then failed to start
 _READY_POLL_S = 0.05  # how often the ready file is looked for
@@ -228,3 +243,97 @@ def _write(root: Path, rel: str, data: bytes, secret: bool = False) -> None:
 def _path_with_sbin(path: str) -> str:
     parts = path.split(os.pathsep)
     return os.pathsep.join([*parts, *(d for d in SYSTEM_SBIN if d not in parts)])
+
+
+Report = Callable[[core.Event], Awaitable[None]]
+
+
+class ServiceRuns:
+    """The service runs of one worker daemon, started and stopped as its core instructs."""
+
+    def __init__(self, sandboxes: Path, host: Callable[[], str], report: Report) -> None:
+        self.sandboxes = sandboxes  # a daemon restarted after a crash kills what runs there
+        self.host = host  # the peer's address, for {host} and the ports
+        self.report = report
+        # (job, service name) -> the run and the task supervising it until it ends
+        self.runs: dict[tuple[str, str], tuple[ServiceRun, asyncio.Task[None]]] = {}
+        self._stops: set[asyncio.Task[None]] = set()
+        self._closing = False  # the daemon stops: nothing is reported any more
+
+    def __bool__(self) -> bool:
+        return bool(self.runs)
+
+    def start(self, job: str, spec: ServiceStart) -> None:
+        """core.StartService: prepare and start it in the background."""
+        key = (job, spec.name)
+        try:
+            self.sandboxes.mkdir(exist_ok=True)
+            workdir = Path(tempfile.mkdtemp(prefix="service-", dir=self.sandboxes))
+            run = ServiceRun(job, spec, workdir, self.host())
+        except Exception as err:  # no directory, or no address: a report goes back
+            why = f"the worker could not prepare it: {err}"
+            self._later(self.report(core.ServiceStartFailed(job, spec.name, why)))
+            return
+        self.runs[key] = (run, asyncio.create_task(self._supervise(key, run)))
+
+    def stop(self, job: str, name: str, reason: str) -> None:
+        """core.StopService: stop it with its process group, then report its end."""
+        entry = self.runs.pop((job, name), None)
+        if entry is not None:
+            log.info("stopping service %s of job %s: %s", name, job, reason)
+            self._later(self._stop(*entry))
+
+    async def close(self) -> None:
+        """The daemon stops: every service with it, directories removed."""
+        self._closing = True
+        entries = list(self.runs.values())
+        self.runs.clear()
+        await asyncio.gather(*(run.stop() for run, _ in entries))
+        await asyncio.gather(*(task for _, task in entries), *self._stops, return_exceptions=True)
+
+    def _mine(self, key: tuple[str, str], run: ServiceRun) -> bool:
+        """Whether `run` is still the one under `key`: not stopped meanwhile."""
+        entry = self.runs.get(key)
+        return entry is not None and entry[0] is run and not self._closing
+
+    async def _supervise(self, key: tuple[str, str], run: ServiceRun) -> None:
+        job, name = key
+        try:
+            ports = await run.start()
+        except Exception as err:  # whatever it was, the coordinator hears of it
+            if not isinstance(err, ServiceStartError):
+                log.exception("service %s of job %s: the worker could not start it", name, job)
+                err = ServiceStartError(f"the worker could not start it: {err!r}")
+            await run.stop()
+            await run.remove()
+            if self._mine(key, run):
+                del self.runs[key]
+                log.warning("service %s of job %s did not start: %s", name, job, err)
+                await self.report(core.ServiceStartFailed(job, name, str(err)[:10_000]))
+            return
+        if self._mine(key, run):
+            log.info("service %s of job %s is up (ports %s)", name, job, ports)
+            up = ServiceUp(job, name, ports, str(run.directory))
+            await self.report(core.ServiceIsUp(job, name, up))
+        code = await run.wait()
+        await run.stop()  # what it left behind in its group, or carrying its marker
+        await run.remove()
+        if self._mine(key, run):
+            del self.runs[key]
+            log.warning("service %s of job %s exited on its own (%d)", name, job, code)
+            ended = ServiceExited(job, name, code, False, run.final_log)
+            await self.report(core.ServiceEnded(job, name, ended))
+
+    async def _stop(self, run: ServiceRun, supervisor: asyncio.Task[None]) -> None:
+        await run.stop()
+        await asyncio.gather(supervisor, return_exceptions=True)  # its directory is gone then
+        if self._closing:
+            return
+        code = run.exit_code if run.exit_code is not None else 0  # 0: it never began
+        ended = ServiceExited(run.job, run.name, code, True, run.final_log)
+        await self.report(core.ServiceEnded(run.job, run.name, ended))
+
+    def _later(self, step: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(step)
+        self._stops.add(task)
+        task.add_done_callback(self._stops.discard)
