@@ -156,8 +156,7 @@ class PeerServices:
                 with contextlib.suppress(Exception):
                     await self._send(peer, ServiceStop(self.job, name))
             raise ServiceError(
-                f"peer {peer} did not answer the {what} of service {name!r} within "
-                f"{timeout_s:g} s"
+                f"peer {peer} did not answer the {what} of service {name!r} within {timeout_s:g} s"
             ) from None
         finally:
             if self._waiting.get(key) is waiter:

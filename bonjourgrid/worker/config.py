@@ -180,7 +180,7 @@ def worker_settings(flags: Mapping[str, Any], path: Path | None = None) -> Worke
         where = values["middleware"][1]
         names = middleware.split(",") if isinstance(middleware, str) else middleware
         if not all(isinstance(n, str) for n in names):
-            raise ConfigError(f"{where}: a list of middleware names, e.g. [\"slurm\"]")
+            raise ConfigError(f'{where}: a list of middleware names, e.g. ["slurm"]')
         middleware = middleware_list(names, where)
     return WorkerSettings(
         name=get("name"),

@@ -83,9 +83,7 @@ def test_service_replies_are_checked() -> None:
         wire.decode(wire.pack_raw("service_up", job="j", name="s", ports={"a": 0}, directory="/"))
     with pytest.raises(ProtocolError, match="must be true or false"):
         wire.decode(
-            wire.pack_raw(
-                "service_exited", job="j", name="s", exit_code=0, stopped=1, log_tail=""
-            )
+            wire.pack_raw("service_exited", job="j", name="s", exit_code=0, stopped=1, log_tail="")
         )
 
 
