@@ -46,6 +46,7 @@ def _worker(args: argparse.Namespace) -> int:
         interface=args.interface or os.environ.get("BGRID_INTERFACES"),
         always_idle=settings.always_idle,
         idle=settings.idle,
+        middleware=settings.middleware,
     )
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     asyncio.run(serve(config))
@@ -381,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-size",
         help="bound of the local cache, e.g. 10GiB; least recently used files go first "
         "(default: the disk)",
+    )
+    w.add_argument(
+        "--middleware",
+        metavar="LIST",
+        help="middleware this peer advertises for backends, comma-separated, e.g. slurm,condor "
+        "(default: detected from slurmd+munged, condor_master, boinc_client on PATH; "
+        "native always)",
     )
     w.add_argument(
         "--always-idle",

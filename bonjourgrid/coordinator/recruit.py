@@ -1,5 +1,9 @@
 """Recruitment: which peers of the LAN fit a job, in what order, and why the others do not.
 
+A job runs on one backend, and takes only the peers that advertise its middleware in `mw`
+(backends/base.py `Capabilities.middleware`: "native" for our own workers, "slurm" where
+slurmd and munged are installed...); the others are rejected with what they do advertise.
+
 Selection is pure (`select_candidates`), so the rules are tested without a network.
 Reserving is the shell's job: it asks candidates in rank order and keeps those that grant.
 """
@@ -27,6 +31,7 @@ class JobNeeds:
     # Why a peer of the grid may not be sent anything (its credential does not verify, or it
     # was revoked: credentials.CredentialCheck); None admits it. Unset: --insecure.
     admit: Callable[[PeerRecord], str | None] | None = field(default=None, compare=False)
+    middleware: str = "native"  # what a peer's `mw` must hold: the backend's middleware
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,9 @@ def select_candidates(peers: Sequence[PeerRecord], needs: JobNeeds) -> Selection
             rejected[peer.name] = f"is not admitted: it {refusal}"
         elif peer.state != "idle":
             rejected[peer.name] = f"is {peer.state}" + (f" by job {peer.job}" if peer.job else "")
+        elif needs.middleware not in peer.mw:
+            advertised = ", ".join(peer.mw) or "nothing"
+            rejected[peer.name] = f"has no {needs.middleware} (advertises: {advertised})"
         elif needs.max_cost is not None and peer.cost > needs.max_cost:
             rejected[peer.name] = f"costs {peer.cost:g} > max {needs.max_cost:g}"
         elif (unmet := needs.require.explain(peer.attrs())) is not None:
@@ -88,6 +96,12 @@ def explain_shortage(
             "desktop holds a different grid key. Copy the grid key of those peers here "
             "(`bgrid keys show` on one of them says how), or start workers with this key."
         )
+    if any(why.startswith("has no ") for why in selection.rejected.values()):
+        lines.append(
+            f"This job's backend runs on peers with {needs.middleware} installed: install it on "
+            "the desktops (a worker detects it on PATH), or tell a worker it has it "
+            f"(`bgrid worker --middleware {needs.middleware}`, or `middleware` in worker.toml)."
+        )
     if any(why.startswith("is not admitted") for why in selection.rejected.values()):
         lines.append(
             "A peer is admitted only with a credential this grid issued: on this desktop run "
@@ -103,6 +117,7 @@ def needs_from(
     max_cost: float | None,
     workers: tuple[int, int] | None,
     admit: Callable[[PeerRecord], str | None] | None = None,
+    middleware: str = "native",
 ) -> JobNeeds:
     """The job's needs: flags win over the workflow's `grid:` section."""
     spec = workflow.grid
@@ -118,4 +133,5 @@ def needs_from(
         workers_max=max(lo, hi),
         rank=spec.rank or "cost",
         admit=admit,
+        middleware=middleware,
     )

@@ -49,6 +49,7 @@ from bonjourgrid.coordinator.prefetch import DataOptions
 from bonjourgrid.coordinator.progress import REFRESH_S, Display, PeerNow, Snapshot, notes_of
 from bonjourgrid.coordinator.recruit import JobNeeds
 from bonjourgrid.coordinator.report import build_report
+from bonjourgrid.coordinator.services import PeerServices, ServiceError
 from bonjourgrid.coordinator.stage import stage_sources
 from bonjourgrid.dag import Workflow
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
@@ -61,12 +62,16 @@ from bonjourgrid.protocol import (
     Denied,
     Error,
     HeartbeatAck,
+    Message,
     Preempted,
     Prefetch,
     Prefetched,
     PrefetchFile,
     Refused,
     Run,
+    ServiceExited,
+    ServiceFailed,
+    ServiceUp,
     Source,
     Started,
     TaskDone,
@@ -123,6 +128,8 @@ class Coordinator(PeerPool):
         self.links: dict[str, PeerLink] = {}
         self.used: dict[str, PeerRecord] = {}
         self.events: asyncio.Queue[core.Event] = asyncio.Queue()
+        # A backend's service runs on the held peers (backends/base.py ServiceControl).
+        self.services = PeerServices(self.job, self._send_to_peer)
         self.core = core.SchedulerCore(
             (
                 (name, list(workflow.graph.predecessors(name)), spec.require or "", spec.retries)
@@ -441,6 +448,8 @@ class Coordinator(PeerPool):
                 await self.events.put(core.PeerRunning(name, frozenset(running)))
             case Prefetched() as msg:
                 await self.events.put(self._prefetched(name, msg))
+            case ServiceUp() | ServiceFailed() | ServiceExited() as msg:
+                self.services.deliver(name, msg)
             case Preempted(reason=reason):
                 self._lose(name, f"preempted: {reason}")
                 return False
@@ -452,6 +461,13 @@ class Coordinator(PeerPool):
             case msg:
                 log.info("peer %s sent an unexpected %r message", name, msg.TYPE)
         return True
+
+    async def _send_to_peer(self, name: str, message: Message) -> None:
+        """One message to a held peer, on its control link (service runs)."""
+        link = self.links.get(name)
+        if link is None:
+            raise ServiceError(f"peer {name} is not held by this job (released or lost)")
+        await link.sock.send(wire.encode(message))
 
     def _keep_logs(self, peer: str, msg: TaskDone) -> None:
         """Write the attempt's stdout and stderr into the submit directory (logs.py): only

@@ -39,6 +39,18 @@ MAX_SECONDS = 10.0 * 365 * 24 * 3600  # a duration in a report
 # Bytes of a task's stdout, and as many of its stderr, that a `task_done` carries: the last
 # ones. Both together stay well under MAX_CONTROL_FRAME, beside the rest of the report.
 MAX_LOG = 1024 * 1024
+# Service runs (a middleware daemon on a peer, `service_start`): how much one may carry.
+MAX_ARGV = 1024  # words of its command line
+MAX_SERVICE_FILES = 64  # config files, and as many secret files
+MAX_SECRET = 64 * 1024  # bytes of one secret file (a munge key is 1 KiB)
+MAX_PORTS = 32  # ports one service asks the worker to pick
+SERVICE_READY_S = 60.0  # a worker waits this long for a service's ready file, then fails it
+# The placeholders a service's argv, files and env may hold, substituted on the worker:
+# `{dir}` (its private directory), `{host}` (the peer's address), `{port:NAME}` (a port the
+# worker picked). Other braces are left alone (config files hold JSON, shell, ClassAds).
+SERVICE_PLACEHOLDER = re.compile(r"\{(dir|host|port:([A-Za-z0-9_-]+))\}")
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_PORT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 
 _CHECK = "check"
 _PACK = "pack"
@@ -343,6 +355,101 @@ def _log(value: Any, what: str) -> bytes:
     if len(data) > MAX_LOG:
         raise ProtocolError(f"{what} holds {len(data)} bytes, more than {MAX_LOG}")
     return data
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{what} must be true or false, not {type(value).__name__}")
+    return value
+
+
+def check_service_name(value: Any, what: str = "service") -> str:
+    """A service's name: a word of letters, digits, `_ . -` (it names a daemon in logs)."""
+    text = _str(value, what, 64)
+    if not _SERVICE_NAME.fullmatch(text):
+        raise ProtocolError(
+            f"{what} {text[:80]!r} is not a service name (1-64 letters, digits, '_', '.', '-', "
+            "starting with a letter or digit)"
+        )
+    return text
+
+
+def _argv(value: Any, what: str) -> tuple[str, ...]:
+    words = _list(value, what, MAX_ARGV)
+    if not words:
+        raise ProtocolError(f"{what} is empty: give the daemon's command line")
+    out = []
+    for word in words:
+        text = _str(word, f"{what} word")
+        if "\x00" in text:
+            raise ProtocolError(f"{what} holds a NUL byte")
+        out.append(text)
+    if not out[0]:
+        raise ProtocolError(f"{what} starts with an empty word: give the program to run")
+    return tuple(out)
+
+
+def _mapping(value: Any, what: str, limit: int) -> Mapping[Any, Any]:
+    if not isinstance(value, Mapping):
+        raise ProtocolError(f"{what} must be a map of relative paths to contents")
+    if len(value) > limit:
+        raise ProtocolError(f"{what} has more than {limit} files")
+    return value
+
+
+def _service_files(value: Any, what: str) -> dict[str, str]:
+    """Config files of a service: relative path -> text (placeholders substituted)."""
+    return {
+        check_path(path, f"{what} path"): _str(text, f"{what} {str(path)[:80]!r}")
+        for path, text in _mapping(value, what, MAX_SERVICE_FILES).items()
+    }
+
+
+def _secrets(value: Any, what: str) -> dict[str, bytes]:
+    """Secret files of a service: relative path -> bytes, written 0600 and as they are."""
+    out = {}
+    for path, data in _mapping(value, what, MAX_SERVICE_FILES).items():
+        where = f"{what} {check_path(path, f'{what} path')!r}"
+        out[path] = _bytes(data, where)
+        if len(data) > MAX_SECRET:
+            raise ProtocolError(f"{where} holds {len(data)} bytes, more than {MAX_SECRET}")
+    return out
+
+
+def _port_name(value: Any, what: str) -> str:
+    text = _str(value, what, 32)
+    if not _PORT_NAME.fullmatch(text):
+        raise ProtocolError(
+            f"{what} {text[:40]!r} is not a port name (a letter, then letters, digits, _ or -)"
+        )
+    return text
+
+
+def _port_names(value: Any, what: str) -> tuple[str, ...]:
+    names = tuple(_port_name(n, f"{what} name") for n in _list(value, what, MAX_PORTS))
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"{what} names a port twice")
+    return names
+
+
+def _ports(value: Any, what: str) -> dict[str, int]:
+    if not isinstance(value, Mapping) or len(value) > MAX_PORTS:
+        raise ProtocolError(f"{what} must be a map of at most {MAX_PORTS} port names to ports")
+    return {
+        _port_name(name, f"{what} name"): _int(port, f"{what} {str(name)[:40]}", 1, 65535)
+        for name, port in value.items()
+    }
+
+
+def _optional_path(value: Any, what: str) -> str:
+    return "" if value == "" else check_path(value, what)
+
+
+def _directory(value: Any, what: str) -> str:
+    text = _str(value, what, MAX_PATH)
+    if "\x00" in text:
+        raise ProtocolError(f"{what} holds a NUL byte")
+    return text
 
 
 def _f(

@@ -32,19 +32,23 @@ from bonjourgrid.protocol.fields import (
     MAX_STRING,
     PROTOCOL_VERSION,
     SECONDS,
+    SERVICE_PLACEHOLDER,
     SIZE,
     TASK,
     TEXT,
     PrefetchFile,
     TaskInput,
+    _argv,
     _attempt,
     _bytes,
     _command,
     _digests,
+    _directory,
     _env,
     _f,
     _fetched,
     _files,
+    _flag,
     _inputs,
     _int,
     _label,
@@ -52,16 +56,22 @@ from bonjourgrid.protocol.fields import (
     _limits,
     _listed,
     _made,
+    _optional_path,
     _outputs,
     _pack_files,
     _pack_input,
     _pack_inputs,
     _pack_made,
+    _port_names,
+    _ports,
     _running,
+    _secrets,
+    _service_files,
     _str,
     check_job,
     check_key,
     check_name,
+    check_service_name,
 )
 
 # -- the messages ---------------------------------------------------------------------------
@@ -168,6 +178,59 @@ class Probe(Message):
 
     TYPE = "probe"
     digests: tuple[str, ...] = field(metadata=_f(_digests, list))
+
+
+SERVICE = _f(check_service_name)
+
+
+@_message
+@dataclass(frozen=True)
+class ServiceStart(Message):
+    """Run a middleware daemon under the job's lease (backends/base.py ServiceSpec): the
+    worker picks `ports`, substitutes the placeholders (fields.SERVICE_PLACEHOLDER) in
+    `argv`, `files` and `env`, writes `secrets` 0600, and answers `service_up` once
+    `ready_file` exists (at once without one) or `service_failed`."""
+
+    TYPE = "service_start"
+    job: str = field(metadata=JOB)
+    name: str = field(metadata=SERVICE)
+    argv: tuple[str, ...] = field(metadata=_f(_argv, list))
+    files: dict[str, str] = field(default_factory=dict, metadata=_f(_service_files))
+    secrets: dict[str, bytes] = field(default_factory=dict, metadata=_f(_secrets))
+    ports: tuple[str, ...] = field(default=(), metadata=_f(_port_names, list))
+    env: dict[str, str] = field(default_factory=dict, metadata=_f(_env))
+    ready_file: str = field(default="", metadata=_f(_optional_path))
+
+    def __post_init__(self) -> None:
+        # Whole-message checks, here so that decode and a sender building one both make them.
+        where = f"service {self.name!r}"
+        both = sorted(set(self.files) & set(self.secrets))
+        if both:
+            raise ProtocolError(f"{where}: {both[0]!r} is both a config file and a secret")
+        if self.ready_file and self.ready_file in {*self.files, *self.secrets}:
+            raise ProtocolError(
+                f"{where}: its ready file {self.ready_file!r} is one of the files sent with it "
+                "(it would be ready before it starts): name a file the daemon writes"
+            )
+        texts = [*self.argv, *self.files.values(), *self.env.values()]
+        for text in texts:
+            for match in SERVICE_PLACEHOLDER.finditer(text):
+                port = match[2]
+                if port is not None and port not in self.ports:
+                    raise ProtocolError(
+                        f"{where} names {match[0]} but asks for no port {port!r} "
+                        f"(its ports: {', '.join(self.ports) or 'none'})"
+                    )
+
+
+@_message
+@dataclass(frozen=True)
+class ServiceStop(Message):
+    """Stop a service run with its process group: `service_exited` (stopped) answers."""
+
+    TYPE = "service_stop"
+    job: str = field(metadata=JOB)
+    name: str = field(metadata=SERVICE)
 
 
 # worker -> coordinator (control)
@@ -287,6 +350,44 @@ class Holding(Message):
 
     TYPE = "holding"
     digests: tuple[str, ...] = field(metadata=_f(_digests, list))
+
+
+@_message
+@dataclass(frozen=True)
+class ServiceUp(Message):
+    """The service runs: the ports the worker picked for it, and its `{dir}` on the peer."""
+
+    TYPE = "service_up"
+    job: str = field(metadata=JOB)
+    name: str = field(metadata=SERVICE)
+    ports: dict[str, int] = field(metadata=_f(_ports))
+    directory: str = field(metadata=_f(_directory))
+
+
+@_message
+@dataclass(frozen=True)
+class ServiceFailed(Message):
+    """The service could not start (or be stopped: it was not running); `reason` says why,
+    with the end of its log when it ran."""
+
+    TYPE = "service_failed"
+    job: str = field(metadata=JOB)
+    name: str = field(metadata=SERVICE)
+    reason: str = field(metadata=TEXT)
+
+
+@_message
+@dataclass(frozen=True)
+class ServiceExited(Message):
+    """The service's process ended: `stopped` on a `service_stop`, else on its own (a crash).
+    `exit_code` as Popen's returncode: negative for a signal."""
+
+    TYPE = "service_exited"
+    job: str = field(metadata=JOB)
+    name: str = field(metadata=SERVICE)
+    exit_code: int = field(metadata=_f(lambda v, w: _int(v, w, -(2**31), 2**31)))
+    stopped: bool = field(metadata=_f(_flag))
+    log_tail: str = field(metadata=TEXT)
 
 
 @_message
@@ -448,6 +549,21 @@ def attempt_of(frame: bytes) -> tuple[str, str, str, int] | None:
             check_name(msg.get("task")),
             _attempt(msg.get("attempt"), "attempt"),
         )
+    except ProtocolError:
+        return None
+
+
+def service_of(frame: bytes) -> tuple[str, str, str] | None:
+    """(type, job, service name) named by a frame that may fail `decode`, else None: so a
+    malformed `service_start` is answered `service_failed`, not left unanswered."""
+    try:
+        msg = msgpack.unpackb(frame[:MAX_CONTROL_FRAME], raw=False, strict_map_key=False)
+    except Exception:
+        return None
+    if not isinstance(msg, dict) or msg.get("t") not in (ServiceStart.TYPE, ServiceStop.TYPE):
+        return None
+    try:
+        return (msg["t"], check_job(msg.get("job")), check_service_name(msg.get("name")))
     except ProtocolError:
         return None
 

@@ -8,6 +8,7 @@ ram = "4GiB"             # memory offered to tasks; a bare number is MiB (defaul
 cost = 0.5               # price per CPU-hour (default 0)
 cache_dir = "~/bgrid-cache"
 cache_size = "10GiB"     # the local cache's bound (LRU); a bare number is MiB (default: the disk)
+middleware = ["slurm"]   # what `mw` advertises, `native` always (default: detected, middleware.py)
 
 [idle]
 idle_minutes = 15        # idle after this long without keyboard/mouse (HTCondor's default)
@@ -34,6 +35,7 @@ from bonjourgrid.errors import ConfigError
 from bonjourgrid.keys import key_dir
 from bonjourgrid.units import MIB, parse_size, parse_size_mib
 from bonjourgrid.worker.idle import IdleSettings
+from bonjourgrid.worker.middleware import middleware_list
 
 # Every setting: its table in worker.toml and the types it accepts there. The flag of each
 # is the same name with dashes (`--idle-minutes`), argparse's dest is the name itself.
@@ -44,6 +46,7 @@ _SCHEMA: dict[str, tuple[str, tuple[type, ...]]] = {
     "cost": ("worker", (int, float)),
     "cache_dir": ("worker", (str,)),
     "cache_size": ("worker", (str, int)),
+    "middleware": ("worker", (list, str)),  # a list in the file, "a,b" as a flag
     "idle_minutes": ("idle", (int, float)),
     "max_load": ("idle", (int, float)),
     "activity_file": ("idle", (str,)),
@@ -63,6 +66,7 @@ class WorkerSettings:
     cost: float = 0.0
     cache_dir: Path | None = None
     cache_size: int | None = None  # bytes; None: bounded by the disk only
+    middleware: tuple[str, ...] | None = None  # None: detect what is installed
     always_idle: bool = False
     idle: IdleSettings = field(default_factory=IdleSettings)
 
@@ -171,6 +175,13 @@ def worker_settings(flags: Mapping[str, Any], path: Path | None = None) -> Worke
             raise ConfigError(f"{values['cache_size'][1]}: {err}") from None
         check("cache_size", cache_bytes >= 0, "a size of 0 or more, e.g. 10GiB")
     cache_dir = get("cache_dir")
+    middleware = get("middleware")
+    if middleware is not None:
+        where = values["middleware"][1]
+        names = middleware.split(",") if isinstance(middleware, str) else middleware
+        if not all(isinstance(n, str) for n in names):
+            raise ConfigError(f'{where}: a list of middleware names, e.g. ["slurm"]')
+        middleware = middleware_list(names, where)
     return WorkerSettings(
         name=get("name"),
         cpus=cpus,
@@ -178,6 +189,7 @@ def worker_settings(flags: Mapping[str, Any], path: Path | None = None) -> Worke
         cost=float(cost) if cost is not None else 0.0,
         cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
         cache_size=cache_bytes,
+        middleware=middleware,
         always_idle=bool(get("always_idle")),
         idle=idle,
     )

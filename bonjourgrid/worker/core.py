@@ -19,6 +19,11 @@ not fit one frame) are assembled in order; `StartTask` hands the whole of it to 
 whose `TaskStarted` makes the core acknowledge it (`started`). Whatever stops a run before
 that answers `refused` with the reason, so the coordinator never waits on a silent peer; a
 `heartbeat_ack` lists the runs in progress, so it can tell a run the peer forgot.
+
+Service runs (a backend's middleware daemons, worker/service_run.py) belong to the lease too:
+only its holder starts and stops them, they take no task slot, and whatever ends the lease
+(release, expiry, the owner back) stops them as it stops the runs. Their steps are
+`_SERVICE_STEPS`; at most `MAX_SERVICES` run at once.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from bonjourgrid.protocol import (
     Refused,
     Released,
     Reserved,
+    ServiceExited,
+    ServiceFailed,
+    ServiceUp,
     Started,
     TaskDone,
 )
@@ -68,6 +76,19 @@ _RUN_STEPS: dict[tuple[str, str], str] = {
     ("starting", "refused"): "the daemon could not start it",
     ("started", "done"): "it ended: `task_done`",
 }
+
+# How a service run moves (`services` holds those between `starting` and their end).
+_SERVICE_STEPS: dict[tuple[str, str], str] = {
+    ("start", "starting"): "the holder asked for it: the daemon prepares and starts it",
+    ("start", "failed"): "not the holder's, a name already running, or too many services",
+    ("starting", "up"): "it is ready: `service_up`",
+    ("starting", "failed"): "it could not start, or was not ready in time: `service_failed`",
+    ("starting", "stopping"): "`service_stop` (or the lease ended) before it was ready",
+    ("up", "stopping"): "`service_stop`, or the lease ended",
+    ("up", "exited"): "it ended on its own: `service_exited` (not stopped)",
+    ("stopping", "exited"): "its process group is gone: `service_exited` (stopped)",
+}
+MAX_SERVICES = 16  # service runs at once on one peer
 
 
 # -- events (what happened) ---------------------------------------------------------------
@@ -174,6 +195,46 @@ class TaskFinished:
 
 
 @dataclass(frozen=True)
+class ServiceStartRequested:
+    client: bytes
+    job: str
+    name: str
+    spec: Any  # the decoded `service_start`; opaque to the core
+
+
+@dataclass(frozen=True)
+class ServiceStopRequested:
+    client: bytes
+    job: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ServiceIsUp:
+    """The daemon started a service it was told to (StartService) and it is ready."""
+
+    job: str
+    name: str
+    report: ServiceUp
+
+
+@dataclass(frozen=True)
+class ServiceStartFailed:
+    job: str
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ServiceEnded:
+    """A service's process ended, on its own or stopped (StopService); its directory is gone."""
+
+    job: str
+    name: str
+    report: ServiceExited
+
+
+@dataclass(frozen=True)
 class OwnerActivity:
     active: bool
 
@@ -196,6 +257,11 @@ Event = (
     | PrefetchFinished
     | CancelRequested
     | TaskFinished
+    | ServiceStartRequested
+    | ServiceStopRequested
+    | ServiceIsUp
+    | ServiceStartFailed
+    | ServiceEnded
     | OwnerActivity
     | Tick
 )
@@ -258,7 +324,36 @@ class StartPrefetch:
     files: Any
 
 
-Instruction = Send | Advertise | StartTask | StopTask | JobStarted | JobEnded | StartPrefetch
+@dataclass(frozen=True)
+class StartService:
+    """Start a service run; the daemon answers ServiceIsUp or ServiceStartFailed, then
+    ServiceEnded when its process ends."""
+
+    job: str
+    name: str
+    spec: Any
+
+
+@dataclass(frozen=True)
+class StopService:
+    """Stop a service run with its process group, then ServiceEnded (stopped)."""
+
+    job: str
+    name: str
+    reason: str
+
+
+Instruction = (
+    Send
+    | Advertise
+    | StartTask
+    | StopTask
+    | JobStarted
+    | JobEnded
+    | StartPrefetch
+    | StartService
+    | StopService
+)
 
 
 @dataclass
@@ -290,6 +385,7 @@ class WorkerCore:
     running: dict[str, int] = field(default_factory=dict)  # task -> attempt, of lease.job
     assembling: dict[str, _Assembly] = field(default_factory=dict)  # runs still coming in
     started: set[str] = field(default_factory=set)  # tasks of `running` acknowledged
+    services: dict[str, str] = field(default_factory=dict)  # name -> step, of lease.job
     owner_active: bool = False
     log: list[tuple[float, str]] = field(default_factory=list)
 
@@ -356,6 +452,14 @@ class WorkerCore:
                     assert self.lease is not None
                     self._forget(event.task)
                     out.append(Send(self.lease.client, event.report))
+            case (
+                ServiceStartRequested()
+                | ServiceStopRequested()
+                | ServiceIsUp()
+                | ServiceStartFailed()
+                | ServiceEnded()
+            ):
+                self._service(event, out)
             case OwnerActivity():
                 self._owner(event.active, now, out)
             case Tick():
@@ -409,6 +513,62 @@ class WorkerCore:
                 StartTask(event.job, event.task, event.attempt, run.spec, tuple(run.received))
             )
 
+    def _service(
+        self,
+        event: ServiceStartRequested
+        | ServiceStopRequested
+        | ServiceIsUp
+        | ServiceStartFailed
+        | ServiceEnded,
+        out: list[Instruction],
+    ) -> None:
+        """A step of a service run (`_SERVICE_STEPS`)."""
+        match event:
+            case ServiceStartRequested(client, job, name, spec):
+                if not self._holds(client, job):
+                    out.append(self._deny(client, job))
+                elif name in self.services or len(self.services) >= MAX_SERVICES:
+                    why = (
+                        f"a service named {name!r} already runs here"
+                        if name in self.services
+                        else f"{MAX_SERVICES} services already run here"
+                    )
+                    out.append(Send(client, ServiceFailed(job, name, why)))
+                else:
+                    self.services[name] = "starting"
+                    out.append(StartService(job, name, spec))
+            case ServiceStopRequested(client, job, name):
+                if not self._holds(client, job):
+                    out.append(self._deny(client, job))
+                elif name not in self.services:
+                    why = f"no service named {name!r} runs here (it may have exited)"
+                    out.append(Send(client, ServiceFailed(job, name, why)))
+                elif self.services[name] != "stopping":
+                    self.services[name] = "stopping"
+                    out.append(StopService(job, name, "stopped by its coordinator"))
+            case ServiceIsUp(job, name, report):
+                if self._service_step(job, name) == "starting":
+                    assert self.lease is not None
+                    self.services[name] = "up"
+                    out.append(Send(self.lease.client, report))
+            case ServiceStartFailed(job, name, reason):
+                if self._service_step(job, name) == "starting":
+                    assert self.lease is not None
+                    del self.services[name]
+                    out.append(Send(self.lease.client, ServiceFailed(job, name, reason)))
+            case ServiceEnded(job, name, report):
+                step = self._service_step(job, name)
+                if step == ("stopping" if report.stopped else "up"):
+                    assert self.lease is not None
+                    del self.services[name]
+                    out.append(Send(self.lease.client, report))
+
+    def _service_step(self, job: str, name: str) -> str | None:
+        """Where service `name` of the job holding the peer is; None: it has none such."""
+        if self.lease is None or self.lease.job != job:
+            return None
+        return self.services.get(name)
+
     def _refuse(
         self, client: bytes, job: str, task: str, attempt: int, reason: str, out: list[Instruction]
     ) -> None:
@@ -450,7 +610,10 @@ class WorkerCore:
         assert self.lease is not None
         for task, attempt in sorted(self.running.items()):
             out.append(StopTask(self.lease.job, task, attempt, why))
+        for name in sorted(self.services):
+            out.append(StopService(self.lease.job, name, why))
         out.append(JobEnded(self.lease.job, why))
+        self.services.clear()
         self.running.clear()
         self.assembling.clear()
         self.started.clear()
@@ -483,6 +646,9 @@ class WorkerCore:
         assert (self.state is PeerState.RESERVED) == (self.lease is not None)
         assert len(self.running) <= self.cpus
         assert not self.running or self.state is PeerState.RESERVED
+        assert not self.services or self.state is PeerState.RESERVED
+        assert len(self.services) <= MAX_SERVICES
+        assert set(self.services.values()) <= {"starting", "up", "stopping"}
         assert set(self.assembling) <= set(self.running)
         assert self.started <= set(self.running)
         assert not set(self.assembling) & self.started

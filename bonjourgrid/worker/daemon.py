@@ -8,6 +8,10 @@ Keys: the control socket admits the grid's coordinators; the data socket admits 
 while a job holds the peer, that job's public key, which its other peers prove when they
 fetch the intermediate files this peer made. This peer's own fetches for the job prove the
 job's keypair too. `probe` is answered here, from the cache's index, in any state.
+
+Service runs (a backend's middleware daemons) are `services` (worker/service_run.py
+`ServiceRuns`); the core says when to start and stop them. The middleware this peer
+advertises in `mw` is worker/middleware.py's.
 """
 
 from __future__ import annotations
@@ -27,12 +31,18 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zeroconf import InterfaceChoice
 
 from bonjourgrid import wire
 from bonjourgrid.cache.local import SANDBOXES, CacheFullError, LocalCache
 from bonjourgrid.cache.transfer import DataServer, Fetcher
 from bonjourgrid.credentials import WorkerIdentity
-from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
+from bonjourgrid.discovery.advertise import (
+    Advertiser,
+    advertised_addresses,
+    open_zeroconf,
+    resolve_interfaces,
+)
 from bonjourgrid.discovery.txt import PEER_SERVICE, PeerRecord, peer_txt
 from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.fdlimit import raise_open_file_limit
@@ -51,15 +61,21 @@ from bonjourgrid.protocol import (
     Reserve,
     Run,
     RunPart,
+    ServiceFailed,
+    ServiceStart,
+    ServiceStop,
     TaskDone,
     attempt_of,
     from_fields,
+    service_of,
 )
 from bonjourgrid.units import MIB
 from bonjourgrid.worker import core, reaper
 from bonjourgrid.worker.core import PeerState, WorkerCore
 from bonjourgrid.worker.idle import IdleSettings, OwnerMonitor
+from bonjourgrid.worker.middleware import detect_middleware
 from bonjourgrid.worker.sandbox import FETCHED, JobData, RunSpec, Staging, TaskRun, run_spec
+from bonjourgrid.worker.service_run import ServiceRuns
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +102,8 @@ class WorkerConfig:
     # The keypair this peer proves and the grid's credential for it (credentials.py); None
     # with a grid: a fresh keypair no coordinator admits (tests that talk to it directly).
     identity: WorkerIdentity | None = None
+    # What `mw` advertises (worker/middleware.py); None: detected from the programs installed.
+    middleware: tuple[str, ...] | None = None
 
 
 class WorkerDaemon:
@@ -111,6 +129,12 @@ class WorkerDaemon:
         self.data_policy = wire.KeyPolicy({config.grid.public} if config.grid else set())
         self.data_server: DataServer | None = None
         self.runs: dict[tuple[str, str, int], tuple[TaskRun, asyncio.Task[None]]] = {}
+        self.services = ServiceRuns(
+            self.store.root / SANDBOXES,
+            lambda: config.interface or _own_address(),
+            self._apply,
+        )
+        self.middleware = config.middleware or detect_middleware()
         self.core: WorkerCore | None = None
         self.advertiser: Advertiser | None = None
         self._control: zmq.asyncio.Socket | None = None
@@ -174,6 +198,7 @@ class WorkerDaemon:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await asyncio.gather(*(run.stop() for run, _ in self.runs.values()))
+            await self.services.close()
             if self.job is not None:
                 prefetches = list(self.job.prefetches)
                 self.job.end()
@@ -202,7 +227,7 @@ class WorkerDaemon:
             cost=self.config.cost,
             arch=platform.machine() or "unknown",
             os=platform.system().lower() or "unknown",
-            mw=("native",),
+            mw=self.middleware,
             key=self.keypair.public.decode() if self.keypair else "",
             grid=grid.fingerprint if grid else INSECURE_FINGERPRINT,
             cred=self.config.identity.credential if grid and self.config.identity else "",
@@ -220,8 +245,11 @@ class WorkerDaemon:
         return None
 
     async def _unreadable(self, client: bytes, frame: bytes, err: ProtocolError) -> bytes | None:
-        """A frame that failed `decode`: a run it names is refused (so its coordinator does
-        not wait for it), anything else gets an `error`."""
+        """A frame that failed `decode`: a run it names is refused and a service it names
+        failed (so its coordinator does not wait for them), anything else gets an `error`."""
+        service = service_of(frame)
+        if service is not None:
+            return wire.encode(ServiceFailed(service[1], service[2], str(err)[:1000]))
         about = attempt_of(frame)
         if about is None or about[0] not in (Run.TYPE, RunPart.TYPE):
             return wire.encode(Error(str(err)[:1000]))
@@ -247,6 +275,10 @@ class WorkerDaemon:
                 return core.CancelRequested(client, msg.job, msg.task)
             case Prefetch():
                 return core.PrefetchRequested(client, msg.job, msg.files)
+            case ServiceStart():
+                return core.ServiceStartRequested(client, msg.job, msg.name, msg)
+            case ServiceStop():
+                return core.ServiceStopRequested(client, msg.job, msg.name)
         raise ProtocolError(f"a worker does not take {msg.TYPE!r} messages")
 
     async def _apply(self, event: core.Event) -> None:
@@ -279,6 +311,10 @@ class WorkerDaemon:
                         # its report is dropped because the run is no longer registered.
                         log.info("stopping %s/%s: %s", job, task, reason)
                         self._keep(asyncio.create_task(entry[0].stop()))
+                case core.StartService(job, _, spec):
+                    self.services.start(job, spec)
+                case core.StopService(job, name, reason):
+                    self.services.stop(job, name, reason)
 
     def _job_started(self, job: str, keys: Keypair | None) -> None:
         grid = self.config.grid
@@ -392,7 +428,10 @@ class WorkerDaemon:
         while True:
             await asyncio.sleep(_IDLE_SAMPLE_S)
             try:
-                active = await monitor.owner_active(time.monotonic(), bool(self.runs))
+                # Service runs are the grid's too (a slurmd and the jobs it starts): their
+                # CPU is not the owner's load.
+                grid_busy = bool(self.runs or self.services)
+                active = await monitor.owner_active(time.monotonic(), grid_busy)
                 if active != self.core.owner_active:
                     log.info("owner %s: %s", "back" if active else "away", monitor.policy.why)
                     await self._apply(core.OwnerActivity(active))
@@ -465,6 +504,12 @@ def job_keys(msg: Reserve) -> Keypair | None:
     if not matches:
         raise ProtocolError("job_secret is not the secret half of job_public")
     return Keypair(public.encode(), secret.encode())
+
+
+def _own_address() -> str:
+    """The address a service's `{host}` names on a peer serving every interface: the first it
+    advertises (a routable one before a link-local one)."""
+    return advertised_addresses(InterfaceChoice.All)[0]
 
 
 def default_cache_dir(name: str) -> Path:

@@ -33,6 +33,20 @@ SAMPLES: dict[str, p.Message] = {
         p.Cancel("job-42", "t1"),
         p.Prefetch("job-42", (p.PrefetchFile(FileRef(D1, 3), (SOURCE,)),)),
         p.Probe((D1, D2)),
+        p.ServiceStart(
+            "job-42",
+            "slurmd",
+            ("slurmd", "-D", "-f", "{dir}/slurm.conf", "-p", "{port:slurmd}"),
+            {"slurm.conf": "NodeAddr={host}\nPort={port:slurmd}\n"},
+            {"munge.key": b"\x00\x01secret"},
+            ("slurmd",),
+            {"SLURM_CONF": "{dir}/slurm.conf"},
+            "ready",
+        ),
+        p.ServiceStop("job-42", "slurmd"),
+        p.ServiceUp("job-42", "slurmd", {"slurmd": 6818}, "/var/cache/bg/sandboxes/service-x/s"),
+        p.ServiceFailed("job-42", "slurmd", "'slurmd' exited (1) before it wrote 'ready'"),
+        p.ServiceExited("job-42", "slurmd", -9, False, "slurmd: fatal: ..."),
         p.Reserved("job-42", 5555, 4),
         p.Denied("job-42", "busy"),
         p.HeartbeatAck("job-42", (("t1", 1), ("t2", 3))),
@@ -81,9 +95,10 @@ _DROP = object()
 
 def test_the_protocol_has_the_messages_of_every_conversation() -> None:
     control = {"reserve", "heartbeat", "release", "run", "run_part", "cancel", "prefetch"}
-    control |= {"probe"}
+    control |= {"probe", "service_start", "service_stop"}
     replies = {"reserved", "denied", "heartbeat_ack", "released", "preempted", "task_done"}
     replies |= {"prefetched", "holding", "error", "started", "refused"}
+    replies |= {"service_up", "service_failed", "service_exited"}
     data = {"get", "chunk", "missing"}
     jobctl = {"cancel_job", "cancelling"}  # `bgrid cancel` -> coordinator
     assert set(p.MESSAGES) == control | replies | data | jobctl == set(SAMPLES)
