@@ -124,7 +124,6 @@ class Cluster:
         conf_text = template.node_conf(self.layout, None if dynamic else peer, str(munge))
         conf = slurmd_dir / "slurm.conf"
         conf.write_text(conf_text.replace("{dir}", str(slurmd_dir)))
-        (slurmd_dir / "spool").mkdir()
         self.start(
             f"{host.name}-slurmd", host, template.slurmd_argv(str(conf), peer, dynamic=dynamic)
         )
@@ -133,7 +132,6 @@ class Cluster:
     def start_controller(self, peers: Sequence[HeldPeer]) -> None:
         self.start_munged("ctld-munge", self.controller)
         ctld = self.directory("ctld")
-        (ctld / "ctld-state").mkdir()
         self.conf.write_text(template.controller_conf(self.layout, peers))
         self.start("slurmctld", self.controller, template.slurmctld_argv(str(self.conf)))
 

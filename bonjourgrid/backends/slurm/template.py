@@ -271,6 +271,7 @@ _FAILED_REASONS = {
     "PREEMPTED": "preempted",
 }
 _LOST_NODE_STATES = ("DOWN", "FAIL", "NOT_RESPONDING")
+_NODE_FLAGS = "*~#!%$@^-"
 
 
 @dataclass(frozen=True)
@@ -290,8 +291,12 @@ class JobRow:
 class NodeRow:
     name: str
     state: str  # upper case, flags stripped: IDLE, ALLOCATED, DOWN, DRAINED, ...
-    responding: bool
+    flags: str  # sinfo's suffixes: "*" not responding, "~" powered off, "#" powering up...
     reason: str
+
+    @property
+    def responding(self) -> bool:
+        return "*" not in self.flags
 
 
 def parse_squeue(text: str) -> list[JobRow]:
@@ -354,12 +359,9 @@ def parse_sinfo_nodes(text: str) -> list[NodeRow]:
             continue
         name, state, reason = [*line.split("|", 2), "", ""][:3]
         state = state.strip()
-        flags = set(state[len(state.rstrip("*~#!%$@^-")) :])
+        bare = state.rstrip(_NODE_FLAGS)
         seen[name.strip()] = NodeRow(
-            name=name.strip(),
-            state=state.rstrip("*~#!%$@^-").upper(),
-            responding="*" not in flags,
-            reason=reason.strip(),
+            name=name.strip(), state=bare.upper(), flags=state[len(bare) :], reason=reason.strip()
         )
     return list(seen.values())
 
@@ -369,7 +371,7 @@ def node_lost(row: NodeRow) -> bool:
 
 
 def node_ready(row: NodeRow) -> bool:
-    return row.responding and row.state in {"IDLE", "MIXED", "ALLOCATED", "COMPLETING"}
+    return not row.flags and row.state in {"IDLE", "MIXED", "ALLOCATED", "COMPLETING"}
 
 
 def run_outcome(row: JobRow, task: str, attempt: int, peer: str) -> list[TaskEvent]:
