@@ -14,6 +14,7 @@ slurmd 22.05 always wants a cgroup plugin, hence /sys/fs/cgroup.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -30,9 +31,21 @@ from typing import Any
 import psutil
 import pytest
 
-from bonjourgrid.backends.base import HeldPeer, TaskFailed, TaskFinished, TaskRun
-from bonjourgrid.backends.slurm import template
-from tests.waiting import wait_until
+from bonjourgrid.backends.base import (
+    BackendContext,
+    Commands,
+    Completed,
+    HeldPeer,
+    ServiceSpec,
+    ServiceStarted,
+    TaskEvent,
+    TaskFailed,
+    TaskFinished,
+    TaskRun,
+    TaskStarted,
+)
+from bonjourgrid.backends.slurm import SlurmBackend, template
+from tests.waiting import async_wait_until, wait_until
 
 from .conftest import _live_lan
 from .netns import Host, Lan
@@ -131,7 +144,7 @@ class Cluster:
 
     def start_controller(self, peers: Sequence[HeldPeer]) -> None:
         self.start_munged("ctld-munge", self.controller)
-        ctld = self.directory("ctld")
+        self.directory("ctld")
         self.conf.write_text(template.controller_conf(self.layout, peers))
         self.start("slurmctld", self.controller, template.slurmctld_argv(str(self.conf)))
 
@@ -323,4 +336,149 @@ def test_a_transient_cluster_runs_a_chain_drains_a_node_takes_a_new_one_and_goes
         lambda: _processes_under(cluster.root) == [],
         _STOP_S,
         lambda: f"no daemon left; still running: {_processes_under(cluster.root)}",
+    )
+
+
+# -- the backend itself, on the same kind of cluster ----------------------------------------
+
+
+class NamespaceCommands(Commands):
+    """A test seam: the coordinator's commands run in host 1's network namespace."""
+
+    def __init__(self, host: Host) -> None:
+        super().__init__()
+        self.prefix = ("nsenter", f"--net=/run/netns/{host.name}")
+
+    async def run(self, argv: Sequence[str], **kw: Any) -> Completed:
+        return await super().run([*self.prefix, *argv], **kw)
+
+    async def spawn(self, argv: Sequence[str], **kw: Any) -> asyncio.subprocess.Process:
+        return await super().spawn([*self.prefix, *argv], **kw)
+
+
+class NamespaceServices:
+    """What a worker does with a service run (its {dir}, files, secrets 0600, ready file),
+    done here in the peer's namespace: a stand-in until workers start service runs."""
+
+    def __init__(self, hosts: dict[str, Host], root: Path) -> None:
+        self.hosts = hosts
+        self.root = root
+        self.running: dict[tuple[str, str], subprocess.Popen[Any]] = {}
+
+    async def start_service(self, peer: str, spec: ServiceSpec) -> ServiceStarted:
+        host = self.hosts[peer]
+        directory = self.root / f"{host.name}-{spec.name}"
+        directory.mkdir(mode=0o700, parents=True)
+        for name, text in spec.files.items():
+            (directory / name).write_text(text.replace("{dir}", str(directory)))
+        for name, data in spec.secrets.items():
+            (directory / name).touch(mode=0o600)
+            (directory / name).write_bytes(data)
+        argv = [a.replace("{dir}", str(directory)) for a in spec.argv]
+        with (host.logs / f"{spec.name}.log").open("ab") as log:
+            self.running[(peer, spec.name)] = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{host.name}", *argv],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        ready = directory / spec.ready_file
+        await async_wait_until(ready.exists, UP_S, f"{spec.name} on {peer} ready")
+        return ServiceStarted(peer, spec.name, {}, str(directory))
+
+    async def stop_service(self, peer: str, name: str) -> None:
+        proc = self.running.pop((peer, name))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, _STOP_S)
+
+    def stop_all(self) -> None:
+        for proc in self.running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(_STOP_S)
+        self.running.clear()
+
+
+# Stand-in for `bgrid task-step` (part 4, not built yet), first on the jobs' PATH: it records
+# which run ran on which node, and fails the runs named fail*.
+_TASK_STEP = """#!/bin/sh
+# task-step --socket S --job J --task T --attempt A
+echo "$7 $9 $SLURMD_NODENAME" >> {results}/$7.txt
+case "$7" in fail*) exit 4;; slow*) sleep 60;; esac
+"""
+
+
+async def test_the_backend_deploys_runs_resizes_and_tears_down(lan: Lan) -> None:
+    root = Path(tempfile.mkdtemp(prefix="bgslurm-"))
+    h1, h2, h3, h4 = lan.hosts
+    results = root / "results"
+    results.mkdir()
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "bgrid").write_text(_TASK_STEP.replace("{results}", str(results)))
+    (bin_dir / "bgrid").chmod(0o755)
+    p2, p3, p4 = _held(h2, "desk2"), _held(h3, "desk3"), _held(h4, "late one")
+    services = NamespaceServices({"desk2": h2, "desk3": h3, "late one": h4}, root)
+    context = BackendContext(
+        job="bk", root=root, state_dir=root / "coord", commands=NamespaceCommands(h1),
+        services=services, options={"address": h1.ip, "poll_s": "0.2"},
+    )  # fmt: skip
+    backend = SlurmBackend(context)
+    seen: list[TaskEvent] = []
+
+    async def collect() -> None:
+        async for event in backend.events():
+            seen.append(event)
+
+    def ended(task: str) -> TaskEvent | None:
+        return next((e for e in seen if isinstance(e, TaskFinished | TaskFailed)
+                     and e.task == task), None)  # fmt: skip
+
+    os.environ["PATH"] = f"{bin_dir}:{os.environ['PATH']}"  # sbatch hands the PATH on
+    collector: asyncio.Task[None] | None = None
+    try:
+        await backend.deploy([p2, p3])
+        collector = asyncio.create_task(collect())
+        await backend.submit(TaskRun("a", 1, "desk2", "(step)"))
+        await async_wait_until(lambda: ended("a"), RUN_S, lambda: f"a ended: {seen}")
+        await backend.submit(TaskRun("b", 1, "desk3", "(step)", parents=("a",)))
+        await backend.submit(TaskRun("fail", 1, "desk2", "(step)"))
+        await backend.submit(TaskRun("slow", 1, "desk3", "(step)"))
+        await async_wait_until(
+            lambda: ended("b") and ended("fail") and TaskStarted("slow", 1, "desk3") in seen,
+            RUN_S,
+            lambda: f"b and fail ended, slow started: {seen}",
+        )
+        assert ended("a") == TaskFinished("a", 1, "desk2")
+        assert ended("b") == TaskFinished("b", 1, "desk3")
+        assert ended("fail") == TaskFailed("fail", 1, "desk2", "exit 4", exit_code=4)
+        assert (results / "b.txt").read_text() == "b 1 desk3\n"
+        await backend.cancel("slow", 1, "not needed")
+
+        await backend.add_peer(p4)
+        await backend.submit(TaskRun("late", 1, "late one", "(step)"))
+        await async_wait_until(lambda: ended("late"), RUN_S, lambda: f"late ended: {seen}")
+        assert (results / "late.txt").read_text().split()[-1] == template.node_name("late one")
+
+        await backend.submit(TaskRun("slow", 2, "desk3", "(step)"))
+        await async_wait_until(
+            lambda: TaskStarted("slow", 2, "desk3") in seen, RUN_S, lambda: f"{seen}"
+        )
+        await backend.remove_peer("desk3", "owner back")
+        await async_wait_until(lambda: ended("slow"), RUN_S, lambda: f"slow lost: {seen}")
+        assert ended("slow") == TaskFailed("slow", 2, "desk3", "peer left: owner back")
+        assert not [e for e in seen if isinstance(e, TaskFailed) and e.attempt == 1
+                    and e.task == "slow"]  # fmt: skip
+    finally:
+        await backend.teardown()
+        if collector is not None:
+            await asyncio.wait_for(collector, _STOP_S)
+        services.stop_all()
+        os.environ["PATH"] = os.environ["PATH"].removeprefix(f"{bin_dir}:")
+        shutil.rmtree(root, ignore_errors=True)
+    assert services.running == {}
+    await async_wait_until(
+        lambda: _processes_under(root) == [],
+        _STOP_S,
+        lambda: f"no daemon left; still running: {_processes_under(root)}",
     )

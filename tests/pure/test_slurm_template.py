@@ -161,7 +161,7 @@ def test_squeue_rows() -> None:
         ("4", "FAILED", "n3", "NonZeroExitCode"),
         ("5", "PENDING", "", "DependencyNeverSatisfied"),
     ]
-    with pytest.raises(ValueError, match="5 '|'-separated"):
+    with pytest.raises(ValueError, match=r"want 5 '\|'-separated"):
         template.parse_squeue("1|a|RUNNING\n")
 
 
