@@ -159,13 +159,15 @@ class SlurmBackend:
         node = template.node_name(peer)
         await self._scontrol("update", f"nodename={node}", "state=drain", f"reason={reason}",
                              check=False)  # fmt: skip
+        cancelled = []
         for job_id, run in self._runs.items():
             if run.peer == peer and not run.done:
                 run.done = True
-                await self._slurm(["scancel", job_id], check=False)
+                cancelled.append(job_id)
                 self._pending.append(
                     TaskFailed(run.task, run.attempt, peer, f"peer left: {reason}")
                 )
+        await self._cancel_and_wait(cancelled)
         self._peers.pop(peer, None)
         self._node_dirs.pop(peer, None)
         for name in (_SLURMD, _MUNGED):
@@ -177,7 +179,7 @@ class SlurmBackend:
         self._closed = True
         live = [i for i, r in self._runs.items() if not r.done]
         if live and self.conf.exists():
-            await self._slurm(["scancel", *live], check=False)
+            await self._cancel_and_wait(live)
         for peer in list(self._peers):
             for name in (_SLURMD, _MUNGED):
                 with contextlib.suppress(Exception):
@@ -220,6 +222,23 @@ class SlurmBackend:
 
     async def submit_plan(self, plan: JobPlan) -> None:
         raise ConfigError("the slurm backend takes ready runs one by one (dependencies: core)")
+
+    async def _cancel_and_wait(self, job_ids: Sequence[str]) -> None:
+        """scancel, then wait until Slurm has killed them: slurmstepd leaves slurmd's process
+        group, so stopping slurmd first would leave the task running on the peer."""
+        if not job_ids:
+            return
+        await self._slurm(["scancel", *job_ids], check=False)
+
+        async def ended() -> bool:
+            out = await self._slurm(["squeue", "--states=all", "--noheader", "-j",
+                                     ",".join(job_ids), "-o", template.SQUEUE_FORMAT],
+                                    check=False)  # fmt: skip
+            rows = template.parse_squeue(out.stdout) if out.returncode == 0 else []
+            return not any(r.state in template.ACTIVE for r in rows)
+
+        with contextlib.suppress(ConfigError):  # a dead controller kills nothing more
+            await self._wait_async(ended, f"Slurm jobs {', '.join(job_ids)} killed")
 
     async def cancel(self, task: str, attempt: int, reason: str) -> None:
         job_id = self._ids.get((task, attempt))
