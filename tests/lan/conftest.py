@@ -39,10 +39,15 @@ class Bgrid:
         return host.run(self.command(*args), timeout=timeout, env=env, cwd=cwd)
 
     def start(
-        self, host: Host, *args: str, env: Mapping[str, str] | None = None
+        self,
+        host: Host,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        host_sys: bool = False,
     ) -> subprocess.Popen[Any]:
-        """Start `bgrid ARGS` (a daemon) in `host`; it is killed when the LAN closes."""
-        return host.popen(self.command(*args), env=env)
+        """Start `bgrid ARGS` (a daemon) in `host`; it is killed when the LAN closes.
+        `host_sys`: keep this machine's /sys (see `Host._command`)."""
+        return host.popen(self.command(*args), env=env, host_sys=host_sys)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

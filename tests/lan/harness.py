@@ -139,6 +139,9 @@ class LanGrid:
         self.tag = secrets.token_hex(2)  # peer names (hence cache directories) of this test
         self.workers: dict[str, Worker] = {}
         self._reports = itertools.count(1)
+        # Start daemons and submits keeping this machine's /sys (middlewares such as slurmd
+        # need /sys/fs/cgroup); the default gives each host its own, as a real desktop has.
+        self.host_sys = False
 
     def start_worker(
         self, role: str, host_index: int, cost: float, *flags: str, ram: str = "1GiB"
@@ -155,6 +158,7 @@ class LanGrid:
             "--cost", f"{cost:g}",
             "--always-idle",
             *flags,
+            host_sys=self.host_sys,
         )  # fmt: skip
         worker = Worker(name, host, proc)
         self.workers[name] = worker
@@ -200,7 +204,7 @@ class LanGrid:
         host = host or self.submitter
         report = wf.parent / f"report-{next(self._reports)}.json"
         args = ("submit", str(wf), "--report", str(report), *FAST, *flags)
-        return Running(host, self.bgrid.start(host, *args), report)
+        return Running(host, self.bgrid.start(host, *args, host_sys=self.host_sys), report)
 
     def submit(self, wf: Path, *flags: str, host: Host | None = None) -> Submitted:
         return self.start_submit(wf, *flags, host=host).finish()

@@ -141,7 +141,12 @@ class Host:
     def __repr__(self) -> str:
         return f"Host({self.name!r}, {self.ip!r})"
 
-    def _command(self, args: Sequence[str]) -> list[str]:
+    def _command(self, args: Sequence[str], host_sys: bool = False) -> list[str]:
+        """`ip netns exec` gives the process a private /sys of the namespace; `host_sys`
+        enters the network namespace only (`nsenter --net`), keeping this machine's /sys:
+        slurmd 22.05 needs /sys/fs/cgroup, which `ip netns exec` hides."""
+        if host_sys:
+            return ["nsenter", f"--net=/run/netns/{self.name}", *args]
         return ["ip", "netns", "exec", self.name, *args]
 
     def _log_paths(self, args: Sequence[str]) -> tuple[Path, Path]:
@@ -152,7 +157,12 @@ class Host:
         return {**self.env, **(env or {})}
 
     def popen(
-        self, args: Sequence[str], *, env: Mapping[str, str] | None = None, **kw: Any
+        self,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        host_sys: bool = False,
+        **kw: Any,
     ) -> subprocess.Popen[Any]:
         """Start `args` inside this host (own process group), output to log files; tracked."""
         out_path, err_path = self._log_paths(args)
@@ -161,7 +171,7 @@ class Host:
             kw.setdefault("stderr", err)
             kw.setdefault("stdin", subprocess.DEVNULL)
             proc: subprocess.Popen[Any] = subprocess.Popen(
-                self._command(args),
+                self._command(args, host_sys),
                 env=self._merged_env(env),
                 start_new_session=True,  # so teardown can signal the whole process group
                 **kw,
