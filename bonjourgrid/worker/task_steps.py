@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 SOCKET = "task-step.sock"
 SCRIPT = "task-step"
 CLAIM_READ_S = 10.0  # a connection that sends no claim by then is closed
+# A claim may outrun its `run` (the batch job started before the worker read the message):
+# a run this peer has not heard of is waited for this long before the claim is refused.
+UNSTAGED_WAIT_S = 10.0
 _ENDED_KEPT = 1000  # why recent external runs ended, for the refusals of late claims
 _SUN_PATH = 107  # bytes of a unix socket's path (108 with its NUL)
 NOT_STORED_EXIT = 1  # what a step exits with when its command exited 0 but its outputs failed
@@ -206,6 +209,7 @@ class TaskSteps:
         self._ended: OrderedDict[RunKey, str] = OrderedDict()
         self._servers: dict[Path, asyncio.Server] = {}  # by socket path
         self._connections: set[asyncio.Task[None]] = set()
+        self._arrival = asyncio.Event()  # set (and replaced) as each run is expected
 
     def expect(self, job: str, task: str, attempt: int) -> ExternalStep:
         """An external run starts staging: register it for a claim."""
@@ -213,6 +217,8 @@ class TaskSteps:
         step = ExternalStep(key, self)
         self.staged[key] = step
         self._ended.pop(key, None)
+        self._arrival.set()
+        self._arrival = asyncio.Event()
         return step
 
     def ended(self, key: RunKey, why: str) -> None:
@@ -279,6 +285,8 @@ class TaskSteps:
                 what = "nothing" if claim is None else f"a {claim.TYPE!r}"
                 await send_step(writer, StepRefused(f"expected a step_claim, got {what}"))
                 return
+            if claim.job == job:
+                await self._arrived((claim.job, claim.task, claim.attempt))
             refusal = self._refusal(job, claim)
             if refusal:
                 log.warning("task-step claim refused: %s", refusal)
@@ -298,6 +306,17 @@ class TaskSteps:
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
+
+    async def _arrived(self, key: RunKey) -> None:
+        """Until the run is known here (staged or ended), for UNSTAGED_WAIT_S at most."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + UNSTAGED_WAIT_S
+        while key not in self.staged and key not in self._ended:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrival.wait(), left)
 
     def _refusal(self, job: str, claim: StepClaim) -> str:
         """Why `claim` cannot have its run ("" when it can)."""

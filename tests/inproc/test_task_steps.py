@@ -24,7 +24,7 @@ import pytest_asyncio
 import zmq.asyncio
 
 from bonjourgrid import keys, wire
-from bonjourgrid.worker import task_step
+from bonjourgrid.worker import task_step, task_steps
 from bonjourgrid.worker.daemon import WorkerConfig
 from bonjourgrid.worker.task_steps import NOT_STORED_EXIT, SCRIPT, SOCKET
 from tests.inproc.test_service_runs import running
@@ -153,7 +153,18 @@ async def test_outputs_that_cannot_be_stored_fail_the_step(node: Node) -> None:
     assert code == NOT_STORED_EXIT and "did not write its output" in said  # no afterok
 
 
-async def test_claims_that_cannot_be_granted_are_refused_with_their_reason(node: Node) -> None:
+async def test_a_claim_that_comes_before_its_run_waits_for_it(node: Node) -> None:
+    step = await node.step("early")  # the batch job started before the worker read the run
+    await node.run("early", "echo on time")
+    done = await node.report()
+    assert done["exit_code"] == 0 and done["stdout"] == b"on time\n", done
+    assert await finished(step) == (0, "")
+
+
+async def test_claims_that_cannot_be_granted_are_refused_with_their_reason(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(task_steps, "UNSTAGED_WAIT_S", 0.3)  # a run that never comes
     code, said = await finished(await node.step("never-sent"))
     assert code == task_step.REFUSED_EXIT
     assert "no run 'never-sent' attempt 1 of job job-1 was staged on this peer" in said
