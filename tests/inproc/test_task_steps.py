@@ -49,9 +49,12 @@ class Node:
     sock: Any  # the control connection holding the lease
     directory: Path  # the service's {dir}
 
-    async def run(self, task: str, command: str, attempt: int = 1, **files: Any) -> None:
+    async def run(
+        self, task: str, command: str, attempt: int = 1, limits: Any = None, **files: Any
+    ) -> None:
         """Send an external run; returns once it is acknowledged (`started`)."""
         fields = self.coordinator.run_fields(JOB, task, command, attempt=attempt, **files)
+        fields["limits"] = limits or {}
         await self.sock.send(wire.pack_raw("run", **fields, launch="external"))
         ack = await self.coordinator.ask(self.sock, "heartbeat", job=JOB, lease_s=30.0)
         assert ack["t"] == "heartbeat_ack" and [task, attempt] in ack["running"], ack
@@ -142,6 +145,16 @@ async def test_a_failing_command_fails_the_run_and_its_step_with_its_exit_code(
     assert done["stderr_tail"] == "broken\n"
     code, said = await finished(step)
     assert code == 3 and "exited 3" in said
+
+
+async def test_the_step_keeps_the_runs_wall_clock_limit(node: Node) -> None:
+    marker = f"7000.{uuid.uuid4().int % 10**9}"
+    await node.run("late", f"sleep {marker}", limits={"wall_s": 1})
+    step = await node.step("late")
+    done = await node.report()
+    assert "exceeded its wall-clock limit of 1 s" in done["error"], done
+    assert (await finished(step))[0] == 128 + signal.SIGTERM
+    assert not processes_named(marker)
 
 
 async def test_outputs_that_cannot_be_stored_fail_the_step(node: Node) -> None:
