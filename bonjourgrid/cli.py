@@ -74,6 +74,12 @@ def _worker_identity(name: str | None, credential: str | None) -> WorkerIdentity
     return identity
 
 
+def _task_step(args: argparse.Namespace) -> int:
+    from bonjourgrid.worker.task_step import task_step
+
+    return asyncio.run(task_step(Path(args.socket), args.job, args.task, args.attempt))
+
+
 def _cache(args: argparse.Namespace) -> int:
     from bonjourgrid.cache import local
     from bonjourgrid.units import format_size
@@ -568,6 +574,17 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="keep the table current, in place, until Ctrl-C",
             )
+
+    ts = command(
+        "task-step",
+        help="run a task the worker on this peer staged, inside a middleware's job "
+        "(the slurm backend's batch scripts call it through {dir}/task-step)",
+    )
+    ts.add_argument("--socket", required=True, help="the worker's task-step socket")
+    ts.add_argument("--job", required=True, help="the bgrid job")
+    ts.add_argument("--task", required=True, help="the task")
+    ts.add_argument("--attempt", required=True, type=int, help="the attempt (from 1)")
+    ts.set_defaults(run=_task_step)
 
     ch = command("cache", help="show what this desktop's worker cache holds, or clear it")
     ch.add_argument("--name", help="the worker's name (default: host name)")

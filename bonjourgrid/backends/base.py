@@ -185,6 +185,9 @@ class ServiceSpec:
     ports: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     ready_file: str = ""  # the service is up once this file (relative to {dir}) exists
+    # Its jobs run the job's external runs (RunStaging): the worker writes `{dir}/task-step`,
+    # the command that claims one and runs it (worker/task_steps.py).
+    task_steps: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,21 @@ class ServiceStarted:
     name: str
     ports: Mapping[str, int]
     directory: str  # {dir} on the peer
+
+
+class RunStaging(Protocol):
+    """Runs staged on bgrid's own workers for a middleware's job to run (launch "external").
+
+    `stage` sends the run to the worker on `run.peer`, which fetches its inputs into a sandbox
+    (prefetch and peer-to-peer data as for any run) and waits for the middleware's job to
+    claim it with `{dir}/task-step` of a `task_steps` service; the worker then stores its
+    outputs and reports its end, outputs and logs included, as for a run it started itself.
+    `drop` takes back a run no job will claim (cancelled, failed in the middleware); it does
+    nothing once the worker has reported the run's end."""
+
+    async def stage(self, run: TaskRun) -> None: ...
+
+    async def drop(self, task: str, attempt: int, reason: str) -> None: ...
 
 
 class ServiceControl(Protocol):
@@ -338,6 +356,7 @@ class BackendContext:
     state_dir: Path  # where the backend may write its files (configs, DAGs, logs)
     commands: Commands
     services: ServiceControl | None = None
+    staging: RunStaging | None = None  # for backends that run bgrid-staged runs
     options: Mapping[str, str] = field(default_factory=dict)  # e.g. {"pool": "host:9618"}
 
 

@@ -12,7 +12,8 @@ frame limit is a ProtocolError at the sender. A `run` too big for one frame trav
 `run` followed by `run_part`s (`split_run`), which the worker assembles before it starts.
 
 The package: `fields.py` holds the limits and one check per kind of value; `messages.py` the
-message classes, `encode`, `decode` and `split_run`. Import from here.
+message classes, `encode`, `decode` and `split_run`; `steps.py` the messages between `bgrid
+task-step` and its worker (a local socket, the same frames). Import from here.
 """
 
 from bonjourgrid.protocol.fields import (
@@ -36,6 +37,7 @@ from bonjourgrid.protocol.fields import (
     check_path,
 )
 from bonjourgrid.protocol.messages import (
+    LAUNCHES,
     MESSAGES,
     Cancel,
     CancelJob,
@@ -77,9 +79,21 @@ from bonjourgrid.protocol.messages import (
     service_of,
     split_run,
 )
+from bonjourgrid.protocol.steps import (
+    StepClaim,
+    StepExited,
+    StepGranted,
+    StepMessage,
+    StepRefused,
+    StepStop,
+    StepVerdict,
+    recv_step,
+    send_step,
+)
 
 __all__ = [
     "CHUNK_SIZE",
+    "LAUNCHES",
     "MAX_CONTROL_FRAME",
     "MAX_DATA_FRAME",
     "MAX_LIST",
@@ -125,6 +139,13 @@ __all__ = [
     "ServiceUp",
     "Source",
     "Started",
+    "StepClaim",
+    "StepExited",
+    "StepGranted",
+    "StepMessage",
+    "StepRefused",
+    "StepStop",
+    "StepVerdict",
     "TaskDone",
     "TaskInput",
     "as_map",
@@ -135,6 +156,8 @@ __all__ = [
     "frame_limit",
     "from_fields",
     "pack_raw",
+    "recv_step",
+    "send_step",
     "service_of",
     "split_run",
 ]

@@ -54,6 +54,7 @@ _PORT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
 
 _CHECK = "check"
 _PACK = "pack"
+_OMIT_DEFAULT = "omit_default"  # a field left off the wire at its default (added later)
 
 
 # -- checks: each turns a raw wire value into its field's value, or raises ProtocolError ----
@@ -453,9 +454,23 @@ def _directory(value: Any, what: str) -> str:
 
 
 def _f(
-    check: Callable[[Any, str], Any], pack: Callable[[Any], Any] | None = None
+    check: Callable[[Any, str], Any],
+    pack: Callable[[Any], Any] | None = None,
+    omit_default: bool = False,
 ) -> dict[str, Any]:
-    return {_CHECK: check, _PACK: pack}
+    """A field's metadata. `omit_default`: the field is not sent while it holds its default,
+    so a peer of an earlier release, which does not know it, gets the frame it always got."""
+    return {_CHECK: check, _PACK: pack, _OMIT_DEFAULT: omit_default}
+
+
+def _one_of(*choices: str) -> Callable[[Any, str], str]:
+    def check(value: Any, what: str) -> str:
+        text = _str(value, what, 64)
+        if text not in choices:
+            raise ProtocolError(f"{what} {text[:40]!r} is not one of {', '.join(choices)}")
+        return text
+
+    return check
 
 
 JOB = _f(check_job)

@@ -18,6 +18,7 @@ from bonjourgrid.cache.store import FileRef
 from bonjourgrid.errors import ProtocolError
 from bonjourgrid.protocol.fields import (
     _CHECK,
+    _OMIT_DEFAULT,
     _PACK,
     ATTEMPT,
     CHUNK_SIZE,
@@ -56,6 +57,7 @@ from bonjourgrid.protocol.fields import (
     _limits,
     _listed,
     _made,
+    _one_of,
     _optional_path,
     _outputs,
     _pack_files,
@@ -124,10 +126,21 @@ class Release(Message):
     job: str = field(metadata=JOB)
 
 
+# How a run's command starts: the worker spawns it, or a middleware's job does (a Slurm
+# batch job running `bgrid task-step`), which claims the sandbox the worker staged for it.
+LAUNCHES = ("worker", "external")
+
+
 @_message
 @dataclass(frozen=True)
 class Run(Message):
-    """Run a task; `parts` more inputs and outputs follow in `run_part` messages."""
+    """Run a task; `parts` more inputs and outputs follow in `run_part` messages.
+
+    `launch` "external": the worker stages the inputs and acknowledges (`started`) as for any
+    run, but does not start the command: a `bgrid task-step` on the peer claims the run over
+    the task-step socket of one of the job's service runs (worker/task_steps.py), runs the
+    command itself, and the worker stores the outputs and reports `task_done` as usual.
+    """
 
     TYPE = "run"
     job: str = field(metadata=JOB)
@@ -139,6 +152,7 @@ class Run(Message):
     env: dict[str, str] = field(metadata=_f(_env))
     limits: dict[str, int] = field(metadata=_f(_limits))  # {"cpu_s", "memory"}: worker/limits
     parts: int = field(default=0, metadata=_f(lambda v, w: _int(v, w, 0, MAX_RUN_PARTS)))
+    launch: str = field(default="worker", metadata=_f(_one_of(*LAUNCHES), omit_default=True))
 
 
 @_message
@@ -200,6 +214,9 @@ class ServiceStart(Message):
     ports: tuple[str, ...] = field(default=(), metadata=_f(_port_names, list))
     env: dict[str, str] = field(default_factory=dict, metadata=_f(_env))
     ready_file: str = field(default="", metadata=_f(_optional_path))
+    # The service's job script claims the job's external runs: the worker listens on
+    # `{dir}/task-step.sock` and writes `{dir}/task-step`, the command that claims one.
+    task_steps: bool = field(default=False, metadata=_f(_flag, omit_default=True))
 
     def __post_init__(self) -> None:
         # Whole-message checks, here so that decode and a sender building one both make them.
@@ -455,6 +472,8 @@ def as_map(message: Message) -> dict[str, Any]:
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": message.TYPE}
     for f in fields(message):
         value = getattr(message, f.name)
+        if f.metadata[_OMIT_DEFAULT] and value == f.default:
+            continue
         pack = f.metadata[_PACK]
         body[f.name] = pack(value) if pack is not None else value
     return body
@@ -523,8 +542,8 @@ def from_fields(cls: type[_T], values: Mapping[str, Any]) -> _T:
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
         if f.name not in values:
-            if f.default is not MISSING:  # an optional field, added later
-                continue
+            if f.default is not MISSING or f.default_factory is not MISSING:
+                continue  # an optional field, added later
             raise ProtocolError(f"{cls.TYPE!r} message without its {f.name!r} field")
         kwargs[f.name] = f.metadata[_CHECK](values[f.name], f"{cls.TYPE} {f.name}")
     return cls(**kwargs)

@@ -20,6 +20,11 @@ whose `TaskStarted` makes the core acknowledge it (`started`). Whatever stops a 
 that answers `refused` with the reason, so the coordinator never waits on a silent peer; a
 `heartbeat_ack` lists the runs in progress, so it can tell a run the peer forgot.
 
+A run with launch "external" moves through the same steps: for the core its command is the
+daemon's business, which stages the inputs and lets a middleware's job claim and run it
+(`bgrid task-step`, worker/task_steps.py); it holds its slot, is listed in heartbeats and
+ends with `task_done` as any run does, and `cancel` drops it.
+
 Service runs (a backend's middleware daemons, worker/service_run.py) belong to the lease too:
 only its holder starts and stops them, they take no task slot, and whatever ends the lease
 (release, expiry, the owner back) stops them as it stops the runs. Their steps are

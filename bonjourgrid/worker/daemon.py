@@ -10,8 +10,10 @@ fetch the intermediate files this peer made. This peer's own fetches for the job
 job's keypair too. `probe` is answered here, from the cache's index, in any state.
 
 Service runs (a backend's middleware daemons) are `services` (worker/service_run.py
-`ServiceRuns`); the core says when to start and stop them. The middleware this peer
-advertises in `mw` is worker/middleware.py's.
+`ServiceRuns`); the core says when to start and stop them. External runs (a `run` with
+launch "external", whose command a middleware's job runs through `bgrid task-step`) and the
+sockets their claims come in on are `steps` (worker/task_steps.py `TaskSteps`). The
+middleware this peer advertises in `mw` is worker/middleware.py's.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ from bonjourgrid.worker.idle import IdleSettings, OwnerMonitor
 from bonjourgrid.worker.middleware import detect_middleware
 from bonjourgrid.worker.sandbox import FETCHED, JobData, RunSpec, Staging, TaskRun, run_spec
 from bonjourgrid.worker.service_run import ServiceRuns
+from bonjourgrid.worker.task_steps import TaskSteps
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +132,12 @@ class WorkerDaemon:
         self.data_policy = wire.KeyPolicy({config.grid.public} if config.grid else set())
         self.data_server: DataServer | None = None
         self.runs: dict[tuple[str, str, int], tuple[TaskRun, asyncio.Task[None]]] = {}
+        self.steps = TaskSteps()
         self.services = ServiceRuns(
             self.store.root / SANDBOXES,
             lambda: config.interface or _own_address(),
             self._apply,
+            self.steps,
         )
         self.middleware = config.middleware or detect_middleware()
         self.core: WorkerCore | None = None
@@ -197,8 +202,9 @@ class WorkerDaemon:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await asyncio.gather(*(run.stop() for run, _ in self.runs.values()))
+            await asyncio.gather(*(run.stop("the worker stops") for run, _ in self.runs.values()))
             await self.services.close()
+            await self.steps.close_all()
             if self.job is not None:
                 prefetches = list(self.job.prefetches)
                 self.job.end()
@@ -310,7 +316,7 @@ class WorkerDaemon:
                         # Stopping the command lets execute() finish and clean its sandbox;
                         # its report is dropped because the run is no longer registered.
                         log.info("stopping %s/%s: %s", job, task, reason)
-                        self._keep(asyncio.create_task(entry[0].stop()))
+                        self._keep(asyncio.create_task(entry[0].stop(reason)))
                 case core.StartService(job, _, spec):
                     self.services.start(job, spec)
                 case core.StopService(job, name, reason):
@@ -390,12 +396,16 @@ class WorkerDaemon:
         sandboxes = self.store.root / SANDBOXES
         sandboxes.mkdir(exist_ok=True)
         workdir = Path(tempfile.mkdtemp(prefix="task-", dir=sandboxes))
-        run = TaskRun(self.job, task, attempt, spec, workdir, self.staging)
+        # An external run's command comes with the `bgrid task-step` that claims it.
+        step = self.steps.expect(job, task, attempt) if spec.launch == "external" else None
+        run = TaskRun(self.job, task, attempt, spec, workdir, self.staging, step)
 
         async def execute() -> None:
             report = task_done(await run.execute())
             if self.runs.pop((job, task, attempt), None) is not None:
                 await self._apply(core.TaskFinished(job, task, attempt, report))
+                if step is not None:  # reported: its step may exit (0: outputs stored)
+                    step.settle(report)
 
         self.runs[(job, task, attempt)] = (run, self._keep(asyncio.create_task(execute())))
 

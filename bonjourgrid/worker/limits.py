@@ -139,6 +139,10 @@ class Limits:
             pairs.append((which, soft, hard))
         return pairs
 
+    def to_wire(self) -> dict[str, int]:
+        """The `limits` map of a message (limits_from_wire reads it back)."""
+        return {k: v for k in LIMIT_KEYS if (v := getattr(self, k)) is not None}
+
     def preexec(self) -> Callable[[], None] | None:
         """A function for subprocess's preexec_fn that sets the limits; None when unlimited."""
         pairs = self.rlimits()  # computed here: the child only makes the system calls

@@ -112,9 +112,8 @@ def kill_marked(tag: str) -> int:
     return _kill_rounds(find)
 
 
-def kill_marked_under(directory: Path) -> int:
-    """Kill every process of this user whose marker names a sandbox in `directory`."""
-    prefix = str(directory.resolve()) + os.sep
+def _marked_of_user(matches: Callable[[str], bool]) -> Callable[[], list[psutil.Process]]:
+    """A finder of the processes of this user (not this one) whose marker `matches`."""
     uid = os.geteuid()
     me = os.getpid()
 
@@ -125,11 +124,23 @@ def kill_marked_under(directory: Path) -> int:
                 if process.pid == me or process.uids().real != uid:
                     continue
                 tag = _marker_of(process)
-                if tag is not None and tag.startswith(prefix):
+                if tag is not None and matches(tag):
                     found.append(process)
         return found
 
-    killed = _kill_rounds(find)
+    return find
+
+
+def kill_marked_anywhere(tag: str) -> int:
+    """Kill every process of this user whose marker is `tag`, descendant or not: the command
+    of an external run (worker/task_steps.py) is a child of the middleware, not of this one."""
+    return _kill_rounds(_marked_of_user(lambda found: found == tag))
+
+
+def kill_marked_under(directory: Path) -> int:
+    """Kill every process of this user whose marker names a sandbox in `directory`."""
+    prefix = str(directory.resolve()) + os.sep
+    killed = _kill_rounds(_marked_of_user(lambda tag: tag.startswith(prefix)))
     if killed:
         log.warning("killed %d task processes left by a previous daemon of this cache", killed)
     return killed

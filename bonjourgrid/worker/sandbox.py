@@ -46,11 +46,13 @@ from bonjourgrid.protocol import (
     MAX_RUN_FILES,
     Run,
     RunPart,
+    StepGranted,
     TaskInput,
     check_path,
 )
 from bonjourgrid.worker import reaper
 from bonjourgrid.worker.limits import Limits, limits_from_wire, task_preexec
+from bonjourgrid.worker.task_steps import ExternalStep, StepEnded
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ class RunSpec:
     outputs: tuple[str, ...]
     env: dict[str, str]
     limits: Limits
+    launch: str = "worker"  # "external": a `bgrid task-step` runs the command (task_steps.py)
 
 
 def safe_relative(path: str) -> str:
@@ -94,7 +97,12 @@ def run_spec(run: Run, parts: Sequence[RunPart] = ()) -> RunSpec:
     if len(set(paths)) != len(paths):
         raise ProtocolError("a path is listed twice among the task's inputs and outputs")
     return RunSpec(
-        run.command, tuple(inputs), tuple(outputs), run.env, limits_from_wire(run.limits)
+        run.command,
+        tuple(inputs),
+        tuple(outputs),
+        run.env,
+        limits_from_wire(run.limits),
+        run.launch,
     )
 
 
@@ -279,7 +287,8 @@ class TaskRun:
 
     Layout: `workdir/sandbox/` is the task's directory (its cwd), and its stdout and stderr
     go to `workdir/` beside it, where no declared path can reach them. `workdir`, resolved,
-    is the marker its processes carry.
+    is the marker its processes carry. An external run (`step` given) does not spawn its
+    command: the `bgrid task-step` that claims it does (worker/task_steps.py).
     """
 
     def __init__(
@@ -290,6 +299,7 @@ class TaskRun:
         spec: RunSpec,
         workdir: Path,
         staging: Staging,
+        step: ExternalStep | None = None,
     ) -> None:
         self.job, self.task, self.attempt = job.name, task, attempt
         self.jobdata = job
@@ -299,6 +309,7 @@ class TaskRun:
         self.marker = str(workdir.resolve())
         self.staging = staging
         self.store = staging.store
+        self.step = step
         self.fetched: list[list[Any]] = []  # [digest, source label, bytes] per input moved
         self.hit_bytes = 0
         self._adopted: list[str] = []  # outputs in the store, each pinned by this run
@@ -362,6 +373,8 @@ class TaskRun:
             log.exception("task %s/%s failed in the worker", self.job, self.task)
             report["error"] = f"the worker could not run the task: {type(err).__name__}: {err}"
         finally:
+            if self.step is not None:  # no claim is granted any more
+                self.step.end(report["error"] or f"its command exited {report['exit_code']}")
             # Every attempt's stdout and stderr go back, bounded: the coordinator keeps them.
             for stream in ("stdout", "stderr"):
                 report[stream], report[f"{stream}_size"] = read_tail(self.workdir / stream)
@@ -440,7 +453,13 @@ class TaskRun:
     async def _run_command(self) -> int:
         if self._stopped:
             raise OutputError("stopped before it started")
-        env = {
+        env = self._command_env()
+        if self.step is not None:
+            return await self._run_claimed(env)
+        return await self._spawn_command(env)
+
+    def _command_env(self) -> dict[str, str]:
+        return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.sandbox),
             "TMPDIR": str(self.sandbox),
@@ -451,6 +470,37 @@ class TaskRun:
             **self.spec.env,
             reaper.MARKER: self.marker,  # last: the workflow's env cannot remove it
         }
+
+    async def _run_claimed(self, env: dict[str, str]) -> int:
+        """An external run's command, run by the step that claims it: its exit code."""
+        assert self.step is not None
+        for stream in ("stdout", "stderr"):  # the step writes them; the report reads them
+            (self.workdir / stream).touch(mode=0o600)
+        self.step.offer(
+            StepGranted(
+                self.job,
+                self.task,
+                self.attempt,
+                str(self.sandbox),
+                self.spec.command,
+                env,
+                str(self.workdir / "stdout"),
+                str(self.workdir / "stderr"),
+                self.spec.limits.to_wire(),
+            )
+        )
+        try:
+            exited = await self.step.exited()
+        except StepEnded as err:
+            raise OutputError(str(err)) from None
+        finally:
+            # What its command left running must not outlive it (nor change the outputs):
+            # the middleware's processes are not this daemon's descendants, hence by marker.
+            await asyncio.to_thread(reaper.kill_marked_anywhere, self.marker)
+        self._out_of_time = exited.out_of_time
+        return exited.exit_code
+
+    async def _spawn_command(self, env: dict[str, str]) -> int:
         with (
             open(self.workdir / "stdout", "wb") as out,
             open(self.workdir / "stderr", "wb") as err,
@@ -528,11 +578,19 @@ class TaskRun:
             stored.append([rel, ref.digest, ref.size])
         return stored
 
-    async def stop(self) -> None:
+    async def stop(self, reason: str = "stopped") -> None:
         """Stop the command and all it started: SIGTERM, a grace period, then SIGKILL."""
         self._stopped = True
         if self._staging is not None:
             self._staging.cancel()  # inputs still on their way: they are not needed any more
+        if self.step is not None:
+            # Its step stops the command (its own grace period); what is left goes after ours.
+            self.step.stop(reason)
+            if self.step.claimed_by:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.step.connection_closed.wait(), STOP_GRACE_S)
+                await asyncio.to_thread(reaper.kill_marked_anywhere, self.marker)
+            return
         proc = self._proc
         if proc is None:
             return

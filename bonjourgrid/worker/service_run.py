@@ -21,6 +21,10 @@ one:
   the foreground (`munged -F`, `slurmd -D`, `condor_master -f`): a process that forks into
   the background and exits has ended, as far as the worker can tell.
 
+- with `task_steps` (a Slurm slurmd), a socket in `{dir}` through which its jobs claim the
+  job's external runs, and the `{dir}/task-step` command that claims one
+  (worker/task_steps.py); both exist before the daemon starts and go when it stops.
+
 It stops like a task: SIGTERM to its group, STOP_GRACE_S, SIGKILL; then its directory goes.
 
 `ServiceRuns` holds a daemon's services, each with the asyncio task that supervises it from
@@ -53,6 +57,7 @@ from bonjourgrid.protocol import (
 from bonjourgrid.worker import core, reaper
 from bonjourgrid.worker.limits import Limits, task_preexec
 from bonjourgrid.worker.sandbox import STOP_GRACE_S, read_tail
+from bonjourgrid.worker.task_steps import TaskSteps
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +108,16 @@ def pick_ports(host: str, names: tuple[str, ...]) -> tuple[dict[str, int], list[
 class ServiceRun:
     """One service on this peer, from `start()` to `stop()`; `workdir` is its own (fresh)."""
 
-    def __init__(self, job: str, spec: ServiceStart, workdir: Path, host: str) -> None:
+    def __init__(
+        self,
+        job: str,
+        spec: ServiceStart,
+        workdir: Path,
+        host: str,
+        steps: TaskSteps | None = None,
+    ) -> None:
         self.job = job
+        self.steps = steps if spec.task_steps else None  # where its jobs' claims go
         self.name = spec.name
         self.spec = spec
         self.host = host
@@ -128,6 +141,15 @@ class ServiceRun:
             self.ports, held = pick_ports(self.host, spec.ports)
         except OSError as err:
             raise ServiceStartError(f"could not prepare its directory or ports: {err}") from None
+        if spec.task_steps:
+            try:
+                if self.steps is None:
+                    raise OSError("this worker takes no task-step claims")
+                await self.steps.open(self.job, self.directory)
+            except OSError as err:
+                for sock in held:
+                    sock.close()
+                raise ServiceStartError(f"could not open its task-step socket: {err}") from None
         try:
             here = str(self.directory)
             for rel, text in spec.files.items():
@@ -204,6 +226,8 @@ class ServiceRun:
     async def stop(self) -> None:
         """End its process group and everything carrying its marker: SIGTERM, grace, SIGKILL."""
         self._stopped = True
+        if self.steps is not None:  # no more claims through it (runs claimed go on)
+            await self.steps.close(self.directory)
         proc = self.proc
         if proc is None:
             return
@@ -251,8 +275,15 @@ Report = Callable[[core.Event], Awaitable[None]]
 class ServiceRuns:
     """The service runs of one worker daemon, started and stopped as its core instructs."""
 
-    def __init__(self, sandboxes: Path, host: Callable[[], str], report: Report) -> None:
+    def __init__(
+        self,
+        sandboxes: Path,
+        host: Callable[[], str],
+        report: Report,
+        steps: TaskSteps | None = None,
+    ) -> None:
         self.sandboxes = sandboxes  # a daemon restarted after a crash kills what runs there
+        self.steps = steps  # where claims of services with task_steps go
         self.host = host  # the peer's address, for {host} and the ports
         self.report = report
         # (job, service name) -> the run and the task supervising it until it ends
@@ -269,7 +300,7 @@ class ServiceRuns:
         try:
             self.sandboxes.mkdir(exist_ok=True)
             workdir = Path(tempfile.mkdtemp(prefix="service-", dir=self.sandboxes))
-            run = ServiceRun(job, spec, workdir, self.host())
+            run = ServiceRun(job, spec, workdir, self.host(), self.steps)
         except Exception as err:  # no directory, or no address: a report goes back
             why = f"the worker could not prepare it: {err}"
             self._later(self.report(core.ServiceStartFailed(job, spec.name, why)))

@@ -357,12 +357,14 @@ class NamespaceCommands(Commands):
 
 
 class NamespaceServices:
-    """What a worker does with a service run (its {dir}, files, secrets 0600, ready file),
-    done here in the peer's namespace: a stand-in until workers start service runs."""
+    """What a worker does with a service run (its {dir}, files, secrets 0600, ready file,
+    the `task-step` script of a task_steps service), done here in the peer's namespace: a
+    stand-in for the worker (tests/inproc/test_task_steps.py runs the real one)."""
 
-    def __init__(self, hosts: dict[str, Host], root: Path) -> None:
+    def __init__(self, hosts: dict[str, Host], root: Path, task_step: str) -> None:
         self.hosts = hosts
         self.root = root
+        self.task_step = task_step  # the `{dir}/task-step` it writes
         self.running: dict[tuple[str, str], subprocess.Popen[Any]] = {}
 
     async def start_service(self, peer: str, spec: ServiceSpec) -> ServiceStarted:
@@ -374,6 +376,9 @@ class NamespaceServices:
         for name, data in spec.secrets.items():
             (directory / name).touch(mode=0o600)
             (directory / name).write_bytes(data)
+        if spec.task_steps:
+            (directory / "task-step").write_text(self.task_step)
+            (directory / "task-step").chmod(0o700)
         argv = [a.replace("{dir}", str(directory)) for a in spec.argv]
         with (host.logs / f"{spec.name}.log").open("ab") as log:
             self.running[(peer, spec.name)] = subprocess.Popen(
@@ -399,12 +404,12 @@ class NamespaceServices:
         self.running.clear()
 
 
-# Stand-in for `bgrid task-step` (part 4, not built yet), first on the jobs' PATH: it records
-# which run ran on which node, and fails the runs named fail*.
+# Stand-in for the worker's `{dir}/task-step` script (which claims a staged run: this test has
+# no worker): it records which run ran on which node, and fails the runs named fail*.
 _TASK_STEP = """#!/bin/sh
-# task-step --socket S --job J --task T --attempt A
-echo "$7 $9 $SLURMD_NODENAME" >> {results}/$7.txt
-case "$7" in fail*) exit 4;; slow*) sleep 60;; esac
+# task-step --job J --task T --attempt A
+echo "$4 $6 $SLURMD_NODENAME" >> {results}/$4.txt
+case "$4" in fail*) exit 4;; slow*) sleep 60;; esac
 """
 
 
@@ -413,12 +418,9 @@ async def test_the_backend_deploys_runs_resizes_and_tears_down(lan: Lan) -> None
     h1, h2, h3, h4 = lan.hosts
     results = root / "results"
     results.mkdir()
-    bin_dir = root / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "bgrid").write_text(_TASK_STEP.replace("{results}", str(results)))
-    (bin_dir / "bgrid").chmod(0o755)
     p2, p3, p4 = _held(h2, "desk2"), _held(h3, "desk3"), _held(h4, "late one")
-    services = NamespaceServices({"desk2": h2, "desk3": h3, "late one": h4}, root)
+    hosts = {"desk2": h2, "desk3": h3, "late one": h4}
+    services = NamespaceServices(hosts, root, _TASK_STEP.replace("{results}", str(results)))
     context = BackendContext(
         job="bk", root=root, state_dir=root / "coord", commands=NamespaceCommands(h1),
         services=services, options={"address": h1.ip, "poll_s": "0.2"},
@@ -434,7 +436,6 @@ async def test_the_backend_deploys_runs_resizes_and_tears_down(lan: Lan) -> None
         return next((e for e in seen if isinstance(e, TaskFinished | TaskFailed)
                      and e.task == task), None)  # fmt: skip
 
-    os.environ["PATH"] = f"{bin_dir}:{os.environ['PATH']}"  # sbatch hands the PATH on
     collector: asyncio.Task[None] | None = None
     try:
         await backend.deploy([p2, p3])
@@ -474,7 +475,6 @@ async def test_the_backend_deploys_runs_resizes_and_tears_down(lan: Lan) -> None
         if collector is not None:
             await asyncio.wait_for(collector, _STOP_S)
         services.stop_all()
-        os.environ["PATH"] = os.environ["PATH"].removeprefix(f"{bin_dir}:")
         shutil.rmtree(root, ignore_errors=True)
     assert services.running == {}
     await async_wait_until(

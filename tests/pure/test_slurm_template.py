@@ -78,7 +78,7 @@ def test_dynamic_peer_slurm_conf_has_no_node_line() -> None:
 
 
 def test_batch_script_pins_the_peer_and_waits_for_the_parents() -> None:
-    step = template.task_step_argv("/var/lib/bgrid/svc/d1/task-step.sock", "montage", RUN)
+    step = template.task_step_argv("/var/lib/bgrid/svc/d1", "montage", RUN)
     script = template.batch_script(
         "montage", RUN, node_dir="/var/lib/bgrid/svc/d1", step=step, parent_ids=["12", "9"]
     )

@@ -76,6 +76,22 @@ SAMPLES: dict[str, p.Message] = {
         p.Get(D1, 0, 10),
         p.Chunk(D1, 0, b"\x00\xffdata"),
         p.Missing(D1),
+        p.StepClaim("job-42", "t1", 1),
+        p.StepGranted(
+            "job-42",
+            "t1",
+            1,
+            "/c/sandboxes/task-x/sandbox",
+            "cat in/a.txt > out",
+            {"BGRID_TASK": "t1"},
+            "/c/sandboxes/task-x/stdout",
+            "/c/sandboxes/task-x/stderr",
+            {"wall_s": 60},
+        ),
+        p.StepRefused("run 't1' attempt 1 of job job-42 is already claimed"),
+        p.StepExited(-15, 2.5, False),
+        p.StepVerdict(0, True, ""),
+        p.StepStop("cancelled"),
     ]
 }
 
@@ -101,7 +117,10 @@ def test_the_protocol_has_the_messages_of_every_conversation() -> None:
     replies |= {"service_up", "service_failed", "service_exited"}
     data = {"get", "chunk", "missing"}
     jobctl = {"cancel_job", "cancelling"}  # `bgrid cancel` -> coordinator
-    assert set(p.MESSAGES) == control | replies | data | jobctl == set(SAMPLES)
+    # `bgrid task-step` <-> its worker, on the peer's unix socket
+    steps = {"step_claim", "step_granted", "step_refused", "step_exited", "step_verdict"}
+    steps |= {"step_stop"}
+    assert set(p.MESSAGES) == control | replies | data | jobctl | steps == set(SAMPLES)
 
 
 @pytest.mark.parametrize("msg_type", sorted(SAMPLES))

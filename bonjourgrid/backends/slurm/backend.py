@@ -6,6 +6,15 @@ key travels as a secret on the job's CURVE channel). Peers recruited later join 
 dynamic nodes. Execution: each ready run is an `sbatch` job pinned to the core's peer, with
 afterok on its parents' Slurm ids; `squeue`/`scontrol`/`sinfo` are polled for what became
 of them (no `sacct`: it needs slurmdbd). Every command goes through `context.commands`.
+
+Data: before its `sbatch`, each run is staged on its peer's worker (`context.staging`,
+launch "external"): the inputs come through bgrid's caches (prefetch, peer to peer), and the
+batch job's step, `{slurmd's dir}/task-step`, claims the sandbox and runs the command. The
+worker then stores the outputs and reports the run (outputs, exit code, logs): with staging,
+that report is the run's story, and Slurm's readings add only the endings the worker cannot
+see (a job cancelled or never started: dependency never satisfied, node failure), after
+which the staged run is dropped. Without staging (a stand-in step, tests), Slurm's readings
+are the whole story.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from bonjourgrid.backends.base import (
     ServiceSpec,
     TaskEvent,
     TaskFailed,
+    TaskFinished,
     TaskRun,
     TaskStarted,
 )
@@ -144,6 +154,7 @@ class SlurmBackend:
             argv=template.slurmd_argv("{dir}/slurm.conf", peer, dynamic=dynamic),
             files={"slurm.conf": conf},
             ready_file="slurmd.pid",
+            task_steps=True,  # its jobs claim the runs staged there: {dir}/task-step
         ))  # fmt: skip
         self._peers[peer.name] = peer
         self._node_dirs[peer.name] = slurmd.directory
@@ -168,6 +179,9 @@ class SlurmBackend:
                     TaskFailed(run.task, run.attempt, peer, f"peer left: {reason}")
                 )
         await self._cancel_and_wait(cancelled)
+        for job_id in cancelled:
+            with contextlib.suppress(Exception):  # the peer may be gone, its runs with it
+                await self._drop(self._runs[job_id], f"peer left: {reason}")
         self._peers.pop(peer, None)
         self._node_dirs.pop(peer, None)
         for name in (_SLURMD, _MUNGED):
@@ -195,7 +209,7 @@ class SlurmBackend:
         files = {"slurm.conf": template.controller_conf(self.layout, plan.peers)}
         for run in plan.runs:
             node_dir = f"{{dir:{run.peer}}}"
-            step = template.task_step_argv(f"{node_dir}/task-step.sock", plan.job, run)
+            step = template.task_step_argv(node_dir, plan.job, run)
             name = template.slurm_job_name(plan.job, run.task, run.attempt)
             files[f"{name}.sh"] = template.batch_script(
                 plan.job, run, node_dir=node_dir, step=step,
@@ -209,12 +223,20 @@ class SlurmBackend:
         node_dir = self._node_dirs[run.peer]
         script = template.batch_script(
             self.context.job, run, node_dir=node_dir,
-            step=template.task_step_argv(f"{node_dir}/task-step.sock", self.context.job, run),
+            step=template.task_step_argv(node_dir, self.context.job, run),
             parent_ids=[self._last_id[p] for p in run.parents if p in self._last_id],
         )  # fmt: skip
         path = self.directory / "scripts" / f"{run.task}.{run.attempt}.sh"
         path.write_text(script)
-        done = await self._slurm(["sbatch", "--parsable", str(path)])
+        staging = self.context.staging
+        if staging is not None:  # its inputs move now, while its parents may still run
+            await staging.stage(run)
+        try:
+            done = await self._slurm(["sbatch", "--parsable", str(path)])
+        except CommandFailed:
+            if staging is not None:
+                await staging.drop(run.task, run.attempt, "sbatch refused its job")
+            raise
         job_id = done.stdout.strip().split(";")[0]
         self._runs[job_id] = _Submitted(run.task, run.attempt, run.peer)
         self._ids[(run.task, run.attempt)] = job_id
@@ -246,6 +268,7 @@ class SlurmBackend:
             return
         self._runs[job_id].done = True  # no event owed for it any more
         await self._slurm(["scancel", job_id], check=False)
+        await self._drop(self._runs[job_id], reason)
 
     async def events(self) -> AsyncIterator[TaskEvent]:
         while not self._closed:
@@ -268,14 +291,31 @@ class SlurmBackend:
                 continue
             if not run.started and row.state not in {"PENDING", "CONFIGURING"}:
                 run.started = True
-                events.append(TaskStarted(run.task, run.attempt, run.peer))
+                if self.context.staging is None:  # else the worker's `started` said it
+                    events.append(TaskStarted(run.task, run.attempt, run.peer))
             if row.state in template.ACTIVE:
                 continue
             details = await self._slurm(["scontrol", "show", "job", "--oneliner", row.job_id])
             (final,) = template.parse_scontrol_jobs(details.stdout) or [row]
             run.done = True
-            events += template.run_outcome(final, run.task, run.attempt, run.peer)
+            events += await self._outcome(run, final)
         return events
+
+    async def _outcome(self, run: _Submitted, row: template.JobRow) -> list[TaskEvent]:
+        """What an ended Slurm job means; with staging, the worker reports a finished run
+        (with its outputs) and Slurm only the failures, after which the run is dropped."""
+        events = template.run_outcome(row, run.task, run.attempt, run.peer)
+        if self.context.staging is None:
+            return events
+        failed: list[TaskEvent] = [e for e in events if not isinstance(e, TaskFinished)]
+        if any(isinstance(e, TaskFailed) for e in failed):
+            await self._drop(run, f"its Slurm job ended: {row.state}")
+        return failed
+
+    async def _drop(self, run: _Submitted, reason: str) -> None:
+        """The staged run on the worker: no job will claim it any more."""
+        if self.context.staging is not None:
+            await self.context.staging.drop(run.task, run.attempt, reason)
 
     async def _lost_peers(self) -> list[TaskEvent]:
         if not self._peers:

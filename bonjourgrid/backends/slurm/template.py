@@ -5,7 +5,9 @@ Theory of operation (EC3's idea on a desktop LAN): a transient Slurm cluster per
 peer, all sharing one random munge key made for the job. Every path (state, spool, pids,
 logs, sockets) is the job's own, so several jobs, or several test hosts sharing one
 filesystem, never meet. Each task attempt is one `sbatch` job pinned to the peer the core
-chose (`--nodelist`), with `--dependency=afterok:` on its parents' Slurm job ids.
+chose (`--nodelist`), with `--dependency=afterok:` on its parents' Slurm job ids. Its step
+is `{slurmd's dir}/task-step`: the worker there staged the run's inputs from bgrid's caches,
+and stores its outputs before the step exits 0 (worker/task_steps.py).
 
 Found by running the daemons (Slurm 22.05, munge 0.5, tests/lan/test_slurm_cluster.py):
 - slurmd 22.05 always initialises a cgroup plugin (there is no `CgroupPlugin=disabled`
@@ -205,11 +207,12 @@ def slurm_job_name(job: str, task: str, attempt: int) -> str:
     return _JOB_NAME.sub("_", f"bgrid-{job}-{task}-{attempt}")[:200]
 
 
-def task_step_argv(socket: str, job: str, run: TaskRun) -> tuple[str, ...]:
-    """The command a batch job runs: `bgrid task-step` claims the staged sandbox from the
-    worker on that node and runs the task's command itself (so Slurm runs and accounts it)."""
+def task_step_argv(node_dir: str, job: str, run: TaskRun) -> tuple[str, ...]:
+    """The command a batch job runs: the `task-step` script the worker wrote in its slurmd's
+    directory, which claims the run the worker staged and runs its command itself (so Slurm
+    runs and accounts it) with the peer's own bgrid (worker/task_steps.py)."""
     return (
-        "bgrid", "task-step", "--socket", socket, "--job", job,
+        f"{node_dir}/task-step", "--job", job,
         "--task", run.task, "--attempt", str(run.attempt),
     )  # fmt: skip
 
