@@ -78,6 +78,7 @@ class PeerServices:
                 tuple(spec.ports),
                 dict(spec.env),
                 spec.ready_file,
+                task_steps=spec.task_steps,
             )
             wire.decode(wire.encode(message))
         except ProtocolError as err:
