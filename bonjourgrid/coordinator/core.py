@@ -716,8 +716,11 @@ class SchedulerCore:
         then); None if nothing waits."""
         if self.finished is not None:
             return None
-        due = [t for t in (self.ready.next_due(), self._ack_due[0][0] if self._ack_due else None)
-               if t is not None]
+        due = [
+            t
+            for t in (self.ready.next_due(), self._ack_due[0][0] if self._ack_due else None)
+            if t is not None
+        ]
         return min(due) if due else None
 
     def pending(self) -> int:

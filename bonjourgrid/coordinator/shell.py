@@ -5,8 +5,22 @@ collection and every timer becomes an event on one queue; the loop hands it to t
 with the time and carries out the instructions that come back. Nothing else changes the
 job's state, so the order of events is the whole story of a run. Finished tasks go to the
 job's journal (`journal.py`, for `--resume`) on their way through; `bgrid cancel` arrives
-on a job-control socket of its own (`cancel.py`). Recruiting, keeping and releasing peers
-is `peers.py`; the remote cache that stages the inputs is `stage.py`.
+on a job-control socket of its own (`cancel.py`).
+
+What the Coordinator owns and holds:
+- the scheduler core (`core.py`, pure; itself composed of a ready queue and a data planner);
+- the `PeerPool` (`peers.py`): recruitment, the control links to the held peers, heartbeats,
+  release. It puts PeerJoined/PeerLost/PeerRunning straight into the event queue and hands
+  every other message to `_route`;
+- the backend (`backends/`, `native` by default), which turns a core `Dispatch` (as a
+  `TaskRun`) into work and a `StopRun` into a cancel. Task messages of bgrid workers reach it
+  through a `WorkerChannel`; its typed task events come back through `_from_backend`, the
+  one place they become core events;
+- the data plane, for every backend that moves data through bgrid's caches: the data server,
+  prefetch orders, and the collection of outputs into the submit directory;
+- the journal, the logs, the progress display, and the job's advertisement.
+The report (`report.py`) is built from a `ReportInputs` record made at the end. The remote
+cache that stages the inputs is `stage.py`.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +42,21 @@ import zmq
 import zmq.asyncio
 
 from bonjourgrid import wire
+from bonjourgrid.backends.base import (
+    Backend,
+    BackendContext,
+    Commands,
+    PeerGone,
+    RunDetail,
+    StagedInput,
+    TaskEvent,
+    TaskFailed,
+    TaskFinished,
+    TaskRun,
+    TaskStarted,
+)
+from bonjourgrid.backends.native import NativeBackend
+from bonjourgrid.backends.worker_events import Unreadable, WorkerChannel
 from bonjourgrid.cache.store import FileIndex, FileRef, hash_file
 from bonjourgrid.cache.transfer import DataServer, Fetcher
 from bonjourgrid.coordinator import core
@@ -40,39 +70,29 @@ from bonjourgrid.coordinator.journal import (
     task_digest,
 )
 from bonjourgrid.coordinator.logs import LogKeeper, job_stem
-from bonjourgrid.coordinator.peers import (
-    PeerLink,
-    PeerPool,
-    Timeouts,
-)
+from bonjourgrid.coordinator.peers import STALL_S, PeerLink, PeerPool, Timeouts
 from bonjourgrid.coordinator.prefetch import DataOptions
 from bonjourgrid.coordinator.progress import REFRESH_S, Display, PeerNow, Snapshot, notes_of
 from bonjourgrid.coordinator.recruit import JobNeeds
-from bonjourgrid.coordinator.report import build_report
+from bonjourgrid.coordinator.report import ReportInputs, build_report
 from bonjourgrid.coordinator.stage import stage_sources
 from bonjourgrid.dag import Workflow
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
 from bonjourgrid.discovery.browse import PeerBrowser
-from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, JobState, PeerRecord, job_txt
-from bonjourgrid.errors import ConfigError, ProtocolError, TransferError
+from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, JobState, job_txt
+from bonjourgrid.errors import ConfigError, TransferError
 from bonjourgrid.keys import GridKey, Keypair
 from bonjourgrid.protocol import (
-    Cancel,
     Denied,
-    Error,
-    HeartbeatAck,
+    Message,
     Preempted,
     Prefetch,
     Prefetched,
     PrefetchFile,
     Refused,
-    Run,
     Source,
     Started,
     TaskDone,
-    TaskInput,
-    attempt_of,
-    split_run,
 )
 from bonjourgrid.requirements import Requirement
 
@@ -81,7 +101,7 @@ log = logging.getLogger(__name__)
 PROGRESS_S = 0.5  # how often the job's advertised progress may change
 
 
-class Coordinator(PeerPool):
+class Coordinator:
     """Runs one workflow on peers it recruits, then hands every peer back."""
 
     def __init__(
@@ -96,6 +116,7 @@ class Coordinator(PeerPool):
         workflow_digest: str = "",
         data: DataOptions | None = None,
         display: Display | None = None,
+        backend: Callable[[BackendContext], Backend] = NativeBackend,
     ) -> None:
         self.workflow = workflow
         self.display = display  # what the user sees while it runs (progress.py)
@@ -120,9 +141,37 @@ class Coordinator(PeerPool):
         self.source_refs: dict[str, FileRef] = {}
         self.fetcher = Fetcher(self.ctx, self.client_keys)
         self.data_policy = wire.KeyPolicy({self.job_keys.public} if self.job_keys else set())
-        self.links: dict[str, PeerLink] = {}
-        self.used: dict[str, PeerRecord] = {}
+        # Every change of the job's state reaches the core through this queue (`_drive`).
         self.events: asyncio.Queue[core.Event] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.pool = PeerPool(
+            job=self.job,
+            needs=needs,
+            timeouts=self.timeouts,
+            ctx=self.ctx,
+            client_keys=self.client_keys,
+            job_keys=self.job_keys,
+            sink=self.events.put_nowait,
+            spawn=self._spawn,
+            cancel=self.cancel,
+            route=self._route,
+            interface=interface,
+            expected_peers=expected_peers,
+            resume=resume,
+        )
+        # The backend runs the tasks the core places; bgrid workers' task messages reach it
+        # through the channel, its task events come back to the core in `_from_backend`.
+        self.channel = WorkerChannel(self.pool.send, self._sources)
+        self.commands = Commands()
+        self.backend = backend(
+            BackendContext(
+                job=self.job,
+                root=workflow.root,
+                state_dir=workflow.root / ".bgrid" / "backend",
+                commands=self.commands,
+                peers=self.channel,
+            )
+        )
         self.core = core.SchedulerCore(
             (
                 (name, list(workflow.graph.predecessors(name)), spec.require or "", spec.retries)
@@ -139,14 +188,9 @@ class Coordinator(PeerPool):
         self.started_at = 0.0
         # What the run is doing, for a user who stops it (submit.py's signal handling).
         self.phase = "starting"
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._data_port = 0
         self._data_server: DataServer | None = None
         self._browser: PeerBrowser | None = None  # set once the run starts
-        # What candidates said their caches hold of the job's inputs (`probe`), by identity.
-        self._cached: dict[tuple[str, str, str], frozenset[str]] = {}
-        self._silent: set[tuple[str, str, str]] = set()  # candidates that never answered
-        self._denied: dict[tuple[str, str, str], float] = {}  # candidates that said no, when
         # Contents a resumed job hopes to find in peers' caches (intermediates of kept tasks).
         self._wanted_from_caches: dict[str, int] = {}
         self._jobctl_port = 0
@@ -171,7 +215,7 @@ class Coordinator(PeerPool):
                 await asyncio.gather(shown, return_exceptions=True)
                 # The last word, every count final (`phase` stays: an interruption names it).
                 display.update(self.snapshot(finished.status if finished else "stopped"))
-        return build_report(self, finished, started_at)
+        return build_report(self._report_inputs(finished, started_at))
 
     async def _run_to_the_end(self) -> core.Finished | None:
         remove_stale_partials(self._partial_dir)
@@ -232,22 +276,25 @@ class Coordinator(PeerPool):
         finished: core.Finished | None = None
         try:
             self._spawn(data_server.serve_forever())
+            self._spawn(self._pump_backend_events())
             await browser.start()
             self.phase = "recruiting peers"
-            await self._recruit(browser, self.needs.workers_max, initial=True)
+            await self.pool.recruit(browser, self.needs.workers_max, initial=True)
             self.events.put_nowait(core.PeersSettled())
             advert = Advertiser(
                 zc, JOB_SERVICE, self.job, self._jobctl_port, self._job_txt("running")
             )
             self._spawn(serve_job_control(jobctl, self.job, self.cancel))
             await advert.start()
-            self._spawn(self._heartbeats())
+            self._spawn(self.pool.heartbeats())
             self._spawn(self._replenish(browser))
             self._spawn(self._advertise_progress(advert))
             self.phase = "running tasks"
             finished = await self._drive()
         finally:
-            await self._release_all()
+            await self.pool.release_all()
+            await self.backend.teardown()
+            await self.commands.close()
             self.bytes["from_coordinator"] = data_server.bytes_served
             if advert is not None:
                 with contextlib.suppress(Exception):
@@ -285,6 +332,9 @@ class Coordinator(PeerPool):
                     self.core.add_sources({path: ref})
                 else:
                     self._wanted_from_caches[ref.digest] = ref.size
+        self.pool.seek(
+            {ref.digest: ref.size for ref in self.source_refs.values()}, self._wanted_from_caches
+        )
 
     async def _drive(self) -> core.Finished:
         while self.core.finished is None:
@@ -292,6 +342,111 @@ class Coordinator(PeerPool):
             # Events that arrived together (peers joining at the start) are placed together.
             await self._apply(event, schedule=self.events.empty())
         return self.core.finished
+
+    async def _pump_backend_events(self) -> None:
+        """The backend's task events, into the core's queue."""
+        put = self.events.put_nowait
+        from_backend = self._from_backend
+        async for event in self.backend.events():
+            core_event = from_backend(event)
+            if core_event is not None:
+                put(core_event)
+
+    def _from_backend(self, event: TaskEvent) -> core.Event | None:
+        """The one place where a backend's task event becomes a core event (None: handled
+        here). What a run's report adds for the job's report (logs, bytes) is kept here."""
+        match event:
+            case TaskStarted(task=task, attempt=attempt, peer=peer):
+                return core.RunStarted(peer, task, attempt)
+            case TaskFinished(task=task, attempt=attempt, peer=peer, detail=detail):
+                self._keep_detail(peer, task, attempt, detail)
+                self.bytes["cache_hits"] += detail.cache_hits
+                return core.TaskReported(
+                    peer,
+                    task,
+                    attempt,
+                    0,
+                    "",
+                    event.outputs,
+                    event.stderr_tail,
+                    detail.fetch_s,
+                    event.run_s,
+                    detail.bytes_fetched,
+                )
+            case TaskFailed(task=task, attempt=attempt, peer=peer, exit_code=None):
+                # It never ran (refused, unreadable, could not be sent) or was lost.
+                log.warning("attempt %d of %s failed on %s: %s", attempt, task, peer, event.reason)
+                return core.AttemptFailed(peer, task, attempt, event.reason)
+            case TaskFailed(task=task, attempt=attempt, peer=peer, detail=detail):
+                self._keep_detail(peer, task, attempt, detail)
+                return core.TaskReported(
+                    peer,
+                    task,
+                    attempt,
+                    event.exit_code or 0,
+                    event.reason,
+                    (),
+                    event.stderr_tail,
+                    detail.fetch_s,
+                    event.run_s,
+                    detail.bytes_fetched,
+                )
+            case PeerGone(peer=peer, reason=reason):
+                self.pool.lose(peer, reason)  # the core hears PeerLost from the pool
+        return None
+
+    def _keep_detail(self, peer: str, task: str, attempt: int, detail: RunDetail) -> None:
+        """A run's logs into the submit directory (logs.py), and the bytes it moved."""
+        self.bytes["peer_to_peer"] += detail.peer_to_peer
+        if not detail.logs or not self._runs_on(peer, task, attempt):
+            # Logs only for an attempt this peer runs, so the task name is one of the
+            # workflow's (a file name).
+            return
+        try:
+            self.logs.keep(
+                task, attempt, detail.stdout, detail.stdout_size, detail.stderr, detail.stderr_size
+            )
+        except OSError as err:  # a full disk loses the logs, not the job
+            log.warning("cannot keep the logs of %s in %s: %s", task, self.logs.dir, err)
+
+    def _route(self, peer: str, message: Message | Unreadable) -> bool:
+        """Where a peer's message goes (the pool's reader): task messages to the backend's
+        channel, prefetch reports to the core. False once the peer is gone with it."""
+        match message:
+            case Started() | Refused() | TaskDone():
+                self.channel.deliver(peer, message)
+            case Prefetched():
+                self.events.put_nowait(self._prefetched(peer, message))
+            case Unreadable(task=task, attempt=attempt, reason=why):
+                if not self._runs_on(peer, task, attempt):
+                    self.pool.lose(peer, why)  # about a run it does not have
+                    return False
+                self.channel.deliver(peer, message)
+            case Preempted() | Denied():
+                # Behind its task messages: a run it finished before leaving counts.
+                self.channel.deliver(peer, message)
+                return False
+            case _:
+                log.info("peer %s sent an unexpected %r message", peer, message.TYPE)
+        return True
+
+    async def _replenish(self, browser: PeerBrowser) -> None:
+        """Elastic: recruit again while ready tasks wait; give up when none can ever run."""
+        stalled_since: float | None = None
+        while True:
+            await asyncio.sleep(self.timeouts.heartbeat_s)
+            if self.core.wanted_peers() and len(self.pool.links) < self.needs.workers_max:
+                await self.pool.recruit(browser, self.core.wanted_peers())
+            stuck = self.core.unplaceable()
+            if stuck and not any(p.running for p in self.core.peers.values()):
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > STALL_S:
+                    self.cancel(
+                        f"no recruited peer can run {', '.join(stuck[:5])} (and no idle "
+                        "peer of the grid fits): check the tasks' `require`"
+                    )
+            else:
+                stalled_since = None
 
     async def _advertise_progress(self, advert: Advertiser) -> None:
         """Keep the job's TXT record (what `bgrid status` shows) current, at most twice a second."""
@@ -319,18 +474,19 @@ class Coordinator(PeerPool):
                     await self._dispatch(task, peer, attempt)
                 case core.Prefetch(peer, files, why):
                     await self._prefetch(peer, files, why)
-                case core.StopRun(task, peer, _, reason):
-                    await self._stop_run(task, peer, reason)
+                case core.StopRun(task, peer, attempt, reason):
+                    log.debug("stopping %s on %s: %s", task, peer, reason)
+                    await self.backend.cancel(task, attempt, reason)
                 case core.Notice(message, detail):
                     log.log(logging.DEBUG if detail else logging.INFO, "%s", message)
                 case core.Collect(task, peer, attempt, outputs):
                     self._spawn(self._collect(task, peer, attempt, outputs))
                 case core.Release(peer):
-                    await self._release(peer)
+                    await self.pool.release(peer)
                 case core.Recruit(count, reason):
-                    if self._browser is not None and len(self.links) < self.needs.workers_max:
+                    if self._browser is not None and len(self.pool.links) < self.needs.workers_max:
                         log.info("recruiting %d more peer(s): %s", count, reason)
-                        self._spawn(self._recruit(self._browser, count))
+                        self._spawn(self.pool.recruit(self._browser, count))
                 case core.TaskDone(task, peer, attempts, outputs):
                     self._journal_done(task, peer, attempts, outputs)
                 case core.TaskFailed(task, error, attempts):
@@ -379,6 +535,22 @@ class Coordinator(PeerPool):
         inputs = tuple((path, self._input_ref(path)) for path in spec.inputs)
         self.journal.done(DoneRecord(task, task_digest(spec), inputs, outputs, peer, attempts))
 
+    def _report_inputs(self, finished: core.Finished | None, started_at: float) -> ReportInputs:
+        return ReportInputs(
+            job=self.job,
+            workflow=self.workflow,
+            finished=finished,
+            started_at=started_at,
+            tasks=self.core.tasks,
+            story=self.core.story,
+            logs=self.logs,
+            peers=tuple(self.pool.used.values()),
+            bytes=dict(self.bytes),
+            prefetch=self.data.prefetch.policy,
+            journal=self.journal.path if self.journal is not None else None,
+            resume=self.resume,
+        )
+
     def _arm_wakeup(self) -> None:
         """Have a Tick reach the core when its next retry backoff ends."""
         wake = self.core.next_wakeup()
@@ -401,70 +573,6 @@ class Coordinator(PeerPool):
 
     # -- talking to peers -----------------------------------------------------------------
 
-    async def _read_peer(self, link: PeerLink) -> None:
-        name = link.record.name
-        while True:
-            try:
-                frame = await link.sock.recv()
-            except zmq.ZMQError as err:  # closed under us: the link was dropped meanwhile
-                self._lose(name, f"its connection failed: {err}")
-                return
-            link.last_heard = time.monotonic()
-            try:
-                if not await self._from_peer(name, frame):
-                    return
-            except Exception as err:  # one peer's message must never hang or stop the job
-                if not isinstance(err, ProtocolError):
-                    log.exception("peer %s: could not handle its message", name)
-                why = f"peer {name} sent a bad message: {err}"
-                about = attempt_of(frame)
-                if about is not None and self._runs_on(name, about[2], about[3]):
-                    log.warning("%s: attempt %d of %s failed", why, about[3], about[2])
-                    await self.events.put(core.AttemptFailed(name, about[2], about[3], why))
-                else:
-                    self._lose(name, why)
-                    return
-
-    async def _from_peer(self, name: str, frame: bytes) -> bool:
-        """Handle one message of peer `name`; False when the peer is gone with it."""
-        match wire.decode(frame):
-            case TaskDone() as msg:
-                self._keep_logs(name, msg)
-                await self.events.put(self._task_report(name, msg))
-            case Started(task=task, attempt=attempt):
-                await self.events.put(core.RunStarted(name, task, attempt))
-            case Refused(task=task, attempt=attempt, reason=reason):
-                log.warning("peer %s refused attempt %d of %s: %s", name, attempt, task, reason)
-                why = f"peer {name} refused the run: {reason}"
-                await self.events.put(core.AttemptFailed(name, task, attempt, why))
-            case HeartbeatAck(running=running):
-                await self.events.put(core.PeerRunning(name, frozenset(running)))
-            case Prefetched() as msg:
-                await self.events.put(self._prefetched(name, msg))
-            case Preempted(reason=reason):
-                self._lose(name, f"preempted: {reason}")
-                return False
-            case Denied(reason=reason):
-                self._lose(name, f"it dropped the reservation: {reason}")
-                return False
-            case Error(reason=reason):
-                log.warning("peer %s: %s", name, reason)
-            case msg:
-                log.info("peer %s sent an unexpected %r message", name, msg.TYPE)
-        return True
-
-    def _keep_logs(self, peer: str, msg: TaskDone) -> None:
-        """Write the attempt's stdout and stderr into the submit directory (logs.py): only
-        for an attempt this peer runs, so the task name is one of the workflow's."""
-        if not self._runs_on(peer, msg.task, msg.attempt):
-            return
-        try:
-            self.logs.keep(
-                msg.task, msg.attempt, msg.stdout, msg.stdout_size, msg.stderr, msg.stderr_size
-            )
-        except OSError as err:  # a full disk loses the logs, not the job
-            log.warning("cannot keep the logs of %s in %s: %s", msg.task, self.logs.dir, err)
-
     def _runs_on(self, peer: str, task: str, attempt: int) -> bool:
         """Whether attempt `attempt` of `task` runs on `peer`, as far as the core knows."""
         state = self.core.tasks.get(task)
@@ -475,29 +583,6 @@ class Coordinator(PeerPool):
             and state.attempts == attempt
         )
 
-    def _task_report(self, peer: str, msg: TaskDone) -> core.TaskReported:
-        spec = self.workflow.tasks.get(msg.task)
-        error = msg.error
-        if spec is not None and not error and msg.exit_code == 0:
-            if sorted(p for p, _ in msg.outputs) != sorted(spec.outputs):
-                error = f"peer {peer} reported outputs that the task does not declare"
-            self.bytes["cache_hits"] += msg.hit_bytes
-        for _, label, size in msg.fetched:
-            if label != COORDINATOR:
-                self.bytes["peer_to_peer"] += size
-        return core.TaskReported(
-            peer,
-            msg.task,
-            msg.attempt,
-            msg.exit_code,
-            error,
-            msg.outputs,
-            msg.stderr_tail,
-            msg.fetch_s,
-            msg.run_s,
-            msg.bytes_fetched,
-        )
-
     def _prefetched(self, peer: str, msg: Prefetched) -> core.Event:
         if msg.source and msg.source != COORDINATOR:
             self.bytes["peer_to_peer"] += msg.bytes
@@ -506,30 +591,37 @@ class Coordinator(PeerPool):
             return core.PrefetchFailed(peer, msg.digest, msg.error)
         return core.FileArrived(peer, msg.digest)
 
-    def _sources(
-        self, digest: str, names: list[str] | tuple[str, ...], link: PeerLink
+    def _sources(self, peer: str, digest: str, names: Sequence[str]) -> tuple[Source, ...]:
+        """Where `peer` fetches `digest` from (the data servers named by the core), for the
+        wire; none if the job no longer holds `peer`."""
+        link = self.pool.links.get(peer)
+        return () if link is None else self._wire_sources(digest, names, link)
+
+    def _wire_sources(
+        self, digest: str, names: Sequence[str], link: PeerLink
     ) -> tuple[Source, ...]:
         """The data servers named by the core, for the wire."""
         out = []
+        links = self.pool.links
         for name in names:
             if name == COORDINATOR:
                 key = self.keypair.public.decode() if self.keypair else ""
                 endpoint = f"tcp://{link.our_address}:{self._data_port}"
                 out.append(Source(endpoint, key, COORDINATOR))
-            elif (holder := self.links.get(name)) is not None and holder.data_source is not None:
+            elif (holder := links.get(name)) is not None and holder.data_source is not None:
                 out.append(holder.data_source)
         if not out and digest in self.core.files.at_coordinator:
-            return self._sources(digest, [COORDINATOR], link)
+            return self._wire_sources(digest, [COORDINATOR], link)
         return tuple(out)
 
     async def _prefetch(
         self, peer: str, files: tuple[tuple[FileRef, tuple[str, ...]], ...], why: str
     ) -> None:
-        link = self.links.get(peer)
+        link = self.pool.links.get(peer)
         if link is None:
             return
         items = tuple(
-            PrefetchFile(ref, self._sources(ref.digest, names, link)) for ref, names in files
+            PrefetchFile(ref, self._wire_sources(ref.digest, names, link)) for ref, names in files
         )
         log.debug("prefetch to %s (%s): %d file(s)", peer, why, len(items))
         await link.sock.send(wire.encode(Prefetch(self.job, items)))
@@ -540,41 +632,27 @@ class Coordinator(PeerPool):
             return self.source_refs[path]
         return dict(self.core.tasks[producer].outputs)[path]
 
-    async def _stop_run(self, task: str, peer: str, reason: str) -> None:
-        """Have `peer` stop its run of `task` (it frees the slot before any later run)."""
-        link = self.links.get(peer)
-        if link is None:
-            return
-        log.debug("stopping %s on %s: %s", task, peer, reason)
-        await link.sock.send(wire.encode(Cancel(self.job, task)))
-
     async def _dispatch(self, task: str, peer: str, attempt: int) -> None:
-        link = self.links.get(peer)
-        if link is None:
-            return  # lost meanwhile: its PeerLost event puts the task back
+        """Hand the run to the backend: its inputs with their contents and where to get them."""
         spec = self.workflow.tasks[task]
+        sources = self.core.sources
         inputs = []
         for path in spec.inputs:
             ref = self._input_ref(path)
-            sources = self._sources(ref.digest, self.core.sources(ref.digest, peer), link)
-            inputs.append(TaskInput(path, ref, sources))
-        run = Run(
-            self.job,
-            task,
-            attempt,
-            spec.command,
-            tuple(inputs),
-            tuple(spec.outputs),
-            dict(spec.env),
-            dict(spec.limits),
+            inputs.append(StagedInput(path, ref, tuple(sources(ref.digest, peer))))
+        await self.backend.submit(
+            TaskRun(
+                task,
+                attempt,
+                peer,
+                spec.command,
+                tuple(inputs),
+                spec.outputs,
+                spec.env,
+                spec.limits,
+                retries=spec.retries,
+            )
         )
-        try:
-            # A run too big for one frame goes as a `run` and its `run_part`s, in order.
-            for message in split_run(run):
-                await link.sock.send(wire.encode(message))
-        except ProtocolError as err:
-            why = f"the run of {task} cannot be sent: {err}"
-            await self.events.put(core.AttemptFailed(peer, task, attempt, why))
 
     async def _collect(
         self, task: str, peer: str, attempt: int, outputs: tuple[tuple[str, FileRef], ...]
@@ -583,9 +661,9 @@ class Coordinator(PeerPool):
 
         Whatever goes wrong is a CollectFailed (the attempt fails, the job goes on): nothing
         may leave the core waiting for an answer. The paths and digests were checked by
-        `decode`, and the paths against the task's declared outputs (`_task_report`).
+        `decode`, and the paths against the task's declared outputs (`WorkerEvents`).
         """
-        link = self.links.get(peer)
+        link = self.pool.links.get(peer)
         try:
             if link is None or link.data_source is None:
                 raise TransferError(f"peer {peer} is gone")
@@ -647,7 +725,7 @@ class Coordinator(PeerPool):
                 done=counts[core.TaskStatus.DONE],
                 failed=counts[core.TaskStatus.FAILED],
                 running=counts[core.TaskStatus.RUNNING],
-                peers=len(self.links),
+                peers=len(self.pool.links),
                 user=_user(),
                 started=self.started_at,
                 key=self.grid.public.decode() if self.grid else "",
