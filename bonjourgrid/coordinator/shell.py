@@ -16,8 +16,9 @@ What the Coordinator owns and holds:
   `TaskRun`) into work and a `StopRun` into a cancel. Task messages of bgrid workers reach it
   through a `WorkerChannel`; its typed task events come back through `_from_backend`, the
   one place they become core events;
-- the data plane, for every backend that moves data through bgrid's caches: the data server,
-  prefetch orders, and the collection of outputs into the submit directory;
+- the data plane, for every backend that moves data through bgrid's caches: the data server
+  (here) and the `DataMover` (`dataflow.py`: sources, prefetch orders, the collection of
+  outputs into the submit directory);
 - the journal, the logs, the progress display, and the job's advertisement.
 The report (`report.py`) is built from a `ReportInputs` record made at the end. The remote
 cache that stages the inputs is `stage.py`.
@@ -29,15 +30,11 @@ import asyncio
 import contextlib
 import getpass
 import logging
-import os
 import secrets
-import shutil
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import psutil
 import zmq
 import zmq.asyncio
 
@@ -57,11 +54,11 @@ from bonjourgrid.backends.base import (
 )
 from bonjourgrid.backends.native import NativeBackend
 from bonjourgrid.backends.worker_events import Unreadable, WorkerChannel
-from bonjourgrid.cache.store import FileIndex, FileRef, hash_file
+from bonjourgrid.cache.store import FileIndex, FileRef
 from bonjourgrid.cache.transfer import DataServer, Fetcher
 from bonjourgrid.coordinator import core
 from bonjourgrid.coordinator.cancel import JOBCTL_DOMAIN, serve_job_control
-from bonjourgrid.coordinator.files import COORDINATOR
+from bonjourgrid.coordinator.dataflow import DataMover, remove_stale_partials
 from bonjourgrid.coordinator.journal import (
     DoneRecord,
     JournalWriter,
@@ -70,7 +67,7 @@ from bonjourgrid.coordinator.journal import (
     task_digest,
 )
 from bonjourgrid.coordinator.logs import LogKeeper, job_stem
-from bonjourgrid.coordinator.peers import STALL_S, PeerLink, PeerPool, Timeouts
+from bonjourgrid.coordinator.peers import STALL_S, PeerPool, Timeouts
 from bonjourgrid.coordinator.prefetch import DataOptions
 from bonjourgrid.coordinator.progress import REFRESH_S, Display, PeerNow, Snapshot, notes_of
 from bonjourgrid.coordinator.recruit import JobNeeds
@@ -80,17 +77,14 @@ from bonjourgrid.dag import Workflow
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
 from bonjourgrid.discovery.browse import PeerBrowser
 from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, JobState, job_txt
-from bonjourgrid.errors import ConfigError, TransferError
+from bonjourgrid.errors import ConfigError
 from bonjourgrid.keys import GridKey, Keypair
 from bonjourgrid.protocol import (
     Denied,
     Message,
     Preempted,
-    Prefetch,
     Prefetched,
-    PrefetchFile,
     Refused,
-    Source,
     Started,
     TaskDone,
 )
@@ -159,19 +153,6 @@ class Coordinator:
             expected_peers=expected_peers,
             resume=resume,
         )
-        # The backend runs the tasks the core places; bgrid workers' task messages reach it
-        # through the channel, its task events come back to the core in `_from_backend`.
-        self.channel = WorkerChannel(self.pool.send, self._sources)
-        self.commands = Commands()
-        self.backend = backend(
-            BackendContext(
-                job=self.job,
-                root=workflow.root,
-                state_dir=workflow.root / ".bgrid" / "backend",
-                commands=self.commands,
-                peers=self.channel,
-            )
-        )
         self.core = core.SchedulerCore(
             (
                 (name, list(workflow.graph.predecessors(name)), spec.require or "", spec.retries)
@@ -184,17 +165,39 @@ class Coordinator:
             ack_timeout_s=self.timeouts.run_ack_s,
         )
         self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
+        self.mover = DataMover(
+            job=self.job,
+            root=workflow.root,
+            index=self.index,
+            fetcher=self.fetcher,
+            keypair=self.keypair,
+            links=self.pool.links,
+            at_coordinator=self.core.files.at_coordinator,
+            bytes_moved=self.bytes,
+            sink=self.events.put_nowait,
+        )
+        # The backend runs the tasks the core places; bgrid workers' task messages reach it
+        # through the channel, its task events come back to the core in `_from_backend`.
+        self.channel = WorkerChannel(self.pool.send, self.mover.sources)
+        self.commands = Commands()
+        self.backend = backend(
+            BackendContext(
+                job=self.job,
+                root=workflow.root,
+                state_dir=workflow.root / ".bgrid" / "backend",
+                commands=self.commands,
+                peers=self.channel,
+            )
+        )
         self.started = 0.0
         self.started_at = 0.0
         # What the run is doing, for a user who stops it (submit.py's signal handling).
         self.phase = "starting"
-        self._data_port = 0
         self._data_server: DataServer | None = None
         self._browser: PeerBrowser | None = None  # set once the run starts
         # Contents a resumed job hopes to find in peers' caches (intermediates of kept tasks).
         self._wanted_from_caches: dict[str, int] = {}
         self._jobctl_port = 0
-        self._partial_dir = workflow.root / ".bgrid" / "partial"
         self._wake_at: float | None = None  # when the pending Tick fires (retry backoffs)
         self._wake: asyncio.TimerHandle | None = None
 
@@ -218,7 +221,7 @@ class Coordinator:
         return build_report(self._report_inputs(finished, started_at))
 
     async def _run_to_the_end(self) -> core.Finished | None:
-        remove_stale_partials(self._partial_dir)
+        remove_stale_partials(self.mover.partial_dir)
         if self.core.pending():  # a resume with nothing left to run moves nothing
             self.phase = "staging inputs"
             await self._stage_inputs()
@@ -264,7 +267,7 @@ class Coordinator:
         auth = wire.start_authenticator(self.ctx, policies) if self.grid is not None else None
         bind = f"tcp://{self.interface or '0.0.0.0'}"
         data_sock = wire.server_socket(self.ctx, self.keypair, "data", 4096)
-        self._data_port = data_sock.bind_to_random_port(bind)
+        self.mover.port = data_sock.bind_to_random_port(bind)
         data_server = self._data_server = DataServer(data_sock, self.index.locate)
         # The job-control socket proves the grid's own key: `bgrid cancel` pins it, so a
         # spoofed job record cannot pass for this coordinator (cancel.py).
@@ -416,7 +419,7 @@ class Coordinator:
             case Started() | Refused() | TaskDone():
                 self.channel.deliver(peer, message)
             case Prefetched():
-                self.events.put_nowait(self._prefetched(peer, message))
+                self.events.put_nowait(self.mover.prefetched(peer, message))
             case Unreadable(task=task, attempt=attempt, reason=why):
                 if not self._runs_on(peer, task, attempt):
                     self.pool.lose(peer, why)  # about a run it does not have
@@ -473,14 +476,14 @@ class Coordinator:
                 case core.Dispatch(task, peer, attempt):
                     await self._dispatch(task, peer, attempt)
                 case core.Prefetch(peer, files, why):
-                    await self._prefetch(peer, files, why)
+                    await self.mover.prefetch(peer, files, why)
                 case core.StopRun(task, peer, attempt, reason):
                     log.debug("stopping %s on %s: %s", task, peer, reason)
                     await self.backend.cancel(task, attempt, reason)
                 case core.Notice(message, detail):
                     log.log(logging.DEBUG if detail else logging.INFO, "%s", message)
                 case core.Collect(task, peer, attempt, outputs):
-                    self._spawn(self._collect(task, peer, attempt, outputs))
+                    self._spawn(self.mover.collect(task, peer, attempt, outputs))
                 case core.Release(peer):
                     await self.pool.release(peer)
                 case core.Recruit(count, reason):
@@ -571,8 +574,6 @@ class Coordinator:
         """Stop the job (Ctrl-C, `bgrid cancel`): peers are released, the report says why."""
         self.events.put_nowait(core.CancelRequested(reason))
 
-    # -- talking to peers -----------------------------------------------------------------
-
     def _runs_on(self, peer: str, task: str, attempt: int) -> bool:
         """Whether attempt `attempt` of `task` runs on `peer`, as far as the core knows."""
         state = self.core.tasks.get(task)
@@ -582,49 +583,6 @@ class Coordinator:
             and state.peer == peer
             and state.attempts == attempt
         )
-
-    def _prefetched(self, peer: str, msg: Prefetched) -> core.Event:
-        if msg.source and msg.source != COORDINATOR:
-            self.bytes["peer_to_peer"] += msg.bytes
-        if msg.error:
-            log.info("prefetch of %s to %s failed: %s", msg.digest[:12], peer, msg.error[:200])
-            return core.PrefetchFailed(peer, msg.digest, msg.error)
-        return core.FileArrived(peer, msg.digest)
-
-    def _sources(self, peer: str, digest: str, names: Sequence[str]) -> tuple[Source, ...]:
-        """Where `peer` fetches `digest` from (the data servers named by the core), for the
-        wire; none if the job no longer holds `peer`."""
-        link = self.pool.links.get(peer)
-        return () if link is None else self._wire_sources(digest, names, link)
-
-    def _wire_sources(
-        self, digest: str, names: Sequence[str], link: PeerLink
-    ) -> tuple[Source, ...]:
-        """The data servers named by the core, for the wire."""
-        out = []
-        links = self.pool.links
-        for name in names:
-            if name == COORDINATOR:
-                key = self.keypair.public.decode() if self.keypair else ""
-                endpoint = f"tcp://{link.our_address}:{self._data_port}"
-                out.append(Source(endpoint, key, COORDINATOR))
-            elif (holder := links.get(name)) is not None and holder.data_source is not None:
-                out.append(holder.data_source)
-        if not out and digest in self.core.files.at_coordinator:
-            return self._wire_sources(digest, [COORDINATOR], link)
-        return tuple(out)
-
-    async def _prefetch(
-        self, peer: str, files: tuple[tuple[FileRef, tuple[str, ...]], ...], why: str
-    ) -> None:
-        link = self.pool.links.get(peer)
-        if link is None:
-            return
-        items = tuple(
-            PrefetchFile(ref, self._wire_sources(ref.digest, names, link)) for ref, names in files
-        )
-        log.debug("prefetch to %s (%s): %d file(s)", peer, why, len(items))
-        await link.sock.send(wire.encode(Prefetch(self.job, items)))
 
     def _input_ref(self, path: str) -> FileRef:
         producer = self.workflow.producer.get(path)
@@ -653,49 +611,6 @@ class Coordinator:
                 retries=spec.retries,
             )
         )
-
-    async def _collect(
-        self, task: str, peer: str, attempt: int, outputs: tuple[tuple[str, FileRef], ...]
-    ) -> None:
-        """Bring a task's outputs into the submit directory, then tell the core.
-
-        Whatever goes wrong is a CollectFailed (the attempt fails, the job goes on): nothing
-        may leave the core waiting for an answer. The paths and digests were checked by
-        `decode`, and the paths against the task's declared outputs (`WorkerEvents`).
-        """
-        link = self.pool.links.get(peer)
-        try:
-            if link is None or link.data_source is None:
-                raise TransferError(f"peer {peer} is gone")
-            for path, ref in outputs:
-                dest = self.workflow.root / path
-                if await asyncio.to_thread(_holds, dest, ref):
-                    self.index.add(dest, ref)  # a rerun made the same bytes: nothing to move
-                    continue
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                self._partial_dir.mkdir(parents=True, exist_ok=True)
-                # The pid says whose it is: a later submit removes it only once we are gone.
-                partial = self._partial_dir / (
-                    f"{ref.digest}.{os.getpid()}.{secrets.token_hex(4)}.part"
-                )
-                twin = self.index.locate(ref.digest)
-                if twin is not None and twin.is_file():
-                    shutil.copyfile(twin, partial)  # same bytes already here: not fetched again
-                else:
-                    await self.fetcher.fetch(ref, [link.data_source], partial)
-                    self.bytes["to_submitter"] += ref.size
-                os.replace(partial, dest)
-                self.index.add(dest, ref)
-        except asyncio.CancelledError:
-            raise
-        except (TransferError, OSError) as err:
-            await self.events.put(core.CollectFailed(task, attempt, str(err)))
-            return
-        except Exception as err:
-            log.exception("collecting the outputs of %s failed", task)
-            await self.events.put(core.CollectFailed(task, attempt, f"{type(err).__name__}: {err}"))
-            return
-        await self.events.put(core.OutputsCollected(task, attempt))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -745,40 +660,6 @@ def task_data(workflow: Workflow, fetch_all: bool) -> dict[str, core.TaskData]:
         )
         for name, spec in workflow.tasks.items()
     }
-
-
-def remove_stale_partials(directory: Path) -> int:
-    """Remove the partial downloads that dead coordinators left (`kill -9` mid-collection);
-    those of a live one (another submit in this directory) stay. How many went."""
-    removed = 0
-    try:
-        entries = list(directory.glob("*.part"))
-    except OSError:
-        return 0
-    for path in entries:
-        parts = path.name.split(".")
-        owner = int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
-        if owner is not None and owner != os.getpid() and psutil.pid_exists(owner):
-            continue
-        with contextlib.suppress(OSError):
-            path.unlink()
-            removed += 1
-    if removed:
-        log.info("removed %d partial file(s) a dead coordinator left in %s", removed, directory)
-    return removed
-
-
-def _holds(path: Path, ref: FileRef) -> bool:
-    """Whether `path` is a regular file with exactly these bytes (hashing reads it once)."""
-    try:
-        return (
-            path.is_file()
-            and not path.is_symlink()
-            and path.stat().st_size == ref.size
-            and (hash_file(path) == ref)
-        )
-    except OSError:
-        return False
 
 
 def job_id(workflow_name: str) -> str:

@@ -168,7 +168,7 @@ async def test_an_output_digest_that_is_not_a_digest_fails_the_attempt_and_ends_
     assert task.status is core.TaskStatus.FAILED
     assert "peer evil sent a bad message" in task.error and "digest" in task.error, task.error
     nothing_outside(coord.workflow.root, tmp_path)
-    assert not coord._partial_dir.exists() or not any(coord._partial_dir.iterdir())
+    assert not coord.mover.partial_dir.exists() or not any(coord.mover.partial_dir.iterdir())
 
 
 async def test_a_refused_run_is_retried_then_fails_with_the_peers_reason(run_job: Run) -> None:
