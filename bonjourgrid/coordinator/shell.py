@@ -20,6 +20,12 @@ What the Coordinator owns and holds:
   (here) and the `DataMover` (`dataflow.py`: sources, prefetch orders, the collection of
   outputs into the submit directory);
 - the journal, the logs, the progress display, and the job's advertisement.
+The path of a worker's task message: the pool's link reader decodes it, `_route` delivers
+it into the `WorkerChannel`, the backend's `events` turns it into a task event
+(`WorkerEvents`), `_pump_backend_events` turns that into a core event on the queue. One
+queue hop more than a direct put, the price of the backend seam; a burst is drained in one
+wake-up of the pump. Heartbeat acks and prefetch reports go straight onto the queue.
+
 The report (`report.py`) is built from a `ReportInputs` record made at the end. The remote
 cache that stages the inputs is `stage.py`.
 """
