@@ -103,11 +103,8 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from bonjourgrid.backends.base import load_backend
     from bonjourgrid.coordinator.submit import SubmitOptions, parse_workers, submit
 
-    if load_backend(args.backend).name != "native":
-        raise ConfigError(f"backend {args.backend!r} is registered but cannot run jobs yet")
     return submit(
         SubmitOptions(
             workflow=Path(args.workflow),
@@ -126,6 +123,8 @@ def _submit(args: argparse.Namespace) -> int:
             prefetch=args.prefetch,
             prefetch_depth=args.prefetch_depth,
             fetch_all=args.fetch_all,
+            backend=args.backend,
+            backend_options={"pool": args.pool} if args.pool else {},
         )
     )
 
@@ -458,7 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--backend",
         default="native",
-        help="what runs the tasks on the recruited peers (default: native)",
+        help="what runs the tasks on the recruited peers: native (bgrid's own workers), "
+        "slurm (a transient Slurm cluster over them), condor, or a plug-in (default: native)",
+    )
+    s.add_argument(
+        "--pool",
+        metavar="HOST:PORT",
+        help="condor: submit to this existing HTCondor pool's schedd, deploying nothing",
     )
     s.add_argument("--insecure", action="store_true", help="use peers that run --insecure")
     s.add_argument(

@@ -31,10 +31,13 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 from bonjourgrid.cache.store import FileRef
 from bonjourgrid.errors import ConfigError
+
+if TYPE_CHECKING:
+    from bonjourgrid.backends.worker_events import WorkerChannel
 
 ENTRY_POINT_GROUP = "bonjourgrid.backends"
 
@@ -131,6 +134,22 @@ class TaskStarted:
 
 
 @dataclass(frozen=True)
+class RunDetail:
+    """What a run's executor said about it besides its end, for the job's report: bgrid
+    workers send all of it; a middleware that knows less leaves the defaults."""
+
+    fetch_s: float = 0.0  # seconds spent getting its inputs onto the peer
+    bytes_fetched: int = 0  # input bytes the run moved itself (not prefetched)
+    peer_to_peer: int = 0  # of those, bytes that came from other peers
+    cache_hits: int = 0  # input bytes found in the peer's cache
+    logs: bool = False  # the tails of its stdout and stderr below were sent
+    stdout: bytes = b""
+    stdout_size: int = 0  # bytes written in all (more than the tail: its head was dropped)
+    stderr: bytes = b""
+    stderr_size: int = 0
+
+
+@dataclass(frozen=True)
 class TaskFinished:
     """The run exited 0 and its outputs are stored (on `peer`'s cache, or `where` it says)."""
 
@@ -140,6 +159,7 @@ class TaskFinished:
     outputs: tuple[tuple[str, FileRef], ...] = ()
     run_s: float = 0.0
     stderr_tail: str = ""
+    detail: RunDetail = RunDetail()
 
 
 @dataclass(frozen=True)
@@ -152,6 +172,8 @@ class TaskFailed:
     reason: str
     exit_code: int | None = None
     stderr_tail: str = ""
+    run_s: float = 0.0
+    detail: RunDetail = RunDetail()
 
 
 @dataclass(frozen=True)
@@ -358,6 +380,11 @@ class BackendContext:
     services: ServiceControl | None = None
     staging: RunStaging | None = None  # for backends that run bgrid-staged runs
     options: Mapping[str, str] = field(default_factory=dict)  # e.g. {"pool": "host:9618"}
+    # The job's control links to its held bgrid workers (`worker_events.WorkerChannel`), for
+    # backends whose runs report through bgrid workers (native).
+    peers: WorkerChannel | None = None
+    # The coordinator's address as the held peers reach it; set before `deploy`.
+    address: str = "127.0.0.1"
 
 
 # -- the interface ----------------------------------------------------------------------------

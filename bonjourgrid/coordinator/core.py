@@ -42,6 +42,16 @@ Peers are checked, not trusted. A dispatched run must be acknowledged (`RunStart
 run never acknowledged, or missing from two heartbeats in a row, is a failed attempt, as is
 one the peer refused (`AttemptFailed`). A failed attempt is retried per the task's retries.
 
+Parts. The core owns the job's state (tasks, held peers and their slots, counts, stories)
+and the moves of a task (`move`, `make_ready`, `enqueue`, `detach`: each with its
+bookkeeping). It builds and holds two collaborators, each owning its own state:
+- `ReadyQueue` (`ready.py`): the class heaps, the per-peer affine heaps and the backoff
+  heap, with lazy deletion of stale entries, and which peer can run which class;
+- `DataPlanner` (`dataplane.py`): placement affinity, prefetch planning, broadcast and the
+  remaking of lost intermediates. It is handed what it reads and asks the core for every
+  move of a task through the narrow `TaskMoves` protocol, which the core implements.
+The `FileTable` (`files.py`) says where contents are; core and planner share it.
+
 The shell (`coordinator/shell.py`) feeds events, passes `now`, and carries out instructions.
 `story(task)` tells why a task ran where it ran, as many times as it did.
 """
@@ -53,7 +63,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 
 from bonjourgrid.cache.store import FileRef
-from bonjourgrid.coordinator.dataplane import DataPlane
+from bonjourgrid.coordinator.dataplane import DataPlanner
 from bonjourgrid.coordinator.files import FileTable
 from bonjourgrid.coordinator.model import (
     FINAL,
@@ -63,7 +73,6 @@ from bonjourgrid.coordinator.model import (
     Collect,
     CollectFailed,
     Dispatch,
-    Entry,
     Event,
     FileArrived,
     Finished,
@@ -91,6 +100,7 @@ from bonjourgrid.coordinator.model import (
     Tick,
 )
 from bonjourgrid.coordinator.prefetch import PrefetchSettings
+from bonjourgrid.coordinator.ready import ReadyQueue
 
 # The records live in model.py; the shell and the tests reach them through here.
 __all__ = [
@@ -133,7 +143,7 @@ UNLISTED_LIMIT = 2  # heartbeats in a row without an acknowledged run: its attem
 _NO_PREFETCH = PrefetchSettings(policy="none", broadcast_min_consumers=0)
 
 
-class SchedulerCore(DataPlane):
+class SchedulerCore:
     """The job's scheduling state and rules."""
 
     def __init__(
@@ -153,7 +163,6 @@ class SchedulerCore(DataPlane):
         `data`: each task's files (default: none, every output collected); `sources`: the
         contents of the inputs the coordinator serves; `prefetch`: the data policy;
         `ack_timeout_s`: how long a peer has to acknowledge a run (None: forever)."""
-        self._matches = matches
         self.ack_timeout_s = ack_timeout_s
         self._ack_due: list[tuple[float, str, int]] = []  # (deadline, task, attempt)
         self.backoff_base_s = backoff_base_s
@@ -172,40 +181,32 @@ class SchedulerCore(DataPlane):
         self.data: dict[str, TaskData] = {name: TaskData() for name in self.tasks}
         self.data.update(data or {})
         self.files = FileTable(sources)
-        self.producer = {p: name for name, d in self.data.items() for p in d.outputs}
-        self.readers: dict[str, list[str]] = defaultdict(list)  # path -> tasks reading it
-        for name, d in self.data.items():
-            for path in d.inputs:
-                self.readers[path].append(name)
-        wide = prefetch.broadcast_min_consumers
-        self.broadcast_paths = (
-            {p for p, r in self.readers.items() if len(r) >= wide} if wide > 0 else set()
-        )
-        self._bc_active: set[str] = set()  # broadcast digests still spreading (readers gated)
-        self._bc_started: set[str] = set()  # broadcast digests whose first copy went out
-        self._bc_failed: dict[str, set[str]] = defaultdict(set)  # digest -> peers it failed on
-        self._incoming: dict[str, dict[str, str]] = defaultdict(dict)  # peer -> digest -> via
-        self._planned = 0  # READY tasks planned on peers, not yet placed
-        self._own_work: dict[str, None] = {}  # peers with planned or affine tasks (maybe stale)
         self.peers: dict[str, PeerSlots] = {}
         self._free: dict[str, None] = {}  # peers with a free slot, in the order they joined
-        self._ready: dict[str, list[Entry]] = defaultdict(list)
-        self._seq = 0
-        self._match_cache: dict[tuple[str, str], bool] = {}
+        self.ready = ReadyQueue(self.tasks, matches)
+        self.planner = DataPlanner(
+            tasks=self.tasks,
+            peers=self.peers,
+            preds=self.preds,
+            successors=self.successors,
+            data=self.data,
+            files=self.files,
+            ready=self.ready,
+            settings=prefetch,
+            moves=self,
+        )
         self.counts: dict[TaskStatus, int] = defaultdict(int)
         self.counts[TaskStatus.WAITING] = len(self.tasks)
         self._waiting_levels: Counter[int] = Counter(t.priority for t in self.tasks.values())
         self._top_level = max(self._waiting_levels, default=0)
         self.finished: Finished | None = None
         self._stories: dict[str, list[tuple[float, str]]] = defaultdict(list)
-        self._delayed: list[tuple[float, int, str]] = []  # (not_before, seq, task): backoffs
-        self._backing_off = 0  # READY tasks waiting out a backoff (live entries of _delayed)
         self.resumed = 0
         if done:
             self._resume(done, self.preds)
         for task in self.tasks.values():
             if task.deps_left == 0 and task.status is TaskStatus.WAITING:
-                self._make_ready(task, 0.0, "no inputs from other tasks")
+                self.make_ready(task, 0.0, "no inputs from other tasks")
 
     def _assign_priorities(self, preds: Mapping[str, list[str]]) -> None:
         # Kahn's order from the sinks back: O(tasks + edges).
@@ -265,7 +266,7 @@ class SchedulerCore(DataPlane):
             case AttemptFailed():
                 task = self._running_on(event.peer, event.task, event.attempt)
                 if task is not None:
-                    self._detach(task)
+                    self.detach(task)
                     self._failed_attempt(task, event.reason, now, out)
             case PeerRunning():
                 self._check_listed(event, now, out)
@@ -278,20 +279,16 @@ class SchedulerCore(DataPlane):
             case CollectFailed():
                 task = self.tasks.get(event.task)
                 if task and task.status is TaskStatus.COLLECTING and task.attempts == event.attempt:
-                    self._detach(task)
+                    self.detach(task)
                     self._failed_attempt(
                         task, f"its outputs could not be fetched: {event.error}", now, out
                     )
             case FileArrived():
-                self._arrived(event.peer, event.digest)
+                self.planner.arrived(event.peer, event.digest)
             case PrefetchFailed():
-                via = self._incoming[event.peer].pop(event.digest, None)
-                if via:
-                    self._release_server(via, event.digest)
-                self._bc_failed[event.digest].add(event.peer)
-                self._check_broadcast(event.digest, now)
+                self.planner.prefetch_failed(event.peer, event.digest, now)
             case PeersSettled():
-                self._remake("the earlier run (no peer holds it now)", now, out)
+                self.planner.remake("the earlier run (no peer holds it now)", now, out)
             case CancelRequested():
                 self._finish(out, "failed", event.reason)
                 return out
@@ -301,9 +298,9 @@ class SchedulerCore(DataPlane):
             return out
         self._end_backoffs(now)
         self._expire_acks(now, out)
-        self._broadcast(out)
+        self.planner.broadcast(out)
         self._schedule(now, out)
-        self._plan(now, out)
+        self.planner.plan(now, out)
         self._scale_in(out)
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY] == 0 and not any(
             self.counts[s] for s in (TaskStatus.RUNNING, TaskStatus.COLLECTING)
@@ -323,13 +320,28 @@ class SchedulerCore(DataPlane):
 
     # -- transitions --------------------------------------------------------------------
 
-    def _move(self, task: TaskState, to: TaskStatus, now: float, why: str) -> None:
+    # The moves below are also what the data planner asks of the core (`TaskMoves`): the
+    # core alone changes a task's status, with the bookkeeping each change needs.
+
+    def note(self, task: str, now: float, why: str) -> None:
+        """Add to the task's story."""
+        self._stories[task].append((now, why))
+
+    def top_waiting_level(self) -> int:
+        """The highest bottom level among WAITING tasks (the longest remaining chain)."""
+        while self._top_level > 0 and self._waiting_levels[self._top_level] <= 0:
+            self._top_level -= 1
+        return self._top_level
+
+    def undone_preds(self, name: str) -> int:
+        """How many of the tasks `name` needs are not DONE (what it waits for)."""
+        return sum(1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE)
+
+    def move(self, task: TaskState, to: TaskStatus, now: float, why: str) -> None:
         assert (task.status, to) in TASK_TRANSITIONS, f"{task.name}: {task.status} -> {to}"
         self.counts[task.status] -= 1
         self.counts[to] += 1
-        if task.backoff != -1:  # it leaves READY: its backoff no longer matters
-            task.backoff = -1
-            self._backing_off -= 1
+        self.ready.end_backoff(task)  # it leaves READY: its backoff no longer matters
         if task.status is TaskStatus.RUNNING:
             task.lost_input = ""  # that attempt is over: it no longer waits for the file
         if task.status is TaskStatus.WAITING:
@@ -342,34 +354,32 @@ class SchedulerCore(DataPlane):
         if task.resumed and to is not TaskStatus.DONE:
             task.resumed = False  # made again in this run (its output was lost): not kept
 
-    def _make_ready(self, task: TaskState, now: float, why: str) -> None:
-        self._move(task, TaskStatus.READY, now, why)
+    def make_ready(self, task: TaskState, now: float, why: str) -> None:
+        self.move(task, TaskStatus.READY, now, why)
         planned_on = self.peers.get(task.planned_on or "")
         if planned_on is not None:  # planned while it waited (eager, critical-path)
-            self._planned += 1
+            self.planner.planned += 1
             planned_on.planned_ready += 1
-        self._enqueue(task)
+        self.enqueue(task)
 
-    def _enqueue(self, task: TaskState) -> None:
+    def enqueue(self, task: TaskState) -> None:
         """Make a READY task placeable: in its class heap, and in the heap of the peer that
         holds most of its input bytes. A reader of a file still being broadcast is only
         placeable on peers that already hold it."""
         if task.backoff != -1:
             return  # placeable when its backoff ends (_end_backoffs)
-        self._seq += 1
-        task.queued = self._seq
-        entry = (-task.priority, self._seq, task.name)
-        spreading = self._spreading_inputs(task)
+        entry = self.ready.stamp(task)
+        spreading = self.planner.spreading_inputs(task)
         task.gated = bool(spreading)
         if task.gated:
             for peer in self.peers.values():
                 if all(self.files.holds(peer.name, d) for d in spreading):
-                    self._favour(peer, entry)
+                    self.ready.favour(peer.name, entry)
             return
-        heapq.heappush(self._ready[task.require], entry)
-        best = self._data_peer(task)
+        self.ready.push(task, entry)
+        best = self.planner.data_peer(task)
         if best is not None:
-            self._favour(best, entry)
+            self.ready.favour(best.name, entry)
 
     def _reported(self, event: TaskReported, now: float, out: list[Instruction]) -> None:
         task = self.tasks.get(event.task)
@@ -396,14 +406,14 @@ class SchedulerCore(DataPlane):
                 self.peers[event.peer].running.discard(task.name)
                 self.peers[event.peer].collecting.add(task.name)
                 self._free[event.peer] = None  # the slot it ran in is free
-                self._move(task, TaskStatus.COLLECTING, now, f"exited 0 on {event.peer}")
+                self.move(task, TaskStatus.COLLECTING, now, f"exited 0 on {event.peer}")
                 out.append(Collect(task.name, event.peer, task.attempts, event.outputs))
             else:
                 self._done(task, now, f"exited 0 on {event.peer}; its outputs stay there", out)
-            self._restart_stalled_readers(task, now, out)
-            self._prefetch_for_waiting(task, out)
+            self.planner.restart_stalled_readers(task, now, out)
+            self.planner.prefetch_for_waiting(task, out)
             return
-        self._detach(task)
+        self.detach(task)
         lost = {
             ref.digest
             for p in self.data[task.name].inputs
@@ -412,12 +422,12 @@ class SchedulerCore(DataPlane):
         if lost:
             # It could not get an input that a lost peer took with it: not its fault. It
             # runs again once the producer has made the file again.
-            self._remake("a lost peer", now, out, also=task)
+            self.planner.remake("a lost peer", now, out, also=task)
             return
         if task.lost_input:
             # Its fetch failed on the lost peer, and the file exists again meanwhile.
             why = f"could not fetch {task.lost_input} from a lost peer; it exists again"
-            self._make_ready(task, now, why)
+            self.make_ready(task, now, why)
             return
         why = event.error or f"exit code {event.exit_code}"
         self._failed_attempt(task, why, now, out)
@@ -447,7 +457,7 @@ class SchedulerCore(DataPlane):
                 continue
             task.unlisted += 1
             if task.unlisted >= UNLISTED_LIMIT:
-                self._detach(task)
+                self.detach(task)
                 self._failed_attempt(task, f"peer {event.peer} is not running it", now, out)
 
     def _expire_acks(self, now: float, out: list[Instruction]) -> None:
@@ -455,15 +465,15 @@ class SchedulerCore(DataPlane):
             _, name, attempt = heapq.heappop(self._ack_due)
             task = self.tasks[name]
             if task.status is TaskStatus.RUNNING and task.attempts == attempt and not task.acked:
-                self._detach(task)
+                self.detach(task)
                 why = f"peer {task.peer} never acknowledged the run of {name}"
                 self._failed_attempt(task, why, now, out)
 
     def _done(self, task: TaskState, now: float, why: str, out: list[Instruction]) -> None:
-        self._detach(task)
+        self.detach(task)
         task.end = now
         task.error = ""
-        self._move(task, TaskStatus.DONE, now, why)
+        self.move(task, TaskStatus.DONE, now, why)
         out.append(TaskDone(task.name, task.peer, task.attempts, task.outputs))
         for name in self.successors.get(task.name, ()):
             succ = self.tasks[name]
@@ -471,7 +481,7 @@ class SchedulerCore(DataPlane):
                 continue  # it ran already: this was a remake for another reader
             succ.deps_left -= 1
             if succ.deps_left == 0:
-                self._make_ready(succ, now, "all its inputs exist")
+                self.make_ready(succ, now, "all its inputs exist")
 
     def backoff(self, failures: int) -> float:
         """Seconds a task waits before its retry after `failures` failed attempts."""
@@ -486,39 +496,30 @@ class SchedulerCore(DataPlane):
             task.failed_on += (task.peer,)
         if task.failures <= task.retries:
             wait = self.backoff(task.failures)
-            self._move(
+            self.move(
                 task,
                 TaskStatus.READY,
                 now,
                 f"{why}; retry {task.failures}/{task.retries} in {wait:g} s",
             )
-            self._seq += 1
             if self.peers and all(name in task.failed_on for name in self.peers):
                 # Only peers it already failed on are held (the others went back at
                 # scale-in): ask for a fresh one while the retry waits out its backoff.
                 out.append(Recruit(1, f"a fresh peer for the retry of {task.name}"))
             if wait > 0:
-                task.not_before = now + wait
-                task.backoff = self._seq
-                self._backing_off += 1
-                heapq.heappush(self._delayed, (task.not_before, self._seq, task.name))
+                self.ready.defer(task, now + wait)
             else:
-                self._enqueue(task)
+                self.enqueue(task)
             return
         task.end = now
-        self._move(task, TaskStatus.FAILED, now, f"{why}; no retries left")
+        self.move(task, TaskStatus.FAILED, now, f"{why}; no retries left")
         out.append(TaskFailed(task.name, why, task.attempts))
         self._skip_descendants(task, now)
 
     def _end_backoffs(self, now: float) -> None:
-        while self._delayed and self._delayed[0][0] <= now:
-            _, seq, name = heapq.heappop(self._delayed)
-            task = self.tasks[name]
-            if task.backoff == seq:  # else it left READY meanwhile (_move ended the backoff)
-                task.backoff = -1
-                self._backing_off -= 1
-                self._stories[name].append((now, "backoff over: may be placed again"))
-                self._enqueue(task)
+        for task in self.ready.due(now):
+            self._stories[task.name].append((now, "backoff over: may be placed again"))
+            self.enqueue(task)
 
     def _skip_descendants(self, failed: TaskState, now: float) -> None:
         stack = list(self.successors.get(failed.name, ()))
@@ -526,11 +527,11 @@ class SchedulerCore(DataPlane):
             task = self.tasks[stack.pop()]
             if task.status in (TaskStatus.WAITING, TaskStatus.READY):
                 # A READY entry left in its heap is dropped when popped (status check).
-                self._unplan(task)
-                self._move(task, TaskStatus.SKIPPED, now, f"needs {failed.name}, which failed")
+                self.planner.unplan(task)
+                self.move(task, TaskStatus.SKIPPED, now, f"needs {failed.name}, which failed")
                 stack.extend(self.successors.get(task.name, ()))
 
-    def _detach(self, task: TaskState) -> None:
+    def detach(self, task: TaskState) -> None:
         if task.peer in self.peers:
             self.peers[task.peer].running.discard(task.name)
             self.peers[task.peer].collecting.discard(task.name)
@@ -541,23 +542,14 @@ class SchedulerCore(DataPlane):
     def _join(self, event: PeerJoined) -> None:
         peer = self.peers[event.peer] = PeerSlots(event.peer, max(1, event.cpus), event.attrs)
         self._free[event.peer] = None
-        if not event.cached:
-            return
-        for digest in event.cached:
-            self.files.hold(event.peer, digest)
-        # Ready tasks whose bytes it holds favour it (their readers, found by path).
-        for digest in event.cached:
-            for path in self.files.paths.get(digest, ()):
-                for name in self.readers.get(path, ()):
-                    task = self.tasks[name]
-                    entry = (-task.priority, task.queued, name)
-                    if self._valid(entry) and self._data_peer(task) is peer:
-                        self._favour(peer, entry)
+        self.ready.add_peer(event.peer)
+        if event.cached:
+            self.planner.peer_joined(peer, event.cached)
 
     def _lose_peer(self, name: str, reason: str, now: float, out: list[Instruction]) -> None:
         peer = self.peers.pop(name, None)
         self._free.pop(name, None)
-        self._own_work.pop(name, None)
+        self.ready.drop_peer(name)
         if peer is None:
             return
         lost_runs = sorted(peer.running | peer.collecting)
@@ -568,55 +560,36 @@ class SchedulerCore(DataPlane):
             )
         )
         for task_name in list(peer.planned):
-            self._unplan(self.tasks[task_name])
+            self.planner.unplan(self.tasks[task_name])
         for task_name in sorted(peer.running | peer.collecting):
             task = self.tasks[task_name]
             why = f"peer {name} lost ({reason}): rescheduled"
-            task.deps_left = self._undone_preds(task_name)
+            task.deps_left = self.undone_preds(task_name)
             if task.deps_left:  # a producer is being made again: wait for its file
-                self._move(task, TaskStatus.WAITING, now, why)
+                self.move(task, TaskStatus.WAITING, now, why)
             else:
-                self._make_ready(task, now, why)
-        for digest, via in self._incoming.pop(name, {}).items():
-            self._release_server(via, digest)
-        for incoming in self._incoming.values():  # copies it was sending fall back
-            for digest, via in list(incoming.items()):
-                if via == name:
-                    incoming[digest] = ""
-        self.files.drop_peer(name)
-        if self.files.refs:
-            # Its files may have been the last copies, and the tasks it ran go back to the
-            # queue needing files that are gone (an O(tasks) scan: peers are lost rarely).
-            self._remake(f"peer {name}", now, out)
-        for digest in list(self._bc_active):
-            self._check_broadcast(digest, now)
+                self.make_ready(task, now, why)
+        self.planner.peer_lost(name, now, out)
 
     # -- decisions ----------------------------------------------------------------------
-
-    def _can_run(self, peer: PeerSlots, require: str) -> bool:
-        if not require:
-            return True
-        key = (peer.name, require)
-        if key not in self._match_cache:
-            self._match_cache[key] = self._matches(require, peer.attrs)
-        return self._match_cache[key]
 
     def _schedule(self, now: float, out: list[Instruction]) -> None:
         # Only peers with a free slot are visited, and only while there is work for them:
         # an event costs O(classes), not O(peers), with thousands of peers and tasks.
         # First what is planned for a peer or whose data it holds, then the best task any
         # peer can run, then (slots that would idle) planned work of other peers.
-        for name in [n for n in self._own_work if n in self._free] if self._own_work else ():
+        own_work = self.ready.own_work
+        for name in [n for n in own_work if n in self._free] if own_work else ():
             peer = self.peers[name]
             self._fill(peer, self._take_own, now, out)
-            if not peer.planned and not peer.affine:
-                del self._own_work[name]
-        if any(self._ready.values()):
+            if not peer.planned and not self.ready.has_affine(name):
+                del own_work[name]
+        if self.ready.has_ready():
             for name in list(self._free):
-                if not any(self._ready.values()):
+                if not self.ready.has_ready():
                     break
-                self._fill(self.peers[name], self._pop_ready_for, now, out)
-        if self._planned and not any(self._ready.values()):
+                self._fill(self.peers[name], self.ready.pop_best, now, out)
+        if self.planner.planned and not self.ready.has_ready():
             for name in list(self._free):
                 self._fill(self.peers[name], self._steal, now, out)
 
@@ -637,13 +610,13 @@ class SchedulerCore(DataPlane):
         for name in peer.planned if peer.planned_ready else ():
             task = self.tasks[name]
             if task.status is TaskStatus.READY and self._may_start_on(peer, task):
-                self._unplan(task, requeue=False)
+                self.planner.unplan(task, requeue=False)
                 return task
-        return self._pop_affine(peer)
+        return self.ready.pop_affine(peer, self.planner.holds_broadcast_inputs)
 
     def _steal(self, peer: PeerSlots) -> TaskState | None:
         """An idle slot takes the last task planned on the most loaded other peer."""
-        if not self._planned:
+        if not self.planner.planned:
             return None
         others = [p for p in self.peers.values() if p is not peer and p.planned_ready]
         for victim in sorted(others, key=lambda p: -p.planned_ready):
@@ -652,16 +625,16 @@ class SchedulerCore(DataPlane):
                 if (
                     task.status is TaskStatus.READY
                     and self._may_start_on(peer, task)
-                    and self._can_run(peer, task.require)
+                    and self.ready.can_run(peer, task.require)
                 ):
-                    self._unplan(task)
+                    self.planner.unplan(task)
                     self._stories[name].append((0.0, f"taken over by idle {peer.name}"))
-                    return self._pop_ready_for(peer)
+                    return self.ready.pop_best(peer)
         return None
 
     def _may_start_on(self, peer: PeerSlots, task: TaskState) -> bool:
         """Whether a task waiting for a broadcast file (gated) may start there now."""
-        return not task.gated or self._holds_broadcast_inputs(peer, task)
+        return not task.gated or self.planner.holds_broadcast_inputs(peer, task)
 
     def _place(self, task: TaskState, peer: PeerSlots, now: float, out: list[Instruction]) -> None:
         target = peer
@@ -679,7 +652,7 @@ class SchedulerCore(DataPlane):
         target.running.add(task.name)
         if len(target.running) >= target.cpus:
             self._free.pop(target.name, None)
-        self._move(
+        self.move(
             task, TaskStatus.RUNNING, now, f"placed on {target.name} (attempt {task.attempts})"
         )
         out.append(Dispatch(task.name, target.name, task.attempts))
@@ -690,53 +663,22 @@ class SchedulerCore(DataPlane):
             if (
                 len(peer.running) < peer.cpus
                 and peer.name not in task.failed_on
-                and self._can_run(peer, task.require)
+                and self.ready.can_run(peer, task.require)
             ):
                 return peer
         return None
-
-    def _valid(self, entry: Entry) -> bool:
-        """Whether a heap entry still stands for a task that may be placed."""
-        task = self.tasks[entry[2]]
-        return (
-            task.queued == entry[1] and task.status is TaskStatus.READY and task.planned_on is None
-        )
-
-    def _pop_affine(self, peer: PeerSlots) -> TaskState | None:
-        heap = peer.affine
-        while heap:
-            entry = heapq.heappop(heap)
-            task = self.tasks[entry[2]]
-            if self._valid(entry) and self._can_run(peer, task.require):
-                if task.gated and not self._holds_broadcast_inputs(peer, task):
-                    continue
-                return task
-        return None
-
-    def _pop_ready_for(self, peer: PeerSlots) -> TaskState | None:
-        best: Entry | None = None
-        best_class = ""
-        for require, heap in self._ready.items():
-            while heap and (not self._valid(heap[0]) or self.tasks[heap[0][2]].gated):
-                heapq.heappop(heap)  # stale: placed, planned, skipped, or queued again
-            if heap and (best is None or heap[0] < best) and self._can_run(peer, require):
-                best, best_class = heap[0], require
-        if best is None:
-            return None
-        heapq.heappop(self._ready[best_class])
-        return self.tasks[best[2]]
 
     def _scale_in(self, out: list[Instruction]) -> None:
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY]:
             return
         # A peer with nothing running has a free slot: looking at free peers is enough.
         for name in [n for n in self._free if not self.peers[n].running | self.peers[n].collecting]:
-            if self._still_serving(name):
+            if self.planner.still_serving(name):
                 continue
             del self.peers[name]
             self.files.drop_peer(name)
             self._free.pop(name, None)
-            self._own_work.pop(name, None)
+            self.ready.drop_peer(name)
             out.append(Release(name))
 
     def _finish(self, out: list[Instruction], status: str, reason: str) -> None:
@@ -744,7 +686,7 @@ class SchedulerCore(DataPlane):
             out.append(Release(name))
         self.peers.clear()
         self._free.clear()
-        self._own_work.clear()
+        self.ready.drop_all_peers()
         self.finished = Finished(status, reason)
         out.append(self.finished)
 
@@ -762,25 +704,23 @@ class SchedulerCore(DataPlane):
 
     def unplaceable(self) -> list[str]:
         """Ready tasks that no peer currently held can run (the shell recruits, or gives up)."""
-        stuck: list[str] = []
-        for require, heap in self._ready.items():
-            if not any(self._can_run(p, require) for p in self.peers.values()):
-                stuck.extend(
-                    name for _, _, name in heap if self.tasks[name].status is TaskStatus.READY
-                )
-        return stuck
+        return self.ready.unplaceable(self.peers.values())
 
     def wanted_peers(self) -> int:
         """How many more single-slot peers the ready tasks could use right now."""
         free = sum(p.cpus - len(p.running) for p in self.peers.values())
-        return max(0, self.counts[TaskStatus.READY] - self._backing_off - free)
+        return max(0, self.counts[TaskStatus.READY] - self.ready.backing_off - free)
 
     def next_wakeup(self) -> float | None:
         """When the next retry backoff or run acknowledgement deadline ends (feed a `Tick`
         then); None if nothing waits."""
         if self.finished is not None:
             return None
-        due = [heap[0][0] for heap in (self._delayed, self._ack_due) if heap]
+        due = [
+            t
+            for t in (self.ready.next_due(), self._ack_due[0][0] if self._ack_due else None)
+            if t is not None
+        ]
         return min(due) if due else None
 
     def pending(self) -> int:
@@ -808,10 +748,7 @@ class SchedulerCore(DataPlane):
             if task.planned_on is not None and self.finished is None:
                 assert task.status in (TaskStatus.READY, TaskStatus.WAITING), task.name
                 assert task.name in self.peers[task.planned_on].planned, task.name
-        live = [name for _, seq, name in self._delayed if self.tasks[name].backoff == seq]
-        assert len(live) == self._backing_off, "backoff count is off"
-        for name in live:
-            assert self.tasks[name].status is TaskStatus.READY or self.finished is not None
+        self.ready.validate(self.finished is not None)
         for status in TaskStatus:
             assert tally[status] == self.counts[status], f"count of {status.value} is off"
         waiting = Counter(t.priority for t in self.tasks.values() if t.status is TaskStatus.WAITING)
@@ -825,8 +762,5 @@ class SchedulerCore(DataPlane):
             ready = [n for n in peer.planned if self.tasks[n].status is TaskStatus.READY]
             assert peer.planned_ready == len(ready), f"{peer.name}: planned_ready is off"
         if self.finished is None:
-            assert self._planned == sum(p.planned_ready for p in self.peers.values())
-            vias = [via for incoming in self._incoming.values() for via in incoming.values()]
-            for peer in self.peers.values():
-                assert peer.serving == vias.count(peer.name), f"{peer.name} serving is off"
+            self.planner.validate()
         assert set(self._free) <= set(self.peers)

@@ -1,31 +1,33 @@
-"""The scheduler's data plane, pure: where files are, what moves ahead, what is remade.
+"""The scheduler's data planner, pure: where files are, what moves ahead, what is remade.
 
-Part of `SchedulerCore` (a mixin, to keep each file readable): it reads and changes the
-core's state, declared below, and never touches a socket or a clock.
+A part the scheduler core (`core.py`) builds and holds: `DataPlanner` is handed what it
+reads (tasks, held peers, the DAG's edges, each task's files, the `FileTable`, the
+`ReadyQueue`) and asks the core for every move of a task through `TaskMoves` (the core
+alone changes a task's status, with its bookkeeping). It owns the transfers in flight, the
+broadcasts and the count of planned tasks, and never touches a socket or a clock.
 
 - Placement follows the bytes: a task that becomes ready is pushed on the "affine" heap of
-  the peer holding most of its input bytes (`_data_peer`), which that peer pops first.
-- Prefetching plans tasks on busy peers ahead of time (`_plan`; depth and max_bytes from
+  the peer holding most of its input bytes (`data_peer`), which that peer pops first.
+- Prefetching plans tasks on busy peers ahead of time (`plan`; depth and max_bytes from
   the policy) and orders their missing inputs moved there (`Prefetch`); `eager` and
   `critical-path` also move the inputs of waiting tasks as soon as they exist
-  (`_prefetch_for_waiting`). An idle slot takes over a planned task (`_steal`, in core.py).
-- A file read by many tasks is broadcast in a doubling tree (`_broadcast`): the coordinator
+  (`prefetch_for_waiting`). An idle slot takes over a planned task (`_steal`, in core.py).
+- A file read by many tasks is broadcast in a doubling tree (`broadcast`): the coordinator
   sends the first copy, every holder then sends one copy at a time; while it spreads, its
   readers are "gated": placeable only on peers that hold it.
 - A lost intermediate that an unfinished task needs is made again at once, when its peer
-  is lost (`_remake`); a reader running elsewhere meanwhile is stopped and placed again
-  once the file exists again, unless it finished first (`_restart_stalled_readers`).
+  is lost (`remake`); a reader running elsewhere meanwhile is stopped and placed again
+  once the file exists again, unless it finished first (`restart_stalled_readers`).
 """
 
 from __future__ import annotations
 
-import heapq
-from collections import Counter
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 from bonjourgrid.coordinator.files import COORDINATOR, FileTable
 from bonjourgrid.coordinator.model import (
-    Entry,
     Instruction,
     Notice,
     PeerSlots,
@@ -36,62 +38,76 @@ from bonjourgrid.coordinator.model import (
     TaskStatus,
 )
 from bonjourgrid.coordinator.prefetch import PrefetchSettings
+from bonjourgrid.coordinator.ready import ReadyQueue
 
 _MAX_AFFINITY_HOLDERS = 16  # holders of one file considered when placing its readers
 
 
-class DataPlane:
-    """Data-aware placement, prefetch planning, broadcast and remaking, over the core's state."""
+class TaskMoves(Protocol):
+    """What the data planner asks of the scheduler core: the moves of tasks, which the core
+    alone makes (each with its bookkeeping), and two questions about the DAG's progress."""
 
-    # The core's state this part reads and changes (set by SchedulerCore.__init__).
-    tasks: dict[str, TaskState]
-    peers: dict[str, PeerSlots]
-    data: dict[str, TaskData]
-    files: FileTable
-    prefetch: PrefetchSettings
-    preds: dict[str, list[str]]
-    successors: dict[str, list[str]]
-    producer: dict[str, str]
-    readers: dict[str, list[str]]
-    broadcast_paths: set[str]
-    _bc_active: set[str]
-    _bc_started: set[str]
-    _bc_failed: dict[str, set[str]]
-    _incoming: dict[str, dict[str, str]]
-    _planned: int
-    _own_work: dict[str, None]
-    _ready: dict[str, list[Entry]]
-    _seq: int
-    _waiting_levels: Counter[int]
-    _top_level: int
-    _stories: dict[str, list[tuple[float, str]]]
+    def move(self, task: TaskState, to: TaskStatus, now: float, why: str) -> None: ...
 
-    # Provided by SchedulerCore.
-    def _move(self, task: TaskState, to: TaskStatus, now: float, why: str) -> None:
-        raise NotImplementedError
+    def make_ready(self, task: TaskState, now: float, why: str) -> None: ...
 
-    def _make_ready(self, task: TaskState, now: float, why: str) -> None:
-        raise NotImplementedError
+    def enqueue(self, task: TaskState) -> None: ...
 
-    def _enqueue(self, task: TaskState) -> None:
-        raise NotImplementedError
+    def detach(self, task: TaskState) -> None: ...
 
-    def _can_run(self, peer: PeerSlots, require: str) -> bool:
-        raise NotImplementedError
+    def note(self, task: str, now: float, why: str) -> None: ...
 
-    def _pop_ready_for(self, peer: PeerSlots) -> TaskState | None:
-        raise NotImplementedError
+    def top_waiting_level(self) -> int: ...
 
-    def _pop_affine(self, peer: PeerSlots) -> TaskState | None:
-        raise NotImplementedError
+    def undone_preds(self, name: str) -> int: ...
 
-    def _valid(self, entry: Entry) -> bool:
-        raise NotImplementedError
 
-    def _detach(self, task: TaskState) -> None:
-        raise NotImplementedError
+class DataPlanner:
+    """Data-aware placement, prefetch planning, broadcast and remaking.
 
-    def _data_peer(self, task: TaskState) -> PeerSlots | None:
+    Handed at construction what it reads (the tasks and held peers, the DAG's edges, each
+    task's files, the file table, the ready queue, the data policy) and what it asks the core
+    to do (`moves`). It owns the broadcast and transfer bookkeeping and the count of planned
+    tasks."""
+
+    def __init__(
+        self,
+        *,
+        tasks: Mapping[str, TaskState],
+        peers: Mapping[str, PeerSlots],
+        preds: Mapping[str, list[str]],
+        successors: Mapping[str, list[str]],
+        data: Mapping[str, TaskData],
+        files: FileTable,
+        ready: ReadyQueue,
+        settings: PrefetchSettings,
+        moves: TaskMoves,
+    ) -> None:
+        self.tasks = tasks
+        self.peers = peers
+        self.preds = preds
+        self.successors = successors
+        self.data = data
+        self.files = files
+        self.ready = ready
+        self.settings = settings
+        self.moves = moves
+        self.producer = {p: name for name, d in data.items() for p in d.outputs}
+        self.readers: dict[str, list[str]] = defaultdict(list)  # path -> tasks reading it
+        for name, d in data.items():
+            for path in d.inputs:
+                self.readers[path].append(name)
+        wide = settings.broadcast_min_consumers
+        self.broadcast_paths = (
+            {p for p, r in self.readers.items() if len(r) >= wide} if wide > 0 else set()
+        )
+        self._bc_active: set[str] = set()  # broadcast digests still spreading (readers gated)
+        self._bc_started: set[str] = set()  # broadcast digests whose first copy went out
+        self._bc_failed: dict[str, set[str]] = defaultdict(set)  # digest -> peers it failed on
+        self._incoming: dict[str, dict[str, str]] = defaultdict(dict)  # peer -> digest -> via
+        self.planned = 0  # READY tasks planned on peers, not yet placed
+
+    def data_peer(self, task: TaskState) -> PeerSlots | None:
         """The peer holding the most of `task`'s input bytes (None: no peer holds any)."""
         candidates: dict[str, None] = {}
         for path in self.data[task.name].inputs:
@@ -104,59 +120,92 @@ class DataPlane:
         best, best_bytes = None, 0
         for name in candidates:
             peer = self.peers.get(name)
-            if peer is None or not self._can_run(peer, task.require):
+            if peer is None or not self.ready.can_run(peer, task.require):
                 continue
             held = self.files.held_bytes(name, self.data[task.name].inputs)
             if held > best_bytes:
                 best, best_bytes = peer, held
         return best
 
-    def _favour(self, peer: PeerSlots, entry: Entry) -> None:
-        heapq.heappush(peer.affine, entry)
-        self._own_work[peer.name] = None
+    def peer_joined(self, peer: PeerSlots, cached: frozenset[str]) -> None:
+        """`peer` joined holding `cached` contents: ready tasks whose bytes it holds favour it
+        (their readers, found by path)."""
+        for digest in cached:
+            self.files.hold(peer.name, digest)
+        for digest in cached:
+            for path in self.files.paths.get(digest, ()):
+                for name in self.readers.get(path, ()):
+                    task = self.tasks[name]
+                    entry = self.ready.entry_of(task)
+                    if self.ready.valid(entry) and self.data_peer(task) is peer:
+                        self.ready.favour(peer.name, entry)
 
-    def _plan(self, now: float, out: list[Instruction]) -> None:
+    def peer_lost(self, name: str, now: float, out: list[Instruction]) -> None:
+        """Peer `name` is gone with its files (its tasks are back in the queue by now)."""
+        for digest, via in self._incoming.pop(name, {}).items():
+            self.release_server(via, digest)
+        for incoming in self._incoming.values():  # copies it was sending fall back
+            for digest, via in list(incoming.items()):
+                if via == name:
+                    incoming[digest] = ""
+        self.files.drop_peer(name)
+        if self.files.refs:
+            # Its files may have been the last copies, and the tasks it ran go back to the
+            # queue needing files that are gone (an O(tasks) scan: peers are lost rarely).
+            self.remake(f"peer {name}", now, out)
+        for digest in list(self._bc_active):
+            self.check_broadcast(digest, now)
+
+    def prefetch_failed(self, peer: str, digest: str, now: float) -> None:
+        via = self._incoming[peer].pop(digest, None)
+        if via:
+            self.release_server(via, digest)
+        self._bc_failed[digest].add(peer)
+        self.check_broadcast(digest, now)
+
+    def plan(self, now: float, out: list[Instruction]) -> None:
         """Plan ready tasks on busy peers ahead of time and order their inputs moved."""
-        settings = self.prefetch
+        settings = self.settings
         if not settings.plans_ahead or not self.peers:
             return
         depth = len(self.tasks) if settings.policy == "eager" else settings.depth
         progress = True
-        while progress and any(self._ready.values()):
+        while progress and self.ready.has_ready():
             progress = False  # one task per peer per round: plans stay balanced
             for peer in self.peers.values():
                 if len(peer.planned) >= depth or peer.planned_bytes >= settings.max_bytes:
                     continue
-                task = self._pop_affine(peer) or self._pop_ready_for(peer)
+                task = self.ready.pop_affine(peer, self.holds_broadcast_inputs)
+                task = task or self.ready.pop_best(peer)
                 if task is None:
                     continue
                 missing = sum(
                     r.size for r in self.files.missing(peer.name, self.data[task.name].inputs)
                 )
                 if peer.planned and peer.planned_bytes + missing > settings.max_bytes:
-                    self._enqueue(task)  # does not fit in what may move here ahead
+                    self.moves.enqueue(task)  # does not fit in what may move here ahead
                     peer.planned_bytes = settings.max_bytes
                     continue
-                self._plan_on(task, peer)
+                self.plan_on(task, peer)
                 peer.planned_bytes += missing
-                self._stories[task.name].append((now, f"planned on {peer.name}"))
+                self.moves.note(task.name, now, f"planned on {peer.name}")
                 self._prefetch_to(
                     peer.name, self.data[task.name].inputs, f"{task.name} planned", out
                 )
                 progress = True
 
-    def _plan_on(self, task: TaskState, peer: PeerSlots) -> None:
+    def plan_on(self, task: TaskState, peer: PeerSlots) -> None:
         task.planned_on = peer.name
         peer.planned.append(task.name)
         if task.status is TaskStatus.READY:
-            self._planned += 1
+            self.planned += 1
             peer.planned_ready += 1
-        self._own_work[peer.name] = None
+        self.ready.own_work[peer.name] = None
 
-    def _unplan(self, task: TaskState, requeue: bool = True) -> None:
+    def unplan(self, task: TaskState, requeue: bool = True) -> None:
         peer = self.peers.get(task.planned_on or "")
         if task.planned_on is not None and task.status is TaskStatus.READY:
-            self._planned -= 1
+            self.planned -= 1
             if peer is not None:
                 peer.planned_ready -= 1
         task.planned_on = None
@@ -165,7 +214,7 @@ class DataPlane:
             if not peer.planned:
                 peer.planned_bytes = 0
         if requeue and task.status is TaskStatus.READY:
-            self._enqueue(task)
+            self.moves.enqueue(task)
 
     def _prefetch_to(
         self, peer: str, paths: Iterable[str], why: str, out: list[Instruction]
@@ -185,28 +234,27 @@ class DataPlane:
             out.append(Prefetch(peer, tuple(files), why))
         return total
 
-    def _prefetch_for_waiting(self, producer: TaskState, out: list[Instruction]) -> None:
+    def prefetch_for_waiting(self, producer: TaskState, out: list[Instruction]) -> None:
         """eager / critical-path: move a just-made file to where its waiting reader will run."""
-        policy = self.prefetch.policy
+        policy = self.settings.policy
         if policy not in ("eager", "critical-path"):
             return
-        while self._top_level > 0 and self._waiting_levels[self._top_level] <= 0:
-            self._top_level -= 1
+        top_level = self.moves.top_waiting_level()
         for name in self.successors.get(producer.name, ()):
             task = self.tasks[name]
             if task.status is not TaskStatus.WAITING:
                 continue
-            if policy == "critical-path" and task.priority < self._top_level:
+            if policy == "critical-path" and task.priority < top_level:
                 continue  # not on a longest remaining path
             peer = self.peers.get(task.planned_on or "")
             if peer is None:
                 # critical-path: where the chain goes on (its longest unfinished producer);
                 # eager: where most of its bytes already are.
                 peer = self._chain_peer(task) if policy == "critical-path" else None
-                peer = peer or self._data_peer(task)
+                peer = peer or self.data_peer(task)
                 if peer is None:
                     continue
-                self._plan_on(task, peer)
+                self.plan_on(task, peer)
             self._prefetch_to(peer.name, self.data[name].inputs, f"{name} waits on it", out)
 
     def _chain_peer(self, task: TaskState) -> PeerSlots | None:
@@ -219,7 +267,7 @@ class DataPlane:
             return None
         return self.peers.get(max(running, key=lambda t: t.priority).peer or "")
 
-    def _broadcast(self, out: list[Instruction]) -> None:
+    def broadcast(self, out: list[Instruction]) -> None:
         """Spread each broadcast file: the coordinator sends the first copy, then every
         holder sends one copy at a time to a peer that lacks it (a doubling tree)."""
         if not self.broadcast_paths or not self.peers:
@@ -235,7 +283,7 @@ class DataPlane:
                 for name in self.readers[path]:  # gate its ready readers from now on
                     task = self.tasks[name]
                     if task.status is TaskStatus.READY and task.planned_on is None:
-                        self._enqueue(task)
+                        self.moves.enqueue(task)
             lacking = [
                 name
                 for name in self.peers
@@ -261,12 +309,12 @@ class DataPlane:
                 self._incoming[target][digest] = via
                 sources = self.files.sources(digest, target, first=via)
                 out.append(Prefetch(target, ((ref, tuple(sources)),), f"broadcast of {path}"))
-            self._check_broadcast(digest, 0.0)
+            self.check_broadcast(digest, 0.0)
 
-    def _arrived(self, peer: str, digest: str) -> None:
+    def arrived(self, peer: str, digest: str) -> None:
         via = self._incoming[peer].pop(digest, None)
         if via:
-            self._release_server(via, digest)
+            self.release_server(via, digest)
         if peer not in self.peers:
             return
         self.files.hold(peer, digest)
@@ -275,12 +323,12 @@ class DataPlane:
             for path in self._paths_of(digest):
                 for name in self.readers.get(path, ()):
                     task = self.tasks[name]
-                    entry = (-task.priority, task.queued, name)
-                    if task.gated and self._valid(entry):
-                        self._favour(self.peers[peer], entry)
-            self._check_broadcast(digest, 0.0)
+                    entry = self.ready.entry_of(task)
+                    if task.gated and self.ready.valid(entry):
+                        self.ready.favour(peer, entry)
+            self.check_broadcast(digest, 0.0)
 
-    def _check_broadcast(self, digest: str, now: float) -> None:
+    def check_broadcast(self, digest: str, now: float) -> None:
         """End a broadcast once every peer holds the file or failed to get it."""
         if digest not in self._bc_active:
             return
@@ -296,22 +344,18 @@ class DataPlane:
                 if task.status is not TaskStatus.READY or not task.gated:
                     continue
                 if task.planned_on is None:
-                    self._enqueue(task)  # placeable anywhere now (or gated by another file)
+                    self.moves.enqueue(task)  # placeable anywhere now (or gated by another file)
                 else:
-                    task.gated = bool(self._spreading_inputs(task))
+                    task.gated = bool(self.spreading_inputs(task))
 
-    def _release_server(self, via: str, digest: str) -> None:
+    def release_server(self, via: str, digest: str) -> None:
         if via in self.peers and via != COORDINATOR:
             self.peers[via].serving = max(0, self.peers[via].serving - 1)
 
     def _paths_of(self, digest: str) -> list[str]:
         return [p for p in self.files.paths.get(digest, ()) if p in self.broadcast_paths]
 
-    def _undone_preds(self, name: str) -> int:
-        """How many of the tasks `name` needs are not DONE (what it waits for)."""
-        return sum(1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE)
-
-    def _spreading_inputs(self, task: TaskState) -> list[str]:
+    def spreading_inputs(self, task: TaskState) -> list[str]:
         """The digests of the task's inputs that are still being broadcast."""
         return [
             ref.digest
@@ -319,10 +363,10 @@ class DataPlane:
             if (ref := self.files.ref(p)) is not None and ref.digest in self._bc_active
         ]
 
-    def _holds_broadcast_inputs(self, peer: PeerSlots, task: TaskState) -> bool:
-        return all(self.files.holds(peer.name, d) for d in self._spreading_inputs(task))
+    def holds_broadcast_inputs(self, peer: PeerSlots, task: TaskState) -> bool:
+        return all(self.files.holds(peer.name, d) for d in self.spreading_inputs(task))
 
-    def _remake(
+    def remake(
         self, cause: str, now: float, out: list[Instruction], also: TaskState | None = None
     ) -> None:
         """Run again, at once, the producers of lost intermediates that unfinished tasks
@@ -367,30 +411,30 @@ class DataPlane:
             task = self.tasks[name]
             task.deps_left = 0
             task.rerun = f"its output {path} was lost with {cause}"
-            self._move(task, TaskStatus.WAITING, now, task.rerun)
+            self.moves.move(task, TaskStatus.WAITING, now, task.rerun)
             out.append(Notice(f"{cause} lost: remaking {name} (its output {path} was only there)"))
         for name in sorted(remade.keys() | needy):
             task = self.tasks[name]
-            task.deps_left = self._undone_preds(name)
+            task.deps_left = self.moves.undone_preds(name)
             if task.status in (TaskStatus.READY, TaskStatus.RUNNING) and task.deps_left:
-                self._unplan(task)
-                self._move(task, TaskStatus.WAITING, now, "an input it needs is made again")
+                self.unplan(task)
+                self.moves.move(task, TaskStatus.WAITING, now, "an input it needs is made again")
         for name in sorted(remade):
             task = self.tasks[name]
             if task.status is TaskStatus.WAITING and task.deps_left == 0:
-                self._make_ready(task, now, f"runs again: {cause} took its output")
+                self.moves.make_ready(task, now, f"runs again: {cause} took its output")
         for task in stalled:
             path = task.lost_input
             why = (
                 f"its input {path} went with {cause}: it goes on on {task.peer} in case it "
                 f"has it, and is stopped once {self.producer.get(path, '?')} has made it again"
             )
-            self._stories[task.name].append((now, why))
+            self.moves.note(task.name, now, why)
             out.append(Notice(f"{task.name}: {why}", detail=True))
         if also is not None and also.status is TaskStatus.RUNNING:
-            self._make_ready(also, now, f"an input went with {cause}: runs again")
+            self.moves.make_ready(also, now, f"an input went with {cause}: runs again")
 
-    def _restart_stalled_readers(
+    def restart_stalled_readers(
         self, producer: TaskState, now: float, out: list[Instruction]
     ) -> None:
         """`producer` made its outputs again: its readers still running since their input
@@ -410,10 +454,10 @@ class DataPlane:
                 )
                 out.append(StopRun(name, task.peer, task.attempts, why))
                 out.append(Notice(f"{name}: {why}"))
-                self._detach(task)
-                self._make_ready(task, now, why)
+                self.moves.detach(task)
+                self.moves.make_ready(task, now, why)
 
-    def _still_serving(self, peer: str) -> bool:
+    def still_serving(self, peer: str) -> bool:
         """Whether a running task elsewhere may still be fetching from `peer` (it holds one
         of its inputs), or a prefetch is pulling from it: releasing it would revoke the job
         key on its data socket in the middle of that transfer."""
@@ -426,3 +470,10 @@ class DataPlane:
                         if ref is not None and ref.digest in held:
                             return True
         return any(peer in incoming.values() for incoming in self._incoming.values())
+
+    def validate(self) -> None:
+        """Invariants while the job runs (the core's `validate_state`)."""
+        assert self.planned == sum(p.planned_ready for p in self.peers.values())
+        vias = [via for incoming in self._incoming.values() for via in incoming.values()]
+        for peer in self.peers.values():
+            assert peer.serving == vias.count(peer.name), f"{peer.name} serving is off"

@@ -1,6 +1,7 @@
 """The scheduler's vocabulary: task statuses and their moves, the events the shell feeds
 the core, the instructions it gets back, and the state the core keeps per task and per peer.
-Plain records, no behaviour: `coordinator/core.py` and `coordinator/dataplane.py` act on them.
+Plain records, no behaviour: `coordinator/core.py` and its parts (`ready.py`, `dataplane.py`)
+act on them.
 """
 
 from __future__ import annotations
@@ -320,7 +321,6 @@ class PeerSlots:
     planned: list[str] = field(default_factory=list)  # tasks to run here next, in order
     planned_ready: int = 0  # of those, the ones that could start now (READY)
     planned_bytes: int = 0  # what planned tasks still had to move here when planned
-    affine: list[tuple[int, int, str]] = field(default_factory=list)  # tasks whose data is here
     serving: int = 0  # broadcast copies it is sending now
 
 

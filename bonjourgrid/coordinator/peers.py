@@ -1,9 +1,13 @@
 """The coordinator's peers: recruiting them, keeping them, losing them, handing them back.
 
-Part of `Coordinator` (`shell.py`; a mixin, to keep each file readable). Recruitment asks
-the LAN's idle peers that fit the job (`recruit.py` filters and ranks them), first what
-their caches hold of the job's inputs (`probe`), then for a leased reservation (`reserve`,
-which hands over the job's CURVE key); heartbeats renew the leases and notice a peer gone
+`PeerPool` is a part the `Coordinator` (`shell.py`) builds and holds. It owns the control
+links to the held peers and their timeouts, and is handed callbacks: an event sink for the
+core, a spawn function, the job's cancel, and a router for what peers send that is not its
+own business (task messages go to the backend's `WorkerChannel`, prefetch reports to the
+coordinator's data plane). Recruitment asks the LAN's idle peers that fit the job
+(`recruit.py` filters and ranks them), first what their caches hold of the job's inputs
+(`probe`), then for a leased reservation (`reserve`, which hands over the job's CURVE key);
+heartbeats renew the leases, report what each peer runs (PeerRunning) and notice a peer gone
 silent; `release` hands a peer back. Every change reaches the scheduler core as an event.
 """
 
@@ -16,7 +20,7 @@ import resource
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +28,7 @@ import zmq
 import zmq.asyncio
 
 from bonjourgrid import wire
-from bonjourgrid.cache.store import FileRef
+from bonjourgrid.backends.worker_events import Unreadable
 from bonjourgrid.coordinator import core
 from bonjourgrid.coordinator.journal import ResumePlan
 from bonjourgrid.coordinator.model import PeerJoined
@@ -36,13 +40,17 @@ from bonjourgrid.errors import ConfigError, ProtocolError, RecruitError
 from bonjourgrid.keys import Keypair
 from bonjourgrid.protocol import (
     Denied,
+    Error,
     Heartbeat,
+    HeartbeatAck,
     Holding,
+    Message,
     Probe,
     Release,
     Reserve,
     Reserved,
     Source,
+    attempt_of,
 )
 
 log = logging.getLogger(__name__)
@@ -110,37 +118,65 @@ class PeerLink:
 
 
 class PeerPool:
-    """Recruitment and the links to recruited peers, over the coordinator's state."""
+    """The peers the job holds: recruiting them, their control links, heartbeats, losing
+    and releasing them.
 
-    # The coordinator's state this part reads and changes (set by Coordinator.__init__).
-    job: str
-    needs: JobNeeds
-    interface: str | None
-    expected_peers: int | None
-    timeouts: Timeouts
-    resume: ResumePlan | None
-    ctx: zmq.asyncio.Context
-    client_keys: Keypair | None
-    job_keys: Keypair | None
-    links: dict[str, PeerLink]
-    used: dict[str, PeerRecord]
-    events: asyncio.Queue[core.Event]
-    core: core.SchedulerCore
-    source_refs: dict[str, FileRef]
-    _cached: dict[tuple[str, str, str], frozenset[str]]
-    _silent: set[tuple[str, str, str]]  # candidates that answered no probe or reservation
-    _denied: dict[tuple[str, str, str], float]  # candidates that said no, and when
-    _wanted_from_caches: dict[str, int]
+    Handed what it needs: `sink` takes the core events it makes (PeerJoined, PeerLost,
+    PeerRunning), `spawn` runs a background task of the job, `cancel` stops the job, and
+    `route` takes every other message a peer sends (task messages, prefetch reports), or an
+    `Unreadable` one that names its run; `route` returns False once the peer is gone with it
+    (it lost the peer, or a `PeerGone` will): its link is read no more.
+    """
 
-    # Provided by Coordinator.
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        raise NotImplementedError
+    def __init__(
+        self,
+        *,
+        job: str,
+        needs: JobNeeds,
+        timeouts: Timeouts,
+        ctx: zmq.asyncio.Context,
+        client_keys: Keypair | None,
+        job_keys: Keypair | None,
+        sink: Callable[[core.Event], None],
+        spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+        cancel: Callable[[str], None],
+        route: Callable[[str, Message | Unreadable], bool],
+        interface: str | None = None,
+        expected_peers: int | None = None,
+        resume: ResumePlan | None = None,
+    ) -> None:
+        self.job = job
+        self.needs = needs
+        self.timeouts = timeouts
+        self.ctx = ctx
+        self.client_keys = client_keys
+        self.job_keys = job_keys
+        self._sink = sink
+        self._spawn = spawn
+        self.cancel = cancel
+        self._route = route
+        self.interface = interface
+        self.expected_peers = expected_peers  # --local: stop browsing once these are seen
+        self.resume = resume
+        self.links: dict[str, PeerLink] = {}
+        self.used: dict[str, PeerRecord] = {}  # every peer the job held, for the report
+        # The job's input contents (digest -> size) whose holders recruitment prefers
+        # (`seek`): the staged sources, and what a resumed job hopes to find in caches.
+        self._sources: dict[str, int] = {}
+        self._from_caches: dict[str, int] = {}
+        # What candidates said their caches hold of the job's inputs (`probe`), by identity.
+        self._cached: dict[tuple[str, str, str], frozenset[str]] = {}
+        self._silent: set[tuple[str, str, str]] = set()  # candidates that never answered
+        self._denied: dict[tuple[str, str, str], float] = {}  # candidates that said no, when
 
-    async def _read_peer(self, link: PeerLink) -> None:
-        raise NotImplementedError
+    def seek(self, sources: Mapping[str, int], from_caches: Mapping[str, int]) -> None:
+        """The job's inputs (digest -> size) and the contents a resumed job hopes to find
+        in peers' caches: candidates holding them are recruited first."""
+        self._sources = dict(sources)
+        self._from_caches = dict(from_caches)
 
-    def cancel(self, reason: str) -> None:
-        raise NotImplementedError
+    async def recruit(self, browser: PeerBrowser, wanted: int, initial: bool = False) -> int:
+        return await self._recruit(browser, wanted, initial)
 
     async def _recruit(self, browser: PeerBrowser, wanted: int, initial: bool = False) -> int:
         """Reserve up to `wanted` more peers, best first; at the start, at least workers_min."""
@@ -190,8 +226,8 @@ class PeerPool:
                 p.state == "reserved" and p.job == previous.job for p in known()
             )
 
-        sizes = {ref.digest: ref.size for ref in self.source_refs.values()}
-        sizes.update(self._wanted_from_caches)
+        sizes = dict(self._sources)
+        sizes.update(self._from_caches)
 
         def cached_bytes(peer: PeerRecord) -> int:
             return sum(sizes[d] for d in self._cached.get(_identity(peer), ()))
@@ -219,7 +255,7 @@ class PeerPool:
             await browser.wait_until(lambda peers: bool(untried(peers)), wait)
         if initial and len(self.links) < self.needs.workers_min:
             seen = known()
-            await self._release_all()
+            await self.release_all()
             raise RecruitError(
                 explain_shortage(seen, select_candidates(seen, self.needs), self.needs, granted)
             )
@@ -260,7 +296,7 @@ class PeerPool:
             # offers work to the peers it knows in the order they joined (cheapest first).
             for event in joined:
                 if event is not None:
-                    self.events.put_nowait(event)
+                    self._sink(event)
                     granted += 1
             first = False
         return granted
@@ -270,8 +306,7 @@ class PeerPool:
         ranks on it and placement starts from it. One that does not answer is remembered as
         silent. At most RECRUIT_CONCURRENCY at once, best ranked first."""
         digests = sorted(
-            {ref.digest for ref in self.source_refs.values() if ref.size > 0}
-            | set(self._wanted_from_caches)
+            {digest for digest, size in self._sources.items() if size > 0} | set(self._from_caches)
         )
         todo = [r for r in records if _identity(r) not in self._cached]
         if not todo:
@@ -347,45 +382,72 @@ class PeerPool:
             _release_and_close(sock, self.job)
             return None
         address = record.addresses[0]
-        link = PeerLink(record, sock, our_address=_address_towards(address))
+        link = PeerLink(record, sock, our_address=address_towards(address))
         link.data_source = Source(f"tcp://{address}:{reply.data_port}", record.key, record.name)
-        self.links[record.name] = link
-        self.used[record.name] = record
-        link.reader = self._spawn(self._read_peer(link))
+        self.adopt(link)
         cached = self._cached.get(_identity(record), frozenset())
         log.info("recruited %s (%d cpus)", record.name, reply.cpus)
         return PeerJoined(record.name, reply.cpus, record.attrs(), cached)
 
-    async def _replenish(self, browser: PeerBrowser) -> None:
-        """Elastic: recruit again while ready tasks wait; give up when none can ever run."""
-        stalled_since: float | None = None
-        while True:
-            await asyncio.sleep(self.timeouts.heartbeat_s)
-            if self.core.wanted_peers() and len(self.links) < self.needs.workers_max:
-                await self._recruit(browser, self.core.wanted_peers())
-            stuck = self.core.unplaceable()
-            if stuck and not any(p.running for p in self.core.peers.values()):
-                stalled_since = stalled_since or time.monotonic()
-                if time.monotonic() - stalled_since > STALL_S:
-                    self.cancel(
-                        f"no recruited peer can run {', '.join(stuck[:5])} (and no idle "
-                        "peer of the grid fits): check the tasks' `require`"
-                    )
-            else:
-                stalled_since = None
+    def adopt(self, link: PeerLink) -> None:
+        """Hold the peer behind `link` (reserved for the job) and read what it sends."""
+        self.links[link.record.name] = link
+        self.used[link.record.name] = link.record
+        link.reader = self._spawn(self._read(link))
 
-    async def _heartbeats(self) -> None:
+    async def send(self, peer: str, message: Message) -> bool:
+        """Send `message` to `peer`; False if the job holds no link to it."""
+        link = self.links.get(peer)
+        if link is None:
+            return False
+        await link.sock.send(wire.encode(message))
+        return True
+
+    async def _read(self, link: PeerLink) -> None:
+        name = link.record.name
+        sink = self._sink
+        route = self._route
+        while True:
+            try:
+                frame = await link.sock.recv()
+            except zmq.ZMQError as err:  # closed under us: the link was dropped meanwhile
+                self.lose(name, f"its connection failed: {err}")
+                return
+            link.last_heard = time.monotonic()
+            try:
+                match wire.decode(frame):
+                    case HeartbeatAck(running=running):
+                        sink(core.PeerRunning(name, frozenset(running)))
+                    case Error(reason=reason):
+                        log.warning("peer %s: %s", name, reason)
+                    case msg:
+                        if not route(name, msg):
+                            return
+            except Exception as err:  # one peer's message must never hang or stop the job
+                if not isinstance(err, ProtocolError):
+                    log.exception("peer %s: could not handle its message", name)
+                why = f"peer {name} sent a bad message: {err}"
+                about = attempt_of(frame)
+                if about is None:
+                    self.lose(name, why)
+                    return
+                if not route(name, Unreadable(about[2], about[3], why)):
+                    return
+
+    async def heartbeats(self) -> None:
+        """Renew the leases of the held peers; a peer silent too long is lost."""
         timeouts = self.timeouts
         while True:
             await asyncio.sleep(timeouts.heartbeat_s)
             now = time.monotonic()
             for name, link in list(self.links.items()):
                 if now - link.last_heard > timeouts.peer_timeout_s:
-                    self._lose(name, f"silent for {timeouts.peer_timeout_s:g} s")
+                    self.lose(name, f"silent for {timeouts.peer_timeout_s:g} s")
                 else:
                     await link.sock.send(wire.encode(Heartbeat(self.job, timeouts.lease_s)))
 
-    def _lose(self, name: str, reason: str) -> None:
+    def lose(self, name: str, reason: str) -> None:
+        """Drop the link to `name` (gone, silent, or misbehaving): the core hears PeerLost."""
         link = self.links.pop(name, None)
         if link is None:
             return
@@ -393,9 +455,10 @@ class PeerPool:
         if link.reader is not None and link.reader is not asyncio.current_task():
             link.reader.cancel()
         link.sock.close(linger=0)
-        self.events.put_nowait(core.PeerLost(name, reason))
+        self._sink(core.PeerLost(name, reason))
 
-    async def _release(self, name: str) -> None:
+    async def release(self, name: str) -> None:
+        """Hand `name` back (the core no longer needs it)."""
         link = self.links.pop(name, None)
         if link is None:
             return
@@ -405,9 +468,9 @@ class PeerPool:
         await link.sock.send(wire.encode(Release(self.job)))
         self._spawn(_close_after_reply(link.sock))
 
-    async def _release_all(self) -> None:
+    async def release_all(self) -> None:
         for name in list(self.links):
-            await self._release(name)
+            await self.release(name)
 
 
 def _asks_at_once() -> int:
@@ -457,7 +520,7 @@ def _identity(peer: PeerRecord) -> tuple[str, str, str]:
     return (peer.name, peer.endpoint(), peer.key)
 
 
-def _address_towards(peer_ip: str) -> str:
+def address_towards(peer_ip: str) -> str:
     """Our own address on the route to `peer_ip` (a UDP connect sends nothing)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:

@@ -1,24 +1,47 @@
-"""The job report (DESIGN.md): what ran where, when, how often, and the bytes it moved."""
+"""The job report (DESIGN.md): what ran where, when, how often, and the bytes it moved.
+
+Built from a `ReportInputs` record that the coordinator assembles once the job is over:
+the report reads nothing else.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bonjourgrid.coordinator import core
+from bonjourgrid.coordinator.journal import ResumePlan
+from bonjourgrid.coordinator.logs import LogKeeper
+from bonjourgrid.dag import Workflow
+from bonjourgrid.discovery.txt import PeerRecord
 
-if TYPE_CHECKING:
-    from bonjourgrid.coordinator.shell import Coordinator
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What the report is made of, as the job ended."""
+
+    job: str
+    workflow: Workflow
+    finished: core.Finished | None  # None: interrupted before the core finished
+    started_at: float  # wall-clock time the job started
+    tasks: Mapping[str, core.TaskState]
+    story: Callable[[str], list[tuple[float, str]]]  # why a task ran where it ran
+    logs: LogKeeper  # the attempts' kept stdout and stderr
+    peers: tuple[PeerRecord, ...]  # every peer the job held
+    bytes: Mapping[str, int]
+    prefetch: str  # the data policy
+    journal: Path | None
+    resume: ResumePlan | None
 
 
-def build_report(
-    coordinator: Coordinator, finished: core.Finished | None, started_at: float
-) -> dict[str, Any]:
-    sched = coordinator.core
+def build_report(inputs: ReportInputs) -> dict[str, Any]:
+    finished, started_at = inputs.finished, inputs.started_at
     tasks: dict[str, dict[str, Any]] = {}
-    for name, task in sched.tasks.items():
+    for name, task in inputs.tasks.items():
         tasks[name] = {
             "status": task.status.value,
             "peer": task.peer,
@@ -38,44 +61,43 @@ def build_report(
             tasks[name]["error"] = task.error
         if task.status is core.TaskStatus.FAILED:
             tasks[name]["stderr_tail"] = task.stderr_tail
-        history = attempt_history(sched.story(name))
-        kept_logs = coordinator.logs.kept.get(name, {})
+        history = attempt_history(inputs.story(name))
+        kept_logs = inputs.logs.kept.get(name, {})
         for entry in history:  # an attempt that ended badly: where its logs are, if it sent any
             attempt_logs = kept_logs.get(entry.get("attempt", 0))
             if attempt_logs is not None:
                 entry["logs"] = attempt_logs.as_json()
         if history:
             tasks[name]["history"] = history
-        logs = coordinator.logs.report(name)
+        logs = inputs.logs.report(name)
         if logs is not None:
             tasks[name]["logs"] = logs  # where its stdout and stderr are kept (logs.py)
-    ends = [t.end for t in sched.tasks.values() if t.end is not None]
+    ends = [t.end for t in inputs.tasks.values() if t.end is not None]
     report: dict[str, Any] = {
-        "job": coordinator.job,
-        "workflow": coordinator.workflow.name,
+        "job": inputs.job,
+        "workflow": inputs.workflow.name,
         "status": finished.status if finished is not None else "failed",
         "reason": finished.reason if finished is not None else "interrupted",
         "started_at": round(started_at, 3),
         "makespan_s": _round(max(ends) if ends else 0.0),
         "tasks": tasks,
         # [parent, child]: child needs parent (a file it reads, or `after`).
-        "edges": [[u, v] for u, v in coordinator.workflow.graph.edges],
+        "edges": [[u, v] for u, v in inputs.workflow.graph.edges],
         "peers": [
-            {"name": p.name, "cpus": p.cpus, "ram": p.ram, "cost": p.cost}
-            for p in coordinator.used.values()
+            {"name": p.name, "cpus": p.cpus, "ram": p.ram, "cost": p.cost} for p in inputs.peers
         ],
-        "bytes": dict(coordinator.bytes),
+        "bytes": dict(inputs.bytes),
         # Summed over tasks: time spent waiting for input data on the peer (fetch_s) and
         # running the command (run_s). Prefetching turns the first into the second's shadow.
         "time": {
-            "data_wait_s": _round(sum(t.fetch_s for t in sched.tasks.values())),
-            "compute_s": _round(sum(t.run_s for t in sched.tasks.values())),
+            "data_wait_s": _round(sum(t.fetch_s for t in inputs.tasks.values())),
+            "compute_s": _round(sum(t.run_s for t in inputs.tasks.values())),
         },
-        "prefetch": coordinator.data.prefetch.policy,
+        "prefetch": inputs.prefetch,
     }
-    if coordinator.journal is not None:
-        report["journal"] = str(coordinator.journal.path)
-    plan = coordinator.resume
+    if inputs.journal is not None:
+        report["journal"] = str(inputs.journal)
+    plan = inputs.resume
     if plan is not None:
         report["resumed_from"] = {
             "job": plan.journal.job,

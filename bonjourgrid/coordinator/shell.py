@@ -5,8 +5,29 @@ collection and every timer becomes an event on one queue; the loop hands it to t
 with the time and carries out the instructions that come back. Nothing else changes the
 job's state, so the order of events is the whole story of a run. Finished tasks go to the
 job's journal (`journal.py`, for `--resume`) on their way through; `bgrid cancel` arrives
-on a job-control socket of its own (`cancel.py`). Recruiting, keeping and releasing peers
-is `peers.py`; the remote cache that stages the inputs is `stage.py`.
+on a job-control socket of its own (`cancel.py`).
+
+What the Coordinator owns and holds:
+- the scheduler core (`core.py`, pure; itself composed of a ready queue and a data planner);
+- the `PeerPool` (`peers.py`): recruitment, the control links to the held peers, heartbeats,
+  release. It puts PeerJoined/PeerLost/PeerRunning straight into the event queue and hands
+  every other message to `_route`;
+- the backend (`backends/`, `native` by default), which turns a core `Dispatch` (as a
+  `TaskRun`) into work and a `StopRun` into a cancel. Task messages of bgrid workers reach it
+  through a `WorkerChannel`; its typed task events come back through `_from_backend`, the
+  one place they become core events;
+- the data plane, for every backend that moves data through bgrid's caches: the data server
+  (here) and the `DataMover` (`dataflow.py`: sources, prefetch orders, the collection of
+  outputs into the submit directory);
+- the journal, the logs, the progress display, and the job's advertisement.
+The path of a worker's task message: the pool's link reader decodes it, `_route` delivers
+it into the `WorkerChannel`, the backend's `events` turns it into a task event
+(`WorkerEvents`), `_pump_backend_events` turns that into a core event on the queue. One
+queue hop more than a direct put, the price of the backend seam; a burst is drained in one
+wake-up of the pump. Heartbeat acks and prefetch reports go straight onto the queue.
+
+The report (`report.py`) is built from a `ReportInputs` record made at the end. The remote
+cache that stages the inputs is `stage.py`.
 """
 
 from __future__ import annotations
@@ -15,23 +36,36 @@ import asyncio
 import contextlib
 import getpass
 import logging
-import os
 import secrets
-import shutil
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import psutil
 import zmq
 import zmq.asyncio
 
 from bonjourgrid import wire
-from bonjourgrid.cache.store import FileIndex, FileRef, hash_file
+from bonjourgrid.backends.base import (
+    Backend,
+    BackendContext,
+    Commands,
+    PeerGone,
+    RunDetail,
+    StagedInput,
+    TaskEvent,
+    TaskFailed,
+    TaskFinished,
+    TaskRun,
+    TaskStarted,
+)
+from bonjourgrid.backends.native import NativeBackend
+from bonjourgrid.backends.worker_events import Unreadable, WorkerChannel
+from bonjourgrid.cache.store import FileIndex, FileRef
 from bonjourgrid.cache.transfer import DataServer, Fetcher
 from bonjourgrid.coordinator import core
 from bonjourgrid.coordinator.cancel import JOBCTL_DOMAIN, serve_job_control
-from bonjourgrid.coordinator.files import COORDINATOR
+from bonjourgrid.coordinator.dataflow import DataMover, remove_stale_partials
+from bonjourgrid.coordinator.deployment import Deployment
 from bonjourgrid.coordinator.journal import (
     DoneRecord,
     JournalWriter,
@@ -40,44 +74,30 @@ from bonjourgrid.coordinator.journal import (
     task_digest,
 )
 from bonjourgrid.coordinator.logs import LogKeeper, job_stem
-from bonjourgrid.coordinator.peers import (
-    PeerLink,
-    PeerPool,
-    Timeouts,
-)
+from bonjourgrid.coordinator.peers import STALL_S, PeerPool, Timeouts, address_towards
 from bonjourgrid.coordinator.prefetch import DataOptions
 from bonjourgrid.coordinator.progress import REFRESH_S, Display, PeerNow, Snapshot, notes_of
 from bonjourgrid.coordinator.recruit import JobNeeds
-from bonjourgrid.coordinator.report import build_report
-from bonjourgrid.coordinator.services import PeerServices, ServiceError
+from bonjourgrid.coordinator.report import ReportInputs, build_report
+from bonjourgrid.coordinator.services import PeerServices
 from bonjourgrid.coordinator.stage import stage_sources
 from bonjourgrid.dag import Workflow
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
 from bonjourgrid.discovery.browse import PeerBrowser
-from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, JobState, PeerRecord, job_txt
-from bonjourgrid.errors import ConfigError, ProtocolError, TransferError
+from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, JobState, job_txt
+from bonjourgrid.errors import ConfigError
 from bonjourgrid.keys import GridKey, Keypair
 from bonjourgrid.protocol import (
-    Cancel,
     Denied,
-    Error,
-    HeartbeatAck,
     Message,
     Preempted,
-    Prefetch,
     Prefetched,
-    PrefetchFile,
     Refused,
-    Run,
     ServiceExited,
     ServiceFailed,
     ServiceUp,
-    Source,
     Started,
     TaskDone,
-    TaskInput,
-    attempt_of,
-    split_run,
 )
 from bonjourgrid.requirements import Requirement
 
@@ -86,7 +106,7 @@ log = logging.getLogger(__name__)
 PROGRESS_S = 0.5  # how often the job's advertised progress may change
 
 
-class Coordinator(PeerPool):
+class Coordinator:
     """Runs one workflow on peers it recruits, then hands every peer back."""
 
     def __init__(
@@ -101,6 +121,8 @@ class Coordinator(PeerPool):
         workflow_digest: str = "",
         data: DataOptions | None = None,
         display: Display | None = None,
+        backend: Callable[[BackendContext], Backend] = NativeBackend,
+        backend_options: dict[str, str] | None = None,
     ) -> None:
         self.workflow = workflow
         self.display = display  # what the user sees while it runs (progress.py)
@@ -125,11 +147,24 @@ class Coordinator(PeerPool):
         self.source_refs: dict[str, FileRef] = {}
         self.fetcher = Fetcher(self.ctx, self.client_keys)
         self.data_policy = wire.KeyPolicy({self.job_keys.public} if self.job_keys else set())
-        self.links: dict[str, PeerLink] = {}
-        self.used: dict[str, PeerRecord] = {}
+        # Every change of the job's state reaches the core through this queue (`_drive`).
         self.events: asyncio.Queue[core.Event] = asyncio.Queue()
-        # A backend's service runs on the held peers (backends/base.py ServiceControl).
-        self.services = PeerServices(self.job, self._send_to_peer)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.pool = PeerPool(
+            job=self.job,
+            needs=needs,
+            timeouts=self.timeouts,
+            ctx=self.ctx,
+            client_keys=self.client_keys,
+            job_keys=self.job_keys,
+            sink=self._from_pool,
+            spawn=self._spawn,
+            cancel=self.cancel,
+            route=self._route,
+            interface=interface,
+            expected_peers=expected_peers,
+            resume=resume,
+        )
         self.core = core.SchedulerCore(
             (
                 (name, list(workflow.graph.predecessors(name)), spec.require or "", spec.retries)
@@ -142,22 +177,63 @@ class Coordinator(PeerPool):
             ack_timeout_s=self.timeouts.run_ack_s,
         )
         self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
+        self.mover = DataMover(
+            job=self.job,
+            root=workflow.root,
+            index=self.index,
+            fetcher=self.fetcher,
+            keypair=self.keypair,
+            links=self.pool.links,
+            at_coordinator=self.core.files.at_coordinator,
+            bytes_moved=self.bytes,
+            sink=self.events.put_nowait,
+        )
+        # The backend runs the tasks the core places; bgrid workers' task messages reach it
+        # through the channel, its task events come back to the core in `_from_backend`.
+        self.channel = WorkerChannel(self.pool.send, self.mover.sources)
+        self.commands = Commands()
+        # Our own workers: the native backend, and for a middleware backend the stagers of
+        # its runs (launch "external": inputs in, outputs and logs out through bgrid).
+        self.workers = NativeBackend(
+            BackendContext(
+                job=self.job,
+                root=workflow.root,
+                state_dir=workflow.root / ".bgrid" / "backend",
+                commands=self.commands,
+                peers=self.channel,
+            )
+        )
+        self.services = PeerServices(self.job, self._send_to_peer)
+        self.backend: Backend = self.workers
+        if backend is not NativeBackend:
+            self.backend_context = BackendContext(
+                job=self.job,
+                root=workflow.root,
+                state_dir=workflow.root / ".bgrid" / "backend",
+                commands=self.commands,
+                services=self.services,
+                staging=self.workers,
+                options=dict(backend_options or {}),
+                peers=self.channel,
+            )
+            self.backend = backend(self.backend_context)
+        self.deployment = Deployment(
+            self.backend,
+            self.services,
+            self.pool.used,
+            self.events.put_nowait,
+            self._spawn,
+            self.pool.release,
+        )
         self.started = 0.0
         self.started_at = 0.0
         # What the run is doing, for a user who stops it (submit.py's signal handling).
         self.phase = "starting"
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._data_port = 0
         self._data_server: DataServer | None = None
         self._browser: PeerBrowser | None = None  # set once the run starts
-        # What candidates said their caches hold of the job's inputs (`probe`), by identity.
-        self._cached: dict[tuple[str, str, str], frozenset[str]] = {}
-        self._silent: set[tuple[str, str, str]] = set()  # candidates that never answered
-        self._denied: dict[tuple[str, str, str], float] = {}  # candidates that said no, when
         # Contents a resumed job hopes to find in peers' caches (intermediates of kept tasks).
         self._wanted_from_caches: dict[str, int] = {}
         self._jobctl_port = 0
-        self._partial_dir = workflow.root / ".bgrid" / "partial"
         self._wake_at: float | None = None  # when the pending Tick fires (retry backoffs)
         self._wake: asyncio.TimerHandle | None = None
 
@@ -178,10 +254,10 @@ class Coordinator(PeerPool):
                 await asyncio.gather(shown, return_exceptions=True)
                 # The last word, every count final (`phase` stays: an interruption names it).
                 display.update(self.snapshot(finished.status if finished else "stopped"))
-        return build_report(self, finished, started_at)
+        return build_report(self._report_inputs(finished, started_at))
 
     async def _run_to_the_end(self) -> core.Finished | None:
-        remove_stale_partials(self._partial_dir)
+        remove_stale_partials(self.mover.partial_dir)
         if self.core.pending():  # a resume with nothing left to run moves nothing
             self.phase = "staging inputs"
             await self._stage_inputs()
@@ -227,7 +303,7 @@ class Coordinator(PeerPool):
         auth = wire.start_authenticator(self.ctx, policies) if self.grid is not None else None
         bind = f"tcp://{self.interface or '0.0.0.0'}"
         data_sock = wire.server_socket(self.ctx, self.keypair, "data", 4096)
-        self._data_port = data_sock.bind_to_random_port(bind)
+        self.mover.port = data_sock.bind_to_random_port(bind)
         data_server = self._data_server = DataServer(data_sock, self.index.locate)
         # The job-control socket proves the grid's own key: `bgrid cancel` pins it, so a
         # spoofed job record cannot pass for this coordinator (cancel.py).
@@ -239,22 +315,34 @@ class Coordinator(PeerPool):
         finished: core.Finished | None = None
         try:
             self._spawn(data_server.serve_forever())
+            self._spawn(self._pump_backend_events(self.workers))
+            if self.backend is not self.workers:
+                self._spawn(self._pump_backend_events(self.backend))
             await browser.start()
             self.phase = "recruiting peers"
-            await self._recruit(browser, self.needs.workers_max, initial=True)
+            await self.pool.recruit(browser, self.needs.workers_max, initial=True)
+            if self.backend is not self.workers:
+                self.phase = f"deploying {self.backend.name} over the peers"
+                if self.pool.used:
+                    first = next(iter(self.pool.used.values()))
+                    if first.addresses:
+                        self.backend_context.address = address_towards(first.addresses[0])
+            await self.deployment.deploy()
             self.events.put_nowait(core.PeersSettled())
             advert = Advertiser(
                 zc, JOB_SERVICE, self.job, self._jobctl_port, self._job_txt("running")
             )
             self._spawn(serve_job_control(jobctl, self.job, self.cancel))
             await advert.start()
-            self._spawn(self._heartbeats())
+            self._spawn(self.pool.heartbeats())
             self._spawn(self._replenish(browser))
             self._spawn(self._advertise_progress(advert))
             self.phase = "running tasks"
             finished = await self._drive()
         finally:
-            await self._release_all()
+            await self.deployment.teardown()
+            await self.pool.release_all()
+            await self.commands.close()
             self.bytes["from_coordinator"] = data_server.bytes_served
             if advert is not None:
                 with contextlib.suppress(Exception):
@@ -292,6 +380,9 @@ class Coordinator(PeerPool):
                     self.core.add_sources({path: ref})
                 else:
                     self._wanted_from_caches[ref.digest] = ref.size
+        self.pool.seek(
+            {ref.digest: ref.size for ref in self.source_refs.values()}, self._wanted_from_caches
+        )
 
     async def _drive(self) -> core.Finished:
         while self.core.finished is None:
@@ -299,6 +390,113 @@ class Coordinator(PeerPool):
             # Events that arrived together (peers joining at the start) are placed together.
             await self._apply(event, schedule=self.events.empty())
         return self.core.finished
+
+    async def _pump_backend_events(self, backend: Backend) -> None:
+        """A backend's task events, into the core's queue."""
+        put = self.events.put_nowait
+        from_backend = self._from_backend
+        async for event in backend.events():
+            core_event = from_backend(event)
+            if core_event is not None:
+                put(core_event)
+
+    def _from_backend(self, event: TaskEvent) -> core.Event | None:
+        """The one place where a backend's task event becomes a core event (None: handled
+        here). What a run's report adds for the job's report (logs, bytes) is kept here."""
+        match event:
+            case TaskStarted(task=task, attempt=attempt, peer=peer):
+                return core.RunStarted(peer, task, attempt)
+            case TaskFinished(task=task, attempt=attempt, peer=peer, detail=detail):
+                self._keep_detail(peer, task, attempt, detail)
+                self.bytes["cache_hits"] += detail.cache_hits
+                return core.TaskReported(
+                    peer,
+                    task,
+                    attempt,
+                    0,
+                    "",
+                    event.outputs,
+                    event.stderr_tail,
+                    detail.fetch_s,
+                    event.run_s,
+                    detail.bytes_fetched,
+                )
+            case TaskFailed(task=task, attempt=attempt, peer=peer, exit_code=None):
+                # It never ran (refused, unreadable, could not be sent) or was lost.
+                log.warning("attempt %d of %s failed on %s: %s", attempt, task, peer, event.reason)
+                return core.AttemptFailed(peer, task, attempt, event.reason)
+            case TaskFailed(task=task, attempt=attempt, peer=peer, detail=detail):
+                self._keep_detail(peer, task, attempt, detail)
+                return core.TaskReported(
+                    peer,
+                    task,
+                    attempt,
+                    event.exit_code or 0,
+                    event.reason,
+                    (),
+                    event.stderr_tail,
+                    detail.fetch_s,
+                    event.run_s,
+                    detail.bytes_fetched,
+                )
+            case PeerGone(peer=peer, reason=reason):
+                self.pool.lose(peer, reason)  # the core hears PeerLost from the pool
+        return None
+
+    def _keep_detail(self, peer: str, task: str, attempt: int, detail: RunDetail) -> None:
+        """A run's logs into the submit directory (logs.py), and the bytes it moved."""
+        self.bytes["peer_to_peer"] += detail.peer_to_peer
+        if not detail.logs or not self._runs_on(peer, task, attempt):
+            # Logs only for an attempt this peer runs, so the task name is one of the
+            # workflow's (a file name).
+            return
+        try:
+            self.logs.keep(
+                task, attempt, detail.stdout, detail.stdout_size, detail.stderr, detail.stderr_size
+            )
+        except OSError as err:  # a full disk loses the logs, not the job
+            log.warning("cannot keep the logs of %s in %s: %s", task, self.logs.dir, err)
+
+    def _route(self, peer: str, message: Message | Unreadable) -> bool:
+        """Where a peer's message goes (the pool's reader): task messages to the backend's
+        channel, prefetch reports to the core. False once the peer is gone with it."""
+        match message:
+            case Started() | Refused() | TaskDone():
+                self.channel.deliver(peer, message)
+            case ServiceUp() | ServiceFailed() | ServiceExited():
+                self.services.deliver(peer, message)
+            case Prefetched():
+                self.events.put_nowait(self.mover.prefetched(peer, message))
+            case Unreadable(task=task, attempt=attempt, reason=why):
+                if not self._runs_on(peer, task, attempt):
+                    self.pool.lose(peer, why)  # about a run it does not have
+                    return False
+                self.channel.deliver(peer, message)
+            case Preempted() | Denied():
+                # Behind its task messages: a run it finished before leaving counts.
+                self.channel.deliver(peer, message)
+                return False
+            case _:
+                log.info("peer %s sent an unexpected %r message", peer, message.TYPE)
+        return True
+
+    async def _replenish(self, browser: PeerBrowser) -> None:
+        """Elastic: recruit again while ready tasks wait; give up when none can ever run."""
+        stalled_since: float | None = None
+        while True:
+            await asyncio.sleep(self.timeouts.heartbeat_s)
+            if self.core.wanted_peers() and len(self.pool.links) < self.needs.workers_max:
+                await self.pool.recruit(browser, self.core.wanted_peers())
+            stuck = self.core.unplaceable()
+            if stuck and not any(p.running for p in self.core.peers.values()):
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > STALL_S:
+                    self.cancel(
+                        f"no recruited peer can run {', '.join(stuck[:5])} (and no idle "
+                        "peer of the grid fits): check the tasks' `require`"
+                    )
+            else:
+                stalled_since = None
 
     async def _advertise_progress(self, advert: Advertiser) -> None:
         """Keep the job's TXT record (what `bgrid status` shows) current, at most twice a second."""
@@ -325,19 +523,20 @@ class Coordinator(PeerPool):
                 case core.Dispatch(task, peer, attempt):
                     await self._dispatch(task, peer, attempt)
                 case core.Prefetch(peer, files, why):
-                    await self._prefetch(peer, files, why)
-                case core.StopRun(task, peer, _, reason):
-                    await self._stop_run(task, peer, reason)
+                    await self.mover.prefetch(peer, files, why)
+                case core.StopRun(task, peer, attempt, reason):
+                    log.debug("stopping %s on %s: %s", task, peer, reason)
+                    await self.backend.cancel(task, attempt, reason)
                 case core.Notice(message, detail):
                     log.log(logging.DEBUG if detail else logging.INFO, "%s", message)
                 case core.Collect(task, peer, attempt, outputs):
-                    self._spawn(self._collect(task, peer, attempt, outputs))
+                    self._spawn(self.mover.collect(task, peer, attempt, outputs))
                 case core.Release(peer):
-                    await self._release(peer)
+                    self._spawn(self.deployment.release(peer))
                 case core.Recruit(count, reason):
-                    if self._browser is not None and len(self.links) < self.needs.workers_max:
+                    if self._browser is not None and len(self.pool.links) < self.needs.workers_max:
                         log.info("recruiting %d more peer(s): %s", count, reason)
-                        self._spawn(self._recruit(self._browser, count))
+                        self._spawn(self.pool.recruit(self._browser, count))
                 case core.TaskDone(task, peer, attempts, outputs):
                     self._journal_done(task, peer, attempts, outputs)
                 case core.TaskFailed(task, error, attempts):
@@ -386,6 +585,22 @@ class Coordinator(PeerPool):
         inputs = tuple((path, self._input_ref(path)) for path in spec.inputs)
         self.journal.done(DoneRecord(task, task_digest(spec), inputs, outputs, peer, attempts))
 
+    def _report_inputs(self, finished: core.Finished | None, started_at: float) -> ReportInputs:
+        return ReportInputs(
+            job=self.job,
+            workflow=self.workflow,
+            finished=finished,
+            started_at=started_at,
+            tasks=self.core.tasks,
+            story=self.core.story,
+            logs=self.logs,
+            peers=tuple(self.pool.used.values()),
+            bytes=dict(self.bytes),
+            prefetch=self.data.prefetch.policy,
+            journal=self.journal.path if self.journal is not None else None,
+            resume=self.resume,
+        )
+
     def _arm_wakeup(self) -> None:
         """Have a Tick reach the core when its next retry backoff ends."""
         wake = self.core.next_wakeup()
@@ -406,80 +621,15 @@ class Coordinator(PeerPool):
         """Stop the job (Ctrl-C, `bgrid cancel`): peers are released, the report says why."""
         self.events.put_nowait(core.CancelRequested(reason))
 
-    # -- talking to peers -----------------------------------------------------------------
+    def _from_pool(self, event: core.Event) -> None:
+        """What the pool reports goes through the deployment (peers join the core once the
+        backend can run tasks on them)."""
+        self.deployment.from_pool(event)
 
-    async def _read_peer(self, link: PeerLink) -> None:
-        name = link.record.name
-        while True:
-            try:
-                frame = await link.sock.recv()
-            except zmq.ZMQError as err:  # closed under us: the link was dropped meanwhile
-                self._lose(name, f"its connection failed: {err}")
-                return
-            link.last_heard = time.monotonic()
-            try:
-                if not await self._from_peer(name, frame):
-                    return
-            except Exception as err:  # one peer's message must never hang or stop the job
-                if not isinstance(err, ProtocolError):
-                    log.exception("peer %s: could not handle its message", name)
-                why = f"peer {name} sent a bad message: {err}"
-                about = attempt_of(frame)
-                if about is not None and self._runs_on(name, about[2], about[3]):
-                    log.warning("%s: attempt %d of %s failed", why, about[3], about[2])
-                    await self.events.put(core.AttemptFailed(name, about[2], about[3], why))
-                else:
-                    self._lose(name, why)
-                    return
-
-    async def _from_peer(self, name: str, frame: bytes) -> bool:
-        """Handle one message of peer `name`; False when the peer is gone with it."""
-        match wire.decode(frame):
-            case TaskDone() as msg:
-                self._keep_logs(name, msg)
-                await self.events.put(self._task_report(name, msg))
-            case Started(task=task, attempt=attempt):
-                await self.events.put(core.RunStarted(name, task, attempt))
-            case Refused(task=task, attempt=attempt, reason=reason):
-                log.warning("peer %s refused attempt %d of %s: %s", name, attempt, task, reason)
-                why = f"peer {name} refused the run: {reason}"
-                await self.events.put(core.AttemptFailed(name, task, attempt, why))
-            case HeartbeatAck(running=running):
-                await self.events.put(core.PeerRunning(name, frozenset(running)))
-            case Prefetched() as msg:
-                await self.events.put(self._prefetched(name, msg))
-            case ServiceUp() | ServiceFailed() | ServiceExited() as msg:
-                self.services.deliver(name, msg)
-            case Preempted(reason=reason):
-                self._lose(name, f"preempted: {reason}")
-                return False
-            case Denied(reason=reason):
-                self._lose(name, f"it dropped the reservation: {reason}")
-                return False
-            case Error(reason=reason):
-                log.warning("peer %s: %s", name, reason)
-            case msg:
-                log.info("peer %s sent an unexpected %r message", name, msg.TYPE)
-        return True
-
-    async def _send_to_peer(self, name: str, message: Message) -> None:
-        """One message to a held peer, on its control link (service runs)."""
-        link = self.links.get(name)
-        if link is None:
-            raise ServiceError(f"peer {name} is not held by this job (released or lost)")
-        await link.sock.send(wire.encode(message))
-
-    def _keep_logs(self, peer: str, msg: TaskDone) -> None:
-        """Write the attempt's stdout and stderr into the submit directory (logs.py): only
-        for an attempt this peer runs, so the task name is one of the workflow's."""
-        if not self._runs_on(peer, msg.task, msg.attempt):
-            return
-        try:
-            self.logs.keep(
-                msg.task, msg.attempt, msg.stdout, msg.stdout_size, msg.stderr, msg.stderr_size
-            )
-        except OSError as err:  # a full disk loses the logs, not the job
-            log.warning("cannot keep the logs of %s in %s: %s", msg.task, self.logs.dir, err)
+    async def _send_to_peer(self, peer: str, message: Message) -> None:
+        """One message on a held peer's control link (service runs)."""
+        if not await self.pool.send(peer, message):
+            raise ConnectionError(f"the job holds no link to peer {peer}")
 
     def _runs_on(self, peer: str, task: str, attempt: int) -> bool:
         """Whether attempt `attempt` of `task` runs on `peer`, as far as the core knows."""
@@ -491,149 +641,33 @@ class Coordinator(PeerPool):
             and state.attempts == attempt
         )
 
-    def _task_report(self, peer: str, msg: TaskDone) -> core.TaskReported:
-        spec = self.workflow.tasks.get(msg.task)
-        error = msg.error
-        if spec is not None and not error and msg.exit_code == 0:
-            if sorted(p for p, _ in msg.outputs) != sorted(spec.outputs):
-                error = f"peer {peer} reported outputs that the task does not declare"
-            self.bytes["cache_hits"] += msg.hit_bytes
-        for _, label, size in msg.fetched:
-            if label != COORDINATOR:
-                self.bytes["peer_to_peer"] += size
-        return core.TaskReported(
-            peer,
-            msg.task,
-            msg.attempt,
-            msg.exit_code,
-            error,
-            msg.outputs,
-            msg.stderr_tail,
-            msg.fetch_s,
-            msg.run_s,
-            msg.bytes_fetched,
-        )
-
-    def _prefetched(self, peer: str, msg: Prefetched) -> core.Event:
-        if msg.source and msg.source != COORDINATOR:
-            self.bytes["peer_to_peer"] += msg.bytes
-        if msg.error:
-            log.info("prefetch of %s to %s failed: %s", msg.digest[:12], peer, msg.error[:200])
-            return core.PrefetchFailed(peer, msg.digest, msg.error)
-        return core.FileArrived(peer, msg.digest)
-
-    def _sources(
-        self, digest: str, names: list[str] | tuple[str, ...], link: PeerLink
-    ) -> tuple[Source, ...]:
-        """The data servers named by the core, for the wire."""
-        out = []
-        for name in names:
-            if name == COORDINATOR:
-                key = self.keypair.public.decode() if self.keypair else ""
-                endpoint = f"tcp://{link.our_address}:{self._data_port}"
-                out.append(Source(endpoint, key, COORDINATOR))
-            elif (holder := self.links.get(name)) is not None and holder.data_source is not None:
-                out.append(holder.data_source)
-        if not out and digest in self.core.files.at_coordinator:
-            return self._sources(digest, [COORDINATOR], link)
-        return tuple(out)
-
-    async def _prefetch(
-        self, peer: str, files: tuple[tuple[FileRef, tuple[str, ...]], ...], why: str
-    ) -> None:
-        link = self.links.get(peer)
-        if link is None:
-            return
-        items = tuple(
-            PrefetchFile(ref, self._sources(ref.digest, names, link)) for ref, names in files
-        )
-        log.debug("prefetch to %s (%s): %d file(s)", peer, why, len(items))
-        await link.sock.send(wire.encode(Prefetch(self.job, items)))
-
     def _input_ref(self, path: str) -> FileRef:
         producer = self.workflow.producer.get(path)
         if producer is None:
             return self.source_refs[path]
         return dict(self.core.tasks[producer].outputs)[path]
 
-    async def _stop_run(self, task: str, peer: str, reason: str) -> None:
-        """Have `peer` stop its run of `task` (it frees the slot before any later run)."""
-        link = self.links.get(peer)
-        if link is None:
-            return
-        log.debug("stopping %s on %s: %s", task, peer, reason)
-        await link.sock.send(wire.encode(Cancel(self.job, task)))
-
     async def _dispatch(self, task: str, peer: str, attempt: int) -> None:
-        link = self.links.get(peer)
-        if link is None:
-            return  # lost meanwhile: its PeerLost event puts the task back
+        """Hand the run to the backend: its inputs with their contents and where to get them."""
         spec = self.workflow.tasks[task]
+        sources = self.core.sources
         inputs = []
         for path in spec.inputs:
             ref = self._input_ref(path)
-            sources = self._sources(ref.digest, self.core.sources(ref.digest, peer), link)
-            inputs.append(TaskInput(path, ref, sources))
-        run = Run(
-            self.job,
-            task,
-            attempt,
-            spec.command,
-            tuple(inputs),
-            tuple(spec.outputs),
-            dict(spec.env),
-            dict(spec.limits),
+            inputs.append(StagedInput(path, ref, tuple(sources(ref.digest, peer))))
+        await self.backend.submit(
+            TaskRun(
+                task,
+                attempt,
+                peer,
+                spec.command,
+                tuple(inputs),
+                spec.outputs,
+                spec.env,
+                spec.limits,
+                retries=spec.retries,
+            )
         )
-        try:
-            # A run too big for one frame goes as a `run` and its `run_part`s, in order.
-            for message in split_run(run):
-                await link.sock.send(wire.encode(message))
-        except ProtocolError as err:
-            why = f"the run of {task} cannot be sent: {err}"
-            await self.events.put(core.AttemptFailed(peer, task, attempt, why))
-
-    async def _collect(
-        self, task: str, peer: str, attempt: int, outputs: tuple[tuple[str, FileRef], ...]
-    ) -> None:
-        """Bring a task's outputs into the submit directory, then tell the core.
-
-        Whatever goes wrong is a CollectFailed (the attempt fails, the job goes on): nothing
-        may leave the core waiting for an answer. The paths and digests were checked by
-        `decode`, and the paths against the task's declared outputs (`_task_report`).
-        """
-        link = self.links.get(peer)
-        try:
-            if link is None or link.data_source is None:
-                raise TransferError(f"peer {peer} is gone")
-            for path, ref in outputs:
-                dest = self.workflow.root / path
-                if await asyncio.to_thread(_holds, dest, ref):
-                    self.index.add(dest, ref)  # a rerun made the same bytes: nothing to move
-                    continue
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                self._partial_dir.mkdir(parents=True, exist_ok=True)
-                # The pid says whose it is: a later submit removes it only once we are gone.
-                partial = self._partial_dir / (
-                    f"{ref.digest}.{os.getpid()}.{secrets.token_hex(4)}.part"
-                )
-                twin = self.index.locate(ref.digest)
-                if twin is not None and twin.is_file():
-                    shutil.copyfile(twin, partial)  # same bytes already here: not fetched again
-                else:
-                    await self.fetcher.fetch(ref, [link.data_source], partial)
-                    self.bytes["to_submitter"] += ref.size
-                os.replace(partial, dest)
-                self.index.add(dest, ref)
-        except asyncio.CancelledError:
-            raise
-        except (TransferError, OSError) as err:
-            await self.events.put(core.CollectFailed(task, attempt, str(err)))
-            return
-        except Exception as err:
-            log.exception("collecting the outputs of %s failed", task)
-            await self.events.put(core.CollectFailed(task, attempt, f"{type(err).__name__}: {err}"))
-            return
-        await self.events.put(core.OutputsCollected(task, attempt))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -663,7 +697,7 @@ class Coordinator(PeerPool):
                 done=counts[core.TaskStatus.DONE],
                 failed=counts[core.TaskStatus.FAILED],
                 running=counts[core.TaskStatus.RUNNING],
-                peers=len(self.links),
+                peers=len(self.pool.links),
                 user=_user(),
                 started=self.started_at,
                 key=self.grid.public.decode() if self.grid else "",
@@ -683,40 +717,6 @@ def task_data(workflow: Workflow, fetch_all: bool) -> dict[str, core.TaskData]:
         )
         for name, spec in workflow.tasks.items()
     }
-
-
-def remove_stale_partials(directory: Path) -> int:
-    """Remove the partial downloads that dead coordinators left (`kill -9` mid-collection);
-    those of a live one (another submit in this directory) stay. How many went."""
-    removed = 0
-    try:
-        entries = list(directory.glob("*.part"))
-    except OSError:
-        return 0
-    for path in entries:
-        parts = path.name.split(".")
-        owner = int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
-        if owner is not None and owner != os.getpid() and psutil.pid_exists(owner):
-            continue
-        with contextlib.suppress(OSError):
-            path.unlink()
-            removed += 1
-    if removed:
-        log.info("removed %d partial file(s) a dead coordinator left in %s", removed, directory)
-    return removed
-
-
-def _holds(path: Path, ref: FileRef) -> bool:
-    """Whether `path` is a regular file with exactly these bytes (hashing reads it once)."""
-    try:
-        return (
-            path.is_file()
-            and not path.is_symlink()
-            and path.stat().st_size == ref.size
-            and (hash_file(path) == ref)
-        )
-    except OSError:
-        return False
 
 
 def job_id(workflow_name: str) -> str:

@@ -30,10 +30,11 @@ import sys
 import threading
 import tomllib
 from collections.abc import Callable, Coroutine, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bonjourgrid.backends.base import load_backend
 from bonjourgrid.coordinator.journal import ResumePlan, journal_path, plan_resume, workflow_digest
 from bonjourgrid.coordinator.peers import LEASE_S, PEER_TIMEOUT_S, Timeouts
 from bonjourgrid.coordinator.prefetch import POLICIES, DataOptions, PrefetchSettings
@@ -79,6 +80,8 @@ class SubmitOptions:
     prefetch: str | None = None  # --prefetch POLICY; None: the config files say, else lookahead
     prefetch_depth: int | None = None
     fetch_all: bool | None = None  # --fetch-all / --no-fetch-all; None: the config files say
+    backend: str = "native"  # what runs the tasks on the recruited peers (backends/)
+    backend_options: dict[str, str] = field(default_factory=dict)  # e.g. {"pool": ADDRESS}
 
 
 def parse_workers(text: str) -> tuple[int, int]:
@@ -354,6 +357,7 @@ def _run(
     data: DataOptions,
 ) -> dict[str, Any]:
     display = choose_display(opts.quiet, opts.json)  # a terminal's live panel, or lines
+    backend = load_backend(opts.backend)
     needs = needs_from(
         workflow,
         grid.fingerprint if grid else INSECURE_FINGERPRINT,
@@ -361,6 +365,7 @@ def _run(
         opts.max_cost,
         opts.workers or default_workers,
         admit=admission(grid) if grid else None,
+        middleware=backend.capabilities.middleware,
     )
     coordinator = Coordinator(
         workflow,
@@ -373,6 +378,8 @@ def _run(
         workflow_digest=workflow_digest(opts.workflow),
         data=data,
         display=display,
+        backend=backend,
+        backend_options=opts.backend_options,
     )
 
     stopped_by: list[signal.Signals] = []

@@ -116,10 +116,10 @@ async def run_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
         sock.connect(f"tcp://127.0.0.1:{hostile.port}")
         link = PeerLink(record("evil", hostile.port), sock)
         link.data_source = Source(f"tcp://127.0.0.1:{hostile.port}", "", "evil")
-        coord.links["evil"] = link
-        link.reader = coord._spawn(coord._read_peer(link))
+        coord._spawn(coord._pump_backend_events(coord.backend))
+        coord.pool.adopt(link)
         coord._spawn(hostile.serve())
-        coord._spawn(coord._heartbeats())
+        coord._spawn(coord.pool.heartbeats())
 
         async def cleanup() -> None:
             for task in list(coord._tasks):
@@ -168,7 +168,7 @@ async def test_an_output_digest_that_is_not_a_digest_fails_the_attempt_and_ends_
     assert task.status is core.TaskStatus.FAILED
     assert "peer evil sent a bad message" in task.error and "digest" in task.error, task.error
     nothing_outside(coord.workflow.root, tmp_path)
-    assert not coord._partial_dir.exists() or not any(coord._partial_dir.iterdir())
+    assert not coord.mover.partial_dir.exists() or not any(coord.mover.partial_dir.iterdir())
 
 
 async def test_a_refused_run_is_retried_then_fails_with_the_peers_reason(run_job: Run) -> None:
@@ -199,8 +199,8 @@ async def test_a_report_for_a_run_it_does_not_have_drops_the_peer(run_job: Run) 
         # A malformed report of a task attempt this peer does not run: the peer is dropped.
         return [started(run), done({**run, "attempt": 7}, outputs=[["/etc/passwd", D, 1]])]
 
-    coord, _ = await run_job(lie, 0, lambda c: "evil" not in c.links and c.events.empty())
-    assert "evil" not in coord.links
+    coord, _ = await run_job(lie, 0, lambda c: "evil" not in c.pool.links and c.events.empty())
+    assert "evil" not in coord.pool.links
     task = coord.core.tasks["t"]  # not its fault: it waits for another peer
     assert task.status is core.TaskStatus.READY and task.failures == 0
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bonjourgrid.coordinator.shell import remove_stale_partials
+from bonjourgrid.coordinator.dataflow import remove_stale_partials
 
 DIGEST = "ab" * 32
 

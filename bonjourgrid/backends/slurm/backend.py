@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import getpass
 import secrets
 import socket
@@ -119,6 +120,10 @@ class SlurmBackend:
     async def deploy(self, peers: Sequence[HeldPeer]) -> None:
         if not peers:
             raise ConfigError("the slurm backend needs at least one held peer")
+        if "address" not in self.context.options:  # known only once peers are held
+            self.layout = dataclasses.replace(
+                self.layout, controller_address=self.context.address
+            )
         (self.directory / "munge").mkdir(mode=0o700, parents=True, exist_ok=True)
         (self.directory / "ctld-state").mkdir(mode=0o700, exist_ok=True)
         (self.directory / "scripts").mkdir(exist_ok=True)

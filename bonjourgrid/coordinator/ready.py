@@ -1,0 +1,178 @@
+"""The scheduler's ready queue, pure: which READY task a free slot takes next.
+
+Owned by `SchedulerCore` (core.py), which alone decides when a task enters or leaves it.
+
+- One heap per requirement class (tasks with the same `require` text), ordered by bottom
+  level (`-priority`) then by when the task was queued: the critical path goes first, and
+  popping for a peer costs O(classes), never O(tasks). Whether a peer can run a class is
+  asked once per (peer, class) and remembered (`can_run`).
+- One "affine" heap per peer: ready tasks whose input bytes (or a broadcast file they wait
+  for) are on that peer; the peer pops them first. `own_work` names the peers that may have
+  such tasks, or tasks planned on them (kept by the data planner), so that only those are
+  visited first.
+- The backoff heap: retries waiting out their backoff (`defer`), placeable again once
+  `due(now)` hands them back.
+
+Entries are never removed from a heap: an entry is stale once its task was placed, planned,
+skipped or queued again (`task.queued` moved on), and it is dropped when popped (`valid`).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+from bonjourgrid.coordinator.model import Entry, Matcher, PeerSlots, TaskState, TaskStatus
+
+
+class ReadyQueue:
+    """The class heaps, the per-peer affine heaps and the backoff heap, with lazy deletion."""
+
+    def __init__(self, tasks: Mapping[str, TaskState], matches: Matcher) -> None:
+        self._tasks = tasks
+        self._matches = matches
+        self._match_cache: dict[tuple[str, str], bool] = {}
+        self.classes: dict[str, list[Entry]] = defaultdict(list)  # require -> heap
+        self.affine: dict[str, list[Entry]] = {}  # peer -> heap of tasks whose data is there
+        self.own_work: dict[str, None] = {}  # peers with planned or affine tasks (maybe stale)
+        self._seq = 0
+        self._delayed: list[tuple[float, int, str]] = []  # (not_before, seq, task): backoffs
+        self.backing_off = 0  # READY tasks waiting out a backoff (live entries of _delayed)
+
+    # -- requirement classes ------------------------------------------------------------
+
+    def can_run(self, peer: PeerSlots, require: str) -> bool:
+        if not require:
+            return True
+        key = (peer.name, require)
+        if key not in self._match_cache:
+            self._match_cache[key] = self._matches(require, peer.attrs)
+        return self._match_cache[key]
+
+    def unplaceable(self, peers: Iterable[PeerSlots]) -> list[str]:
+        """Queued READY tasks that none of `peers` can run."""
+        held = list(peers)
+        stuck: list[str] = []
+        for require, heap in self.classes.items():
+            if not any(self.can_run(p, require) for p in held):
+                stuck.extend(
+                    name for _, _, name in heap if self._tasks[name].status is TaskStatus.READY
+                )
+        return stuck
+
+    # -- entries ------------------------------------------------------------------------
+
+    def stamp(self, task: TaskState) -> Entry:
+        """A fresh entry for `task`; its older entries are stale from now on."""
+        self._seq += 1
+        task.queued = self._seq
+        return (-task.priority, self._seq, task.name)
+
+    def entry_of(self, task: TaskState) -> Entry:
+        """The entry `task` was last queued with (stale if it was placed or planned since)."""
+        return (-task.priority, task.queued, task.name)
+
+    def valid(self, entry: Entry) -> bool:
+        """Whether a heap entry still stands for a task that may be placed."""
+        task = self._tasks[entry[2]]
+        return (
+            task.queued == entry[1] and task.status is TaskStatus.READY and task.planned_on is None
+        )
+
+    def push(self, task: TaskState, entry: Entry) -> None:
+        """Placeable on any peer that can run its class."""
+        heapq.heappush(self.classes[task.require], entry)
+
+    def favour(self, peer: str, entry: Entry) -> None:
+        """Placeable first on `peer` (it holds the task's data)."""
+        heapq.heappush(self.affine[peer], entry)
+        self.own_work[peer] = None
+
+    def has_ready(self) -> bool:
+        """Whether any class heap has an entry (maybe stale: popping drops those)."""
+        return any(self.classes.values())
+
+    # -- popping --------------------------------------------------------------------------
+
+    def pop_best(self, peer: PeerSlots) -> TaskState | None:
+        """The best queued task of any class `peer` can run (not one gated on a broadcast)."""
+        tasks = self._tasks
+        best: Entry | None = None
+        best_class = ""
+        for require, heap in self.classes.items():
+            while heap and (not self.valid(heap[0]) or tasks[heap[0][2]].gated):
+                heapq.heappop(heap)  # stale: placed, planned, skipped, or queued again
+            if heap and (best is None or heap[0] < best) and self.can_run(peer, require):
+                best, best_class = heap[0], require
+        if best is None:
+            return None
+        heapq.heappop(self.classes[best_class])
+        return tasks[best[2]]
+
+    def pop_affine(
+        self, peer: PeerSlots, may_start: Callable[[PeerSlots, TaskState], bool]
+    ) -> TaskState | None:
+        """The best task favouring `peer` that it can run; `may_start` says whether a task
+        gated on a broadcast may start there yet."""
+        heap = self.affine.get(peer.name)
+        while heap:
+            entry = heapq.heappop(heap)
+            task = self._tasks[entry[2]]
+            if self.valid(entry) and self.can_run(peer, task.require):
+                if task.gated and not may_start(peer, task):
+                    continue
+                return task
+        return None
+
+    def has_affine(self, peer: str) -> bool:
+        return bool(self.affine.get(peer))
+
+    # -- peers ----------------------------------------------------------------------------
+
+    def add_peer(self, peer: str) -> None:
+        self.affine[peer] = []
+
+    def drop_peer(self, peer: str) -> None:
+        self.affine.pop(peer, None)
+        self.own_work.pop(peer, None)
+
+    def drop_all_peers(self) -> None:
+        self.affine.clear()
+        self.own_work.clear()
+
+    # -- backoffs -------------------------------------------------------------------------
+
+    def defer(self, task: TaskState, not_before: float) -> None:
+        """Keep READY `task` out of the heaps until `not_before` (a retry's backoff)."""
+        self._seq += 1
+        task.not_before = not_before
+        task.backoff = self._seq
+        self.backing_off += 1
+        heapq.heappush(self._delayed, (not_before, self._seq, task.name))
+
+    def end_backoff(self, task: TaskState) -> None:
+        """`task` leaves READY: its backoff no longer matters (its entry goes stale)."""
+        if task.backoff != -1:
+            task.backoff = -1
+            self.backing_off -= 1
+
+    def due(self, now: float) -> Iterator[TaskState]:
+        """The tasks whose backoff ended by `now`, in order; they are placeable again once
+        queued (`stamp` + `push`)."""
+        while self._delayed and self._delayed[0][0] <= now:
+            _, seq, name = heapq.heappop(self._delayed)
+            task = self._tasks[name]
+            if task.backoff == seq:  # else it left READY meanwhile (end_backoff)
+                task.backoff = -1
+                self.backing_off -= 1
+                yield task
+
+    def next_due(self) -> float | None:
+        return self._delayed[0][0] if self._delayed else None
+
+    def validate(self, finished: bool) -> None:
+        live = [name for _, seq, name in self._delayed if self._tasks[name].backoff == seq]
+        assert len(live) == self.backing_off, "backoff count is off"
+        for name in live:
+            assert self._tasks[name].status is TaskStatus.READY or finished
