@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from bonjourgrid.backends.base import Backend, HeldPeer
@@ -64,6 +65,8 @@ class Deployment:
         self._hand_back = hand_back
         self._held_back: list[core.PeerJoined] | None = []  # None once deployed
         self._in_backend: set[str] = set()
+        self._removals: set[asyncio.Task[None]] = set()  # remove_peer calls under way
+        self._torn_down: asyncio.Event | None = None  # set once teardown has begun
 
     @property
     def name(self) -> str:
@@ -94,6 +97,7 @@ class Deployment:
         """Deploy over the peers of the first recruitment, then let them join the core."""
         joining, self._held_back = self._held_back or [], None
         peers = [held_peer(self._records[j.peer]) for j in joining if j.peer in self._records]
+        began = time.monotonic()
         try:
             await self.backend.deploy(peers)
         except asyncio.CancelledError:
@@ -103,6 +107,9 @@ class Deployment:
                 f"the {self.name} backend could not deploy over "
                 f"{', '.join(p.name for p in peers) or 'no peer'}: {err}"
             ) from err
+        if self.backend.capabilities.services:
+            log.info("%s deployed over %d peer(s) in %.1f s", self.name, len(peers),
+                     time.monotonic() - began)  # fmt: skip
         self._in_backend.update(p.name for p in peers)
         for joined in joining:
             self._sink(joined)
@@ -124,6 +131,7 @@ class Deployment:
 
     async def _remove(self, peer: str, reason: str) -> None:
         self._in_backend.discard(peer)
+        log.debug("removing peer %s from the %s backend: %s", peer, self.name, reason)
         try:
             await self.backend.remove_peer(peer, reason)
         except asyncio.CancelledError:
@@ -132,15 +140,30 @@ class Deployment:
             log.warning("removing peer %s from the %s backend: %s", peer, self.name, err)
 
     async def release(self, peer: str) -> None:
-        """The core no longer needs `peer`: out of the backend, then handed back."""
-        if peer in self._in_backend:
-            await self._remove(peer, "released")
+        """The core no longer needs `peer`: out of the backend, then handed back. Once the
+        teardown has begun, handed back only after it (the middleware's daemons on the
+        peer stop first, with the jobs they still finish)."""
+        if peer in self._in_backend and self._torn_down is None:
+            removal = asyncio.ensure_future(self._remove(peer, "released"))
+            self._removals.add(removal)
+            removal.add_done_callback(self._removals.discard)
+            await removal
+        if self._torn_down is not None:
+            await self._torn_down.wait()
         await self._hand_back(peer)
 
     async def teardown(self) -> None:
-        """Stop what the backend started; every peer goes back to idle after this."""
+        """Stop what the backend started; every peer goes back to idle after this. Removals
+        under way finish first (they stop their peer's daemons)."""
+        self._torn_down = asyncio.Event()
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
         self._in_backend.clear()
+        began = time.monotonic()
         try:
             await self.backend.teardown()
         except Exception as err:  # the peers' leases end whatever is left
             log.warning("tearing the %s backend down: %s", self.name, err)
+        self._torn_down.set()
+        if self.backend.capabilities.services:
+            log.info("%s torn down in %.1f s", self.name, time.monotonic() - began)

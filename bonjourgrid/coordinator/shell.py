@@ -37,8 +37,11 @@ import contextlib
 import getpass
 import logging
 import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -206,10 +209,12 @@ class Coordinator:
         self.services = PeerServices(self.job, self._send_to_peer)
         self.backend: Backend = self.workers
         if backend is not NativeBackend:
+            # A short private directory: a middleware's unix sockets must fit 108 bytes.
+            self.backend_dir = Path(tempfile.mkdtemp(prefix=f"bgrid-{self.job[:16]}-"))
             self.backend_context = BackendContext(
                 job=self.job,
                 root=workflow.root,
-                state_dir=workflow.root / ".bgrid" / "backend",
+                state_dir=self.backend_dir,
                 commands=self.commands,
                 services=self.services,
                 staging=self.workers,
@@ -343,6 +348,8 @@ class Coordinator:
             await self.deployment.teardown()
             await self.pool.release_all()
             await self.commands.close()
+            if self.backend is not self.workers:
+                shutil.rmtree(self.backend_dir, ignore_errors=True)
             self.bytes["from_coordinator"] = data_server.bytes_served
             if advert is not None:
                 with contextlib.suppress(Exception):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import signal
+import tempfile
 from collections.abc import Generator
 from pathlib import Path
 
@@ -24,7 +25,16 @@ import pytest
 from tests.waiting import wait_until
 
 from .conftest import Bgrid
-from .harness import DETECTED_S, LEASE_S, SEEN_S, SLACK_S, STARTED_S, LanGrid, share_grid_key
+from .harness import (
+    DETECTED_S,
+    LEASE_S,
+    SEEN_S,
+    SLACK_S,
+    STARTED_S,
+    LanGrid,
+    Worker,
+    share_grid_key,
+)
 from .netns import Lan
 
 _SUBMITTER, _OTHER = 4, 5
@@ -40,6 +50,8 @@ def _missing(*programs: str) -> str | None:
 # backend name -> why it cannot run here (None: it runs)
 BACKENDS = {
     "native": None,
+    # A transient Slurm cluster: slurmctld + munged here, slurmd + munged on each peer.
+    "slurm": _missing("slurmctld", "slurmd", "munged", "sbatch", "nsenter"),
 }
 
 
@@ -62,9 +74,25 @@ class ConformanceGrid(LanGrid):
     def __init__(self, lan: Lan, bgrid: Bgrid, tmp: Path, backend: str) -> None:
         super().__init__(lan, bgrid, tmp, _SUBMITTER)
         self.backend = backend
+        # slurmd 22.05 needs /sys/fs/cgroup, which `ip netns exec` hides.
+        self.host_sys = backend == "slurm"
+        self._short = Path(tempfile.mkdtemp(prefix="bgc-"))
+
+    def start_worker(
+        self, role: str, host_index: int, cost: float, *flags: str, ram: str = "1GiB"
+    ) -> Worker:
+        # A short cache directory: the daemons' unix sockets in a service run's directory
+        # must fit 108 bytes, and pytest's temporary paths are long.
+        cache = self._short / f"{role}-{self.tag}"
+        return super().start_worker(role, host_index, cost, "--cache-dir", str(cache), *flags,
+                                    ram=ram)  # fmt: skip
+
+    def cleanup(self) -> None:
+        self.stop_workers()
+        shutil.rmtree(self._short, ignore_errors=True)
 
     def run_flags(self, *flags: str) -> tuple[str, ...]:
-        return ("--backend", self.backend, *flags)
+        return ("-v", "--backend", self.backend, *flags)
 
 
 @pytest.fixture
@@ -75,7 +103,7 @@ def grid(
     try:
         yield conformance
     finally:
-        conformance.stop_workers()
+        conformance.cleanup()
 
 
 def _mark(path: Path) -> str:

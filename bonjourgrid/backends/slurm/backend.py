@@ -262,7 +262,10 @@ class SlurmBackend:
                                      ",".join(job_ids), "-o", template.SQUEUE_FORMAT],
                                     check=False)  # fmt: skip
             rows = template.parse_squeue(out.stdout) if out.returncode == 0 else []
-            return not any(r.state in template.ACTIVE for r in rows)
+            # A job on a node whose slurmd is gone never leaves COMPLETING: nothing to wait for.
+            here = {template.node_name(p) for p in self._peers if p not in self._lost}
+            return not any(r.state in template.ACTIVE and (r.node in here or not r.node)
+                           for r in rows)  # fmt: skip
 
         with contextlib.suppress(ConfigError):  # a dead controller kills nothing more
             await self._wait_async(ended, f"Slurm jobs {', '.join(job_ids)} killed")
