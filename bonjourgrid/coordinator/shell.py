@@ -218,7 +218,12 @@ class Coordinator:
                 commands=self.commands,
                 services=self.services,
                 staging=self.workers,
-                options=dict(backend_options or {}),
+                # A middleware's word on a run comes after the workers had theirs: a
+                # worker gone is a lost peer (no retry used), not a failed attempt.
+                options={
+                    "settle_s": f"{self.timeouts.peer_timeout_s + self.timeouts.heartbeat_s:g}",
+                    **(backend_options or {}),
+                },
                 peers=self.channel,
             )
             self.backend = backend(self.backend_context)

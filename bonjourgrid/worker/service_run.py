@@ -185,7 +185,7 @@ class ServiceRun:
                     stdout=log,
                     stderr=log,
                     start_new_session=True,
-                    preexec_fn=task_preexec(Limits()),  # the desktop's lowest priority
+                    preexec_fn=_service_preexec(),
                 )
             except OSError as err:
                 raise ServiceStartError(
@@ -250,6 +250,18 @@ class ServiceRun:
         """Its directory goes (after `stop`); the end of its log is kept in `final_log`."""
         self.final_log = self.log_tail()
         await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+
+
+def _service_preexec() -> Callable[[], None]:
+    """The desktop's lowest priority, as a task; and the daemon dies with its worker (even
+    on `kill -9`): nothing else could stop it at lease expiry."""
+    lowest = task_preexec(Limits())
+
+    def apply() -> None:
+        lowest()
+        reaper.stop_with_parent(os.getppid())
+
+    return apply
 
 
 def _write(root: Path, rel: str, data: bytes, secret: bool = False) -> None:

@@ -106,7 +106,8 @@ async def backend(tmp_path: Path, log: list[tuple[Any, ...]], slurm: ScriptedSlu
     context = BackendContext(
         job="j", root=tmp_path, state_dir=tmp_path / "state", commands=slurm,
         services=RecordingServices(), staging=RecordingStaging(log),
-        options={"controller_port": "41817", "slurmd_port": "41818"},
+        # settle_s 0: Slurm's word on a failure is told at the next poll.
+        options={"controller_port": "41817", "slurmd_port": "41818", "settle_s": "0"},
     )  # fmt: skip
     made = SlurmBackend(context)
     (made.directory / "scripts").mkdir(parents=True)  # deploy makes it (and the controller)

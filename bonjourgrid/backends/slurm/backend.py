@@ -51,6 +51,7 @@ from bonjourgrid.errors import ConfigError
 
 UP_S = 60.0  # deploy fails if the daemons are not up by then
 POLL_S = 1.0  # squeue/sinfo polling period while the job runs
+SETTLE_S = 8.0  # see `settle_s`: longer than a worker's default peer timeout (5 s)
 _MUNGE_KEY_BYTES = 1024
 _MUNGED = "slurm-munged"  # service run names on the peers
 _SLURMD = "slurmd"
@@ -98,6 +99,10 @@ class SlurmBackend:
         self.conf = self.directory / "slurm.conf"
         self.poll_s = float(options.get("poll_s", POLL_S))
         self.up_s = float(options.get("up_s", UP_S))
+        # With staging, how long a failure Slurm saw waits before it is told: the workers
+        # have their say first (a dead worker is a lost peer, not a failed attempt).
+        self.settle_s = float(options.get("settle_s", SETTLE_S))
+        self._settling: list[tuple[float, TaskEvent]] = []
         self._env = {"SLURM_CONF": str(self.conf)}
         self._key = b""
         self._peers: dict[str, HeldPeer] = {}
@@ -285,7 +290,15 @@ class SlurmBackend:
             await asyncio.sleep(self.poll_s)
 
     async def poll(self) -> list[TaskEvent]:
-        """One look at squeue and sinfo: what happened since the last look."""
+        """One look at squeue and sinfo: what happened since the last look, and the
+        failures Slurm saw that have settled."""
+        events = await self._look()
+        now = asyncio.get_running_loop().time()
+        events += [event for due, event in self._settling if due <= now]
+        self._settling = [(due, event) for due, event in self._settling if due > now]
+        return events
+
+    async def _look(self) -> list[TaskEvent]:
         events, self._pending = self._pending, []
         events += await self._lost_peers()
         live = [i for i, r in self._runs.items() if not r.done]
@@ -318,7 +331,12 @@ class SlurmBackend:
         failed: list[TaskEvent] = [e for e in events if not isinstance(e, TaskFinished)]
         if any(isinstance(e, TaskFailed) for e in failed):
             await self._drop(run, f"its Slurm job ended: {row.state}")
-        return failed
+        # The worker that staged the run reports how a claimed run ended; Slurm's word
+        # counts for what it cannot see (a job never started), so it comes after a while:
+        # if the worker died, its peer is lost by then and this event is stale.
+        due = asyncio.get_running_loop().time() + self.settle_s
+        self._settling += [(due, event) for event in failed]
+        return []
 
     async def _drop(self, run: _Submitted, reason: str) -> None:
         """The staged run on the worker: no job will claim it any more."""
