@@ -13,13 +13,15 @@ shares the filesystem) and `bgrid peers --json`, each with a deadline.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import signal
 import tempfile
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.waiting import wait_until
@@ -40,6 +42,7 @@ from .netns import Lan
 _SUBMITTER, _OTHER = 4, 5
 _RELEASED_S = 1.0 + SLACK_S  # a released peer shows idle within a second (DESIGN.md)
 _EXPIRED_S = LEASE_S + SLACK_S  # a peer whose coordinator vanished is idle again by then
+_DAEMONS = {"slurmctld", "slurmd", "slurmstepd", "munged", "condor_master", "condor_startd"}
 
 
 def _missing(*programs: str) -> str | None:
@@ -86,6 +89,27 @@ class ConformanceGrid(LanGrid):
         cache = self._short / f"{role}-{self.tag}"
         return super().start_worker(role, host_index, cost, "--cache-dir", str(cache), *flags,
                                     ram=ram)  # fmt: skip
+
+    def wait_nothing_left(self, workers: Sequence[Worker], what: str) -> None:
+        """Every peer idle, and no middleware daemon of this test left on any host."""
+        self.wait_idle(workers, _RELEASED_S, what)
+        wait_until(lambda: not self._daemons_left(), _RELEASED_S,
+                   lambda: f"middleware daemons still running: {self._daemons_left()}")  # fmt: skip
+
+    def _daemons_left(self) -> list[str]:
+        """Middleware daemons in this LAN's network namespaces (each test runs alone there)."""
+        ours = {os.stat(f"/run/netns/{host.name}").st_ino for host in self.lan.hosts}
+        left = []
+        for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+            if proc.info["name"] not in _DAEMONS:
+                continue
+            try:
+                where = os.stat(f"/proc/{proc.info['pid']}/ns/net").st_ino
+            except OSError:
+                continue  # gone meanwhile
+            if where in ours:
+                left.append(" ".join(proc.info["cmdline"] or ()))
+        return left
 
     def cleanup(self) -> None:
         self.stop_workers()
@@ -137,7 +161,7 @@ def test_a_diamond_with_files_runs_and_frees_every_peer(grid: ConformanceGrid) -
     assert done.code == 0, done.explain()
     assert (wf.parent / "bottom.txt").read_text() == "SEED\ndees\n"
     assert {t["status"] for t in done.report["tasks"].values()} == {"done"}, done.explain()
-    grid.wait_idle(workers, _RELEASED_S, "every peer idle after the job")
+    grid.wait_nothing_left(workers, "every peer idle after the job")
 
 
 def test_a_failing_task_is_retried_and_the_job_succeeds(grid: ConformanceGrid) -> None:
@@ -154,7 +178,7 @@ def test_a_failing_task_is_retried_and_the_job_succeeds(grid: ConformanceGrid) -
     assert (flaky["status"], flaky["attempts"]) == ("done", 2), done.explain()
     assert _starts(starts) == 2
     assert (wf.parent / "out.txt").read_text() == "ok\n"
-    grid.wait_idle(workers, _RELEASED_S, "every peer idle after the job")
+    grid.wait_nothing_left(workers, "every peer idle after the job")
 
 
 def test_a_peer_killed_mid_run_is_replaced(grid: ConformanceGrid) -> None:
@@ -175,7 +199,7 @@ def test_a_peer_killed_mid_run_is_replaced(grid: ConformanceGrid) -> None:
     t = done.task("t")
     assert (t["status"], t["peer"]) == ("done", spare.name), done.explain()
     assert (wf.parent / "t.txt").read_text() == "ok\n"
-    grid.wait_idle([spare], _RELEASED_S, "the surviving peer idle after the job")
+    grid.wait_nothing_left([spare], "the surviving peer idle after the job")
 
 
 def test_ctrl_c_stops_the_job_and_frees_every_peer(grid: ConformanceGrid) -> None:
@@ -188,7 +212,7 @@ def test_ctrl_c_stops_the_job_and_frees_every_peer(grid: ConformanceGrid) -> Non
     job.proc.send_signal(signal.SIGINT)
     done = job.finish(timeout=30)
     assert done.code == 128 + signal.SIGINT, done.explain()
-    grid.wait_idle(workers, _RELEASED_S, "every peer idle after Ctrl-C")
+    grid.wait_nothing_left(workers, "every peer idle after Ctrl-C")
 
 
 def test_resume_runs_only_what_is_not_done(grid: ConformanceGrid) -> None:
@@ -214,4 +238,4 @@ def test_resume_runs_only_what_is_not_done(grid: ConformanceGrid) -> None:
     assert done.code == 0, done.explain()
     assert {n: _starts(p) for n, p in starts.items()} == {"first": 1, "second": 2}
     assert (wf.parent / "two.txt").read_text() == "two\n"
-    grid.wait_idle(workers, _RELEASED_S, "every peer idle after the resumed job")
+    grid.wait_nothing_left(workers, "every peer idle after the resumed job")
