@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import getpass
 import logging
 import secrets
@@ -197,25 +198,22 @@ class Coordinator:
         self.commands = Commands()
         # Our own workers: the native backend, and for a middleware backend the stagers of
         # its runs (launch "external": inputs in, outputs and logs out through bgrid).
-        self.workers = NativeBackend(
-            BackendContext(
-                job=self.job,
-                root=workflow.root,
-                state_dir=workflow.root / ".bgrid" / "backend",
-                commands=self.commands,
-                peers=self.channel,
-            )
+        workers_context = BackendContext(
+            job=self.job,
+            root=workflow.root,
+            state_dir=workflow.root / ".bgrid" / "backend",
+            commands=self.commands,
+            peers=self.channel,
         )
+        self.workers = NativeBackend(workers_context)
         self.services = PeerServices(self.job, self._send_to_peer)
         self.backend: Backend = self.workers
         if backend is not NativeBackend:
             # A short private directory: a middleware's unix sockets must fit 108 bytes.
             self.backend_dir = Path(tempfile.mkdtemp(prefix=f"bgrid-{self.job[:16]}-"))
-            self.backend_context = BackendContext(
-                job=self.job,
-                root=workflow.root,
+            self.backend_context = dataclasses.replace(
+                workers_context,
                 state_dir=self.backend_dir,
-                commands=self.commands,
                 services=self.services,
                 staging=self.workers,
                 # A middleware's word on a run comes after the workers had theirs: a
@@ -224,7 +222,6 @@ class Coordinator:
                     "settle_s": f"{self.timeouts.peer_timeout_s + self.timeouts.heartbeat_s:g}",
                     **(backend_options or {}),
                 },
-                peers=self.channel,
             )
             self.backend = backend(self.backend_context)
         self.deployment = Deployment(

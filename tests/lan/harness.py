@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -220,6 +221,20 @@ class LanGrid:
                 worker.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 worker.kill()
+
+
+def mark_start(path: Path) -> str:
+    """A shell command appending the attempt's number to `path`: one line per start (every
+    namespace shares the filesystem, so wherever the task runs)."""
+    return f"echo $BGRID_ATTEMPT >> {shlex.quote(str(path))}"
+
+
+def count_starts(path: Path) -> int:
+    """How many times the task marked with `path` has started."""
+    try:
+        return len(path.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
 
 
 def share_grid_key(lan: Lan, bgrid: Bgrid) -> None:

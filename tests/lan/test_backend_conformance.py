@@ -14,7 +14,6 @@ shares the filesystem) and `bgrid peers --json`, each with a deadline.
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import signal
 import tempfile
@@ -35,6 +34,8 @@ from .harness import (
     STARTED_S,
     LanGrid,
     Worker,
+    count_starts,
+    mark_start,
     share_grid_key,
 )
 from .netns import Lan
@@ -130,16 +131,8 @@ def grid(
         conformance.cleanup()
 
 
-def _mark(path: Path) -> str:
-    """A shell command appending this attempt's number to `path` (one line per start)."""
-    return f"echo $BGRID_ATTEMPT >> {shlex.quote(str(path))}"
 
 
-def _starts(path: Path) -> int:
-    try:
-        return len(path.read_text().splitlines())
-    except FileNotFoundError:
-        return 0
 
 
 def test_a_diamond_with_files_runs_and_frees_every_peer(grid: ConformanceGrid) -> None:
@@ -169,14 +162,14 @@ def test_a_failing_task_is_retried_and_the_job_succeeds(grid: ConformanceGrid) -
     grid.wait_idle(workers, SEEN_S, "the workers listed idle")
     starts = grid.tmp / "flaky.starts"
     # Fails its first attempt only (the namespaces share the filesystem, so wherever it runs).
-    command = f"{_mark(starts)}; [ $BGRID_ATTEMPT -ge 2 ] || exit 3; echo ok > out.txt"
+    command = f"{mark_start(starts)}; [ $BGRID_ATTEMPT -ge 2 ] || exit 3; echo ok > out.txt"
     wf = grid.workflow("retry", {"flaky": {"command": command, "outputs": ["out.txt"],
                                            "retries": 1}})  # fmt: skip
     done = grid.submit(wf, *grid.run_flags("--workers", "1..2"))
     assert done.code == 0, done.explain()
     flaky = done.task("flaky")
     assert (flaky["status"], flaky["attempts"]) == ("done", 2), done.explain()
-    assert _starts(starts) == 2
+    assert count_starts(starts) == 2
     assert (wf.parent / "out.txt").read_text() == "ok\n"
     grid.wait_nothing_left(workers, "every peer idle after the job")
 
@@ -187,13 +180,13 @@ def test_a_peer_killed_mid_run_is_replaced(grid: ConformanceGrid) -> None:
     grid.wait_idle([victim, spare], SEEN_S, "both workers listed idle")
     starts = grid.tmp / "t.starts"
     wf = grid.workflow(
-        "kill9", {"t": {"command": f"{_mark(starts)}; sleep 3; echo ok > t.txt",
+        "kill9", {"t": {"command": f"{mark_start(starts)}; sleep 3; echo ok > t.txt",
                         "outputs": ["t.txt"]}}
     )  # fmt: skip
     job = grid.start_submit(wf, *grid.run_flags("--workers", "1..1"))
-    wait_until(lambda: _starts(starts) >= 1, STARTED_S, "t started")
+    wait_until(lambda: count_starts(starts) >= 1, STARTED_S, "t started")
     victim.kill()
-    wait_until(lambda: _starts(starts) >= 2, DETECTED_S, "t started again after kill -9")
+    wait_until(lambda: count_starts(starts) >= 2, DETECTED_S, "t started again after kill -9")
     done = job.finish()
     assert done.code == 0, done.explain()
     t = done.task("t")
@@ -206,9 +199,9 @@ def test_ctrl_c_stops_the_job_and_frees_every_peer(grid: ConformanceGrid) -> Non
     workers = [grid.start_worker(f"c{i}", i, cost=float(i)) for i in range(2)]
     grid.wait_idle(workers, SEEN_S, "the workers listed idle")
     starts = grid.tmp / "long.starts"
-    wf = grid.workflow("ctrlc", {"long": {"command": f"{_mark(starts)}; sleep 60"}})
+    wf = grid.workflow("ctrlc", {"long": {"command": f"{mark_start(starts)}; sleep 60"}})
     job = grid.start_submit(wf, *grid.run_flags("--workers", "1..2"))
-    wait_until(lambda: _starts(starts) >= 1, STARTED_S, "the long task started")
+    wait_until(lambda: count_starts(starts) >= 1, STARTED_S, "the long task started")
     job.proc.send_signal(signal.SIGINT)
     done = job.finish(timeout=30)
     assert done.code == 128 + signal.SIGINT, done.explain()
@@ -222,20 +215,20 @@ def test_resume_runs_only_what_is_not_done(grid: ConformanceGrid) -> None:
     wf = grid.workflow(
         "resume",
         {
-            "first": {"command": f"{_mark(starts['first'])}; echo one > one.txt",
+            "first": {"command": f"{mark_start(starts['first'])}; echo one > one.txt",
                       "outputs": ["one.txt"]},
-            "second": {"command": f"{_mark(starts['second'])}; sleep 3; echo two > two.txt",
+            "second": {"command": f"{mark_start(starts['second'])}; sleep 3; echo two > two.txt",
                        "outputs": ["two.txt"], "after": ["first"]},
         },
     )  # fmt: skip
     job = grid.start_submit(wf, *grid.run_flags("--workers", "1..2"))
-    wait_until(lambda: _starts(starts["second"]) >= 1, STARTED_S, "second started")
+    wait_until(lambda: count_starts(starts["second"]) >= 1, STARTED_S, "second started")
     job.kill()
     grid.wait_idle(workers, _EXPIRED_S, "peers of the killed coordinator idle after the lease")
     done = grid.submit(
         wf, *grid.run_flags("--resume", "--workers", "1..2"), host=grid.lan.hosts[_OTHER]
     )
     assert done.code == 0, done.explain()
-    assert {n: _starts(p) for n, p in starts.items()} == {"first": 1, "second": 2}
+    assert {n: count_starts(p) for n, p in starts.items()} == {"first": 1, "second": 2}
     assert (wf.parent / "two.txt").read_text() == "two\n"
     grid.wait_nothing_left(workers, "every peer idle after the resumed job")

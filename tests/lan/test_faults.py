@@ -13,7 +13,6 @@ start (every namespace shares the filesystem), or processes, each with a deadlin
 from __future__ import annotations
 
 import re
-import shlex
 import signal
 import subprocess
 import time
@@ -26,7 +25,15 @@ from tests.waiting import wait_until as _wait
 
 from .conftest import Bgrid, MdnsWatcher
 from .harness import DETECTED_S as _DETECTED_S
-from .harness import LEASE_S, LanGrid, Submitted, Worker, share_grid_key
+from .harness import (
+    LEASE_S,
+    LanGrid,
+    Submitted,
+    Worker,
+    count_starts,
+    mark_start,
+    share_grid_key,
+)
 from .harness import SEEN_S as _SEEN_S
 from .harness import SLACK_S as _SLACK_S
 from .harness import STARTED_S as _STARTED_S
@@ -66,19 +73,6 @@ def grid(keyed_lan: Lan, bgrid: Bgrid, tmp_path: Path) -> Generator[FaultGrid, N
         faults.stop_workers()
 
 
-def _mark(path: Path) -> str:
-    """A shell command that appends this attempt's number to `path` (one line per start)."""
-    return f"echo $BGRID_ATTEMPT >> {shlex.quote(str(path))}"
-
-
-def _starts(path: Path) -> int:
-    """How many times the task marked with `path` has started."""
-    try:
-        return len(path.read_text().splitlines())
-    except FileNotFoundError:
-        return 0
-
-
 def _sleepers(host: Host) -> list[int]:
     """Pids of `sleep` processes in `host`'s namespace (only tasks run `sleep` there)."""
     out = subprocess.run(
@@ -97,7 +91,7 @@ def _sleepers(host: Host) -> list[int]:
 
 def _one_task_workflow(grid: FaultGrid, starts: Path) -> Path:
     """One 3-second task `t` that marks each start in `starts` and writes t.txt."""
-    command = f"{_mark(starts)}; sleep 3; echo ok > t.txt"
+    command = f"{mark_start(starts)}; sleep 3; echo ok > t.txt"
     return grid.workflow("fault", {"t": {"command": command, "outputs": ["t.txt"]}})
 
 
@@ -121,16 +115,16 @@ def test_a_peer_killed_mid_task_is_replaced_and_the_chain_finishes(grid: FaultGr
             # mid.txt is an intermediate: made on the victim, read by b.
             "a": {"command": "echo intermediate > mid.txt", "outputs": ["mid.txt"]},
             "b": {
-                "command": f"{_mark(b_starts)}; sleep 3; tr a-z A-Z < mid.txt > final.txt",
+                "command": f"{mark_start(b_starts)}; sleep 3; tr a-z A-Z < mid.txt > final.txt",
                 "inputs": ["mid.txt"],
                 "outputs": ["final.txt"],
             },
         },
     )
     job = grid.start_submit(wf, "--workers", "1..1")  # the cheapest peer (victim) runs a and b
-    _wait(lambda: _starts(b_starts) >= 1, _STARTED_S, "b started")
+    _wait(lambda: count_starts(b_starts) >= 1, _STARTED_S, "b started")
     victim.kill()
-    took = _wait(lambda: _starts(b_starts) >= 2, _DETECTED_S, "b started again after kill -9")
+    took = _wait(lambda: count_starts(b_starts) >= 2, _DETECTED_S, "b started again after kill -9")
     print(f"b started again {took:.1f} s after its peer was killed")
     done = job.finish()
     assert done.code == 0, done.explain()
@@ -153,10 +147,12 @@ def test_a_frozen_peer_is_replaced_and_idle_again_when_thawed(grid: FaultGrid) -
     starts = grid.tmp / "t.starts"
     wf = _one_task_workflow(grid, starts)
     job = grid.start_submit(wf, "--workers", "1..1")
-    _wait(lambda: _starts(starts) >= 1, _STARTED_S, "t started")
+    _wait(lambda: count_starts(starts) >= 1, _STARTED_S, "t started")
     frozen.signal(signal.SIGSTOP)
     try:
-        took = _wait(lambda: _starts(starts) >= 2, _DETECTED_S, "t started again after SIGSTOP")
+        took = _wait(
+            lambda: count_starts(starts) >= 2, _DETECTED_S, "t started again after SIGSTOP"
+        )
         print(f"t started again {took:.1f} s after its peer froze")
     finally:
         # Thawed while the second attempt runs: the first one's late report must not count.
@@ -177,10 +173,12 @@ def test_a_peer_whose_link_is_cut_is_replaced_and_idle_again_when_plugged_back(
     starts = grid.tmp / "t.starts"
     wf = _one_task_workflow(grid, starts)
     job = grid.start_submit(wf, "--workers", "1..1")
-    _wait(lambda: _starts(starts) >= 1, _STARTED_S, "t started")
+    _wait(lambda: count_starts(starts) >= 1, _STARTED_S, "t started")
     cut.host.set_link(False)
     try:
-        took = _wait(lambda: _starts(starts) >= 2, _DETECTED_S, "t started again after link down")
+        took = _wait(
+            lambda: count_starts(starts) >= 2, _DETECTED_S, "t started again after link down"
+        )
         print(f"t started again {took:.1f} s after its peer's link was cut")
     finally:
         cut.host.set_link(True)  # while the second attempt runs, as a cable plugged back in
@@ -202,18 +200,18 @@ def test_a_killed_coordinator_frees_its_peers_and_resume_finishes_the_job(
     wf = grid.workflow(
         "resume",
         {
-            "first": {"command": f"{_mark(starts['first'])}; echo one > one.txt",
+            "first": {"command": f"{mark_start(starts['first'])}; echo one > one.txt",
                       "outputs": ["one.txt"]},
-            "side": {"command": f"{_mark(starts['side'])}; echo side > side.txt",
+            "side": {"command": f"{mark_start(starts['side'])}; echo side > side.txt",
                      "outputs": ["side.txt"]},
             # `after`, not a file: first's and side's outputs are final outputs, in the submit
             # directory, whatever the data placement.
-            "second": {"command": f"{_mark(starts['second'])}; sleep 3; echo two > two.txt",
+            "second": {"command": f"{mark_start(starts['second'])}; sleep 3; echo two > two.txt",
                        "outputs": ["two.txt"], "after": ["first", "side"]},
         },
     )  # fmt: skip
     job = grid.start_submit(wf, "--workers", "2..2")
-    _wait(lambda: _starts(starts["second"]) >= 1, _STARTED_S, "second started")
+    _wait(lambda: count_starts(starts["second"]) >= 1, _STARTED_S, "second started")
     job.kill()
     took = time.monotonic()
     grid.wait_idle(workers, _EXPIRED_S, "peers of the killed coordinator idle after the lease")
@@ -223,7 +221,7 @@ def test_a_killed_coordinator_frees_its_peers_and_resume_finishes_the_job(
 
     done = grid.submit(wf, "--resume", "--workers", "2..2", host=grid.other)
     assert done.code == 0, done.explain()
-    runs = {name: _starts(path) for name, path in starts.items()}
+    runs = {name: count_starts(path) for name, path in starts.items()}
     assert runs == {"first": 2 if tamper else 1, "side": 1, "second": 2}, done.explain()
     for rel, text in (("one.txt", "one\n"), ("side.txt", "side\n"), ("two.txt", "two\n")):
         assert (wf.parent / rel).read_text() == text, rel
@@ -290,13 +288,13 @@ def test_bgrid_cancel_from_another_host_stops_the_job_and_releases_its_peers(
     grid.wait_idle(workers, _SEEN_S, "both workers listed idle")
     starts = grid.tmp / "long.starts"
     tasks = {
-        f"long{i}": {"command": f"{_mark(starts)}; sleep 60; echo late > l{i}.txt",
+        f"long{i}": {"command": f"{mark_start(starts)}; sleep 60; echo late > l{i}.txt",
                      "outputs": [f"l{i}.txt"]}
         for i in (1, 2)
     }  # fmt: skip
     wf = grid.workflow("cancelme", tasks)
     job = grid.start_submit(wf, "--workers", "2..2")
-    _wait(lambda: _starts(starts) >= 2, _STARTED_S, "both long tasks started")
+    _wait(lambda: count_starts(starts) >= 2, _STARTED_S, "both long tasks started")
     peers = grid.peers()
     job_ids = {p["job"] for p in peers.values()}
     assert len(job_ids) == 1 and None not in job_ids, f"peers while the job runs: {peers}"
