@@ -157,6 +157,23 @@ def test_a_diamond_with_files_runs_and_frees_every_peer(grid: ConformanceGrid) -
     grid.wait_nothing_left(workers, "every peer idle after the job")
 
 
+def test_the_shipped_example_diamond_runs(grid: ConformanceGrid, bgrid: Bgrid) -> None:
+    """`bgrid submit examples/dags/diamond.yaml --backend B`: 8 tasks over 3 peers."""
+    workers = [grid.start_worker(f"e{i}", i, cost=float(i)) for i in range(3)]
+    grid.wait_idle(workers, SEEN_S, "the workers listed idle")
+    examples = grid.tmp / "examples"
+    made = bgrid(grid.submitter, "examples", str(examples), timeout=30)
+    assert made.returncode == 0, made.stderr
+    wf = examples / "diamond.yaml"
+    done = grid.submit(wf, *grid.run_flags("--workers", "3..3"))
+    assert done.code == 0, done.explain()
+    assert (wf.parent / "diamond.txt").read_text().splitlines() == [
+        "count 100", "sum 5050", "squares 338350", "evens 50", "min 1", "max 100",
+    ]  # fmt: skip
+    assert len(done.peers_used()) >= 2, done.explain()
+    grid.wait_nothing_left(workers, "every peer idle after the job")
+
+
 def test_a_failing_task_is_retried_and_the_job_succeeds(grid: ConformanceGrid) -> None:
     workers = [grid.start_worker(f"f{i}", i, cost=float(i)) for i in range(2)]
     grid.wait_idle(workers, SEEN_S, "the workers listed idle")
