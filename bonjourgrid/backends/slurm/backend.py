@@ -185,9 +185,13 @@ class SlurmBackend:
             if run.peer == peer and not run.done:
                 run.done = True
                 cancelled.append(job_id)
-                self._pending.append(
-                    TaskFailed(run.task, run.attempt, peer, f"peer left: {reason}")
-                )
+                if self.context.staging is None:
+                    # With staging the core already knows: a released peer runs nothing
+                    # the core waits for (squeue may not have seen those runs end yet),
+                    # and a lost one's runs went back to the ready queue.
+                    self._pending.append(
+                        TaskFailed(run.task, run.attempt, peer, f"peer left: {reason}")
+                    )
         await self._cancel_and_wait(cancelled)
         for job_id in cancelled:
             with contextlib.suppress(Exception):  # the peer may be gone, its runs with it
