@@ -82,7 +82,7 @@ def test_a_failed_attempt_waits_for_the_middlewares_retry_without_backoff() -> N
     assert out[-1] == core.Finished("succeeded", "all 1 tasks succeeded")
 
 
-def test_a_task_out_of_retries_fails_and_its_descendants_are_skipped_while_a_branch_goes_on() -> None:
+def test_out_of_retries_a_task_fails_its_descendants_are_skipped_a_branch_goes_on() -> None:
     s = sched([("bad", []), ("after", ["bad"]), ("good", [])])
     step(s, core.PeerJoined("p1", 2, {}))
     step(s, core.RunPlaced("p1", "bad", 1))
@@ -92,8 +92,9 @@ def test_a_task_out_of_retries_fails_and_its_descendants_are_skipped_while_a_bra
     assert s.tasks["after"].status is TaskStatus.SKIPPED
     assert not of(core.Finished, out)  # good still runs
     out = step(s, ok("p1", "good"))
-    assert out[-1] == core.Finished("failed", "1 task(s) failed (bad), 1 skipped because they "
-                                              "needed their outputs")
+    assert out[-1] == core.Finished(
+        "failed", "1 task(s) failed (bad), 1 skipped because they needed their outputs"
+    )
 
 
 def test_a_run_that_never_ran_is_a_failed_attempt_even_unheard_of() -> None:
@@ -114,8 +115,9 @@ def test_a_missing_output_fails_for_good_and_a_run_of_its_child_is_stopped() -> 
     out = step(s, core.TaskReported("p1", "a", 1, 0, missing, ()))
     assert of(core.TaskFailed, out) == [core.TaskFailed("a", missing, 1)]
     assert s.tasks["b"].status is TaskStatus.SKIPPED
-    assert out[-1] == core.Finished("failed", "1 task(s) failed (a), 1 skipped because they "
-                                              "needed their outputs")
+    assert out[-1] == core.Finished(
+        "failed", "1 task(s) failed (a), 1 skipped because they needed their outputs"
+    )
     s2 = sched([("a", []), ("b", ["a"]), ("x", [])])
     step(s2, core.PeerJoined("p1", 1, {}))
     step(s2, core.RunPlaced("p1", "x", 1))
@@ -217,7 +219,8 @@ class ModelMiddleware:
 
     def startable(self) -> list[str]:
         return [
-            n for n, st_ in self.state.items()
+            n
+            for n, st_ in self.state.items()
             if st_ == "idle" and all(self.state[p] == "ok" for p in self.preds[n])
         ]
 
@@ -267,7 +270,12 @@ def middleware_scenarios(
     for name, deps, _, _ in tasks:
         if all(d in done for d in deps) and draw(st.booleans()):
             done.add(name)
-    return tasks, done, draw(st.lists(st.integers(0, 40), min_size=10, max_size=80)), draw(st.booleans())
+    return (
+        tasks,
+        done,
+        draw(st.lists(st.integers(0, 40), min_size=10, max_size=80)),
+        draw(st.booleans()),
+    )
 
 
 @given(middleware_scenarios())
