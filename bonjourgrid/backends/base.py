@@ -92,6 +92,11 @@ class StagedInput:
     sources: tuple[str, ...] = ()  # data endpoints holding it, best first
 
 
+# The `ref` of an input that another run of the same plan makes: its content is not known
+# yet when the whole DAG is handed over (`submit_plan`).
+NOT_MADE_YET = FileRef("", 0)
+
+
 @dataclass(frozen=True)
 class TaskRun:
     """Run attempt `attempt` of `task`. `peer` is the core's choice (None when the

@@ -52,6 +52,29 @@ bookkeeping). It builds and holds two collaborators, each owning its own state:
   move of a task through the narrow `TaskMoves` protocol, which the core implements.
 The `FileTable` (`files.py`) says where contents are; core and planner share it.
 
+Middleware placement (`placement="middleware"`). A middleware that holds the DAG's edges
+and places the runs itself (HTCondor's DAGMan) is handed the whole DAG at once; the core
+then places nothing (no Dispatch, no Prefetch, no Collect) and follows what the middleware
+says, so that the journal, `--resume` and the report stay the core's:
+- a run begins with `RunPlaced(peer, task, attempt)`: READY -> RUNNING on that peer (any
+  peer name: the middleware may run it on a machine the job does not hold, and a peer may
+  run more runs than its cpus). News of a newer attempt than the core knows starts it too.
+- `TaskReported` ends it as usual; its outputs are already in the submit directory (the
+  middleware moved them), so a success is DONE at once.
+- The middleware retries by itself (DAGMan RETRY): a failed attempt with retries left
+  makes the task READY to wait for the middleware's next start (no backoff, no placement);
+  with none left it FAILS and its descendants are SKIPPED (the middleware will not run them
+  either). A run that exited 0 but is reported with an error (a declared output missing)
+  failed where the middleware cannot see it: it will not run it again, so it fails for good.
+- News of a task still WAITING (its parents' ends not heard yet) is held, and applied once
+  they are. The shell keeps the middleware's order, and DAGMan's log puts a node's start
+  after its parents' ends, so only a middleware that reorders its news needs this.
+- A run of a SKIPPED task (the middleware counted its parent a success) is stopped
+  (`StopRun`), and so is every run still going when the job is cancelled.
+- A lost peer's runs stay RUNNING: the middleware requeues them or says they failed.
+  Acknowledgement deadlines and heartbeat listings do not apply (the runs are the
+  middleware's, not a bgrid worker's).
+
 The shell (`coordinator/shell.py`) feeds events, passes `now`, and carries out instructions.
 `story(task)` tells why a task ran where it ran, as many times as it did.
 """
@@ -61,6 +84,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
+from typing import Literal
 
 from bonjourgrid.cache.store import FileRef
 from bonjourgrid.coordinator.dataplane import DataPlanner
@@ -89,6 +113,7 @@ from bonjourgrid.coordinator.model import (
     PrefetchFailed,
     Recruit,
     Release,
+    RunPlaced,
     RunStarted,
     StopRun,
     TaskData,
@@ -124,6 +149,7 @@ __all__ = [
     "PrefetchFailed",
     "Recruit",
     "Release",
+    "RunPlaced",
     "RunStarted",
     "SchedulerCore",
     "StopRun",
@@ -157,12 +183,18 @@ class SchedulerCore:
         sources: Mapping[str, FileRef] | None = None,
         prefetch: PrefetchSettings = _NO_PREFETCH,
         ack_timeout_s: float | None = None,
+        placement: Literal["core", "middleware"] = "core",
     ) -> None:
         """`tasks`: (name, predecessors, require text or "", retries) for every task;
         `done`: tasks finished in an earlier run (name -> outputs), closed under predecessors;
         `data`: each task's files (default: none, every output collected); `sources`: the
         contents of the inputs the coordinator serves; `prefetch`: the data policy;
-        `ack_timeout_s`: how long a peer has to acknowledge a run (None: forever)."""
+        `ack_timeout_s`: how long a peer has to acknowledge a run (None: forever);
+        `placement`: "middleware" when the middleware holds the edges and places the runs
+        (see the theory of operation)."""
+        self.by_middleware = placement == "middleware"
+        # News from the middleware about WAITING tasks, applied once their parents are done.
+        self._held_news: dict[str, list[RunPlaced | TaskReported | AttemptFailed]] = {}
         self.ack_timeout_s = ack_timeout_s
         self._ack_due: list[tuple[float, str, int]] = []  # (deadline, task, attempt)
         self.backoff_base_s = backoff_base_s
@@ -256,9 +288,13 @@ class SchedulerCore:
                 self._join(event)
             case PeerLost():
                 self._lose_peer(event.peer, event.reason, now, out)
+            case RunPlaced() | TaskReported() | AttemptFailed() if self.by_middleware:
+                self._middleware_news(event, now, out)
+            case RunPlaced():
+                pass  # the core places the runs: a middleware's word on placement is moot
             case TaskReported():
                 self._reported(event, now, out)
-            case RunStarted():
+            case RunStarted() if not self.by_middleware:
                 task = self._running_on(event.peer, event.task, event.attempt)
                 if task is not None and not task.acked:
                     task.acked = True
@@ -268,7 +304,7 @@ class SchedulerCore:
                 if task is not None:
                     self.detach(task)
                     self._failed_attempt(task, event.reason, now, out)
-            case PeerRunning():
+            case PeerRunning() if not self.by_middleware:
                 self._check_listed(event, now, out)
             case OutputsCollected():
                 task = self.tasks.get(event.task)
@@ -287,20 +323,23 @@ class SchedulerCore:
                 self.planner.arrived(event.peer, event.digest)
             case PrefetchFailed():
                 self.planner.prefetch_failed(event.peer, event.digest, now)
-            case PeersSettled():
+            case PeersSettled() if not self.by_middleware:
                 self.planner.remake("the earlier run (no peer holds it now)", now, out)
             case CancelRequested():
                 self._finish(out, "failed", event.reason)
                 return out
-            case Tick():
+            case _:
                 pass
+        if self._held_news:
+            self._release_held_news(now, out)
         if not schedule:
             return out
-        self._end_backoffs(now)
-        self._expire_acks(now, out)
-        self.planner.broadcast(out)
-        self._schedule(now, out)
-        self.planner.plan(now, out)
+        if not self.by_middleware:
+            self._end_backoffs(now)
+            self._expire_acks(now, out)
+            self.planner.broadcast(out)
+            self._schedule(now, out)
+            self.planner.plan(now, out)
         self._scale_in(out)
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY] == 0 and not any(
             self.counts[s] for s in (TaskStatus.RUNNING, TaskStatus.COLLECTING)
@@ -356,6 +395,8 @@ class SchedulerCore:
 
     def make_ready(self, task: TaskState, now: float, why: str) -> None:
         self.move(task, TaskStatus.READY, now, why)
+        if self.by_middleware:
+            return  # it waits for the middleware to start it
         planned_on = self.peers.get(task.planned_on or "")
         if planned_on is not None:  # planned while it waited (eager, critical-path)
             self.planner.planned += 1
@@ -444,6 +485,107 @@ class SchedulerCore:
             return None
         return task
 
+    # -- middleware placement (see the theory of operation) ----------------------------------
+
+    def _middleware_news(
+        self, event: RunPlaced | TaskReported | AttemptFailed, now: float, out: list[Instruction]
+    ) -> None:
+        """What the middleware says of one of its runs."""
+        task = self.tasks.get(event.task)
+        if task is None:
+            return
+        if task.status is TaskStatus.WAITING:
+            self._held_news.setdefault(task.name, []).append(event)
+            self.note(task.name, now, f"news of attempt {event.attempt} waits for its parents")
+            return
+        if task.status is TaskStatus.SKIPPED:
+            if isinstance(event, RunPlaced):
+                why = f"{task.name} needs a task that failed"
+                self.note(task.name, now, f"started on {event.peer} by the middleware: {why}")
+                out.append(StopRun(task.name, event.peer, event.attempt, why))
+            return
+        if not self._middleware_run(task, event.attempt, event.peer, now):
+            return  # about an attempt that is over, or a task done or failed for good
+        match event:
+            case AttemptFailed():
+                self.detach(task)
+                self._failed_attempt(task, event.reason, now, out)
+            case TaskReported():
+                self._middleware_reported(task, event, now, out)
+            case RunPlaced():
+                pass
+
+    def _middleware_run(self, task: TaskState, attempt: int, peer: str, now: float) -> bool:
+        """Whether `attempt` is the task's current run: started now if it is a newer attempt
+        (news of a run whose start the core never heard of counts as its start)."""
+        if task.status is TaskStatus.RUNNING and attempt == task.attempts:
+            if peer and peer != task.peer:  # requeued elsewhere by the middleware
+                self.detach(task)
+                self._run_on(task, peer)
+                self.note(task.name, now, f"the middleware runs attempt {attempt} on {peer}")
+            return True
+        if task.status not in (TaskStatus.READY, TaskStatus.RUNNING) or attempt <= task.attempts:
+            return False
+        self.detach(task)
+        ended = task.attempts
+        task.attempts, task.start, task.end = attempt, now, None
+        self._run_on(task, peer)
+        why = f"started on {peer} by the middleware (attempt {attempt})"
+        if task.status is TaskStatus.READY:
+            self.move(task, TaskStatus.RUNNING, now, why)
+        else:
+            self.note(task.name, now, f"{why}; the end of attempt {ended} was never heard")
+        return True
+
+    def _run_on(self, task: TaskState, peer: str) -> None:
+        task.peer = peer
+        slots = self.peers.get(peer)
+        if slots is not None:
+            slots.running.add(task.name)
+            if len(slots.running) >= slots.cpus:
+                self._free.pop(peer, None)
+
+    def _middleware_reported(
+        self, task: TaskState, event: TaskReported, now: float, out: list[Instruction]
+    ) -> None:
+        task.exit_code, task.stderr_tail = event.exit_code, event.stderr_tail
+        task.fetch_s, task.run_s = event.fetch_s, event.run_s
+        task.bytes_fetched = event.bytes_fetched
+        if event.exit_code == 0 and not event.error:
+            task.outputs = event.outputs
+            for path, ref in event.outputs:  # the middleware brought them to the submit dir
+                self.files.learn(path, ref)
+                self.files.at_coordinator.add(ref.digest)
+            self._done(task, now, f"exited 0 on {task.peer}; its outputs are here", out)
+            return
+        self.detach(task)
+        if event.exit_code == 0:
+            story = f"{event.error}; the middleware counts it a success: no retry"
+            self._fail_for_good(task, story, event.error, now, out)
+            return
+        self._failed_attempt(task, event.error or f"exit code {event.exit_code}", now, out)
+
+    def _release_held_news(self, now: float, out: list[Instruction]) -> None:
+        """Apply the held news of tasks no longer WAITING, in the order it came."""
+        while due := [n for n in self._held_news if self.tasks[n].status is not TaskStatus.WAITING]:
+            for name in due:
+                for news in self._held_news.pop(name):
+                    self._middleware_news(news, now, out)
+
+    def _middleware_lost_peer(
+        self, peer: PeerSlots, reason: str, now: float, out: list[Instruction]
+    ) -> None:
+        runs = sorted(peer.running)
+        out.append(
+            Notice(
+                f"peer {peer.name} lost ({reason})"
+                + (f": the middleware says what becomes of {', '.join(runs)}" if runs else "")
+            )
+        )
+        for name in runs:
+            self.note(name, now, f"peer {peer.name} lost ({reason}); the middleware requeues it")
+        self.files.drop_peer(peer.name)
+
     def _check_listed(self, event: PeerRunning, now: float, out: list[Instruction]) -> None:
         peer = self.peers.get(event.peer)
         if peer is None:
@@ -494,7 +636,14 @@ class SchedulerCore:
         task.error = why
         if task.peer is not None and task.peer not in task.failed_on:
             task.failed_on += (task.peer,)
-        if task.failures <= task.retries:
+        if self.by_middleware:
+            # Attempt n that failed was the n-th: news of an earlier one may never have come.
+            task.failures = max(task.failures, task.attempts)
+            if task.failures <= task.retries:
+                retry = f"{why}; the middleware retries it ({task.failures}/{task.retries})"
+                self.move(task, TaskStatus.READY, now, retry)
+                return
+        elif task.failures <= task.retries:
             wait = self.backoff(task.failures)
             self.move(
                 task,
@@ -511,8 +660,14 @@ class SchedulerCore:
             else:
                 self.enqueue(task)
             return
+        self._fail_for_good(task, f"{why}; no retries left", why, now, out)
+
+    def _fail_for_good(
+        self, task: TaskState, story: str, why: str, now: float, out: list[Instruction]
+    ) -> None:
         task.end = now
-        self.move(task, TaskStatus.FAILED, now, f"{why}; no retries left")
+        task.error = why
+        self.move(task, TaskStatus.FAILED, now, story)
         out.append(TaskFailed(task.name, why, task.attempts))
         self._skip_descendants(task, now)
 
@@ -551,6 +706,9 @@ class SchedulerCore:
         self._free.pop(name, None)
         self.ready.drop_peer(name)
         if peer is None:
+            return
+        if self.by_middleware:
+            self._middleware_lost_peer(peer, reason, now, out)
             return
         lost_runs = sorted(peer.running | peer.collecting)
         out.append(
@@ -682,6 +840,10 @@ class SchedulerCore:
             out.append(Release(name))
 
     def _finish(self, out: list[Instruction], status: str, reason: str) -> None:
+        if self.by_middleware:  # the job ends before these runs do (cancelled)
+            for task in self.tasks.values():
+                if task.status is TaskStatus.RUNNING:
+                    out.append(StopRun(task.name, task.peer or "", task.attempts, reason))
         for name in list(self.peers):
             out.append(Release(name))
         self.peers.clear()
@@ -735,7 +897,13 @@ class SchedulerCore:
         tally: dict[TaskStatus, int] = defaultdict(int)
         for task in self.tasks.values():
             tally[task.status] += 1
-            if task.status in (TaskStatus.RUNNING, TaskStatus.COLLECTING) and self.finished is None:
+            if self.by_middleware:
+                assert task.status is not TaskStatus.COLLECTING, f"{task.name} is collected"
+                assert task.queued == -1 and task.backoff == -1, f"{task.name} is queued"
+                assert task.planned_on is None, f"{task.name} is planned"
+                if task.name in self._held_news:
+                    assert task.status is TaskStatus.WAITING, f"{task.name}: news held"
+            elif task.status in (TaskStatus.RUNNING, TaskStatus.COLLECTING) and not self.finished:
                 peer = self.peers.get(task.peer or "")
                 assert peer is not None, f"{task.name} is {task.status.value} on a peer we lost"
                 assert task.name in (peer.running | peer.collecting)
@@ -754,7 +922,12 @@ class SchedulerCore:
         waiting = Counter(t.priority for t in self.tasks.values() if t.status is TaskStatus.WAITING)
         assert +waiting == +self._waiting_levels, "waiting levels are off"
         for peer in self.peers.values():
-            assert len(peer.running) <= peer.cpus, f"{peer.name} runs more than its cpus"
+            if self.by_middleware:  # a peer's runs are the middleware's to count
+                for name in peer.running:
+                    task = self.tasks[name]
+                    assert task.status is TaskStatus.RUNNING and task.peer == peer.name, name
+            else:
+                assert len(peer.running) <= peer.cpus, f"{peer.name} runs more than its cpus"
             assert not peer.running & peer.collecting
             assert (peer.name in self._free) == (len(peer.running) < peer.cpus), peer.name
             for name in peer.planned:

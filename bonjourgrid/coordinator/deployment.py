@@ -114,6 +114,14 @@ class Deployment:
         for joined in joining:
             self._sink(joined)
 
+    def deployed(self) -> tuple[HeldPeer, ...]:
+        """The peers the backend runs on now."""
+        return tuple(
+            held_peer(self._records[name])
+            for name in sorted(self._in_backend)
+            if name in self._records
+        )
+
     async def _add(self, joined: core.PeerJoined) -> None:
         record = self._records.get(joined.peer)
         try:

@@ -87,6 +87,17 @@ class RunStarted:
 
 
 @dataclass(frozen=True)
+class RunPlaced:
+    """The middleware started attempt `attempt` of `task` on `peer`: for a middleware that
+    places the runs and holds the DAG's edges (the core's `placement="middleware"`), this is
+    how a run begins. `attempt` is the middleware's count (DAGMan's retries count up)."""
+
+    peer: str
+    task: str
+    attempt: int
+
+
+@dataclass(frozen=True)
 class AttemptFailed:
     """The attempt cannot go on: the peer refused the run, or sent a malformed message
     about it, or the run could not be sent. `reason` says which, for the report."""
@@ -154,6 +165,7 @@ Event = (
     | PeerLost
     | TaskReported
     | RunStarted
+    | RunPlaced
     | AttemptFailed
     | PeerRunning
     | OutputsCollected

@@ -26,6 +26,12 @@ it into the `WorkerChannel`, the backend's `events` turns it into a task event
 queue hop more than a direct put, the price of the backend seam; a burst is drained in one
 wake-up of the pump. Heartbeat acks and prefetch reports go straight onto the queue.
 
+A middleware that holds the DAG's edges (`capabilities.dependencies == "middleware"`,
+DAGMan) gets the whole DAG once deployed (`middleware_run.py`), and the core only follows
+its news (`placement="middleware"`): no Dispatch, Prefetch or Collect. It moves its own
+data; a finished run's outputs are hashed in the submit directory on their way to the core,
+one event at a time, so that a child's start never overtakes its parents' ends.
+
 The report (`report.py`) is built from a `ReportInputs` record made at the end. The remote
 cache that stages the inputs is `stage.py`.
 """
@@ -78,6 +84,7 @@ from bonjourgrid.coordinator.journal import (
     task_digest,
 )
 from bonjourgrid.coordinator.logs import LogKeeper, job_stem
+from bonjourgrid.coordinator.middleware_run import job_plan, with_outputs
 from bonjourgrid.coordinator.peers import STALL_S, PeerPool, Timeouts, address_towards
 from bonjourgrid.coordinator.prefetch import DataOptions
 from bonjourgrid.coordinator.progress import REFRESH_S, Display, PeerNow, Snapshot, notes_of
@@ -169,6 +176,15 @@ class Coordinator:
             expected_peers=expected_peers,
             resume=resume,
         )
+        # A middleware that holds the DAG's edges places the runs; the core follows it. Read
+        # off the backend's class: the core is built before the backend.
+        capabilities = getattr(backend, "capabilities", NativeBackend.capabilities)
+        self.middleware_dag = capabilities.dependencies == "middleware"
+        if self.middleware_dag and capabilities.data:
+            raise ConfigError(
+                f"backend {getattr(backend, 'name', backend)!r}: a middleware that holds the "
+                "DAG's edges must move the tasks' files itself (capabilities.data=False)"
+            )
         self.core = core.SchedulerCore(
             (
                 (name, list(workflow.graph.predecessors(name)), spec.require or "", spec.retries)
@@ -179,6 +195,7 @@ class Coordinator:
             data=task_data(workflow, self.data.fetch_all),
             prefetch=self.data.prefetch,
             ack_timeout_s=self.timeouts.run_ack_s,
+            placement="middleware" if self.middleware_dag else "core",
         )
         self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
         self.mover = DataMover(
@@ -224,6 +241,11 @@ class Coordinator:
                 },
             )
             self.backend = backend(self.backend_context)
+        if (self.backend.capabilities.dependencies == "middleware") != self.middleware_dag:
+            raise ConfigError(
+                f"backend {self.backend.name!r} declares its capabilities on its instance "
+                "only: declare them on its class (the coordinator reads them before building it)"
+            )
         self.deployment = Deployment(
             self.backend,
             self.services,
@@ -323,7 +345,7 @@ class Coordinator:
         try:
             self._spawn(data_server.serve_forever())
             self._spawn(self._pump_backend_events(self.workers))
-            if self.backend is not self.workers:
+            if self.backend is not self.workers and not self.middleware_dag:
                 self._spawn(self._pump_backend_events(self.backend))
             await browser.start()
             self.phase = "recruiting peers"
@@ -335,6 +357,8 @@ class Coordinator:
                     if first.addresses:
                         self.backend_context.address = address_towards(first.addresses[0])
             await self.deployment.deploy()
+            if self.middleware_dag:
+                await self._submit_plan()
             self.events.put_nowait(core.PeersSettled())
             advert = Advertiser(
                 zc, JOB_SERVICE, self.job, self._jobctl_port, self._job_txt("running")
@@ -400,19 +424,48 @@ class Coordinator:
             await self._apply(event, schedule=self.events.empty())
         return self.core.finished
 
-    async def _pump_backend_events(self, backend: Backend) -> None:
-        """A backend's task events, into the core's queue."""
+    async def _pump_backend_events(self, backend: Backend, hash_outputs: bool = False) -> None:
+        """A backend's task events, into the core's queue, in their order. `hash_outputs`:
+        the backend brought a finished run's outputs to the submit directory."""
         put = self.events.put_nowait
         from_backend = self._from_backend
+        root, specs = self.workflow.root, self.workflow.tasks
         async for event in backend.events():
             core_event = from_backend(event)
+            if hash_outputs and isinstance(core_event, core.TaskReported):
+                outputs = specs[core_event.task].outputs if core_event.task in specs else ()
+                core_event = await with_outputs(core_event, root, outputs)
             if core_event is not None:
                 put(core_event)
+
+    async def _submit_plan(self) -> None:
+        """The whole DAG to a middleware that holds its edges, then its news to the core."""
+        kept = {n for n, t in self.core.tasks.items() if t.status is core.TaskStatus.DONE}
+
+        def known(path: str) -> FileRef | None:
+            producer = self.workflow.producer.get(path)
+            if producer is None:
+                return self.source_refs.get(path)
+            return dict(self.core.tasks[producer].outputs).get(path)
+
+        plan = job_plan(
+            self.workflow,
+            self.job,
+            self.deployment.deployed(),
+            kept,
+            known,
+            self.backend_context.address,
+        )
+        log.info("handing %d task(s) to %s with their edges", len(plan.runs), self.backend.name)
+        await self.backend.submit_plan(plan)
+        self._spawn(self._pump_backend_events(self.backend, hash_outputs=True))
 
     def _from_backend(self, event: TaskEvent) -> core.Event | None:
         """The one place where a backend's task event becomes a core event (None: handled
         here). What a run's report adds for the job's report (logs, bytes) is kept here."""
         match event:
+            case TaskStarted(task=task, attempt=attempt, peer=peer) if self.middleware_dag:
+                return core.RunPlaced(peer, task, attempt)
             case TaskStarted(task=task, attempt=attempt, peer=peer):
                 return core.RunStarted(peer, task, attempt)
             case TaskFinished(task=task, attempt=attempt, peer=peer, detail=detail):
@@ -455,9 +508,13 @@ class Coordinator:
     def _keep_detail(self, peer: str, task: str, attempt: int, detail: RunDetail) -> None:
         """A run's logs into the submit directory (logs.py), and the bytes it moved."""
         self.bytes["peer_to_peer"] += detail.peer_to_peer
-        if not detail.logs or not self._runs_on(peer, task, attempt):
-            # Logs only for an attempt this peer runs, so the task name is one of the
-            # workflow's (a file name).
+        if self.middleware_dag:
+            ours = task in self.workflow.tasks
+        else:
+            ours = self._runs_on(peer, task, attempt)
+        if not detail.logs or not ours:
+            # Logs only for an attempt this peer runs (the middleware's word is trusted), so
+            # the task name is one of the workflow's (a file name).
             return
         try:
             self.logs.keep(
