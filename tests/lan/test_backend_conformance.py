@@ -56,6 +56,8 @@ BACKENDS = {
     "native": None,
     # A transient Slurm cluster: slurmctld + munged here, slurmd + munged on each peer.
     "slurm": _missing("slurmctld", "slurmd", "munged", "sbatch", "nsenter"),
+    # A personal HTCondor pool: no registry reachable from our machines ships its daemons.
+    "condor": _missing("condor_master", "condor_startd", "condor_dagman"),
 }
 
 
