@@ -137,10 +137,50 @@ def kill_marked_anywhere(tag: str) -> int:
     return _kill_rounds(_marked_of_user(lambda found: found == tag))
 
 
-def kill_marked_under(directory: Path) -> int:
-    """Kill every process of this user whose marker names a sandbox in `directory`."""
+def _working_in(process: psutil.Process, prefix: str) -> bool:
+    with contextlib.suppress(psutil.Error, OSError):
+        return (process.cwd() + os.sep).startswith(prefix)
+    return False
+
+
+def _of_user(
+    marked: Callable[[str], bool], working_in: str | None = None
+) -> Callable[[], list[psutil.Process]]:
+    """A finder of this user's processes (not this one) whose marker is `marked`, or, with
+    `working_in`, whose working directory lies in that directory: a middleware's job step
+    (slurmstepd) clears its environment, marker included, but works in its daemon's
+    directory."""
+    by_marker = _marked_of_user(marked)
+    if working_in is None:
+        return by_marker
+    prefix = working_in
+    uid = os.geteuid()
+    me = os.getpid()
+
+    def find() -> list[psutil.Process]:
+        found = {p.pid: p for p in by_marker()}
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if process.pid in found or process.pid == me or process.uids().real != uid:
+                    continue
+                if _working_in(process, prefix):
+                    found[process.pid] = process
+        return list(found.values())
+
+    return find
+
+
+def kill_working_in(directory: Path) -> int:
+    """Kill every process of this user (not this one) working in `directory`."""
     prefix = str(directory.resolve()) + os.sep
-    killed = _kill_rounds(_marked_of_user(lambda tag: tag.startswith(prefix)))
+    return _kill_rounds(_of_user(lambda _tag: False, working_in=prefix))
+
+
+def kill_marked_under(directory: Path) -> int:
+    """Kill every process of this user whose marker names a sandbox in `directory`, or that
+    works in one (what a middleware's daemon started there, which lost the marker)."""
+    prefix = str(directory.resolve()) + os.sep
+    killed = _kill_rounds(_of_user(lambda tag: tag.startswith(prefix), working_in=prefix))
     if killed:
         log.warning("killed %d task processes left by a previous daemon of this cache", killed)
     return killed

@@ -239,8 +239,10 @@ class ServiceRun:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         self.exit_code = await proc.wait()
-        # Daemons fork and call setsid: those carry the marker still.
+        # Daemons fork and call setsid: those carry the marker still. What they start that
+        # clears its environment (slurmstepd) works in the service's directory.
         await asyncio.to_thread(reaper.kill_marked, self.marker)
+        await asyncio.to_thread(reaper.kill_working_in, self.workdir)
         reaper.reap_group(proc.pid)
 
     def log_tail(self, limit: int = LOG_TAIL) -> str:
