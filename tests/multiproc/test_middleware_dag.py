@@ -19,7 +19,7 @@ from bonjourgrid.coordinator.journal import plan_resume, workflow_digest
 from bonjourgrid.coordinator.recruit import needs_from
 from bonjourgrid.coordinator.shell import Coordinator
 from bonjourgrid.coordinator.submit import admission
-from bonjourgrid.dag import load_workflow
+from bonjourgrid.dag import Workflow, load_workflow
 from bonjourgrid.worker.local import LocalGrid
 from tests.fake_middleware import FakeDagMiddleware
 from tests.multiproc.conftest import LOOPBACK
@@ -54,6 +54,27 @@ DIAMOND = {
 }
 
 
+def on_fake_dagman(
+    cluster: LocalGrid, workflow: Workflow, path: Path, resume: bool = False
+) -> Coordinator:
+    """A coordinator for `workflow` on `cluster`'s workers, the fake DAGMan running it."""
+    workers = len(cluster.names)
+    needs = needs_from(
+        workflow, cluster.grid.fingerprint, None, None, (workers, workers),
+        admission(cluster.grid),
+    )  # fmt: skip
+    return Coordinator(
+        workflow,
+        needs,
+        cluster.grid,
+        interface=LOOPBACK,
+        expected_peers=workers,
+        resume=plan_resume(workflow, path, local=True) if resume else None,
+        workflow_digest=workflow_digest(path),
+        backend=FakeDagMiddleware,
+    )
+
+
 def run(work: Path, spec: dict[str, Any], resume: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Run the workflow through the coordinator on the fake DAGMan: the report, and the
     names of the two workers."""
@@ -61,19 +82,7 @@ def run(work: Path, spec: dict[str, Any], resume: bool = False) -> tuple[dict[st
     path.write_text(json.dumps(spec))
     workflow = load_workflow(path)
     with LocalGrid(2, cpus_each=1) as cluster:
-        needs = needs_from(
-            workflow, cluster.grid.fingerprint, None, None, (2, 2), admission(cluster.grid)
-        )
-        coordinator = Coordinator(
-            workflow,
-            needs,
-            cluster.grid,
-            interface=LOOPBACK,
-            expected_peers=2,
-            resume=plan_resume(workflow, path, local=True) if resume else None,
-            workflow_digest=workflow_digest(path),
-            backend=FakeDagMiddleware,
-        )
+        coordinator = on_fake_dagman(cluster, workflow, path, resume)
         return asyncio.run(coordinator.run()), cluster.names
 
 
@@ -159,17 +168,7 @@ def test_cancel_stops_the_middlewares_runs(tmp_path: Path) -> None:
         return await job
 
     with LocalGrid(1, cpus_each=1) as cluster:
-        needs = needs_from(
-            workflow, cluster.grid.fingerprint, None, None, (1, 1), admission(cluster.grid)
-        )
-        coordinator = Coordinator(
-            workflow,
-            needs,
-            cluster.grid,
-            interface=LOOPBACK,
-            expected_peers=1,
-            backend=FakeDagMiddleware,
-        )
+        coordinator = on_fake_dagman(cluster, workflow, path)
         report = asyncio.run(cancel_once_running(coordinator))
     assert report["status"] == "failed"
     sleeper = int((tmp_path / "pid").read_text())
