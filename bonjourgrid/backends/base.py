@@ -305,6 +305,11 @@ class Commands:
                 proc.kill()
             await proc.wait()
             raise CommandFailed(f"{' '.join(args)}: no answer within {timeout:g} s") from None
+        except asyncio.CancelledError:  # the caller gave up: the command must not run on
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
+            raise
         done = Completed(args, proc.returncode or 0, out.decode(errors="replace"),
                          errs.decode(errors="replace"))
         if check and done.returncode != 0:
