@@ -28,6 +28,7 @@ from bonjourgrid.backends.base import Backend, HeldPeer
 from bonjourgrid.coordinator import core
 from bonjourgrid.coordinator.services import PeerServices
 from bonjourgrid.discovery.txt import PeerRecord
+from bonjourgrid.errors import RecruitError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def held_peer(record: PeerRecord) -> HeldPeer:
     )
 
 
-class DeploymentError(Exception):
+class DeploymentError(RecruitError):
     """The backend could not deploy over the first peers: the job cannot start."""
 
 
