@@ -54,6 +54,8 @@ class ScriptedSlurm(Commands):
             case "squeue":
                 ids = args[args.index("-j") + 1].split(",")
                 out = "".join(f"{i}|n|{self.states[i][0]}|desk2|None\n" for i in ids)
+            case "scontrol" if args[1] in {"update", "delete"}:
+                pass  # draining and removing a node: nothing to read back
             case "scontrol":
                 job_id = args[-1]
                 state, exit_code = self.states[job_id]
@@ -151,3 +153,14 @@ async def test_runs_that_fail_or_are_cancelled_in_slurm_are_dropped_from_the_wor
     with pytest.raises(CommandFailed):
         await backend.submit(TaskRun("d", 1, "desk2", "true"))
     assert log[-1] == ("drop", "d", 1, "sbatch refused its job")
+
+
+async def test_a_released_peers_runs_are_not_reported_failed(
+    backend: SlurmBackend, slurm: ScriptedSlurm
+) -> None:
+    """The worker reported the run (squeue has not shown its end yet) and the core released
+    the peer: no `peer left` failure of a run that already ended comes out of the backend."""
+    await backend.submit(TaskRun("a", 1, "desk2", "true"))
+    slurm.states["100"] = ("COMPLETED", "0:0")  # ended; no poll has read it yet
+    await backend.remove_peer("desk2", "released")
+    assert [e for e in await backend.poll() if isinstance(e, TaskFailed)] == []
