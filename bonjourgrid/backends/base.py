@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -300,18 +302,17 @@ class Commands:
             raise CommandFailed(f"{args[0]}: not found ({err}); is it installed?") from None
         try:
             out, errs = await asyncio.wait_for(proc.communicate(input), timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise CommandFailed(f"{' '.join(args)}: no answer within {timeout:g} s") from None
-        except asyncio.CancelledError:  # the caller gave up: the command must not run on
+        except (TimeoutError, asyncio.CancelledError) as err:
+            # No answer in time, or the caller gave up: the command must not run on.
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await asyncio.shield(proc.wait())
-            raise
-        done = Completed(args, proc.returncode or 0, out.decode(errors="replace"),
-                         errs.decode(errors="replace"))
+            if isinstance(err, asyncio.CancelledError):
+                raise
+            raise CommandFailed(f"{' '.join(args)}: no answer within {timeout:g} s") from None
+        done = Completed(
+            args, proc.returncode or 0, out.decode(errors="replace"), errs.decode(errors="replace")
+        )
         if check and done.returncode != 0:
             raise CommandFailed(
                 f"{' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-500:]}"
@@ -361,10 +362,37 @@ class Commands:
                     os.killpg(proc.pid, sig)
             if alive:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        asyncio.gather(*(p.wait() for p in alive)), grace_s
-                    )
+                    await asyncio.wait_for(asyncio.gather(*(p.wait() for p in alive)), grace_s)
         self._daemons.clear()
+
+
+def free_port(address: str = "") -> int:
+    """A TCP port free on `address` now, for a daemon a backend starts on this host."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((address, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def wait_for(
+    until: Callable[[], bool | Awaitable[bool]],
+    timeout_s: float,
+    failure: Callable[[], str],
+    poll_s: float = 0.1,
+) -> None:
+    """Poll `until` (plain or async) until it holds; CommandFailed saying `failure()` if it
+    does not within `timeout_s` (a daemon that did not come up, jobs that did not end)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        held = until()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
+        if loop.time() >= deadline:
+            raise CommandFailed(failure())
+        await asyncio.sleep(poll_s)
 
 
 def _die_with_parent() -> None:

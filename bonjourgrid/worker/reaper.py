@@ -112,8 +112,13 @@ def kill_marked(tag: str) -> int:
     return _kill_rounds(find)
 
 
-def _marked_of_user(matches: Callable[[str], bool]) -> Callable[[], list[psutil.Process]]:
-    """A finder of the processes of this user (not this one) whose marker `matches`."""
+def _marked_of_user(
+    matches: Callable[[str], bool], working_in: str | None = None
+) -> Callable[[], list[psutil.Process]]:
+    """A finder of the processes of this user (not this one) whose marker `matches`, or, with
+    `working_in` (a directory path ending in a separator), whose working directory lies there:
+    a middleware's job step (slurmstepd) clears its environment, marker included, but works
+    in its daemon's directory."""
     uid = os.geteuid()
     me = os.getpid()
 
@@ -124,17 +129,13 @@ def _marked_of_user(matches: Callable[[str], bool]) -> Callable[[], list[psutil.
                 if process.pid == me or process.uids().real != uid:
                     continue
                 tag = _marker_of(process)
-                if tag is not None and matches(tag):
+                if (tag is not None and matches(tag)) or (
+                    working_in is not None and _working_in(process, working_in)
+                ):
                     found.append(process)
         return found
 
     return find
-
-
-def kill_marked_anywhere(tag: str) -> int:
-    """Kill every process of this user whose marker is `tag`, descendant or not: the command
-    of an external run (worker/task_steps.py) is a child of the middleware, not of this one."""
-    return _kill_rounds(_marked_of_user(lambda found: found == tag))
 
 
 def _working_in(process: psutil.Process, prefix: str) -> bool:
@@ -143,44 +144,23 @@ def _working_in(process: psutil.Process, prefix: str) -> bool:
     return False
 
 
-def _of_user(
-    marked: Callable[[str], bool], working_in: str | None = None
-) -> Callable[[], list[psutil.Process]]:
-    """A finder of this user's processes (not this one) whose marker is `marked`, or, with
-    `working_in`, whose working directory lies in that directory: a middleware's job step
-    (slurmstepd) clears its environment, marker included, but works in its daemon's
-    directory."""
-    by_marker = _marked_of_user(marked)
-    if working_in is None:
-        return by_marker
-    prefix = working_in
-    uid = os.geteuid()
-    me = os.getpid()
-
-    def find() -> list[psutil.Process]:
-        found = {p.pid: p for p in by_marker()}
-        for process in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
-                if process.pid in found or process.pid == me or process.uids().real != uid:
-                    continue
-                if _working_in(process, prefix):
-                    found[process.pid] = process
-        return list(found.values())
-
-    return find
+def kill_marked_anywhere(tag: str) -> int:
+    """Kill every process of this user whose marker is `tag`, descendant or not: the command
+    of an external run (worker/task_steps.py) is a child of the middleware, not of this one."""
+    return _kill_rounds(_marked_of_user(lambda found: found == tag))
 
 
 def kill_working_in(directory: Path) -> int:
     """Kill every process of this user (not this one) working in `directory`."""
     prefix = str(directory.resolve()) + os.sep
-    return _kill_rounds(_of_user(lambda _tag: False, working_in=prefix))
+    return _kill_rounds(_marked_of_user(lambda _tag: False, working_in=prefix))
 
 
 def kill_marked_under(directory: Path) -> int:
     """Kill every process of this user whose marker names a sandbox in `directory`, or that
     works in one (what a middleware's daemon started there, which lost the marker)."""
     prefix = str(directory.resolve()) + os.sep
-    killed = _kill_rounds(_of_user(lambda tag: tag.startswith(prefix), working_in=prefix))
+    killed = _kill_rounds(_marked_of_user(lambda tag: tag.startswith(prefix), working_in=prefix))
     if killed:
         log.warning("killed %d task processes left by a previous daemon of this cache", killed)
     return killed

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import socket
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +39,8 @@ from bonjourgrid.backends.base import (
     ServiceSpec,
     TaskEvent,
     TaskRun,
+    free_port,
+    wait_for,
 )
 from bonjourgrid.backends.condor import template
 from bonjourgrid.backends.condor.events import EventLogReader, EventLogTail
@@ -91,7 +92,7 @@ class CondorBackend:
     @property
     def collector_port(self) -> int:
         if not self._collector_port:
-            self._collector_port = _free_port(self.coordinator)
+            self._collector_port = free_port(self.coordinator)
         return self._collector_port
 
     @property
@@ -125,8 +126,10 @@ class CondorBackend:
             log=self.local_dir / "log" / "master.out",
         )
         await _wait_for_files(
-            [self.local_dir / "log" / ".collector_address",
-             self.local_dir / "log" / ".schedd_address"],
+            [
+                self.local_dir / "log" / ".collector_address",
+                self.local_dir / "log" / ".schedd_address",
+            ],
             _DEPLOY_TIMEOUT_S,
         )
         for peer in peers:
@@ -219,8 +222,8 @@ class CondorBackend:
         try:
             while True:
                 dagman_done = any(
-                    e.type in (htcondor2.JobEventType.JOB_TERMINATED,
-                               htcondor2.JobEventType.JOB_ABORTED)
+                    e.type
+                    in (htcondor2.JobEventType.JOB_TERMINATED, htcondor2.JobEventType.JOB_ABORTED)
                     for e in await asyncio.to_thread(dagman.read_new)
                 )
                 for event in await asyncio.to_thread(nodes.read_new):
@@ -266,21 +269,16 @@ def _locate_schedd(collector: str) -> Any:
     return htcondor2.Schedd(ad)
 
 
-def _free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((address, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def _wait_for_files(paths: Sequence[Path], timeout_s: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not all(p.exists() for p in paths):
-        if loop.time() >= deadline:
-            missing = ", ".join(str(p) for p in paths if not p.exists())
-            raise CommandFailed(
-                f"condor_master did not start the pool within {timeout_s:g} s ({missing} "
-                "missing); see its log next to them"
-            )
-        await asyncio.sleep(_POLL_S)
+    def missing() -> str:
+        return ", ".join(str(p) for p in paths if not p.exists())
+
+    await wait_for(
+        lambda: not missing(),
+        timeout_s,
+        lambda: (
+            f"condor_master did not start the pool within {timeout_s:g} s ({missing()} "
+            "missing); see its log next to them"
+        ),
+        _POLL_S,
+    )

@@ -45,6 +45,8 @@ from bonjourgrid.backends.base import (
     TaskFinished,
     TaskRun,
     TaskStarted,
+    free_port,
+    wait_for,
 )
 from bonjourgrid.backends.slurm import template
 from bonjourgrid.errors import ConfigError
@@ -66,13 +68,6 @@ class _Submitted:
     done: bool = False
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 class SlurmBackend:
     """bgrid's core places and orders the runs; Slurm runs and accounts them."""
 
@@ -89,9 +84,9 @@ class SlurmBackend:
             job=context.job,
             controller_host=options.get("controller_host", socket.gethostname()),
             controller_address=options.get("address", "127.0.0.1"),
-            controller_port=int(options.get("controller_port", 0)) or _free_port(),
+            controller_port=int(options.get("controller_port", 0)) or free_port(),
             # One SlurmdPort for the whole job: dynamic nodes cannot have their own Port=.
-            slurmd_port=int(options.get("slurmd_port", 0)) or _free_port(),
+            slurmd_port=int(options.get("slurmd_port", 0)) or free_port(),
             user=getpass.getuser(),
             state_dir=str(self.directory),
             munge_socket=str(self.directory / "munge" / "munge.socket"),
@@ -126,9 +121,7 @@ class SlurmBackend:
         if not peers:
             raise ConfigError("the slurm backend needs at least one held peer")
         if "address" not in self.context.options:  # known only once peers are held
-            self.layout = dataclasses.replace(
-                self.layout, controller_address=self.context.address
-            )
+            self.layout = dataclasses.replace(self.layout, controller_address=self.context.address)
         (self.directory / "munge").mkdir(mode=0o700, parents=True, exist_ok=True)
         (self.directory / "ctld-state").mkdir(mode=0o700, exist_ok=True)
         (self.directory / "scripts").mkdir(exist_ok=True)
@@ -277,7 +270,7 @@ class SlurmBackend:
                            for r in rows)  # fmt: skip
 
         with contextlib.suppress(ConfigError):  # a dead controller kills nothing more
-            await self._wait_async(ended, f"Slurm jobs {', '.join(job_ids)} killed")
+            await self._wait(ended, f"Slurm jobs {', '.join(job_ids)} killed")
 
     async def cancel(self, task: str, attempt: int, reason: str) -> None:
         job_id = self._ids.get((task, attempt))
@@ -383,20 +376,11 @@ class SlurmBackend:
             nodes = await self._nodes()
             return all(n in nodes and template.node_ready(nodes[n]) for n in wanted)
 
-        await self._wait_async(ready, f"Slurm nodes {sorted(wanted)} up")
+        await self._wait(ready, f"Slurm nodes {sorted(wanted)} up")
 
-    async def _wait(self, until: Callable[[], bool], what: str) -> None:
-        async def check() -> bool:
-            return until()
-
-        await self._wait_async(check, what)
-
-    async def _wait_async(self, until: Callable[[], Awaitable[bool]], what: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.up_s
-        while not await until():
-            if loop.time() >= deadline:
-                raise ConfigError(
-                    f"{what}: not within {self.up_s:g} s; see the logs in {self.directory}"
-                )
-            await asyncio.sleep(0.1)
+    async def _wait(self, until: Callable[[], bool | Awaitable[bool]], what: str) -> None:
+        await wait_for(
+            until,
+            self.up_s,
+            lambda: f"{what}: not within {self.up_s:g} s; see the logs in {self.directory}",
+        )
