@@ -204,6 +204,17 @@ def _remake_setup(
     return twins, large, make_starts, gate, wf
 
 
+def _made_on(wf: Path, twins: list[Worker]) -> tuple[Worker, Worker]:
+    """Once make is journaled done: the twin it ran on, and the other one."""
+    _wait(lambda: _journal_done(wf, "make") is not None, _STARTED_S, "make journaled done")
+    record = _journal_done(wf, "make")
+    assert record is not None
+    by_name = {w.name: w for w in twins}
+    assert record["peer"] in by_name, f"make ran on {record['peer']}"
+    producer = by_name[record["peer"]]
+    return producer, next(w for w in twins if w is not producer)
+
+
 def test_an_intermediate_lost_with_its_peer_is_made_again(grid: DataGrid) -> None:
     """make writes mid.bin on a 2 GiB peer; use (on the 8 GiB peer) cannot start before a gate
     the test opens. Once make is done, its peer is killed (-9): make runs again on the other
@@ -212,13 +223,7 @@ def test_an_intermediate_lost_with_its_peer_is_made_again(grid: DataGrid) -> Non
     twins, large, make_starts, gate, wf = _remake_setup(grid, ("small1", "small2", "large"))
     job = grid.start_submit(wf, "--workers", "3..3", "--prefetch", "none")
     try:
-        _wait(lambda: _journal_done(wf, "make") is not None, _STARTED_S, "make journaled done")
-        record = _journal_done(wf, "make")
-        assert record is not None
-        by_name = {w.name: w for w in twins}
-        assert record["peer"] in by_name, f"make ran on {record['peer']}"
-        producer = by_name[record["peer"]]
-        spare = next(w for w in twins if w is not producer)
+        producer, spare = _made_on(wf, twins)
         assert [_ran_on(s, producer) for s in _starts(make_starts)] == [True]
         producer.kill()
         took = _wait(
@@ -252,12 +257,7 @@ def test_a_reader_stuck_on_a_lost_peer_gets_the_remade_intermediate(grid: DataGr
     twins, large, make_starts, gate, wf = _remake_setup(grid, ("stuck1", "stuck2", "reader"))
     job = grid.start_submit(wf, "--workers", "3..3", "--prefetch", "none")
     try:
-        _wait(lambda: _journal_done(wf, "make") is not None, _STARTED_S, "make journaled done")
-        record = _journal_done(wf, "make")
-        assert record is not None
-        by_name = {w.name: w for w in twins}
-        producer = by_name[record["peer"]]
-        spare = next(w for w in twins if w is not producer)
+        producer, spare = _made_on(wf, twins)
         producer.signal(signal.SIGSTOP)  # it holds the only mid.bin and serves nothing now
         gate.touch()  # use may start: its fetch of mid.bin hangs on the frozen producer
         producer.kill()
