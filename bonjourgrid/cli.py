@@ -187,6 +187,8 @@ def _logs(args: argparse.Namespace) -> int:
     from bonjourgrid.coordinator.logs import find_log
 
     path = find_log(Path(args.dir), args.job, args.task, args.attempt, stderr=args.err)
+    if path is None:
+        return 0  # the attempt came back having written nothing there
     with open(path, "rb") as f:
         sys.stdout.flush()
         while chunk := f.read(1 << 16):

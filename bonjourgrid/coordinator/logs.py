@@ -8,6 +8,13 @@ latest attempt's pair for each task (and every attempt's, when there were severa
 Bounded: a worker sends the last MAX_LOG bytes (1 MiB) of each stream. When a command wrote
 more, the kept file opens with one line saying how many bytes were dropped before it.
 
+Empty streams are not written. Most tasks of a large workflow print nothing, and creating a
+file costs a disk's directory update (a few hundred microseconds here, as much as the rest of
+a tiny task's path through the coordinator). Instead every attempt that came back gets one
+line in the job's `attempts` index (`<task>\t<attempt>`, appended to a file held open), so
+`bgrid logs` tells a task that printed nothing (it prints nothing) from one that never ran
+(an error). The report names no file for an empty stream (`"stdout": null`).
+
 How they travel: as two bytes fields of the `task_done` message (protocol/messages.py),
 rather than as content-addressed files the coordinator fetches like outputs. The logs then
 arrive with the result they explain, in the one message the coordinator already waits for:
@@ -22,12 +29,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from bonjourgrid.errors import ConfigError
 from bonjourgrid.protocol import MAX_LOG
 
 LOGS_DIR = Path(".bgrid") / "logs"  # in the submit directory
+INDEX = "attempts"  # per job directory: one `<task>\t<attempt>` line per attempt that came back
 _SUFFIX = {"stdout": "out", "stderr": "err"}
 _LOG_FILE = re.compile(r"(?P<task>.+)\.(?P<attempt>[0-9]+)\.(?P<kind>out|err)\Z")
 
@@ -47,16 +55,16 @@ class AttemptLogs:
     """Where one attempt's stdout and stderr are kept, and how many bytes each lost."""
 
     attempt: int
-    stdout: Path
-    stderr: Path
+    stdout: Path | None  # None: the stream was empty, no file
+    stderr: Path | None
     stdout_dropped: int = 0
     stderr_dropped: int = 0
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "attempt": self.attempt,
-            "stdout": str(self.stdout),
-            "stderr": str(self.stderr),
+            "stdout": None if self.stdout is None else str(self.stdout),
+            "stderr": None if self.stderr is None else str(self.stderr),
         }
         if self.stdout_dropped:
             out["stdout_dropped_bytes"] = self.stdout_dropped
@@ -71,6 +79,13 @@ class LogKeeper:
     def __init__(self, submit_dir: Path, job: str) -> None:
         self.dir = submit_dir / LOGS_DIR / job
         self.kept: dict[str, dict[int, AttemptLogs]] = {}
+        self._index: TextIO | None = None  # the job's `attempts` file, opened at the first
+
+    def close(self) -> None:
+        """Flush and close the index (the job is over); keeping more reopens it."""
+        if self._index is not None:
+            self._index.close()
+            self._index = None
 
     def keep(
         self,
@@ -83,18 +98,25 @@ class LogKeeper:
     ) -> AttemptLogs:
         """Write one attempt's logs (the task name is one of the workflow's: a file name);
         OSError if the submit directory cannot take them."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        paths = {}
+        if self._index is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # Line-buffered: `bgrid logs` run while the job goes on sees every attempt so far.
+            self._index = open(self.dir / INDEX, "a", buffering=1, encoding="utf-8")
+        paths: dict[str, Path | None] = {}
         dropped = {}
         for stream, data, size in (
             ("stdout", stdout, stdout_size),
             ("stderr", stderr, stderr_size),
         ):
-            path = self.dir / f"{task}.{attempt}.{_SUFFIX[stream]}"
             dropped[stream] = max(0, size - len(data))
+            if not size and not data:
+                paths[stream] = None  # nothing to keep: no file (why: the module's docstring)
+                continue
+            path = self.dir / f"{task}.{attempt}.{_SUFFIX[stream]}"
             note = truncation_note(dropped[stream]) if dropped[stream] else b""
             path.write_bytes(note + data)
             paths[stream] = path
+        self._index.write(f"{task}\t{attempt}\n")
         logs = AttemptLogs(
             attempt, paths["stdout"], paths["stderr"], dropped["stdout"], dropped["stderr"]
         )
@@ -114,10 +136,10 @@ class LogKeeper:
 
 def find_log(
     submit_dir: Path, job: str, task: str, attempt: int | None = None, stderr: bool = False
-) -> Path:
+) -> Path | None:
     """The kept stdout (or stderr) of `task` in `job` (a job id, or a workflow name: its
-    latest job that ran the task), of `attempt` or the latest; ConfigError saying what
-    there is otherwise."""
+    latest job that ran the task), of `attempt` or the latest; None when that attempt wrote
+    nothing on the stream; ConfigError saying what there is otherwise."""
     root = submit_dir / LOGS_DIR
     jobs = sorted(p for p in _listing(root) if p.is_dir())
     if not jobs:
@@ -130,14 +152,13 @@ def find_log(
         chosen = [p for p in jobs if named.match(p.name)]
     if not chosen:
         raise ConfigError(f"no job {job!r} in {root}; its jobs: {', '.join(p.name for p in jobs)}")
-    runs: list[tuple[float, Path, dict[int, Path]]] = []
+    runs: list[tuple[float, Path, set[int]]] = []
     for directory in chosen:
-        found = _attempts(directory, task, "err" if stderr else "out")
+        found = _attempts(directory).get(task)
         if found:
-            newest = max(found.values(), key=_mtime)
-            runs.append((_mtime(newest), directory, found))
+            runs.append((max(_mtime(directory / INDEX), _mtime(directory)), directory, found))
     if not runs:
-        tasks = sorted({m["task"] for d in chosen for f in _listing(d) if (m := _match(f))})
+        tasks = sorted(_attempts(chosen[-1]))
         raise ConfigError(
             f"no logs of task {task!r} in job {chosen[-1].name}"
             + (f"; tasks with logs: {', '.join(tasks[:20])}" if tasks else "")
@@ -148,15 +169,26 @@ def find_log(
     if number not in found:
         have = ", ".join(str(n) for n in sorted(found))
         raise ConfigError(f"task {task!r} of job {directory.name} has no attempt {number}: {have}")
-    return found[number]
+    path = directory / f"{task}.{number}.{'err' if stderr else 'out'}"
+    return path if path.exists() else None
 
 
-def _attempts(directory: Path, task: str, kind: str) -> dict[int, Path]:
-    found = {}
+def _attempts(directory: Path) -> dict[str, set[int]]:
+    """The attempts of each task that came back, from the job's index and its log files
+    (a job kept before the index existed has files only)."""
+    found: dict[str, set[int]] = {}
+    try:
+        with open(directory / INDEX, encoding="utf-8") as index:
+            for line in index:
+                task, _, number = line.rstrip("\n").rpartition("\t")
+                if task and number.isdigit():
+                    found.setdefault(task, set()).add(int(number))
+    except OSError:
+        pass
     for path in _listing(directory):
         m = _match(path)
-        if m is not None and m["task"] == task and m["kind"] == kind:
-            found[int(m["attempt"])] = path
+        if m is not None:
+            found.setdefault(m["task"], set()).add(int(m["attempt"]))
     return found
 
 

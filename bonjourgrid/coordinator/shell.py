@@ -301,6 +301,7 @@ class Coordinator:
                 self.ctx.destroy(linger=0)
         finally:
             self.journal.close()
+            self.logs.close()
         return finished
 
     def _start_journal(self) -> JournalWriter:

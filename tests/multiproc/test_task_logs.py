@@ -25,6 +25,7 @@ def test_a_succeeding_task_keeps_its_stdout_and_stderr(tmp_path: Path, grid: Gri
 name: chatty
 tasks:
   talk: {command: "echo to stdout; echo to stderr >&2; echo ok > ok.txt", outputs: [ok.txt]}
+  quiet: {command: "true"}
 """,
     )
     report = submit_local(grid, wf)
@@ -39,6 +40,11 @@ tasks:
     assert printed.stdout == "to stdout\n"
     printed = grid.run("logs", "chatty", "talk", "--err", "--dir", str(work), check=True)
     assert printed.stdout == "to stderr\n"
+    # A task that wrote nothing: no file to open, and `bgrid logs` prints nothing.
+    quiet = report["tasks"]["quiet"]["logs"]
+    assert quiet["stdout"] is None and quiet["stderr"] is None
+    printed = grid.run("logs", "chatty", "quiet", "--dir", str(work), check=True)
+    assert printed.stdout == ""
     missing = grid.run("logs", "chatty", "nobody", "--dir", str(work))
     assert missing.returncode == 2 and "no logs of task 'nobody'" in missing.stderr
 

@@ -92,13 +92,19 @@ def test_kept_logs_are_files_per_attempt_and_the_report_names_them(tmp_path: Pat
     assert keeper.report("t2") is None
 
 
+def read(path: Path | None) -> bytes:
+    assert path is not None, "a log that should have been kept was not"
+    return path.read_bytes()
+
+
 def test_find_log_by_job_id_or_workflow_name_latest_attempt_or_asked(tmp_path: Path) -> None:
     keeper = LogKeeper(tmp_path, "my-wf-abc123")
     keeper.keep("t1", 1, b"one", 3, b"err one", 7)
     keeper.keep("t1", 2, b"two", 3, b"err two", 7)
-    assert find_log(tmp_path, "my-wf-abc123", "t1").read_bytes() == b"two"
-    assert find_log(tmp_path, "my wf", "t1", attempt=1).read_bytes() == b"one"  # workflow name
-    assert find_log(tmp_path, "my wf", "t1", stderr=True).read_bytes() == b"err two"
+    keeper.close()
+    assert read(find_log(tmp_path, "my-wf-abc123", "t1")) == b"two"
+    assert read(find_log(tmp_path, "my wf", "t1", attempt=1)) == b"one"  # workflow name
+    assert read(find_log(tmp_path, "my wf", "t1", stderr=True)) == b"err two"
     with pytest.raises(ConfigError, match="no attempt 3: 1, 2"):
         find_log(tmp_path, "my-wf-abc123", "t1", attempt=3)
     with pytest.raises(ConfigError, match="tasks with logs: t1"):
@@ -107,3 +113,21 @@ def test_find_log_by_job_id_or_workflow_name_latest_attempt_or_asked(tmp_path: P
         find_log(tmp_path, "other", "t1")
     with pytest.raises(ConfigError, match="--dir"):
         find_log(tmp_path / "elsewhere", "my-wf-abc123", "t1")
+
+
+def test_an_empty_stream_writes_no_file_but_its_attempt_is_known(tmp_path: Path) -> None:
+    keeper = LogKeeper(tmp_path, "quiet-abc123")
+    keeper.keep("silent", 1, b"", 0, b"", 0)
+    keeper.keep("grumbles", 1, b"", 0, b"oops\n", 5)
+    job_dir = tmp_path / LOGS_DIR / "quiet-abc123"
+    # Before close: a `bgrid logs` run while the job goes on already sees both attempts.
+    assert find_log(tmp_path, "quiet-abc123", "silent") is None
+    keeper.close()
+    assert sorted(p.name for p in job_dir.iterdir()) == ["attempts", "grumbles.1.err"]
+    report = keeper.report("silent")
+    assert report is not None and report["stdout"] is None and report["stderr"] is None
+    assert find_log(tmp_path, "quiet-abc123", "silent", stderr=True) is None
+    assert find_log(tmp_path, "quiet-abc123", "grumbles") is None
+    assert read(find_log(tmp_path, "quiet-abc123", "grumbles", stderr=True)) == b"oops\n"
+    with pytest.raises(ConfigError, match="tasks with logs: grumbles, silent"):
+        find_log(tmp_path, "quiet-abc123", "never-ran")
