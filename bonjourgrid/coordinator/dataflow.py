@@ -106,7 +106,7 @@ class DataMover:
             PrefetchFile(ref, self._wire_sources(ref.digest, names, link)) for ref, names in files
         )
         log.debug("prefetch to %s (%s): %d file(s)", peer, why, len(items))
-        await link.sock.send(wire.encode(Prefetch(self.job, items)))
+        await link.send(wire.encode(Prefetch(self.job, items)))
 
     async def collect(
         self, task: str, peer: str, attempt: int, outputs: tuple[tuple[str, FileRef], ...]

@@ -61,6 +61,7 @@ LEASE_S = 10.0  # a peer whose coordinator is silent this long returns to idle
 PEER_TIMEOUT_S = 5.0  # a peer silent this long is lost: its tasks go elsewhere
 RUN_ACK_TIMEOUT_S = 5.0  # a run its peer has not acknowledged (`started`) by then failed
 DISCOVERY_S = 2.0  # how long to browse before recruiting with the peers seen so far
+_FRAMES_IN_A_ROW = 64  # frames a link's reader takes before it lets the loop run others
 SNAPSHOT_S = 0.5  # how long a new coordinator listens for peers before recruiting
 RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
 PROBE_TIMEOUT_S = 0.3  # a candidate that does not say what it caches by then caches nothing
@@ -107,7 +108,16 @@ class Timeouts:
 
 @dataclass
 class PeerLink:
-    """One recruited peer: its control connection and what we know of it."""
+    """One recruited peer: its control connection and what we know of it.
+
+    Frames come in through `sock.recv`, then `received` while more are waiting: a
+    synchronous shadow of the socket takes a frame already there with no future and no loop
+    turn (pyzmq's asyncio wrapper costs several times the receive itself, and a tiny task's
+    `started` and `task_done` often arrive together). Only receives take that way, and only
+    while no asyncio receive waits: zmq's socket descriptor is edge-triggered, and a
+    synchronous send could consume the edge a waiting asyncio receive needs (pyzmq's own
+    sends check for that; a shadow's would not).
+    """
 
     record: PeerRecord
     sock: zmq.asyncio.Socket
@@ -115,6 +125,21 @@ class PeerLink:
     our_address: str = "127.0.0.1"  # our address on the route to this peer
     last_heard: float = field(default_factory=time.monotonic)
     reader: asyncio.Task[None] | None = None
+    _direct: zmq.Socket[bytes] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._direct = zmq.Socket.shadow(self.sock.underlying)
+
+    async def send(self, frame: bytes) -> None:
+        """Send `frame` to the peer."""
+        await self.sock.send(frame)
+
+    def received(self) -> bytes | None:
+        """The next frame if one has already arrived, else None (then await `sock.recv`)."""
+        try:
+            return self._direct.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
 
 
 class PeerPool:
@@ -400,19 +425,24 @@ class PeerPool:
         link = self.links.get(peer)
         if link is None:
             return False
-        await link.sock.send(wire.encode(message))
+        await link.send(wire.encode(message))
         return True
 
     async def _read(self, link: PeerLink) -> None:
         name = link.record.name
         sink = self._sink
         route = self._route
+        in_a_row = 0  # frames taken without yielding to the loop
         while True:
             try:
-                frame = await link.sock.recv()
+                frame = link.received() if in_a_row < _FRAMES_IN_A_ROW else None
+                if frame is None:
+                    in_a_row = 0
+                    frame = await link.sock.recv()
             except zmq.ZMQError as err:  # closed under us: the link was dropped meanwhile
                 self.lose(name, f"its connection failed: {err}")
                 return
+            in_a_row += 1
             link.last_heard = time.monotonic()
             try:
                 match wire.decode(frame):
@@ -444,7 +474,7 @@ class PeerPool:
                 if now - link.last_heard > timeouts.peer_timeout_s:
                     self.lose(name, f"silent for {timeouts.peer_timeout_s:g} s")
                 else:
-                    await link.sock.send(wire.encode(Heartbeat(self.job, timeouts.lease_s)))
+                    await link.send(wire.encode(Heartbeat(self.job, timeouts.lease_s)))
 
     def lose(self, name: str, reason: str) -> None:
         """Drop the link to `name` (gone, silent, or misbehaving): the core hears PeerLost."""
@@ -465,7 +495,7 @@ class PeerPool:
         if link.reader is not None:
             link.reader.cancel()
         # Fire and forget: the lease expires anyway if this message is lost.
-        await link.sock.send(wire.encode(Release(self.job)))
+        await link.send(wire.encode(Release(self.job)))
         self._spawn(_close_after_reply(link.sock))
 
     async def release_all(self) -> None:

@@ -8,6 +8,7 @@ it (`_PACK`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, ClassVar, TypeVar
@@ -467,15 +468,47 @@ def frame_limit(message: Message) -> int:
     return MAX_DATA_FRAME if isinstance(message, Chunk) else MAX_CONTROL_FRAME
 
 
+@dataclass(frozen=True, slots=True)
+class _WireField:
+    """What encoding and decoding need of one message field, read once per message type
+    (dataclasses.fields() and the metadata lookups cost more than the packing itself)."""
+
+    name: str
+    default: Any  # MISSING when the field is required
+    optional: bool  # has a default (or a default factory): may be absent from a frame
+    omit_default: bool
+    pack: Any  # value -> wire value, or None
+    check: Any  # (wire value, what) -> value
+
+
+_WIRE_FIELDS: dict[type[Message], tuple[_WireField, ...]] = {}
+
+
+def _wire_fields(cls: type[Message]) -> tuple[_WireField, ...]:
+    known = _WIRE_FIELDS.get(cls)
+    if known is None:
+        known = _WIRE_FIELDS[cls] = tuple(
+            _WireField(
+                f.name,
+                f.default,
+                f.default is not MISSING or f.default_factory is not MISSING,
+                bool(f.metadata[_OMIT_DEFAULT]),
+                f.metadata[_PACK],
+                f.metadata[_CHECK],
+            )
+            for f in fields(cls)
+        )
+    return known
+
+
 def as_map(message: Message) -> dict[str, Any]:
     """The message as it goes on the wire (a map of plain values)."""
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": message.TYPE}
-    for f in fields(message):
+    for f in _wire_fields(type(message)):
         value = getattr(message, f.name)
-        if f.metadata[_OMIT_DEFAULT] and value == f.default:
+        if f.omit_default and value == f.default:
             continue
-        pack = f.metadata[_PACK]
-        body[f.name] = pack(value) if pack is not None else value
+        body[f.name] = f.pack(value) if f.pack is not None else value
     return body
 
 
@@ -540,12 +573,12 @@ _T = TypeVar("_T", bound=Message)
 def from_fields(cls: type[_T], values: Mapping[str, Any]) -> _T:
     """A `cls` message from the fields in `values`, checked as `decode` checks them."""
     kwargs: dict[str, Any] = {}
-    for f in fields(cls):
+    for f in _wire_fields(cls):
         if f.name not in values:
-            if f.default is not MISSING or f.default_factory is not MISSING:
+            if f.optional:
                 continue  # an optional field, added later
             raise ProtocolError(f"{cls.TYPE!r} message without its {f.name!r} field")
-        kwargs[f.name] = f.metadata[_CHECK](values[f.name], f"{cls.TYPE} {f.name}")
+        kwargs[f.name] = f.check(values[f.name], f"{cls.TYPE} {f.name}")
     return cls(**kwargs)
 
 
@@ -587,9 +620,18 @@ def service_of(frame: bytes) -> tuple[str, str, str] | None:
         return None
 
 
+_SMALL_RUN_FILES = 64  # a run with at most this many files is tried whole first
+
+
 def split_run(run: Run) -> list[Run | RunPart]:
     """`run` as frames that fit: the `run` with as many inputs and outputs as fit, then
     `run_part`s with the rest. ProtocolError if it cannot be sent at all."""
+    if len(run.inputs) + len(run.outputs) <= _SMALL_RUN_FILES:
+        # Most runs: a few files, far under a frame; one encode tells. (One that fails goes
+        # the long way, which says what is wrong in the words of a split.)
+        with contextlib.suppress(ProtocolError):
+            if len(encode(run)) <= MAX_CONTROL_FRAME // 2:
+                return [run]
     head = replace(run, inputs=(), outputs=())
     slack = 1024  # list headers and field growth
     room = MAX_CONTROL_FRAME - len(encode(head)) - slack
