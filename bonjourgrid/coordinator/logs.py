@@ -101,7 +101,7 @@ class LogKeeper:
         if self._index is None:
             self.dir.mkdir(parents=True, exist_ok=True)
             # Line-buffered: `bgrid logs` run while the job goes on sees every attempt so far.
-            self._index = open(self.dir / INDEX, "a", buffering=1, encoding="utf-8")
+            self._index = open(self.dir / INDEX, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (held for the job, closed by close())
         paths: dict[str, Path | None] = {}
         dropped = {}
         for stream, data, size in (
