@@ -4,9 +4,12 @@
 links to the held peers and their timeouts, and is handed callbacks: an event sink for the
 core, a spawn function, the job's cancel, and a router for what peers send that is not its
 own business (task messages go to the backend's `WorkerChannel`, prefetch reports to the
-coordinator's data plane). Recruitment asks the LAN's idle peers that fit the job
-(`recruit.py` filters and ranks them), first what their caches hold of the job's inputs
-(`probe`), then for a leased reservation (`reserve`, which hands over the job's CURVE key);
+coordinator's data plane). A first recruitment starts from a one-shot query of the LAN that
+ends once the answers stop (`SNAPSHOT_QUIET_S`), then follows the long-lived browser.
+Recruitment asks the LAN's idle peers that fit the job (`recruit.py` filters and ranks
+them), first what their caches hold of the job's inputs (`probe`), then for a leased
+reservation (`reserve`, which hands over the job's CURVE key), each step asked of every
+candidate at once (joins are still announced in rank order);
 heartbeats renew the leases, report what each peer runs (PeerRunning) and notice a peer gone
 silent; `release` hands a peer back. Every change reaches the scheduler core as an event.
 """

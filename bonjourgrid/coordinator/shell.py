@@ -19,7 +19,9 @@ What the Coordinator owns and holds:
 - the data plane, for every backend that moves data through bgrid's caches: the data server
   (here) and the `DataMover` (`dataflow.py`: sources, prefetch orders, the collection of
   outputs into the submit directory);
-- the journal, the logs, the progress display, and the job's advertisement.
+- the journal, the logs, the progress display, and the job's advertisement (claimed in
+  the background once peers are recruited: its name probe never holds the first dispatch;
+  a job over before it is claimed is never shown).
 The path of a worker's task message: the pool's link reader decodes it, `_route` delivers
 it into the `WorkerChannel`, the backend's `events` turns it into a task event
 (`WorkerEvents`), `_pump_backend_events` turns that into a core event on the queue. One
