@@ -306,6 +306,7 @@ async def _snapshot(
         browser = table(zc)
         await browser.start()
         try:
+            await zc.zeroconf.async_wait_for_start()  # its sockets: a question needs them
             browser.ask_now()
             if quiet is None:
                 await asyncio.sleep(wait)  # listen for the whole time
