@@ -21,7 +21,9 @@ each side run that side's code, and are restarted at each switch, outside the me
         --base /work/wt-base/.venv/bin/python --json first_task.json
 
 Prints each run (launch -> coordinator start, -> first dispatch), then per side and place
-the median and range of launch -> first task, and the load average before and after.
+the median and range of launch -> first task, of launch -> coordinator start, and of what
+lies between (the coordinator's own part: what the machine's load moves least), and the
+load average before and after.
 Figures only: the machine's load moves them; compare sides of one interleaved run.
 """
 
@@ -214,11 +216,17 @@ def main() -> int:
         for side in pythons:
             firsts = [r["first_task_s"] for r in runs[place][side]]
             starts = [r["coordinator_s"] for r in runs[place][side]]
-            print(f"  {place:5} {side:4} {summary(firsts)}   coordinator start {summary(starts)}")
+            # What the coordinator itself takes, Python's start-up and imports left out.
+            after = [f - s for f, s in zip(firsts, starts, strict=True)]
+            print(
+                f"  {place:5} {side:4} {summary(firsts)}   coordinator start {summary(starts)}"
+                f"   start -> first task {summary(after)}"
+            )
             result[f"{place}_{side}"] = {
                 "first_task_s": firsts,
                 "coordinator_s": starts,
                 "median_first_task_s": statistics.median(firsts),
+                "median_start_to_first_task_s": statistics.median(after),
             }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
