@@ -64,15 +64,15 @@ LEASE_S = 10.0  # a peer whose coordinator is silent this long returns to idle
 PEER_TIMEOUT_S = 5.0  # a peer silent this long is lost: its tasks go elsewhere
 RUN_ACK_TIMEOUT_S = 5.0  # a run its peer has not acknowledged (`started`) by then failed
 DISCOVERY_S = 2.0  # how long to browse before recruiting with the peers seen so far
+SNAPSHOT_S = 0.5  # how long a new coordinator listens for peers before recruiting
+RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
+PROBE_TIMEOUT_S = 0.3  # a candidate that does not say what it caches by then caches nothing
 # A new coordinator asks the LAN once for its peers and recruits as soon as the answers stop
 # coming: SNAPSHOT_QUIET_S after the last one, at most SNAPSHOT_S after the question.
 # Responders answer a one-shot question at once, so on a LAN every idle peer has answered
 # within a round trip; one that answers later is found by the long-lived browser, and
 # recruited when the job wants more peers (`recruit` again).
-SNAPSHOT_S = 0.5
 SNAPSHOT_QUIET_S = 0.1
-RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
-PROBE_TIMEOUT_S = 0.3  # a candidate that does not say what it caches by then caches nothing
 # A peer that denied a reservation (held by another job, its owner back) is asked again this
 # long after, while the first recruitment still waits for peers: its TXT may have said idle
 # before it was reserved, or it may be free again at once (a dead coordinator's lease ran out).
