@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from bonjourgrid.credentials import WorkerIdentity
     from bonjourgrid.discovery.txt import JobRecord
     from bonjourgrid.keys import GridKey
+    from bonjourgrid.worker.local import LocalGrid
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -103,6 +104,18 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    with contextlib.ExitStack() as stack:
+        local_grid = None
+        if args.local is not None and args.local >= 1 and not args.resume:
+            # The workers of `--local` start first: their start-up overlaps the coordinator's
+            # (its imports alone take a few hundred ms), not the other way round.
+            from bonjourgrid.worker.local import LocalGrid
+
+            local_grid = stack.enter_context(LocalGrid(args.local))
+        return _submit_with(args, local_grid)
+
+
+def _submit_with(args: argparse.Namespace, local_grid: LocalGrid | None) -> int:
     from bonjourgrid.coordinator.submit import SubmitOptions, parse_workers, submit
 
     return submit(
@@ -125,6 +138,7 @@ def _submit(args: argparse.Namespace) -> int:
             fetch_all=args.fetch_all,
             backend=args.backend,
             backend_options={"pool": args.pool} if args.pool else {},
+            local_grid=local_grid,
         )
     )
 

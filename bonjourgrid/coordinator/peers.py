@@ -4,9 +4,12 @@
 links to the held peers and their timeouts, and is handed callbacks: an event sink for the
 core, a spawn function, the job's cancel, and a router for what peers send that is not its
 own business (task messages go to the backend's `WorkerChannel`, prefetch reports to the
-coordinator's data plane). Recruitment asks the LAN's idle peers that fit the job
-(`recruit.py` filters and ranks them), first what their caches hold of the job's inputs
-(`probe`), then for a leased reservation (`reserve`, which hands over the job's CURVE key);
+coordinator's data plane). A first recruitment starts from a one-shot query of the LAN that
+ends once the answers stop (`SNAPSHOT_QUIET_S`), then follows the long-lived browser.
+Recruitment asks the LAN's idle peers that fit the job (`recruit.py` filters and ranks
+them), first what their caches hold of the job's inputs (`probe`), then for a leased
+reservation (`reserve`, which hands over the job's CURVE key), each step asked of every
+candidate at once (joins are still announced in rank order);
 heartbeats renew the leases, report what each peer runs (PeerRunning) and notice a peer gone
 silent; `release` hands a peer back. Every change reaches the scheduler core as an event.
 """
@@ -65,6 +68,12 @@ _FRAMES_IN_A_ROW = 64  # frames a link's reader takes before it lets the loop ru
 SNAPSHOT_S = 0.5  # how long a new coordinator listens for peers before recruiting
 RESERVE_TIMEOUT_S = 2.0  # a peer that does not answer a reservation by then is skipped
 PROBE_TIMEOUT_S = 0.3  # a candidate that does not say what it caches by then caches nothing
+# A new coordinator asks the LAN once for its peers and recruits as soon as the answers stop
+# coming: SNAPSHOT_QUIET_S after the last one, at most SNAPSHOT_S after the question.
+# Responders answer a one-shot question at once, so on a LAN every idle peer has answered
+# within a round trip; one that answers later is found by the long-lived browser, and
+# recruited when the job wants more peers (`recruit` again).
+SNAPSHOT_QUIET_S = 0.1
 # A peer that denied a reservation (held by another job, its owner back) is asked again this
 # long after, while the first recruitment still waits for peers: its TXT may have said idle
 # before it was reserved, or it may be free again at once (a dead coordinator's lease ran out).
@@ -217,7 +226,9 @@ class PeerPool:
         elif initial:
             # A one-shot query hears every peer within a round trip, while the long-lived
             # browser's first answers may be paced by responders for up to a second.
-            seed = await snapshot_peers(resolve_interfaces(self.interface), wait=SNAPSHOT_S)
+            seed = await snapshot_peers(
+                resolve_interfaces(self.interface), wait=SNAPSHOT_S, quiet=SNAPSHOT_QUIET_S
+            )
 
         def known() -> list[PeerRecord]:
             # The browser's view is the newer, but a name may be claimed by two services

@@ -25,16 +25,15 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, Protocol
-
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
+from typing import IO, TYPE_CHECKING, Protocol
 
 from bonjourgrid.coordinator import model
 from bonjourgrid.units import format_size
+
+# rich (some 50 modules) is imported where a live panel is drawn, not by every submit: a
+# submit in a pipe or with --quiet reaches its first task that much sooner.
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
 
 REFRESH_S = 0.25  # how often the live display (and the line display's clock) is fed
 LINE_PER_TASK_MAX = 100  # tasks; above, the line display writes a summary per interval
@@ -215,6 +214,10 @@ class LiveDisplay:
     """One rich panel redrawn in place; notes of peers and failures scroll above it."""
 
     def __init__(self, stream: IO[str]) -> None:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.text import Text
+
         self.console = Console(file=stream)
         self.live = Live(
             Text(""),
@@ -239,6 +242,8 @@ class LiveDisplay:
 
     def note(self, note: Note, snapshot: Snapshot) -> None:
         if note.what in ("failed", "retry", "lost", "joined"):
+            from rich.text import Text
+
             style = {"failed": "red", "retry": "yellow", "lost": "yellow"}.get(note.what, "")
             self.console.print(Text(f"{_clock(snapshot.elapsed_s)} {note.text()}", style=style))
 
@@ -260,6 +265,8 @@ class _Above:
 
     def write(self, text: str) -> int:
         if text.strip():
+            from rich.text import Text
+
             self.console.print(Text(text.rstrip("\n")))
         return len(text)
 
@@ -269,6 +276,11 @@ class _Above:
 
 def render(s: Snapshot) -> RenderableType:
     """The live panel of one snapshot."""
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
     eta = s.eta_s
     finished = s.done + s.failed + s.skipped
     head = Text.assemble(

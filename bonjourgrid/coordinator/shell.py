@@ -19,7 +19,9 @@ What the Coordinator owns and holds:
 - the data plane, for every backend that moves data through bgrid's caches: the data server
   (here) and the `DataMover` (`dataflow.py`: sources, prefetch orders, the collection of
   outputs into the submit directory);
-- the journal, the logs, the progress display, and the job's advertisement.
+- the journal, the logs, the progress display, and the job's advertisement (claimed in
+  the background once peers are recruited: its name probe never holds the first dispatch;
+  a job over before it is claimed is never shown).
 The path of a worker's task message: the pool's link reader decodes it, `_route` delivers
 it into the `WorkerChannel`, the backend's `events` turns it into a task event
 (`WorkerEvents`), `_pump_backend_events` turns that into a core event on the queue. One
@@ -342,6 +344,7 @@ class Coordinator:
         self._jobctl_port = jobctl.bind_to_random_port(bind)
         browser = self._browser = PeerBrowser(zc)
         advert: Advertiser | None = None
+        advertising: asyncio.Task[None] | None = None
         finished: core.Finished | None = None
         try:
             self._spawn(data_server.serve_forever())
@@ -365,7 +368,9 @@ class Coordinator:
                 zc, JOB_SERVICE, self.job, self._jobctl_port, self._job_txt("running")
             )
             self._spawn(serve_job_control(jobctl, self.job, self.cancel))
-            await advert.start()
+            # The advertisement (for `bgrid status` and `bgrid cancel`) claims its name in the
+            # background: its probe must not hold the first dispatch.
+            advertising = self._spawn(self._advertise(advert))
             self._spawn(self.pool.heartbeats())
             self._spawn(self._replenish(browser))
             self._spawn(self._advertise_progress(advert))
@@ -378,6 +383,10 @@ class Coordinator:
             if self.backend is not self.workers:
                 shutil.rmtree(self.backend_dir, ignore_errors=True)
             self.bytes["from_coordinator"] = data_server.bytes_served
+            if advertising is not None and not advertising.done():
+                # A job over before its name was claimed was never shown: nothing to withdraw.
+                advertising.cancel()
+                await asyncio.gather(advertising, return_exceptions=True)
             if advert is not None:
                 with contextlib.suppress(Exception):
                     await advert.update(self._job_txt(_job_state(finished)))
@@ -564,6 +573,14 @@ class Coordinator:
                     )
             else:
                 stalled_since = None
+
+    async def _advertise(self, advert: Advertiser) -> None:
+        """Claim the job's name on the LAN and announce it. A job that cannot be advertised
+        could not be found by `bgrid status` nor stopped by `bgrid cancel`: it stops."""
+        try:
+            await advert.start()
+        except ConfigError as err:
+            self.cancel(f"cannot advertise the job: {err}")
 
     async def _advertise_progress(self, advert: Advertiser) -> None:
         """Keep the job's TXT record (what `bgrid status` shows) current, at most twice a second."""

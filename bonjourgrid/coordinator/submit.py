@@ -82,6 +82,9 @@ class SubmitOptions:
     fetch_all: bool | None = None  # --fetch-all / --no-fetch-all; None: the config files say
     backend: str = "native"  # what runs the tasks on the recruited peers (backends/)
     backend_options: dict[str, str] = field(default_factory=dict)  # e.g. {"pool": ADDRESS}
+    # `--local`'s workers, already started by the caller (the CLI starts them before it
+    # imports the coordinator); None: started here when needed.
+    local_grid: LocalGrid | None = None
 
 
 def parse_workers(text: str) -> tuple[int, int]:
@@ -311,7 +314,10 @@ def _run_on_a_grid(
         return _run(opts, workflow, grid, opts.interface, None, None, timeouts, plan, data)
     if local < 1:
         raise ConfigError("--local N needs N >= 1")
-    with LocalGrid(local) as cluster:
+    with contextlib.ExitStack() as stack:
+        cluster = opts.local_grid
+        if cluster is None:
+            cluster = stack.enter_context(LocalGrid(local))
         report = _run(
             opts, workflow, cluster.grid, LOOPBACK, local, (1, local), timeouts, plan, data
         )

@@ -41,6 +41,10 @@ INTERFACES_ENV = "BGRID_INTERFACES"
 # peer that must be visible within 2 s of starting. Responders answer a unique record at
 # once (§6), so on a LAN an owner answers well within this.
 _NAME_PROBE_MS = 300
+# On loopback only (`--interface 127.0.0.1`: the embedded local grid), every possible owner
+# is a process of this host, whose answer needs no network: a short probe is enough, and
+# `bgrid submit --local` does not wait the LAN's probe for each of its workers.
+_LOOPBACK_PROBE_MS = 50
 _MAX_RENAMES = 100
 _MAX_LABEL_BYTES = 63
 
@@ -130,6 +134,16 @@ def advertised_addresses(interfaces: InterfacesType) -> list[str]:
     if not chosen:
         raise ConfigError(f"no IPv4 address among the interfaces {interfaces!r}")
     return chosen
+
+
+def _loopback_only(interfaces: InterfacesType) -> bool:
+    """Whether these interfaces are loopback addresses only (nothing beyond this host)."""
+    if isinstance(interfaces, InterfaceChoice) or not interfaces:
+        return False
+    try:
+        return all(isinstance(i, str) and ipaddress.IPv4Address(i).is_loopback for i in interfaces)
+    except ValueError:
+        return False
 
 
 def _ipv4(address: str) -> str:
@@ -266,8 +280,10 @@ class Advertiser:
         if zeroconf.registry.async_get_info_name(full_name.lower()) is not None:
             return True
         probe = AsyncServiceInfo(self._type, full_name)
+        interfaces = _interfaces_of.get(self._zc, InterfaceChoice.All)
+        wait_ms = _LOOPBACK_PROBE_MS if _loopback_only(interfaces) else _NAME_PROBE_MS
         # QM: a unicast reply could land in another process's socket on the shared port.
-        await probe.async_request(zeroconf, _NAME_PROBE_MS, question_type=DNSQuestionType.QM)
+        await probe.async_request(zeroconf, wait_ms, question_type=DNSQuestionType.QM)
         return probe.port is not None  # somebody answered with an SRV record
 
     def _txt(self) -> dict[str, str]:

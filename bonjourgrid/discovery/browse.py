@@ -7,12 +7,23 @@ died without a goodbye would linger for ~19 minutes; and nothing refreshes SRV/A
 A periodic sweep re-reads every service from the cache and asks the network again for
 those whose records expired (120 s TTL): a dead peer is dropped about two minutes after
 its last word, a live one answers and stays.
+
+A snapshot (`snapshot_peers`, `snapshot_jobs`) is a one-shot query (RFC 6762 §5.1): one
+question from an ephemeral port, answered straight back by unicast. Nothing says when every
+responder has answered, so it listens either for a fixed time (`bgrid peers --wait`), or
+until the answers stop coming (`quiet`): a given time after the last new service or record,
+with no record still being asked for, bounded by the fixed time. On a LAN, responders answer
+a one-shot question at once (no pacing, §6.7), so the answers arrive together within a round
+trip and the quiet period is all a coordinator waits past them; a flood of services that
+keeps answering is bounded by the fixed time, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Generic, TypeVar
 
@@ -23,7 +34,12 @@ from zeroconf import (
     ServiceStateChange,
     Zeroconf,
 )
+
+# For one question sent at once (`ask_now`): python-zeroconf does not export these.
+from zeroconf._dns import DNSQuestion
+from zeroconf._protocol.outgoing import DNSOutgoing
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_PTR
 
 from bonjourgrid.discovery.advertise import InterfacesType, open_zeroconf
 from bonjourgrid.discovery.txt import (
@@ -72,6 +88,9 @@ class _ServiceTable(Generic[T]):
         self._browser: AsyncServiceBrowser | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._full = False
+        # When the table last heard something new (`settle`), and a wake-up for it.
+        self._last_heard = time.monotonic()
+        self._heard_now = asyncio.Event()
 
     async def start(self) -> None:
         """Start browsing; the table fills as answers arrive."""
@@ -119,7 +138,37 @@ class _ServiceTable(Generic[T]):
                 return predicate(self.records())
         return True
 
+    def ask_now(self) -> None:
+        """Send the browse question at once. The browser's own first question waits 20-120 ms
+        (RFC 6762 §5.2, so that hosts booting together do not ask together); a one-shot
+        query (§5.1) need not."""
+        question = DNSQuestion(self._type, _TYPE_PTR, _CLASS_IN)
+        question.unicast = _question_for(self._zc) is DNSQuestionType.QU
+        out = DNSOutgoing(_FLAGS_QR_QUERY)
+        out.add_question(question)
+        self._last_heard = time.monotonic()  # the quiet period starts with the question
+        self._zc.zeroconf.async_send(out)
+
+    async def settle(self, quiet: float, timeout: float) -> None:
+        """Wait until the answers stop coming: `quiet` s without a new service or record and
+        with no service's records still being asked for; at most `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            # A service named but not yet resolved is an answer still on its way.
+            wake = deadline if self._fetches else min(deadline, self._last_heard + quiet)
+            if now >= wake:
+                return
+            self._heard_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._heard_now.wait(), wake - now)
+
+    def _heard(self) -> None:
+        self._last_heard = time.monotonic()
+        self._heard_now.set()
+
     def _notify(self) -> None:
+        self._heard()
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -129,6 +178,7 @@ class _ServiceTable(Generic[T]):
         # Runs inside zeroconf's packet processing: raising here would lose the rest of
         # the packet, other services included, so a hostile name is dropped, not raised.
         key = name.lower()
+        self._heard()
         if state_change is ServiceStateChange.Removed:
             self._forget(key)
             return
@@ -173,6 +223,7 @@ class _ServiceTable(Generic[T]):
         finally:
             if self._fetches.get(key) is asyncio.current_task():
                 del self._fetches[key]
+            self._heard()  # answered or not, it is no longer awaited
         if key not in self._names:
             return  # removed while we asked
         if found:
@@ -244,7 +295,10 @@ class JobBrowser(_ServiceTable[JobRecord]):
 
 
 async def _snapshot(
-    table: Callable[[AsyncZeroconf], _ServiceTable[T]], interfaces: InterfacesType, wait: float
+    table: Callable[[AsyncZeroconf], _ServiceTable[T]],
+    interfaces: InterfacesType,
+    wait: float,
+    quiet: float | None,
 ) -> list[T]:
     # A one-shot querier (RFC 6762 §5.1): asking from an ephemeral port gets direct unicast
     # answers, which responders never hold back the way they pace multicast ones (§14).
@@ -252,18 +306,27 @@ async def _snapshot(
         browser = table(zc)
         await browser.start()
         try:
-            # Nothing says when every responder has answered: listen for a fixed time.
-            await asyncio.sleep(wait)
+            await zc.zeroconf.async_wait_for_start()  # its sockets: a question needs them
+            browser.ask_now()
+            if quiet is None:
+                await asyncio.sleep(wait)  # listen for the whole time
+            else:
+                await browser.settle(quiet, wait)
         finally:
             await browser.stop()
         return browser.records()
 
 
-async def snapshot_peers(interfaces: InterfacesType, wait: float = 1.5) -> list[PeerRecord]:
-    """The peers that answer within `wait` seconds (for `bgrid peers`)."""
-    return await _snapshot(PeerBrowser, interfaces, wait)
+async def snapshot_peers(
+    interfaces: InterfacesType, wait: float = 1.5, quiet: float | None = None
+) -> list[PeerRecord]:
+    """The peers that answer within `wait` seconds (for `bgrid peers`); with `quiet`, those
+    that answered before the answers stopped for `quiet` seconds (for a new coordinator)."""
+    return await _snapshot(PeerBrowser, interfaces, wait, quiet)
 
 
-async def snapshot_jobs(interfaces: InterfacesType, wait: float = 1.5) -> list[JobRecord]:
-    """The jobs advertised within `wait` seconds (for `bgrid status`)."""
-    return await _snapshot(JobBrowser, interfaces, wait)
+async def snapshot_jobs(
+    interfaces: InterfacesType, wait: float = 1.5, quiet: float | None = None
+) -> list[JobRecord]:
+    """The jobs advertised within `wait` seconds (for `bgrid status`); `quiet` as for peers."""
+    return await _snapshot(JobBrowser, interfaces, wait, quiet)

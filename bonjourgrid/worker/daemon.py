@@ -82,8 +82,6 @@ from bonjourgrid.worker.task_steps import TaskSteps
 
 log = logging.getLogger(__name__)
 
-# Set by whoever starts a worker that must not outlive it (the embedded local grid): its pid.
-PARENT_PID_ENV = "BGRID_PARENT_PID"
 _TICK_S = 0.2  # how often leases are checked: a dead coordinator's peer is idle within this
 # How often owner activity is sampled: with sandbox.STOP_GRACE_S, a returning owner has the
 # machine back (every task process gone) within a second.
@@ -531,7 +529,7 @@ async def serve(config: WorkerConfig) -> None:
     """Run a worker daemon until SIGTERM or SIGINT."""
     raise_open_file_limit()  # a LAN's idle connections must not starve tasks of descriptors
     stop = asyncio.Event()
-    parent = os.environ.get(PARENT_PID_ENV, "")
+    parent = os.environ.get(reaper.PARENT_PID_ENV, "")
     if parent.isdigit() and not reaper.stop_with_parent(int(parent)):
         log.warning("the process that started this worker is gone: stopping")
         return

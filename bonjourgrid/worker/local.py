@@ -20,7 +20,7 @@ from types import TracebackType
 
 from bonjourgrid.credentials import issue, write_identity
 from bonjourgrid.keys import GridKey, ephemeral_grid_key, write_grid_key
-from bonjourgrid.worker.daemon import PARENT_PID_ENV
+from bonjourgrid.worker.reaper import PARENT_PID_ENV
 
 LOOPBACK = "127.0.0.1"
 _STOP_S = 5.0
@@ -33,7 +33,9 @@ class LocalGrid:
         self.n_workers = n_workers
         self.cpus_each = cpus_each or max(1, (os.cpu_count() or 1) // n_workers)
         self.grid: GridKey = ephemeral_grid_key()
-        self.tag = secrets.token_hex(2)
+        # 32 random bits in every name: two local grids on one host never claim the same one,
+        # so a name probe on loopback is a formality (advertise.py keeps it short there).
+        self.tag = secrets.token_hex(4)
         self.names = [f"local-{self.tag}-{i + 1}" for i in range(n_workers)]
         self._dir = Path(tempfile.mkdtemp(prefix="bgrid-local-"))
         self._procs: list[subprocess.Popen[bytes]] = []

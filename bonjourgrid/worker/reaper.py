@@ -58,6 +58,10 @@ def become_subreaper() -> bool:
     return done
 
 
+# Set by whoever starts a worker that must not outlive it (the embedded local grid): its pid.
+PARENT_PID_ENV = "BGRID_PARENT_PID"
+
+
 def stop_with_parent(parent_pid: int) -> bool:
     """Have the kernel send this process SIGTERM when `parent_pid`, its parent, dies (even by
     `kill -9`): the embedded local grid's workers must not outlive their submit. False where

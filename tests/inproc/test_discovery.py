@@ -272,6 +272,17 @@ async def test_snapshot_lists_the_peers_that_answer(lan: Loopback) -> None:
     assert peer(name) in found
 
 
+async def test_a_coordinators_snapshot_ends_when_the_answers_stop(lan: Loopback) -> None:
+    """A new coordinator's snapshot does not listen for its whole bound (an hour here) once
+    every peer has answered: it returns, with each of them."""
+    a, b = unique("lab-a"), unique("lab-b")
+    await lan.advertise(a, 5555, peer_txt(peer(a)))
+    await lan.advertise(b, 5556, peer_txt(peer(b, port=5556)))
+    found = await snapshot_peers(LOOPBACK, wait=3600.0, quiet=0.2)
+    assert peer(a) in found
+    assert peer(b, port=5556) in found
+
+
 def test_interfaces_come_from_the_flag_then_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
