@@ -214,8 +214,9 @@ class SchedulerCore:
         self.data.update(data or {})
         self.files = FileTable(sources)
         self.peers: dict[str, PeerSlots] = {}
-        self._free: dict[str, None] = {}  # peers with a free slot, in the order they joined
-        self.ready = ReadyQueue(self.tasks, matches)
+        self.ready = ReadyQueue(self.tasks, matches)  # also which peers have a free slot
+        self._idle: dict[str, None] = {}  # peers running and collecting nothing (scale-in)
+        self._filled: list[str] = []  # peers placed on during a scheduling pass
         self.planner = DataPlanner(
             tasks=self.tasks,
             peers=self.peers,
@@ -383,6 +384,9 @@ class SchedulerCore:
         self.ready.end_backoff(task)  # it leaves READY: its backoff no longer matters
         if task.status is TaskStatus.RUNNING:
             task.lost_input = ""  # that attempt is over: it no longer waits for the file
+            self.files.stop_reading(self.data[task.name].inputs)
+        if to is TaskStatus.RUNNING:
+            self.files.start_reading(self.data[task.name].inputs)
         if task.status is TaskStatus.WAITING:
             self._waiting_levels[task.priority] -= 1
         if to is TaskStatus.WAITING:
@@ -399,8 +403,7 @@ class SchedulerCore:
             return  # it waits for the middleware to start it
         planned_on = self.peers.get(task.planned_on or "")
         if planned_on is not None:  # planned while it waited (eager, critical-path)
-            self.planner.planned += 1
-            planned_on.planned_ready += 1
+            self.planner.count_ready_plan(planned_on, 1)
         self.enqueue(task)
 
     def enqueue(self, task: TaskState) -> None:
@@ -446,7 +449,7 @@ class SchedulerCore:
             if self.data[task.name].collect:
                 self.peers[event.peer].running.discard(task.name)
                 self.peers[event.peer].collecting.add(task.name)
-                self._free[event.peer] = None  # the slot it ran in is free
+                self.ready.mark_free(self.peers[event.peer])  # the slot it ran in is free
                 self.move(task, TaskStatus.COLLECTING, now, f"exited 0 on {event.peer}")
                 out.append(Collect(task.name, event.peer, task.attempts, event.outputs))
             else:
@@ -542,8 +545,9 @@ class SchedulerCore:
         slots = self.peers.get(peer)
         if slots is not None:
             slots.running.add(task.name)
+            self._idle.pop(peer, None)
             if len(slots.running) >= slots.cpus:
-                self._free.pop(peer, None)
+                self.ready.mark_full(peer)
 
     def _middleware_reported(
         self, task: TaskState, event: TaskReported, now: float, out: list[Instruction]
@@ -692,19 +696,23 @@ class SchedulerCore:
             self.peers[task.peer].collecting.discard(task.name)
             peer = self.peers[task.peer]
             if len(peer.running) < peer.cpus:
-                self._free[peer.name] = None
+                self.ready.mark_free(peer)
+            if not peer.running and not peer.collecting:
+                self._idle[peer.name] = None
 
     def _join(self, event: PeerJoined) -> None:
         peer = self.peers[event.peer] = PeerSlots(event.peer, max(1, event.cpus), event.attrs)
-        self._free[event.peer] = None
         self.ready.add_peer(event.peer)
+        self.planner.add_peer(peer)
+        self._idle[event.peer] = None
         if event.cached:
             self.planner.peer_joined(peer, event.cached)
 
     def _lose_peer(self, name: str, reason: str, now: float, out: list[Instruction]) -> None:
         peer = self.peers.pop(name, None)
-        self._free.pop(name, None)
+        self._idle.pop(name, None)
         self.ready.drop_peer(name)
+        self.planner.drop_peer(name)
         if peer is None:
             return
         if self.by_middleware:
@@ -734,22 +742,31 @@ class SchedulerCore:
     def _schedule(self, now: float, out: list[Instruction]) -> None:
         # Only peers with a free slot are visited, and only while there is work for them:
         # an event costs O(classes), not O(peers), with thousands of peers and tasks.
-        # First what is planned for a peer or whose data it holds, then the best task any
-        # peer can run, then (slots that would idle) planned work of other peers.
+        # First what is planned for a peer or whose data it holds (`own_work`: only free
+        # peers that have some), then the best task any peer can run, then (slots that
+        # would idle) planned work of other peers. The free peers are not copied per
+        # event: a peer that fills up leaves them after the pass (`_filled`).
         own_work = self.ready.own_work
-        for name in [n for n in own_work if n in self._free] if own_work else ():
+        for name in list(own_work) if own_work else ():
             peer = self.peers[name]
             self._fill(peer, self._take_own, now, out)
-            if not peer.planned and not self.ready.has_affine(name):
-                del own_work[name]
+            if not peer.planned_ready and not self.ready.has_affine(name):
+                own_work.pop(name, None)
         if self.ready.has_ready():
-            for name in list(self._free):
+            for name in self.ready.free:
                 if not self.ready.has_ready():
                     break
                 self._fill(self.peers[name], self.ready.pop_best, now, out)
         if self.planner.planned and not self.ready.has_ready():
-            for name in list(self._free):
+            for name in self.ready.free:
+                if not self.planner.planned:
+                    break
                 self._fill(self.peers[name], self._steal, now, out)
+        for name in self._filled:
+            peer = self.peers[name]
+            if len(peer.running) >= peer.cpus:
+                self.ready.mark_full(name)
+        self._filled.clear()
 
     def _fill(
         self,
@@ -776,7 +793,7 @@ class SchedulerCore:
         """An idle slot takes the last task planned on the most loaded other peer."""
         if not self.planner.planned:
             return None
-        others = [p for p in self.peers.values() if p is not peer and p.planned_ready]
+        others = [self.peers[n] for n in self.planner.loaded if n != peer.name]
         for victim in sorted(others, key=lambda p: -p.planned_ready):
             for name in reversed(victim.planned):
                 task = self.tasks[name]
@@ -808,8 +825,9 @@ class SchedulerCore:
         if self.ack_timeout_s is not None:
             heapq.heappush(self._ack_due, (now + self.ack_timeout_s, task.name, task.attempts))
         target.running.add(task.name)
+        self._idle.pop(target.name, None)
         if len(target.running) >= target.cpus:
-            self._free.pop(target.name, None)
+            self._filled.append(target.name)  # leaves the free peers after this pass
         self.move(
             task, TaskStatus.RUNNING, now, f"placed on {target.name} (attempt {task.attempts})"
         )
@@ -829,14 +847,18 @@ class SchedulerCore:
     def _scale_in(self, out: list[Instruction]) -> None:
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY]:
             return
-        # A peer with nothing running has a free slot: looking at free peers is enough.
-        for name in [n for n in self._free if not self.peers[n].running | self.peers[n].collecting]:
+        # Only idle peers are looked at (an index, not a scan of the free ones), and the
+        # question whether one still serves a file is answered by counts kept as tasks
+        # start and stop: each event costs O(idle peers still serving), never O(peers x
+        # running tasks).
+        for name in list(self._idle):
             if self.planner.still_serving(name):
                 continue
             del self.peers[name]
             self.files.drop_peer(name)
-            self._free.pop(name, None)
+            del self._idle[name]
             self.ready.drop_peer(name)
+            self.planner.drop_peer(name)
             out.append(Release(name))
 
     def _finish(self, out: list[Instruction], status: str, reason: str) -> None:
@@ -847,8 +869,9 @@ class SchedulerCore:
         for name in list(self.peers):
             out.append(Release(name))
         self.peers.clear()
-        self._free.clear()
+        self._idle.clear()
         self.ready.drop_all_peers()
+        self.planner.drop_all_peers()
         self.finished = Finished(status, reason)
         out.append(self.finished)
 
@@ -916,7 +939,7 @@ class SchedulerCore:
             if task.planned_on is not None and self.finished is None:
                 assert task.status in (TaskStatus.READY, TaskStatus.WAITING), task.name
                 assert task.name in self.peers[task.planned_on].planned, task.name
-        self.ready.validate(self.finished is not None)
+        self.ready.validate(self.finished is not None, self.peers)
         for status in TaskStatus:
             assert tally[status] == self.counts[status], f"count of {status.value} is off"
         waiting = Counter(t.priority for t in self.tasks.values() if t.status is TaskStatus.WAITING)
@@ -929,11 +952,13 @@ class SchedulerCore:
             else:
                 assert len(peer.running) <= peer.cpus, f"{peer.name} runs more than its cpus"
             assert not peer.running & peer.collecting
-            assert (peer.name in self._free) == (len(peer.running) < peer.cpus), peer.name
+            idle = not peer.running and not peer.collecting
+            assert (peer.name in self._idle) == idle, f"{peer.name}: idle is off"
             for name in peer.planned:
                 assert self.tasks[name].planned_on == peer.name, name
             ready = [n for n in peer.planned if self.tasks[n].status is TaskStatus.READY]
             assert peer.planned_ready == len(ready), f"{peer.name}: planned_ready is off"
         if self.finished is None:
             self.planner.validate()
-        assert set(self._free) <= set(self.peers)
+        assert set(self._idle) <= set(self.peers)
+        self.files.validate()

@@ -18,6 +18,13 @@ broadcasts and the count of planned tasks, and never touches a socket or a clock
 - A lost intermediate that an unfinished task needs is made again at once, when its peer
   is lost (`remake`); a reader running elsewhere meanwhile is stopped and placed again
   once the file exists again, unless it finished first (`restart_stalled_readers`).
+
+Scale. Nothing here visits every peer per event: the peers with room for one more planned
+task (`_roomy`) and those with READY tasks planned on them (`loaded`, where an idle slot
+steals from) are indexes kept as plans change, and whether a peer still serves a file is
+answered by counts the file table keeps (`still_serving`). `validate` checks each index
+against a recomputation. What still visits every peer: a broadcast round (per broadcast
+file), `peer_lost` (rare), and a retry's search for a fresh peer.
 """
 
 from __future__ import annotations
@@ -106,6 +113,39 @@ class DataPlanner:
         self._bc_failed: dict[str, set[str]] = defaultdict(set)  # digest -> peers it failed on
         self._incoming: dict[str, dict[str, str]] = defaultdict(dict)  # peer -> digest -> via
         self.planned = 0  # READY tasks planned on peers, not yet placed
+        self.loaded: dict[str, None] = {}  # peers with READY tasks planned on them
+        self._roomy: dict[str, None] = {}  # peers that may take one more planned task
+        self._depth = len(tasks) if settings.policy == "eager" else settings.depth
+
+    # -- peers and their plans ----------------------------------------------------------
+
+    def add_peer(self, peer: PeerSlots) -> None:
+        self._update_room(peer)
+
+    def drop_peer(self, name: str) -> None:
+        self.loaded.pop(name, None)
+        self._roomy.pop(name, None)
+
+    def drop_all_peers(self) -> None:
+        self.loaded.clear()
+        self._roomy.clear()
+
+    def _update_room(self, peer: PeerSlots) -> None:
+        if len(peer.planned) < self._depth and peer.planned_bytes < self.settings.max_bytes:
+            self._roomy[peer.name] = None
+        else:
+            self._roomy.pop(peer.name, None)
+
+    def count_ready_plan(self, peer: PeerSlots, change: int) -> None:
+        """A task planned on `peer` became READY (+1), or is no longer READY and planned (-1)."""
+        self.planned += change
+        peer.planned_ready += change
+        if peer.planned_ready:
+            self.loaded[peer.name] = None
+            if change > 0:
+                self.ready.note_planned(peer.name)
+        else:
+            self.loaded.pop(peer.name, None)
 
     def data_peer(self, task: TaskState) -> PeerSlots | None:
         """The peer holding the most of `task`'s input bytes (None: no peer holds any)."""
@@ -168,11 +208,14 @@ class DataPlanner:
         settings = self.settings
         if not settings.plans_ahead or not self.peers:
             return
-        depth = len(self.tasks) if settings.policy == "eager" else settings.depth
+        depth = self._depth
         progress = True
         while progress and self.ready.has_ready():
             progress = False  # one task per peer per round: plans stay balanced
-            for peer in self.peers.values():
+            for name in list(self._roomy):
+                if not self._bc_active and not self.ready.has_ready():
+                    break  # only a broadcast's gated readers wait in affine heaps alone
+                peer = self.peers[name]
                 if len(peer.planned) >= depth or peer.planned_bytes >= settings.max_bytes:
                     continue
                 task = self.ready.pop_affine(peer, self.holds_broadcast_inputs)
@@ -185,9 +228,11 @@ class DataPlanner:
                 if peer.planned and peer.planned_bytes + missing > settings.max_bytes:
                     self.moves.enqueue(task)  # does not fit in what may move here ahead
                     peer.planned_bytes = settings.max_bytes
+                    self._update_room(peer)
                     continue
                 self.plan_on(task, peer)
                 peer.planned_bytes += missing
+                self._update_room(peer)
                 self.moves.note(task.name, now, f"planned on {peer.name}")
                 self._prefetch_to(
                     peer.name, self.data[task.name].inputs, f"{task.name} planned", out
@@ -198,21 +243,22 @@ class DataPlanner:
         task.planned_on = peer.name
         peer.planned.append(task.name)
         if task.status is TaskStatus.READY:
-            self.planned += 1
-            peer.planned_ready += 1
-        self.ready.own_work[peer.name] = None
+            self.count_ready_plan(peer, 1)
+        self._update_room(peer)
 
     def unplan(self, task: TaskState, requeue: bool = True) -> None:
         peer = self.peers.get(task.planned_on or "")
         if task.planned_on is not None and task.status is TaskStatus.READY:
-            self.planned -= 1
             if peer is not None:
-                peer.planned_ready -= 1
+                self.count_ready_plan(peer, -1)
+            else:
+                self.planned -= 1  # planned on a peer that is gone
         task.planned_on = None
         if peer is not None and task.name in peer.planned:
             peer.planned.remove(task.name)
             if not peer.planned:
                 peer.planned_bytes = 0
+            self._update_room(peer)
         if requeue and task.status is TaskStatus.READY:
             self.moves.enqueue(task)
 
@@ -458,18 +504,13 @@ class DataPlanner:
                 self.moves.make_ready(task, now, why)
 
     def still_serving(self, peer: str) -> bool:
-        """Whether a running task elsewhere may still be fetching from `peer` (it holds one
-        of its inputs), or a prefetch is pulling from it: releasing it would revoke the job
-        key on its data socket in the middle of that transfer."""
-        held = self.files.by_peer.get(peer)
-        if held:
-            for other in self.peers.values():
-                for name in other.running if other.name != peer else ():
-                    for path in self.data[name].inputs:
-                        ref = self.files.ref(path)
-                        if ref is not None and ref.digest in held:
-                            return True
-        return any(peer in incoming.values() for incoming in self._incoming.values())
+        """Whether a running task may still be fetching from idle `peer` (it holds one of its
+        inputs), or a prefetch is pulling from it: releasing it would revoke the job key on
+        its data socket in the middle of that transfer. O(1): the file table counts the
+        readers of what each peer holds, and `serving` counts the copies a peer sends (one
+        per `_incoming` entry via it, as `validate` checks)."""
+        slots = self.peers.get(peer)
+        return self.files.serves_readers(peer) or (slots is not None and slots.serving > 0)
 
     def validate(self) -> None:
         """Invariants while the job runs (the core's `validate_state`)."""
@@ -477,3 +518,11 @@ class DataPlanner:
         vias = [via for incoming in self._incoming.values() for via in incoming.values()]
         for peer in self.peers.values():
             assert peer.serving == vias.count(peer.name), f"{peer.name} serving is off"
+        loaded = {name for name, peer in self.peers.items() if peer.planned_ready}
+        assert set(self.loaded) == loaded, "the peers with ready planned tasks are off"
+        roomy = {
+            name
+            for name, peer in self.peers.items()
+            if len(peer.planned) < self._depth and peer.planned_bytes < self.settings.max_bytes
+        }
+        assert set(self._roomy) == roomy, "the peers with room for a plan are off"
