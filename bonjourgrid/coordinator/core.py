@@ -82,6 +82,7 @@ The shell (`coordinator/shell.py`) feeds events, passes `now`, and carries out i
 from __future__ import annotations
 
 import heapq
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
@@ -233,7 +234,10 @@ class SchedulerCore:
         self._waiting_levels: Counter[int] = Counter(t.priority for t in self.tasks.values())
         self._top_level = max(self._waiting_levels, default=0)
         self.finished: Finished | None = None
-        self._stories: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        # Per task, its story flat: [when, why, when, why, ...], each `why` interned. Most
+        # tasks tell the same few sentences (per peer and attempt): shared, a story costs a
+        # few pointers per step, not a tuple and a string (issue 12: 100k tasks in 300 MB).
+        self._stories: dict[str, list[float | str]] = defaultdict(list)
         self.resumed = 0
         if done:
             self._resume(done, self.preds)
@@ -269,7 +273,7 @@ class SchedulerCore:
             self.counts[TaskStatus.WAITING] -= 1
             self.counts[TaskStatus.DONE] += 1
             self._waiting_levels[task.priority] -= 1
-            self._stories[name].append((0.0, "waiting -> done: resumed, its outputs are intact"))
+            self.note(name, 0.0, "waiting -> done: resumed, its outputs are intact")
             for path, ref in outputs:  # where they are is for the shell to say (add_sources)
                 self.files.learn(path, ref)
             for succ in self.successors.get(name, ()):
@@ -299,7 +303,7 @@ class SchedulerCore:
                 task = self._running_on(event.peer, event.task, event.attempt)
                 if task is not None and not task.acked:
                     task.acked = True
-                    self._stories[task.name].append((now, f"{event.peer} acknowledged the run"))
+                    self.note(task.name, now, f"{event.peer} acknowledged the run")
             case AttemptFailed():
                 task = self._running_on(event.peer, event.task, event.attempt)
                 if task is not None:
@@ -365,7 +369,7 @@ class SchedulerCore:
 
     def note(self, task: str, now: float, why: str) -> None:
         """Add to the task's story."""
-        self._stories[task].append((now, why))
+        self._stories[task] += (now, sys.intern(why))
 
     def top_waiting_level(self) -> int:
         """The highest bottom level among WAITING tasks (the longest remaining chain)."""
@@ -392,7 +396,7 @@ class SchedulerCore:
         if to is TaskStatus.WAITING:
             self._waiting_levels[task.priority] += 1
             self._top_level = max(self._top_level, task.priority)
-        self._stories[task.name].append((now, f"{task.status.value} -> {to.value}: {why}"))
+        self.note(task.name, now, f"{task.status.value} -> {to.value}: {why}")
         task.status = to
         if task.resumed and to is not TaskStatus.DONE:
             task.resumed = False  # made again in this run (its output was lost): not kept
@@ -677,7 +681,7 @@ class SchedulerCore:
 
     def _end_backoffs(self, now: float) -> None:
         for task in self.ready.due(now):
-            self._stories[task.name].append((now, "backoff over: may be placed again"))
+            self.note(task.name, now, "backoff over: may be placed again")
             self.enqueue(task)
 
     def _skip_descendants(self, failed: TaskState, now: float) -> None:
@@ -803,7 +807,7 @@ class SchedulerCore:
                     and self.ready.can_run(peer, task.require)
                 ):
                     self.planner.unplan(task)
-                    self._stories[name].append((0.0, f"taken over by idle {peer.name}"))
+                    self.note(name, 0.0, f"taken over by idle {peer.name}")
                     return self.ready.pop_best(peer)
         return None
 
@@ -913,7 +917,8 @@ class SchedulerCore:
         return len(self.tasks) - sum(self.counts[s] for s in FINAL)
 
     def story(self, task: str) -> list[tuple[float, str]]:
-        return list(self._stories.get(task, ()))
+        steps = self._stories.get(task, [])
+        return [(float(when), str(why)) for when, why in zip(steps[::2], steps[1::2], strict=True)]
 
     def validate_state(self) -> None:
         """Invariants; tests call this after every scenario."""

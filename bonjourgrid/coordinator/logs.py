@@ -42,15 +42,27 @@ def truncation_note(dropped: int) -> bytes:
     return f"[bgrid: the first {dropped} bytes were dropped; the last {MAX_LOG} follow]\n".encode()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AttemptLogs:
-    """Where one attempt's stdout and stderr are kept, and how many bytes each lost."""
+    """Where one attempt's stdout and stderr are kept, and how many bytes each lost.
 
+    One per attempt of every task lives until the report: it holds the job's log directory
+    (one object, shared) and the task's name, and makes its two paths when asked, rather
+    than holding two `Path` objects (about 1 KB per task in a 100,000-task job)."""
+
+    directory: Path
+    task: str
     attempt: int
-    stdout: Path
-    stderr: Path
     stdout_dropped: int = 0
     stderr_dropped: int = 0
+
+    @property
+    def stdout(self) -> Path:
+        return self.directory / f"{self.task}.{self.attempt}.{_SUFFIX['stdout']}"
+
+    @property
+    def stderr(self) -> Path:
+        return self.directory / f"{self.task}.{self.attempt}.{_SUFFIX['stderr']}"
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -84,20 +96,15 @@ class LogKeeper:
         """Write one attempt's logs (the task name is one of the workflow's: a file name);
         OSError if the submit directory cannot take them."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        paths = {}
-        dropped = {}
-        for stream, data, size in (
-            ("stdout", stdout, stdout_size),
-            ("stderr", stderr, stderr_size),
+        dropped = {"stdout": max(0, stdout_size - len(stdout)), "stderr": 0}
+        dropped["stderr"] = max(0, stderr_size - len(stderr))
+        logs = AttemptLogs(self.dir, task, attempt, dropped["stdout"], dropped["stderr"])
+        for stream, data, path in (
+            ("stdout", stdout, logs.stdout),
+            ("stderr", stderr, logs.stderr),
         ):
-            path = self.dir / f"{task}.{attempt}.{_SUFFIX[stream]}"
-            dropped[stream] = max(0, size - len(data))
             note = truncation_note(dropped[stream]) if dropped[stream] else b""
             path.write_bytes(note + data)
-            paths[stream] = path
-        logs = AttemptLogs(
-            attempt, paths["stdout"], paths["stderr"], dropped["stdout"], dropped["stderr"]
-        )
         self.kept.setdefault(task, {})[attempt] = logs
         return logs
 

@@ -14,6 +14,10 @@ from bonjourgrid.cache.store import FileRef
 
 
 class TaskStatus(enum.Enum):
+    # Members are singletons compared by identity: hash them by identity too. Enum's own
+    # __hash__ hashes the name in Python code, and the core counts statuses at every move.
+    __hash__ = object.__hash__
+
     WAITING = "waiting"
     READY = "ready"
     RUNNING = "running"
@@ -286,7 +290,7 @@ class TaskData:
     collect: bool = True  # False: its outputs stay on peers (intermediates)
 
 
-@dataclass
+@dataclass(slots=True)  # 100,000 of them live through a job and its report
 class TaskState:
     name: str
     require: str  # requirement class: the task's `require` text, "" for none
