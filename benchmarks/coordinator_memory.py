@@ -49,23 +49,22 @@ def current_mb() -> float:
 
 
 def write_workflow(directory: Path, n_tasks: int, width: int) -> Path:
-    """Layers of `width` tasks; each reads the outputs of two tasks of the layer before."""
-    tasks = {}
-    for i in range(n_tasks):
-        layer, pos = divmod(i, width)
-        inputs = (
-            []
-            if layer == 0
-            else sorted(
-                {
-                    f"out/t{(layer - 1) * width + pos}.dat",
-                    f"out/t{(layer - 1) * width + (pos + 1) % width}.dat",
-                }
-            )
-        )
-        tasks[f"t{i}"] = {"command": "true", "inputs": inputs, "outputs": [f"out/t{i}.dat"]}
+    """Layers of `width` tasks; each reads the outputs of two tasks of the layer before.
+    Written one task at a time, so that writing it does not raise the peak measured."""
     path = directory / "wf.json"
-    path.write_text(json.dumps({"name": "memory", "tasks": tasks}))
+    with path.open("w") as f:
+        f.write('{"name": "memory", "tasks": {')
+        for i in range(n_tasks):
+            layer, pos = divmod(i, width)
+            before = (layer - 1) * width
+            inputs = (
+                []
+                if layer == 0
+                else sorted({f"out/t{before + pos}.dat", f"out/t{before + (pos + 1) % width}.dat"})
+            )
+            task = {"command": "true", "inputs": inputs, "outputs": [f"out/t{i}.dat"]}
+            f.write(("," if i else "") + f'"t{i}": ' + json.dumps(task))
+        f.write("}}")
     return path
 
 

@@ -168,6 +168,8 @@ BACKOFF_BASE_S = 1.0  # wait before the first retry; doubled for each further fa
 BACKOFF_CAP_S = 60.0  # the longest wait before a retry
 UNLISTED_LIMIT = 2  # heartbeats in a row without an acknowledged run: its attempt failed
 _NO_PREFETCH = PrefetchSettings(policy="none", broadcast_min_consumers=0)
+# "waiting -> ready: " for every allowed move: a story's step without formatting enums.
+_MOVE_HEADINGS = {(a, b): f"{a.value} -> {b.value}: " for a, b in TASK_TRANSITIONS}
 
 
 class SchedulerCore:
@@ -382,7 +384,8 @@ class SchedulerCore:
         return sum(1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE)
 
     def move(self, task: TaskState, to: TaskStatus, now: float, why: str) -> None:
-        assert (task.status, to) in TASK_TRANSITIONS, f"{task.name}: {task.status} -> {to}"
+        heading = _MOVE_HEADINGS.get((task.status, to))
+        assert heading is not None, f"{task.name}: {task.status} -> {to}"
         self.counts[task.status] -= 1
         self.counts[to] += 1
         self.ready.end_backoff(task)  # it leaves READY: its backoff no longer matters
@@ -396,7 +399,7 @@ class SchedulerCore:
         if to is TaskStatus.WAITING:
             self._waiting_levels[task.priority] += 1
             self._top_level = max(self._top_level, task.priority)
-        self.note(task.name, now, f"{task.status.value} -> {to.value}: {why}")
+        self.note(task.name, now, heading + why)
         task.status = to
         if task.resumed and to is not TaskStatus.DONE:
             task.resumed = False  # made again in this run (its output was lost): not kept

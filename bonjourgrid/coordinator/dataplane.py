@@ -403,6 +403,8 @@ class DataPlanner:
 
     def spreading_inputs(self, task: TaskState) -> list[str]:
         """The digests of the task's inputs that are still being broadcast."""
+        if not self._bc_active:
+            return []
         return [
             ref.digest
             for p in self.data[task.name].inputs
