@@ -22,6 +22,15 @@ first. Placement visits free slots and pops the best task the slot's peer can ru
 of a decision depends on the number of classes, never on the number of tasks, which keeps a
 100,000-task DAG schedulable. A peer is released as soon as no unstarted task is left for it.
 
+Scale: no event costs O(peers), let alone O(peers x running tasks). Every question asked
+per event is answered from an index kept as the state changes, never by a scan: which peers
+have a free slot and which of those have work of their own (`ReadyQueue.free`,
+`own_work`), which peers are idle (`_idle`, for scale-in), which idle peer still serves a
+file a running task reads (counted in the `FileTable`), which peers have room for a plan
+or planned work to steal (`DataPlanner`). `validate_state()` checks each index against a
+recomputation. What is kept per task for the whole job is kept small (slotted records, a
+story as a flat list of interned sentences): a 100,000-task job's state is about 1 KB a task.
+
 Data. The core knows every task's input and output paths (`TaskData`) and, through a
 `FileTable` (`coordinator/files.py`), which peers hold which contents. An output that no
 task reads, or that the workflow keeps, is collected (COLLECTING) before the task is DONE;

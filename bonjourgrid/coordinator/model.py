@@ -281,7 +281,7 @@ Instruction = (
 # -- state ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per task, for the whole job
 class TaskData:
     """A task's files: what it reads, what it writes, and whether its outputs come back."""
 
