@@ -809,8 +809,7 @@ class SchedulerCore:
         """An idle slot takes the last task planned on the most loaded other peer."""
         if not self.planner.planned:
             return None
-        others = [self.peers[n] for n in self.planner.loaded if n != peer.name]
-        for victim in sorted(others, key=lambda p: -p.planned_ready):
+        for victim in self.planner.victims(peer.name):
             for name in reversed(victim.planned):
                 task = self.tasks[name]
                 if (

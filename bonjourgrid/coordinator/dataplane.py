@@ -20,17 +20,18 @@ broadcasts and the count of planned tasks, and never touches a socket or a clock
   once the file exists again, unless it finished first (`restart_stalled_readers`).
 
 Scale. Nothing here visits every peer per event: the peers with room for one more planned
-task (`_roomy`) and those with READY tasks planned on them (`loaded`, where an idle slot
-steals from) are indexes kept as plans change, and whether a peer still serves a file is
-answered by counts the file table keeps (`still_serving`). `validate` checks each index
-against a recomputation. What still visits every peer: a broadcast round (per broadcast
-file), `peer_lost` (rare), and a retry's search for a fresh peer.
+task (`_roomy`) and those with READY tasks planned on them, by how many (`_by_load`: an
+idle slot steals from the most loaded first, `victims`) are indexes kept as plans change,
+and whether a peer still serves a file is answered by counts the file table keeps
+(`still_serving`). `validate` checks each index against a recomputation. What still visits
+every peer: a broadcast round (per broadcast file), `peer_lost` (rare), and a retry's
+search for a fresh peer.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol
 
 from bonjourgrid.coordinator.files import COORDINATOR, FileTable
@@ -113,7 +114,8 @@ class DataPlanner:
         self._bc_failed: dict[str, set[str]] = defaultdict(set)  # digest -> peers it failed on
         self._incoming: dict[str, dict[str, str]] = defaultdict(dict)  # peer -> digest -> via
         self.planned = 0  # READY tasks planned on peers, not yet placed
-        self.loaded: dict[str, None] = {}  # peers with READY tasks planned on them
+        # Peers with READY tasks planned on them, by how many (their `planned_ready`).
+        self._by_load: dict[int, dict[str, None]] = defaultdict(dict)
         self._roomy: dict[str, None] = {}  # peers that may take one more planned task
         self._depth = len(tasks) if settings.policy == "eager" else settings.depth
 
@@ -123,11 +125,14 @@ class DataPlanner:
         self._update_room(peer)
 
     def drop_peer(self, name: str) -> None:
-        self.loaded.pop(name, None)
+        for load in [n for n, bucket in self._by_load.items() if name in bucket]:
+            del self._by_load[load][name]  # a handful of loads: lookahead plans 2 per peer
+            if not self._by_load[load]:
+                del self._by_load[load]
         self._roomy.pop(name, None)
 
     def drop_all_peers(self) -> None:
-        self.loaded.clear()
+        self._by_load.clear()
         self._roomy.clear()
 
     def _update_room(self, peer: PeerSlots) -> None:
@@ -139,13 +144,24 @@ class DataPlanner:
     def count_ready_plan(self, peer: PeerSlots, change: int) -> None:
         """A task planned on `peer` became READY (+1), or is no longer READY and planned (-1)."""
         self.planned += change
+        before = peer.planned_ready
         peer.planned_ready += change
+        if before:
+            self._by_load[before].pop(peer.name, None)
+            if not self._by_load[before]:
+                del self._by_load[before]
         if peer.planned_ready:
-            self.loaded[peer.name] = None
+            self._by_load[peer.planned_ready][peer.name] = None
             if change > 0:
                 self.ready.note_planned(peer.name)
-        else:
-            self.loaded.pop(peer.name, None)
+
+    def victims(self, thief: str) -> Iterator[PeerSlots]:
+        """The peers other than `thief` with READY tasks planned on them, the most loaded
+        first (an idle slot steals from them): O(loads), not O(peers), to the first one."""
+        for load in sorted(self._by_load, reverse=True):
+            for name in self._by_load[load]:
+                if name != thief:
+                    yield self.peers[name]
 
     def data_peer(self, task: TaskState) -> PeerSlots | None:
         """The peer holding the most of `task`'s input bytes (None: no peer holds any)."""
@@ -520,8 +536,12 @@ class DataPlanner:
         vias = [via for incoming in self._incoming.values() for via in incoming.values()]
         for peer in self.peers.values():
             assert peer.serving == vias.count(peer.name), f"{peer.name} serving is off"
-        loaded = {name for name, peer in self.peers.items() if peer.planned_ready}
-        assert set(self.loaded) == loaded, "the peers with ready planned tasks are off"
+        by_load: dict[int, set[str]] = defaultdict(set)
+        for name, peer in self.peers.items():
+            if peer.planned_ready:
+                by_load[peer.planned_ready].add(name)
+        actual = {load: set(bucket) for load, bucket in self._by_load.items()}
+        assert actual == by_load, "the peers by ready planned tasks are off"
         roomy = {
             name
             for name, peer in self.peers.items()
