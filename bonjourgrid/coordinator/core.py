@@ -22,6 +22,15 @@ first. Placement visits free slots and pops the best task the slot's peer can ru
 of a decision depends on the number of classes, never on the number of tasks, which keeps a
 100,000-task DAG schedulable. A peer is released as soon as no unstarted task is left for it.
 
+Scale: no event costs O(peers), let alone O(peers x running tasks). Every question asked
+per event is answered from an index kept as the state changes, never by a scan: which peers
+have a free slot and which of those have work of their own (`ReadyQueue.free`,
+`own_work`), which peers are idle (`_idle`, for scale-in), which idle peer still serves a
+file a running task reads (counted in the `FileTable`), which peers have room for a plan
+or planned work to steal (`DataPlanner`). `validate_state()` checks each index against a
+recomputation. What is kept per task for the whole job is kept small (slotted records, a
+story as a flat list of interned sentences): a 100,000-task job's state is about 1 KB a task.
+
 Data. The core knows every task's input and output paths (`TaskData`) and, through a
 `FileTable` (`coordinator/files.py`), which peers hold which contents. An output that no
 task reads, or that the workflow keeps, is collected (COLLECTING) before the task is DONE;
@@ -82,6 +91,7 @@ The shell (`coordinator/shell.py`) feeds events, passes `now`, and carries out i
 from __future__ import annotations
 
 import heapq
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
@@ -167,6 +177,8 @@ BACKOFF_BASE_S = 1.0  # wait before the first retry; doubled for each further fa
 BACKOFF_CAP_S = 60.0  # the longest wait before a retry
 UNLISTED_LIMIT = 2  # heartbeats in a row without an acknowledged run: its attempt failed
 _NO_PREFETCH = PrefetchSettings(policy="none", broadcast_min_consumers=0)
+# "waiting -> ready: " for every allowed move: a story's step without formatting enums.
+_MOVE_HEADINGS = {(a, b): f"{a.value} -> {b.value}: " for a, b in TASK_TRANSITIONS}
 
 
 class SchedulerCore:
@@ -214,8 +226,9 @@ class SchedulerCore:
         self.data.update(data or {})
         self.files = FileTable(sources)
         self.peers: dict[str, PeerSlots] = {}
-        self._free: dict[str, None] = {}  # peers with a free slot, in the order they joined
-        self.ready = ReadyQueue(self.tasks, matches)
+        self.ready = ReadyQueue(self.tasks, matches)  # also which peers have a free slot
+        self._idle: dict[str, None] = {}  # peers running and collecting nothing (scale-in)
+        self._filled: list[str] = []  # peers placed on during a scheduling pass
         self.planner = DataPlanner(
             tasks=self.tasks,
             peers=self.peers,
@@ -232,7 +245,10 @@ class SchedulerCore:
         self._waiting_levels: Counter[int] = Counter(t.priority for t in self.tasks.values())
         self._top_level = max(self._waiting_levels, default=0)
         self.finished: Finished | None = None
-        self._stories: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        # Per task, its story flat: [when, why, when, why, ...], each `why` interned. Most
+        # tasks tell the same few sentences (per peer and attempt): shared, a story costs a
+        # few pointers per step, not a tuple and a string (issue 12: 100k tasks in 300 MB).
+        self._stories: dict[str, list[float | str]] = defaultdict(list)
         self.resumed = 0
         if done:
             self._resume(done, self.preds)
@@ -268,7 +284,7 @@ class SchedulerCore:
             self.counts[TaskStatus.WAITING] -= 1
             self.counts[TaskStatus.DONE] += 1
             self._waiting_levels[task.priority] -= 1
-            self._stories[name].append((0.0, "waiting -> done: resumed, its outputs are intact"))
+            self.note(name, 0.0, "waiting -> done: resumed, its outputs are intact")
             for path, ref in outputs:  # where they are is for the shell to say (add_sources)
                 self.files.learn(path, ref)
             for succ in self.successors.get(name, ()):
@@ -298,7 +314,7 @@ class SchedulerCore:
                 task = self._running_on(event.peer, event.task, event.attempt)
                 if task is not None and not task.acked:
                     task.acked = True
-                    self._stories[task.name].append((now, f"{event.peer} acknowledged the run"))
+                    self.note(task.name, now, f"{event.peer} acknowledged the run")
             case AttemptFailed():
                 task = self._running_on(event.peer, event.task, event.attempt)
                 if task is not None:
@@ -364,7 +380,7 @@ class SchedulerCore:
 
     def note(self, task: str, now: float, why: str) -> None:
         """Add to the task's story."""
-        self._stories[task].append((now, why))
+        self._stories[task] += (now, sys.intern(why))
 
     def top_waiting_level(self) -> int:
         """The highest bottom level among WAITING tasks (the longest remaining chain)."""
@@ -377,18 +393,22 @@ class SchedulerCore:
         return sum(1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE)
 
     def move(self, task: TaskState, to: TaskStatus, now: float, why: str) -> None:
-        assert (task.status, to) in TASK_TRANSITIONS, f"{task.name}: {task.status} -> {to}"
+        heading = _MOVE_HEADINGS.get((task.status, to))
+        assert heading is not None, f"{task.name}: {task.status} -> {to}"
         self.counts[task.status] -= 1
         self.counts[to] += 1
         self.ready.end_backoff(task)  # it leaves READY: its backoff no longer matters
         if task.status is TaskStatus.RUNNING:
             task.lost_input = ""  # that attempt is over: it no longer waits for the file
+            self.files.stop_reading(self.data[task.name].inputs)
+        if to is TaskStatus.RUNNING:
+            self.files.start_reading(self.data[task.name].inputs)
         if task.status is TaskStatus.WAITING:
             self._waiting_levels[task.priority] -= 1
         if to is TaskStatus.WAITING:
             self._waiting_levels[task.priority] += 1
             self._top_level = max(self._top_level, task.priority)
-        self._stories[task.name].append((now, f"{task.status.value} -> {to.value}: {why}"))
+        self.note(task.name, now, heading + why)
         task.status = to
         if task.resumed and to is not TaskStatus.DONE:
             task.resumed = False  # made again in this run (its output was lost): not kept
@@ -399,8 +419,7 @@ class SchedulerCore:
             return  # it waits for the middleware to start it
         planned_on = self.peers.get(task.planned_on or "")
         if planned_on is not None:  # planned while it waited (eager, critical-path)
-            self.planner.planned += 1
-            planned_on.planned_ready += 1
+            self.planner.count_ready_plan(planned_on, 1)
         self.enqueue(task)
 
     def enqueue(self, task: TaskState) -> None:
@@ -446,7 +465,7 @@ class SchedulerCore:
             if self.data[task.name].collect:
                 self.peers[event.peer].running.discard(task.name)
                 self.peers[event.peer].collecting.add(task.name)
-                self._free[event.peer] = None  # the slot it ran in is free
+                self.ready.mark_free(self.peers[event.peer])  # the slot it ran in is free
                 self.move(task, TaskStatus.COLLECTING, now, f"exited 0 on {event.peer}")
                 out.append(Collect(task.name, event.peer, task.attempts, event.outputs))
             else:
@@ -542,8 +561,9 @@ class SchedulerCore:
         slots = self.peers.get(peer)
         if slots is not None:
             slots.running.add(task.name)
+            self._idle.pop(peer, None)
             if len(slots.running) >= slots.cpus:
-                self._free.pop(peer, None)
+                self.ready.mark_full(peer)
 
     def _middleware_reported(
         self, task: TaskState, event: TaskReported, now: float, out: list[Instruction]
@@ -673,7 +693,7 @@ class SchedulerCore:
 
     def _end_backoffs(self, now: float) -> None:
         for task in self.ready.due(now):
-            self._stories[task.name].append((now, "backoff over: may be placed again"))
+            self.note(task.name, now, "backoff over: may be placed again")
             self.enqueue(task)
 
     def _skip_descendants(self, failed: TaskState, now: float) -> None:
@@ -692,19 +712,23 @@ class SchedulerCore:
             self.peers[task.peer].collecting.discard(task.name)
             peer = self.peers[task.peer]
             if len(peer.running) < peer.cpus:
-                self._free[peer.name] = None
+                self.ready.mark_free(peer)
+            if not peer.running and not peer.collecting:
+                self._idle[peer.name] = None
 
     def _join(self, event: PeerJoined) -> None:
         peer = self.peers[event.peer] = PeerSlots(event.peer, max(1, event.cpus), event.attrs)
-        self._free[event.peer] = None
         self.ready.add_peer(event.peer)
+        self.planner.add_peer(peer)
+        self._idle[event.peer] = None
         if event.cached:
             self.planner.peer_joined(peer, event.cached)
 
     def _lose_peer(self, name: str, reason: str, now: float, out: list[Instruction]) -> None:
         peer = self.peers.pop(name, None)
-        self._free.pop(name, None)
+        self._idle.pop(name, None)
         self.ready.drop_peer(name)
+        self.planner.drop_peer(name)
         if peer is None:
             return
         if self.by_middleware:
@@ -734,22 +758,31 @@ class SchedulerCore:
     def _schedule(self, now: float, out: list[Instruction]) -> None:
         # Only peers with a free slot are visited, and only while there is work for them:
         # an event costs O(classes), not O(peers), with thousands of peers and tasks.
-        # First what is planned for a peer or whose data it holds, then the best task any
-        # peer can run, then (slots that would idle) planned work of other peers.
+        # First what is planned for a peer or whose data it holds (`own_work`: only free
+        # peers that have some), then the best task any peer can run, then (slots that
+        # would idle) planned work of other peers. The free peers are not copied per
+        # event: a peer that fills up leaves them after the pass (`_filled`).
         own_work = self.ready.own_work
-        for name in [n for n in own_work if n in self._free] if own_work else ():
+        for name in list(own_work) if own_work else ():
             peer = self.peers[name]
             self._fill(peer, self._take_own, now, out)
-            if not peer.planned and not self.ready.has_affine(name):
-                del own_work[name]
+            if not peer.planned_ready and not self.ready.has_affine(name):
+                own_work.pop(name, None)
         if self.ready.has_ready():
-            for name in list(self._free):
+            for name in self.ready.free:
                 if not self.ready.has_ready():
                     break
                 self._fill(self.peers[name], self.ready.pop_best, now, out)
         if self.planner.planned and not self.ready.has_ready():
-            for name in list(self._free):
+            for name in self.ready.free:
+                if not self.planner.planned:
+                    break
                 self._fill(self.peers[name], self._steal, now, out)
+        for name in self._filled:
+            peer = self.peers[name]
+            if len(peer.running) >= peer.cpus:
+                self.ready.mark_full(name)
+        self._filled.clear()
 
     def _fill(
         self,
@@ -776,8 +809,7 @@ class SchedulerCore:
         """An idle slot takes the last task planned on the most loaded other peer."""
         if not self.planner.planned:
             return None
-        others = [p for p in self.peers.values() if p is not peer and p.planned_ready]
-        for victim in sorted(others, key=lambda p: -p.planned_ready):
+        for victim in self.planner.victims(peer.name):
             for name in reversed(victim.planned):
                 task = self.tasks[name]
                 if (
@@ -786,7 +818,7 @@ class SchedulerCore:
                     and self.ready.can_run(peer, task.require)
                 ):
                     self.planner.unplan(task)
-                    self._stories[name].append((0.0, f"taken over by idle {peer.name}"))
+                    self.note(name, 0.0, f"taken over by idle {peer.name}")
                     return self.ready.pop_best(peer)
         return None
 
@@ -808,8 +840,9 @@ class SchedulerCore:
         if self.ack_timeout_s is not None:
             heapq.heappush(self._ack_due, (now + self.ack_timeout_s, task.name, task.attempts))
         target.running.add(task.name)
+        self._idle.pop(target.name, None)
         if len(target.running) >= target.cpus:
-            self._free.pop(target.name, None)
+            self._filled.append(target.name)  # leaves the free peers after this pass
         self.move(
             task, TaskStatus.RUNNING, now, f"placed on {target.name} (attempt {task.attempts})"
         )
@@ -829,14 +862,18 @@ class SchedulerCore:
     def _scale_in(self, out: list[Instruction]) -> None:
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY]:
             return
-        # A peer with nothing running has a free slot: looking at free peers is enough.
-        for name in [n for n in self._free if not self.peers[n].running | self.peers[n].collecting]:
+        # Only idle peers are looked at (an index, not a scan of the free ones), and the
+        # question whether one still serves a file is answered by counts kept as tasks
+        # start and stop: each event costs O(idle peers still serving), never O(peers x
+        # running tasks).
+        for name in list(self._idle):
             if self.planner.still_serving(name):
                 continue
             del self.peers[name]
             self.files.drop_peer(name)
-            self._free.pop(name, None)
+            del self._idle[name]
             self.ready.drop_peer(name)
+            self.planner.drop_peer(name)
             out.append(Release(name))
 
     def _finish(self, out: list[Instruction], status: str, reason: str) -> None:
@@ -847,8 +884,9 @@ class SchedulerCore:
         for name in list(self.peers):
             out.append(Release(name))
         self.peers.clear()
-        self._free.clear()
+        self._idle.clear()
         self.ready.drop_all_peers()
+        self.planner.drop_all_peers()
         self.finished = Finished(status, reason)
         out.append(self.finished)
 
@@ -890,7 +928,8 @@ class SchedulerCore:
         return len(self.tasks) - sum(self.counts[s] for s in FINAL)
 
     def story(self, task: str) -> list[tuple[float, str]]:
-        return list(self._stories.get(task, ()))
+        steps = self._stories.get(task, [])
+        return [(float(when), str(why)) for when, why in zip(steps[::2], steps[1::2], strict=True)]
 
     def validate_state(self) -> None:
         """Invariants; tests call this after every scenario."""
@@ -916,7 +955,7 @@ class SchedulerCore:
             if task.planned_on is not None and self.finished is None:
                 assert task.status in (TaskStatus.READY, TaskStatus.WAITING), task.name
                 assert task.name in self.peers[task.planned_on].planned, task.name
-        self.ready.validate(self.finished is not None)
+        self.ready.validate(self.finished is not None, self.peers)
         for status in TaskStatus:
             assert tally[status] == self.counts[status], f"count of {status.value} is off"
         waiting = Counter(t.priority for t in self.tasks.values() if t.status is TaskStatus.WAITING)
@@ -929,11 +968,13 @@ class SchedulerCore:
             else:
                 assert len(peer.running) <= peer.cpus, f"{peer.name} runs more than its cpus"
             assert not peer.running & peer.collecting
-            assert (peer.name in self._free) == (len(peer.running) < peer.cpus), peer.name
+            idle = not peer.running and not peer.collecting
+            assert (peer.name in self._idle) == idle, f"{peer.name}: idle is off"
             for name in peer.planned:
                 assert self.tasks[name].planned_on == peer.name, name
             ready = [n for n in peer.planned if self.tasks[n].status is TaskStatus.READY]
             assert peer.planned_ready == len(ready), f"{peer.name}: planned_ready is off"
         if self.finished is None:
             self.planner.validate()
-        assert set(self._free) <= set(self.peers)
+        assert set(self._idle) <= set(self.peers)
+        self.files.validate()

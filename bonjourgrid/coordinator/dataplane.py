@@ -18,12 +18,20 @@ broadcasts and the count of planned tasks, and never touches a socket or a clock
 - A lost intermediate that an unfinished task needs is made again at once, when its peer
   is lost (`remake`); a reader running elsewhere meanwhile is stopped and placed again
   once the file exists again, unless it finished first (`restart_stalled_readers`).
+
+Scale. Nothing here visits every peer per event: the peers with room for one more planned
+task (`_roomy`) and those with READY tasks planned on them, by how many (`_by_load`: an
+idle slot steals from the most loaded first, `victims`) are indexes kept as plans change,
+and whether a peer still serves a file is answered by counts the file table keeps
+(`still_serving`). `validate` checks each index against a recomputation. What still visits
+every peer: a broadcast round (per broadcast file), `peer_lost` (rare), and a retry's
+search for a fresh peer.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol
 
 from bonjourgrid.coordinator.files import COORDINATOR, FileTable
@@ -106,6 +114,54 @@ class DataPlanner:
         self._bc_failed: dict[str, set[str]] = defaultdict(set)  # digest -> peers it failed on
         self._incoming: dict[str, dict[str, str]] = defaultdict(dict)  # peer -> digest -> via
         self.planned = 0  # READY tasks planned on peers, not yet placed
+        # Peers with READY tasks planned on them, by how many (their `planned_ready`).
+        self._by_load: dict[int, dict[str, None]] = defaultdict(dict)
+        self._roomy: dict[str, None] = {}  # peers that may take one more planned task
+        self._depth = len(tasks) if settings.policy == "eager" else settings.depth
+
+    # -- peers and their plans ----------------------------------------------------------
+
+    def add_peer(self, peer: PeerSlots) -> None:
+        self._update_room(peer)
+
+    def drop_peer(self, name: str) -> None:
+        for load in [n for n, bucket in self._by_load.items() if name in bucket]:
+            del self._by_load[load][name]  # a handful of loads: lookahead plans 2 per peer
+            if not self._by_load[load]:
+                del self._by_load[load]
+        self._roomy.pop(name, None)
+
+    def drop_all_peers(self) -> None:
+        self._by_load.clear()
+        self._roomy.clear()
+
+    def _update_room(self, peer: PeerSlots) -> None:
+        if len(peer.planned) < self._depth and peer.planned_bytes < self.settings.max_bytes:
+            self._roomy[peer.name] = None
+        else:
+            self._roomy.pop(peer.name, None)
+
+    def count_ready_plan(self, peer: PeerSlots, change: int) -> None:
+        """A task planned on `peer` became READY (+1), or is no longer READY and planned (-1)."""
+        self.planned += change
+        before = peer.planned_ready
+        peer.planned_ready += change
+        if before:
+            self._by_load[before].pop(peer.name, None)
+            if not self._by_load[before]:
+                del self._by_load[before]
+        if peer.planned_ready:
+            self._by_load[peer.planned_ready][peer.name] = None
+            if change > 0:
+                self.ready.note_planned(peer.name)
+
+    def victims(self, thief: str) -> Iterator[PeerSlots]:
+        """The peers other than `thief` with READY tasks planned on them, the most loaded
+        first (an idle slot steals from them): O(loads), not O(peers), to the first one."""
+        for load in sorted(self._by_load, reverse=True):
+            for name in self._by_load[load]:
+                if name != thief:
+                    yield self.peers[name]
 
     def data_peer(self, task: TaskState) -> PeerSlots | None:
         """The peer holding the most of `task`'s input bytes (None: no peer holds any)."""
@@ -168,11 +224,14 @@ class DataPlanner:
         settings = self.settings
         if not settings.plans_ahead or not self.peers:
             return
-        depth = len(self.tasks) if settings.policy == "eager" else settings.depth
+        depth = self._depth
         progress = True
         while progress and self.ready.has_ready():
             progress = False  # one task per peer per round: plans stay balanced
-            for peer in self.peers.values():
+            for name in list(self._roomy):
+                if not self._bc_active and not self.ready.has_ready():
+                    break  # only a broadcast's gated readers wait in affine heaps alone
+                peer = self.peers[name]
                 if len(peer.planned) >= depth or peer.planned_bytes >= settings.max_bytes:
                     continue
                 task = self.ready.pop_affine(peer, self.holds_broadcast_inputs)
@@ -185,9 +244,11 @@ class DataPlanner:
                 if peer.planned and peer.planned_bytes + missing > settings.max_bytes:
                     self.moves.enqueue(task)  # does not fit in what may move here ahead
                     peer.planned_bytes = settings.max_bytes
+                    self._update_room(peer)
                     continue
                 self.plan_on(task, peer)
                 peer.planned_bytes += missing
+                self._update_room(peer)
                 self.moves.note(task.name, now, f"planned on {peer.name}")
                 self._prefetch_to(
                     peer.name, self.data[task.name].inputs, f"{task.name} planned", out
@@ -198,21 +259,22 @@ class DataPlanner:
         task.planned_on = peer.name
         peer.planned.append(task.name)
         if task.status is TaskStatus.READY:
-            self.planned += 1
-            peer.planned_ready += 1
-        self.ready.own_work[peer.name] = None
+            self.count_ready_plan(peer, 1)
+        self._update_room(peer)
 
     def unplan(self, task: TaskState, requeue: bool = True) -> None:
         peer = self.peers.get(task.planned_on or "")
         if task.planned_on is not None and task.status is TaskStatus.READY:
-            self.planned -= 1
             if peer is not None:
-                peer.planned_ready -= 1
+                self.count_ready_plan(peer, -1)
+            else:
+                self.planned -= 1  # planned on a peer that is gone
         task.planned_on = None
         if peer is not None and task.name in peer.planned:
             peer.planned.remove(task.name)
             if not peer.planned:
                 peer.planned_bytes = 0
+            self._update_room(peer)
         if requeue and task.status is TaskStatus.READY:
             self.moves.enqueue(task)
 
@@ -357,6 +419,8 @@ class DataPlanner:
 
     def spreading_inputs(self, task: TaskState) -> list[str]:
         """The digests of the task's inputs that are still being broadcast."""
+        if not self._bc_active:
+            return []
         return [
             ref.digest
             for p in self.data[task.name].inputs
@@ -458,18 +522,13 @@ class DataPlanner:
                 self.moves.make_ready(task, now, why)
 
     def still_serving(self, peer: str) -> bool:
-        """Whether a running task elsewhere may still be fetching from `peer` (it holds one
-        of its inputs), or a prefetch is pulling from it: releasing it would revoke the job
-        key on its data socket in the middle of that transfer."""
-        held = self.files.by_peer.get(peer)
-        if held:
-            for other in self.peers.values():
-                for name in other.running if other.name != peer else ():
-                    for path in self.data[name].inputs:
-                        ref = self.files.ref(path)
-                        if ref is not None and ref.digest in held:
-                            return True
-        return any(peer in incoming.values() for incoming in self._incoming.values())
+        """Whether a running task may still be fetching from idle `peer` (it holds one of its
+        inputs), or a prefetch is pulling from it: releasing it would revoke the job key on
+        its data socket in the middle of that transfer. O(1): the file table counts the
+        readers of what each peer holds, and `serving` counts the copies a peer sends (one
+        per `_incoming` entry via it, as `validate` checks)."""
+        slots = self.peers.get(peer)
+        return self.files.serves_readers(peer) or (slots is not None and slots.serving > 0)
 
     def validate(self) -> None:
         """Invariants while the job runs (the core's `validate_state`)."""
@@ -477,3 +536,15 @@ class DataPlanner:
         vias = [via for incoming in self._incoming.values() for via in incoming.values()]
         for peer in self.peers.values():
             assert peer.serving == vias.count(peer.name), f"{peer.name} serving is off"
+        by_load: dict[int, set[str]] = defaultdict(set)
+        for name, peer in self.peers.items():
+            if peer.planned_ready:
+                by_load[peer.planned_ready].add(name)
+        actual = {load: set(bucket) for load, bucket in self._by_load.items()}
+        assert actual == by_load, "the peers by ready planned tasks are off"
+        roomy = {
+            name
+            for name, peer in self.peers.items()
+            if len(peer.planned) < self._depth and peer.planned_bytes < self.settings.max_bytes
+        }
+        assert set(self._roomy) == roomy, "the peers with room for a plan are off"

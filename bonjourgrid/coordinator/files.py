@@ -8,12 +8,19 @@ collected into the submit directory). It answers the questions placement and pre
 ask: how many of a task's input bytes a peer already holds, what it is missing, where to
 fetch a file from, and which contents a lost peer took with it.
 
+It also keeps, incrementally, which peers hold a content that a running task reads
+(`serves_readers`): such a peer may have a fetch in progress from it, and scale-in must
+not release it. Counting it at each question would scan every running task's inputs for
+every idle peer (O(peers x running tasks) per event); instead the core says when a task
+starts and stops reading (`start_reading`, `stop_reading`), and the counts follow every
+change of a path's content and of a digest's holders.
+
 No sockets, no clock: `coordinator/core.py` drives it.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 
 from bonjourgrid.cache.store import FileRef
@@ -32,6 +39,9 @@ class FileTable:
         self.by_peer: dict[str, set[str]] = defaultdict(set)  # peer -> digests it holds
         self.at_coordinator: set[str] = set()  # digests the coordinator serves
         self._turn: dict[str, int] = defaultdict(int)  # spreads fetches over replicas
+        self._reading: Counter[str] = Counter()  # path -> running tasks that read it
+        self._read: Counter[str] = Counter()  # digest -> running reads of its paths
+        self._serving: Counter[str] = Counter()  # peer -> digests it holds that are read
         for path, ref in (refs or {}).items():
             self.learn(path, ref)
             self.at_coordinator.add(ref.digest)
@@ -43,23 +53,83 @@ class FileTable:
         old = self.refs.get(path)
         if old == ref:
             return
+        readers = self._reading.get(path, 0)
         if old is not None:  # remade with other bytes
             self.paths[old.digest].remove(path)
+            self._count_reads(old.digest, -readers)
         self.refs[path] = ref
         self.paths[ref.digest].append(path)
+        self._count_reads(ref.digest, readers)
 
     def hold(self, peer: str, digest: str) -> None:
-        self.holders[digest][peer] = None
+        holders = self.holders[digest]
+        if peer in holders:
+            return
+        holders[peer] = None
         self.by_peer[peer].add(digest)
+        if self._read.get(digest):
+            self._serving[peer] += 1
 
     def drop_peer(self, peer: str) -> set[str]:
         """Forget a peer; the digests it held."""
         held = self.by_peer.pop(peer, set())
         for digest in held:
             self.holders[digest].pop(peer, None)
+        self._serving.pop(peer, None)
         return held
 
+    def start_reading(self, paths: Iterable[str]) -> None:
+        """A task that reads `paths` started running."""
+        for path in paths:
+            self._reading[path] += 1
+            ref = self.refs.get(path)
+            if ref is not None:
+                self._count_reads(ref.digest, 1)
+
+    def stop_reading(self, paths: Iterable[str]) -> None:
+        """A task that reads `paths` stopped running."""
+        for path in paths:
+            self._reading[path] -= 1
+            if not self._reading[path]:
+                del self._reading[path]
+            ref = self.refs.get(path)
+            if ref is not None:
+                self._count_reads(ref.digest, -1)
+
+    def _count_reads(self, digest: str, change: int) -> None:
+        if not change:
+            return
+        before = self._read.get(digest, 0)
+        after = before + change
+        if after:
+            self._read[digest] = after
+        else:
+            del self._read[digest]
+        if bool(before) == bool(after):
+            return  # its holders serve it still, or still not
+        step = 1 if after else -1
+        for peer in self.holders.get(digest, ()):
+            self._serving[peer] += step
+            if not self._serving[peer]:
+                del self._serving[peer]
+
     # -- questions ------------------------------------------------------------------------
+
+    def serves_readers(self, peer: str) -> bool:
+        """Whether `peer` holds a content that a running task reads (on any peer)."""
+        return peer in self._serving
+
+    def validate(self) -> None:
+        """The read counts against a recomputation from the paths being read."""
+        read: Counter[str] = Counter()
+        for path, readers in self._reading.items():
+            assert readers > 0, f"{path}: {readers} readers"
+            ref = self.refs.get(path)
+            if ref is not None:
+                read[ref.digest] += readers
+        assert read == self._read, "reads by content are off"
+        serving = Counter(peer for digest in read for peer in self.holders.get(digest, ()))
+        assert serving == self._serving, "peers serving readers are off"
 
     def holds(self, peer: str, digest: str) -> bool:
         return peer in self.holders.get(digest, ())

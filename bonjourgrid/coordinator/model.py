@@ -14,6 +14,10 @@ from bonjourgrid.cache.store import FileRef
 
 
 class TaskStatus(enum.Enum):
+    # Members are singletons compared by identity: hash them by identity too. Enum's own
+    # __hash__ hashes the name in Python code, and the core counts statuses at every move.
+    __hash__ = object.__hash__
+
     WAITING = "waiting"
     READY = "ready"
     RUNNING = "running"
@@ -277,7 +281,7 @@ Instruction = (
 # -- state ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per task, for the whole job
 class TaskData:
     """A task's files: what it reads, what it writes, and whether its outputs come back."""
 
@@ -286,7 +290,7 @@ class TaskData:
     collect: bool = True  # False: its outputs stay on peers (intermediates)
 
 
-@dataclass
+@dataclass(slots=True)  # 100,000 of them live through a job and its report
 class TaskState:
     name: str
     require: str  # requirement class: the task's `require` text, "" for none

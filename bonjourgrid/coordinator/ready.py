@@ -7,9 +7,12 @@ Owned by `SchedulerCore` (core.py), which alone decides when a task enters or le
   popping for a peer costs O(classes), never O(tasks). Whether a peer can run a class is
   asked once per (peer, class) and remembered (`can_run`).
 - One "affine" heap per peer: ready tasks whose input bytes (or a broadcast file they wait
-  for) are on that peer; the peer pops them first. `own_work` names the peers that may have
-  such tasks, or tasks planned on them (kept by the data planner), so that only those are
-  visited first.
+  for) are on that peer; the peer pops them first.
+- The peers with a free slot (`free`, in the order they joined), and among them `own_work`:
+  those that may have affine tasks or READY tasks planned on them (by the data planner), so
+  that only those are visited first. A busy peer is never in `own_work`: it is put back when
+  a slot frees (`mark_free`) if it has such work then. With 10,000 peers, scheduling visits
+  only the peers that can take something, never all of them.
 - The backoff heap: retries waiting out their backoff (`defer`), placeable again once
   `due(now)` hands them back.
 
@@ -35,7 +38,8 @@ class ReadyQueue:
         self._match_cache: dict[tuple[str, str], bool] = {}
         self.classes: dict[str, list[Entry]] = defaultdict(list)  # require -> heap
         self.affine: dict[str, list[Entry]] = {}  # peer -> heap of tasks whose data is there
-        self.own_work: dict[str, None] = {}  # peers with planned or affine tasks (maybe stale)
+        self.free: dict[str, None] = {}  # peers with a free slot, in the order they joined
+        self.own_work: dict[str, None] = {}  # free peers with planned or affine tasks (maybe stale)
         self._seq = 0
         self._delayed: list[tuple[float, int, str]] = []  # (not_before, seq, task): backoffs
         self.backing_off = 0  # READY tasks waiting out a backoff (live entries of _delayed)
@@ -87,11 +91,22 @@ class ReadyQueue:
     def favour(self, peer: str, entry: Entry) -> None:
         """Placeable first on `peer` (it holds the task's data)."""
         heapq.heappush(self.affine[peer], entry)
-        self.own_work[peer] = None
+        if peer in self.free:
+            self.own_work[peer] = None
 
     def has_ready(self) -> bool:
-        """Whether any class heap has an entry (maybe stale: popping drops those)."""
-        return any(self.classes.values())
+        """Whether any class heap has a placeable entry (stale ones on top are dropped: a
+        heap of stale entries alone would make every caller visit its peers for nothing)."""
+        for heap in self.classes.values():
+            self._drop_stale(heap)
+            if heap:
+                return True
+        return False
+
+    def _drop_stale(self, heap: list[Entry]) -> None:
+        tasks = self._tasks
+        while heap and (not self.valid(heap[0]) or tasks[heap[0][2]].gated):
+            heapq.heappop(heap)  # stale: placed, planned, skipped, or queued again
 
     # -- popping --------------------------------------------------------------------------
 
@@ -101,8 +116,7 @@ class ReadyQueue:
         best: Entry | None = None
         best_class = ""
         for require, heap in self.classes.items():
-            while heap and (not self.valid(heap[0]) or tasks[heap[0][2]].gated):
-                heapq.heappop(heap)  # stale: placed, planned, skipped, or queued again
+            self._drop_stale(heap)
             if heap and (best is None or heap[0] < best) and self.can_run(peer, require):
                 best, best_class = heap[0], require
         if best is None:
@@ -131,15 +145,35 @@ class ReadyQueue:
     # -- peers ----------------------------------------------------------------------------
 
     def add_peer(self, peer: str) -> None:
+        """A peer joined: its slots are free."""
         self.affine[peer] = []
+        self.free[peer] = None
 
     def drop_peer(self, peer: str) -> None:
         self.affine.pop(peer, None)
+        self.free.pop(peer, None)
         self.own_work.pop(peer, None)
 
     def drop_all_peers(self) -> None:
         self.affine.clear()
+        self.free.clear()
         self.own_work.clear()
+
+    def mark_free(self, peer: PeerSlots) -> None:
+        """`peer` has a free slot (again): visited first if it has work of its own."""
+        self.free[peer.name] = None
+        if peer.planned_ready or self.affine.get(peer.name):
+            self.own_work[peer.name] = None
+
+    def mark_full(self, peer: str) -> None:
+        """Every slot of `peer` is taken."""
+        self.free.pop(peer, None)
+        self.own_work.pop(peer, None)
+
+    def note_planned(self, peer: str) -> None:
+        """A READY task was planned on `peer`: it takes it first when it has a free slot."""
+        if peer in self.free:
+            self.own_work[peer] = None
 
     # -- backoffs -------------------------------------------------------------------------
 
@@ -171,7 +205,14 @@ class ReadyQueue:
     def next_due(self) -> float | None:
         return self._delayed[0][0] if self._delayed else None
 
-    def validate(self, finished: bool) -> None:
+    def validate(self, finished: bool, peers: Mapping[str, PeerSlots]) -> None:
+        """Invariants; `peers`: the held peers, to check `free` and `own_work` against."""
+        for name, peer in peers.items():
+            assert (name in self.free) == (len(peer.running) < peer.cpus), f"{name}: free is off"
+            if name in self.free and (peer.planned_ready or self.affine.get(name)):
+                assert name in self.own_work, f"{name} has work of its own, unvisited"
+        assert set(self.own_work) <= set(self.free), "a busy peer is in own_work"
+        assert set(self.free) <= set(peers), "a peer not held is free"
         live = [name for _, seq, name in self._delayed if self._tasks[name].backoff == seq]
         assert len(live) == self.backing_off, "backoff count is off"
         for name in live:

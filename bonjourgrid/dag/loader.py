@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import sys
 from collections import defaultdict, deque
 from collections.abc import Mapping
 from itertools import pairwise
@@ -28,7 +29,14 @@ from typing import Any
 
 import networkx as nx
 
-from bonjourgrid.dag.model import RANKS, GridSpec, TaskSpec, Workflow, normalize_path
+from bonjourgrid.dag.model import (
+    NO_MAPPING,
+    RANKS,
+    GridSpec,
+    TaskSpec,
+    Workflow,
+    normalize_path,
+)
 from bonjourgrid.dag.parse import gc_paused, parse_json, parse_yaml
 from bonjourgrid.dag.urls import UrlInputs, is_url
 from bonjourgrid.errors import DagError, RequirementError
@@ -417,9 +425,9 @@ def _read_task(
         after=after,
         retries=retries,
         require=require,
-        env=MappingProxyType(env),
+        env=MappingProxyType(env) if env else NO_MAPPING,
         keep=keep,
-        limits=MappingProxyType(limits),
+        limits=MappingProxyType(limits) if limits else NO_MAPPING,
     )
 
 
@@ -444,7 +452,9 @@ def _read_paths(
     for index, item in enumerate(_as_list(value, f"{task}: {key}", "paths", problems)):
         try:
             if item.__class__ is str and "://" not in item:
-                paths[normalize_path(item)] = None  # the common case, checked cheaply
+                # The common case, checked cheaply. Interned: a file is named by its writer
+                # and by each reader, and the coordinator keeps every name for the whole job.
+                paths[sys.intern(normalize_path(item))] = None
             elif urls is not None and (isinstance(item, Mapping) or is_url(str(item))):
                 paths[urls.add(item, task)] = None
             elif isinstance(item, str) and is_url(item):

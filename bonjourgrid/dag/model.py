@@ -7,10 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import networkx as nx
 
-__all__ = ["GridSpec", "TaskSpec", "Workflow", "normalize_path"]
+__all__ = ["NO_MAPPING", "GridSpec", "TaskSpec", "Workflow", "normalize_path"]
 
 RANKS = ("cost", "cpus")  # values of `grid.rank`; cost is the default
 
@@ -40,15 +41,20 @@ def normalize_path(path: object) -> str:
     return normal
 
 
+# One read-only empty mapping for every task without env or limits (most of them): a
+# 100,000-task workflow would otherwise hold 200,000 empty dicts and their proxies.
+NO_MAPPING: Mapping[str, Any] = MappingProxyType({})
+
+
 def _empty_env() -> Mapping[str, str]:
-    return MappingProxyType({})
+    return NO_MAPPING
 
 
 def _empty_limits() -> Mapping[str, int]:
-    return MappingProxyType({})
+    return NO_MAPPING
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # 100,000s of them live through a job
 class TaskSpec:
     """One task: a shell command run with cwd = its sandbox, reading and writing relative paths."""
 

@@ -89,4 +89,4 @@ def test_backoffs_end_in_order_and_a_task_that_left_ready_is_not_handed_back() -
     assert [t.name for t in queue.due(3.0)] == ["soon"]
     assert [t.name for t in queue.due(10.0)] == ["late"]
     assert queue.backing_off == 0 and queue.next_due() is None
-    queue.validate(finished=False)
+    queue.validate(finished=False, peers={})

@@ -435,3 +435,20 @@ def test_a_kept_task_whose_intermediate_no_peer_holds_runs_again_and_is_not_resu
     s.validate_state()
     assert placed(report(s, "a")) == [("b", "p1")]
     assert s.tasks["a"].attempts == 1 and not s.tasks["a"].resumed
+
+
+def test_an_idle_peer_holding_what_a_running_task_reads_is_held_until_that_task_ends() -> None:
+    # Its data socket may be serving the reader: releasing it would revoke the job key.
+    s = build([("a", [], ["x"]), ("b", ["x"], ["y"])])
+    s.handle(core.PeerJoined("p1", 1, {}), 0.0)
+    s.handle(core.TaskReported("p1", "a", 1, 0, "", (("x", ref("x")),)), 1.0)
+    out = s.handle(core.TaskReported("p1", "b", 1, 1, "", ()), 2.0)  # b fails on p1
+    assert of(out, core.Recruit)  # its retry wants another peer
+    s.handle(core.PeerJoined("p2", 1, {}), 2.5)
+    out = s.handle(core.Tick(), 3.0)  # the backoff is over: b reads x from p1, on p2
+    assert out == [core.Dispatch("b", "p2", 2)]
+    s.validate_state()
+    assert "p1" in s.peers  # idle, nothing left to place, but p2 may be fetching x from it
+    out = s.handle(core.TaskReported("p2", "b", 2, 0, "", (("y", ref("y")),)), 4.0)
+    assert core.Release("p1") in out  # b is done reading: p1 serves no one now
+    s.validate_state()
