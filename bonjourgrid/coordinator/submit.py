@@ -248,7 +248,9 @@ def _submit(opts: SubmitOptions) -> int:
     if opts.report is not None:
         write_report(opts.report, report)
     if opts.json:
-        print(json.dumps(report, indent=2))
+        # Streamed: the text of a 100,000-task report is not built whole in memory first.
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
     else:
         print(format_summary(report))
     if report["status"] != "succeeded" and report.get("signal") in signal.Signals.__members__:
