@@ -30,7 +30,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import psutil
@@ -102,11 +102,18 @@ def _kill_rounds(find: Callable[[], list[psutil.Process]]) -> int:
 
 def kill_marked(tag: str) -> int:
     """Kill every descendant of this process whose marker is `tag`; how many."""
+    return kill_marked_among({tag})
+
+
+def kill_marked_among(tags: Collection[str]) -> int:
+    """Kill every descendant of this process whose marker is one of `tags`; how many. One
+    scan of the process table a round, whatever the number of tags."""
     me = psutil.Process()
+    wanted = set(tags)
 
     def find() -> list[psutil.Process]:
         with contextlib.suppress(psutil.Error):
-            return [p for p in me.children(recursive=True) if _marker_of(p) == tag]
+            return [p for p in me.children(recursive=True) if _marker_of(p) in wanted]
         return []
 
     return _kill_rounds(find)

@@ -51,7 +51,9 @@ from bonjourgrid.protocol import (
     check_path,
 )
 from bonjourgrid.worker import reaper
-from bonjourgrid.worker.limits import Limits, limits_from_wire, task_preexec
+from bonjourgrid.worker.leftovers import Leftovers
+from bonjourgrid.worker.limits import Limits, limits_from_wire
+from bonjourgrid.worker.spawn import Spawner, TaskProcess
 from bonjourgrid.worker.task_steps import ExternalStep, StepEnded
 
 log = logging.getLogger(__name__)
@@ -299,6 +301,8 @@ class TaskRun:
         spec: RunSpec,
         workdir: Path,
         staging: Staging,
+        spawner: Spawner,
+        leftovers: Leftovers,
         step: ExternalStep | None = None,
     ) -> None:
         self.job, self.task, self.attempt = job.name, task, attempt
@@ -309,11 +313,14 @@ class TaskRun:
         self.marker = str(workdir.resolve())
         self.staging = staging
         self.store = staging.store
+        self.spawner = spawner
+        self.leftovers = leftovers
         self.step = step
         self.fetched: list[list[Any]] = []  # [digest, source label, bytes] per input moved
         self.hit_bytes = 0
         self._adopted: list[str] = []  # outputs in the store, each pinned by this run
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: TaskProcess | None = None
+        self._escapees_killed = False  # its processes that left the group: killed already
         self._staging: asyncio.Future[None] | None = None
         self._stopped = False
         self._out_of_time = False  # stopped at its wall-clock limit
@@ -353,7 +360,7 @@ class TaskRun:
             if report["exit_code"] != 0 and not report["error"] and self._disk_full():
                 # The command's own complaint may be lost: its stderr file is on that disk.
                 report["error"] = self._disk_full_message("No space left on device")
-            if report["exit_code"] == 0:
+            if report["exit_code"] == 0 and self.spec.outputs:
                 # Hashing a big output takes seconds: off the loop, heartbeats keep flowing.
                 report["outputs"] = await asyncio.to_thread(self._store_outputs)
         except CacheFullError as err:
@@ -378,7 +385,8 @@ class TaskRun:
             # Every attempt's stdout and stderr go back, bounded: the coordinator keeps them.
             for stream in ("stdout", "stderr"):
                 report[stream], report[f"{stream}_size"] = read_tail(self.workdir / stream)
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            # Off this path, in a batch: why it is safe, worker/leftovers.py.
+            self.leftovers.leave(self.workdir, None if self._escapees_killed else self.marker)
             for item in self.spec.inputs:
                 self.store.unpin(item.ref.digest)
             for digest in self._adopted:  # the job keeps its outputs: consumers fetch them here
@@ -402,8 +410,10 @@ class TaskRun:
         )
 
     async def _stage_inputs(self) -> None:
-        self.workdir.chmod(0o700)
+        self.workdir.chmod(0o700)  # whatever the daemon's umask
         self.sandbox.mkdir(mode=0o700)
+        if not self.spec.inputs:
+            return
         slots = asyncio.Semaphore(_MAX_PARALLEL_FETCHES)
         job = self.jobdata
 
@@ -497,26 +507,24 @@ class TaskRun:
             # What its command left running must not outlive it (nor change the outputs):
             # the middleware's processes are not this daemon's descendants, hence by marker.
             await asyncio.to_thread(reaper.kill_marked_anywhere, self.marker)
+            self._escapees_killed = True
         self._out_of_time = exited.out_of_time
         return exited.exit_code
 
     async def _spawn_command(self, env: dict[str, str]) -> int:
         with (
-            open(self.workdir / "stdout", "wb") as out,
-            open(self.workdir / "stderr", "wb") as err,
+            open(self.workdir / "stdout", "wb", opener=_private) as out,
+            open(self.workdir / "stderr", "wb", opener=_private) as err,
         ):
             try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    "/bin/sh",
-                    "-c",
-                    self.spec.command,
+                # Its priority and umask from its first instruction: worker/spawn.py.
+                self._proc = await self.spawner.start(
+                    ["/bin/sh", "-c", self.spec.command],
                     cwd=self.sandbox,
                     env=env,
-                    stdin=asyncio.subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
-                    start_new_session=True,
-                    preexec_fn=task_preexec(self.spec.limits),  # why a preexec: worker/limits.py
+                    limits=self.spec.limits,
                 )
             except OSError as failure:
                 if self.spec.limits == Limits():
@@ -533,12 +541,14 @@ class TaskRun:
             code = await self._proc.wait()
         # What the shell left running in the background must not outlive the task: it would
         # keep the owner's CPU busy after the job, and could change the sandbox while the
-        # outputs are checked and moved into the store.
-        await self._end_processes(self._proc, grace=False)
+        # outputs are checked and moved into the store. Without outputs, those that left the
+        # group can go with the next sweep (worker/leftovers.py).
+        await self._end_processes(self._proc, grace=False, escapees=bool(self.spec.outputs))
         return code
 
-    async def _end_processes(self, proc: asyncio.subprocess.Process, grace: bool) -> None:
-        """End the task's process group and every process carrying its marker."""
+    async def _end_processes(self, proc: TaskProcess, grace: bool, escapees: bool = True) -> None:
+        """End the task's process group and, with `escapees`, every process carrying its
+        marker (else the leftovers' sweep does)."""
         if grace and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -549,7 +559,9 @@ class TaskRun:
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
         # Those that left the group (setsid, double fork) still carry the marker.
-        await asyncio.to_thread(reaper.kill_marked, self.marker)
+        if escapees:
+            await asyncio.to_thread(reaper.kill_marked, self.marker)
+            self._escapees_killed = True
         reaper.reap_group(proc.pid)  # orphans of the task that ended by themselves
 
     def _stderr_tail(self) -> str:
@@ -595,6 +607,11 @@ class TaskRun:
         if proc is None:
             return
         await self._end_processes(proc, grace=True)
+
+
+def _private(path: str, flags: int) -> int:
+    """An opener of files only the worker's user reads, whatever the daemon's umask."""
+    return os.open(path, flags, 0o600)
 
 
 def read_tail(path: Path, limit: int = MAX_LOG) -> tuple[bytes, int]:
