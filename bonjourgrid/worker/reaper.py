@@ -10,7 +10,9 @@ fork), so two more things hold it:
 - Each task's processes carry a marker in their environment, `BGRID_SANDBOX=<the sandbox
   directory>`, which every child inherits and /proc/PID/environ shows (psutil). When the
   task ends, every descendant of the daemon that carries its marker is killed, round after
-  round until none is left (a process that forks meanwhile is found in the next round).
+  round until none is left (a process that forks meanwhile is found in the next round):
+  at once when the task has outputs to check or was stopped, else in a batched sweep with
+  the other tasks finished meanwhile (worker/leftovers.py says why that is safe).
 
 The marker also names the cache directory the sandbox is in. A daemon killed with -9 leaves
 its tasks running; the next daemon of the same cache kills every process whose marker names

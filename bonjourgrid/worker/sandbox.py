@@ -2,9 +2,11 @@
 
 A task's sandbox is a fresh, private (0700) directory holding copies of its inputs at their
 declared relative paths. The command runs there under /bin/sh in a session (process group) of
-its own, at the desktop's lowest priority (worker/limits.py), with a marker in its
-environment; when it ends or is stopped, its group and every process carrying the marker
-are killed (worker/reaper.py). Declared outputs must be regular files inside the sandbox;
+its own, at the desktop's lowest priority (worker/limits.py, spawned as worker/spawn.py
+says), with a marker in its environment; when it ends or is stopped, its group is killed at
+once, and every process carrying the marker (worker/reaper.py) before its outputs are
+checked, or, for a task without outputs, by the next batched sweep (worker/leftovers.py),
+which removes the sandbox too. Declared outputs must be regular files inside the sandbox;
 they are moved into the content store and reported by digest.
 
 Why copies and not hard links into the cache: a hard link is the cache's own inode, and a
@@ -288,9 +290,10 @@ class TaskRun:
     """One attempt of one task on this peer; `stop()` ends it from outside.
 
     Layout: `workdir/sandbox/` is the task's directory (its cwd), and its stdout and stderr
-    go to `workdir/` beside it, where no declared path can reach them. `workdir`, resolved,
-    is the marker its processes carry. An external run (`step` given) does not spawn its
-    command: the `bgrid task-step` that claims it does (worker/task_steps.py).
+    go to `workdir/` beside it, where no declared path can reach them. `workdir` (absolute and
+    resolved: no symbolic link in it) is the marker its processes carry. An external run
+    (`step` given) does not spawn its command: the `bgrid task-step` that claims it does
+    (worker/task_steps.py).
     """
 
     def __init__(
@@ -310,7 +313,7 @@ class TaskRun:
         self.spec = spec
         self.workdir = workdir
         self.sandbox = workdir / "sandbox"
-        self.marker = str(workdir.resolve())
+        self.marker = str(workdir)  # resolved by the daemon: the prefix its successor looks for
         self.staging = staging
         self.store = staging.store
         self.spawner = spawner
@@ -345,8 +348,11 @@ class TaskRun:
         for item in self.spec.inputs:  # no input may be evicted while this task needs it
             self.store.pin(item.ref.digest)
         try:
-            self._staging = asyncio.ensure_future(self._stage_inputs())
-            await self._staging
+            if self.spec.inputs:  # a task of its own, which stop() cancels
+                self._staging = asyncio.ensure_future(self._stage_inputs())
+                await self._staging
+            else:  # nothing to wait for: not worth a task and its loop turns
+                self._make_sandbox()
             report["fetch_s"] = time.monotonic() - started
             before = {i.ref.digest: self.store.fingerprint(i.ref.digest) for i in self.spec.inputs}
             started = time.monotonic()
@@ -409,9 +415,12 @@ class TaskRun:
             "the task should run on another peer"
         )
 
-    async def _stage_inputs(self) -> None:
+    def _make_sandbox(self) -> None:
         self.workdir.chmod(0o700)  # whatever the daemon's umask
         self.sandbox.mkdir(mode=0o700)
+
+    async def _stage_inputs(self) -> None:
+        self._make_sandbox()
         if not self.spec.inputs:
             return
         slots = asyncio.Semaphore(_MAX_PARALLEL_FETCHES)
@@ -533,6 +542,8 @@ class TaskRun:
                     f"the command could not start under its limits "
                     f"({self.spec.limits.describe()}): {failure.strerror or failure}"
                 ) from None
+        if self._stopped:  # stop() came while it was spawned, and found no process to stop
+            await self._end_processes(self._proc, grace=False)
         try:
             code = await asyncio.wait_for(self._proc.wait(), self.spec.limits.wall_s)
         except TimeoutError:
