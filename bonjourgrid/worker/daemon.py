@@ -342,6 +342,7 @@ class WorkerDaemon:
             self.data_policy.allowed.add(keys.public)
         # Without a job keypair (a coordinator that sent none), fetch as this peer.
         self.job = JobData(job, keys or self.keypair, self.store)
+        self.leftovers.start_job(job)
 
     def _job_ended(self, job: str, reason: str) -> None:
         ended = self.job
@@ -362,7 +363,8 @@ class WorkerDaemon:
             len(ended.prefetches),
         )
         ended.end()
-        # Its tasks' escapees and sandboxes go now, not with a later job's tasks.
+        # Its tasks' escapees and sandboxes go now: no later job's task runs in them.
+        self.leftovers.end_job()
         self._keep(asyncio.create_task(self.leftovers.sweep()))
 
     def _prefetch(self, job: str, files: tuple[PrefetchFile, ...]) -> None:
@@ -407,11 +409,13 @@ class WorkerDaemon:
     def _start(self, job: str, task: str, attempt: int, spec: RunSpec) -> None:
         assert self.job is not None and self.job.name == job  # the core checked the holder
         # Names from the wire never become paths: a fresh directory per attempt.
-        # A random name (128 bits): unique and unguessable without mkdtemp's retry loop; mkdir
-        # fails rather than reuse a directory.
-        self.sandboxes.mkdir(exist_ok=True)
-        workdir = self.sandboxes / f"task-{secrets.token_hex(16)}"
-        workdir.mkdir(mode=0o700)
+        # One of this job's swept, clean work directories (worker/leftovers.py), else a new one
+        # named by 128 random bits: unique and unguessable without mkdtemp's retry loop.
+        workdir = self.leftovers.take()
+        if workdir is None:
+            self.sandboxes.mkdir(exist_ok=True)
+            workdir = self.sandboxes / f"task-{secrets.token_hex(16)}"
+            workdir.mkdir(mode=0o700)
         # An external run's command comes with the `bgrid task-step` that claims it.
         step = self.steps.expect(job, task, attempt) if spec.launch == "external" else None
         run = TaskRun(

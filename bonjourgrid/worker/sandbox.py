@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -392,7 +393,9 @@ class TaskRun:
             for stream in ("stdout", "stderr"):
                 report[stream], report[f"{stream}_size"] = read_tail(self.workdir / stream)
             # Off this path, in a batch: why it is safe, worker/leftovers.py.
-            self.leftovers.leave(self.workdir, None if self._escapees_killed else self.marker)
+            self.leftovers.leave(
+                self.workdir, None if self._escapees_killed else self.marker, self.job
+            )
             for item in self.spec.inputs:
                 self.store.unpin(item.ref.digest)
             for digest in self._adopted:  # the job keeps its outputs: consumers fetch them here
@@ -416,8 +419,13 @@ class TaskRun:
         )
 
     def _make_sandbox(self) -> None:
-        self.workdir.chmod(0o700)  # whatever the daemon's umask
-        self.sandbox.mkdir(mode=0o700)
+        self.workdir.chmod(0o700)  # whatever the daemon's umask (or the previous task) did
+        try:
+            self.sandbox.mkdir(mode=0o700)
+        except FileExistsError:  # a recycled work directory (worker/leftovers.py): empty
+            if not stat.S_ISDIR(os.lstat(self.sandbox).st_mode):
+                raise
+            self.sandbox.chmod(0o700)
 
     async def _stage_inputs(self) -> None:
         self._make_sandbox()
@@ -494,7 +502,7 @@ class TaskRun:
         """An external run's command, run by the step that claims it: its exit code."""
         assert self.step is not None
         for stream in ("stdout", "stderr"):  # the step writes them; the report reads them
-            (self.workdir / stream).touch(mode=0o600)
+            open(self.workdir / stream, "wb", opener=_private).close()
         self.step.offer(
             StepGranted(
                 self.job,
@@ -621,8 +629,19 @@ class TaskRun:
 
 
 def _private(path: str, flags: int) -> int:
-    """An opener of files only the worker's user reads, whatever the daemon's umask."""
-    return os.open(path, flags, 0o600)
+    """An opener of files only the worker's user reads, whatever the daemon's umask, and of
+    no file a link leads to (a log a previous task of a recycled directory replaced)."""
+    fd = os.open(path, (flags | os.O_NOFOLLOW) & ~os.O_TRUNC, 0o600)
+    try:
+        if os.fstat(fd).st_nlink != 1:  # checked before truncating: the other name keeps it
+            raise OSError(errno.EMLINK, f"{path} has another name: not a task's own log")
+        os.fchmod(fd, 0o600)
+        if flags & os.O_TRUNC:
+            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_tail(path: Path, limit: int = MAX_LOG) -> tuple[bytes, int]:

@@ -246,3 +246,50 @@ async def test_a_task_over_its_wall_clock_limit_is_killed_with_its_whole_tree(
     assert "raise limits.wall_s" in done["error"]
     pid = int(pidfile.read_text())
     await wait_until(lambda: gone(pid), REPLY_S, f"the end of escaped process {pid}")
+
+
+# -- recycled work directories -----------------------------------------------------------------
+
+
+async def test_a_recycled_work_directory_is_private_and_empty_and_goes_with_its_job(
+    peer: Peer, coordinator: Coordinator
+) -> None:
+    leftovers = peer.daemon.leftovers
+    # A task that opens up its directories and its log, and leaves no file: its directory is
+    # clean, so the job's next task gets it.
+    first = await run_task(
+        coordinator, 'chmod 755 . ..; chmod 644 ../stdout; echo "$BGRID_SANDBOX"', task="a"
+    )
+    assert (first["exit_code"], first["error"]) == (0, "")
+    await wait_until(lambda: leftovers.recyclable == 1, REPLY_S, "the sweep of task a")
+    probe = 'n=$(ls -A | wc -l); stat -c %a .. . ../stdout > modes.txt; echo $n >> modes.txt'
+    second = await run_task(
+        coordinator, f'{probe}; echo "$BGRID_SANDBOX"', task="b", outputs=["modes.txt"]
+    )
+    assert (second["exit_code"], second["error"]) == (0, "")
+    assert second["stdout"] == first["stdout"], "not recycled: nothing to test"
+    # Private again, and empty (its stdout holds only its own output).
+    assert stored(peer, second, "modes.txt").split() == [b"700", b"700", b"600", b"0"]
+
+    # The job ends: no later job runs there, and nothing of it is left.
+    sock = coordinator.__dict__["_sock"]
+    assert (await coordinator.ask(sock, "release", job="job-1"))["t"] == "released"
+    sandboxes = peer.daemon.store.root / SANDBOXES
+    await wait_until(lambda: not any(sandboxes.iterdir()), REPLY_S, "the sandboxes' removal")
+
+
+async def test_a_work_directory_whose_log_became_a_link_is_never_recycled(
+    peer: Peer, coordinator: Coordinator, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    first = await run_task(
+        coordinator, f'rm ../stderr; ln -s {victim} ../stderr; echo "$BGRID_SANDBOX"', task="a"
+    )
+    assert (first["exit_code"], first["error"]) == (0, "")
+    sandboxes = peer.daemon.store.root / SANDBOXES
+    await wait_until(lambda: not any(sandboxes.iterdir()), REPLY_S, "the removal of task a's")
+    second = await run_task(coordinator, 'echo "$BGRID_SANDBOX" >&2', task="b")
+    assert (second["exit_code"], second["error"]) == (0, "")
+    assert second["stderr"] != first["stdout"]
+    assert victim.read_text() == "precious\n"
