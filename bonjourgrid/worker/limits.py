@@ -15,9 +15,8 @@ policy do: nice 19, the idle I/O class (ioprio_set, IOPRIO_CLASS_IDLE) and SCHED
 the kernel allows, each inherited by all the task starts; and a umask of 077, so what the
 task writes is readable by the worker's user only.
 
-The daemon spawns most tasks without this function, by vfork from a thread that lowered its
-own priority (worker/spawn.py): a preexec function forces a fork, which costs more than a tiny
-command. Tasks with rlimits, and platforms where that trick does not hold, use it.
+The daemon runs it from a spawning thread of its own, off the event loop (worker/spawn.py says
+why not vfork from a thread at idle priority instead).
 
 Why a preexec function is acceptable although the daemon has threads (zmq, zeroconf): the
 function only makes system calls with arguments computed before the fork; it takes no lock,
@@ -47,7 +46,6 @@ __all__ = [
     "check_cpu_s",
     "check_memory",
     "check_wall_s",
-    "ioprio_idle",
     "limits_from_wire",
     "task_preexec",
 ]
@@ -262,9 +260,8 @@ _NR_IOPRIO_SET = {
 }
 
 
-def ioprio_idle(who: int = 0) -> Callable[[], None] | None:
-    """A function that puts process (or thread) `who` in the idle I/O class, 0: the calling
-    one; None where unknown."""
+def _ioprio_idle() -> Callable[[], None] | None:
+    """A function that puts the calling process in the idle I/O class; None where unknown."""
     number = _NR_IOPRIO_SET.get(platform.machine().lower())
     if number is None or not hasattr(os, "sched_setscheduler"):  # not Linux
         return None
@@ -275,7 +272,7 @@ def ioprio_idle(who: int = 0) -> Callable[[], None] | None:
     args = (
         ctypes.c_long(number),
         ctypes.c_int(_IOPRIO_WHO_PROCESS),
-        ctypes.c_int(who),
+        ctypes.c_int(0),  # this process
         ctypes.c_int(_IOPRIO_CLASS_IDLE << _IOPRIO_CLASS_SHIFT),
     )
 
@@ -288,7 +285,7 @@ def ioprio_idle(who: int = 0) -> Callable[[], None] | None:
 def task_preexec(limits: Limits) -> Callable[[], None]:
     """The preexec_fn of a task: lowest priority, private umask, then `limits`' rlimits."""
     rlimits = limits.preexec()
-    idle_io = ioprio_idle()
+    idle_io = _ioprio_idle()
     scheduler = getattr(os, "SCHED_IDLE", None)
     param = os.sched_param(0) if scheduler is not None else None
 

@@ -429,8 +429,6 @@ class TaskRun:
 
     async def _stage_inputs(self) -> None:
         self._make_sandbox()
-        if not self.spec.inputs:
-            return
         slots = asyncio.Semaphore(_MAX_PARALLEL_FETCHES)
         job = self.jobdata
 

@@ -1,28 +1,20 @@
-"""Starting a task's command cheaply, at the desktop's lowest priority from its first instruction.
+"""Starting a task's command off the event loop, and watching for its end without a thread.
 
 Theory of operation. A task must run at the desktop's leftovers (nice 19, SCHED_IDLE, the idle
-I/O class) and with a umask of 077 from its first instruction (worker/limits.py). Setting these
-in the child between fork and exec (a `preexec_fn`) forces CPython to fork: the kernel copies
-the daemon's page tables for every task, which costs more CPU than a tiny command itself.
-Without a preexec_fn, `subprocess` uses vfork (CPython 3.10+ on Linux): the child borrows the
-parent's memory until it execs. `umask`, `cwd` and `start_new_session` are applied by the C
-code between vfork and exec, so they keep vfork.
+I/O class), with a umask of 077 and its rlimits, from its first instruction: the child sets
+them between fork and exec (`task_preexec`, worker/limits.py). `subprocess` runs that in the
+calling thread and waits there, without the GIL, until the child has exec'd. So the daemon
+spawns from one thread of its own, at normal priority: the event loop goes on serving
+(heartbeats, other tasks' reports) while the kernel copies the daemon for the fork and the
+child lowers itself, which under load can take a while since the child runs at idle priority.
 
-The priority goes another way. On Linux, the nice value, the scheduling policy and the I/O
-priority belong to each thread, and a child copies them from the thread that spawns it. So one
-dedicated spawner thread lowers its own priority once (setpriority, sched_setscheduler and
-ioprio_set on its native thread id) and spawns every task: each child is born at the lowest
-priority, before its first instruction, with no code run between vfork and exec. The daemon's
-other threads keep their priority (checked when the thread lowers itself).
-
-Where this does not hold (not Linux; a kernel where lowering the thread lowered the whole
-daemon, or did not take), and for tasks with rlimits (`cpu_s`, `memory`: they must hold from
-the first instruction too, and setrlimit in a child is per process), the spawner falls back to
-the preexec function, as before: a fork that sets everything in the child.
-
-The cost of the thread: the spawner holds the GIL for the Python part of `Popen` (some tens of
-microseconds a task) at idle priority. When the owner's processes fill every core, the loop
-may wait on it for a few scheduler ticks; a busy owner also stops the tasks (worker/idle.py).
+Why not vfork from a thread that lowered its own priority (children inherit a thread's nice,
+policy and I/O class on Linux, so no preexec would be needed and CPython would vfork): the
+spawning thread holds the GIL until the vfork'd child execs, and that child runs at idle
+priority. With the owner's processes busy on every core it waits for CPU, and so does every
+thread of the daemon waiting for the GIL: measured here, 1.4 s stalls of the main thread with
+four busy loops on two cores (0.15 s when the spawning thread keeps normal priority). That
+would silence heartbeats and lose the peer; fork costs more CPU but never stalls the loop.
 
 Watching for the end of a child: asyncio's default child watcher starts a thread per child.
 Here a pidfd (`os.pidfd_open`, Linux 5.3+) becomes readable when the child exits, so the event
@@ -33,22 +25,14 @@ thread per child waits, as asyncio's watcher would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import os
 import subprocess
-import sys
-import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
-import psutil
-
-from bonjourgrid.worker.limits import TASK_NICE, TASK_UMASK, Limits, ioprio_idle, task_preexec
-
-log = logging.getLogger(__name__)
+from bonjourgrid.worker.limits import Limits, task_preexec
 
 
 class TaskProcess:
@@ -93,13 +77,10 @@ class TaskProcess:
 
 
 class Spawner:
-    """Spawns tasks from one thread running at the lowest priority (the module's docstring)."""
+    """Spawns tasks from one thread of the daemon's own (the module's docstring)."""
 
     def __init__(self) -> None:
-        self._thread = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="bgrid-spawn", initializer=self._lower_priority
-        )
-        self.inherits = False  # whether children of the thread are born at its priority
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bgrid-spawn")
 
     async def start(
         self,
@@ -114,8 +95,6 @@ class Spawner:
         """Spawn `argv` in a session of its own at the lowest priority, under `limits`."""
 
         def spawn() -> subprocess.Popen[bytes]:
-            # Read in the thread, after its initializer decided.
-            vfork = self.inherits and not limits.rlimits()
             return subprocess.Popen(
                 argv,
                 cwd=cwd,
@@ -124,8 +103,7 @@ class Spawner:
                 stdout=stdout,
                 stderr=stderr,
                 start_new_session=True,
-                umask=TASK_UMASK,
-                preexec_fn=None if vfork else task_preexec(limits),
+                preexec_fn=task_preexec(limits),  # why a preexec: worker/limits.py
             )
 
         popen = await asyncio.get_running_loop().run_in_executor(self._thread, spawn)
@@ -133,33 +111,3 @@ class Spawner:
 
     def close(self) -> None:
         self._thread.shutdown(wait=False)
-
-    def _lower_priority(self) -> None:
-        """Run once in the spawner thread: lower its own priority, and check it alone."""
-        if not sys.platform.startswith("linux"):
-            return  # elsewhere a thread id is no process id: the preexec path is used
-        thread = threading.get_native_id()
-        daemon = psutil.Process()
-        before = _priority_of(daemon)
-        # Each step on its own, as in the preexec: a kernel that refuses one gets the others.
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, thread, TASK_NICE)
-        idle_io = ioprio_idle(thread)
-        if idle_io is not None:
-            idle_io()
-        with contextlib.suppress(OSError, AttributeError):
-            os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
-        try:
-            lowered = _priority_of(psutil.Process(thread))
-        except (psutil.Error, OSError):
-            return
-        # Children copy this thread's priority only if it is the thread's own (the daemon's
-        # main thread kept its own) and it took: otherwise every task gets the preexec.
-        self.inherits = _priority_of(daemon) == before and lowered[0] == TASK_NICE
-        if not self.inherits:
-            log.info("tasks are spawned by fork: the spawner thread could not lower itself alone")
-
-
-def _priority_of(process: psutil.Process) -> tuple[int, int, int]:
-    """Nice value, scheduling policy and I/O class of a process (or of a thread, by its id)."""
-    return process.nice(), os.sched_getscheduler(process.pid), int(process.ionice().ioclass)
