@@ -3,7 +3,7 @@
 Writes a workflow of N independent `true` tasks (no inputs, no outputs) in a temp dir and
 runs it with `bgrid submit --local 2` (two worker daemons on 127.0.0.1, the same CLI a user
 runs). Every task costs the coordinator a dispatch, a `started` and a `task_done` message,
-and the scheduler's bookkeeping; the worker forks one process. The figure is N over the
+and the scheduler's bookkeeping; the worker spawns one process (vfork, worker/spawn.py). The figure is N over the
 report's makespan (first dispatch to last task done); the submit's wall time (start-up,
 recruitment, release included) is printed too.
 

@@ -24,8 +24,8 @@ import dataclasses
 import logging
 import os
 import platform
+import secrets
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,9 +75,11 @@ from bonjourgrid.units import MIB
 from bonjourgrid.worker import core, reaper
 from bonjourgrid.worker.core import PeerState, WorkerCore
 from bonjourgrid.worker.idle import IdleSettings, OwnerMonitor
+from bonjourgrid.worker.leftovers import Leftovers
 from bonjourgrid.worker.middleware import detect_middleware
 from bonjourgrid.worker.sandbox import FETCHED, JobData, RunSpec, Staging, TaskRun, run_spec
 from bonjourgrid.worker.service_run import ServiceRuns
+from bonjourgrid.worker.spawn import Spawner
 from bonjourgrid.worker.task_steps import TaskSteps
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ _TICK_S = 0.2  # how often leases are checked: a dead coordinator's peer is idle
 # How often owner activity is sampled: with sandbox.STOP_GRACE_S, a returning owner has the
 # machine back (every task process gone) within a second.
 _IDLE_SAMPLE_S = 0.2
+_STOP_RUNS_S = 2.0  # how long a stopping daemon waits for its stopped runs to finish
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,9 @@ class WorkerDaemon:
         )
         self.fetcher = Fetcher(self.ctx, self.keypair)
         self.staging = Staging(self.store, self.fetcher)
+        self.spawner = Spawner()  # tasks' commands, at the lowest priority
+        self.leftovers = Leftovers()  # finished tasks' escapees and sandboxes
+        self.sandboxes = (self.store.root / SANDBOXES).resolve()  # where tasks run
         self.job: JobData | None = None  # the job that holds the reservation
         # Who may read this peer's cache: the grid's coordinators, and the job holding it.
         self.data_policy = wire.KeyPolicy({config.grid.public} if config.grid else set())
@@ -201,6 +207,12 @@ class WorkerDaemon:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await asyncio.gather(*(run.stop("the worker stops") for run, _ in self.runs.values()))
+            # Their reports, then their sandboxes: what the next start would otherwise remove.
+            stopping = [task for _, task in self.runs.values()]
+            if stopping:
+                await asyncio.wait(stopping, timeout=_STOP_RUNS_S)
+            await self.leftovers.close()
+            self.spawner.close()
             await self.services.close()
             await self.steps.close_all()
             if self.job is not None:
@@ -328,6 +340,7 @@ class WorkerDaemon:
             self.data_policy.allowed.add(keys.public)
         # Without a job keypair (a coordinator that sent none), fetch as this peer.
         self.job = JobData(job, keys or self.keypair, self.store)
+        self.leftovers.start_job(job)
 
     def _job_ended(self, job: str, reason: str) -> None:
         ended = self.job
@@ -348,6 +361,9 @@ class WorkerDaemon:
             len(ended.prefetches),
         )
         ended.end()
+        # Its tasks' escapees and sandboxes go now: no later job's task runs in them.
+        self.leftovers.end_job()
+        self._keep(asyncio.create_task(self.leftovers.sweep()))
 
     def _prefetch(self, job: str, files: tuple[PrefetchFile, ...]) -> None:
         data = self.job
@@ -391,12 +407,18 @@ class WorkerDaemon:
     def _start(self, job: str, task: str, attempt: int, spec: RunSpec) -> None:
         assert self.job is not None and self.job.name == job  # the core checked the holder
         # Names from the wire never become paths: a fresh directory per attempt.
-        sandboxes = self.store.root / SANDBOXES
-        sandboxes.mkdir(exist_ok=True)
-        workdir = Path(tempfile.mkdtemp(prefix="task-", dir=sandboxes))
+        # One of this job's swept, clean work directories (worker/leftovers.py), else a new one
+        # named by 128 random bits: unique and unguessable without mkdtemp's retry loop.
+        workdir = self.leftovers.take()
+        if workdir is None:
+            self.sandboxes.mkdir(exist_ok=True)
+            workdir = self.sandboxes / f"task-{secrets.token_hex(16)}"
+            workdir.mkdir(mode=0o700)
         # An external run's command comes with the `bgrid task-step` that claims it.
         step = self.steps.expect(job, task, attempt) if spec.launch == "external" else None
-        run = TaskRun(self.job, task, attempt, spec, workdir, self.staging, step)
+        run = TaskRun(
+            self.job, task, attempt, spec, workdir, self.staging, self.spawner, self.leftovers, step
+        )
 
         async def execute() -> None:
             report = task_done(await run.execute())

@@ -15,6 +15,9 @@ policy do: nice 19, the idle I/O class (ioprio_set, IOPRIO_CLASS_IDLE) and SCHED
 the kernel allows, each inherited by all the task starts; and a umask of 077, so what the
 task writes is readable by the worker's user only.
 
+The daemon runs it from a spawning thread of its own, off the event loop (worker/spawn.py says
+why not vfork from a thread at idle priority instead).
+
 Why a preexec function is acceptable although the daemon has threads (zmq, zeroconf): the
 function only makes system calls with arguments computed before the fork; it takes no lock,
 logs nothing and imports nothing, and CPython reinitialises its own locks in the child.

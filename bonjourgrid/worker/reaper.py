@@ -10,7 +10,9 @@ fork), so two more things hold it:
 - Each task's processes carry a marker in their environment, `BGRID_SANDBOX=<the sandbox
   directory>`, which every child inherits and /proc/PID/environ shows (psutil). When the
   task ends, every descendant of the daemon that carries its marker is killed, round after
-  round until none is left (a process that forks meanwhile is found in the next round).
+  round until none is left (a process that forks meanwhile is found in the next round):
+  at once when the task has outputs to check or was stopped, else in a batched sweep with
+  the other tasks finished meanwhile (worker/leftovers.py says why that is safe).
 
 The marker also names the cache directory the sandbox is in. A daemon killed with -9 leaves
 its tasks running; the next daemon of the same cache kills every process whose marker names
@@ -30,7 +32,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import psutil
@@ -106,11 +108,18 @@ def _kill_rounds(find: Callable[[], list[psutil.Process]]) -> int:
 
 def kill_marked(tag: str) -> int:
     """Kill every descendant of this process whose marker is `tag`; how many."""
+    return kill_marked_among({tag})
+
+
+def kill_marked_among(tags: Collection[str]) -> int:
+    """Kill every descendant of this process whose marker is one of `tags`; how many. One
+    scan of the process table a round, whatever the number of tags."""
     me = psutil.Process()
+    wanted = set(tags)
 
     def find() -> list[psutil.Process]:
         with contextlib.suppress(psutil.Error):
-            return [p for p in me.children(recursive=True) if _marker_of(p) == tag]
+            return [p for p in me.children(recursive=True) if _marker_of(p) in wanted]
         return []
 
     return _kill_rounds(find)

@@ -2,9 +2,11 @@
 
 A task's sandbox is a fresh, private (0700) directory holding copies of its inputs at their
 declared relative paths. The command runs there under /bin/sh in a session (process group) of
-its own, at the desktop's lowest priority (worker/limits.py), with a marker in its
-environment; when it ends or is stopped, its group and every process carrying the marker
-are killed (worker/reaper.py). Declared outputs must be regular files inside the sandbox;
+its own, at the desktop's lowest priority (worker/limits.py, spawned as worker/spawn.py
+says), with a marker in its environment; when it ends or is stopped, its group is killed at
+once, and every process carrying the marker (worker/reaper.py) before its outputs are
+checked, or, for a task without outputs, by the next batched sweep (worker/leftovers.py),
+which removes the sandbox too. Declared outputs must be regular files inside the sandbox;
 they are moved into the content store and reported by digest.
 
 Why copies and not hard links into the cache: a hard link is the cache's own inode, and a
@@ -30,6 +32,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,7 +54,9 @@ from bonjourgrid.protocol import (
     check_path,
 )
 from bonjourgrid.worker import reaper
-from bonjourgrid.worker.limits import Limits, limits_from_wire, task_preexec
+from bonjourgrid.worker.leftovers import Leftovers
+from bonjourgrid.worker.limits import Limits, limits_from_wire
+from bonjourgrid.worker.spawn import Spawner, TaskProcess
 from bonjourgrid.worker.task_steps import ExternalStep, StepEnded
 
 log = logging.getLogger(__name__)
@@ -286,9 +291,10 @@ class TaskRun:
     """One attempt of one task on this peer; `stop()` ends it from outside.
 
     Layout: `workdir/sandbox/` is the task's directory (its cwd), and its stdout and stderr
-    go to `workdir/` beside it, where no declared path can reach them. `workdir`, resolved,
-    is the marker its processes carry. An external run (`step` given) does not spawn its
-    command: the `bgrid task-step` that claims it does (worker/task_steps.py).
+    go to `workdir/` beside it, where no declared path can reach them. `workdir` (absolute and
+    resolved: no symbolic link in it) is the marker its processes carry. An external run
+    (`step` given) does not spawn its command: the `bgrid task-step` that claims it does
+    (worker/task_steps.py).
     """
 
     def __init__(
@@ -299,6 +305,8 @@ class TaskRun:
         spec: RunSpec,
         workdir: Path,
         staging: Staging,
+        spawner: Spawner,
+        leftovers: Leftovers,
         step: ExternalStep | None = None,
     ) -> None:
         self.job, self.task, self.attempt = job.name, task, attempt
@@ -306,14 +314,17 @@ class TaskRun:
         self.spec = spec
         self.workdir = workdir
         self.sandbox = workdir / "sandbox"
-        self.marker = str(workdir.resolve())
+        self.marker = str(workdir)  # resolved by the daemon: the prefix its successor looks for
         self.staging = staging
         self.store = staging.store
+        self.spawner = spawner
+        self.leftovers = leftovers
         self.step = step
         self.fetched: list[list[Any]] = []  # [digest, source label, bytes] per input moved
         self.hit_bytes = 0
         self._adopted: list[str] = []  # outputs in the store, each pinned by this run
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: TaskProcess | None = None
+        self._escapees_killed = False  # its processes that left the group: killed already
         self._staging: asyncio.Future[None] | None = None
         self._stopped = False
         self._out_of_time = False  # stopped at its wall-clock limit
@@ -338,8 +349,11 @@ class TaskRun:
         for item in self.spec.inputs:  # no input may be evicted while this task needs it
             self.store.pin(item.ref.digest)
         try:
-            self._staging = asyncio.ensure_future(self._stage_inputs())
-            await self._staging
+            if self.spec.inputs:  # a task of its own, which stop() cancels
+                self._staging = asyncio.ensure_future(self._stage_inputs())
+                await self._staging
+            else:  # nothing to wait for: not worth a task and its loop turns
+                self._make_sandbox()
             report["fetch_s"] = time.monotonic() - started
             before = {i.ref.digest: self.store.fingerprint(i.ref.digest) for i in self.spec.inputs}
             started = time.monotonic()
@@ -353,7 +367,7 @@ class TaskRun:
             if report["exit_code"] != 0 and not report["error"] and self._disk_full():
                 # The command's own complaint may be lost: its stderr file is on that disk.
                 report["error"] = self._disk_full_message("No space left on device")
-            if report["exit_code"] == 0:
+            if report["exit_code"] == 0 and self.spec.outputs:
                 # Hashing a big output takes seconds: off the loop, heartbeats keep flowing.
                 report["outputs"] = await asyncio.to_thread(self._store_outputs)
         except CacheFullError as err:
@@ -378,7 +392,10 @@ class TaskRun:
             # Every attempt's stdout and stderr go back, bounded: the coordinator keeps them.
             for stream in ("stdout", "stderr"):
                 report[stream], report[f"{stream}_size"] = read_tail(self.workdir / stream)
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            # Off this path, in a batch: why it is safe, worker/leftovers.py.
+            self.leftovers.leave(
+                self.workdir, None if self._escapees_killed else self.marker, self.job
+            )
             for item in self.spec.inputs:
                 self.store.unpin(item.ref.digest)
             for digest in self._adopted:  # the job keeps its outputs: consumers fetch them here
@@ -401,9 +418,17 @@ class TaskRun:
             "the task should run on another peer"
         )
 
+    def _make_sandbox(self) -> None:
+        self.workdir.chmod(0o700)  # whatever the daemon's umask (or the previous task) did
+        try:
+            self.sandbox.mkdir(mode=0o700)
+        except FileExistsError:  # a recycled work directory (worker/leftovers.py): empty
+            if not stat.S_ISDIR(os.lstat(self.sandbox).st_mode):
+                raise
+            self.sandbox.chmod(0o700)
+
     async def _stage_inputs(self) -> None:
-        self.workdir.chmod(0o700)
-        self.sandbox.mkdir(mode=0o700)
+        self._make_sandbox()
         slots = asyncio.Semaphore(_MAX_PARALLEL_FETCHES)
         job = self.jobdata
 
@@ -475,7 +500,7 @@ class TaskRun:
         """An external run's command, run by the step that claims it: its exit code."""
         assert self.step is not None
         for stream in ("stdout", "stderr"):  # the step writes them; the report reads them
-            (self.workdir / stream).touch(mode=0o600)
+            open(self.workdir / stream, "wb", opener=_private).close()
         self.step.offer(
             StepGranted(
                 self.job,
@@ -497,26 +522,24 @@ class TaskRun:
             # What its command left running must not outlive it (nor change the outputs):
             # the middleware's processes are not this daemon's descendants, hence by marker.
             await asyncio.to_thread(reaper.kill_marked_anywhere, self.marker)
+            self._escapees_killed = True
         self._out_of_time = exited.out_of_time
         return exited.exit_code
 
     async def _spawn_command(self, env: dict[str, str]) -> int:
         with (
-            open(self.workdir / "stdout", "wb") as out,
-            open(self.workdir / "stderr", "wb") as err,
+            open(self.workdir / "stdout", "wb", opener=_private) as out,
+            open(self.workdir / "stderr", "wb", opener=_private) as err,
         ):
             try:
-                self._proc = await asyncio.create_subprocess_exec(
-                    "/bin/sh",
-                    "-c",
-                    self.spec.command,
+                # Its priority and umask from its first instruction: worker/spawn.py.
+                self._proc = await self.spawner.start(
+                    ["/bin/sh", "-c", self.spec.command],
                     cwd=self.sandbox,
                     env=env,
-                    stdin=asyncio.subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
-                    start_new_session=True,
-                    preexec_fn=task_preexec(self.spec.limits),  # why a preexec: worker/limits.py
+                    limits=self.spec.limits,
                 )
             except OSError as failure:
                 if self.spec.limits == Limits():
@@ -525,6 +548,8 @@ class TaskRun:
                     f"the command could not start under its limits "
                     f"({self.spec.limits.describe()}): {failure.strerror or failure}"
                 ) from None
+        if self._stopped:  # stop() came while it was spawned, and found no process to stop
+            await self._end_processes(self._proc, grace=False)
         try:
             code = await asyncio.wait_for(self._proc.wait(), self.spec.limits.wall_s)
         except TimeoutError:
@@ -533,12 +558,14 @@ class TaskRun:
             code = await self._proc.wait()
         # What the shell left running in the background must not outlive the task: it would
         # keep the owner's CPU busy after the job, and could change the sandbox while the
-        # outputs are checked and moved into the store.
-        await self._end_processes(self._proc, grace=False)
+        # outputs are checked and moved into the store. Without outputs, those that left the
+        # group can go with the next sweep (worker/leftovers.py).
+        await self._end_processes(self._proc, grace=False, escapees=bool(self.spec.outputs))
         return code
 
-    async def _end_processes(self, proc: asyncio.subprocess.Process, grace: bool) -> None:
-        """End the task's process group and every process carrying its marker."""
+    async def _end_processes(self, proc: TaskProcess, grace: bool, escapees: bool = True) -> None:
+        """End the task's process group and, with `escapees`, every process carrying its
+        marker (else the leftovers' sweep does)."""
         if grace and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -549,7 +576,9 @@ class TaskRun:
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
         # Those that left the group (setsid, double fork) still carry the marker.
-        await asyncio.to_thread(reaper.kill_marked, self.marker)
+        if escapees:
+            await asyncio.to_thread(reaper.kill_marked, self.marker)
+            self._escapees_killed = True
         reaper.reap_group(proc.pid)  # orphans of the task that ended by themselves
 
     def _stderr_tail(self) -> str:
@@ -595,6 +624,22 @@ class TaskRun:
         if proc is None:
             return
         await self._end_processes(proc, grace=True)
+
+
+def _private(path: str, flags: int) -> int:
+    """An opener of files only the worker's user reads, whatever the daemon's umask, and of
+    no file a link leads to (a log a previous task of a recycled directory replaced)."""
+    fd = os.open(path, (flags | os.O_NOFOLLOW) & ~os.O_TRUNC, 0o600)
+    try:
+        if os.fstat(fd).st_nlink != 1:  # checked before truncating: the other name keeps it
+            raise OSError(errno.EMLINK, f"{path} has another name: not a task's own log")
+        os.fchmod(fd, 0o600)
+        if flags & os.O_TRUNC:
+            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_tail(path: Path, limit: int = MAX_LOG) -> tuple[bytes, int]:

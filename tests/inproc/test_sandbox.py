@@ -112,6 +112,9 @@ async def test_the_cache_and_the_sandbox_are_readable_by_the_worker_s_user_only(
     # The work directory, the sandbox, an input, a file the task made.
     assert stored(peer, done, "modes.txt").split() == [b"700", b"700", b"400", b"600"]
     root = peer.daemon.store.root
+    # Once the sandbox is gone (its removal runs after the report): nothing left to race with.
+    sandboxes = root / SANDBOXES
+    await wait_until(lambda: not any(sandboxes.iterdir()), REPLY_S, "the sandbox's removal")
     for path in [root, *root.rglob("*")]:
         mode = stat.S_IMODE(path.lstat().st_mode)
         if path.is_dir():
@@ -204,19 +207,26 @@ async def test_a_task_that_truncates_its_input_changes_nobody_else_s_copy(
 # -- priority ----------------------------------------------------------------------------------
 
 
-async def test_a_task_runs_at_the_desktop_s_lowest_priority(
-    peer: Peer, coordinator: Coordinator
+@pytest.mark.parametrize("limits", [{}, {"cpu_s": 100, "memory": 1 << 32}], ids=["none", "rlimits"])
+async def test_a_task_runs_at_the_desktop_s_lowest_priority_with_a_private_umask(
+    peer: Peer, coordinator: Coordinator, limits: dict[str, int]
 ) -> None:
     probe = (
         "import os, psutil; p = psutil.Process(); "
         "print(p.nice(), os.sched_getscheduler(0), int(p.ionice().ioclass))"
     )
-    done = await run_task(
-        coordinator, f'{sys.executable} -c "{probe}" > prio.txt', outputs=["prio.txt"]
+    command = (
+        f'{sys.executable} -c "{probe}" > prio.txt; umask >> prio.txt; '
+        "stat -c %a ../stdout ../stderr >> prio.txt"
     )
+    done = await run_task(coordinator, command, outputs=["prio.txt"], limits=limits)
     assert (done["exit_code"], done["error"]) == (0, "")
-    nice, policy, ioclass = (int(v) for v in stored(peer, done, "prio.txt").split())
-    assert (nice, policy, ioclass) == (19, os.SCHED_IDLE, psutil.IOPRIO_CLASS_IDLE)
+    nice, policy, ioclass, *octal = stored(peer, done, "prio.txt").split()
+    umask, stdout_mode, stderr_mode = (int(v, 8) for v in octal)
+    assert (int(nice), int(policy), int(ioclass)) == (19, os.SCHED_IDLE, psutil.IOPRIO_CLASS_IDLE)
+    assert (umask, stdout_mode, stderr_mode) == (0o077, 0o600, 0o600)
+    # The daemon itself keeps its priority: only the task lowered its own.
+    assert (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)) == (0, os.SCHED_OTHER)
 
 
 # -- the wall-clock limit ----------------------------------------------------------------------
@@ -232,3 +242,50 @@ async def test_a_task_over_its_wall_clock_limit_is_killed_with_its_whole_tree(
     assert "raise limits.wall_s" in done["error"]
     pid = int(pidfile.read_text())
     await wait_until(lambda: gone(pid), REPLY_S, f"the end of escaped process {pid}")
+
+
+# -- recycled work directories -----------------------------------------------------------------
+
+
+async def test_a_recycled_work_directory_is_private_and_empty_and_goes_with_its_job(
+    peer: Peer, coordinator: Coordinator
+) -> None:
+    leftovers = peer.daemon.leftovers
+    # A task that opens up its directories and its log, and leaves no file: its directory is
+    # clean, so the job's next task gets it.
+    first = await run_task(
+        coordinator, 'chmod 755 . ..; chmod 644 ../stdout; echo "$BGRID_SANDBOX"', task="a"
+    )
+    assert (first["exit_code"], first["error"]) == (0, "")
+    await wait_until(lambda: leftovers.recyclable == 1, REPLY_S, "the sweep of task a")
+    probe = 'n=$(ls -A | wc -l); stat -c %a .. . ../stdout > modes.txt; echo $n >> modes.txt'
+    second = await run_task(
+        coordinator, f'{probe}; echo "$BGRID_SANDBOX"', task="b", outputs=["modes.txt"]
+    )
+    assert (second["exit_code"], second["error"]) == (0, "")
+    assert second["stdout"] == first["stdout"], "not recycled: nothing to test"
+    # Private again, and empty (its stdout holds only its own output).
+    assert stored(peer, second, "modes.txt").split() == [b"700", b"700", b"600", b"0"]
+
+    # The job ends: no later job runs there, and nothing of it is left.
+    sock = coordinator.__dict__["_sock"]
+    assert (await coordinator.ask(sock, "release", job="job-1"))["t"] == "released"
+    sandboxes = peer.daemon.store.root / SANDBOXES
+    await wait_until(lambda: not any(sandboxes.iterdir()), REPLY_S, "the sandboxes' removal")
+
+
+async def test_a_work_directory_whose_log_became_a_link_is_never_recycled(
+    peer: Peer, coordinator: Coordinator, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    first = await run_task(
+        coordinator, f'rm ../stderr; ln -s {victim} ../stderr; echo "$BGRID_SANDBOX"', task="a"
+    )
+    assert (first["exit_code"], first["error"]) == (0, "")
+    sandboxes = peer.daemon.store.root / SANDBOXES
+    await wait_until(lambda: not any(sandboxes.iterdir()), REPLY_S, "the removal of task a's")
+    second = await run_task(coordinator, 'echo "$BGRID_SANDBOX" >&2', task="b")
+    assert (second["exit_code"], second["error"]) == (0, "")
+    assert second["stderr"] != first["stdout"]
+    assert victim.read_text() == "precious\n"

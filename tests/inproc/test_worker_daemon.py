@@ -287,7 +287,8 @@ async def test_a_task_runs_and_its_output_is_fetchable_from_the_peer(
     assert done["outputs"] == [["out.txt", digest(expected), len(expected)]]
     assert done["bytes_fetched"] == len(text)
     assert (done["fetched"], done["hit_bytes"]) == ([[ref.digest, "coordinator", len(text)]], 0)
-    assert not any((peer.daemon.store.root / "sandboxes").iterdir())  # cleaned up
+    sandboxes = peer.daemon.store.root / "sandboxes"
+    await wait_until(lambda: not any(sandboxes.iterdir()), REPLY_S, "the sandbox's removal")
 
     # The output stays on the peer; the coordinator fetches it from the peer's data port.
     fetcher = Fetcher(zctx, peer.grid.keypair())
