@@ -7,6 +7,12 @@ its own transfer, and a fetcher can move on to the next source the moment one fa
 carrying on from the offset it had reached.
 Every file is verified against its SHA-256 before it is committed anywhere.
 
+Where the time goes: a chunk is received (and decrypted, in libzmq's I/O thread), then
+written and hashed. Writing and hashing a 1 MiB chunk costs about as much as receiving it,
+and both release the GIL, so a fetch hands each chunk to a writer thread (`_Sink`) and
+receives the next one meanwhile: one chunk behind, in order, so the running SHA-256 is the
+file's. The event loop never writes or hashes, and other transfers on it are not held up.
+
 Who may read: a server admits the CURVE keys of its `wire.KeyPolicy` (a peer: the grid's
 coordinators and the job that holds its reservation), and a fetch proves the key it is given
 (a peer fetching for a job proves that job's keypair).
@@ -14,6 +20,8 @@ coordinators and the job that holds its reservation), and a fetch proves the key
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import itertools
 import logging
@@ -21,7 +29,6 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +50,7 @@ _MAX_OFFSET = 2**63 - 1  # what pread takes: a bigger offset is a ProtocolError,
 _WINDOW = 8  # chunks in flight per transfer
 _CHUNK_TIMEOUT_S = 10.0  # no chunk for this long: the source is dead or stuck, try the next
 _MAX_REQUEST = 4096  # bytes: a `get` is tiny; the server's socket drops bigger frames
+_WRITER_THREADS = 4  # fetches writing at once; more wait a chunk's time for a thread
 # A refused handshake is silent on the socket itself (libzmq just never delivers a message):
 # only its monitor tells, and then at once.
 _HANDSHAKE_FAILED = (
@@ -180,12 +188,58 @@ def _handshake_failure(event: int, value: int) -> str:
     )
 
 
-@dataclass
-class _Progress:
-    """What a fetch holds so far: bytes 0..received of the partial file, and their hash."""
+class _Sink:
+    """The partial file of one fetch and its running SHA-256: bytes 0..received.
 
-    received: int = 0
-    sha: Any = field(default_factory=hashlib.sha256)
+    Each chunk is written and hashed on a thread while the event loop receives the next
+    one; at most one chunk is in the thread at a time, so the chunks go in in order and
+    the fd is never closed under a write (`settle` before closing it).
+    """
+
+    def __init__(self, fd: int, writers: concurrent.futures.Executor) -> None:
+        self.fd = fd
+        self.received = 0  # bytes accepted (some may still be in the writer thread)
+        self._writers = writers
+        self._sha: Any = hashlib.sha256()
+        self._pending: concurrent.futures.Future[None] | None = None
+
+    async def put(self, data: bytes) -> None:
+        """Append `data`: waits for the previous chunk's write, then hands this one over."""
+        await self.drain()
+        self._pending = self._writers.submit(self._write, data, self.received)
+        self.received += len(data)
+
+    def _write(self, data: bytes, offset: int) -> None:  # on the writer thread
+        view = memoryview(data)
+        while view:  # a regular file takes it whole, unless the disk fills (then ENOSPC)
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+        self._sha.update(data)
+
+    async def drain(self) -> None:
+        """Every chunk put so far is written and hashed (a write error is raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await asyncio.wrap_future(pending)
+
+    async def digest(self) -> str:
+        await self.drain()
+        return str(self._sha.hexdigest())
+
+    def restart(self) -> None:
+        """Drop everything received (a corrupt file): the next source starts from byte 0."""
+        self.settle()
+        os.ftruncate(self.fd, 0)
+        self.received = 0
+        self._sha = hashlib.sha256()
+
+    def settle(self) -> None:
+        """Wait (blocking, one chunk's write at most) until the writer thread is done with
+        the fd: also after a cancel, so the fd is closed only when nothing writes to it.
+        A failed write needs no report here: its bytes are dropped with the partial file."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            concurrent.futures.wait([pending])
 
 
 class Fetcher:
@@ -201,12 +255,17 @@ class Fetcher:
         self._keypair = keypair
         self._idle: dict[tuple[str, str, bytes], list[_Connection]] = defaultdict(list)
         self.bytes_from: dict[str, int] = defaultdict(int)  # file bytes per completing source
+        # Threads that write and hash received chunks; one per fetch at a time at most.
+        self._writers = concurrent.futures.ThreadPoolExecutor(
+            _WRITER_THREADS, thread_name_prefix="bgrid-fetch-write"
+        )
 
     def close(self) -> None:
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
         self._idle.clear()
+        self._writers.shutdown(wait=False)
 
     def forget(self, keypair: Keypair | None) -> None:
         """Close the idle connections that prove `keypair` (a job's, once its reservation ended)."""
@@ -236,19 +295,18 @@ class Fetcher:
         partial.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         complete = False
+        sink = _Sink(fd, self._writers)
         try:
-            progress = _Progress()
             i = 0
             while i < len(queue):
                 source = queue[i]
                 i += 1
-                resumed = progress.received > 0
+                resumed = sink.received > 0
                 try:
-                    await self._fetch_from(ref, source, client, fd, progress)
+                    await self._fetch_from(ref, source, client, sink)
                 except _Corrupt as err:
                     problems.append(f"{source.label}: {err}")
-                    progress = _Progress()
-                    os.ftruncate(fd, 0)
+                    sink.restart()
                     if resumed:  # the bad bytes may be the previous source's: once more, alone
                         queue.insert(i, source)
                     continue
@@ -259,7 +317,10 @@ class Fetcher:
                 complete = True
                 return source
         finally:  # a failure, a full disk, a cancellation: leave no half file behind
-            os.close(fd)
+            try:
+                sink.settle()
+            finally:
+                os.close(fd)
             if not complete:
                 partial.unlink(missing_ok=True)
         raise TransferError(
@@ -268,7 +329,7 @@ class Fetcher:
         )
 
     async def _fetch_from(
-        self, ref: FileRef, source: Source, client: Keypair | None, fd: int, progress: _Progress
+        self, ref: FileRef, source: Source, client: Keypair | None, sink: _Sink
     ) -> None:
         pool_key = (source.endpoint, source.server_key, client.public if client else b"")
         idle = self._idle[pool_key]
@@ -279,7 +340,7 @@ class Fetcher:
             conn = _Connection(sock, source.endpoint)
         healthy = False
         try:
-            await self._pull(conn, ref, fd, progress)
+            await self._pull(conn, ref, sink)
             # Only a connection the server has answered is kept: a pooled one has no monitor.
             healthy = conn.monitor is None
         finally:
@@ -288,11 +349,11 @@ class Fetcher:
             else:
                 conn.close()  # it may still have replies in flight: never reuse it
 
-    async def _pull(self, conn: _Connection, ref: FileRef, fd: int, progress: _Progress) -> None:
+    async def _pull(self, conn: _Connection, ref: FileRef, sink: _Sink) -> None:
         sock = conn.sock
-        next_offset = progress.received
+        next_offset = sink.received
         in_flight = 0
-        while progress.received < ref.size:
+        while sink.received < ref.size:
             while in_flight < _WINDOW and next_offset < ref.size:
                 size = min(wire.CHUNK_SIZE, ref.size - next_offset)
                 await sock.send(wire.encode(Get(ref.digest, next_offset, size)))
@@ -301,7 +362,8 @@ class Fetcher:
             if not await conn.wait(_CHUNK_TIMEOUT_S):
                 raise TransferError(f"no data for {_CHUNK_TIMEOUT_S:g} s")
             try:
-                msg = wire.decode(await sock.recv(), limit=wire.MAX_DATA_FRAME)
+                frame = await sock.recv(copy=False)  # decoded from libzmq's buffer: one copy
+                msg = wire.decode(frame.buffer, limit=wire.MAX_DATA_FRAME)
             except ProtocolError as err:
                 raise TransferError(f"bad reply: {err}") from err
             in_flight -= 1
@@ -312,14 +374,12 @@ class Fetcher:
             if (
                 not isinstance(msg, Chunk)
                 or msg.digest != ref.digest
-                or msg.offset != progress.received
+                or msg.offset != sink.received
             ):
                 raise TransferError(f"unexpected reply {msg.TYPE!r}")
             data = msg.data
-            if len(data) != min(wire.CHUNK_SIZE, ref.size - progress.received):
+            if len(data) != min(wire.CHUNK_SIZE, ref.size - sink.received):
                 raise TransferError("chunk of the wrong size (truncated source?)")
-            os.pwrite(fd, data, progress.received)
-            progress.sha.update(data)
-            progress.received += len(data)
-        if progress.sha.hexdigest() != ref.digest:
+            await sink.put(data)
+        if await sink.digest() != ref.digest:
             raise _Corrupt("content does not match its digest (corrupt source): discarded")

@@ -500,7 +500,7 @@ def pack_raw(msg_type: str, **fields: Any) -> bytes:
     return bytes(msgpack.packb({"v": PROTOCOL_VERSION, "t": msg_type, **fields}, use_bin_type=True))
 
 
-def _unpack(frame: bytes, limit: int) -> Any:
+def _unpack(frame: bytes | memoryview, limit: int) -> Any:
     try:
         return msgpack.unpackb(
             frame,
@@ -517,8 +517,11 @@ def _unpack(frame: bytes, limit: int) -> Any:
         ) from err
 
 
-def decode(frame: bytes, limit: int = MAX_CONTROL_FRAME) -> Message:
-    """The message in `frame`, checked field by field; ProtocolError otherwise."""
+def decode(frame: bytes | memoryview, limit: int = MAX_CONTROL_FRAME) -> Message:
+    """The message in `frame`, checked field by field; ProtocolError otherwise.
+
+    `frame` may be a view of a zmq frame's buffer: a `chunk`'s data is copied out of it once.
+    """
     if len(frame) > limit:
         raise ProtocolError(f"frame of {len(frame)} bytes is over the {limit}-byte limit")
     msg = _unpack(frame, limit)

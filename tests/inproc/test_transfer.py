@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import socket
@@ -22,6 +23,7 @@ from bonjourgrid.cache.store import FileIndex, FileRef, hash_file
 from bonjourgrid.cache.transfer import DataServer, Fetcher, Source
 from bonjourgrid.errors import TransferError
 from bonjourgrid.keys import Keypair
+from tests.waiting import async_wait_until
 
 pytestmark = [pytest.mark.timeout(20), pytest.mark.usefixtures("quick_timing")]
 
@@ -160,6 +162,38 @@ async def test_several_fetches_share_one_fetcher(
     await fetcher.fetch(ref, [source], tmp_path / "again.part")
     assert (tmp_path / "again.part").read_bytes() == path.read_bytes()
     assert fetcher.bytes_from["coordinator"] == sum(r.size for _, r in files) + ref.size
+
+
+async def test_a_disk_that_refuses_writes_fails_the_fetch_and_leaves_nothing(
+    tmp_path: Path, servers: Servers, fetcher: Fetcher
+) -> None:
+    """Chunks are written on a writer thread: its error still ends the fetch, with the OS's
+    reason, and no partial file is left. /dev/full refuses every write with ENOSPC."""
+    path, ref = make_file(tmp_path / "submit", 3 * CHUNK + 7)
+    _, source = servers.start(index_of(path).locate, "coordinator")
+    partial = tmp_path / "x.part"
+    partial.symlink_to("/dev/full")
+    with pytest.raises(OSError) as failed:
+        await fetcher.fetch(ref, [source], partial)
+    assert failed.value.errno == errno.ENOSPC
+    assert not partial.is_symlink()
+    # The fetcher goes on serving the next fetch.
+    assert await fetcher.fetch(ref, [source], tmp_path / "y.part") == source
+    assert (tmp_path / "y.part").read_bytes() == path.read_bytes()
+
+
+async def test_a_cancelled_fetch_leaves_nothing_behind(
+    tmp_path: Path, servers: Servers, fetcher: Fetcher
+) -> None:
+    path, ref = make_file(tmp_path / "submit", 12 * CHUNK)
+    server, source = servers.start(index_of(path).locate, "coordinator")
+    partial = tmp_path / "x.part"
+    fetch = asyncio.create_task(fetcher.fetch(ref, [source], partial))
+    await async_wait_until(lambda: server.bytes_served > 0, 10.0, "the first chunk served")
+    fetch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await fetch
+    assert not partial.exists()
 
 
 # -- failover ----------------------------------------------------------------------------------
