@@ -5,6 +5,8 @@ server reads it):
 - a file of the submit directory is hashed where it is (a resumed run reuses the digests its
   journal check just computed);
 - a `file://` URL is hashed and served where it is, nothing is copied;
+- either is read only if it changed since an earlier submit from this directory hashed it
+  (`cache/digests.py`: same device, inode, size, mtime and ctime: the remembered digest);
 - an `http(s)://` URL is downloaded into `<submit dir>/.bgrid/remote/` (a content store:
   files named by digest, hashed while they download). Before any download the sizes the
   servers announce (HEAD) are added up and checked against the free space there.
@@ -37,7 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-from bonjourgrid.cache.store import ContentStore, FileRef, hash_file, is_digest
+from bonjourgrid.cache.digests import DIGESTS_FILE, DigestCache
+from bonjourgrid.cache.store import ContentStore, FileRef, is_digest
 from bonjourgrid.dag import Workflow
 from bonjourgrid.dag.urls import file_url_path
 from bonjourgrid.errors import StageError
@@ -144,11 +147,32 @@ def _hash_in_place(
     stop: threading.Event | None = None,
 ) -> dict[str, StagedFile]:
     """Submit-directory files and file:// URLs, hashed where they are (one read each)."""
+    digests = DigestCache(workflow.root / DIGESTS_FILE)
+    try:
+        staged = _hash_with(digests, workflow, local, files, known, stop)
+    finally:  # what was hashed before a failure is remembered too
+        digests.save()
+    log.info(
+        "source inputs: %d hashed, %d unchanged since an earlier submit",
+        digests.hashed,
+        digests.hits,
+    )
+    return staged
+
+
+def _hash_with(
+    digests: DigestCache,
+    workflow: Workflow,
+    local: list[str],
+    files: Mapping[str, list[str]],
+    known: Mapping[str, FileRef],
+    stop: threading.Event | None,
+) -> dict[str, StagedFile]:
     staged: dict[str, StagedFile] = {}
     for path in local:
         where = workflow.root / path
         try:
-            staged[path] = StagedFile(known.get(path) or hash_file(where, stop), where)
+            staged[path] = StagedFile(known.get(path) or digests.hash(where, stop), where)
         except InterruptedError:
             raise
         except OSError as err:
@@ -159,7 +183,7 @@ def _hash_in_place(
     for url, paths in files.items():
         where = file_url_path(url)
         try:
-            item = StagedFile(hash_file(where, stop), where)
+            item = StagedFile(digests.hash(where, stop), where)
         except InterruptedError:
             raise
         except OSError as err:
