@@ -13,6 +13,11 @@ and both release the GIL, so a fetch hands each chunk to a writer thread (`_Sink
 receives the next one meanwhile: one chunk behind, in order, so the running SHA-256 is the
 file's. The event loop never writes or hashes, and other transfers on it are not held up.
 
+Same host: before the first chunk of a file worth it (`_LOCAL_MIN` bytes), a fetcher asks
+the server where the file is (`locate`); a server on the same host and file system answers
+with its path, and the fetcher copies it in the kernel and hashes its copy instead of
+pulling chunks (`cache/same_host.py` says when a path is taken, and why that is safe).
+
 Who may read: a server admits the CURVE keys of its `wire.KeyPolicy` (a peer: the grid's
 coordinators and the job that holds its reservation), and a fetch proves the key it is given
 (a peer fetching for a job proves that job's keypair).
@@ -22,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import hashlib
 import itertools
 import logging
+import mmap
 import os
 import time
 from collections import defaultdict
@@ -37,10 +44,11 @@ import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 from bonjourgrid import wire
+from bonjourgrid.cache import same_host
 from bonjourgrid.cache.store import FileRef
 from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.keys import Keypair
-from bonjourgrid.protocol import Chunk, Error, Get, Message, Missing, Source
+from bonjourgrid.protocol import Chunk, Error, Get, Locate, Located, Message, Missing, Source
 
 __all__ = ["DataServer", "Fetcher", "Source"]
 
@@ -51,6 +59,8 @@ _WINDOW = 8  # chunks in flight per transfer
 _CHUNK_TIMEOUT_S = 10.0  # no chunk for this long: the source is dead or stuck, try the next
 _MAX_REQUEST = 4096  # bytes: a `get` is tiny; the server's socket drops bigger frames
 _WRITER_THREADS = 4  # fetches writing at once; more wait a chunk's time for a thread
+_LOCAL_MIN = 256 * 1024  # bytes: a smaller file comes over the wire (a locate costs a trip)
+_LOCAL_STEP = 64 * 1024 * 1024  # bytes copied and hashed per turn of a same-host copy
 # A refused handshake is silent on the socket itself (libzmq just never delivers a message):
 # only its monitor tells, and then at once.
 _HANDSHAKE_FAILED = (
@@ -73,10 +83,13 @@ class DataServer:
         sock: zmq.asyncio.Socket,
         locate: Callable[[str], Path | None],
         policy: wire.KeyPolicy | None = None,
+        host: str | None = None,
     ) -> None:
         self._sock = sock
         self._locate = locate
         self._policy = policy
+        # This host's identity: a `locate` from the same host gets the file's path.
+        self._host = same_host.host_identity() if host is None else host
         self.bytes_served = 0
 
     async def serve_forever(self) -> None:
@@ -100,6 +113,9 @@ class DataServer:
             return wire.encode(Error("read failed"))
 
     def _answer(self, msg: Message) -> bytes:
+        if isinstance(msg, Locate):
+            path = self._locate(msg.digest) if self._host and msg.host == self._host else None
+            return wire.encode(Located(msg.digest, str(path.absolute()) if path else ""))
         if not isinstance(msg, Get):
             raise ProtocolError(f"a data server only answers 'get', not {msg.TYPE!r}")
         digest, offset, size = msg.digest, msg.offset, msg.size
@@ -216,6 +232,34 @@ class _Sink:
             view, offset = view[written:], offset + written
         self._sha.update(data)
 
+    async def copy_from(self, src_fd: int, size: int) -> None:
+        """Append the first `size` bytes of the file `src_fd` (a holder's, on this host):
+        copied in the kernel, then hashed from this file, a step per turn of the writer."""
+        while self.received < size:
+            step = min(_LOCAL_STEP, size - self.received)
+            await self.drain()
+            self._pending = self._writers.submit(self._copy, src_fd, self.received, step)
+            self.received += step
+        await self.drain()
+
+    def _copy(self, src_fd: int, offset: int, size: int) -> None:  # on the writer thread
+        done = 0
+        while done < size:
+            at = offset + done
+            try:
+                copied = os.copy_file_range(src_fd, self.fd, size - done, at, at)
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                block = os.pread(src_fd, min(size - done, wire.CHUNK_SIZE), at)
+                copied = os.pwrite(self.fd, block, at) if block else 0
+            if copied == 0:
+                raise TransferError("the holder's file ended early (it is being changed)")
+            done += copied
+        # The copy is hashed, not the original: the bytes kept are the bytes verified.
+        with mmap.mmap(self.fd, size, access=mmap.ACCESS_READ, offset=offset) as copy:
+            self._sha.update(copy)
+
     async def drain(self) -> None:
         """Every chunk put so far is written and hashed (a write error is raised here)."""
         pending, self._pending = self._pending, None
@@ -255,6 +299,8 @@ class Fetcher:
         self._keypair = keypair
         self._idle: dict[tuple[str, str, bytes], list[_Connection]] = defaultdict(list)
         self.bytes_from: dict[str, int] = defaultdict(int)  # file bytes per completing source
+        self.bytes_copied = 0  # of those, bytes taken from a holder's path on this host
+        self._host = same_host.host_identity()  # "": never asks for a path
         # Threads that write and hash received chunks; one per fetch at a time at most.
         self._writers = concurrent.futures.ThreadPoolExecutor(
             _WRITER_THREADS, thread_name_prefix="bgrid-fetch-write"
@@ -293,7 +339,8 @@ class Fetcher:
         queue = list(sources)
         problems = []
         partial.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # Read-write: a same-host copy is hashed from this file (`_Sink._copy`).
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         complete = False
         sink = _Sink(fd, self._writers)
         try:
@@ -340,6 +387,8 @@ class Fetcher:
             conn = _Connection(sock, source.endpoint)
         healthy = False
         try:
+            if sink.received == 0 and ref.size >= _LOCAL_MIN and self._host:
+                await self._copy_if_local(conn, ref, source, sink)
             await self._pull(conn, ref, sink)
             # Only a connection the server has answered is kept: a pooled one has no monitor.
             healthy = conn.monitor is None
@@ -348,6 +397,41 @@ class Fetcher:
                 self._idle[pool_key].append(conn)
             else:
                 conn.close()  # it may still have replies in flight: never reuse it
+
+    async def _copy_if_local(
+        self, conn: _Connection, ref: FileRef, source: Source, sink: _Sink
+    ) -> None:
+        """Take the file from the holder's path if it is on this host and passes the checks
+        of `cache/same_host.py`; else, or if the copy is not the file, leave `sink` empty
+        (the wire goes on from byte 0)."""
+        await conn.sock.send(wire.encode(Locate(ref.digest, self._host)))
+        if not await conn.wait(_CHUNK_TIMEOUT_S):
+            raise TransferError(f"no answer for {_CHUNK_TIMEOUT_S:g} s")
+        try:
+            msg = wire.decode(await conn.sock.recv(), limit=wire.MAX_CONTROL_FRAME)
+        except ProtocolError as err:
+            raise TransferError(f"bad reply: {err}") from err
+        if isinstance(msg, Missing):
+            raise TransferError("source does not hold the file")
+        if not isinstance(msg, Located) or msg.digest != ref.digest or not msg.path:
+            return  # elsewhere, or a server of an earlier release (an `error`): the wire
+        holder = same_host.listener_uid(source.endpoint)
+        src_fd = None if holder is None else same_host.open_for_copy(msg.path, ref.size, holder)
+        if src_fd is None:
+            log.info("not copying %s from %s: the holder may not read it", msg.path, source.label)
+            return
+        try:
+            await sink.copy_from(src_fd, ref.size)
+            if await sink.digest() == ref.digest:
+                self.bytes_copied += ref.size
+                return
+            log.warning("%s on this host is not %s: fetching it", msg.path, ref.digest[:12])
+        except TransferError as err:
+            log.warning("cannot copy %s: %s; fetching it", msg.path, err)
+        finally:
+            sink.settle()  # the writer is done with src_fd before it is closed
+            os.close(src_fd)
+        sink.restart()
 
     async def _pull(self, conn: _Connection, ref: FileRef, sink: _Sink) -> None:
         sock = conn.sock

@@ -56,6 +56,7 @@ from bonjourgrid.protocol.fields import (
     _lease,
     _limits,
     _listed,
+    _local_path,
     _made,
     _one_of,
     _optional_path,
@@ -442,6 +443,26 @@ class Get(Message):
     digest: str = field(metadata=DIGEST)
     offset: int = field(metadata=SIZE)
     size: int = field(metadata=_f(lambda v, w: _int(v, w, 1, CHUNK_SIZE)))
+
+
+@_message
+@dataclass(frozen=True)
+class Locate(Message):
+    """Where on disk is this content? Asked by a fetcher that may share the server's host."""
+
+    TYPE = "locate"
+    digest: str = field(metadata=DIGEST)
+    host: str = field(metadata=_f(lambda v, w: _str(v, w, MAX_NAME)))  # the asker's identity
+
+
+@_message
+@dataclass(frozen=True)
+class Located(Message):
+    """The answer to `locate`: the file's absolute path, "" if not on the asker's host."""
+
+    TYPE = "located"
+    digest: str = field(metadata=DIGEST)
+    path: str = field(metadata=_f(_local_path))
 
 
 @_message
