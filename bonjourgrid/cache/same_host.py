@@ -18,7 +18,7 @@ from being a way to read the worker's own files:
   is looked up in /proc/net/tcp{,6} (the kernel's word, in the fetcher's own network
   namespace), which gives the uid that runs the holder; the file must be readable by that
   uid by its mode (owner with u+r, or o+r; uid 0 reads everything). A holder found in no
-  table (another network namespace, another host) gets no local copy;
+  table (another network namespace, another host) is not even asked for a path;
 - it must be a regular file of the expected size, opened without blocking (not a FIFO);
 - the copy, not the original, is hashed, and must have the expected SHA-256; the bytes the
   worker keeps are the bytes it verified, whatever happens to the original meanwhile.

@@ -404,6 +404,10 @@ class Fetcher:
         """Take the file from the holder's path if it is on this host and passes the checks
         of `cache/same_host.py`; else, or if the copy is not the file, leave `sink` empty
         (the wire goes on from byte 0)."""
+        # Who listens there, if it is on this host: a server elsewhere is not even asked.
+        holder = await asyncio.to_thread(same_host.listener_uid, source.endpoint)
+        if holder is None:
+            return
         await conn.sock.send(wire.encode(Locate(ref.digest, self._host)))
         if not await conn.wait(_CHUNK_TIMEOUT_S):
             raise TransferError(f"no answer for {_CHUNK_TIMEOUT_S:g} s")
@@ -415,8 +419,7 @@ class Fetcher:
             raise TransferError("source does not hold the file")
         if not isinstance(msg, Located) or msg.digest != ref.digest or not msg.path:
             return  # elsewhere, or a server of an earlier release (an `error`): the wire
-        holder = same_host.listener_uid(source.endpoint)
-        src_fd = None if holder is None else same_host.open_for_copy(msg.path, ref.size, holder)
+        src_fd = same_host.open_for_copy(msg.path, ref.size, holder)
         if src_fd is None:
             log.info("not copying %s from %s: the holder may not read it", msg.path, source.label)
             return
