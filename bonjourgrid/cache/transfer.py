@@ -421,7 +421,12 @@ class Fetcher:
             return  # elsewhere, or a server of an earlier release (an `error`): the wire
         src_fd = same_host.open_for_copy(msg.path, ref.size, holder)
         if src_fd is None:
-            log.info("not copying %s from %s: the holder may not read it", msg.path, source.label)
+            log.info(
+                "not copying %s from %s: not a file of %d bytes its holder may read",
+                msg.path,
+                source.label,
+                ref.size,
+            )
             return
         try:
             await sink.copy_from(src_fd, ref.size)
@@ -429,7 +434,7 @@ class Fetcher:
                 self.bytes_copied += ref.size
                 return
             log.warning("%s on this host is not %s: fetching it", msg.path, ref.digest[:12])
-        except TransferError as err:
+        except (TransferError, OSError) as err:  # a full disk fails the wire too, and says so
             log.warning("cannot copy %s: %s; fetching it", msg.path, err)
         finally:
             sink.settle()  # the writer is done with src_fd before it is closed
