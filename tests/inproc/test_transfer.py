@@ -281,7 +281,7 @@ async def test_a_holder_on_this_host_hands_over_its_path_and_no_chunk_moves(
     partial = tmp_path / "worker" / "x.part"
     assert await fetcher.fetch(ref, [source], partial) == source
     assert hash_file(partial) == ref
-    assert (fetcher.bytes_copied, server.bytes_served) == (size, 0)
+    assert (fetcher.bytes_copied, server.bytes_served, server.bytes_located) == (size, 0, size)
     assert partial.stat().st_ino != path.stat().st_ino  # a copy of its own, not a link
 
 
