@@ -239,16 +239,23 @@ class _Sink:
         self._sha.update(data)
 
     async def copy_from(self, src_fd: int, size: int) -> None:
-        """Append the first `size` bytes of the file `src_fd` (a holder's, on this host):
-        copied in the kernel, then hashed from this file, a step per turn of the writer."""
-        while self.received < size:
-            step = min(_LOCAL_STEP, size - self.received)
+        """Append the first `size` bytes of the file `src_fd` (a holder's, on this host), a
+        step at a time: the kernel copies step n+1 while step n of the copy is hashed."""
+        steps = [(at, min(_LOCAL_STEP, size - at)) for at in range(0, size, _LOCAL_STEP)]
+        copies = [self._writers.submit(self._copy, src_fd, *steps[0])] if steps else []
+        try:
+            for i, (offset, step) in enumerate(steps):
+                await asyncio.wrap_future(copies[i])
+                if i + 1 < len(steps):
+                    copies.append(self._writers.submit(self._copy, src_fd, *steps[i + 1]))
+                await self.drain()  # the hashes go in order
+                self._pending = self._writers.submit(self._hash_copy, offset, step)
+                self.received = offset + step
             await self.drain()
-            self._pending = self._writers.submit(self._copy, src_fd, self.received, step)
-            self.received += step
-        await self.drain()
+        finally:  # on a failure or a cancel, every kernel copy is over before src_fd closes
+            concurrent.futures.wait(copies)
 
-    def _copy(self, src_fd: int, offset: int, size: int) -> None:  # on the writer thread
+    def _copy(self, src_fd: int, offset: int, size: int) -> None:  # on a writer thread
         done = 0
         while done < size:
             at = offset + done
@@ -262,6 +269,8 @@ class _Sink:
             if copied == 0:
                 raise TransferError("the holder's file ended early (it is being changed)")
             done += copied
+
+    def _hash_copy(self, offset: int, size: int) -> None:  # on a writer thread
         # The copy is hashed, not the original: the bytes kept are the bytes verified.
         with mmap.mmap(self.fd, size, access=mmap.ACCESS_READ, offset=offset) as copy:
             self._sha.update(copy)

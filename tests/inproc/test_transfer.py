@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -274,8 +275,13 @@ async def test_a_truncated_source_is_given_up_at_once(
 
 @pytest.mark.parametrize("size", [transfer._LOCAL_MIN, 3 * CHUNK + 5], ids=["small", "3MiB"])
 async def test_a_holder_on_this_host_hands_over_its_path_and_no_chunk_moves(
-    tmp_path: Path, servers: Servers, fetcher: Fetcher, size: int
+    tmp_path: Path,
+    servers: Servers,
+    fetcher: Fetcher,
+    size: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(transfer, "_LOCAL_STEP", CHUNK)  # several steps, a short last one
     path, ref = make_file(tmp_path / "submit", size)
     server, source = servers.start(index_of(path).locate, "coordinator", same_host=True)
     partial = tmp_path / "worker" / "x.part"
@@ -283,6 +289,34 @@ async def test_a_holder_on_this_host_hands_over_its_path_and_no_chunk_moves(
     assert hash_file(partial) == ref
     assert (fetcher.bytes_copied, server.bytes_served, server.bytes_located) == (size, 0, size)
     assert partial.stat().st_ino != path.stat().st_ino  # a copy of its own, not a link
+
+
+async def test_a_same_host_copy_cancelled_midway_leaves_nothing_behind(
+    tmp_path: Path, servers: Servers, fetcher: Fetcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transfer, "_LOCAL_STEP", CHUNK)
+    # The second step's hash holds until the test has cancelled the fetch.
+    midway, release = threading.Event(), threading.Event()
+    hash_copy = transfer._Sink._hash_copy
+
+    def held(sink: transfer._Sink, offset: int, size: int) -> None:
+        if offset > 0:
+            midway.set()
+            release.wait(10.0)
+        hash_copy(sink, offset, size)
+
+    monkeypatch.setattr(transfer._Sink, "_hash_copy", held)
+    path, ref = make_file(tmp_path / "submit", 8 * CHUNK)
+    _, source = servers.start(index_of(path).locate, "coordinator", same_host=True)
+    partial = tmp_path / "x.part"
+    fetch = asyncio.create_task(fetcher.fetch(ref, [source], partial))
+    await async_wait_until(midway.is_set, 10.0, "the copy's second step")
+    fetch.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await fetch
+    assert not partial.exists()
+    assert fetcher.bytes_copied == 0
 
 
 async def test_a_small_file_comes_over_the_wire_even_from_this_host(
