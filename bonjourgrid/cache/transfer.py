@@ -90,10 +90,10 @@ class DataServer:
         self._policy = policy
         # This host's identity: a `locate` from the same host gets the file's path.
         self._host = same_host.host_identity() if host is None else host
-        self.bytes_served = 0  # bytes sent in chunks
-        # Bytes of the files whose path went to a fetcher on this host (it copies them; one
-        # that refuses its copy takes the file in chunks too, and is counted twice).
-        self.bytes_located = 0
+        # Bytes handed out: sent in chunks, or as files whose path went to a fetcher on this
+        # host (it copies them; one that refuses its copy takes the chunks too: counted twice).
+        self.bytes_served = 0
+        self.bytes_located = 0  # of those, bytes of files handed over by path
 
     async def serve_forever(self) -> None:
         """Answer requests until cancelled; whatever a client sends, the loop goes on."""
@@ -120,7 +120,9 @@ class DataServer:
             path = self._locate(msg.digest) if self._host and msg.host == self._host else None
             if path is None:
                 return wire.encode(Located(msg.digest, ""))
-            self.bytes_located += path.stat().st_size
+            size = path.stat().st_size
+            self.bytes_served += size
+            self.bytes_located += size
             return wire.encode(Located(msg.digest, str(path.absolute())))
         if not isinstance(msg, Get):
             raise ProtocolError(f"a data server only answers 'get', not {msg.TYPE!r}")

@@ -376,8 +376,7 @@ class Coordinator:
             await self.commands.close()
             if self.backend is not self.workers:
                 shutil.rmtree(self.backend_dir, ignore_errors=True)
-            # Chunks served, and files handed by path to workers on this host (`--local`).
-            self.bytes["from_coordinator"] = data_server.bytes_served + data_server.bytes_located
+            self.bytes["from_coordinator"] = data_server.bytes_served
             if advert is not None:
                 with contextlib.suppress(Exception):
                     await advert.update(self._job_txt(_job_state(finished)))
@@ -622,8 +621,7 @@ class Coordinator:
     def snapshot(self, phase: str | None = None) -> Snapshot:
         """The job as the user sees it now (progress.py): counters and one entry per peer."""
         counts = self.core.counts
-        server = self._data_server
-        served = server.bytes_served + server.bytes_located if server is not None else 0
+        served = self._data_server.bytes_served if self._data_server is not None else 0
         bytes_ = self.bytes
         return Snapshot(
             job=self.job,
