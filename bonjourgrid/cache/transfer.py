@@ -7,6 +7,17 @@ its own transfer, and a fetcher can move on to the next source the moment one fa
 carrying on from the offset it had reached.
 Every file is verified against its SHA-256 before it is committed anywhere.
 
+Where the time goes: a chunk is received (and decrypted, in libzmq's I/O thread), then
+written and hashed. Writing and hashing a 1 MiB chunk costs about as much as receiving it,
+and both release the GIL, so a fetch hands each chunk to a writer thread (`_Sink`) and
+receives the next one meanwhile: one chunk behind, in order, so the running SHA-256 is the
+file's. The event loop never writes or hashes, and other transfers on it are not held up.
+
+Same host: before the first chunk of a file worth it (`_LOCAL_MIN` bytes), a fetcher asks
+the server where the file is (`locate`); a server on the same host and file system answers
+with its path, and the fetcher copies it in the kernel and hashes its copy instead of
+pulling chunks (`cache/same_host.py` says when a path is taken, and why that is safe).
+
 Who may read: a server admits the CURVE keys of its `wire.KeyPolicy` (a peer: the grid's
 coordinators and the job that holds its reservation), and a fetch proves the key it is given
 (a peer fetching for a job proves that job's keypair).
@@ -14,14 +25,17 @@ coordinators and the job that holds its reservation), and a fetch proves the key
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import errno
 import hashlib
 import itertools
 import logging
+import mmap
 import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +44,11 @@ import zmq.asyncio
 from zmq.utils.monitor import recv_monitor_message
 
 from bonjourgrid import wire
+from bonjourgrid.cache import same_host
 from bonjourgrid.cache.store import FileRef
 from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.keys import Keypair
-from bonjourgrid.protocol import Chunk, Error, Get, Message, Missing, Source
+from bonjourgrid.protocol import Chunk, Error, Get, Locate, Located, Message, Missing, Source
 
 __all__ = ["DataServer", "Fetcher", "Source"]
 
@@ -43,6 +58,9 @@ _MAX_OFFSET = 2**63 - 1  # what pread takes: a bigger offset is a ProtocolError,
 _WINDOW = 8  # chunks in flight per transfer
 _CHUNK_TIMEOUT_S = 10.0  # no chunk for this long: the source is dead or stuck, try the next
 _MAX_REQUEST = 4096  # bytes: a `get` is tiny; the server's socket drops bigger frames
+_WRITER_THREADS = 4  # fetches writing at once; more wait a chunk's time for a thread
+_LOCAL_MIN = 256 * 1024  # bytes: a smaller file comes over the wire (a locate costs a trip)
+_LOCAL_STEP = 64 * 1024 * 1024  # bytes copied and hashed per turn of a same-host copy
 # A refused handshake is silent on the socket itself (libzmq just never delivers a message):
 # only its monitor tells, and then at once.
 _HANDSHAKE_FAILED = (
@@ -65,11 +83,17 @@ class DataServer:
         sock: zmq.asyncio.Socket,
         locate: Callable[[str], Path | None],
         policy: wire.KeyPolicy | None = None,
+        host: str | None = None,
     ) -> None:
         self._sock = sock
         self._locate = locate
         self._policy = policy
+        # This host's identity: a `locate` from the same host gets the file's path.
+        self._host = same_host.host_identity() if host is None else host
+        # Bytes handed out: sent in chunks, or as files whose path went to a fetcher on this
+        # host (it copies them; one that refuses its copy takes the chunks too: counted twice).
         self.bytes_served = 0
+        self.bytes_located = 0  # of those, bytes of files handed over by path
 
     async def serve_forever(self) -> None:
         """Answer requests until cancelled; whatever a client sends, the loop goes on."""
@@ -92,6 +116,14 @@ class DataServer:
             return wire.encode(Error("read failed"))
 
     def _answer(self, msg: Message) -> bytes:
+        if isinstance(msg, Locate):
+            path = self._locate(msg.digest) if self._host and msg.host == self._host else None
+            if path is None:
+                return wire.encode(Located(msg.digest, ""))
+            size = path.stat().st_size
+            self.bytes_served += size
+            self.bytes_located += size
+            return wire.encode(Located(msg.digest, str(path.absolute())))
         if not isinstance(msg, Get):
             raise ProtocolError(f"a data server only answers 'get', not {msg.TYPE!r}")
         digest, offset, size = msg.digest, msg.offset, msg.size
@@ -180,12 +212,95 @@ def _handshake_failure(event: int, value: int) -> str:
     )
 
 
-@dataclass
-class _Progress:
-    """What a fetch holds so far: bytes 0..received of the partial file, and their hash."""
+class _Sink:
+    """The partial file of one fetch and its running SHA-256: bytes 0..received.
 
-    received: int = 0
-    sha: Any = field(default_factory=hashlib.sha256)
+    Each chunk is written and hashed on a thread while the event loop receives the next
+    one; at most one chunk is in the thread at a time, so the chunks go in in order and
+    the fd is never closed under a write (`settle` before closing it).
+    """
+
+    def __init__(self, fd: int, writers: concurrent.futures.Executor) -> None:
+        self.fd = fd
+        self.received = 0  # bytes accepted (some may still be in the writer thread)
+        self._writers = writers
+        self._sha: Any = hashlib.sha256()
+        self._pending: concurrent.futures.Future[None] | None = None
+
+    async def put(self, data: bytes) -> None:
+        """Append `data`: waits for the previous chunk's write, then hands this one over."""
+        await self.drain()
+        self._pending = self._writers.submit(self._write, data, self.received)
+        self.received += len(data)
+
+    def _write(self, data: bytes, offset: int) -> None:  # on the writer thread
+        view = memoryview(data)
+        while view:  # a regular file takes it whole, unless the disk fills (then ENOSPC)
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+        self._sha.update(data)
+
+    async def copy_from(self, src_fd: int, size: int) -> None:
+        """Append the first `size` bytes of the file `src_fd` (a holder's, on this host), a
+        step at a time: the kernel copies step n+1 while step n of the copy is hashed."""
+        steps = [(at, min(_LOCAL_STEP, size - at)) for at in range(0, size, _LOCAL_STEP)]
+        copies = [self._writers.submit(self._copy, src_fd, *steps[0])] if steps else []
+        try:
+            for i, (offset, step) in enumerate(steps):
+                await asyncio.wrap_future(copies[i])
+                if i + 1 < len(steps):
+                    copies.append(self._writers.submit(self._copy, src_fd, *steps[i + 1]))
+                await self.drain()  # the hashes go in order
+                self._pending = self._writers.submit(self._hash_copy, offset, step)
+                self.received = offset + step
+            await self.drain()
+        finally:  # on a failure or a cancel, every kernel copy is over before src_fd closes
+            concurrent.futures.wait(copies)
+
+    def _copy(self, src_fd: int, offset: int, size: int) -> None:  # on a writer thread
+        done = 0
+        while done < size:
+            at = offset + done
+            try:
+                copied = os.copy_file_range(src_fd, self.fd, size - done, at, at)
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                block = os.pread(src_fd, min(size - done, wire.CHUNK_SIZE), at)
+                copied = os.pwrite(self.fd, block, at) if block else 0
+            if copied == 0:
+                raise TransferError("the holder's file ended early (it is being changed)")
+            done += copied
+
+    def _hash_copy(self, offset: int, size: int) -> None:  # on a writer thread
+        # The copy is hashed, not the original: the bytes kept are the bytes verified.
+        with mmap.mmap(self.fd, size, access=mmap.ACCESS_READ, offset=offset) as copy:
+            self._sha.update(copy)
+
+    async def drain(self) -> None:
+        """Every chunk put so far is written and hashed (a write error is raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await asyncio.wrap_future(pending)
+
+    async def digest(self) -> str:
+        await self.drain()
+        return str(self._sha.hexdigest())
+
+    def restart(self) -> None:
+        """Drop everything received (a corrupt file): the next source starts from byte 0."""
+        self.settle()
+        os.ftruncate(self.fd, 0)
+        self.received = 0
+        self._sha = hashlib.sha256()
+
+    def settle(self) -> None:
+        """Wait (blocking, one chunk's write at most) until the writer thread is done with
+        the fd: also after a cancel, so the fd is closed only when nothing writes to it.
+        A failed write needs no report here: its bytes are dropped with the partial file."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            concurrent.futures.wait([pending])
 
 
 class Fetcher:
@@ -201,12 +316,19 @@ class Fetcher:
         self._keypair = keypair
         self._idle: dict[tuple[str, str, bytes], list[_Connection]] = defaultdict(list)
         self.bytes_from: dict[str, int] = defaultdict(int)  # file bytes per completing source
+        self.bytes_copied = 0  # of those, bytes taken from a holder's path on this host
+        self._host = same_host.host_identity()  # "": never asks for a path
+        # Threads that write and hash received chunks; one per fetch at a time at most.
+        self._writers = concurrent.futures.ThreadPoolExecutor(
+            _WRITER_THREADS, thread_name_prefix="bgrid-fetch-write"
+        )
 
     def close(self) -> None:
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
         self._idle.clear()
+        self._writers.shutdown(wait=False)
 
     def forget(self, keypair: Keypair | None) -> None:
         """Close the idle connections that prove `keypair` (a job's, once its reservation ended)."""
@@ -234,21 +356,21 @@ class Fetcher:
         queue = list(sources)
         problems = []
         partial.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        # Read-write: a same-host copy is hashed from this file (`_Sink._copy`).
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         complete = False
+        sink = _Sink(fd, self._writers)
         try:
-            progress = _Progress()
             i = 0
             while i < len(queue):
                 source = queue[i]
                 i += 1
-                resumed = progress.received > 0
+                resumed = sink.received > 0
                 try:
-                    await self._fetch_from(ref, source, client, fd, progress)
+                    await self._fetch_from(ref, source, client, sink)
                 except _Corrupt as err:
                     problems.append(f"{source.label}: {err}")
-                    progress = _Progress()
-                    os.ftruncate(fd, 0)
+                    sink.restart()
                     if resumed:  # the bad bytes may be the previous source's: once more, alone
                         queue.insert(i, source)
                     continue
@@ -259,7 +381,10 @@ class Fetcher:
                 complete = True
                 return source
         finally:  # a failure, a full disk, a cancellation: leave no half file behind
-            os.close(fd)
+            try:
+                sink.settle()
+            finally:
+                os.close(fd)
             if not complete:
                 partial.unlink(missing_ok=True)
         raise TransferError(
@@ -268,7 +393,7 @@ class Fetcher:
         )
 
     async def _fetch_from(
-        self, ref: FileRef, source: Source, client: Keypair | None, fd: int, progress: _Progress
+        self, ref: FileRef, source: Source, client: Keypair | None, sink: _Sink
     ) -> None:
         pool_key = (source.endpoint, source.server_key, client.public if client else b"")
         idle = self._idle[pool_key]
@@ -279,7 +404,9 @@ class Fetcher:
             conn = _Connection(sock, source.endpoint)
         healthy = False
         try:
-            await self._pull(conn, ref, fd, progress)
+            if sink.received == 0 and ref.size >= _LOCAL_MIN and self._host:
+                await self._copy_if_local(conn, ref, source, sink)
+            await self._pull(conn, ref, sink)
             # Only a connection the server has answered is kept: a pooled one has no monitor.
             healthy = conn.monitor is None
         finally:
@@ -288,11 +415,54 @@ class Fetcher:
             else:
                 conn.close()  # it may still have replies in flight: never reuse it
 
-    async def _pull(self, conn: _Connection, ref: FileRef, fd: int, progress: _Progress) -> None:
+    async def _copy_if_local(
+        self, conn: _Connection, ref: FileRef, source: Source, sink: _Sink
+    ) -> None:
+        """Take the file from the holder's path if it is on this host and passes the checks
+        of `cache/same_host.py`; else, or if the copy is not the file, leave `sink` empty
+        (the wire goes on from byte 0)."""
+        # Who listens there, if it is on this host: a server elsewhere is not even asked.
+        holder = await asyncio.to_thread(same_host.listener_uid, source.endpoint)
+        if holder is None:
+            return
+        await conn.sock.send(wire.encode(Locate(ref.digest, self._host)))
+        if not await conn.wait(_CHUNK_TIMEOUT_S):
+            raise TransferError(f"no answer for {_CHUNK_TIMEOUT_S:g} s")
+        try:
+            msg = wire.decode(await conn.sock.recv(), limit=wire.MAX_CONTROL_FRAME)
+        except ProtocolError as err:
+            raise TransferError(f"bad reply: {err}") from err
+        if isinstance(msg, Missing):
+            raise TransferError("source does not hold the file")
+        if not isinstance(msg, Located) or msg.digest != ref.digest or not msg.path:
+            return  # elsewhere, or a server of an earlier release (an `error`): the wire
+        src_fd = same_host.open_for_copy(msg.path, ref.size, holder)
+        if src_fd is None:
+            log.info(
+                "not copying %s from %s: not a file of %d bytes its holder may read",
+                msg.path,
+                source.label,
+                ref.size,
+            )
+            return
+        try:
+            await sink.copy_from(src_fd, ref.size)
+            if await sink.digest() == ref.digest:
+                self.bytes_copied += ref.size
+                return
+            log.warning("%s on this host is not %s: fetching it", msg.path, ref.digest[:12])
+        except (TransferError, OSError) as err:  # a full disk fails the wire too, and says so
+            log.warning("cannot copy %s: %s; fetching it", msg.path, err)
+        finally:
+            sink.settle()  # the writer is done with src_fd before it is closed
+            os.close(src_fd)
+        sink.restart()
+
+    async def _pull(self, conn: _Connection, ref: FileRef, sink: _Sink) -> None:
         sock = conn.sock
-        next_offset = progress.received
+        next_offset = sink.received
         in_flight = 0
-        while progress.received < ref.size:
+        while sink.received < ref.size:
             while in_flight < _WINDOW and next_offset < ref.size:
                 size = min(wire.CHUNK_SIZE, ref.size - next_offset)
                 await sock.send(wire.encode(Get(ref.digest, next_offset, size)))
@@ -301,7 +471,8 @@ class Fetcher:
             if not await conn.wait(_CHUNK_TIMEOUT_S):
                 raise TransferError(f"no data for {_CHUNK_TIMEOUT_S:g} s")
             try:
-                msg = wire.decode(await sock.recv(), limit=wire.MAX_DATA_FRAME)
+                frame = await sock.recv(copy=False)  # decoded from libzmq's buffer: one copy
+                msg = wire.decode(frame.buffer, limit=wire.MAX_DATA_FRAME)
             except ProtocolError as err:
                 raise TransferError(f"bad reply: {err}") from err
             in_flight -= 1
@@ -312,14 +483,12 @@ class Fetcher:
             if (
                 not isinstance(msg, Chunk)
                 or msg.digest != ref.digest
-                or msg.offset != progress.received
+                or msg.offset != sink.received
             ):
                 raise TransferError(f"unexpected reply {msg.TYPE!r}")
             data = msg.data
-            if len(data) != min(wire.CHUNK_SIZE, ref.size - progress.received):
+            if len(data) != min(wire.CHUNK_SIZE, ref.size - sink.received):
                 raise TransferError("chunk of the wrong size (truncated source?)")
-            os.pwrite(fd, data, progress.received)
-            progress.sha.update(data)
-            progress.received += len(data)
-        if progress.sha.hexdigest() != ref.digest:
+            await sink.put(data)
+        if await sink.digest() != ref.digest:
             raise _Corrupt("content does not match its digest (corrupt source): discarded")

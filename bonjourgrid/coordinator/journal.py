@@ -17,7 +17,9 @@ may lose the last second of finished tasks, which then run again too.
 Resuming trusts nothing it cannot check: a task recorded done is kept only if its command,
 files and environment are unchanged (the `spec` digest), the inputs it read are the bytes
 there now, each of its outputs in the submit directory still has the recorded digest, and
-every task it depends on is kept too. Everything else runs again.
+every task it depends on is kept too. Everything else runs again. "The bytes there now" are
+read unless the digest cache (`cache/digests.py`) vouches that the file is the one an earlier
+submit hashed: same device, inode, size, mtime and ctime.
 
 An intermediate output stays in the cache of the peer that made it. A resumed run on the
 same grid asks its peers' caches for it (and makes it again if none holds it any more). A
@@ -44,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bonjourgrid.cache.store import FileRef, hash_file, is_digest
+from bonjourgrid.cache.digests import DIGESTS_FILE, DigestCache
+from bonjourgrid.cache.store import FileRef, is_digest
 from bonjourgrid.dag import TaskSpec, Workflow
 from bonjourgrid.errors import ConfigError
 
@@ -357,13 +360,14 @@ def plan_resume(
     state = read_journal(path)
     sources: dict[str, FileRef] = {}
     hashed: dict[str, FileRef | None] = {}  # submit-directory files hashed so far
+    digests = DigestCache(workflow.root / DIGESTS_FILE)  # unchanged files are not read again
 
     def on_disk(rel: str) -> FileRef | None:
         if rel in workflow.urls:
             return (url_refs or {}).get(rel)
         if rel not in hashed:
             try:
-                hashed[rel] = hash_file(workflow.root / rel)
+                hashed[rel] = digests.hash(workflow.root / rel)
             except OSError:  # missing, a directory, unreadable: not the bytes we recorded
                 hashed[rel] = None
         return hashed[rel]
@@ -387,6 +391,7 @@ def plan_resume(
     elif local:
         gone = "which this run's local grid does not include"
         _drop_lost_intermediates(workflow, kept, rerun, on_disk, gone, order)
+    digests.save()
     changed = workflow_digest(workflow_file) != state.workflow_digest
     return ResumePlan(state, kept, rerun, sources, changed)
 

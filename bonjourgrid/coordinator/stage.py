@@ -5,6 +5,9 @@ server reads it):
 - a file of the submit directory is hashed where it is (a resumed run reuses the digests its
   journal check just computed);
 - a `file://` URL is hashed and served where it is, nothing is copied;
+- either is read only if it changed since an earlier submit from this directory hashed it
+  (`cache/digests.py`: same device, inode, size, mtime and ctime: the remembered digest);
+  the files that must be read are hashed by a few threads at once (one core each);
 - an `http(s)://` URL is downloaded into `<submit dir>/.bgrid/remote/` (a content store:
   files named by digest, hashed while they download). Before any download the sizes the
   servers announce (HEAD) are added up and checked against the free space there.
@@ -37,7 +40,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-from bonjourgrid.cache.store import ContentStore, FileRef, hash_file, is_digest
+from bonjourgrid.cache.digests import DIGESTS_FILE, DigestCache
+from bonjourgrid.cache.store import ContentStore, FileRef, is_digest
 from bonjourgrid.dag import Workflow
 from bonjourgrid.dag.urls import file_url_path
 from bonjourgrid.errors import StageError
@@ -52,6 +56,7 @@ DISK_MARGIN = 64 * MIB  # bytes left free on the submit directory's disk after t
 HTTP_TIMEOUT_S = 30.0  # a server silent this long (connecting or sending) fails the download
 MAX_CONNECTIONS = 4  # HEAD requests and downloads at once
 STALE_PART_S = 24 * 3600.0  # a partial download this old was left by a run that died
+HASH_THREADS = min(4, os.cpu_count() or 1)  # files hashed at once
 _CHUNK = MIB
 _GONE = (404, 410)  # a HEAD answering these fails at once; other HEAD errors leave it to the GET
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -144,11 +149,34 @@ def _hash_in_place(
     stop: threading.Event | None = None,
 ) -> dict[str, StagedFile]:
     """Submit-directory files and file:// URLs, hashed where they are (one read each)."""
-    staged: dict[str, StagedFile] = {}
-    for path in local:
+    digests = DigestCache(workflow.root / DIGESTS_FILE)
+    try:
+        staged = _hash_with(digests, workflow, local, files, known, stop)
+    finally:  # what was hashed before a failure is remembered too
+        digests.save()
+    log.info(
+        "source inputs: %d hashed, %d unchanged since an earlier submit",
+        digests.hashed,
+        digests.hits,
+    )
+    return staged
+
+
+def _hash_with(
+    digests: DigestCache,
+    workflow: Workflow,
+    local: list[str],
+    files: Mapping[str, list[str]],
+    known: Mapping[str, FileRef],
+    stop: threading.Event | None,
+) -> dict[str, StagedFile]:
+    """Each file on a thread of a small pool (SHA-256 lets go of the GIL: one core each);
+    the first failure, in the order of the inputs, stops the others at their next block."""
+
+    def submit_dir_file(path: str) -> dict[str, StagedFile]:
         where = workflow.root / path
         try:
-            staged[path] = StagedFile(known.get(path) or hash_file(where, stop), where)
+            return {path: StagedFile(known.get(path) or digests.hash(where, stop), where)}
         except InterruptedError:
             raise
         except OSError as err:
@@ -156,10 +184,11 @@ def _hash_in_place(
                 f"cannot read input {path} in {workflow.root} ({_needed_by(workflow, [path])}): "
                 f"{err.strerror or err}; put the file back, or fix its permissions"
             ) from None
-    for url, paths in files.items():
+
+    def file_url(url: str, paths: list[str]) -> dict[str, StagedFile]:
         where = file_url_path(url)
         try:
-            item = StagedFile(hash_file(where, stop), where)
+            return dict.fromkeys(paths, StagedFile(digests.hash(where, stop), where))
         except InterruptedError:
             raise
         except OSError as err:
@@ -168,7 +197,21 @@ def _hash_in_place(
                 f"cannot read input {url} ({_needed_by(workflow, paths)}): {what}; "
                 "check the URL's path"
             ) from None
-        staged.update(dict.fromkeys(paths, item))
+
+    staged: dict[str, StagedFile] = {}
+    threads = max(1, min(HASH_THREADS, len(local) + len(files)))
+    with concurrent.futures.ThreadPoolExecutor(threads, "bgrid-hash") as pool:
+        jobs = [pool.submit(submit_dir_file, path) for path in local]
+        jobs += [pool.submit(file_url, url, paths) for url, paths in files.items()]
+        try:
+            for job in jobs:
+                staged.update(job.result())
+        except BaseException:
+            if stop is not None:
+                stop.set()
+            for job in jobs:
+                job.cancel()
+            raise
     return staged
 
 

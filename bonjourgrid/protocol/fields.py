@@ -446,6 +446,15 @@ def _optional_path(value: Any, what: str) -> str:
     return "" if value == "" else check_path(value, what)
 
 
+def _local_path(value: Any, what: str) -> str:
+    """An absolute path on the sender's host, or "" (none): checked, never trusted (see
+    `cache/same_host.py` for what a fetcher does with it)."""
+    text = _str(value, what, MAX_PATH)
+    if "\x00" in text or (text and not text.startswith("/")):
+        raise ProtocolError(f"{what} must be an absolute path without NUL bytes, or empty")
+    return text
+
+
 def _directory(value: Any, what: str) -> str:
     text = _str(value, what, MAX_PATH)
     if "\x00" in text:

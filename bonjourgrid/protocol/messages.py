@@ -57,6 +57,7 @@ from bonjourgrid.protocol.fields import (
     _lease,
     _limits,
     _listed,
+    _local_path,
     _made,
     _one_of,
     _optional_path,
@@ -447,6 +448,26 @@ class Get(Message):
 
 @_message
 @dataclass(frozen=True)
+class Locate(Message):
+    """Where on disk is this content? Asked by a fetcher that may share the server's host."""
+
+    TYPE = "locate"
+    digest: str = field(metadata=DIGEST)
+    host: str = field(metadata=_f(lambda v, w: _str(v, w, MAX_NAME)))  # the asker's identity
+
+
+@_message
+@dataclass(frozen=True)
+class Located(Message):
+    """The answer to `locate`: the file's absolute path, "" if not on the asker's host."""
+
+    TYPE = "located"
+    digest: str = field(metadata=DIGEST)
+    path: str = field(metadata=_f(_local_path))
+
+
+@_message
+@dataclass(frozen=True)
 class Chunk(Message):
     TYPE = "chunk"
     digest: str = field(metadata=DIGEST)
@@ -533,7 +554,7 @@ def pack_raw(msg_type: str, **fields: Any) -> bytes:
     return bytes(msgpack.packb({"v": PROTOCOL_VERSION, "t": msg_type, **fields}, use_bin_type=True))
 
 
-def _unpack(frame: bytes, limit: int) -> Any:
+def _unpack(frame: bytes | memoryview, limit: int) -> Any:
     try:
         return msgpack.unpackb(
             frame,
@@ -550,8 +571,11 @@ def _unpack(frame: bytes, limit: int) -> Any:
         ) from err
 
 
-def decode(frame: bytes, limit: int = MAX_CONTROL_FRAME) -> Message:
-    """The message in `frame`, checked field by field; ProtocolError otherwise."""
+def decode(frame: bytes | memoryview, limit: int = MAX_CONTROL_FRAME) -> Message:
+    """The message in `frame`, checked field by field; ProtocolError otherwise.
+
+    `frame` may be a view of a zmq frame's buffer: a `chunk`'s data is copied out of it once.
+    """
     if len(frame) > limit:
         raise ProtocolError(f"frame of {len(frame)} bytes is over the {limit}-byte limit")
     msg = _unpack(frame, limit)

@@ -159,7 +159,8 @@ class Job:
             port = self._sock.bind_to_random_port("tcp://127.0.0.1")
             key = self.server_keys.public.decode() if self.server_keys else ""
             self.source = Source(f"tcp://127.0.0.1:{port}", key, "coordinator")
-            self.server = DataServer(self._sock, self.index.locate)
+            # As a coordinator on another host: the bytes served are the bytes fetched.
+            self.server = DataServer(self._sock, self.index.locate, host="")
         if start:
             self.start_serving()
         return ref

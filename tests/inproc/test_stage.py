@@ -152,7 +152,7 @@ async def test_submit_dir_files_and_file_urls_are_served_where_they_are(
         "local.txt": StagedFile(ref_of(b"local"), submit_dir / "local.txt"),
         "ref.fa": StagedFile(ref_of(b">ref\nACGT\n"), shared),
     }
-    assert not (submit_dir / ".bgrid").exists()  # nothing was copied
+    assert not remote_dir_of(submit_dir).exists()  # nothing was copied
 
 
 async def test_known_digests_are_reused_for_submit_dir_files_only(

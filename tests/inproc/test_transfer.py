@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,11 +19,13 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from bonjourgrid import wire
-from bonjourgrid.cache import transfer
+from bonjourgrid.cache import same_host, transfer
 from bonjourgrid.cache.store import FileIndex, FileRef, hash_file
 from bonjourgrid.cache.transfer import DataServer, Fetcher, Source
-from bonjourgrid.errors import TransferError
+from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.keys import Keypair
+from bonjourgrid.protocol import Located
+from tests.waiting import async_wait_until
 
 pytestmark = [pytest.mark.timeout(20), pytest.mark.usefixtures("quick_timing")]
 
@@ -39,12 +43,16 @@ class Servers:
         self._tasks: list[asyncio.Task[None]] = []
         self._socks: list[zmq.asyncio.Socket] = []
 
-    def start(self, locate: Callable[[str], Path | None], label: str) -> tuple[DataServer, Source]:
+    def start(
+        self, locate: Callable[[str], Path | None], label: str, same_host: bool = False
+    ) -> tuple[DataServer, Source]:
+        """A data server; unless `same_host`, it gives no path to a `locate` (as a server on
+        another host): the bytes then come over the wire, which most tests are about."""
         if self.keypair is not None and self.auth is None:
             self.auth = wire.start_authenticator(self.ctx, {"data": self.policy})
         sock = wire.server_socket(self.ctx, self.keypair, "data", 4096)
         port = sock.bind_to_random_port("tcp://127.0.0.1")
-        server = DataServer(sock, locate)
+        server = DataServer(sock, locate, host=None if same_host else "")
         self._socks.append(sock)
         self._tasks.append(asyncio.create_task(server.serve_forever()))
         key = self.keypair.public.decode() if self.keypair else ""
@@ -162,6 +170,38 @@ async def test_several_fetches_share_one_fetcher(
     assert fetcher.bytes_from["coordinator"] == sum(r.size for _, r in files) + ref.size
 
 
+async def test_a_disk_that_refuses_writes_fails_the_fetch_and_leaves_nothing(
+    tmp_path: Path, servers: Servers, fetcher: Fetcher
+) -> None:
+    """Chunks are written on a writer thread: its error still ends the fetch, with the OS's
+    reason, and no partial file is left. /dev/full refuses every write with ENOSPC."""
+    path, ref = make_file(tmp_path / "submit", 3 * CHUNK + 7)
+    _, source = servers.start(index_of(path).locate, "coordinator")
+    partial = tmp_path / "x.part"
+    partial.symlink_to("/dev/full")
+    with pytest.raises(OSError) as failed:
+        await fetcher.fetch(ref, [source], partial)
+    assert failed.value.errno == errno.ENOSPC
+    assert not partial.is_symlink()
+    # The fetcher goes on serving the next fetch.
+    assert await fetcher.fetch(ref, [source], tmp_path / "y.part") == source
+    assert (tmp_path / "y.part").read_bytes() == path.read_bytes()
+
+
+async def test_a_cancelled_fetch_leaves_nothing_behind(
+    tmp_path: Path, servers: Servers, fetcher: Fetcher
+) -> None:
+    path, ref = make_file(tmp_path / "submit", 12 * CHUNK)
+    server, source = servers.start(index_of(path).locate, "coordinator")
+    partial = tmp_path / "x.part"
+    fetch = asyncio.create_task(fetcher.fetch(ref, [source], partial))
+    await async_wait_until(lambda: server.bytes_served > 0, 10.0, "the first chunk served")
+    fetch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await fetch
+    assert not partial.exists()
+
+
 # -- failover ----------------------------------------------------------------------------------
 
 
@@ -228,6 +268,141 @@ async def test_a_truncated_source_is_given_up_at_once(
     started = time.monotonic()
     assert await fetcher.fetch(ref, [truncated, good], tmp_path / "x.part") == good
     assert time.monotonic() - started < 0.4
+
+
+# -- same host: a kernel copy from the holder's path, verified ----------------------------------
+
+
+@pytest.mark.parametrize("size", [transfer._LOCAL_MIN, 3 * CHUNK + 5], ids=["small", "3MiB"])
+async def test_a_holder_on_this_host_hands_over_its_path_and_no_chunk_moves(
+    tmp_path: Path,
+    servers: Servers,
+    fetcher: Fetcher,
+    size: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transfer, "_LOCAL_STEP", CHUNK)  # several steps, a short last one
+    path, ref = make_file(tmp_path / "submit", size)
+    server, source = servers.start(index_of(path).locate, "coordinator", same_host=True)
+    partial = tmp_path / "worker" / "x.part"
+    assert await fetcher.fetch(ref, [source], partial) == source
+    assert hash_file(partial) == ref
+    # Handed over by path, no chunk: counted as served all the same (the job's report).
+    assert (fetcher.bytes_copied, server.bytes_served, server.bytes_located) == (size,) * 3
+    assert partial.stat().st_ino != path.stat().st_ino  # a copy of its own, not a link
+
+
+async def test_a_same_host_copy_cancelled_midway_leaves_nothing_behind(
+    tmp_path: Path, servers: Servers, fetcher: Fetcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transfer, "_LOCAL_STEP", CHUNK)
+    # The second step's hash holds until the test has cancelled the fetch.
+    midway, release = threading.Event(), threading.Event()
+    hash_copy = transfer._Sink._hash_copy
+
+    def held(sink: transfer._Sink, offset: int, size: int) -> None:
+        if offset > 0:
+            midway.set()
+            release.wait(10.0)
+        hash_copy(sink, offset, size)
+
+    monkeypatch.setattr(transfer._Sink, "_hash_copy", held)
+    path, ref = make_file(tmp_path / "submit", 8 * CHUNK)
+    _, source = servers.start(index_of(path).locate, "coordinator", same_host=True)
+    partial = tmp_path / "x.part"
+    fetch = asyncio.create_task(fetcher.fetch(ref, [source], partial))
+    await async_wait_until(midway.is_set, 10.0, "the copy's second step")
+    fetch.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await fetch
+    assert not partial.exists()
+    assert fetcher.bytes_copied == 0
+
+
+async def test_a_small_file_comes_over_the_wire_even_from_this_host(
+    tmp_path: Path, servers: Servers, fetcher: Fetcher
+) -> None:
+    path, ref = make_file(tmp_path / "submit", transfer._LOCAL_MIN - 1)
+    server, source = servers.start(index_of(path).locate, "coordinator", same_host=True)
+    assert await fetcher.fetch(ref, [source], tmp_path / "x.part") == source
+    assert (fetcher.bytes_copied, server.bytes_served) == (0, ref.size)
+
+
+async def test_a_local_file_with_other_bytes_is_refused_and_the_wire_used(
+    tmp_path: Path, servers: Servers, fetcher: Fetcher
+) -> None:
+    """The holder's path names a file of the right size with other bytes (changed since it
+    was hashed, or a lie): the copy is hashed, refused, and the same source's wire serves."""
+    path, ref = make_file(tmp_path / "submit", 2 * CHUNK + 3)
+    impostor, _ = make_file(tmp_path / "rot", ref.size)
+    answers = iter([impostor])  # the `locate` is asked first, then every `get`
+    server, source = servers.start(lambda d: next(answers, path), "coordinator", same_host=True)
+    partial = tmp_path / "x.part"
+    assert await fetcher.fetch(ref, [source], partial) == source
+    assert hash_file(partial) == ref
+    assert fetcher.bytes_copied == 0
+    assert server.bytes_served - server.bytes_located == ref.size  # all in chunks
+
+
+@pytest.mark.parametrize("named", ["/dev/zero", "fifo", "other-size", "missing"])
+async def test_a_path_that_is_no_file_of_the_size_is_never_read(
+    tmp_path: Path, servers: Servers, fetcher: Fetcher, named: str
+) -> None:
+    """A hostile holder names a device, a FIFO (an open would block), a file of another
+    size, or nothing: the fetcher does not read it, and takes the bytes from the wire."""
+    path, ref = make_file(tmp_path / "submit", 2 * CHUNK)
+    claims = {
+        "/dev/zero": Path("/dev/zero"),
+        "fifo": tmp_path / "fifo",
+        "other-size": make_file(tmp_path / "other", ref.size + 1)[0],
+        "missing": tmp_path / "nothing-here",
+    }
+    if named == "fifo":
+        os.mkfifo(claims["fifo"])
+    answers = iter([claims[named]])
+    server, source = servers.start(lambda d: next(answers, path), "coordinator", same_host=True)
+    partial = tmp_path / "x.part"
+    assert await fetcher.fetch(ref, [source], partial) == source
+    assert hash_file(partial) == ref
+    assert fetcher.bytes_copied == 0
+    assert server.bytes_served - server.bytes_located == ref.size  # all in chunks
+
+
+def test_a_path_is_taken_only_if_the_holder_may_read_the_file(tmp_path: Path) -> None:
+    """The holder's uid comes from the kernel's socket table, the file's mode decides."""
+    private, _ = make_file(tmp_path, 10, "private")
+    private.chmod(0o600)
+    shared, _ = make_file(tmp_path, 10, "shared")
+    shared.chmod(0o644)
+    owner = private.stat().st_uid
+    stranger = owner + 4242
+    assert same_host.holder_may_read(private.stat(), owner)
+    assert not same_host.holder_may_read(private.stat(), stranger)
+    assert same_host.holder_may_read(shared.stat(), stranger)
+    assert same_host.open_for_copy(str(private), 10, stranger) is None
+    fd = same_host.open_for_copy(str(shared), 10, stranger)
+    assert fd is not None
+    os.close(fd)
+
+
+async def test_the_holder_uid_is_that_of_the_process_listening_on_the_endpoint(
+    servers: Servers,
+) -> None:
+    _, source = servers.start(FileIndex().locate, "coordinator")
+    assert same_host.listener_uid(source.endpoint) == os.getuid()
+    assert same_host.listener_uid(dead_endpoint()) is None
+    assert same_host.listener_uid("ipc:///tmp/x") is None
+
+
+def test_a_located_path_must_be_absolute() -> None:
+    digest = "ab" * 32
+    assert wire.decode(wire.pack_raw("located", digest=digest, path="/a/b")) == Located(
+        digest, "/a/b"
+    )
+    for bad in ("relative/path", "/a\x00b", 7):
+        with pytest.raises(ProtocolError):
+            wire.decode(wire.pack_raw("located", digest=digest, path=bad))
 
 
 # -- security ----------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ async def main():
     wire.start_authenticator(ctx, {"data": policy})
     sock = wire.server_socket(ctx, keys, "data", 4096)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
-    server = Stalling(sock, lambda digest: Path(sys.argv[1]), policy)
+    server = Stalling(sock, lambda digest: Path(sys.argv[1]), policy, host="")  # the wire
     print(port, keys.public.decode(), flush=True)
     await server.serve_forever()
 
@@ -114,7 +114,7 @@ async def live_source(path: Path, client: Keypair) -> AsyncIterator[LiveSource]:
     auth = wire.start_authenticator(ctx, {"data": wire.KeyPolicy({client.public})})
     sock = wire.server_socket(ctx, keys, "data", 4096)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
-    server = DataServer(sock, lambda digest: path)
+    server = DataServer(sock, lambda digest: path, host="")  # no same-host copy: the wire
     task = asyncio.create_task(server.serve_forever())
     try:
         yield LiveSource(server, Source(f"tcp://127.0.0.1:{port}", keys.public.decode(), "live"))

@@ -76,6 +76,8 @@ SAMPLES: dict[str, p.Message] = {
         p.Get(D1, 0, 10),
         p.Chunk(D1, 0, b"\x00\xffdata"),
         p.Missing(D1),
+        p.Locate(D1, "machine-id/boot-id/4026531832"),
+        p.Located(D1, "/home/ann/job/in.txt"),
         p.StepClaim("job-42", "t1", 1),
         p.StepGranted(
             "job-42",
@@ -115,7 +117,7 @@ def test_the_protocol_has_the_messages_of_every_conversation() -> None:
     replies = {"reserved", "denied", "heartbeat_ack", "released", "preempted", "task_done"}
     replies |= {"prefetched", "holding", "error", "started", "refused"}
     replies |= {"service_up", "service_failed", "service_exited"}
-    data = {"get", "chunk", "missing"}
+    data = {"get", "chunk", "missing", "locate", "located"}  # locate: same-host copies
     jobctl = {"cancel_job", "cancelling"}  # `bgrid cancel` -> coordinator
     # `bgrid task-step` <-> its worker, on the peer's unix socket
     steps = {"step_claim", "step_granted", "step_refused", "step_exited", "step_verdict"}
