@@ -171,6 +171,7 @@ class WorkerDaemon:
         self._control = control
         self._control_port = control_port
         self.core = WorkerCore(cpus=self.config.cpus, data_port=data_port)
+        self.spawner.open()  # the task launcher starts with the daemon, not with its first task
         monitor = None if self.config.always_idle else await self._first_owner_sample()
         self.advertiser = Advertiser(
             zc,

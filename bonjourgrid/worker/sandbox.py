@@ -364,6 +364,8 @@ class TaskRun:
             report["error"] = self.spec.limits.explain(
                 report["exit_code"], report["stderr_tail"], self._out_of_time
             )
+            if not report["error"] and self._proc is not None and self._proc.lost:
+                report["error"] = self._proc.lost
             if report["exit_code"] != 0 and not report["error"] and self._disk_full():
                 # The command's own complaint may be lost: its stderr file is on that disk.
                 report["error"] = self._disk_full_message("No space left on device")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import stat
 import sys
 from collections.abc import Iterator
@@ -229,6 +230,45 @@ async def test_a_task_runs_at_the_desktop_s_lowest_priority_with_a_private_umask
     assert (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0)) == (0, os.SCHED_OTHER)
 
 
+async def test_a_task_starts_with_the_signals_python_ignores_restored(
+    peer: Peer, coordinator: Coordinator
+) -> None:
+    # Python ignores SIGPIPE, and an ignored signal stays ignored across exec: a pipeline
+    # whose reader quit early would then never end (`yes | head -1`).
+    done = await run_task(
+        coordinator, "grep SigIgn /proc/self/status > ign.txt", outputs=["ign.txt"]
+    )
+    assert (done["exit_code"], done["error"]) == (0, "")
+    ignored = int(stored(peer, done, "ign.txt").split()[1], 16)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
+        assert not ignored & (1 << (sig - 1)), f"{sig.name} is ignored in the task"
+    done = await run_task(coordinator, "yes | head -n 1", task="pipe")
+    assert (done["exit_code"], done["stdout"], done["stderr"]) == (0, b"y\n", b"")
+
+
+async def test_a_task_whose_launcher_dies_is_reported_killed_and_the_next_one_runs(
+    peer: Peer, coordinator: Coordinator, pidfile: Path
+) -> None:
+    sock = await coordinator.reserve("job-1")
+    command = f"echo $$ > {pidfile}; exec sleep 3000"
+    await sock.send(wire.pack_raw("run", **coordinator.run_fields("job-1", "long", command)))
+    await wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), REPLY_S, "the task")
+    launcher = peer.daemon.spawner.launcher_pid
+    assert launcher is not None
+    os.kill(launcher, signal.SIGKILL)
+    done = await coordinator.recv(sock, timeout=20)
+    while done["t"] != "task_done":
+        done = await coordinator.recv(sock, timeout=20)
+    assert done["exit_code"] == -signal.SIGKILL, done
+    assert "task launcher stopped" in done["error"] and "killed" in done["error"]
+    pid = int(pidfile.read_text())
+    await wait_until(lambda: gone(pid), REPLY_S, f"the end of task process {pid}")
+    coordinator.__dict__["_sock"] = sock
+    again = await run_task(coordinator, "echo again", task="next")
+    assert (again["exit_code"], again["stdout"]) == (0, b"again\n")
+    assert peer.daemon.spawner.launcher_pid not in (None, launcher)  # a new one
+
+
 # -- the wall-clock limit ----------------------------------------------------------------------
 
 
@@ -258,7 +298,7 @@ async def test_a_recycled_work_directory_is_private_and_empty_and_goes_with_its_
     )
     assert (first["exit_code"], first["error"]) == (0, "")
     await wait_until(lambda: leftovers.recyclable == 1, REPLY_S, "the sweep of task a")
-    probe = 'n=$(ls -A | wc -l); stat -c %a .. . ../stdout > modes.txt; echo $n >> modes.txt'
+    probe = "n=$(ls -A | wc -l); stat -c %a .. . ../stdout > modes.txt; echo $n >> modes.txt"
     second = await run_task(
         coordinator, f'{probe}; echo "$BGRID_SANDBOX"', task="b", outputs=["modes.txt"]
     )
