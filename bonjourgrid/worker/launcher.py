@@ -10,8 +10,15 @@ until the child execs, and a child at idle priority on a busy desktop may wait l
 to do so: heartbeats stall (worker/spawn.py tells the measurement).
 
 So the daemon starts this process once (`python -m bonjourgrid.worker.launcher FD PARENT`),
-which imports only the standard library and limits.py: forking it is cheap, and a fork that
-waits for the CPU stalls nobody but it. It is the daemon's child and dies with it
+which imports only the standard library and limits.py, and whose stalls are its own. Its
+spawning thread lowers its own priority once (Linux keeps nice, scheduling policy and I/O
+class per thread, and a child inherits its spawning thread's), and the process keeps a umask
+of 077: a task without rlimits is then started by posix_spawn (vfork and exec, no copy of
+this process, about half the CPU of a fork whose child runs Python before its exec), with
+its session, descriptors and signal dispositions set by the spawn itself. A task with
+rlimits (which hold per process), or one on a system where the thread could not lower
+itself, is forked and sets everything before it execs, as before. The main thread answers
+the daemon and reaps. It is the daemon's child and dies with it
 (PR_SET_PDEATHSIG); it is a child subreaper, so what a task orphans is reparented to it, and
 it reaps those; they stay among the daemon's descendants, where the reaper finds them by
 marker (worker/reaper.py).
@@ -33,15 +40,24 @@ import contextlib
 import ctypes
 import os
 import pickle
+import queue
 import selectors
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 
-from bonjourgrid.worker.limits import Limits, task_preexec
+from bonjourgrid.worker.limits import TASK_NICE, TASK_UMASK, Limits, ioprio_idle, task_preexec
 
 MAX_REQUEST = 1 << 22  # a spawn request: command and environment are bounded far below this
+# Python ignores SIGPIPE and SIGXFSZ, and this process SIGINT; an ignored signal stays ignored
+# across exec: a task gets them back at their default (`yes | head` must end), as subprocess's
+# restore_signals does. SIGCHLD is caught here: exec resets it by itself.
+_DEFAULT_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ", "SIGINT") if hasattr(signal, name)
+)
+_EARLY_EXITS = 4096  # exits reaped before their spawn was registered (or orphans'), kept
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -68,12 +84,8 @@ def _exec_child(
         os.dup2(null, 0)
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
-        # Python ignores SIGPIPE (and SIGXFSZ); an ignored signal stays ignored across exec,
-        # so put them back as subprocess's restore_signals does (`yes | head` must end).
-        for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), signal.SIG_DFL)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for sig in _DEFAULT_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         task_preexec(limits)()  # priority, umask, rlimits: worker/limits.py
         os.execve(argv[0], list(argv), dict(env))
@@ -112,6 +124,80 @@ def _spawn(
     return pid
 
 
+def _posix_spawn(
+    argv: Sequence[str], env: Mapping[str, str], cwd: str, out_fd: int, err_fd: int
+) -> int:
+    """Start the task by posix_spawn (vfork and exec: no copy of this process); it inherits
+    the calling thread's priority (nice, scheduling policy, I/O class) and our umask."""
+    os.chdir(cwd)  # posix_spawn has no chdir here; only the spawning thread uses paths
+    return os.posix_spawn(
+        argv[0],
+        list(argv),
+        dict(env),
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out_fd, 1),
+            (os.POSIX_SPAWN_DUP2, err_fd, 2),
+        ],
+        setsid=True,
+        setsigdef=_DEFAULT_SIGNALS,
+        setsigmask=(),
+    )
+
+
+def _lower_this_thread() -> bool:
+    """Give the calling thread a task's priority (nice 19, SCHED_IDLE, the idle I/O class);
+    whether it holds all of them (Linux keeps the three per thread, and a child inherits its
+    spawning thread's)."""
+    tid = threading.get_native_id()
+    idle_io = ioprio_idle()
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, tid, TASK_NICE)
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        if idle_io is not None:
+            idle_io()  # who=0: the calling thread
+        return (
+            os.getpriority(os.PRIO_PROCESS, tid) == TASK_NICE
+            and os.sched_getscheduler(tid) == os.SCHED_IDLE
+            and idle_io is not None
+        )
+    return False
+
+
+class _SpawnThread(threading.Thread):
+    """Starts tasks one after another, at a task's priority: a task without rlimits by
+    posix_spawn, inheriting it (the cheap way); one with rlimits, or on a system where the
+    thread could not lower itself, by fork and `task_preexec`. Its results go back to the
+    main thread, which answers the daemon, through `results` and a byte on `wake`."""
+
+    def __init__(self, wake: int) -> None:
+        super().__init__(name="bgrid-launch", daemon=True)
+        self.requests: queue.SimpleQueue[
+            tuple[int, list[str], dict[str, str], str, Limits, list[int]] | None
+        ] = queue.SimpleQueue()
+        self.results: queue.SimpleQueue[tuple[int, int, OSError | None]] = queue.SimpleQueue()
+        self._wake = wake
+
+    def run(self) -> None:
+        lowered = _lower_this_thread()
+        while (request := self.requests.get()) is not None:
+            ident, argv, env, cwd, limits, fds = request
+            try:
+                if lowered and not limits.rlimits():
+                    pid = _posix_spawn(argv, env, cwd, fds[0], fds[1])
+                else:
+                    pid = _spawn(argv, env, cwd, limits, fds[0], fds[1])
+            except OSError as err:
+                self.results.put((ident, 0, err))
+            else:
+                self.results.put((ident, pid, None))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake, b"s")
+
+
 def serve(sock: socket.socket) -> None:
     """Answer spawn requests on `sock` and report every task's end, until end of file."""
     sock.setblocking(True)
@@ -122,47 +208,60 @@ def serve(sock: socket.socket) -> None:
     selector.register(sock, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
     tasks: dict[int, int] = {}  # pid -> request id
+    early: dict[int, int] = {}  # pid -> exit code, reaped before its spawn was registered
+    spawner = _SpawnThread(wake_w)
+    spawner.start()
 
     def send(*message: object) -> None:
         sock.send(pickle.dumps(message))
 
-    while True:
-        for key, _ in selector.select():
-            if key.fileobj is sock:
-                data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 2)
-                if not data:
-                    return  # the daemon is gone, or closed us
-                for fd in fds:
-                    os.set_inheritable(fd, False)  # only their copies on 1 and 2 go to the task
-                try:
+    def report_exit(pid: int, code: int) -> None:
+        ident = tasks.pop(pid, None)
+        if ident is not None:
+            send("exited", ident, code)
+        else:  # an orphan we reaped, or a task whose spawn is not registered yet
+            early[pid] = code
+            while len(early) > _EARLY_EXITS:
+                del early[next(iter(early))]
+
+    try:
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj is sock:
+                    data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 2)
+                    if not data:
+                        return  # the daemon is gone, or closed us
+                    for fd in fds:
+                        os.set_inheritable(fd, False)  # only their copies on 0-2 reach the task
                     kind, ident, argv, env, cwd, limits = pickle.loads(data)
                     assert kind == "spawn" and len(fds) == 2
-                    try:
-                        pid = _spawn(argv, env, cwd, limits, fds[0], fds[1])
-                    except OSError as err:
-                        send("failed", ident, err.errno or 0, err.strerror or str(err))
-                    else:
-                        tasks[pid] = ident
-                        send("spawned", ident, pid)
-                finally:
-                    for fd in fds:
-                        os.close(fd)
-            else:
-                with contextlib.suppress(BlockingIOError):
-                    while os.read(wake_r, 4096):
-                        pass
-        # Reap every child that ended: tasks are reported, orphans (we are their subreaper)
-        # only reaped.
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            ident = tasks.pop(pid, None)
-            if ident is not None:
-                send("exited", ident, os.waitstatus_to_exitcode(status))
+                    spawner.requests.put((ident, argv, env, cwd, limits, fds))
+                else:
+                    with contextlib.suppress(BlockingIOError):
+                        while os.read(wake_r, 4096):
+                            pass
+            # Spawns done by the thread: answered, and their pids registered before the reaping.
+            while not spawner.results.empty():
+                ident, pid, error = spawner.results.get()
+                if error is not None:
+                    send("failed", ident, error.errno or 0, error.strerror or str(error))
+                    continue
+                tasks[pid] = ident
+                send("spawned", ident, pid)
+                if pid in early:
+                    report_exit(pid, early.pop(pid))
+            # Reap every child that ended: tasks are reported, orphans (we are their
+            # subreaper) only reaped.
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                report_exit(pid, os.waitstatus_to_exitcode(status))
+    finally:
+        spawner.requests.put(None)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -174,6 +273,7 @@ def main(argv: Sequence[str]) -> None:
         return  # the daemon died before we could tie ourselves to it
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the daemon's to handle
+    os.umask(TASK_UMASK)  # inherited by every task (this process writes no file)
     # A broken pipe or reset: the daemon is gone.
     with (
         socket.socket(fileno=fd) as sock,

@@ -260,7 +260,7 @@ _NR_IOPRIO_SET = {
 }
 
 
-def _ioprio_idle() -> Callable[[], None] | None:
+def ioprio_idle() -> Callable[[], None] | None:
     """A function that puts the calling process in the idle I/O class; None where unknown."""
     number = _NR_IOPRIO_SET.get(platform.machine().lower())
     if number is None or not hasattr(os, "sched_setscheduler"):  # not Linux
@@ -285,7 +285,7 @@ def _ioprio_idle() -> Callable[[], None] | None:
 def task_preexec(limits: Limits) -> Callable[[], None]:
     """The preexec_fn of a task: lowest priority, private umask, then `limits`' rlimits."""
     rlimits = limits.preexec()
-    idle_io = _ioprio_idle()
+    idle_io = ioprio_idle()
     scheduler = getattr(os, "SCHED_IDLE", None)
     param = os.sched_param(0) if scheduler is not None else None
 

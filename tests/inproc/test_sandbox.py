@@ -240,7 +240,7 @@ async def test_a_task_starts_with_the_signals_python_ignores_restored(
     )
     assert (done["exit_code"], done["error"]) == (0, "")
     ignored = int(stored(peer, done, "ign.txt").split()[1], 16)
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGCHLD):
         assert not ignored & (1 << (sig - 1)), f"{sig.name} is ignored in the task"
     done = await run_task(coordinator, "yes | head -n 1", task="pipe")
     assert (done["exit_code"], done["stdout"], done["stderr"]) == (0, b"y\n", b"")
