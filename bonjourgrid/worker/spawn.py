@@ -13,10 +13,13 @@ forks matters for speed:
   the owner's processes keep every core busy. Measured: 1.4 s stalls of the daemon's event
   loop with four busy loops on two cores, enough to silence heartbeats and lose the peer;
 - the task launcher (worker/launcher.py), the daemon's one helper process: small (standard
-  library only), so its forks are cheap, and its stalls are its own. This module's Spawner
-  talks to it over a socket pair: a request with the task's stdout and stderr descriptors
-  attached, answered by the pid (or why it could not start), then by its exit code once the
-  launcher has reaped it. The event loop reads the answers like any socket.
+  library only), its stalls are its own, so it may vfork (posix_spawn) from a thread that
+  holds a task's priority, and it forks only for rlimits. This module's Spawner talks to it
+  over a socket pair: a request with the task's stdout and stderr descriptors attached,
+  answered by the pid (or why it could not start), then by its exit code once the launcher
+  has reaped it. The event loop reads the answers like any socket. Measured on 2,000 `true`
+  tasks on `--local 2`: about 2.2 ms of CPU per task (daemons, launchers and tasks) with
+  the launcher, against 4.3 ms when the launcher forked and 5.5 ms when the daemon did.
 
 Stopping a task needs no launcher: the daemon signals the task's process group itself. If the
 launcher dies, every task it started is killed and reported killed by SIGKILL, and the next
