@@ -63,6 +63,16 @@ class DigestCache:
         self.hits = 0  # files whose digest came from the cache (for logs and tests)
         self.hashed = 0  # files read and hashed
 
+    def remembers(self, path: Path) -> bool:
+        """Whether `hash(path)` would answer from the cache (the file is unchanged)."""
+        try:
+            now = identity(os.stat(path))
+        except OSError:
+            return False
+        with self._lock:
+            known = self._entries.get(str(path.absolute()))
+        return known is not None and known[0] == now
+
     def hash(self, path: Path, stop: threading.Event | None = None) -> FileRef:
         """The FileRef of the file at `path`: remembered if its identity is unchanged, else
         read and hashed (see `hash_file`, which raises as it does)."""

@@ -8,7 +8,9 @@ Theory of operation. Every task walks one path:
     (descendants of a FAILED task are SKIPPED; the other branches go on, as in DAGMan)
 
 A resumed job starts with the tasks its journal vouches for already DONE (`done=`); a task
-is never DONE before every task it needs.
+is never DONE before every task it needs. "All inputs done" also counts source inputs still
+being hashed (`hold_sources`, until `SourcesHashed`): a big new input is read while the tasks
+that do not need it already run.
 
 A failed attempt with retries left makes the task READY again, but not placeable before
 `now + backoff` (BACKOFF_BASE_S doubling per failure, capped at BACKOFF_CAP_S): it waits in
@@ -125,6 +127,7 @@ from bonjourgrid.coordinator.model import (
     Release,
     RunPlaced,
     RunStarted,
+    SourcesHashed,
     StopRun,
     TaskData,
     TaskDone,
@@ -162,6 +165,7 @@ __all__ = [
     "RunPlaced",
     "RunStarted",
     "SchedulerCore",
+    "SourcesHashed",
     "StopRun",
     "TaskData",
     "TaskDone",
@@ -225,6 +229,8 @@ class SchedulerCore:
         self.data: dict[str, TaskData] = {name: TaskData() for name in self.tasks}
         self.data.update(data or {})
         self.files = FileTable(sources)
+        # Source inputs whose digests come while the job runs -> the tasks that read them.
+        self._unhashed: dict[str, list[str]] = {}
         self.peers: dict[str, PeerSlots] = {}
         self.ready = ReadyQueue(self.tasks, matches)  # also which peers have a free slot
         self._idle: dict[str, None] = {}  # peers running and collecting nothing (scale-in)
@@ -341,6 +347,8 @@ class SchedulerCore:
                 self.planner.prefetch_failed(event.peer, event.digest, now)
             case PeersSettled() if not self.by_middleware:
                 self.planner.remake("the earlier run (no peer holds it now)", now, out)
+            case SourcesHashed():
+                self._sources_hashed(event.refs, now)
             case CancelRequested():
                 self._finish(out, "failed", event.reason)
                 return out
@@ -389,8 +397,12 @@ class SchedulerCore:
         return self._top_level
 
     def undone_preds(self, name: str) -> int:
-        """How many of the tasks `name` needs are not DONE (what it waits for)."""
-        return sum(1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE)
+        """How many of the tasks `name` needs are not DONE, and of the source inputs it reads
+        are not hashed yet (what it waits for)."""
+        undone = sum(1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE)
+        if self._unhashed:
+            undone += sum(1 for path in self.data[name].inputs if path in self._unhashed)
+        return undone
 
     def move(self, task: TaskState, to: TaskStatus, now: float, why: str) -> None:
         heading = _MOVE_HEADINGS.get((task.status, to))
@@ -892,6 +904,38 @@ class SchedulerCore:
 
     # -- questions ------------------------------------------------------------------------
 
+    def hold_sources(self, paths: Iterable[str]) -> None:
+        """Source inputs hashed while the job runs (the shell's staging hashes big new files
+        in the background): until `SourcesHashed` names one, every task reading it waits,
+        as for a task it needs (one more in `deps_left`), and tasks reading none of them run.
+        Called before any task is placed."""
+        held = set(paths) - self._unhashed.keys()
+        if not held:
+            return
+        assert not self.counts[TaskStatus.RUNNING], "sources are held before the first run"
+        for path in held:
+            self._unhashed[path] = []
+        for name, data in self.data.items():
+            reads = [path for path in data.inputs if path in held]
+            task = self.tasks[name]
+            if not reads or task.status is TaskStatus.DONE:  # resumed: it needs them no more
+                continue
+            for path in reads:
+                self._unhashed[path].append(name)
+            task.deps_left += len(reads)
+            if task.status is TaskStatus.READY:
+                self.move(task, TaskStatus.WAITING, 0.0, "an input of its is being hashed")
+
+    def _sources_hashed(self, refs: Mapping[str, FileRef], now: float) -> None:
+        self.add_sources(refs)
+        for path in refs:
+            for name in self._unhashed.pop(path, ()):
+                task = self.tasks[name]
+                if task.status is TaskStatus.WAITING:
+                    task.deps_left -= 1
+                    if task.deps_left == 0:
+                        self.make_ready(task, now, "its inputs are hashed")
+
     def add_sources(self, refs: Mapping[str, FileRef]) -> None:
         """Contents the coordinator serves (staged inputs), known once they are hashed."""
         for path, ref in refs.items():
@@ -948,6 +992,7 @@ class SchedulerCore:
                 assert task.name in (peer.running | peer.collecting)
             if task.status is TaskStatus.WAITING:
                 assert task.deps_left > 0, f"{task.name} waits on nothing"
+                assert task.deps_left == self.undone_preds(task.name), f"{task.name}: deps_left"
             if task.resumed:
                 assert task.status is TaskStatus.DONE and task.attempts == 0
             if task.lost_input:

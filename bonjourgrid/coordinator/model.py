@@ -164,6 +164,14 @@ class Tick:
     """Time passed (the shell sends one at `next_wakeup()`): backoffs may be over."""
 
 
+@dataclass(frozen=True)
+class SourcesHashed:
+    """Source inputs hashed while the job runs (`SchedulerCore.hold_sources`): the tasks
+    that read them may run once nothing else holds them."""
+
+    refs: Mapping[str, FileRef]
+
+
 Event = (
     PeerJoined
     | PeerLost
@@ -178,6 +186,7 @@ Event = (
     | PrefetchFailed
     | PeersSettled
     | CancelRequested
+    | SourcesHashed
     | Tick
 )
 

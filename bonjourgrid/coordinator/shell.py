@@ -93,12 +93,12 @@ from bonjourgrid.coordinator.progress import REFRESH_S, Display, PeerNow, Snapsh
 from bonjourgrid.coordinator.recruit import JobNeeds
 from bonjourgrid.coordinator.report import ReportInputs, build_report
 from bonjourgrid.coordinator.services import PeerServices
-from bonjourgrid.coordinator.stage import stage_sources
+from bonjourgrid.coordinator.stage import deferrable_sources, hash_deferred, stage_sources
 from bonjourgrid.dag import Workflow
 from bonjourgrid.discovery.advertise import Advertiser, open_zeroconf, resolve_interfaces
 from bonjourgrid.discovery.browse import PeerBrowser
 from bonjourgrid.discovery.txt import JOB_SERVICE, JobRecord, JobState, job_txt
-from bonjourgrid.errors import ConfigError
+from bonjourgrid.errors import ConfigError, StageError
 from bonjourgrid.keys import GridKey, Keypair
 from bonjourgrid.protocol import (
     Denied,
@@ -409,11 +409,18 @@ class Coordinator:
     async def _stage_inputs(self) -> None:
         """The remote cache: every source input hashed (or downloaded), served from here."""
         known = dict(self.resume.source_refs) if self.resume else {}
-        staged = await stage_sources(self.workflow, known)
+        # Big inputs never hashed before are hashed while the job runs: the tasks that read
+        # none of them go first (a DAG-holding middleware takes the whole plan at once: no).
+        deferred = [] if self.middleware_dag else deferrable_sources(self.workflow, known)
+        staged = await stage_sources(self.workflow, known, deferred=deferred)
         self.source_refs = {path: item.ref for path, item in staged.items()}
         for item in staged.values():
             self.index.add(item.path, item.ref)
         self.core.add_sources(self.source_refs)
+        if deferred:
+            self.core.hold_sources(deferred)
+            log.info("hashing %d big input(s) while the job runs", len(deferred))
+            self._spawn(self._hash_deferred(deferred))
         # Outputs kept from an earlier run were just re-hashed: served from where they are
         # (a kept intermediate may be absent: only kept tasks read it).
         for record in self.resume.kept.values() if self.resume else ():
@@ -426,6 +433,19 @@ class Coordinator:
         self.pool.seek(
             {ref.digest: ref.size for ref in self.source_refs.values()}, self._wanted_from_caches
         )
+
+    async def _hash_deferred(self, paths: list[str]) -> None:
+        """Hash the held inputs, then let their readers run (core.SourcesHashed); a file that
+        can no longer be read fails the job with staging's words."""
+        try:
+            refs = await hash_deferred(self.workflow, paths)
+        except StageError as err:
+            self.events.put_nowait(core.CancelRequested(str(err)))
+            return
+        for path, ref in refs.items():
+            self.source_refs[path] = ref
+            self.index.add(self.workflow.root / path, ref)  # served before anyone asks
+        self.events.put_nowait(core.SourcesHashed(refs))
 
     async def _drive(self) -> core.Finished:
         while self.core.finished is None:

@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
@@ -57,6 +57,8 @@ HTTP_TIMEOUT_S = 30.0  # a server silent this long (connecting or sending) fails
 MAX_CONNECTIONS = 4  # HEAD requests and downloads at once
 STALE_PART_S = 24 * 3600.0  # a partial download this old was left by a run that died
 HASH_THREADS = min(4, os.cpu_count() or 1)  # files hashed at once
+# An input at least this big, not hashed before, is hashed while the first tasks run.
+DEFER_MIN_BYTES = 64 * 1024 * 1024
 _CHUNK = MIB
 _GONE = (404, 410)  # a HEAD answering these fails at once; other HEAD errors leave it to the GET
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -80,22 +82,69 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def deferrable_sources(workflow: Workflow, known: Mapping[str, FileRef]) -> list[str]:
+    """Submit-directory inputs worth hashing while the job already runs: big (at least
+    DEFER_MIN_BYTES), readable, and neither known nor remembered by the digest cache. The
+    tasks that read none of them need not wait for their bytes to be read (the theory:
+    SchedulerCore.hold_sources). StageError for one that cannot be read, as staging says."""
+    digests = DigestCache(workflow.root / DIGESTS_FILE)
+    deferred = []
+    for path in workflow.source_inputs():
+        if path in workflow.urls or path in known:
+            continue
+        where = workflow.root / path
+        try:
+            big = where.stat().st_size >= DEFER_MIN_BYTES
+            if big and not digests.remembers(where):
+                os.close(os.open(where, os.O_RDONLY))  # unreadable: said now, not later
+                deferred.append(path)
+        except OSError as err:
+            raise StageError(
+                f"cannot read input {path} in {workflow.root} ({_needed_by(workflow, [path])}): "
+                f"{err.strerror or err}; put the file back, or fix its permissions"
+            ) from None
+    return deferred
+
+
+async def hash_deferred(workflow: Workflow, paths: Sequence[str]) -> dict[str, FileRef]:
+    """The digests of `deferrable_sources`' inputs, smallest first on the hashing threads;
+    StageError if one can no longer be read."""
+    order = sorted(paths, key=lambda path: _size(workflow.root / path))
+    stop = threading.Event()  # set: the hashing threads give up at their next block
+    try:
+        staged = await asyncio.to_thread(_hash_in_place, workflow, order, {}, {}, stop)
+    finally:
+        stop.set()  # the job ended (or was cancelled) first: no reading on behind it
+    return {path: item.ref for path, item in staged.items()}
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 async def stage_sources(
     workflow: Workflow,
     known: Mapping[str, FileRef],
     *,
     free_bytes: Callable[[Path], int] = _free_bytes,
+    deferred: Collection[str] = (),
 ) -> dict[str, StagedFile]:
     """Every source input (path in the sandbox) staged; StageError if one cannot be.
 
     `known`: digests of submit-directory files already computed (a resumed run's journal
     check); they are not hashed again. URL inputs never take theirs from `known`.
     `free_bytes(dir)`: free bytes on the file system of `dir` (tests replace it).
+    `deferred`: inputs left out, hashed while the job runs (`hash_deferred`).
     """
     local: list[str] = []
     by_url: dict[str, list[str]] = {}  # URL -> the sandbox paths it is staged as
     for path in workflow.source_inputs():
         url = workflow.urls.get(path)
+        if path in deferred:
+            continue
         if url is None:
             local.append(path)
         else:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bonjourgrid.coordinator.stage import DEFER_MIN_BYTES
 from bonjourgrid.dag import load_workflow
 from tests.multiproc.conftest import LOOPBACK, Grid, bgrid_cmd, submit, write_workflow
 from tests.waiting import wait_until
@@ -346,3 +349,28 @@ def test_a_copy_like_task_succeeds_in_a_fresh_submit_directory(tmp_path: Path, g
     assert code == 0, out
     assert report["tasks"]["c"]["attempts"] == 1
     assert (wf.parent / "out.txt").read_text() == "same bytes\n"
+
+
+def test_a_big_new_input_is_hashed_while_the_tasks_that_do_not_read_it_run(
+    tmp_path: Path, grid: Grid
+) -> None:
+    work = tmp_path / "wf"
+    wf = write_workflow(
+        work,
+        """
+name: deferred
+tasks:
+  quick: {command: "echo quick > q.txt", outputs: [q.txt]}
+  digest: {command: "sha256sum big.bin > sum.txt", inputs: [big.bin], outputs: [sum.txt]}
+""",
+    )
+    data = os.urandom(1024) * (DEFER_MIN_BYTES // 1024)
+    (work / "big.bin").write_bytes(data)
+    args = ("submit", str(wf), "--local", "2", "--interface", LOOPBACK, "--json", "-v")
+    first = grid.run(*args, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "hashing 1 big input(s) while the job runs" in first.stderr
+    report = json.loads(first.stdout)
+    assert report["status"] == "succeeded"
+    assert (work / "sum.txt").read_text().split()[0] == hashlib.sha256(data).hexdigest()
+    assert (work / "q.txt").read_text() == "quick\n"

@@ -452,3 +452,44 @@ def test_an_idle_peer_holding_what_a_running_task_reads_is_held_until_that_task_
     out = s.handle(core.TaskReported("p2", "b", 2, 0, "", (("y", ref("y")),)), 4.0)
     assert core.Release("p1") in out  # b is done reading: p1 serves no one now
     s.validate_state()
+
+
+# -- sources hashed while the job runs ------------------------------------------------------
+
+
+def test_tasks_reading_a_source_still_being_hashed_wait_and_the_others_run() -> None:
+    s = build(
+        [
+            ("big", ["huge.dat"], ["b.out"]),
+            ("small", ["tiny.dat"], ["s.out"]),
+            ("both", ["b.out", "s.out"], ["r"]),
+        ],
+        sources=["tiny.dat"],
+    )
+    s.hold_sources(["huge.dat"])
+    s.validate_state()
+    assert s.tasks["big"].status is TaskStatus.WAITING
+    out = s.handle(core.PeerJoined("p1", 2, {}), 0.0)
+    assert placed(out) == [("small", "p1")]  # only the task whose inputs are known
+    s.validate_state()
+    huge = ref("huge.dat", 500 * MB)
+    out = s.handle(core.SourcesHashed({"huge.dat": huge}), 0.5)
+    assert placed(out) == [("big", "p1")]
+    assert s.sources(huge.digest, "p1") == [COORDINATOR]  # served by the coordinator
+    s.validate_state()
+    report(s, "small")
+    out = report(s, "big")
+    assert placed(out) == [("both", "p1")]
+
+
+def test_a_task_made_again_while_a_source_is_hashed_still_waits_for_it() -> None:
+    s = build([("a", ["huge.dat", "x.dat"], ["a.out"])], sources=["x.dat"])
+    s.hold_sources(["huge.dat"])
+    out = s.handle(core.PeerJoined("p1", 1, {}), 0.0)
+    assert placed(out) == []
+    s.handle(core.PeerLost("p1", "gone"), 0.1)  # recomputes what each task waits for
+    s.validate_state()
+    s.handle(core.PeerJoined("p2", 1, {}), 0.2)
+    out = s.handle(core.SourcesHashed({"huge.dat": ref("huge.dat")}), 0.3)
+    assert placed(out) == [("a", "p2")]
+    s.validate_state()
