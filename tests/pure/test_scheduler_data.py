@@ -348,8 +348,9 @@ def test_a_file_read_by_many_tasks_is_broadcast_peer_to_peer() -> None:
 
 
 @st.composite
-def data_scenarios(draw: st.DrawFn) -> tuple[list[Spec], str, list[int]]:
-    """A random DAG of tasks with files (some read one shared file), a policy, and moves."""
+def data_scenarios(draw: st.DrawFn) -> tuple[list[Spec], str, list[int], bool]:
+    """A random DAG of tasks with files (some read one shared file), a policy, moves, and
+    whether the shared file is hashed while the job runs."""
     n = draw(st.integers(1, 10))
     specs: list[Spec] = []
     for i in range(n):
@@ -359,17 +360,20 @@ def data_scenarios(draw: st.DrawFn) -> tuple[list[Spec], str, list[int]]:
             inputs.append("shared")
         specs.append((f"t{i}", inputs, [f"f{i}"]))
     policy = draw(st.sampled_from(["none", "lookahead", "eager", "critical-path"]))
-    return specs, policy, draw(st.lists(st.integers(0, 8), max_size=80))
+    return specs, policy, draw(st.lists(st.integers(0, 8), max_size=80)), draw(st.booleans())
 
 
 @given(data_scenarios())
 @settings(max_examples=200, deadline=None)
 def test_random_runs_with_data_keep_the_invariants_and_always_end(
-    scenario: tuple[list[Spec], str, list[int]],
+    scenario: tuple[list[Spec], str, list[int], bool],
 ) -> None:
-    specs, policy, moves = scenario
+    specs, policy, moves, hold_shared = scenario
     sources = sorted({p for _, ins, _ in specs for p in ins if not p.startswith("f")})
-    s = build(specs, sources, policy, depth=2, broadcast=2)
+    held = ["shared"] if hold_shared and "shared" in sources else []
+    s = build(specs, [p for p in sources if p not in held], policy, depth=2, broadcast=2)
+    s.hold_sources(held)
+    s.validate_state()
     s.backoff_base_s = 0.5
     now, joined = 0.0, 0
     pending: list[tuple[str, str]] = []  # prefetches ordered, not answered yet
@@ -394,6 +398,8 @@ def test_random_runs_with_data_keep_the_invariants_and_always_end(
             out = s.handle(core.TaskReported(t.peer, t.name, t.attempts, code, "", outputs), now)
         elif move == 4 and collecting:
             out = s.handle(core.OutputsCollected(collecting[0].name, collecting[0].attempts), now)
+        elif move == 8 and held:
+            out = s.handle(core.SourcesHashed({held.pop(): ref("shared")}), now)
         elif move in (5, 6) and pending:
             peer, digest = pending.pop(0)
             if move == 5:
@@ -415,9 +421,9 @@ def test_random_runs_with_data_keep_the_invariants_and_always_end(
     for move in moves:
         if s.finished is None:
             step(move)
-    for i in range(800):  # then everything succeeds and every prefetch arrives: it must end
-        if s.finished is None:
-            step([2, 4, 5, 7][i % 4])
+    for i in range(800):  # then everything succeeds, every prefetch arrives and every held
+        if s.finished is None:  # source is hashed: it must end
+            step([2, 4, 5, 8][i % 4])
     assert s.finished is not None
 
 
