@@ -84,9 +84,10 @@ def _free_bytes(path: Path) -> int:
 
 def deferrable_sources(workflow: Workflow, known: Mapping[str, FileRef]) -> list[str]:
     """Submit-directory inputs worth hashing while the job already runs: big (at least
-    DEFER_MIN_BYTES), readable, and neither known nor remembered by the digest cache. The
-    tasks that read none of them need not wait for their bytes to be read (the theory:
-    SchedulerCore.hold_sources). StageError for one that cannot be read, as staging says."""
+    DEFER_MIN_BYTES), readable, and neither known nor remembered by the digest cache, when
+    a first task reads none of them. The tasks that read none of them need not wait for
+    their bytes to be read (SchedulerCore.hold_sources). StageError for one that cannot be
+    read, as staging says."""
     digests = DigestCache(workflow.root / DIGESTS_FILE)
     deferred = []
     for path in workflow.source_inputs():
@@ -103,6 +104,14 @@ def deferrable_sources(workflow: Workflow, known: Mapping[str, FileRef]) -> list
                 f"cannot read input {path} in {workflow.root} ({_needed_by(workflow, [path])}): "
                 f"{err.strerror or err}; put the file back, or fix its permissions"
             ) from None
+    held = set(deferred)
+    graph = workflow.graph
+    if not any(
+        held.isdisjoint(task.inputs)
+        for name, task in workflow.tasks.items()
+        if graph.in_degree(name) == 0
+    ):
+        return []  # every first task reads one of them: nothing could start any sooner
     return deferred
 
 
