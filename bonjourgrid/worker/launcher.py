@@ -130,19 +130,24 @@ def _posix_spawn(
     """Start the task by posix_spawn (vfork and exec: no copy of this process); it inherits
     the calling thread's priority (nice, scheduling policy, I/O class) and our umask."""
     os.chdir(cwd)  # posix_spawn has no chdir here; only the spawning thread uses paths
-    return os.posix_spawn(
-        argv[0],
-        list(argv),
-        dict(env),
-        file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_DUP2, out_fd, 1),
-            (os.POSIX_SPAWN_DUP2, err_fd, 2),
-        ],
-        setsid=True,
-        setsigdef=_DEFAULT_SIGNALS,
-        setsigmask=(),
-    )
+    try:
+        return os.posix_spawn(
+            argv[0],
+            list(argv),
+            dict(env),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_fd, 1),
+                (os.POSIX_SPAWN_DUP2, err_fd, 2),
+            ],
+            setsid=True,
+            setsigdef=_DEFAULT_SIGNALS,
+            setsigmask=(),
+        )
+    finally:
+        # Never left working in a sandbox: what looks for processes working in one (a
+        # restarted daemon's leftovers, worker/reaper.py) must not find the launcher.
+        os.chdir("/")
 
 
 def _lower_this_thread() -> bool:
@@ -274,6 +279,7 @@ def main(argv: Sequence[str]) -> None:
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the daemon's to handle
     os.umask(TASK_UMASK)  # inherited by every task (this process writes no file)
+    os.chdir("/")  # not the daemon's directory: it works nowhere that may be removed
     # A broken pipe or reset: the daemon is gone.
     with (
         socket.socket(fileno=fd) as sock,
