@@ -85,6 +85,11 @@ class Spawner:
         """The running launcher's pid, if one runs."""
         return self._launcher.pid if self._launcher is not None else None
 
+    @property
+    def pending(self) -> int:
+        """Spawn requests the launcher has not answered yet."""
+        return len(self._starting)
+
     def open(self) -> None:
         """Start the launcher now (else the first spawn does), from the daemon's loop."""
         if self._sock is not None:

@@ -269,6 +269,36 @@ async def test_a_task_whose_launcher_dies_is_reported_killed_and_the_next_one_ru
     assert peer.daemon.spawner.launcher_pid not in (None, launcher)  # a new one
 
 
+async def test_a_run_cancelled_while_its_command_is_being_started_does_not_run_on(
+    peer: Peer, coordinator: Coordinator
+) -> None:
+    sock = await coordinator.reserve("job-1")
+    launcher = peer.daemon.spawner.launcher_pid
+    assert launcher is not None
+    sandboxes = str(peer.daemon.sandboxes)
+
+    def task_processes() -> list[psutil.Process]:
+        found = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get(reaper.MARKER, "").startswith(sandboxes):
+                    found.append(process)
+        return found
+
+    os.kill(launcher, signal.SIGSTOP)  # the spawn request waits, unanswered, in its socket
+    try:
+        run = coordinator.run_fields("job-1", "t", "exec sleep 3000")
+        await sock.send(wire.pack_raw("run", **run))
+        await wait_until(lambda: peer.daemon.spawner.pending == 1, REPLY_S, "the spawn request")
+        await sock.send(wire.pack_raw("cancel", job="job-1", task="t"))
+        ack = await coordinator.ask(sock, "heartbeat", job="job-1", lease_s=30.0)
+        assert ack["running"] == []  # the cancel was handled before the command started
+    finally:
+        os.kill(launcher, signal.SIGCONT)
+    await wait_until(lambda: peer.daemon.spawner.pending == 0, REPLY_S, "the spawn's answer")
+    await wait_until(lambda: not task_processes(), REPLY_S, "the end of the cancelled command")
+
+
 # -- the wall-clock limit ----------------------------------------------------------------------
 
 
