@@ -210,23 +210,28 @@ async def _raw_zmq(size: int, secure: bool) -> float:
         ctx.destroy(linger=0)
 
 
-async def _product_fetch(path: Path, ref: FileRef, dest: Path) -> float:
-    """Seconds for the product's Fetcher to pull `path` from its DataServer, CURVE on."""
+async def product_fetch(
+    path: Path, ref: FileRef, dest: Path, same_host: bool = False
+) -> tuple[float, int]:
+    """Seconds for the product's Fetcher to pull `path` from its DataServer over 127.0.0.1,
+    CURVE on, and the bytes it took by a local copy. By default the server acts as one on
+    another host, so the bytes cross CURVE; `same_host`: it hands over the file's path and the
+    fetcher copies it (benchmarks/transfer.py measures both)."""
     ctx = zmq.asyncio.Context()
     server_kp, client_kp = Keypair.generate(), Keypair.generate()
     auth = wire.start_authenticator(ctx, {"data": wire.KeyPolicy({client_kp.public})})
     sock = wire.server_socket(ctx, server_kp, "data", 4096)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
-    # host="": as a server on another host, so the bytes cross CURVE (on one host the
-    # fetcher would copy the file from its path: benchmarks/transfer.py measures that).
-    server = DataServer(sock, lambda digest: path if digest == ref.digest else None, host="")
+    server = DataServer(
+        sock, lambda digest: path if digest == ref.digest else None, host=None if same_host else ""
+    )
     serving = asyncio.create_task(server.serve_forever())
     fetcher = Fetcher(ctx, client_kp)
     try:
-        source = Source(f"tcp://127.0.0.1:{port}", server_kp.public.decode(), "loopback")
+        source = Source(f"tcp://127.0.0.1:{port}", server_kp.public.decode(), "holder")
         start = time.perf_counter()
         await fetcher.fetch(ref, [source], dest)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, fetcher.bytes_copied
     finally:
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
@@ -254,7 +259,7 @@ def loopback(size: int, repeats: int) -> dict[str, Any]:
         for _ in range(repeats):  # interleaved, so a noisy moment hurts every kind alike
             samples["plain"].append(asyncio.run(_raw_zmq(size, secure=False)))
             samples["curve"].append(asyncio.run(_raw_zmq(size, secure=True)))
-            samples["product"].append(asyncio.run(_product_fetch(src, ref, dest)))
+            samples["product"].append(asyncio.run(product_fetch(src, ref, dest))[0])
             intact = intact and dest.stat().st_size == size
             dest.unlink()
     plain, curve, product = (statistics.median(samples[k]) for k in ("plain", "curve", "product"))

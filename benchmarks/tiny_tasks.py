@@ -3,9 +3,9 @@
 Writes a workflow of N independent `true` tasks (no inputs, no outputs) in a temp dir and
 runs it with `bgrid submit --local 2` (two worker daemons on 127.0.0.1, the same CLI a user
 runs). Every task costs the coordinator a dispatch, a `started` and a `task_done` message,
-and the scheduler's bookkeeping; the worker spawns one process (vfork, worker/spawn.py). The figure is N over the
-report's makespan (first dispatch to last task done); the submit's wall time (start-up,
-recruitment, release included) is printed too.
+and the scheduler's bookkeeping; the worker's task launcher starts one process
+(worker/launcher.py). The figure is N over the report's makespan (first dispatch to last
+task done); the submit's wall time (start-up, recruitment, release included) is printed too.
 
     .venv/bin/python benchmarks/tiny_tasks.py                # 2000 tasks
     .venv/bin/python benchmarks/tiny_tasks.py --tasks 500 --repeats 3 --json tiny.json

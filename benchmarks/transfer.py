@@ -194,38 +194,16 @@ def lan(size: int, repeats: int, tmp: Path, baseline: Path | None = None) -> dic
 # -- host: one machine -------------------------------------------------------------------------
 
 
-async def _fetch_here(path: Path, ref: FileRef, dest: Path, same_host: bool) -> float:
-    ctx = zmq.asyncio.Context()
-    server_kp, client_kp = Keypair.generate(), Keypair.generate()
-    auth = wire.start_authenticator(ctx, {"data": wire.KeyPolicy({client_kp.public})})
-    sock = wire.server_socket(ctx, server_kp, "data", 4096)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    server = DataServer(sock, lambda d: path, host=None if same_host else "")
-    serving = asyncio.create_task(server.serve_forever())
-    fetcher = Fetcher(ctx, client_kp)
-    try:
-        source = Source(f"tcp://127.0.0.1:{port}", server_kp.public.decode(), "holder")
-        start = time.perf_counter()
-        await fetcher.fetch(ref, [source], dest)
-        seconds = time.perf_counter() - start
-        assert fetcher.bytes_copied == (ref.size if same_host else 0)
-        return seconds
-    finally:
-        serving.cancel()
-        await asyncio.gather(serving, return_exceptions=True)
-        fetcher.close()
-        sock.close(linger=0)
-        auth.stop()
-        ctx.destroy(linger=0)
-
-
 def host(size: int, repeats: int, tmp: Path) -> dict[str, Any]:
+    from data_lan import product_fetch  # this checkout's only: `lan` runs from a baseline too
+
     path, ref = make_input(tmp, size)
     dest = tmp / "got"
 
     def product(same_host: bool) -> Callable[[], float]:
         def once() -> float:
-            seconds = asyncio.run(_fetch_here(path, ref, dest, same_host))
+            seconds, copied = asyncio.run(product_fetch(path, ref, dest, same_host))
+            assert copied == (ref.size if same_host else 0)
             assert hash_file(dest) == ref
             dest.unlink()
             return seconds

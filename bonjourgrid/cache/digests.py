@@ -63,28 +63,31 @@ class DigestCache:
         self.hits = 0  # files whose digest came from the cache (for logs and tests)
         self.hashed = 0  # files read and hashed
 
+    def _lookup(self, path: Path) -> tuple[str, Identity, str | None]:
+        """The cache key of `path`, its identity now, and its digest if remembered for that
+        identity (OSError if it cannot be stat-ed)."""
+        key = str(path.absolute())
+        now = identity(os.stat(path))
+        with self._lock:
+            known = self._entries.get(key)
+        return key, now, known[1] if known is not None and known[0] == now else None
+
     def remembers(self, path: Path) -> bool:
         """Whether `hash(path)` would answer from the cache (the file is unchanged)."""
         try:
-            now = identity(os.stat(path))
+            return self._lookup(path)[2] is not None
         except OSError:
             return False
-        with self._lock:
-            known = self._entries.get(str(path.absolute()))
-        return known is not None and known[0] == now
 
     def hash(self, path: Path, stop: threading.Event | None = None) -> FileRef:
         """The FileRef of the file at `path`: remembered if its identity is unchanged, else
         read and hashed (see `hash_file`, which raises as it does)."""
-        key = str(path.absolute())
-        before = identity(os.stat(path))
-        with self._lock:
-            known = self._entries.get(key)
-        if known is not None and known[0] == before:
+        key, before, digest = self._lookup(path)
+        if digest is not None:
             with self._lock:
                 self.hits += 1
                 self._entries[key] = self._entries.pop(key)  # used now: dropped last
-            return FileRef(known[1], before[2])
+            return FileRef(digest, before[2])
         ref = hash_file(path, stop)
         after = identity(os.stat(path))
         with self._lock:

@@ -100,10 +100,7 @@ def deferrable_sources(workflow: Workflow, known: Mapping[str, FileRef]) -> list
                 os.close(os.open(where, os.O_RDONLY))  # unreadable: said now, not later
                 deferred.append(path)
         except OSError as err:
-            raise StageError(
-                f"cannot read input {path} in {workflow.root} ({_needed_by(workflow, [path])}): "
-                f"{err.strerror or err}; put the file back, or fix its permissions"
-            ) from None
+            raise _unreadable(workflow, path, err) from None
     held = set(deferred)
     graph = workflow.graph
     if not any(
@@ -187,6 +184,14 @@ def _first_stage_error(group: BaseExceptionGroup[BaseException]) -> BaseExceptio
     return group.exceptions[0]
 
 
+def _unreadable(workflow: Workflow, path: str, err: OSError) -> StageError:
+    """What to say of a submit-directory input that cannot be read."""
+    return StageError(
+        f"cannot read input {path} in {workflow.root} ({_needed_by(workflow, [path])}): "
+        f"{err.strerror or err}; put the file back, or fix its permissions"
+    )
+
+
 def _needed_by(workflow: Workflow, paths: Iterable[str]) -> str:
     """`task 'a'` or `tasks 'a', 'b' and 3 more`: who reads these inputs (for messages)."""
     wanted = set(paths)
@@ -238,10 +243,7 @@ def _hash_with(
         except InterruptedError:
             raise
         except OSError as err:
-            raise StageError(
-                f"cannot read input {path} in {workflow.root} ({_needed_by(workflow, [path])}): "
-                f"{err.strerror or err}; put the file back, or fix its permissions"
-            ) from None
+            raise _unreadable(workflow, path, err) from None
 
     def file_url(url: str, paths: list[str]) -> dict[str, StagedFile]:
         where = file_url_path(url)
