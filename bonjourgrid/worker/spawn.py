@@ -40,13 +40,14 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from bonjourgrid.worker.launcher import MAX_REQUEST
 from bonjourgrid.worker.limits import Limits
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
 _CLOSE_S = 2.0  # how long a closing launcher has to exit before it is killed
 
 
@@ -74,9 +75,9 @@ class Spawner:
         self._sock: socket.socket | None = None
         self._launcher: subprocess.Popen[bytes] | None = None
         self._ids = itertools.count()
-        # Per request id: its pid once spawned, and its exit code once reaped. Both futures
+        # Per request id: the task once spawned, and its exit code once reaped. Both futures
         # exist from the request on: one read of the socket may bring both answers.
-        self._starting: dict[int, asyncio.Future[int]] = {}
+        self._starting: dict[int, asyncio.Future[TaskProcess]] = {}
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._procs: dict[int, TaskProcess] = {}  # id -> the task, while it runs
 
@@ -131,7 +132,7 @@ class Spawner:
         request = pickle.dumps(("spawn", ident, argv, dict(env), str(cwd), limits))
         if len(request) > MAX_REQUEST:
             raise OSError(0, "the command and its environment are too large to start")
-        spawned: asyncio.Future[int] = loop.create_future()
+        spawned: asyncio.Future[TaskProcess] = loop.create_future()
         exited: asyncio.Future[int] = loop.create_future()
         self._starting[ident], self._exits[ident] = spawned, exited
         try:
@@ -139,8 +140,7 @@ class Spawner:
         except OSError:
             self._launcher_gone("its socket failed")
             raise
-        await spawned
-        return self._procs.get(ident) or TaskProcess(spawned.result(), exited)
+        return await spawned
 
     def _readable(self) -> None:
         assert self._sock is not None
@@ -157,8 +157,8 @@ class Spawner:
                 return
             kind, ident, *rest = pickle.loads(data)
             if kind == "spawned":
-                self._procs[ident] = TaskProcess(rest[0], self._exits[ident])
-                _settle(self._starting.pop(ident), rest[0])
+                proc = self._procs[ident] = TaskProcess(rest[0], self._exits[ident])
+                _settle(self._starting.pop(ident), proc)
             elif kind == "failed":
                 self._exits.pop(ident, None)
                 spawned = self._starting.pop(ident)
@@ -207,6 +207,6 @@ class Spawner:
         self._disconnect()
 
 
-def _settle(future: asyncio.Future[int], value: int) -> None:
+def _settle(future: asyncio.Future[_T], value: _T) -> None:
     if not future.done():  # a cancelled waiter leaves its future cancelled
         future.set_result(value)
