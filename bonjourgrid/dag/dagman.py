@@ -420,6 +420,8 @@ class _Reader:
 
 def _script_command(words: list[str], node: _Node, where: str) -> str:
     """A DAGMan script line as a shell command: words quoted, macros as the BGRID_* env."""
+    if "/" not in words[0]:  # DAGMan runs the script by its path, never looked up in PATH
+        words = ["./" + words[0], *words[1:]]
     pieces = []
     for word in words:
         out, last = [], 0

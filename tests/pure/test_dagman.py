@@ -167,9 +167,9 @@ def test_scripts_map_dagman_macros_onto_the_bgrid_env(tmp_path: Path) -> None:
             "w/a.sub": SUB.replace("run.sh", "../run.sh"),
         },
     )
-    assert tasks["A"]["pre"] == "pre.sh A"
+    assert tasks["A"]["pre"] == "./pre.sh A"
     assert tasks["A"]["post"] == (
-        'post.sh A.log "$BGRID_RETURN" "$BGRID_RETRY" 2 "$BGRID_PRE_RETURN"'
+        './post.sh A.log "$BGRID_RETURN" "$BGRID_RETRY" 2 "$BGRID_PRE_RETURN"'
     )
     assert tasks["A"]["script_dir"] == "w"
 
@@ -183,7 +183,7 @@ def test_final_node(tmp_path: Path) -> None:
         },
     )
     assert tasks["F"]["final"] is True
-    assert tasks["F"]["post"] == 'c.sh "$BGRID_DAG_STATUS" "$BGRID_FAILED_COUNT"'
+    assert tasks["F"]["post"] == './c.sh "$BGRID_DAG_STATUS" "$BGRID_FAILED_COUNT"'
     files = {"x.dag": "JOB A a.sub\nFINAL F a.sub\nFINAL G a.sub\n", "a.sub": SUB}
     assert "x.dag:3: FINAL: a second FINAL node" in refusal(tmp_path, files)
     files = {"x.dag": "JOB A a.sub\nFINAL F a.sub\nPARENT A CHILD F\n", "a.sub": SUB}
