@@ -1,5 +1,8 @@
 """Read a workflow file (YAML or JSON) and validate all of it before any peer is touched.
 
+A `.dag` file (HTCondor DAGMan) is first translated into the same mapping by dag/dagman.py,
+then validated here like any other, so every check and message stays in one place.
+
 Validation runs in three passes, each reporting every problem it finds in one DagError:
 1. shape and types of every field, paths normalized and kept inside the task directory;
 2. file flow: one writer per file, every input written by a task, present in the submit
@@ -129,7 +132,15 @@ def load_workflow(path: str | Path) -> Workflow:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".dag":  # HTCondor DAGMan, with its submit files
-        from bonjourgrid.dag.dagman import dagman_mapping  # loads htcondor2 only when needed
+        try:  # htcondor2 is loaded only for a DAG, and is an optional dependency
+            from bonjourgrid.dag.dagman import dagman_mapping
+        except ModuleNotFoundError as err:
+            if not (err.name or "").startswith("htcondor"):
+                raise
+            raise DagError(
+                f"{path}: reading a DAGMan file needs HTCondor's Python bindings; "
+                "install them with: pip install 'bonjourgrid[condor]'"
+            ) from None
 
         with gc_paused():
             mapping, root = dagman_mapping(path)
