@@ -1,7 +1,8 @@
 """One DAGMan node's HTCondor submit description as bgrid tasks: one per proc of its cluster.
 
 The submit file is read by HTCondor's own bindings (`htcondor2.Submit`): its keys, its macro
-expansion (`Submit.expand`, with the node's VARS, the item data and $(Process) set as macros)
+expansion (`Submit.expand`, with the node's VARS, the item data and $(Process) set as macros;
+$(Cluster) is 1: no schedd numbers the cluster)
 and its queue statement (`getQArgs`, `itemdata`). None of that needs a schedd. The bindings
 keep no line numbers, so a light scan of the text finds the line of each key for messages,
 and refuses what is not a `key = value`, a comment or the one `queue` statement.
@@ -48,7 +49,8 @@ Accepted with no effect (mail, labels and ClassAd attributes a schedd would use)
   notification, notify_user, batch_name, description, accounting_group,
   accounting_group_user, stream_output, stream_error, +Attr, MY.Attr;
   and any key used as a macro ($(key)) elsewhere in the file: a user's macro.
-Refused with file, line and key: anything else (requirements, rank, getenv, on_exit_*,
+Refused with file, line and key: a VARS name the file neither uses as $(name) nor is a key
+above; anything else (requirements, rank, getenv, on_exit_*,
 periodic_*, request_gpus, max_retries, ...); statements other than `key = value` and one
 `queue` (include, if, ...); keys after the queue statement; a second queue statement.
 """
@@ -101,6 +103,7 @@ class SubmitVar:
     name: str
     value: str
     prepend: bool = True
+    where: str = ""  # the VARS line, file:line
 
 
 @dataclass(frozen=True)
@@ -399,7 +402,14 @@ def submit_procs(
     except Exception as err:  # the bindings raise plain Exceptions of several kinds
         raise DagError(f"{sub_where}: HTCondor cannot parse this submit file: {err}") from None
     for var in variables:
-        if not var.prepend or var.name.lower() not in scan.lines:
+        name = var.name.lower()
+        if name not in scan.used_macros and name not in _SUPPORTED_KEYS | _HARMLESS_KEYS:
+            # it could only act as a submit key bgrid does not read: refused, not dropped
+            raise DagError(
+                f"{var.where}: VARS {var.name}: {sub_where} does not use $({var.name}) and "
+                "bgrid does not read it as a submit key; remove it"
+            )
+        if not var.prepend or name not in scan.lines:
             submit[var.name] = var.value
     proc_macros = _procs_macros(submit, node_dir, sub_where, scan.queue_line)
     paths = _Paths(root, sub_where, scan)

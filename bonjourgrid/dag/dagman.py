@@ -24,7 +24,7 @@ DAG commands (keywords in any case). Supported:
   PARENT p ... CHILD c ...       `after`, every parent to every child (nodes or splices)
   VARS node [PREPEND|APPEND] k="v" ...   macros of the node's submit file (PREPEND, the
                                  default, lets the file override); $(JOB) in a value is the
-                                 node's name
+                                 node's name; a name the file does not use is refused
   RETRY node n [UNLESS-EXIT v]   `retries`, `retry_unless_exit` (each proc of a cluster)
   SCRIPT PRE|POST node exe args  `pre`/`post` with `script_dir` = the node's DIR; $JOB and
                                  $MAX_RETRIES are filled in, $RETRY, $RETURN,
@@ -303,7 +303,9 @@ class _Reader:
             variables = self._vars(path, number, words[2] if len(words) > 2 else "")
             for node in nodes:
                 node.variables.extend(
-                    SubmitVar(var.name, var.value.replace("$(JOB)", node.name), var.prepend)
+                    SubmitVar(
+                        var.name, var.value.replace("$(JOB)", node.name), var.prepend, var.where
+                    )
                     for var in variables
                 )
             return
@@ -396,7 +398,7 @@ class _Reader:
                 raise self.fail(
                     path, number, "VARS", f"{name!r}: names starting with queue are reserved"
                 )
-            variables.append(SubmitVar(name, value, prepend))
+            variables.append(SubmitVar(name, value, prepend, self.where(path, number)))
             position = match.end()
         if not variables:
             raise self.fail(path, number, "VARS", 'write VARS node name="value" ...')

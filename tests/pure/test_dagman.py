@@ -122,13 +122,20 @@ def test_vars_with_job_macro_escapes_and_all_nodes(tmp_path: Path) -> None:
     tasks = tasks_of(
         tmp_path,
         {
-            "x.dag": 'JOB A a.sub\nJOB B a.sub\nVARS A word="$(JOB)-\\\\x" other="x y"\n'
+            "x.dag": 'JOB A a.sub\nJOB B a.sub\nVARS A word="$(JOB)-\\\\x" other="o"\n'
             'VARS ALL_NODES n="7"\n',
-            "a.sub": "executable = run.sh\narguments = $(word) $(n)\nqueue\n",
+            "a.sub": "executable = run.sh\narguments = $(word) $(n)\n"
+            "output = $(other).out\nqueue\n",
         },
     )
     assert tasks["A"]["command"].endswith("./condor_exec.exe 'A-\\x' 7")
     assert tasks["B"]["command"].endswith("./condor_exec.exe 7")
+    assert tasks["A"]["stdout"] == "o.out" and tasks["B"]["stdout"] == ".out"
+
+
+def test_a_vars_name_the_submit_file_does_not_read_is_refused(tmp_path: Path) -> None:
+    files = {"x.dag": 'JOB A a.sub\n\nVARS A requirements="Memory > 1"\n', "a.sub": SUB}
+    assert refusal(tmp_path, files).startswith("x.dag:3: VARS requirements: a.sub does not use")
 
 
 def test_vars_prepend_lets_the_file_win_and_append_overrides_it(tmp_path: Path) -> None:
