@@ -1,8 +1,8 @@
 """One DAGMan node's HTCondor submit description as bgrid tasks: one per proc of its cluster.
 
 The submit file is read by HTCondor's own bindings (`htcondor2.Submit`): its keys, its macro
-expansion (`Submit.expand`, with the node's VARS, the item data and $(Process) set as macros;
-$(Cluster) is 1: no schedd numbers the cluster)
+expansion (`Submit.expand`, with the node's VARS, the item data, $(Process) and DAGMan's $(JOB) set
+as macros; $(Cluster) is 1: no schedd numbers the cluster)
 and its queue statement (`getQArgs`, `itemdata`). None of that needs a schedd. The bindings
 keep no line numbers, so a light scan of the text finds the line of each key for messages,
 and refuses what is not a `key = value`, a comment or the one `queue` statement.
@@ -49,7 +49,8 @@ Accepted with no effect (mail, labels and ClassAd attributes a schedd would use)
   notification, notify_user, batch_name, description, accounting_group,
   accounting_group_user, stream_output, stream_error, +Attr, MY.Attr;
   and any key used as a macro ($(key)) elsewhere in the file: a user's macro.
-Refused with file, line and key: a VARS name the file neither uses as $(name) nor is a key
+Refused with file, line and key: DAGMan's per-run macros $(RETRY), $(DAG_STATUS) and
+$(FAILED_COUNT) in a submit file; a VARS name the file neither uses as $(name) nor is a key
 above; anything else (requirements, rank, getenv, on_exit_*,
 periodic_*, request_gpus, max_retries, ...); statements other than `key = value` and one
 `queue` (include, if, ...); keys after the queue statement; a second queue statement.
@@ -93,6 +94,8 @@ _QUEUE_LINE = re.compile(r"\s*queue\b(.*)\Z", re.IGNORECASE | re.DOTALL)
 _MACRO_USE = re.compile(r"\$\(([A-Za-z_][\w.]*)")
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*\Z", re.IGNORECASE)
 _UNIT_BYTES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+# DAGMan's macros that change from one run of a node to the next (and $(JOB), which does not)
+_PER_RUN_MACROS = ("retry", "dag_status", "failed_count")
 EXEC_COPY = "condor_exec.exe"  # HTCondor's name for the job's transferred executable
 
 
@@ -125,7 +128,7 @@ class _Scan:
 
     lines: dict[str, int] = field(default_factory=dict)
     queue_line: int | None = None
-    used_macros: set[str] = field(default_factory=set)
+    used_macros: dict[str, int] = field(default_factory=dict)  # lower-case name -> first line
 
 
 def _fail(where: str, line: int | None, construct: str, message: str) -> DagError:
@@ -184,7 +187,8 @@ def _scan(text: str, where: str) -> _Scan:
                 "move it before `queue`",
             )  # fmt: skip
         scan.lines.setdefault(key.group(1).lower(), number)
-        scan.used_macros.update(name.lower() for name in _MACRO_USE.findall(key.group(2)))
+        for name in _MACRO_USE.findall(key.group(2)):
+            scan.used_macros.setdefault(name.lower(), number)
     return scan
 
 
@@ -385,7 +389,12 @@ def _procs_macros(
 
 
 def submit_procs(
-    submit_file: Path, root: Path, node_dir: Path, variables: Sequence[SubmitVar], where: str
+    submit_file: Path,
+    root: Path,
+    node_dir: Path,
+    variables: Sequence[SubmitVar],
+    where: str,
+    node_name: str,
 ) -> list[CondorProc]:
     """The procs of the cluster that `submit_file` queues, with the node's VARS as macros."""
     try:
@@ -397,13 +406,25 @@ def submit_procs(
     )
     scan = _scan(text, sub_where)
     _check_keys(scan, sub_where)
+    for macro in _PER_RUN_MACROS:
+        if macro in scan.used_macros:
+            raise _fail(
+                sub_where, scan.used_macros[macro], f"$({macro.upper()})",
+                "DAGMan sets this macro anew for each run of the node; bgrid reads a submit "
+                "file once, so it cannot be used here",
+            )  # fmt: skip
     try:
         submit = htcondor2.Submit(text)
     except Exception as err:  # the bindings raise plain Exceptions of several kinds
         raise DagError(f"{sub_where}: HTCondor cannot parse this submit file: {err}") from None
+    submit["JOB"] = node_name  # as DAGMan passes it: the node's full name
     for var in variables:
         name = var.name.lower()
-        if name not in scan.used_macros and name not in _SUPPORTED_KEYS | _HARMLESS_KEYS:
+        if (
+            name not in scan.used_macros
+            and name not in _SUPPORTED_KEYS | _HARMLESS_KEYS
+            and not name.startswith(("+", "my."))
+        ):
             # it could only act as a submit key bgrid does not read: refused, not dropped
             raise DagError(
                 f"{var.where}: VARS {var.name}: {sub_where} does not use $({var.name}) and "

@@ -10,7 +10,8 @@ Reading a DAG file. HTCondor's bindings have no DAG reader, so lines are parsed 
 DAGMan reads them: one command per line (DAGMan has no line continuation), `#` starts a
 comment line, keywords in any case, node names as written. A file is read in two passes:
 its nodes first (JOB, FINAL, SPLICE, and INCLUDEd files, in the same scope), then the
-commands that refer to them, in file order, so a command may come before the JOB it names.
+commands that refer to them, in file order, so a command may come before the JOB it names, and the
+last command setting a node's property wins, as in DAGMan. Submit files see DAGMan's $(JOB).
 `ALL_NODES` means the JOB nodes of that file and its INCLUDEs (not splices, not FINAL).
 
 A SPLICE's nodes are named `SPLICE+NODE` (nested: `OUTER+INNER+NODE`), as DAGMan names them.
@@ -35,7 +36,8 @@ DAG commands (keywords in any case). Supported:
   PRIORITY node p                `priority`
   CATEGORY node c; MAXJOBS c n   `category`; top-level `categories: {c: {max_running: n}}`
                                  (+c in a splice is local to it, as in DAGMan)
-  FINAL name file [DIR d] [NOOP] `final: true` (one proc; not in a splice)
+  FINAL name file [DIR d] [NOOP] `final: true` (one proc; not in a splice; no edges, RETRY,
+                                 ABORT-DAG-ON, PRIORITY or CATEGORY, as in DAGMan)
   INCLUDE file                   read in place, in the same scope
   SPLICE name file [DIR d]       nodes `name+node`; the file and its paths relative to DIR
   ALL_NODES                      as the node of VARS, RETRY, SCRIPT, PRE_SKIP, ABORT-DAG-ON,
@@ -96,6 +98,7 @@ _SCRIPT_MACROS: dict[str, str | None] = {
     "DAG_STATUS": '"$BGRID_DAG_STATUS"',
     "FAILED_COUNT": '"$BGRID_FAILED_COUNT"',
 }
+_NOT_ON_FINAL = frozenset({"RETRY", "ABORT-DAG-ON", "PRIORITY", "CATEGORY"})  # as DAGMan
 _OTHER_SCRIPT_MACROS = frozenset(
     {"JOBID", "CLUSTERID", "JOB_COUNT", "SUCCESS", "NODE_COUNT", "QUEUED_COUNT", "DONE_COUNT",
      "FUTILE_COUNT", "JOB_ABORT_COUNT"}
@@ -310,6 +313,8 @@ class _Reader:
                 )
             return
         rest = words[2:]
+        if keyword in _NOT_ON_FINAL and any(node.final for node in nodes):
+            raise self.fail(path, number, keyword, "DAGMan does not allow it on the FINAL node")
         for node in nodes:
             if keyword == "RETRY":
                 self._retry(path, number, rest, node)
@@ -457,7 +462,7 @@ def _tasks_of(node: _Node, root: Path) -> dict[str, dict[str, Any]]:
             base["script_dir"] = directory
     if node.submit is None:
         return {node.name: base}
-    procs = submit_procs(node.submit, root, node.directory, node.variables, node.where)
+    procs = submit_procs(node.submit, root, node.directory, node.variables, node.where, node.name)
     if len(procs) > 1 and (node.scripts or node.final or "pre_skip" in node.keys):
         raise DagError(
             f"{node.where}: JOB {node.name}: its submit file queues {len(procs)} procs; "

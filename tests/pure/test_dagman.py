@@ -138,6 +138,25 @@ def test_a_vars_name_the_submit_file_does_not_read_is_refused(tmp_path: Path) ->
     assert refusal(tmp_path, files).startswith("x.dag:3: VARS requirements: a.sub does not use")
 
 
+def test_submit_files_see_dagmans_job_macro_but_not_per_run_ones(tmp_path: Path) -> None:
+    sub = "executable = run.sh\noutput = $(JOB).out\nqueue\n"
+    tasks = tasks_of(
+        tmp_path, {"x.dag": "SPLICE S s.dag\n", "s.dag": "JOB A a.sub\n", "a.sub": sub}
+    )
+    assert tasks["S+A"]["stdout"] == "S+A.out"
+    sub = "executable = run.sh\n\narguments = try-$(RETRY)\nqueue\n"
+    assert refusal(tmp_path, {"x.dag": "JOB A a.sub\n", "a.sub": sub}).startswith(
+        "a.sub:3: $(RETRY):"
+    )
+
+
+def test_vars_may_set_classad_attributes_and_the_last_value_wins(tmp_path: Path) -> None:
+    dag = 'JOB A a.sub\nVARS A My.Project="\\"x\\""\nVARS A w="one"\nVARS ALL_NODES w="two"\n'
+    sub = "executable = run.sh\narguments = $(w)\nqueue\n"
+    tasks = tasks_of(tmp_path, {"x.dag": dag, "a.sub": sub})
+    assert tasks["A"]["command"].endswith(" two")
+
+
 def test_vars_prepend_lets_the_file_win_and_append_overrides_it(tmp_path: Path) -> None:
     sub = "executable = run.sh\nw = file\narguments = $(w)\nqueue\n"
     prepend = tasks_of(tmp_path, {"x.dag": 'JOB A a.sub\nVARS A w="dag"\n', "a.sub": sub})
@@ -251,6 +270,7 @@ def test_harmless_commands_are_accepted(tmp_path: Path) -> None:
         ("RETRY Nope 2", "RETRY"),
         ("PARENT A CHILD Nope", "PARENT"),
         ("JOB A a.sub", "JOB"),
+        ("RETRY F 2\nFINAL F a.sub", "RETRY"),
     ],
 )
 def test_each_refusal_names_file_line_and_construct(
