@@ -7,8 +7,10 @@ check on tasks and files stays there; this module only translates, and refuses, 
 line and construct, what it does not translate. Nothing is silently dropped.
 
 Reading a DAG file. HTCondor's bindings have no DAG reader, so lines are parsed here, as
-DAGMan reads them: one command per line (DAGMan has no line continuation), `#` starts a
-comment line, keywords in any case, node names as written. A file is read in two passes:
+DAGMan reads them: one command per line (a trailing backslash continues it), `#` starts a
+comment line, keywords in any case, node names as written. Relative paths (INCLUDE, SPLICE,
+JOB files and DIRs) start from the DAG file's directory, as with `condor_submit_dag
+-usedagdir`. A file is read in two passes:
 its nodes first (JOB, FINAL, SPLICE, and INCLUDEd files, in the same scope), then the
 commands that refer to them, in file order, so a command may come before the JOB it names, and the
 last command setting a node's property wins, as in DAGMan. Submit files see DAGMan's $(JOB).
@@ -26,7 +28,8 @@ DAG commands (keywords in any case). Supported:
   VARS node [PREPEND|APPEND] k="v" ...   macros of the node's submit file (PREPEND, the
                                  default, lets the file override); $(JOB) in a value is the
                                  node's name; a name the file does not use is refused
-  RETRY node n [UNLESS-EXIT v]   `retries`, `retry_unless_exit` (each proc of a cluster)
+  RETRY node n [UNLESS-EXIT v]   `retries`, `retry_unless_exit` (each proc of a cluster;
+                                 UNLESS-EXIT 0 means none, as in DAGMan)
   SCRIPT PRE|POST node exe args  `pre`/`post` with `script_dir` = the node's DIR; $JOB and
                                  $MAX_RETRIES are filled in, $RETRY, $RETURN,
                                  $PRE_SCRIPT_RETURN, $DAG_STATUS, $FAILED_COUNT become the
@@ -45,8 +48,8 @@ DAG commands (keywords in any case). Supported:
 Accepted with no effect (pictures, status files and attributes of DAGMan's own job; bgrid's
 journal, `bgrid status` and the report tell the same): DOT, NODE_STATUS_FILE, JOBSTATE_LOG,
 SET_JOB_ATTR, SAVE_POINT_FILE.
-Refused with file, line and construct: JOB ... DONE (rerun with --resume instead), VARS values
-with $(RETRY), SCRIPT DEFER / DEBUG / HOLD, other script macros ($JOBID, $SUCCESS, ...),
+Refused with file, line and construct: JOB ... DONE and DONE (rerun with --resume instead),
+VARS values with $(RETRY), SCRIPT DEFER / DEBUG / HOLD, other script macros ($JOBID, ...),
 CONFIG, ENV, SUBDAG EXTERNAL (write it as a SPLICE), SERVICE, PROVISIONER,
 SUBMIT-DESCRIPTION, CONNECT, PIN_IN, PIN_OUT, REJECT, and any other word.
 """
@@ -56,6 +59,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +87,8 @@ _REFUSED = {
     "PIN_IN": "splice pins are not supported; use PARENT ... CHILD ...",
     "PIN_OUT": "splice pins are not supported; use PARENT ... CHILD ...",
     "REJECT": "the DAG file marks itself as not to be run",
+    "DONE": "a node marked done is not supported; rerun with `bgrid submit --resume`, which "
+    "skips the tasks that are done",
 }
 _SECOND_PASS = frozenset(
     {"PARENT", "VARS", "RETRY", "SCRIPT", "PRE_SKIP", "ABORT-DAG-ON", "PRIORITY", "CATEGORY",
@@ -105,6 +111,30 @@ _OTHER_SCRIPT_MACROS = frozenset(
 )  # fmt: skip
 _SCRIPT_MACRO = re.compile(r"\$([A-Z_]+)")
 _VAR = re.compile(r'\s*([A-Za-z_+][\w.+]*)\s*=\s*"((?:[^"\\]|\\.)*)"')
+
+
+def _logical_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(first line number, command) as DAGMan's reader gives them: blank lines and `#`
+    comment lines skipped, a line ending in a backslash continued on the next (a comment
+    line inside a continued command is skipped and does not end it)."""
+    pending: list[str] = []
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        stripped = raw.strip()
+        if stripped.startswith("#") or (not stripped and not pending):
+            continue
+        if not pending:
+            start = number
+        if stripped.endswith("\\"):
+            pending.append(stripped[:-1])
+            continue
+        pending.append(stripped)
+        joined = " ".join(pending).strip()
+        pending = []
+        if joined:
+            yield start, joined
+    if pending and " ".join(pending).strip():
+        yield start, " ".join(pending).strip()
 
 
 @dataclass
@@ -187,15 +217,12 @@ class _Reader:
         except (OSError, UnicodeDecodeError) as err:
             raise DagError(f"{path}: cannot read the DAG file: {err}") from None
         lines = []
-        for number, raw in enumerate(text.splitlines(), start=1):
-            stripped = raw.strip()
-            if not stripped or stripped.startswith("#"):
-                continue
-            keyword = stripped.split()[0].upper()
+        for number, line in _logical_lines(text):
+            keyword = line.split()[0].upper()
             if keyword in ("VARS", "SCRIPT"):
-                lines.append((number, [*stripped.split(None, 2)]))  # values keep their spaces
+                lines.append((number, [*line.split(None, 2)]))  # values keep their spaces
             else:
-                lines.append((number, stripped.split()))
+                lines.append((number, line.split()))
         return lines
 
     def _file(self, base: Path, name: str) -> Path:
@@ -330,6 +357,8 @@ class _Reader:
                     if rest[1].upper() != "RETURN":
                         raise self.fail(path, number, keyword, "write ABORT-DAG-ON node v RETURN s")
                     abort["status"] = self._number(path, number, keyword, rest[2])
+                    if not 0 <= abort["status"] <= 255:
+                        raise self.fail(path, number, keyword, "RETURN must be within 0..255")
                 node.keys["abort_on"] = abort
             else:
                 raise self.fail(path, number, keyword, "wrong number of values for this command")
@@ -344,8 +373,13 @@ class _Reader:
         if len(rest) not in (1, 3) or (len(rest) == 3 and rest[1].upper() != "UNLESS-EXIT"):
             raise self.fail(path, number, "RETRY", "write RETRY node count [UNLESS-EXIT value]")
         node.keys["retries"] = self._number(path, number, "RETRY", rest[0])
-        if len(rest) == 3:
-            node.keys["retry_unless_exit"] = self._number(path, number, "RETRY", rest[2])
+        if node.keys["retries"] < 0:
+            raise self.fail(path, number, "RETRY", "a retry count cannot be negative")
+        unless = self._number(path, number, "RETRY", rest[2]) if len(rest) == 3 else 0
+        if unless:  # DAGMan reads UNLESS-EXIT 0 as no such value
+            node.keys["retry_unless_exit"] = unless
+        else:
+            node.keys.pop("retry_unless_exit", None)
 
     def _edges(self, path: Path, number: int, words: list[str], scope: _Scope) -> None:
         upper = [word.upper() for word in words]

@@ -96,6 +96,16 @@ def test_parent_child_is_many_to_many_and_keywords_take_any_case(tmp_path: Path)
     assert "after" not in tasks["A"]
 
 
+def test_a_trailing_backslash_continues_a_command(tmp_path: Path) -> None:
+    dag = (
+        "JOB A a.sub\nJOB B a.sub\nPARENT A \\\n# a comment inside\n   CHILD B\n"
+        "RETRY B 1 UNLESS-EXIT 0\n"
+    )
+    tasks = tasks_of(tmp_path, {"x.dag": dag, "a.sub": SUB})
+    assert tasks["B"]["after"] == ["A"]
+    assert tasks["B"]["retries"] == 1 and "retry_unless_exit" not in tasks["B"]
+
+
 def test_job_dir_is_the_submitting_directory(tmp_path: Path) -> None:
     tasks = tasks_of(
         tmp_path,
@@ -263,6 +273,8 @@ def test_harmless_commands_are_accepted(tmp_path: Path) -> None:
         ("ENV SET X=1", "ENV"),
         ("REJECT", "REJECT"),
         ("FROBNICATE A", "FROBNICATE"),
+        ("DONE A", "DONE"),
+        ("ABORT-DAG-ON A 1 RETURN 300", "ABORT-DAG-ON"),
         ("SCRIPT DEFER 1 10 PRE A pre.sh", "SCRIPT DEFER"),
         ("SCRIPT HOLD A h.sh", "SCRIPT HOLD"),
         ('VARS A x="$(RETRY)"', "VARS $(RETRY)"),
