@@ -97,6 +97,7 @@ _UNIT_BYTES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 # DAGMan's macros that change from one run of a node to the next (and $(JOB), which does not)
 _PER_RUN_MACROS = ("retry", "dag_status", "failed_count")
 EXEC_COPY = "condor_exec.exe"  # HTCondor's name for the job's transferred executable
+_BLANKS = " \t"  # what separates arguments for HTCondor (not every Unicode space)
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ def _split_new_syntax(text: str) -> list[str]:
                 continue
             quoted = not quoted
             in_word = True
-        elif char.isspace() and not quoted:
+        elif char in _BLANKS and not quoted:
             if in_word:
                 words.append("".join(word))
                 word, in_word = [], False
@@ -264,7 +265,8 @@ def parse_arguments(value: str) -> list[str]:
         return _split_new_syntax(inner)
     if '"' in value.replace('\\"', ""):
         raise ValueError('the old syntax writes a double quote as \\"; or quote the whole value')
-    return [word.replace("\0", '"') for word in value.replace('\\"', "\0").split()]
+    words = re.split(f"[{_BLANKS}]+", value.replace('\\"', "\0").strip(_BLANKS))
+    return [word.replace("\0", '"') for word in words if word]
 
 
 def parse_environment(value: str) -> dict[str, str]:

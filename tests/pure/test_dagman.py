@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from bonjourgrid.backends.condor.template import _environment, _quote_argument
 from bonjourgrid.dag.condor_submit import EXEC_COPY, parse_arguments, parse_environment
 from bonjourgrid.dag.dagman import dagman_mapping
 from bonjourgrid.dag.examples import examples_root
@@ -307,11 +310,28 @@ def test_an_unsupported_script_macro_is_refused(tmp_path: Path) -> None:
         ('say \\"hi\\"', ["say", '"hi"']),
         ("\"a 'b c' 'it''s' \"\"q\"\"\"", ["a", "b c", "it's", '"q"']),
         ('"one"', ["one"]),
+        ("a\u00a0b\tc", ["a\u00a0b", "c"]),
         ("", []),
     ],
 )
 def test_arguments_in_both_syntaxes(value: str, argv: list[str]) -> None:
     assert parse_arguments(value) == argv
+
+
+_ARGUMENT = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\0\n\r"), max_size=12
+)
+
+
+@given(st.lists(_ARGUMENT, max_size=5))
+def test_arguments_read_back_what_the_condor_backend_writes(argv: list[str]) -> None:
+    """The condor backend's quoting (checked there against HTCondor) read back here."""
+    assert parse_arguments('"' + " ".join(_quote_argument(a) for a in argv) + '"') == argv
+
+
+@given(st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True), _ARGUMENT))
+def test_environment_reads_back_what_the_condor_backend_writes(env: dict[str, str]) -> None:
+    assert parse_environment(_environment(env)) == env
 
 
 def test_environment_in_both_syntaxes() -> None:
