@@ -63,9 +63,9 @@ import os
 import posixpath
 import re
 import shlex
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import htcondor2
 
@@ -315,19 +315,23 @@ class _Paths:
         self.where = where
         self.scan = scan
 
-    def relative(self, base: Path, path: str, key: str) -> str:
-        full = Path(os.path.normpath(base / path))
+    def inside(self, full: Path, path: str, key: str) -> PurePosixPath:
+        """`full` relative to the root ('.' for the root itself), or refused."""
         try:
-            rel = full.relative_to(self.root)
+            return PurePosixPath(Path(os.path.normpath(full)).relative_to(self.root).as_posix())
         except ValueError:
             raise _fail(
                 self.where, self.scan.lines.get(key), key,
                 f"{path!r} is outside the DAG's directory {self.root}; "
                 "bgrid stages only files under it",
             ) from None  # fmt: skip
+
+    def relative(self, base: Path, path: str, key: str) -> str:
+        """The file `path` (relative to `base`) as a workflow path."""
+        rel = self.inside(base / path, path, key)
         if str(rel) == ".":
             raise _fail(self.where, self.scan.lines.get(key), key, f"{path!r} names a directory")
-        return rel.as_posix()
+        return str(rel)
 
 
 def _list(value: str) -> list[str]:
@@ -444,144 +448,171 @@ def submit_procs(
     return procs
 
 
-def _one_proc(submit: htcondor2.Submit, node_dir: Path, paths: _Paths) -> CondorProc:
-    where, lines = paths.where, paths.scan.lines
+class _Keys:
+    """One proc's expanded submit values, and refusals that name the key's line."""
 
-    def value(key: str) -> str:
-        return str(submit.expand(key)).strip() if key in lines else ""
+    def __init__(self, submit: htcondor2.Submit, paths: _Paths) -> None:
+        self.submit = submit
+        self.paths = paths
 
-    def refuse(key: str, message: str) -> DagError:
-        return _fail(where, lines.get(key), key, message)
+    def value(self, key: str) -> str:
+        return str(self.submit.expand(key)).strip() if key in self.paths.scan.lines else ""
 
-    universe = value("universe").lower()
-    if universe not in ("", "vanilla"):
-        raise refuse("universe", f"universe {universe!r}: bgrid runs the vanilla universe only")
-    if value("should_transfer_files").upper() == "NO":
-        raise refuse(
-            "should_transfer_files",
-            "NO asks for a shared file system, which bgrid peers do not have; use YES",
-        )
-    when = value("when_to_transfer_output").upper()
-    if when not in ("", "ON_EXIT", "ON_SUCCESS"):
-        raise refuse("when_to_transfer_output", f"{when} is not supported; use ON_EXIT")
-    initial = node_dir
-    if value("initialdir"):
-        initial = Path(os.path.normpath(node_dir / value("initialdir")))
-        if initial != paths.root:
-            paths.relative(initial, ".", "initialdir")  # inside the root, or refused
-    workdir = posixpath.normpath(initial.relative_to(paths.root).as_posix())
-    # the sandbox holds only the task's files: the initialdir may not exist there yet
-    quoted_dir = shlex.quote(workdir)
-    steps = [] if workdir == "." else [f"mkdir -p -- {quoted_dir} && cd -- {quoted_dir}"]
-    inputs: list[str | dict[str, str]] = []
-    by_basename: dict[str, str] = {}
+    def refuse(self, key: str, message: str) -> DagError:
+        return _fail(self.paths.where, self.paths.scan.lines.get(key), key, message)
 
-    def stage(path_text: str, key: str) -> str:
-        """Declares one input; returns its basename in the initialdir."""
+
+class _Staging:
+    """The command's preparation in the sandbox: enter the initialdir, link inputs there by
+    basename (HTCondor's flat scratch directory), copy the executable."""
+
+    def __init__(self, keys: _Keys, initial: Path) -> None:
+        self.keys = keys
+        self.initial = initial
+        self.workdir = str(keys.paths.inside(initial, keys.value("initialdir"), "initialdir"))
+        quoted = shlex.quote(self.workdir)
+        # the sandbox holds only the task's files: the initialdir may not exist there yet
+        self.steps = [] if self.workdir == "." else [f"mkdir -p -- {quoted} && cd -- {quoted}"]
+        self.inputs: list[str | dict[str, str]] = []
+        self.basenames: dict[str, str] = {}  # basename -> the path it came from
+
+    def stage(self, path_text: str, key: str) -> str:
+        """Declares one input; returns its name in the initialdir."""
         name = posixpath.basename(path_text.rstrip("/"))
         if path_text.endswith("/"):
-            raise refuse(key, f"{path_text!r} is a directory; list the files inside it")
+            raise self.keys.refuse(key, f"{path_text!r} is a directory; list the files inside")
         if is_url(path_text):
-            rel = posixpath.normpath(posixpath.join(workdir, name))
-            inputs.append({"url": path_text, "path": rel})
+            self.inputs.append(
+                {"url": path_text, "path": posixpath.normpath(f"{self.workdir}/{name}")}
+            )
         else:
-            rel = paths.relative(initial, path_text, key)
-            inputs.append(rel)
-            there = posixpath.relpath(rel, workdir)
+            rel = self.keys.paths.relative(self.initial, path_text, key)
+            self.inputs.append(rel)
+            there = posixpath.relpath(rel, self.workdir)
             if there != name:
-                steps.append(f"ln -sf -- {shlex.quote(there)} {shlex.quote(name)}")
-        if by_basename.setdefault(name, path_text) != path_text:
-            raise refuse(
-                key, f"{path_text!r} and {by_basename[name]!r} share the basename {name!r}"
+                self.steps.append(f"ln -sf -- {shlex.quote(there)} {shlex.quote(name)}")
+        if self.basenames.setdefault(name, path_text) != path_text:
+            raise self.keys.refuse(
+                key, f"{path_text!r} and {self.basenames[name]!r} share the basename {name!r}"
             )
         return name
 
-    for item in _list(value("transfer_input_files")):
-        stage(item, "transfer_input_files")
-    executable = value("executable")
-    if not executable:
-        raise _fail(where, None, "executable", "the submit file names no executable")
-    transfer = _bool(value("transfer_executable") or "true")
-    if transfer is None:
-        raise refuse("transfer_executable", "write true or false")
-    if transfer:
-        if os.path.isabs(executable) and not Path(executable).is_relative_to(paths.root):
-            raise refuse(
+    def executable(self, node_dir: Path) -> str:
+        """The program to run, as the shell should name it."""
+        keys = self.keys
+        executable = keys.value("executable")
+        if not executable:
+            raise _fail(keys.paths.where, None, "executable", "the submit file names none")
+        transfer = _bool(keys.value("transfer_executable") or "true")
+        if transfer is None:
+            raise keys.refuse("transfer_executable", "write true or false")
+        if not transfer:
+            if not os.path.isabs(executable):
+                raise keys.refuse(
+                    "executable",
+                    "with transfer_executable = false it must be an absolute path on the peers",
+                )
+            return shlex.quote(executable)
+        if os.path.isabs(executable) and not Path(executable).is_relative_to(keys.paths.root):
+            raise keys.refuse(
                 "executable",
                 f"{executable!r} is outside the DAG's directory; to run the peer's own "
                 "program in place, add transfer_executable = false",
             )
-        program = paths.relative(node_dir, executable, "executable")
-        inputs.append(program)
-        there = posixpath.relpath(program, workdir)
-        steps.append(f"cp -- {shlex.quote(there)} {EXEC_COPY} && chmod 700 {EXEC_COPY}")
-        run = [f"./{EXEC_COPY}"]
-    else:
-        if not os.path.isabs(executable):
-            raise refuse(
-                "executable",
-                "with transfer_executable = false the executable must be an absolute path "
-                "on the peers",
-            )
-        run = [shlex.quote(executable)]
+        program = keys.paths.relative(node_dir, executable, "executable")  # not initialdir
+        self.inputs.append(program)
+        there = shlex.quote(posixpath.relpath(program, self.workdir))
+        # a staged file has no exec bit: run a private copy, never chmod the staged one
+        self.steps.append(f"cp -- {there} {EXEC_COPY} && chmod 700 {EXEC_COPY}")
+        return f"./{EXEC_COPY}"
+
+
+def _check_transfer_mode(keys: _Keys) -> None:
+    universe = keys.value("universe").lower()
+    if universe not in ("", "vanilla"):
+        raise keys.refuse("universe", f"universe {universe!r}: bgrid runs vanilla jobs only")
+    if keys.value("should_transfer_files").upper() == "NO":
+        raise keys.refuse(
+            "should_transfer_files",
+            "NO asks for a shared file system, which bgrid peers do not have; use YES",
+        )
+    when = keys.value("when_to_transfer_output").upper()
+    if when not in ("", "ON_EXIT", "ON_SUCCESS"):
+        raise keys.refuse("when_to_transfer_output", f"{when} is not supported; use ON_EXIT")
+
+
+def _one_proc(submit: htcondor2.Submit, node_dir: Path, paths: _Paths) -> CondorProc:
+    keys = _Keys(submit, paths)
+    _check_transfer_mode(keys)
+    initial = Path(os.path.normpath(node_dir / keys.value("initialdir")))
+    staging = _Staging(keys, initial)
+    for item in _list(keys.value("transfer_input_files")):
+        staging.stage(item, "transfer_input_files")
+    run = [staging.executable(node_dir)]
     try:
-        argv = parse_arguments(value("arguments"))
+        run.extend(shlex.quote(arg) for arg in parse_arguments(keys.value("arguments")))
     except ValueError as err:
-        raise refuse("arguments", str(err)) from None
+        raise keys.refuse("arguments", str(err)) from None
     try:
-        env = parse_environment(value("environment"))
+        env = parse_environment(keys.value("environment"))
     except ValueError as err:
-        raise refuse("environment", str(err)) from None
-    run.extend(shlex.quote(arg) for arg in argv)
-    stdin = value("input")
+        raise keys.refuse("environment", str(err)) from None
+    stdin = keys.value("input")
     if stdin and stdin != "/dev/null":
-        run.append("< " + shlex.quote(stage(stdin, "input")))
-    outputs: list[str] = []
-    moves: list[str] = []
-    for item in _list(value("transfer_output_files")):
-        name = posixpath.basename(item.rstrip("/"))
-        if name in by_basename:
-            raise refuse("transfer_output_files", f"{item!r} has the basename of an input")
-        outputs.append(paths.relative(initial, name, "transfer_output_files"))
-        if posixpath.normpath(item) != name:
-            moves.append(f"mv -f -- {shlex.quote(item)} {shlex.quote(name)} 2>/dev/null")
+        run.append("< " + shlex.quote(staging.stage(stdin, "input")))
+    outputs, moves = _outputs(keys, staging)
     command = " ".join(run)
-    if moves:
+    if moves:  # HTCondor brings sub/x back as x: move it there, keep the job's exit status
         command = f"{command}; rc=$?; {'; '.join(moves)}; exit $rc"
-    elif steps:
+    elif staging.steps:
         command = "exec " + command
     streams = {}
     for key in ("output", "error"):
-        path_text = value(key)
+        path_text = keys.value(key)
         if path_text and path_text != "/dev/null":
             streams[key] = paths.relative(initial, path_text, key)
     return CondorProc(
-        command=" && ".join([*steps, command]) if steps else command,
-        inputs=inputs,
+        command=" && ".join([*staging.steps, command]),
+        inputs=staging.inputs,
         outputs=outputs,
         env=env,
-        require=_requirement(value, refuse),
+        require=_requirement(keys),
         stdout=streams.get("output"),
         stderr=streams.get("error"),
     )
 
 
-def _requirement(value: Callable[[str], str], refuse: Callable[[str, str], DagError]) -> str | None:
+def _outputs(keys: _Keys, staging: _Staging) -> tuple[list[str], list[str]]:
+    """The declared outputs (initialdir/basename) and the moves that put them there."""
+    outputs: list[str] = []
+    moves: list[str] = []
+    for item in _list(keys.value("transfer_output_files")):
+        name = posixpath.basename(item.rstrip("/"))
+        if name in staging.basenames:
+            raise keys.refuse("transfer_output_files", f"{item!r} has the basename of an input")
+        outputs.append(keys.paths.relative(staging.initial, name, "transfer_output_files"))
+        if posixpath.normpath(item) != name:
+            moves.append(f"mv -f -- {shlex.quote(item)} {shlex.quote(name)} 2>/dev/null")
+    return outputs, moves
+
+
+def _requirement(keys: _Keys) -> str | None:
+    """request_cpus/memory/disk as a requirement expression (requirements.py's language)."""
     clauses = []
-    cpus = value("request_cpus")
+    cpus = keys.value("request_cpus")
     if cpus:
         if not cpus.isdigit():
-            raise refuse("request_cpus", f"{cpus!r} is not a whole number")
+            raise keys.refuse("request_cpus", f"{cpus!r} is not a whole number")
         if int(cpus) > 1:
             clauses.append(f"cpus>={int(cpus)}")
     for key, attribute, unit in (
         ("request_memory", "ram", 1024**2),
         ("request_disk", "disk", 1024),
     ):
-        text = value(key)
+        text = keys.value(key)
         if text:
             try:
                 clauses.append(f"{attribute}>={_size_mib(text, unit)}")
             except ValueError as err:
-                raise refuse(key, f"{text!r}: {err}") from None
+                raise keys.refuse(key, f"{text!r}: {err}") from None
     return " and ".join(clauses) or None
