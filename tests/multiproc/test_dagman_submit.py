@@ -6,15 +6,15 @@ import json
 import shutil
 from pathlib import Path
 
-from bonjourgrid.dag.examples import examples_root
 from tests.multiproc.conftest import Grid
 
 DIAMOND = Path(__file__).resolve().parents[1] / "data" / "dagman-diamond"
 
 
 def test_the_seeds_eight_job_dag_runs_with_its_file_flow(tmp_path: Path, grid: Grid) -> None:
-    dag_dir = tmp_path / "condor-j8"
-    shutil.copytree(examples_root() / "condor-j8", dag_dir)
+    """As a user gets it: `bgrid examples DIR`, then `bgrid submit DIR/condor-j8/j8.dag`."""
+    grid.run("examples", str(tmp_path / "ex"), check=True)
+    dag_dir = tmp_path / "ex" / "condor-j8"
     out = grid.run("submit", str(dag_dir / "j8.dag"), "--local", "2", "--json", timeout=90)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
