@@ -91,6 +91,14 @@ _HARMLESS_KEYS = frozenset(
 )  # fmt: skip
 _KEY_LINE = re.compile(r"\s*([A-Za-z_+][\w.+-]*)\s*=(.*)\Z", re.DOTALL)
 _QUEUE_LINE = re.compile(r"\s*queue\b(.*)\Z", re.IGNORECASE | re.DOTALL)
+# `queue [N] [vars] from [slice] FILE` and `queue [N] [vars] matching [files|dirs] PATTERN...`:
+# the variables are words and commas, so an `in (...)` list holding those words is not one
+_QUEUE_FROM_FILE = re.compile(
+    r"(\s*(?:\d+\s+)?[\w\s,]*?\bfrom\s+(?:\[[^\]]*\]\s*)?)([^(\s].*)\Z", re.IGNORECASE
+)
+_QUEUE_MATCHING = re.compile(
+    r"(\s*(?:\d+\s+)?[\w\s,]*?\bmatching\s+(?:(?:files|dirs)\s+)?)(.+)\Z", re.IGNORECASE
+)
 _MACRO_USE = re.compile(r"\$\(([A-Za-z_][\w.]*)")
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*\Z", re.IGNORECASE)
 _UNIT_BYTES = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -338,8 +346,9 @@ def _list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _queue_args(submit: htcondor2.Submit, directory: Path, where: str, line: int | None) -> None:
-    """Makes `from FILE` and `matching PATTERN` read relative to the submitting directory."""
+def _queue_args(submit: htcondor2.Submit, directory: Path, where: str, line: int | None) -> bool:
+    """Makes `from FILE` and `matching PATTERN` read relative to the submitting directory;
+    True for `matching` (whose items then come back as absolute paths)."""
     args = submit.getQArgs() or ""
     if args.rstrip().endswith("|"):
         raise _fail(
@@ -347,18 +356,20 @@ def _queue_args(submit: htcondor2.Submit, directory: Path, where: str, line: int
             "item data from a command would run that command while the DAG is read; "
             "write the items into a file and `queue ... from FILE`",
         )  # fmt: skip
-    if match := re.match(r"(.*?\bfrom\s+(?:\[[^\]]*\]\s*)?)([^(\s].*)\Z", args, re.IGNORECASE):
+    if match := _QUEUE_FROM_FILE.match(args):
         submit.setQArgs(match.group(1) + str(directory / match.group(2).strip()))
-    elif match := re.match(r"(.*?\bmatching\s+(?:(?:files|dirs)\s+)?)(.+)\Z", args, re.IGNORECASE):
+    elif match := _QUEUE_MATCHING.match(args):
         patterns = " ".join(str(directory / word) for word in match.group(2).split())
         submit.setQArgs(match.group(1) + patterns)
+        return True
+    return False
 
 
 def _procs_macros(
     submit: htcondor2.Submit, directory: Path, where: str, line: int | None
 ) -> list[dict[str, str]]:
     """The macros that tell each proc apart: $(Process), $(Step), $(ItemIndex), item data."""
-    _queue_args(submit, directory, where, line)
+    matching = _queue_args(submit, directory, where, line)
     args = submit.getQArgs() or ""
     count_text = re.match(r"\s*(\d+)?", args)
     count = int(count_text.group(1)) if count_text and count_text.group(1) else 1
@@ -370,7 +381,7 @@ def _procs_macros(
         [dict(item) for item in raw_items] if raw_items is not None else [{}]
     )
     prefix = str(directory) + os.sep
-    if "matching" in args.lower():  # the bindings give the absolute paths made above
+    if matching:  # the bindings give the absolute paths made above
         items = [
             {k: v[len(prefix) :] if v.startswith(prefix) else v for k, v in item.items()}
             for item in items

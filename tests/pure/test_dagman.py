@@ -427,6 +427,8 @@ def test_queue_n_makes_n_tasks_with_the_nodes_edges(tmp_path: Path) -> None:
 def test_queue_in_list_with_count(tmp_path: Path) -> None:
     tasks = _procs(tmp_path, "queue 2 x in (p, q)")
     assert [_argv(tasks[f"A.{n}"]) for n in range(4)] == ["0 p", "1 p", "2 q", "3 q"]
+    tasks = _procs(tmp_path, "queue x in (from, matching)")
+    assert [_argv(tasks[f"A.{n}"]) for n in range(2)] == ["0 from", "1 matching"]
 
 
 def test_queue_from_a_file_and_from_inline_items(tmp_path: Path) -> None:
