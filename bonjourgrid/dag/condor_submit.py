@@ -82,6 +82,14 @@ _SUPPORTED_KEYS = frozenset(
         "request_cpus", "request_memory", "request_disk", "universe",
     }
 )  # fmt: skip
+# What to write instead of a refused key that users often have.
+_REFUSED_KEY_HINTS = {
+    "requirements": "peers are matched on request_cpus, request_memory and request_disk",
+    "getenv": "name the variables the job needs in `environment`",
+    "preserve_relative_paths": "bgrid brings outputs back by basename, as HTCondor's default",
+    "max_retries": "write RETRY node N in the DAG file",
+    "priority": "write PRIORITY node N in the DAG file",
+}
 # Accepted with no effect: they ask a schedd for mail, labels or ClassAd attributes.
 _HARMLESS_KEYS = frozenset(
     {
@@ -210,10 +218,11 @@ def _check_keys(scan: _Scan, where: str) -> None:
             or key in scan.used_macros
         ):
             continue
+        hint = _REFUSED_KEY_HINTS.get(key, "remove it")
         raise _fail(
             where, line, key,
             "this submit key is not supported by bgrid (the supported keys are listed "
-            "in bonjourgrid/dag/condor_submit.py and the README); remove it",
+            f"in bonjourgrid/dag/condor_submit.py and the README); {hint}",
         )  # fmt: skip
 
 
