@@ -10,10 +10,10 @@ Reading a DAG file. HTCondor's bindings have no DAG reader, so lines are parsed 
 DAGMan reads them: one command per line (a trailing backslash continues it), `#` starts a
 comment line, keywords in any case, node names as written. Relative paths (INCLUDE, SPLICE,
 JOB files and DIRs) start from the DAG file's directory, as with `condor_submit_dag
--usedagdir`. A file is read in two passes:
-its nodes first (JOB, FINAL, SPLICE, and INCLUDEd files, in the same scope), then the
-commands that refer to them, in file order, so a command may come before the JOB it names, and the
-last command setting a node's property wins, as in DAGMan. Submit files see DAGMan's $(JOB).
+-usedagdir`. A file is read in two passes: its nodes first (JOB, FINAL, SPLICE, and
+INCLUDEd files, in the same scope), then the commands that refer to them, in file order, so a
+command may come before the JOB it names, and the last command setting a node's property
+wins, as in DAGMan. Submit files see DAGMan's $(JOB).
 `ALL_NODES` means the JOB nodes of that file and its INCLUDEs (not splices, not FINAL).
 
 A SPLICE's nodes are named `SPLICE+NODE` (nested: `OUTER+INNER+NODE`), as DAGMan names them.
