@@ -25,7 +25,7 @@ def copy_examples(dest: Path, force: bool = False) -> list[Path]:
     if dest.exists() and any(dest.iterdir()) and not force:
         raise ConfigError(f"{dest} is not empty: give an empty or new directory, or --force")
     made: set[Path] = set()
-    for workflow in root.rglob("*.yaml"):
+    for workflow in (*root.rglob("*.yaml"), *root.rglob("*.dag")):
         wf = load_workflow(workflow)
         made |= {(wf.root / path).relative_to(root) for path in wf.producer}
     copied = []

@@ -1,5 +1,8 @@
 """Read a workflow file (YAML or JSON) and validate all of it before any peer is touched.
 
+A `.dag` file (HTCondor DAGMan) is first translated into the same mapping by dag/dagman.py,
+then validated here like any other, so every check and message stays in one place.
+
 Validation runs in three passes, each reporting every problem it finds in one DagError:
 1. shape and types of every field, paths normalized and kept inside the task directory;
 2. file flow: one writer per file, every input written by a task, present in the submit
@@ -50,7 +53,7 @@ __all__ = [
     "workflow_from_mapping",
 ]
 
-_TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_TASK_NAME = re.compile(r"[A-Za-z0-9_.+-]+\Z")  # '+': DAGMan's splice separator
 _MAX_TASK_NAME = 200  # characters; a task name becomes a directory name on the peers
 _JOB_NAME = re.compile(r"\w[\w .-]*\Z")
 _MAX_JOB_NAME_BYTES = 63  # the job is advertised as a DNS-SD instance name: one DNS label
@@ -125,13 +128,27 @@ def _suggest(word: str, pool: Mapping[str, object] | list[str], problems: _Probl
 
 
 def load_workflow(path: str | Path) -> Workflow:
-    """Read and validate a .yaml/.yml/.json workflow; its directory is the submit directory."""
+    """Read and validate a .yaml/.yml/.json/.dag workflow; its directory is the submit directory."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix == ".dag":  # HTCondor DAGMan, with its submit files
+        try:  # htcondor2 is loaded only for a DAG, and is an optional dependency
+            from bonjourgrid.dag.dagman import dagman_mapping
+        except ModuleNotFoundError as err:
+            if not (err.name or "").startswith("htcondor"):
+                raise
+            raise DagError(
+                f"{path}: reading a DAGMan file needs HTCondor's Python bindings; "
+                "install them with: pip install 'bonjourgrid[condor]'"
+            ) from None
+
+        with gc_paused():
+            mapping, root = dagman_mapping(path)
+            return workflow_from_mapping(mapping, root, source=path.name)
     if suffix not in (".yaml", ".yml", ".json"):
         raise DagError(
             f"{path}: unknown workflow file type {suffix or '(none)'!r}; "
-            "write the workflow as .yaml, .yml or .json"
+            "write the workflow as .yaml, .yml, .json or an HTCondor DAGMan .dag"
         )
     try:
         text = path.read_text(encoding="utf-8")
@@ -368,7 +385,8 @@ def _read_task(
 ) -> TaskSpec | None:
     if not isinstance(name, str) or not _TASK_NAME.match(name) or name in (".", ".."):
         problems.add(
-            f"task name {name!r} is not valid: use letters, digits, '.', '_' or '-' (quote numbers)"
+            f"task name {name!r} is not valid: use letters, digits, '.', '_', '+' or '-' "
+            "(quote numbers)"
         )
         return None
     if len(name) > _MAX_TASK_NAME:

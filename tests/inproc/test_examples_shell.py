@@ -102,3 +102,11 @@ def test_montage_levels_the_tiles_and_adds_them_into_a_mosaic(tmp_path: Path) ->
     assert len(mosaic) == 4 and all(len(row.split()) == 24 for row in mosaic)
     assert len((made / "mosaic_small.txt").read_text().splitlines()) == 4
     assert sorted(wf.final_outputs()) == ["mosaic_small.txt"]
+
+
+def test_condor_j8(tmp_path: Path) -> None:
+    """The seed's Condor DAG: its staged job.sh has no exec bit in a sandbox, and runs."""
+    made = run_locally(load_workflow(EXAMPLES / "condor-j8" / "j8.dag"), tmp_path)
+    values = {n: int((made / f"j{n}.out").read_text()) for n in range(1, 8)}
+    assert values == {1: 1, 2: 3, 3: 4, 4: 7, 5: 8, 6: 10, 7: 22}
+    assert (made / "results" / "j8.out").read_text() == "40\n"

@@ -273,8 +273,9 @@ def test_the_pool_key_is_scrambled_as_htcondor_reads_it() -> None:
     assert scrambled[:4] == bytes(b ^ p for b, p in zip(b"per-", b"\xde\xad\xbe\xef", strict=True))
 
 
-def test_a_task_named_like_a_dagman_keyword_is_refused_with_the_reason() -> None:
+@pytest.mark.parametrize("name", ["parent", "splice+node"])
+def test_a_task_named_like_a_dagman_keyword_is_refused_with_the_reason(name: str) -> None:
     plan = diamond_plan()
-    bad = JobPlan(plan.job, plan.root, plan.peers, (TaskRun("parent", 1, None, "true"),))
+    bad = JobPlan(plan.job, plan.root, plan.peers, (TaskRun(name, 1, None, "true"),))
     with pytest.raises(ConfigError, match="DAGMan reserves that name"):
         backend().translate(bad)

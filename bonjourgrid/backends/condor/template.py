@@ -67,10 +67,10 @@ def build_dag(plan: JobPlan, log_dir: Path) -> dags.DAG:
     dag = dags.DAG()
     layers = {}
     for run in plan.runs:
-        if run.task.lower() in _RESERVED_NODE_NAMES:
+        if run.task.lower() in _RESERVED_NODE_NAMES or "+" in run.task:
             raise ConfigError(
-                f"task {run.task!r}: DAGMan reserves that name for its own syntax; "
-                "rename the task to run it with --backend condor"
+                f"task {run.task!r}: DAGMan reserves that name for its own syntax ('+' joins "
+                "a splice's name to its nodes); rename the task to run it with --backend condor"
             )
         layers[run.task] = dag.layer(
             name=run.task,
