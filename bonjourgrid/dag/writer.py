@@ -160,8 +160,17 @@ class _Dumper(yaml.SafeDumper):
     """The safe dumper, with a multi-line command written as a literal block (`|`)."""
 
 
+# Unicode line breaks other than \n: with allow_unicode, PyYAML writes them raw inside single
+# quotes, and reads them back folded into a space; in double quotes they are escaped (\N...).
+_UNICODE_BREAKS = frozenset("\x85\u2028\u2029")
+
+
 def _str_representer(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in text and text == text.rstrip(" ") else None
+    style: str | None = None
+    if not _UNICODE_BREAKS.isdisjoint(text):
+        style = '"'
+    elif "\n" in text and text == text.rstrip(" "):
+        style = "|"
     return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
 
 
