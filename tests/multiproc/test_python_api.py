@@ -72,9 +72,8 @@ def test_a_graph_runs_and_its_report_is_typed(
     join = report.tasks["join"]
     assert join.status == "done" and join.exit_code == 0 and join.attempts == 1
     assert join.peer in {peer.name for peer in report.peers}
-    assert (
-        join.start is not None and join.end is not None and join.start >= report.tasks["times1"].end
-    )  # type: ignore[operator]
+    times1_end = report.tasks["times1"].end
+    assert join.start is not None and times1_end is not None and join.start >= times1_end
     assert ("split", "times1") in report.edges
     assert report.bytes.to_submitter == len("10\n20\n30\n")
     assert json.loads((tmp_path / "report.json").read_text()) == report.as_dict()
