@@ -1,5 +1,9 @@
 """`bgrid submit` as a library call: load, check, pick the grid, run, report.
 
+`run_job` is the one engine: it runs a validated workflow and returns its report, printing
+nothing. `submit` (the CLI) wraps it with a progress display, notices on stderr, the printed
+summary and an exit code; `bonjourgrid.run` (api.py) with a typed Report and exceptions.
+
 Settings come from the flags, then `bgrid.toml` in the submit directory, then the user's
 `$XDG_CONFIG_HOME/bonjourgrid/config.toml` (the first that says wins, key by key):
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 from bonjourgrid import ConfigError, JobFailed, Workflow, run
 from bonjourgrid.coordinator.journal import journal_path
 from tests.multiproc.conftest import LOOPBACK, Grid
+from tests.waiting import wait_until
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -128,3 +131,40 @@ def test_a_workflow_file_runs_on_the_grid_of_the_key_store(
     assert report.succeeded and (tmp_path / "b").read_text() == "a\na\n"
     assert {peer.name for peer in report.peers} <= set(grid.procs)
     grid.wait_all_idle()  # every peer handed back
+
+
+def test_a_signal_while_tasks_run_raises_interrupted_with_the_cancelled_job_s_report(
+    tmp_path: Path,
+) -> None:
+    started = tmp_path / "started"
+    script = f"""
+import sys
+from bonjourgrid import Interrupted, Workflow, run
+wf = Workflow("long", root={str(tmp_path)!r}).task("t", "touch {started}; sleep 60", outputs=["o"])
+try:
+    run(wf, local=1)
+except Interrupted as stopped:
+    print(stopped.exit_code, stopped.report.signal, stopped.report.reason, sep="|")
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env={**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: started.exists() or proc.poll() is not None, 30, "the task started")
+        assert started.exists(), proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (out, err) == ("130|SIGINT|cancelled by the user (SIGINT)\n", "")
+
+
+async def test_run_from_a_thread_of_an_event_loop_as_its_refusal_says(tmp_path: Path) -> None:
+    report = await asyncio.to_thread(run, fan(tmp_path), local=1)
+    assert report.succeeded and (tmp_path / "all").read_text() == "10\n20\n30\n"
