@@ -12,12 +12,14 @@ the package without needing any of it.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+import sys as _sys
 
 __version__ = "0.1.0"
 
+TYPE_CHECKING = False  # not typing's: importing typing would triple this module's cost
 if TYPE_CHECKING:
+    from typing import Any
+
     from bonjourgrid.api import Workflow, run
     from bonjourgrid.errors import (
         BonjourGridError,
@@ -78,7 +80,8 @@ def __getattr__(name: str) -> Any:
     module = _PUBLIC.get(name)
     if module is None:
         raise AttributeError(f"module 'bonjourgrid' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
+    __import__(module)
+    value = getattr(_sys.modules[module], name)
     globals()[name] = value  # the next access is a plain global
     return value
 
