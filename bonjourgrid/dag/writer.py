@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 import yaml
@@ -95,6 +96,9 @@ def workflow_to_yaml(workflow: Workflow, header: str = "") -> str:
     return comments + text
 
 
+_NOTHING: tuple[Any, ...] = (None, {}, [])  # never worth a line, whatever the default
+
+
 def _task_mapping(task: TaskSpec, urls: Mapping[str, str]) -> dict[str, Any]:
     written: dict[str, Any] = {}
     if task.command or not getattr(task, "noop", False):
@@ -107,8 +111,9 @@ def _task_mapping(task: TaskSpec, urls: Mapping[str, str]) -> dict[str, Any]:
         ]
     for key in TASK_KEYS:
         value = key.value(task)
-        if value != key.default and not (key.default == {} and not value):
-            written[key.key] = key.write(value) if key.write else _plain(value)
+        said = key.write(value) if key.write else _plain(value)
+        if said != _plain(key.default) and said not in _NOTHING:
+            written[key.key] = said
     return written
 
 
@@ -153,6 +158,8 @@ def _plain(value: Any) -> Any:
         return {key: _plain(item) for key, item in fields.items() if item is not None}
     if isinstance(value, tuple | list):
         return [_plain(item) for item in value]
+    if isinstance(value, PurePath):  # script_dir may be kept as a path
+        return str(value)
     return value
 
 

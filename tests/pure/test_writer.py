@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import string
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -12,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bonjourgrid.cli import main
-from bonjourgrid.dag import Workflow, load_workflow, workflow_from_mapping
+from bonjourgrid.dag import TaskSpec, Workflow, load_workflow, workflow_from_mapping
 from bonjourgrid.dag.parse import parse_yaml
 from bonjourgrid.dag.writer import workflow_to_mapping, workflow_to_yaml
 
@@ -217,3 +220,59 @@ def test_convert_of_a_wrong_workflow_is_exit_2(
     assert main(["convert", str(source), "-o", str(tmp_path / "out.yaml")]) == 2
     assert "unknown key 'input'" in capsys.readouterr().err
     assert not (tmp_path / "out.yaml").exists()
+
+
+# -- the keys other parts of issue 10 add to TaskSpec ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _TaskWithIssue10Keys(TaskSpec):
+    """A TaskSpec as it will be once the contract's keys are merged (their defaults here)."""
+
+    priority: int = 0
+    category: str | None = None
+    retry_unless_exit: int | None = None
+    abort_on: Mapping[str, int] | None = None
+    final: bool = False
+    noop: bool = False
+    pre: str | None = None
+    post: str | None = None
+    script_dir: Path = Path(".")
+    pre_skip: int | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+
+
+def test_the_contract_s_keys_are_written_when_a_task_has_them_and_not_at_their_default() -> None:
+    plain = _TaskWithIssue10Keys("plain", "true", (), ())
+    full = _TaskWithIssue10Keys(
+        "full", "", ("i",), (), after=("plain",), retries=2, retry_unless_exit=7,
+        priority=5, category="io", abort_on=MappingProxyType({"exit": 3, "status": 1}),
+        noop=True, pre="sh pre.sh", pre_skip=9, post="sh post.sh $RETURN",
+        script_dir=Path("scripts"), stdout="logs/full.out", stderr="logs/full.err",
+    )  # fmt: skip
+    last = _TaskWithIssue10Keys("last", "echo $BGRID_DAG_STATUS", (), (), final=True)
+    workflow = workflow_from_mapping(
+        {"tasks": {"plain": {"command": "true"}}}, "/nonexistent", source="w.yaml"
+    )
+    workflow.tasks = {"plain": plain, "full": full, "last": last}
+    tasks = workflow_to_mapping(workflow)["tasks"]
+    assert tasks["plain"] == {"command": "true"}
+    assert list(tasks["full"].items()) == [
+        ("noop", True),  # no command: a noop needs none
+        ("inputs", ["i"]),
+        ("after", ["plain"]),
+        ("retries", 2),
+        ("retry_unless_exit", 7),
+        ("priority", 5),
+        ("category", "io"),
+        ("pre", "sh pre.sh"),
+        ("pre_skip", 9),
+        ("post", "sh post.sh $RETURN"),
+        ("script_dir", "scripts"),
+        ("stdout", "logs/full.out"),
+        ("stderr", "logs/full.err"),
+        ("abort_on", {"exit": 3, "status": 1}),
+    ]
+    assert tasks["last"] == {"command": "echo $BGRID_DAG_STATUS", "final": True}
+    yaml.safe_load(workflow_to_yaml(workflow))  # plain YAML: no Python object left in it
