@@ -79,6 +79,7 @@ class Workflow:
     def task(
         self,
         name: str,
+        /,
         command: str | None = None,
         *,
         inputs: Iterable[str | Mapping[str, str]] = (),

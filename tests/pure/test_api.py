@@ -44,7 +44,11 @@ def test_a_graph_s_nodes_are_tasks_and_its_edges_are_after() -> None:
     graph.add_node("make", command="echo 1 > n", outputs=["n"])
     graph.add_node("use", command="cat n", inputs=["n"])
     graph.add_node("last", command="true", retries=3, after=["make"])
+    graph.add_node("labelled", command="true", name="a label")  # a key a task does not have
     graph.add_edge("use", "last")
+    with pytest.raises(DagError, match="unknown key 'name' in task 'labelled'"):
+        Workflow.from_graph(graph, root="/nonexistent").validated()
+    graph.remove_node("labelled")
     workflow = Workflow.from_graph(graph, root="/nonexistent").validated()
     assert workflow.name == "from-graph"
     assert list(workflow.tasks) == ["make", "use", "last"]
