@@ -159,6 +159,39 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from bonjourgrid.dag import load_workflow
+    from bonjourgrid.dag.writer import workflow_to_yaml
+
+    source = Path(args.workflow)
+    workflow = load_workflow(source)  # DagError (exit 2) naming what is wrong, as submit
+    text = workflow_to_yaml(
+        workflow,
+        header=f"bgrid convert {source.name}: the workflow as bgrid understood it\n"
+        "(defaults merged into each task; a key at its default left out)",
+    )
+    if args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.output)
+    try:
+        with open(out, "w" if args.force else "x", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError:
+        raise ConfigError(f"{out} exists; pass --force to replace it") from None
+    except OSError as err:
+        raise ConfigError(f"cannot write {out}: {err.strerror or err}") from None
+    print(f"wrote {out}: {len(workflow.tasks)} task(s)")
+    if workflow.source_inputs() and out.resolve().parent != workflow.root:
+        # A workflow's inputs are read from its own directory: OUT would not find them.
+        print(
+            f"note: {out} reads its inputs from {out.resolve().parent}, not {workflow.root}; "
+            "move it there, or copy its inputs along",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _service(args: argparse.Namespace) -> int:
     from bonjourgrid.worker.service import UNIT_NAME, systemd_unit, user_unit_path
 
@@ -549,6 +582,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--dir", default=".", help="the directory the job was submitted from (default: here)"
     )
     lg.set_defaults(run=_logs)
+
+    cv = command("convert", help="write a workflow file as native YAML: what bgrid understood")
+    cv.add_argument("workflow", help="a workflow file `bgrid submit` reads")
+    cv.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        default="-",
+        help="the YAML file to write; - (the default): stdout",
+    )
+    cv.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    cv.set_defaults(run=_convert)
 
     r = command("report", help="draw a JSON report as a page (Gantt chart, DAG, bytes)")
     r.add_argument("report", help="a report written by `bgrid submit --report FILE.json`")

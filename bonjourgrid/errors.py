@@ -8,7 +8,9 @@
     ├── StageError            an input file or URL cannot be staged (exit 2, before any peer)
     ├── ProtocolError         a message on the wire is malformed (never fatal to a daemon)
     ├── TransferError         a file could not be fetched or failed its digest check
-    └── RecruitError          no peer of this grid fits the job (exit 3)
+    ├── RecruitError          no peer of this grid fits the job (exit 3)
+    └── JobFailed             `bonjourgrid.run`: the job ran and did not succeed (its report
+                              on `.report`; `bgrid submit` says so with exit 1 instead)
 
 Messages say what was wrong and what to do about it.
 
@@ -19,6 +21,10 @@ Messages say what was wrong and what to do about it.
 from __future__ import annotations
 
 import signal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # errors.py is imported by every process: the report types only when checked
+    from bonjourgrid.job_report import Report
 
 
 class BonjourGridError(Exception):
@@ -57,13 +63,23 @@ class RecruitError(BonjourGridError):
     exit_code = 3
 
 
+class JobFailed(BonjourGridError):
+    """The job ran to its end without succeeding: a task failed for good, or it was cancelled."""
+
+    def __init__(self, report: Report) -> None:
+        # the reason names the failed tasks already: "2 task(s) failed (a, b)"
+        super().__init__(f"job {report.job} {report.status}: {report.reason}")
+        self.report = report
+
+
 class Interrupted(KeyboardInterrupt):
     """A signal stopped the command; a KeyboardInterrupt, so `except Exception` never eats it."""
 
-    def __init__(self, sig: signal.Signals, detail: str = "") -> None:
+    def __init__(self, sig: signal.Signals, detail: str = "", report: Report | None = None) -> None:
         super().__init__(sig.name)
         self.signal = sig
         self.detail = detail  # what was going on, and what became of it
+        self.report = report  # `bonjourgrid.run`: the cancelled job's report, once tasks ran
 
     @property
     def exit_code(self) -> int:

@@ -341,21 +341,26 @@ def _read_done(record: Mapping[str, Any]) -> DoneRecord:
 
 def plan_resume(
     workflow: Workflow,
-    workflow_file: Path,
+    workflow_file: Path | None,
     url_refs: Mapping[str, FileRef] | None = None,
     *,
     local: bool = False,
+    digest: str | None = None,
 ) -> ResumePlan:
     """Read this workflow's journal and check every task it says is done (re-hashing files).
 
-    `url_refs`: the contents of the workflow's URL inputs as staged now; without them, a
-    task reading a URL runs again. `local`: this run is on a new local grid, whose workers'
-    caches hold nothing of an earlier run."""
+    `workflow_file`: None for a workflow built in memory, whose `digest` (of its canonical
+    form) then stands for the file's. `url_refs`: the contents of the workflow's URL inputs
+    as staged now; without them, a task reading a URL runs again. `local`: this run is on a
+    new local grid, whose workers' caches hold nothing of an earlier run."""
     path = journal_path(workflow)
     if not path.exists():
+        how = "it without resume=True"  # the Python API's words
+        if workflow_file is not None:
+            how = f"`bgrid submit {workflow_file}` without --resume"
         raise ConfigError(
             f"no journal of workflow {workflow.name!r} in {path.parent}: there is nothing to "
-            f"resume; run `bgrid submit {workflow_file}` without --resume"
+            f"resume; run {how}"
         )
     state = read_journal(path)
     sources: dict[str, FileRef] = {}
@@ -392,7 +397,10 @@ def plan_resume(
         gone = "which this run's local grid does not include"
         _drop_lost_intermediates(workflow, kept, rerun, on_disk, gone, order)
     digests.save()
-    changed = workflow_digest(workflow_file) != state.workflow_digest
+    if digest is None:
+        assert workflow_file is not None, "a workflow built in memory has no file to hash"
+        digest = workflow_digest(workflow_file)
+    changed = digest != state.workflow_digest
     return ResumePlan(state, kept, rerun, sources, changed)
 
 

@@ -1,5 +1,9 @@
 """`bgrid submit` as a library call: load, check, pick the grid, run, report.
 
+`run_job` is the one engine: it runs a validated workflow and returns its report, printing
+nothing. `submit` (the CLI) wraps it with a progress display, notices on stderr, the printed
+summary and an exit code; `bonjourgrid.run` (api.py) with a typed Report and exceptions.
+
 Settings come from the flags, then `bgrid.toml` in the submit directory, then the user's
 `$XDG_CONFIG_HOME/bonjourgrid/config.toml` (the first that says wins, key by key):
 
@@ -38,7 +42,7 @@ from bonjourgrid.backends.base import load_backend
 from bonjourgrid.coordinator.journal import ResumePlan, journal_path, plan_resume, workflow_digest
 from bonjourgrid.coordinator.peers import LEASE_S, PEER_TIMEOUT_S, Timeouts
 from bonjourgrid.coordinator.prefetch import POLICIES, DataOptions, PrefetchSettings
-from bonjourgrid.coordinator.progress import choose_display
+from bonjourgrid.coordinator.progress import Display, choose_display
 from bonjourgrid.coordinator.recruit import needs_from
 from bonjourgrid.coordinator.report import format_summary, write_report
 from bonjourgrid.coordinator.shell import Coordinator
@@ -64,7 +68,9 @@ INTERRUPT_GRACE_S = 0.5
 
 @dataclass(frozen=True)
 class SubmitOptions:
-    workflow: Path
+    """The settings of one run: `bgrid submit`'s flags, and `bonjourgrid.run`'s arguments."""
+
+    workflow: Path | None = None  # None: a workflow built in memory (`bonjourgrid.run`)
     workers: tuple[int, int] | None = None
     require: str | None = None
     max_cost: float | None = None
@@ -215,14 +221,57 @@ def submit(opts: SubmitOptions) -> int:
     released; once tasks run, the job is cancelled and reported as such, and stderr says
     the `--resume` command that goes on from there.
     """
+    assert opts.workflow is not None, "bgrid submit runs a workflow file"
     raise_open_file_limit()  # one descriptor per peer connection and staged file
-    with _signals_interrupt():
-        return _submit(opts)
+    with signals_interrupt():
+        workflow = load_workflow(opts.workflow)  # DagError (exit 2) before any peer is touched
+        source = JobSource(workflow, workflow_digest(opts.workflow), opts.workflow)
+        display = choose_display(opts.quiet, opts.json)  # a terminal's live panel, or lines
+        report = run_job(source, opts, notify=_tell_stderr, display=display)
+    if opts.json:
+        # Streamed: the text of a 100,000-task report is not built whole in memory first.
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_summary(report))
+    if report["status"] != "succeeded" and report.get("signal") in signal.Signals.__members__:
+        sig = signal.Signals[report["signal"]]
+        print(f"bgrid: to go on from there: {resume_command(opts)}", file=sys.stderr)
+        return 128 + int(sig)
+    return 0 if report["status"] == "succeeded" else 1
 
 
-def _submit(opts: SubmitOptions) -> int:
-    workflow = load_workflow(opts.workflow)  # DagError (exit 2) before any peer is touched
-    data = data_options(  # ConfigError (exit 2), as early
+def _tell_stderr(notice: str) -> None:
+    print(f"bgrid: {notice}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class JobSource:
+    """A validated workflow and where it came from, as its journal and messages need them."""
+
+    workflow: Workflow
+    digest: str  # SHA-256 of the workflow file; of the canonical mapping when built in memory
+    file: Path | None = None  # None: built in memory (`bonjourgrid.Workflow`)
+
+
+def run_job(
+    source: JobSource,
+    opts: SubmitOptions,
+    *,
+    notify: Callable[[str], None],
+    display: Display | None = None,
+) -> dict[str, Any]:
+    """Run a validated workflow to its end and return its report (written to `opts.report` too).
+
+    The one implementation behind `bgrid submit` and `bonjourgrid.run`. It prints nothing
+    itself: `notify` gets each notice (a local grid chosen for want of a key, what a resume
+    keeps), `display` the progress. Raises ConfigError, StageError, RecruitError... before
+    tasks run, Interrupted on SIGINT/SIGTERM before they run; once they run, a signal
+    cancels the job and the report says so under "signal". The caller handles the signals
+    (`signals_interrupt`).
+    """
+    workflow = source.workflow
+    data = data_options(  # ConfigError (exit 2), before any peer is touched
         workflow.root, prefetch=opts.prefetch, depth=opts.prefetch_depth, fetch_all=opts.fetch_all
     )
     timeouts = Timeouts(
@@ -237,27 +286,21 @@ def _submit(opts: SubmitOptions) -> int:
                 lambda: stage_sources(workflow, {}), "while checking the URL inputs"
             )
             url_refs = {path: staged[path].ref for path in workflow.urls if path in staged}
-        plan = plan_resume(workflow, opts.workflow, url_refs, local=_runs_locally(opts))
+        plan = plan_resume(
+            workflow, source.file, url_refs, local=_runs_locally(opts), digest=source.digest
+        )
     if plan is not None:
-        _tell_resume(workflow, plan)
+        for line in _resume_notice(workflow, plan):
+            notify(line)
+    job = _Job(source, opts, timeouts, plan, data, display)
     if plan is not None and len(plan.kept) == len(workflow.tasks):
         # Nothing left to run: no grid, no key, no local workers.
-        report = _run(opts, workflow, None, None, None, None, timeouts, plan, data)
+        report = job.run(None, None, None, None)
     else:
-        report = _run_on_a_grid(opts, workflow, timeouts, plan, data)
+        report = _run_on_a_grid(job, notify)
     if opts.report is not None:
         write_report(opts.report, report)
-    if opts.json:
-        # Streamed: the text of a 100,000-task report is not built whole in memory first.
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(format_summary(report))
-    if report["status"] != "succeeded" and report.get("signal") in signal.Signals.__members__:
-        sig = signal.Signals[report["signal"]]
-        print(f"bgrid: to go on from there: {resume_command(opts)}", file=sys.stderr)
-        return 128 + int(sig)
-    return 0 if report["status"] == "succeeded" else 1
+    return report
 
 
 def resume_command(opts: SubmitOptions) -> str:
@@ -290,14 +333,9 @@ def _runs_locally(opts: SubmitOptions) -> bool:
     return False
 
 
-def _run_on_a_grid(
-    opts: SubmitOptions,
-    workflow: Workflow,
-    timeouts: Timeouts,
-    plan: ResumePlan | None,
-    data: DataOptions,
-) -> dict[str, Any]:
+def _run_on_a_grid(job: _Job, notify: Callable[[str], None]) -> dict[str, Any]:
     """Run on the configured grid, or on a local one when asked or when none is configured."""
+    opts = job.opts
     local = opts.local
     grid: GridKey | None = None
     if local is None and not opts.insecure:
@@ -307,22 +345,19 @@ def _run_on_a_grid(
             if (key_dir() / "grid.key").exists():
                 raise
             local = min(4, os.cpu_count() or 1)
-            print(
-                f"bgrid: no grid key in {key_dir()}: running on a local grid of {local} "
-                "workers (`bgrid keys init` creates a grid for the LAN)",
-                file=sys.stderr,
+            notify(
+                f"no grid key in {key_dir()}: running on a local grid of {local} "
+                "workers (`bgrid keys init` creates a grid for the LAN)"
             )
     if local is None:
-        return _run(opts, workflow, grid, opts.interface, None, None, timeouts, plan, data)
+        return job.run(grid, opts.interface, None, None)
     if local < 1:
         raise ConfigError("--local N needs N >= 1")
     with contextlib.ExitStack() as stack:
         cluster = opts.local_grid
         if cluster is None:
             cluster = stack.enter_context(LocalGrid(local))
-        report = _run(
-            opts, workflow, cluster.grid, LOOPBACK, local, (1, local), timeouts, plan, data
-        )
+        report = job.run(cluster.grid, LOOPBACK, local, (1, local))
         if report["status"] != "succeeded":
             log.debug("local workers said:\n%s", cluster.logs())
     return report
@@ -334,89 +369,98 @@ def admission(grid: GridKey) -> Callable[[PeerRecord], str | None]:
     return lambda peer: check.refusal(peer.name, peer.key, peer.cred)
 
 
-def _tell_resume(workflow: Workflow, plan: ResumePlan) -> None:
-    """Say on stderr what a resumed run keeps and why the rest runs again."""
+def _resume_notice(workflow: Workflow, plan: ResumePlan) -> list[str]:
+    """What a resumed run keeps and why the rest runs again, line by line."""
     where = journal_path(workflow).relative_to(workflow.root)
     lines = [
-        f"bgrid: resuming job {plan.journal.job} from {where}: {len(plan.kept)} of "
+        f"resuming job {plan.journal.job} from {where}: {len(plan.kept)} of "
         f"{len(workflow.tasks)} task(s) kept"
     ]
     if plan.workflow_changed:
         lines.append(
-            "bgrid: the workflow file changed since then: a task whose command, files or "
+            "the workflow file changed since then: a task whose command, files or "
             "environment changed runs again, and so does every task after it"
         )
     for name, why in sorted(plan.rerun.items())[:10]:
-        lines.append(f"bgrid: {name} runs again: {why}")
+        lines.append(f"{name} runs again: {why}")
     if len(plan.rerun) > 10:
-        lines.append(f"bgrid: ... and {len(plan.rerun) - 10} more recorded tasks run again")
-    print("\n".join(lines), file=sys.stderr)
+        lines.append(f"... and {len(plan.rerun) - 10} more recorded tasks run again")
+    return lines
 
 
-def _run(
-    opts: SubmitOptions,
-    workflow: Workflow,
-    grid: GridKey | None,
-    interface: str | None,
-    expected: int | None,
-    default_workers: tuple[int, int] | None,
-    timeouts: Timeouts,
-    plan: ResumePlan | None,
-    data: DataOptions,
-) -> dict[str, Any]:
-    display = choose_display(opts.quiet, opts.json)  # a terminal's live panel, or lines
-    backend = load_backend(opts.backend)
-    needs = needs_from(
-        workflow,
-        grid.fingerprint if grid else INSECURE_FINGERPRINT,
-        opts.require,
-        opts.max_cost,
-        opts.workers or default_workers,
-        admit=admission(grid) if grid else None,
-        middleware=backend.capabilities.middleware,
-    )
-    coordinator = Coordinator(
-        workflow,
-        needs,
-        grid,
-        interface=interface,
-        expected_peers=expected,
-        timeouts=timeouts,
-        resume=plan,
-        workflow_digest=workflow_digest(opts.workflow),
-        data=data,
-        display=display,
-        backend=backend,
-        backend_options=opts.backend_options,
-    )
+@dataclass(frozen=True)
+class _Job:
+    """One job's settings, as decided before a grid is chosen."""
 
-    stopped_by: list[signal.Signals] = []
+    source: JobSource
+    opts: SubmitOptions
+    timeouts: Timeouts
+    plan: ResumePlan | None
+    data: DataOptions
+    display: Display | None
 
-    def cancel_running_job(sig: signal.Signals) -> bool:
-        if coordinator.phase != "running tasks":
-            return False
-        stopped_by.append(sig)
-        coordinator.cancel(f"cancelled by the user ({sig.name})")
-        return True
+    def run(
+        self,
+        grid: GridKey | None,
+        interface: str | None,
+        expected: int | None,
+        default_workers: tuple[int, int] | None,
+    ) -> dict[str, Any]:
+        """Run on `grid` (None: --insecure peers, or nothing left to run); the report."""
+        opts, workflow, display = self.opts, self.source.workflow, self.display
+        backend = load_backend(opts.backend)
+        needs = needs_from(
+            workflow,
+            grid.fingerprint if grid else INSECURE_FINGERPRINT,
+            opts.require,
+            opts.max_cost,
+            opts.workers or default_workers,
+            admit=admission(grid) if grid else None,
+            middleware=backend.capabilities.middleware,
+        )
+        coordinator = Coordinator(
+            workflow,
+            needs,
+            grid,
+            interface=interface,
+            expected_peers=expected,
+            timeouts=self.timeouts,
+            resume=self.plan,
+            workflow_digest=self.source.digest,
+            data=self.data,
+            display=display,
+            backend=backend,
+            backend_options=opts.backend_options,
+        )
 
-    def interrupted() -> str:
-        done = "" if coordinator.phase == "staging inputs" else ": every reserved peer was released"
-        return f"while {coordinator.phase}{done}"
+        stopped_by: list[signal.Signals] = []
 
-    if display is not None:
-        display.start()
-    try:
-        report = _run_until_signal(coordinator.run, interrupted, cancel_running_job)
-    finally:
+        def cancel_running_job(sig: signal.Signals) -> bool:
+            if coordinator.phase != "running tasks":
+                return False
+            stopped_by.append(sig)
+            coordinator.cancel(f"cancelled by the user ({sig.name})")
+            return True
+
+        def interrupted() -> str:
+            if coordinator.phase == "staging inputs":
+                return "while staging inputs"
+            return f"while {coordinator.phase}: every reserved peer was released"
+
         if display is not None:
-            display.stop()
-    if stopped_by:
-        report["signal"] = stopped_by[0].name  # the exit code says it too: 128 + the signal
-    return report
+            display.start()
+        try:
+            report = _run_until_signal(coordinator.run, interrupted, cancel_running_job)
+        finally:
+            if display is not None:
+                display.stop()
+        if stopped_by:
+            report["signal"] = stopped_by[0].name  # the exit code says it too: 128 + the signal
+        return report
 
 
 @contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
+def signals_interrupt() -> Iterator[None]:
     """Outside the event loop, SIGINT and SIGTERM raise Interrupted where the code is (SIGTERM
     would otherwise kill the process and leave a local grid's workers behind)."""
     if threading.current_thread() is not threading.main_thread():
@@ -481,7 +525,7 @@ def _run_until_signal(
     try:
         result = asyncio.run(main())
     finally:
-        # The loop leaves the default handlers behind: put back those of `_signals_interrupt`.
+        # The loop leaves the default handlers behind: put back those of `signals_interrupt`.
         if threading.current_thread() is threading.main_thread():
             for sig, handler in outside.items():
                 signal.signal(sig, handler)

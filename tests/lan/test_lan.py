@@ -388,6 +388,45 @@ def test_job_runs_only_on_peers_that_fit_and_hands_them_back(
     assert set(states(watcher, "small")) == {"idle"}, "a peer with 2 GiB left idle for the job"
 
 
+_API_SCRIPT = """
+import json, sys
+import networkx as nx
+from bonjourgrid import Workflow, run
+
+root = sys.argv[1]
+G = nx.DiGraph(name="lan-api")
+for i in (1, 2, 3):
+    G.add_node(f"make_{i}", command=f"echo value-{i} > v{i}.txt", outputs=[f"v{i}.txt"])
+G.add_node("join", command="cat v1.txt v2.txt v3.txt > joined.txt",
+           inputs=["v1.txt", "v2.txt", "v3.txt"], outputs=["joined.txt"])
+report = run(Workflow.from_graph(G, root=root), require="ram>=4GiB", workers="1..3")
+print(json.dumps({"status": report.status, "recruited": [p.name for p in report.peers],
+                  "placed": {name: task.peer for name, task in report.tasks.items()}}))
+"""
+
+
+def test_the_python_api_runs_a_networkx_workflow_on_the_lan(
+    grid: Grid, bgrid: Bgrid, tmp_path: Path
+) -> None:
+    """`bonjourgrid.run` from host 4, with `bgrid submit`'s options: the same job, silently."""
+    _poll_peers(bgrid, grid, _all_idle, _SEEN_DEADLINE_S, "all workers idle before the run")
+    root = tmp_path / "api"
+    root.mkdir()
+    done = grid.submitter.run(
+        [sys.executable, "-c", _API_SCRIPT, str(root)],
+        timeout=_SUBMIT_TIMEOUT_S,
+        cwd=grid.submitter.dir,
+    )
+    assert done.returncode == 0, f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
+    assert done.stderr == "", done.stderr  # run() prints nothing, not even progress
+    said = json.loads(done.stdout)
+    fit = {spec.name for spec in _WORKERS if spec.ram_mib >= 4096}
+    assert said["status"] == "succeeded"
+    assert set(said["placed"].values()) <= fit and set(said["recruited"]) <= fit, said
+    assert (root / "joined.txt").read_text() == "value-1\nvalue-2\nvalue-3\n"
+    _poll_peers(bgrid, grid, _all_idle, _IDLE_AGAIN_DEADLINE_S, "every peer idle after the run")
+
+
 def test_coordinator_of_another_grid_recruits_nobody(
     grid: Grid, bgrid: Bgrid, watcher: MdnsWatcher, tmp_path: Path
 ) -> None:
