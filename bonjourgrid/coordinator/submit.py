@@ -12,6 +12,12 @@ broadcast_min_consumers = 4   # a file read by this many tasks goes to every pee
 
 [submit]
 fetch_all = false             # bring intermediate outputs back too  (--fetch-all)
+
+[wfformat]                    # how a WfCommons WfFormat instance (.json) runs
+programs = "stand-in"         # stand-in | recorded  (each task's command.program itself)
+runtime_scale = 0.001         # seconds of stand-in CPU per recorded second
+size_scale = 1.0              # stand-in output bytes per recorded byte
+python = "python3"            # the interpreter that runs the stand-in, on the worker's PATH
 ```
 An unknown table or key is an error, so a typo never goes unnoticed.
 """
@@ -45,6 +51,8 @@ from bonjourgrid.coordinator.shell import Coordinator
 from bonjourgrid.coordinator.stage import stage_sources
 from bonjourgrid.credentials import CredentialCheck, load_revoked
 from bonjourgrid.dag import Workflow, load_workflow
+from bonjourgrid.dag.wfformat import PROGRAMS as WFFORMAT_PROGRAMS
+from bonjourgrid.dag.wfformat import WfFormatOptions
 from bonjourgrid.discovery.txt import PeerRecord
 from bonjourgrid.errors import ConfigError, Interrupted, KeyStoreError
 from bonjourgrid.fdlimit import raise_open_file_limit
@@ -110,6 +118,12 @@ _CONFIG: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "broadcast_min_consumers": _COUNT,
     },
     "submit": {"fetch_all": ((bool,), "true or false")},
+    "wfformat": {
+        "programs": ((str,), "a string: " + " or ".join(WFFORMAT_PROGRAMS)),
+        "runtime_scale": ((int, float), "a number, 0 or more"),
+        "size_scale": ((int, float), "a number, 0 or more"),
+        "python": ((str,), "a Python 3 interpreter: a command on the worker's PATH or a path"),
+    },
 }
 
 
@@ -202,6 +216,19 @@ def data_options(
     return DataOptions(settings, fetch_all=bool(values.get("submit.fetch_all", (False, ""))[0]))
 
 
+def wfformat_options(submit_dir: Path, *, user_config: Path | None = None) -> WfFormatOptions:
+    """How a WfFormat instance runs: bgrid.toml's [wfformat], then the user's, then defaults."""
+    values = read_config(user_config or user_config_path())
+    values.update(read_config(submit_dir / CONFIG_NAME))
+    said = {key[9:]: value for key, value in values.items() if key.startswith("wfformat.")}
+    for key, (value, where) in said.items():
+        try:
+            WfFormatOptions(**{key: value})  # checked alone, so the message names its file
+        except ConfigError as err:
+            raise ConfigError(f"{where.rsplit(': [', 1)[0]}: {err}") from None
+    return WfFormatOptions(**{key: value for key, (value, _) in said.items()})
+
+
 def _said(where: str, value: object) -> str:
     """`--flag VALUE` or `FILE: [table] key = VALUE`, for a message."""
     return f"{where} {value}" if where.startswith("--") else f"{where} = {value!r}"
@@ -221,7 +248,8 @@ def submit(opts: SubmitOptions) -> int:
 
 
 def _submit(opts: SubmitOptions) -> int:
-    workflow = load_workflow(opts.workflow)  # DagError (exit 2) before any peer is touched
+    wfformat = wfformat_options(opts.workflow.resolve().parent)  # ConfigError (exit 2)
+    workflow = load_workflow(opts.workflow, wfformat=wfformat)  # DagError (exit 2), as early
     data = data_options(  # ConfigError (exit 2), as early
         workflow.root, prefetch=opts.prefetch, depth=opts.prefetch_depth, fetch_all=opts.fetch_all
     )
