@@ -362,6 +362,7 @@ def wfformat_to_mapping(
     problems.raise_if_any()
 
     names = _task_names(tasks, problems)
+    problems.raise_if_any()  # what follows names tasks by their names
     paths = _file_paths(tasks, problems)
     after = _control_dependencies(tasks, names, problems)
     if options.programs == "stand-in":
