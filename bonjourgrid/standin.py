@@ -4,7 +4,8 @@ A WfFormat instance (WfCommons) mostly describes a past run: its programs (mProj
 blastall...) are not installed on the desktops of a grid. Like WfCommons' own WfBench, each
 task then runs this script instead, which replays what the instance recorded:
 1. it checks that every input is present (the file flow is real: a missing input fails the
-   task, as the real program would);
+   task, as the real program would); a task reading more files than one command can name
+   (`--in-count=N`) checks that its sandbox holds N of them;
 2. it burns CPU for the recorded runtime (already multiplied by the workflow's runtime scale):
    a busy loop on the process's CPU clock, not a sleep, so a peer is as busy as it was;
 3. it writes each output at its recorded size (already multiplied by the size scale), filled
@@ -15,7 +16,7 @@ input. It runs under whatever Python 3 the worker's PATH offers (`[wfformat] pyt
 uses the standard library only and no syntax newer than Python 3.6.
 
     python3 .bgrid-standin.py --task=ID [--program=NAME] [--cpu-seconds=S]
-            [--in=PATH]... [--out=PATH=BYTES]...
+            [--in=PATH... | --in-count=N] [--out=PATH=BYTES]...
 """
 
 import argparse
@@ -52,6 +53,16 @@ def write_output(path: str, size: int, task: str) -> None:
             left -= len(piece)
 
 
+def files_here(leave_out: "set[str]") -> int:
+    """How many regular files the working directory holds, in its folders too."""
+    found = 0
+    for folder, _, names in os.walk("."):
+        for name in names:
+            path = os.path.normpath(os.path.join(folder, name))
+            found += path not in leave_out and os.path.isfile(path)
+    return found
+
+
 def _output(text: str) -> "tuple[str, int]":
     path, sep, size = text.rpartition("=")
     if not sep or not path or not size.isdigit():
@@ -65,6 +76,7 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--program", default="", help="the recorded program it stands in for")
     parser.add_argument("--cpu-seconds", type=float, default=0.0, help="CPU time to burn")
     parser.add_argument("--in", dest="inputs", action="append", default=[], metavar="PATH")
+    parser.add_argument("--in-count", type=int, default=0, help="inputs too many to name")
     parser.add_argument(
         "--out", dest="outputs", action="append", default=[], type=_output, metavar="PATH=BYTES"
     )
@@ -74,13 +86,21 @@ def main(argv: "list[str] | None" = None) -> int:
     if missing:
         print(f"{who}: missing input(s): {', '.join(missing)}", file=sys.stderr)
         return 1
+    if args.in_count:
+        ours = {os.path.normpath(path) for path, _ in args.outputs}
+        ours.add(os.path.basename(__file__))
+        present = files_here(ours)
+        if present < args.in_count:
+            print(f"{who}: {args.in_count} inputs expected, {present} found", file=sys.stderr)
+            return 1
     started = time.process_time()
     burn_cpu(max(args.cpu_seconds, 0.0))
+    burnt = time.process_time() - started
     for path, size in args.outputs:
         write_output(path, size, args.task)
     print(
-        f"{who}: read {len(args.inputs)} input(s), burnt {time.process_time() - started:.3f} s "
-        f"of CPU, wrote {len(args.outputs)} output(s), "
+        f"{who}: read {len(args.inputs) or args.in_count} input(s), burnt {burnt:.3f} s of CPU,"
+        f" wrote {len(args.outputs)} output(s), "
         f"{sum(size for _, size in args.outputs)} bytes"
     )
     return 0

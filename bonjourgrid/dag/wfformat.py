@@ -50,6 +50,7 @@ from typing import Any
 from bonjourgrid import standin
 from bonjourgrid.dag.model import normalize_path
 from bonjourgrid.errors import ConfigError, DagError
+from bonjourgrid.wire import MAX_STRING
 
 __all__ = [
     "INPUTS_TASK",
@@ -71,6 +72,7 @@ _NOT_IN_TASK_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 _NOT_IN_JOB_NAME = re.compile(r"[^\w .-]+")
 _MAX_JOB_NAME_BYTES = 63  # as the loader's: the job's DNS-SD instance name is one DNS label
 _MAX_PROBLEMS_SHOWN = 20
+_COMMAND_BUDGET = MAX_STRING - 1024  # bytes of a stand-in command: a worker takes MAX_STRING
 
 
 @dataclass(frozen=True)
@@ -378,10 +380,10 @@ def wfformat_to_mapping(
     problems.raise_if_any()
     if options.programs == "stand-in":
         made_up = _absent_sources(tasks, paths, Path(root))
-        if made_up:
-            if INPUTS_TASK in native:
-                raise DagError(f"{source}: a task is named {INPUTS_TASK!r}, a name bgrid needs")
-            native[INPUTS_TASK] = _inputs_task(made_up, paths, sizes, options)
+        for name, made in _inputs_tasks(made_up, paths, sizes, options).items() if made_up else ():
+            if name in native:
+                raise DagError(f"{source}: a task is named {name!r}, a name bgrid needs")
+            native[name] = made
     mapping: dict[str, Any] = {"tasks": native, "x-wfformat": _instance_facts(data, options)}
     job_name = _job_name(data.get("name"))
     if job_name:
@@ -502,16 +504,18 @@ def _standin_command(
     outputs: list[tuple[str, int]],
     options: WfFormatOptions,
 ) -> str:
-    words = [
-        options.python,
-        STANDIN_PATH,
-        f"--task={task_id}",
-        f"--program={program}",
-        f"--cpu-seconds={cpu_s:.6g}",
-        *(f"--in={path}" for path in inputs),
-        *(f"--out={path}={round(size * options.size_scale)}" for path, size in outputs),
-    ]
-    return shlex.join(words)
+    head = [options.python, STANDIN_PATH, f"--task={task_id}", f"--program={program}"]
+    tail = [f"--out={path}={round(size * options.size_scale)}" for path, size in outputs]
+    command = shlex.join(
+        [*head, f"--cpu-seconds={cpu_s:.6g}", *(f"--in={p}" for p in inputs), *tail]
+    )
+    if len(command.encode()) > _COMMAND_BUDGET:
+        # Thousands of inputs (a Montage mAdd) do not fit in one command: the stand-in then
+        # counts the files staged in its sandbox, each of which the worker has checked.
+        command = shlex.join(
+            [*head, f"--cpu-seconds={cpu_s:.6g}", f"--in-count={len(inputs)}", *tail]
+        )
+    return command
 
 
 def _absent_sources(tasks: list[_Task], paths: Mapping[str, str], root: Path) -> list[str]:
@@ -530,16 +534,30 @@ def _absent_sources(tasks: list[_Task], paths: Mapping[str, str], root: Path) ->
     return list(absent)
 
 
-def _inputs_task(
+def _inputs_tasks(
     made_up: list[str], paths: Mapping[str, str], sizes: Mapping[str, int], options: WfFormatOptions
-) -> dict[str, Any]:
-    """The task that writes the source inputs the instance only names, at their recorded size."""
-    outputs = [(paths[file_id], sizes.get(file_id, 0)) for file_id in made_up]
-    return {
-        "command": _standin_command(INPUTS_TASK, "source inputs", 0.0, [], outputs, options),
-        "inputs": [{"url": STANDIN_URL, "path": STANDIN_PATH}],
-        "outputs": [path for path, _ in outputs],
-    }
+) -> dict[str, dict[str, Any]]:
+    """The tasks that write the source inputs the instance only names, at their recorded size:
+    `bgrid-wfformat-inputs`, then `-2`, `-3`... as many as their commands need to fit."""
+    groups: list[list[tuple[str, int]]] = [[]]
+    length = 0
+    for file_id in made_up:
+        path = paths[file_id]
+        word = len(shlex.quote(f"--out={path}={sizes.get(file_id, 0)}").encode()) + 1
+        if groups[-1] and length + word > _COMMAND_BUDGET // 2:  # room for the head and scaling
+            groups.append([])
+            length = 0
+        groups[-1].append((path, sizes.get(file_id, 0)))
+        length += word
+    tasks: dict[str, dict[str, Any]] = {}
+    for number, outputs in enumerate(groups, start=1):
+        name = INPUTS_TASK if number == 1 else f"{INPUTS_TASK}-{number}"
+        tasks[name] = {
+            "command": _standin_command(name, "source inputs", 0.0, [], outputs, options),
+            "inputs": [{"url": STANDIN_URL, "path": STANDIN_PATH}],
+            "outputs": [path for path, _ in outputs],
+        }
+    return tasks
 
 
 def _instance_facts(data: Mapping[str, Any], options: WfFormatOptions) -> dict[str, Any]:

@@ -249,6 +249,34 @@ def test_a_native_json_workflow_is_still_read_as_one(tmp_path: Path) -> None:
     assert list(wf.tasks) == ["t"]
 
 
+def test_a_task_reading_too_many_files_to_name_counts_them(tmp_path: Path) -> None:
+    """Thousands of inputs (a big Montage's mAdd) do not fit in one command: the stand-in is
+    told their number; bgrid's own inputs tasks split so each command fits."""
+    files = [f"part-{index:05d}-of-a-long-file-name.fits" for index in range(3000)]
+    instance = {
+        "name": "fan-in",
+        "schemaVersion": "1.6",
+        "workflow": {
+            "specification": {
+                "tasks": [
+                    {"id": "add", "name": "mAdd", "parents": [], "inputFiles": files,
+                     "outputFiles": ["mosaic.fits"]},
+                ],
+                "files": [{"id": f, "sizeInBytes": 10} for f in [*files, "mosaic.fits"]],
+            }
+        },
+    }  # fmt: skip
+    wf = load(tmp_path, instance)
+    add = wf.tasks["add"]
+    assert len(add.inputs) == 3001
+    assert standin_args(add.command)["--in-count"] == ["3000"]
+    assert "--in" not in standin_args(add.command)
+    makers = [name for name in wf.tasks if name.startswith(INPUTS_TASK)]
+    assert makers[:2] == [INPUTS_TASK, f"{INPUTS_TASK}-2"]
+    made = [path for name in makers for path in wf.tasks[name].outputs]
+    assert made == files
+
+
 # --- refusals: each names the JSON path ----------------------------------------------------
 
 
@@ -400,6 +428,18 @@ def test_the_stand_in_checks_its_inputs_and_writes_outputs_of_their_size(tmp_pat
     assert (tmp_path / "empty").stat().st_size == 0
     # each output names itself: two outputs of one size never share a digest by accident
     assert (tmp_path / "sub/dir/small=a").read_bytes().startswith(b"bgrid stand-in output sub/")
+
+
+def test_the_stand_in_counts_inputs_too_many_to_name(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    for name in ("a", "b", "sub/c"):
+        (tmp_path / name).write_text(name)
+    assert run_standin(tmp_path, "--task=t3", "--in-count=3", "--out=o=5").returncode == 0
+    (tmp_path / "sub/c").unlink()
+    (tmp_path / "o").unlink()
+    done = run_standin(tmp_path, "--task=t3", "--in-count=3", "--out=o=5")
+    assert done.returncode == 1
+    assert "3 inputs expected, 2 found" in done.stderr
 
 
 def test_the_stand_in_fails_on_a_missing_input(tmp_path: Path) -> None:
