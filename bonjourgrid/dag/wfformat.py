@@ -22,8 +22,12 @@ What a task runs (`WfFormatOptions.programs`):
   it checks its inputs, burns the recorded runtime times `runtime_scale` of CPU and writes
   each output at its recorded size times `size_scale`. The script is staged into each sandbox
   as a `file://` URL input. Inputs that no task writes and that the submit directory does not
-  hold (the instance only names them) are written by one extra task, `bgrid-wfformat-inputs`,
-  the same way, so the whole file flow runs.
+  hold (the instance only names them) are written by one extra task, `bgrid-wfformat-inputs`
+  (or `-2`, `-3`... when one command cannot name them all), the same way, so the whole file
+  flow runs. A command names the inputs its stand-in checks; a task reading thousands of
+  files (a big Montage's mAdd) gets their count instead (a worker takes commands of at most
+  64 KiB); outputs are always named with their sizes, so a task writing more than fit in
+  one command is refused by the loader, naming it.
 - "recorded": `command.program` and its arguments, run with the worker's PATH; every source
   input must then be in the submit directory.
 
