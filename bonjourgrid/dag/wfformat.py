@@ -28,8 +28,9 @@ What a task runs (`WfFormatOptions.programs`):
   files (a big Montage's mAdd) gets their count instead (a worker takes commands of at most
   64 KiB); outputs are always named with their sizes, so a task writing more than fit in
   one command is refused by the loader, naming it.
-- "recorded": `command.program` and its arguments, run with the worker's PATH; every source
-  input must then be in the submit directory.
+- "recorded": `command.program` and its arguments (command-line fragments, joined with spaces
+  as WfCommons' translators do), run with the worker's PATH; every source input must then be
+  in the submit directory.
 
 What the run recorded is kept where a user sees it: each task's env carries WFFORMAT_ID,
 WFFORMAT_NAME, WFFORMAT_RUNTIME_S, WFFORMAT_CORES and WFFORMAT_MACHINES (the task can read
@@ -475,7 +476,9 @@ def _native_task(
                 f"task {task.id!r} has no recorded command.program to run; "
                 'run it with [wfformat] programs = "stand-in"',
             )
-        command = shlex.join([task.program or "", *task.arguments])
+        # Arguments are command-line fragments ("--percent-cpu 0.6" is one of them): joined
+        # with spaces for the shell to split, as WfCommons' own translators (bash, makeflow) do.
+        command = " ".join([shlex.quote(task.program or ""), *task.arguments])
     else:
         inputs.append({"url": STANDIN_URL, "path": STANDIN_PATH})
         command = _standin_command(

@@ -215,6 +215,15 @@ def test_recorded_programs_run_themselves_and_need_their_inputs(tmp_path: Path) 
     (tmp_path / "data.txt").write_text("x")
     wf = load(tmp_path, instance_16(), recorded)
     assert wf.tasks["left_2"].command == "/opt/bin/left -i a"
+    fragments = instance_16()
+    fragments["workflow"]["execution"]["tasks"][1]["command"] = {
+        "program": "cpu hog",
+        "arguments": ["left_2", "--percent-cpu 0.6", "--out '{\"l.out\": 50}'"],
+    }
+    wf = load(tmp_path, fragments, recorded)
+    assert shlex.split(wf.tasks["left_2"].command) == [
+        "cpu hog", "left_2", "--percent-cpu", "0.6", "--out", '{"l.out": 50}'
+    ]  # fmt: skip
     assert wf.tasks["left_2"].inputs == ("a",)
     assert not wf.urls
     no_command = instance_16()
