@@ -13,8 +13,9 @@ A WfFormat instance is JSON with a top-level `schemaVersion` and `workflow`. Two
 Both become one list of `_Task`s, then the native mapping, which `workflow_from_mapping` checks
 like any workflow (one writer per file, every input produced or present, no cycle), so every
 rule and message stays in one place. A task's WfFormat id is its task name (characters a task
-name cannot hold become '_'); its files are paths in its sandbox; `parents` and `children`
-become `after` (the file flow adds its own edges).
+name cannot hold become '_'); its files are paths in its sandbox (an absolute file id, as
+traces write them, loses its leading '/'); `parents` and `children` become `after` (the file
+flow adds its own edges).
 
 What a task runs (`WfFormatOptions.programs`):
 - "stand-in" (the default): an instance mostly describes a past run whose programs are not on
@@ -424,19 +425,29 @@ def _task_names(tasks: list[_Task], problems: _Problems) -> dict[str, str]:
 
 
 def _file_paths(tasks: list[_Task], problems: _Problems) -> dict[str, str]:
-    """File id -> its path in the sandbox (the id, normalized; it must stay inside)."""
+    """File id -> its path in the sandbox: the id, normalized, without a leading '/'.
+
+    Traces name files by where the past run kept them (`/nf-core/data/x.fastq.gz`, as
+    WfFormat's 1.4 -> 1.5 migration wrote them): under the sandbox they keep that layout.
+    """
     paths: dict[str, str] = {}
+    first_id: dict[str, str] = {}  # path -> the file id that has it
     for task in tasks:
         for file_id, where in (*task.inputs, *task.outputs):
             if file_id in paths:
                 continue
             try:
-                paths[file_id] = normalize_path(file_id)
+                path = normalize_path(file_id.lstrip("/") if file_id.startswith("/") else file_id)
             except ValueError as err:
                 problems.add(where, f"file {err}")
                 continue
-            if paths[file_id] == STANDIN_PATH:
+            if path == STANDIN_PATH:
                 problems.add(where, f"file {file_id!r} is where bgrid puts the stand-in script")
+            elif first_id.setdefault(path, file_id) != file_id:
+                problems.add(
+                    where, f"files {first_id[path]!r} and {file_id!r} would both be {path!r}"
+                )
+            paths[file_id] = path
     return paths
 
 

@@ -245,6 +245,17 @@ def test_ids_a_task_name_cannot_hold_are_mended_and_the_id_kept(tmp_path: Path) 
     assert ("split_1", "left_2") in wf.graph.edges
 
 
+def test_absolute_file_ids_of_a_trace_become_paths_in_the_sandbox(tmp_path: Path) -> None:
+    instance = instance_16()
+    spec = instance["workflow"]["specification"]
+    spec["tasks"][1]["outputFiles"] = spec["tasks"][3]["inputFiles"][:1] = ["/b6/e95c/l.out"]
+    spec["files"].append({"id": "/b6/e95c/l.out", "sizeInBytes": 50})
+    wf = load(tmp_path, instance)
+    assert wf.tasks["left_2"].outputs == ("b6/e95c/l.out",)
+    assert wf.graph.edges["left_2", "join_4"]["files"] == ["b6/e95c/l.out"]
+    assert "--out=b6/e95c/l.out=50" in shlex.split(wf.tasks["left_2"].command)
+
+
 def test_an_instance_without_execution_runs_stand_ins_that_burn_nothing(tmp_path: Path) -> None:
     instance = instance_16()
     del instance["workflow"]["execution"]
@@ -307,8 +318,10 @@ def _broken(change: str) -> dict[str, Any]:
         execution["tasks"][1]["id"] = "left_9"
     elif change == "runtime":
         execution["tasks"][0]["runtimeInSeconds"] = "long"
-    elif change == "absolute":
-        spec["tasks"][3]["outputFiles"] = ["/etc/final.out"]
+    elif change == "escapes":
+        spec["tasks"][3]["outputFiles"] = ["../final.out"]
+    elif change == "twin paths":
+        spec["tasks"][3]["outputFiles"] = ["/l.out"]
     elif change == "twin ids":
         spec["tasks"][2]["id"] = "left_2"
         del instance["workflow"]["execution"]
@@ -333,7 +346,8 @@ def _broken(change: str) -> dict[str, Any]:
         ("no size", "workflow.specification.tasks[3].outputFiles[0]: file 'final.out' has no"),
         ("execution id", "workflow.execution.tasks[1].id: 'left_9' is not a task"),
         ("runtime", "workflow.execution.tasks[0].runtimeInSeconds: must be a number"),
-        ("absolute", "workflow.specification.tasks[3].outputFiles[0]: file '/etc/final.out' is"),
+        ("escapes", "workflow.specification.tasks[3].outputFiles[0]: file '../final.out' escapes"),
+        ("twin paths", "outputFiles[0]: files 'l.out' and '/l.out' would both be 'l.out'"),
         ("twin ids", "workflow.specification.tasks[2].id: 'left_2' is the id of"),
         ("twin names", "workflow.specification.tasks[2].id: 'left_2' becomes task name 'left_2'"),
         ("stand-in path", "where bgrid puts the stand-in script"),
