@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bonjourgrid import standin
 from bonjourgrid.coordinator.submit import wfformat_options
@@ -504,3 +506,78 @@ def test_a_wfcommons_instance_keeps_every_file_and_dependency(tmp_path: Path, re
     sources = set(readers) - set(writer)
     assert set(wf.tasks[INPUTS_TASK].outputs) == sources
 
+
+
+# --- any DAG: the graph is the parents plus the file flow, in both layouts -------------------
+
+
+@st.composite
+def random_instances(draw: st.DrawFn) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Tasks in topological order: each reads files of earlier tasks (or source files) and
+    names some earlier tasks as parents; every file has a size."""
+    count = draw(st.integers(1, 12))
+    tasks: list[dict[str, Any]] = []
+    sizes: dict[str, int] = {}
+    for index in range(count):
+        earlier_files = [f for t in tasks for f in t["outputFiles"]]
+        reads = draw(st.lists(st.sampled_from(earlier_files), unique=True)) if earlier_files else []
+        sources = [f"src{n}" for n in draw(st.sets(st.integers(0, 3), max_size=2))]
+        outputs = [f"t{index}/out{n}" for n in range(draw(st.integers(0, 3)))]
+        parents = draw(st.sets(st.sampled_from([t["id"] for t in tasks]))) if tasks else set()
+        for name in [*sources, *outputs]:
+            sizes[name] = draw(st.integers(0, 10**9))
+        tasks.append(
+            {"id": f"task_{index}", "name": f"kind{index % 3}", "parents": sorted(parents),
+             "inputFiles": [*reads, *sources], "outputFiles": outputs}
+        )  # fmt: skip
+    return tasks, sizes
+
+
+_ONE_TMP_PATH = [HealthCheck.function_scoped_fixture]  # each example rewrites wf.json there
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=_ONE_TMP_PATH)
+@given(random_instances())
+def test_any_instance_keeps_its_parents_and_file_flow_in_both_layouts(
+    tmp_path: Path, drawn: tuple[list[dict[str, Any]], dict[str, int]]
+) -> None:
+    tasks, sizes = drawn
+    new = {
+        "name": "random",
+        "schemaVersion": "1.6",
+        "workflow": {
+            "specification": {
+                "tasks": tasks,
+                "files": [{"id": f, "sizeInBytes": size} for f, size in sizes.items()],
+            }
+        },
+    }
+    old = {
+        "name": "random",
+        "schemaVersion": "1.4",
+        "workflow": {
+            "makespanInSeconds": 0,
+            "executedAt": "2024-01-01T00:00:00Z",
+            "tasks": [
+                {"name": t["id"], "category": t["name"], "type": "compute", "parents": t["parents"],
+                 "files": [*({"link": "input", "name": f, "sizeInBytes": sizes[f]}
+                             for f in t["inputFiles"]),
+                           *({"link": "output", "name": f, "sizeInBytes": sizes[f]}
+                             for f in t["outputFiles"])]}
+                for t in tasks
+            ],
+        },
+    }  # fmt: skip
+    writer = {f: t["id"] for t in tasks for f in t["outputFiles"]}
+    expected = {(p, t["id"]) for t in tasks for p in t["parents"]}
+    expected |= {(writer[f], t["id"]) for t in tasks for f in t["inputFiles"] if f in writer}
+    sources = {f for t in tasks for f in t["inputFiles"]} - writer.keys()
+    expected |= {(INPUTS_TASK, t["id"]) for t in tasks if set(t["inputFiles"]) & sources}
+    loaded = [load(tmp_path, new), load(tmp_path, old)]
+    assert shape(loaded[0]) == shape(loaded[1])
+    wf = loaded[0]
+    assert set(wf.graph.edges) == expected
+    for t in tasks:
+        outs = standin_args(wf.tasks[t["id"]].command).get("--out", [])
+        assert outs == [f"{f}={sizes[f]}" for f in t["outputFiles"]]
+    assert set(wf.final_outputs()) == set(writer) - {f for t in tasks for f in t["inputFiles"]}
