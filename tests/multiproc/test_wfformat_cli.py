@@ -59,3 +59,29 @@ def test_recorded_programs_that_are_not_installed_fail_the_task_with_its_stderr(
     report = json.loads(out.stdout)
     assert report["tasks"]["t1"]["status"] == "failed"
     assert report["tasks"]["t1"]["exit_code"] == 127  # the shell found no such command
+
+
+def test_resume_keeps_every_stand_in_until_a_setting_changes_their_commands(
+    tmp_path: Path, grid: Grid
+) -> None:
+    work = tmp_path / "resume"
+    work.mkdir()
+    instance = generate("Srasearch", work / "wf.json")
+    (work / "bgrid.toml").write_text("[wfformat]\nruntime_scale = 0.01\n")
+    submit = ("submit", str(work / "wf.json"), "--local", "2", "--json")
+    first = grid.run(*submit, timeout=300)
+    assert first.returncode == 0, first.stderr
+    check_file_flow(instance, json.loads(first.stdout), work)
+
+    again = grid.run(*submit, "--resume", timeout=300)
+    assert again.returncode == 0, again.stderr
+    kept = json.loads(again.stdout)
+    assert all(task.get("resumed") for task in kept["tasks"].values())
+
+    (work / "bgrid.toml").write_text("[wfformat]\nruntime_scale = 0.02\n")
+    rerun = grid.run(*submit, "--resume", timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout)
+    assert report["resumed_from"]["kept"] == 0
+    assert "its command, files or environment changed" in rerun.stderr
+    check_file_flow(instance, report, work)
