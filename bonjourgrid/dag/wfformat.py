@@ -35,9 +35,9 @@ What a task runs (`WfFormatOptions.programs`):
 
 What the run recorded is kept where a user sees it: each task's env carries WFFORMAT_ID,
 WFFORMAT_NAME, WFFORMAT_RUNTIME_S, WFFORMAT_CORES and WFFORMAT_MACHINES (the task can read
-them, and `bgrid convert` shows them per task); the instance's own facts (its name, version,
-makespan, machine descriptions) go in the mapping's top-level `x-wfformat` key, which the
-loader skips and `bgrid convert` writes out.
+them, and `bgrid convert` shows them per task, being part of the task); the instance's own
+facts (its name, version, makespan, machine descriptions) go in the mapping's top-level
+`x-wfformat` key, for whoever reads `wfformat_to_mapping`; the loader skips it.
 
 Every problem names the file and the JSON path where it is (`workflow.specification.tasks[3]
 .parents[0]`), all of them in one DagError.
