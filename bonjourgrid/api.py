@@ -148,10 +148,10 @@ class Workflow:
     @classmethod
     def load(cls, path: PathLike) -> Workflow:
         """A workflow file (any format `bgrid submit` reads), to change or run from code."""
-        from bonjourgrid.dag import load_workflow
+        from bonjourgrid.coordinator.submit import load_submitted
         from bonjourgrid.dag.writer import workflow_to_mapping
 
-        checked = load_workflow(Path(path))
+        checked = load_submitted(Path(path))
         mapping = workflow_to_mapping(checked)
         name, tasks = mapping.pop("name"), mapping.pop("tasks")
         built = cls(name, checked.root, **mapping)
@@ -230,10 +230,10 @@ def run(
     from bonjourgrid.coordinator.submit import (
         JobSource,
         SubmitOptions,
+        load_submitted,
         run_job,
         signals_interrupt,
     )
-    from bonjourgrid.dag import load_workflow
     from bonjourgrid.fdlimit import raise_open_file_limit
 
     opts = SubmitOptions(
@@ -261,7 +261,7 @@ def run(
             source = JobSource(workflow.validated(), workflow.digest())
         else:
             path = Path(workflow)
-            source = JobSource(load_workflow(path), workflow_digest(path), path)
+            source = JobSource(load_submitted(path), workflow_digest(path), path)
         raw = run_job(source, opts, notify=log.info, display=None)
     result = Report.from_dict(raw, copy_data=False)
     if result.signal is not None and result.signal in signal.Signals.__members__:

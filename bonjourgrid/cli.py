@@ -160,11 +160,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from bonjourgrid.dag import load_workflow
+    from bonjourgrid.coordinator.submit import load_submitted
     from bonjourgrid.dag.writer import workflow_to_yaml
 
     source = Path(args.workflow)
-    workflow = load_workflow(source)  # DagError (exit 2) naming what is wrong, as submit
+    workflow = load_submitted(source)  # DagError (exit 2) naming what is wrong, as submit
     text = workflow_to_yaml(
         workflow,
         header=f"bgrid convert {source.name}: the workflow as bgrid understood it\n"

@@ -16,6 +16,12 @@ broadcast_min_consumers = 4   # a file read by this many tasks goes to every pee
 
 [submit]
 fetch_all = false             # bring intermediate outputs back too  (--fetch-all)
+
+[wfformat]                    # how a WfCommons WfFormat instance (.json) runs
+programs = "stand-in"         # stand-in | recorded  (each task's command.program itself)
+runtime_scale = 0.001         # seconds of stand-in CPU per recorded second
+size_scale = 1.0              # stand-in output bytes per recorded byte
+python = "python3"            # the interpreter that runs the stand-in, on the worker's PATH
 ```
 An unknown table or key is an error, so a typo never goes unnoticed.
 """
@@ -49,6 +55,8 @@ from bonjourgrid.coordinator.shell import Coordinator
 from bonjourgrid.coordinator.stage import stage_sources
 from bonjourgrid.credentials import CredentialCheck, load_revoked
 from bonjourgrid.dag import Workflow, load_workflow
+from bonjourgrid.dag.wfformat import PROGRAMS as WFFORMAT_PROGRAMS
+from bonjourgrid.dag.wfformat import WfFormatOptions
 from bonjourgrid.discovery.txt import PeerRecord
 from bonjourgrid.errors import ConfigError, Interrupted, KeyStoreError
 from bonjourgrid.fdlimit import raise_open_file_limit
@@ -116,6 +124,12 @@ _CONFIG: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "broadcast_min_consumers": _COUNT,
     },
     "submit": {"fetch_all": ((bool,), "true or false")},
+    "wfformat": {
+        "programs": ((str,), "a string: " + " or ".join(WFFORMAT_PROGRAMS)),
+        "runtime_scale": ((int, float), "a number, 0 or more"),
+        "size_scale": ((int, float), "a number, 0 or more"),
+        "python": ((str,), "a Python 3 interpreter: a command on the worker's PATH or a path"),
+    },
 }
 
 
@@ -208,6 +222,26 @@ def data_options(
     return DataOptions(settings, fetch_all=bool(values.get("submit.fetch_all", (False, ""))[0]))
 
 
+def load_submitted(path: Path) -> Workflow:
+    """A workflow file as `bgrid submit` reads it: with the settings of its directory's
+    bgrid.toml and the user's config (a WfFormat instance's `[wfformat]`).
+    ConfigError or DagError (exit 2) when something is wrong."""
+    return load_workflow(path, wfformat=wfformat_options(path.resolve().parent))
+
+
+def wfformat_options(submit_dir: Path, *, user_config: Path | None = None) -> WfFormatOptions:
+    """How a WfFormat instance runs: bgrid.toml's [wfformat], then the user's, then defaults."""
+    values = read_config(user_config or user_config_path())
+    values.update(read_config(submit_dir / CONFIG_NAME))
+    said = {key[9:]: value for key, value in values.items() if key.startswith("wfformat.")}
+    for key, (value, where) in said.items():
+        try:
+            WfFormatOptions(**{key: value})  # checked alone, so the message names its file
+        except ConfigError as err:
+            raise ConfigError(f"{where.rsplit(': [', 1)[0]}: {err}") from None
+    return WfFormatOptions(**{key: value for key, (value, _) in said.items()})
+
+
 def _said(where: str, value: object) -> str:
     """`--flag VALUE` or `FILE: [table] key = VALUE`, for a message."""
     return f"{where} {value}" if where.startswith("--") else f"{where} = {value!r}"
@@ -224,7 +258,7 @@ def submit(opts: SubmitOptions) -> int:
     assert opts.workflow is not None, "bgrid submit runs a workflow file"
     raise_open_file_limit()  # one descriptor per peer connection and staged file
     with signals_interrupt():
-        workflow = load_workflow(opts.workflow)  # DagError (exit 2) before any peer is touched
+        workflow = load_submitted(opts.workflow)  # exit 2 before any peer is touched
         source = JobSource(workflow, workflow_digest(opts.workflow), opts.workflow)
         display = choose_display(opts.quiet, opts.json)  # a terminal's live panel, or lines
         report = run_job(source, opts, notify=_tell_stderr, display=display)

@@ -42,6 +42,7 @@ from bonjourgrid.dag.model import (
 )
 from bonjourgrid.dag.parse import gc_paused, parse_json, parse_yaml
 from bonjourgrid.dag.urls import UrlInputs, is_url
+from bonjourgrid.dag.wfformat import WfFormatOptions, is_wfformat, wfformat_to_mapping
 from bonjourgrid.errors import DagError, RequirementError
 from bonjourgrid.requirements import Requirement
 from bonjourgrid.wire import MAX_STRING
@@ -127,8 +128,13 @@ def _suggest(word: str, pool: Mapping[str, object] | list[str], problems: _Probl
 # Reading the file
 
 
-def load_workflow(path: str | Path) -> Workflow:
-    """Read and validate a .yaml/.yml/.json/.dag workflow; its directory is the submit directory."""
+def load_workflow(path: str | Path, *, wfformat: WfFormatOptions | None = None) -> Workflow:
+    """Read and validate a .yaml/.yml/.json/.dag workflow; its directory is the submit directory.
+
+    A .dag file is an HTCondor DAGMan DAG with its submit files (dag/dagman.py). A .json file
+    holding a WfCommons WfFormat instance is read by dag/wfformat.py, run as `wfformat` says
+    (default: every task a stand-in, see there).
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".dag":  # HTCondor DAGMan, with its submit files
@@ -164,7 +170,11 @@ def load_workflow(path: str | Path) -> Workflow:
     # walk them over and over (a 3-4x slowdown) and find nothing to free.
     with gc_paused():
         data = parse_json(text, path.name) if suffix == ".json" else parse_yaml(text, path.name)
-        return workflow_from_mapping(data, path.resolve().parent, source=path.name)
+        root = path.resolve().parent
+        if suffix == ".json" and is_wfformat(data):
+            assert isinstance(data, Mapping)
+            data = wfformat_to_mapping(data, root, path.name, wfformat)
+        return workflow_from_mapping(data, root, source=path.name)
 
 
 # ---------------------------------------------------------------------------------------------

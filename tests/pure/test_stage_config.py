@@ -216,7 +216,7 @@ def test_the_user_config_lives_in_xdg_config_home(
     ("text", "problem"),
     [
         ("[prefech]\ndepth = 1\n", "unknown table [prefech] (did you mean 'prefetch'?)"),
-        ("[grid]\nx = 1\n", "unknown table [grid] (known: prefetch, submit)"),
+        ("[grid]\nx = 1\n", "unknown table [grid] (known: prefetch, submit, wfformat)"),
         ("depth = 1\n", "unknown key 'depth'"),
         ("[prefetch]\ndepht = 1\n", "unknown key 'depht' in [prefetch] (did you mean 'depth'?)"),
         ("[submit]\nfetch_all = 1\n", "[submit] fetch_all = 1: expected true or false"),
