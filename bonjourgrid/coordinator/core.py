@@ -114,6 +114,7 @@ from bonjourgrid.coordinator.model import (
     Finished,
     Instruction,
     Matcher,
+    NodeRules,
     Notice,
     OutputsCollected,
     PeerJoined,
@@ -151,6 +152,7 @@ __all__ = [
     "FileArrived",
     "Finished",
     "Instruction",
+    "NodeRules",
     "Notice",
     "OutputsCollected",
     "PeerJoined",
@@ -200,6 +202,8 @@ class SchedulerCore:
         prefetch: PrefetchSettings = _NO_PREFETCH,
         ack_timeout_s: float | None = None,
         placement: Literal["core", "middleware"] = "core",
+        rules: Mapping[str, NodeRules] | None = None,
+        category_caps: Mapping[str, int] | None = None,
     ) -> None:
         """`tasks`: (name, predecessors, require text or "", retries) for every task;
         `done`: tasks finished in an earlier run (name -> outputs), closed under predecessors;
@@ -207,8 +211,14 @@ class SchedulerCore:
         contents of the inputs the coordinator serves; `prefetch`: the data policy;
         `ack_timeout_s`: how long a peer has to acknowledge a run (None: forever);
         `placement`: "middleware" when the middleware holds the edges and places the runs
-        (see the theory of operation)."""
+        (see the theory of operation); `rules`: the node semantics of the tasks that have
+        some (priority, category, retry_unless_exit, abort_on, final, noop);
+        `category_caps`: how many tasks of a category may run at once (a category left out
+        has no cap)."""
         self.by_middleware = placement == "middleware"
+        self.rules: dict[str, NodeRules] = {n: r for n, r in (rules or {}).items() if r}
+        if self.by_middleware and (self.rules or category_caps):
+            raise ValueError("a middleware that places the runs applies no node rules")
         # News from the middleware about WAITING tasks, applied once their parents are done.
         self._held_news: dict[str, list[RunPlaced | TaskReported | AttemptFailed]] = {}
         self.ack_timeout_s = ack_timeout_s
@@ -226,13 +236,25 @@ class SchedulerCore:
             for dep in deps:
                 self.successors[dep].append(name)
         self._assign_priorities(self.preds)
+        self.final: str | None = None  # the task that runs once every other one has ended
+        for name, rule in self.rules.items():
+            task = self.tasks[name]
+            task.user_priority, task.category = rule.priority, rule.category
+            if rule.final:
+                assert self.final is None and not self.preds[name], f"{name}: one final, apart"
+                assert not self.successors.get(name), f"final {name} has successors"
+                self.final = name
+        self._noops_due: list[str] = []  # noop tasks made READY, DONE before the next pass
+        # (task, exit code, status) once a task's `abort_on` exit code stopped the job
+        self.abort: tuple[str, int, int] | None = None
         self.data: dict[str, TaskData] = {name: TaskData() for name in self.tasks}
         self.data.update(data or {})
         self.files = FileTable(sources)
         # Source inputs whose digests come while the job runs -> the tasks that read them.
         self._unhashed: dict[str, list[str]] = {}
         self.peers: dict[str, PeerSlots] = {}
-        self.ready = ReadyQueue(self.tasks, matches)  # also which peers have a free slot
+        # also which peers have a free slot, and how many runs each capped category has
+        self.ready = ReadyQueue(self.tasks, matches, category_caps)
         self._idle: dict[str, None] = {}  # peers running and collecting nothing (scale-in)
         self._filled: list[str] = []  # peers placed on during a scheduling pass
         self.planner = DataPlanner(
@@ -258,6 +280,8 @@ class SchedulerCore:
         self.resumed = 0
         if done:
             self._resume(done, self.preds)
+        if self.final is not None and self.tasks[self.final].status is TaskStatus.WAITING:
+            self.tasks[self.final].deps_left = self.undone_preds(self.final)
         for task in self.tasks.values():
             if task.deps_left == 0 and task.status is TaskStatus.WAITING:
                 self.make_ready(task, 0.0, "no inputs from other tasks")
@@ -356,6 +380,7 @@ class SchedulerCore:
                 pass
         if self._held_news:
             self._release_held_news(now, out)
+        self._settle_nodes(now, out)
         if not schedule:
             return out
         if not self.by_middleware:
@@ -368,18 +393,64 @@ class SchedulerCore:
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY] == 0 and not any(
             self.counts[s] for s in (TaskStatus.RUNNING, TaskStatus.COLLECTING)
         ):
-            failed = [t.name for t in self.tasks.values() if t.status is TaskStatus.FAILED]
-            if failed:
-                skipped = self.counts[TaskStatus.SKIPPED]
-                self._finish(
-                    out,
-                    "failed",
-                    f"{len(failed)} task(s) failed ({', '.join(failed[:5])})"
-                    + (f", {skipped} skipped because they needed their outputs" if skipped else ""),
-                )
-            else:
-                self._finish(out, "succeeded", f"all {len(self.tasks)} tasks succeeded")
+            self._conclude(out)
         return out
+
+    def _conclude(self, out: list[Instruction]) -> None:
+        """Every task has ended: the job's status, why, and what `bgrid submit` exits with.
+        A final task's outcome is the job's, whatever came before (as DAGMan's FINAL node
+        overrides the other nodes and an ABORT-DAG-ON's status)."""
+        final = self.tasks.get(self.final or "")
+        failed = [
+            t.name for t in self.tasks.values() if t.status is TaskStatus.FAILED and t is not final
+        ]
+        skipped = self.counts[TaskStatus.SKIPPED]
+        exit_status: int | None = None
+        if self.abort is not None:
+            name, code, exit_status = self.abort
+            status = "aborted"
+            reason = (
+                f"task {name} exited {code}, which aborts the job (abort_on)"
+                + (f"; {len(failed)} task(s) failed or were stopped" if len(failed) > 1 else "")
+                + (f"; {skipped} task(s) never ran" if skipped else "")
+            )
+        elif failed:
+            status = "failed"
+            reason = f"{len(failed)} task(s) failed ({', '.join(failed[:5])})" + (
+                f", {skipped} skipped because they needed their outputs" if skipped else ""
+            )
+        else:
+            status, reason = "succeeded", f"all {len(self.tasks)} tasks succeeded"
+        if final is not None and status != "succeeded":
+            # the final task decides: its own exit status is what the user asked for
+            exit_status = None
+            if final.status is TaskStatus.DONE:
+                status, reason = "succeeded", f"final task {final.name} succeeded after: {reason}"
+            else:
+                status, reason = "failed", f"final task {final.name} failed after: {reason}"
+        elif final is not None and final.status is not TaskStatus.DONE:
+            status, reason = "failed", f"final task {final.name} failed"
+        self._finish(out, status, reason, exit_status, self.abort[0] if self.abort else "")
+
+    def _settle_nodes(self, now: float, out: list[Instruction]) -> None:
+        """Noop tasks made READY are DONE; the final task is released once nothing else is
+        left. Each may lead to the other (a noop final, a noop last task)."""
+        final = self.tasks.get(self.final or "")
+        while True:
+            while self._noops_due:
+                task = self.tasks[self._noops_due.pop()]
+                if task.status is TaskStatus.READY:
+                    task.start = now
+                    self._done(task, now, "noop: nothing to run", out)
+            if (
+                final is None
+                or final.status is not TaskStatus.WAITING
+                or final.deps_left == self.undone_preds(final.name)
+            ):
+                return
+            final.deps_left -= 1  # every other task has ended
+            if final.deps_left == 0:
+                self.make_ready(final, now, "every other task has ended")
 
     # -- transitions --------------------------------------------------------------------
 
@@ -399,7 +470,13 @@ class SchedulerCore:
     def undone_preds(self, name: str) -> int:
         """How many of the tasks `name` needs are not DONE, and of the source inputs it reads
         are not hashed yet (what it waits for)."""
-        undone = sum(1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE)
+        if name == self.final:  # it waits for every other task to end, however it ends
+            ended = self.tasks[name].status in FINAL
+            undone = int(self.pending() > (0 if ended else 1))
+        else:
+            undone = sum(
+                1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE
+            )
         if self._unhashed:
             undone += sum(1 for path in self.data[name].inputs if path in self._unhashed)
         return undone
@@ -413,8 +490,10 @@ class SchedulerCore:
         if task.status is TaskStatus.RUNNING:
             task.lost_input = ""  # that attempt is over: it no longer waits for the file
             self.files.stop_reading(self.data[task.name].inputs)
+            self.ready.stopped(task)  # a run of its category less
         if to is TaskStatus.RUNNING:
             self.files.start_reading(self.data[task.name].inputs)
+            self.ready.started(task)
         if task.status is TaskStatus.WAITING:
             self._waiting_levels[task.priority] -= 1
         if to is TaskStatus.WAITING:
@@ -429,6 +508,10 @@ class SchedulerCore:
         self.move(task, TaskStatus.READY, now, why)
         if self.by_middleware:
             return  # it waits for the middleware to start it
+        rule = self.rules.get(task.name)
+        if rule is not None and rule.noop:
+            self._noops_due.append(task.name)  # DONE in this pass, never placed
+            return
         planned_on = self.peers.get(task.planned_on or "")
         if planned_on is not None:  # planned while it waited (eager, critical-path)
             self.planner.count_ready_plan(planned_on, 1)
@@ -465,6 +548,11 @@ class SchedulerCore:
         task.exit_code, task.stderr_tail = event.exit_code, event.stderr_tail
         task.fetch_s, task.run_s = event.fetch_s, event.run_s
         task.bytes_fetched = event.bytes_fetched
+        rule = self.rules.get(task.name)
+        if rule is not None and rule.abort_exit == event.exit_code:
+            self.detach(task)
+            self._abort(task, event.exit_code, rule.abort_status, now, out)
+            return
         if event.exit_code == 0 and not event.error:
             task.outputs = event.outputs
             for path in self.data[task.name].inputs:  # it read them there: now cached there
@@ -502,7 +590,28 @@ class SchedulerCore:
             self.make_ready(task, now, why)
             return
         why = event.error or f"exit code {event.exit_code}"
-        self._failed_attempt(task, why, now, out)
+        self._failed_attempt(task, why, now, out, exit_code=event.exit_code)
+
+    def _abort(
+        self, task: TaskState, code: int, status: int, now: float, out: list[Instruction]
+    ) -> None:
+        """`task` exited with its `abort_on` code: it fails, the runs going on are stopped
+        (as a cancel stops them), nothing else starts but the final task, if any."""
+        self.abort = (task.name, code, status)
+        why = f"exit code {code} aborts the job (abort_on)"
+        out.append(Notice(f"task {task.name} exited {code}: the job is aborted"))
+        self._fail_for_good(task, why, why, now, out)
+        stop = f"the job was aborted by {task.name}"
+        for other in self.tasks.values():  # O(tasks), once per job
+            if other.name == self.final:
+                continue
+            if other.status is TaskStatus.RUNNING:
+                out.append(StopRun(other.name, other.peer or "", other.attempts, stop))
+                self.detach(other)
+                self._fail_for_good(other, f"stopped: {stop}", f"stopped: {stop}", now, out)
+            elif other.status in (TaskStatus.WAITING, TaskStatus.READY):
+                self.planner.unplan(other)  # its heap entries go stale (status check)
+                self.move(other, TaskStatus.SKIPPED, now, stop)
 
     def _running_on(self, peer: str, name: str, attempt: int) -> TaskState | None:
         """The task, if its attempt `attempt` is running on `peer`; else None (stale news)."""
@@ -662,12 +771,23 @@ class SchedulerCore:
         return min(self.backoff_cap_s, self.backoff_base_s * 2.0 ** max(0, failures - 1))
 
     def _failed_attempt(
-        self, task: TaskState, why: str, now: float, out: list[Instruction]
+        self,
+        task: TaskState,
+        why: str,
+        now: float,
+        out: list[Instruction],
+        exit_code: int | None = None,
     ) -> None:
+        """`exit_code`: what the command exited with (None: it did not run to an end)."""
         task.failures += 1
         task.error = why
         if task.peer is not None and task.peer not in task.failed_on:
             task.failed_on += (task.peer,)
+        rule = self.rules.get(task.name)
+        if exit_code is not None and rule is not None and rule.unless_exit == exit_code:
+            story = f"{why}; retry_unless_exit {exit_code}: no retry"
+            self._fail_for_good(task, story, why, now, out)
+            return
         if self.by_middleware:
             # Attempt n that failed was the n-th: news of an earlier one may never have come.
             task.failures = max(task.failures, task.attempts)
@@ -888,7 +1008,14 @@ class SchedulerCore:
             self.planner.drop_peer(name)
             out.append(Release(name))
 
-    def _finish(self, out: list[Instruction], status: str, reason: str) -> None:
+    def _finish(
+        self,
+        out: list[Instruction],
+        status: str,
+        reason: str,
+        exit_status: int | None = None,
+        aborted_by: str = "",
+    ) -> None:
         if self.by_middleware:  # the job ends before these runs do (cancelled)
             for task in self.tasks.values():
                 if task.status is TaskStatus.RUNNING:
@@ -899,7 +1026,7 @@ class SchedulerCore:
         self._idle.clear()
         self.ready.drop_all_peers()
         self.planner.drop_all_peers()
-        self.finished = Finished(status, reason)
+        self.finished = Finished(status, reason, exit_status, aborted_by)
         out.append(self.finished)
 
     # -- questions ------------------------------------------------------------------------
@@ -997,6 +1124,13 @@ class SchedulerCore:
                 assert task.status is TaskStatus.DONE and task.attempts == 0
             if task.lost_input:
                 assert task.status is TaskStatus.RUNNING, f"{task.name} waits for a file idle"
+            rule = self.rules.get(task.name)
+            if rule is not None and rule.noop:
+                assert task.attempts == 0, f"noop {task.name} was placed"
+                if task.status is TaskStatus.READY:
+                    assert task.name in self._noops_due, f"noop {task.name} is not done"
+            if self.abort is not None and task.name != self.final and not self.finished:
+                assert task.status in FINAL or task.status is TaskStatus.COLLECTING, task.name
             if task.planned_on is not None and self.finished is None:
                 assert task.status in (TaskStatus.READY, TaskStatus.WAITING), task.name
                 assert task.name in self.peers[task.planned_on].planned, task.name
