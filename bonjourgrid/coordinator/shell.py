@@ -187,6 +187,16 @@ class Coordinator:
                 f"backend {getattr(backend, 'name', backend)!r}: a middleware that holds the "
                 "DAG's edges must move the tasks' files itself (capabilities.data=False)"
             )
+        rules, caps = node_rules(workflow)
+        if self.middleware_dag and (rules or caps):
+            name = next(iter(rules), "")
+            raise ConfigError(
+                f"backend {getattr(backend, 'name', backend)!r} places the runs itself, so bgrid "
+                "cannot apply priority, category, retry_unless_exit, abort_on, final or noop"
+                + (f" (task {name!r} sets some)" if name else " (the workflow sets categories)")
+                + "; run the workflow on bgrid's own workers, or write those rules for the "
+                "middleware"
+            )
         self.core = core.SchedulerCore(
             (
                 (name, list(workflow.graph.predecessors(name)), spec.require or "", spec.retries)
@@ -198,7 +208,10 @@ class Coordinator:
             prefetch=self.data.prefetch,
             ack_timeout_s=self.timeouts.run_ack_s,
             placement="middleware" if self.middleware_dag else "core",
+            rules=rules,
+            category_caps=caps,
         )
+        self._has_noops = any(rule.noop for rule in rules.values())
         self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
         self.mover = DataMover(
             job=self.job,
@@ -294,6 +307,8 @@ class Coordinator:
             await self._stage_inputs()
         self.journal = self._start_journal()
         try:
+            if self._has_noops and self.core.pending():
+                await self._apply(core.Tick())  # noop tasks that need nothing are done now
             if self.core.pending():
                 finished = await self._run_on_grid()
             else:  # every task was kept from the journal: no peer is needed
@@ -759,6 +774,9 @@ class Coordinator:
         for path in spec.inputs:
             ref = self._input_ref(path)
             inputs.append(StagedInput(path, ref, tuple(sources(ref.digest, peer))))
+        env = spec.env
+        if spec.final:  # what became of the others, as DAGMan's $DAG_STATUS, $FAILED_COUNT
+            env = {**env, **final_env(self.core)}
         await self.backend.submit(
             TaskRun(
                 task,
@@ -767,7 +785,7 @@ class Coordinator:
                 spec.command,
                 tuple(inputs),
                 spec.outputs,
-                spec.env,
+                env,
                 spec.limits,
                 retries=spec.retries,
             )
@@ -821,6 +839,36 @@ def task_data(workflow: Workflow, fetch_all: bool) -> dict[str, core.TaskData]:
         )
         for name, spec in workflow.tasks.items()
     }
+
+
+def node_rules(workflow: Workflow) -> tuple[dict[str, core.NodeRules], dict[str, int]]:
+    """The node semantics of the tasks that have some, and the category caps, for the core."""
+    rules = {}
+    for name, spec in workflow.tasks.items():
+        rule = core.NodeRules(
+            priority=spec.priority,
+            category=spec.category or "",
+            unless_exit=spec.retry_unless_exit,
+            abort_exit=spec.abort_on.exit if spec.abort_on else None,
+            abort_status=spec.abort_on.status if spec.abort_on else 1,
+            final=spec.final,
+            noop=spec.noop,
+        )
+        if rule != _NO_RULES:
+            rules[name] = rule
+    caps = {name: cap for name, cap in workflow.categories.items() if cap is not None}
+    return rules, caps
+
+
+_NO_RULES = core.NodeRules()
+
+
+def final_env(scheduler: core.SchedulerCore) -> dict[str, str]:
+    """The final task's view of the job: BGRID_DAG_STATUS 0 when every other task succeeded
+    (1 when one failed or the job was aborted), BGRID_FAILED_COUNT the tasks that failed."""
+    failed = scheduler.counts[core.TaskStatus.FAILED]
+    status = 1 if failed or scheduler.abort is not None else 0
+    return {"BGRID_DAG_STATUS": str(status), "BGRID_FAILED_COUNT": str(failed)}
 
 
 def job_id(workflow_name: str) -> str:
