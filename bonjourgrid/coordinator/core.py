@@ -508,13 +508,14 @@ class SchedulerCore:
         self.move(task, TaskStatus.READY, now, why)
         if self.by_middleware:
             return  # it waits for the middleware to start it
-        rule = self.rules.get(task.name)
-        if rule is not None and rule.noop:
-            self._noops_due.append(task.name)  # DONE in this pass, never placed
-            return
         planned_on = self.peers.get(task.planned_on or "")
         if planned_on is not None:  # planned while it waited (eager, critical-path)
             self.planner.count_ready_plan(planned_on, 1)
+        rule = self.rules.get(task.name)
+        if rule is not None and rule.noop:
+            self.planner.unplan(task, requeue=False)  # planned for its inputs: not needed
+            self._noops_due.append(task.name)  # DONE in this pass, never placed
+            return
         self.enqueue(task)
 
     def enqueue(self, task: TaskState) -> None:
@@ -877,6 +878,10 @@ class SchedulerCore:
             self.planner.unplan(self.tasks[task_name])
         for task_name in sorted(peer.running | peer.collecting):
             task = self.tasks[task_name]
+            if self.abort is not None and task_name != self.final:
+                why = f"its outputs went with peer {name} ({reason}) after the job was aborted"
+                self._fail_for_good(task, why, why, now, out)  # nothing new starts
+                continue
             why = f"peer {name} lost ({reason}): rescheduled"
             task.deps_left = self.undone_preds(task_name)
             if task.deps_left:  # a producer is being made again: wait for its file
