@@ -184,6 +184,7 @@ BACKOFF_CAP_S = 60.0  # the longest wait before a retry
 UNLISTED_LIMIT = 2  # heartbeats in a row without an acknowledged run: its attempt failed
 _NO_PREFETCH = PrefetchSettings(policy="none", broadcast_min_consumers=0)
 # "waiting -> ready: " for every allowed move: a story's step without formatting enums.
+_ON_A_PEER = (TaskStatus.RUNNING, TaskStatus.COLLECTING)  # placed and not ended
 _MOVE_HEADINGS = {(a, b): f"{a.value} -> {b.value}: " for a, b in TASK_TRANSITIONS}
 
 
@@ -490,9 +491,13 @@ class SchedulerCore:
         if task.status is TaskStatus.RUNNING:
             task.lost_input = ""  # that attempt is over: it no longer waits for the file
             self.files.stop_reading(self.data[task.name].inputs)
-            self.ready.stopped(task)  # a run of its category less
         if to is TaskStatus.RUNNING:
             self.files.start_reading(self.data[task.name].inputs)
+        # A run counts against its category's cap from its placement to its end (outputs
+        # collected), as the report's start and end show it.
+        if task.status in _ON_A_PEER and to not in _ON_A_PEER:
+            self.ready.stopped(task)
+        elif to in _ON_A_PEER and task.status not in _ON_A_PEER:
             self.ready.started(task)
         if task.status is TaskStatus.WAITING:
             self._waiting_levels[task.priority] -= 1

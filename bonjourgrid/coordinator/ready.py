@@ -8,7 +8,8 @@ Owned by `SchedulerCore` (core.py), which alone decides when a task enters or le
   costs O(classes), never O(tasks). Whether a peer can run a class is asked once per
   (peer, class) and remembered (`can_run`).
 - Category caps (`categories: {NAME: {max_running: N}}`): the core says when a task of a
-  capped category starts and stops running (`started`, `stopped`); a category at its cap is
+  capped category is placed and when it ends, its outputs collected or its attempt over
+  (`started`, `stopped`); a category at its cap is
   `full`, and its classes are passed over by `has_ready` and `pop_best` (their tasks wait
   READY, in their heap, until a run of the category ends). A capped task is placed from its
   class heap only: it is never planned ahead or gated on a broadcast (the planner asks for
@@ -52,7 +53,8 @@ class ReadyQueue:
         # (require, category) -> heap; category "" for a task in none
         self.classes: dict[tuple[str, str], list[Entry]] = defaultdict(list)
         self.caps: dict[str, int] = dict(caps or {})  # category -> most runs at once
-        self.running_in: dict[str, int] = dict.fromkeys(self.caps, 0)  # runs of capped ones
+        # placed tasks of each capped category, running or collecting their outputs
+        self.running_in: dict[str, int] = dict.fromkeys(self.caps, 0)
         self.full: set[str] = set()  # capped categories at their cap
         self.affine: dict[str, list[Entry]] = {}  # peer -> heap of tasks whose data is there
         self.free: dict[str, None] = {}  # peers with a free slot, in the order they joined
@@ -89,14 +91,14 @@ class ReadyQueue:
         return task.category in self.caps
 
     def started(self, task: TaskState) -> None:
-        """A task began RUNNING (counted against its category's cap)."""
+        """A task was placed (counted against its category's cap until `stopped`)."""
         if task.category in self.caps:
             self.running_in[task.category] += 1
             if self.running_in[task.category] >= self.caps[task.category]:
                 self.full.add(task.category)
 
     def stopped(self, task: TaskState) -> None:
-        """A task left RUNNING: a task of its category may start again."""
+        """A placed task ended (or went back to wait): another of its category may start."""
         if task.category in self.caps:
             self.running_in[task.category] -= 1
             self.full.discard(task.category)
@@ -266,7 +268,8 @@ class ReadyQueue:
         assert set(self.free) <= set(peers), "a peer not held is free"
         running: dict[str, int] = dict.fromkeys(self.caps, 0)
         for task in self._tasks.values():
-            if task.status is TaskStatus.RUNNING and task.category in running:
+            placed = task.status in (TaskStatus.RUNNING, TaskStatus.COLLECTING)
+            if placed and task.category in running:
                 running[task.category] += 1
             if task.category in self.caps:
                 assert not task.gated, f"{task.name} is capped and gated"
