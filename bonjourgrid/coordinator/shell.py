@@ -137,6 +137,17 @@ class Coordinator:
         backend: Callable[[BackendContext], Backend] = NativeBackend,
         backend_options: dict[str, str] | None = None,
     ) -> None:
+        rules, caps = node_rules(workflow)
+        placed_by = getattr(backend, "capabilities", NativeBackend.capabilities).dependencies
+        if placed_by == "middleware" and (rules or caps):  # refused before anything opens
+            name = next(iter(rules), "")
+            raise ConfigError(
+                f"backend {getattr(backend, 'name', backend)!r} places the runs itself, so bgrid "
+                "cannot apply priority, category, retry_unless_exit, abort_on, final or noop"
+                + (f" (task {name!r} sets some)" if name else " (the workflow sets categories)")
+                + "; run the workflow on bgrid's own workers, or write those rules for the "
+                "middleware"
+            )
         self.workflow = workflow
         self.display = display  # what the user sees while it runs (progress.py)
         self.needs = needs
@@ -186,16 +197,6 @@ class Coordinator:
             raise ConfigError(
                 f"backend {getattr(backend, 'name', backend)!r}: a middleware that holds the "
                 "DAG's edges must move the tasks' files itself (capabilities.data=False)"
-            )
-        rules, caps = node_rules(workflow)
-        if self.middleware_dag and (rules or caps):
-            name = next(iter(rules), "")
-            raise ConfigError(
-                f"backend {getattr(backend, 'name', backend)!r} places the runs itself, so bgrid "
-                "cannot apply priority, category, retry_unless_exit, abort_on, final or noop"
-                + (f" (task {name!r} sets some)" if name else " (the workflow sets categories)")
-                + "; run the workflow on bgrid's own workers, or write those rules for the "
-                "middleware"
             )
         self.core = core.SchedulerCore(
             (

@@ -11,6 +11,12 @@ from typing import Any
 
 import pytest
 
+from bonjourgrid.coordinator.recruit import needs_from
+from bonjourgrid.coordinator.shell import Coordinator
+from bonjourgrid.dag import load_workflow
+from bonjourgrid.errors import ConfigError
+from bonjourgrid.keys import INSECURE_FINGERPRINT
+from tests.fake_middleware import FakeDagMiddleware
 from tests.multiproc.conftest import Grid, write_workflow
 
 
@@ -165,3 +171,10 @@ def test_retry_unless_exit_gives_up_at_once(tmp_path: Path, grid: Grid) -> None:
     code, report = run_local(grid, write_workflow(tmp_path / "u", UNLESS), 1)
     assert code == 1
     assert report["tasks"]["flaky"]["attempts"] == 1  # three retries left, none used
+
+
+def test_a_middleware_that_places_the_runs_refuses_node_rules(tmp_path: Path) -> None:
+    workflow = load_workflow(write_workflow(tmp_path / "m", NOOP))
+    needs = needs_from(workflow, INSECURE_FINGERPRINT, None, None, (1, 1))
+    with pytest.raises(ConfigError, match=r"places the runs itself.*task 'gate' sets some"):
+        Coordinator(workflow, needs, None, backend=FakeDagMiddleware)
