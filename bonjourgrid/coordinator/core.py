@@ -18,11 +18,31 @@ a heap of its own, so other ready tasks go past it, and the job cannot end while
 The core has no clock: `next_wakeup()` says when the shell must feed a `Tick`. A retry goes
 to another peer than the ones it failed on when one has a free slot.
 
-Ready tasks wait in one heap per requirement class (tasks with the same `require`), ordered
-by their bottom level (the longest chain of tasks after them), so the critical path goes
-first. Placement visits free slots and pops the best task the slot's peer can run: the cost
-of a decision depends on the number of classes, never on the number of tasks, which keeps a
-100,000-task DAG schedulable. A peer is released as soon as no unstarted task is left for it.
+Ready tasks wait in one heap per class (tasks with the same `require` and category),
+ordered by the workflow's `priority` and then by their bottom level (the longest chain of
+tasks after them), so among equals the critical path goes first. Placement visits free slots
+and pops the best task the slot's peer can run: the cost of a decision depends on the number
+of classes, never on the number of tasks, which keeps a 100,000-task DAG schedulable. A
+peer is released as soon as no unstarted task is left for it.
+
+Node rules (`rules=`, the workflow's DAGMan-like keys; `NodeRules` in model.py):
+- category caps: a task counts against its category's cap from its placement to its end
+  (outputs collected). A category at its cap is `full` in the ready queue, whose classes of
+  it are then passed over: its tasks wait READY, and a free slot whose only work is capped
+  takes nothing and costs nothing per event (`has_ready` says there is no work). A capped
+  task is never planned ahead nor gated on a broadcast (it waits for its category, not for
+  a peer), so nothing but its class heap holds it.
+- `retry_unless_exit`: an attempt that exited with that code fails the task for good.
+- `abort_on`: an attempt that exited with that code aborts the job: it fails, every RUNNING
+  task is stopped (`StopRun`) and fails, every WAITING or READY one is SKIPPED, a task on a
+  peer lost afterwards fails; nothing starts again but the final task. The job ends
+  "aborted", `Finished.exit_status` being the rule's status.
+- `final`: one task without edges, WAITING (one in `deps_left`, see `undone_preds`) until
+  every other task has ended, however it ended, then placed as any. When the job ends, its
+  outcome is the job's (DAGMan's FINAL node overrides the other nodes and an ABORT-DAG-ON's
+  status). A cancel ends the job without it.
+- `noop`: made READY, it is DONE in the same event (`_settle_nodes`), never placed nor
+  planned; a chain of noop tasks settles in one loop, not by recursion.
 
 Scale: no event costs O(peers), let alone O(peers x running tasks). Every question asked
 per event is answered from an index kept as the state changes, never by a scan: which peers
@@ -57,7 +77,8 @@ Parts. The core owns the job's state (tasks, held peers and their slots, counts,
 and the moves of a task (`move`, `make_ready`, `enqueue`, `detach`: each with its
 bookkeeping). It builds and holds two collaborators, each owning its own state:
 - `ReadyQueue` (`ready.py`): the class heaps, the per-peer affine heaps and the backoff
-  heap, with lazy deletion of stale entries, and which peer can run which class;
+  heap, with lazy deletion of stale entries, which peer can run which class, and how many
+  tasks of each capped category are placed;
 - `DataPlanner` (`dataplane.py`): placement affinity, prefetch planning, broadcast and the
   remaking of lost intermediates. It is handed what it reads and asks the core for every
   move of a task through the narrow `TaskMoves` protocol, which the core implements.
@@ -85,6 +106,7 @@ says, so that the journal, `--resume` and the report stay the core's:
 - A lost peer's runs stay RUNNING: the middleware requeues them or says they failed.
   Acknowledgement deadlines and heartbeat listings do not apply (the runs are the
   middleware's, not a bgrid worker's).
+- Node rules are refused (ValueError): the middleware places the runs and applies its own.
 
 The shell (`coordinator/shell.py`) feeds events, passes `now`, and carries out instructions.
 `story(task)` tells why a task ran where it ran, as many times as it did.

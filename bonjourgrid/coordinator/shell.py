@@ -34,6 +34,12 @@ its news (`placement="middleware"`): no Dispatch, Prefetch or Collect. It moves 
 data; a finished run's outputs are hashed in the submit directory on their way to the core,
 one event at a time, so that a child's start never overtakes its parents' ends.
 
+Node rules (the workflow's priority, category, retry_unless_exit, abort_on, final, noop)
+go to the core as `NodeRules` (`node_rules`); the shell's part is small: a noop task that
+needs nothing is settled by a first Tick before any peer is recruited, the final task's run
+gets BGRID_DAG_STATUS and BGRID_FAILED_COUNT (`final_env`) in its environment, and the
+report carries `Finished.exit_code()`, which `bgrid submit` exits with.
+
 The report (`report.py`) is built from a `ReportInputs` record made at the end. The remote
 cache that stages the inputs is `stage.py`.
 """
