@@ -521,6 +521,10 @@ class SchedulerCore:
             self.ready.stopped(task)
         elif to in _ON_A_PEER and task.status not in _ON_A_PEER:
             self.ready.started(task)
+        if task.status is TaskStatus.READY:
+            self.ready.counted_ready(task, -1)
+        elif to is TaskStatus.READY:
+            self.ready.counted_ready(task, 1)
         if task.status is TaskStatus.WAITING:
             self._waiting_levels[task.priority] -= 1
         if to is TaskStatus.WAITING:
@@ -1110,9 +1114,11 @@ class SchedulerCore:
         return self.ready.unplaceable(self.peers.values())
 
     def wanted_peers(self) -> int:
-        """How many more single-slot peers the ready tasks could use right now."""
+        """How many more single-slot peers the ready tasks could use right now (not those
+        that a category's cap holds back)."""
         free = sum(p.cpus - len(p.running) for p in self.peers.values())
-        return max(0, self.counts[TaskStatus.READY] - self.ready.backing_off - free)
+        startable = self.counts[TaskStatus.READY] - self.ready.backing_off - self.ready.held_back()
+        return max(0, startable - free)
 
     def next_wakeup(self) -> float | None:
         """When the next retry backoff or run acknowledgement deadline ends (feed a `Tick`

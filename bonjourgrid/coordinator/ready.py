@@ -56,6 +56,7 @@ class ReadyQueue:
         # placed tasks of each capped category, running or collecting their outputs
         self.running_in: dict[str, int] = dict.fromkeys(self.caps, 0)
         self.full: set[str] = set()  # capped categories at their cap
+        self.ready_in: dict[str, int] = dict.fromkeys(self.caps, 0)  # READY tasks of each
         self.affine: dict[str, list[Entry]] = {}  # peer -> heap of tasks whose data is there
         self.free: dict[str, None] = {}  # peers with a free slot, in the order they joined
         self.own_work: dict[str, None] = {}  # free peers with planned or affine tasks (maybe stale)
@@ -96,6 +97,18 @@ class ReadyQueue:
             self.running_in[task.category] += 1
             if self.running_in[task.category] >= self.caps[task.category]:
                 self.full.add(task.category)
+
+    def counted_ready(self, task: TaskState, change: int) -> None:
+        """A task of a capped category became READY (+1) or left READY (-1)."""
+        if task.category in self.caps:
+            self.ready_in[task.category] += change
+
+    def held_back(self) -> int:
+        """READY tasks that their categories' caps keep from starting now, however many
+        peers come: O(capped categories)."""
+        return sum(
+            max(0, self.ready_in[c] - (cap - self.running_in[c])) for c, cap in self.caps.items()
+        )
 
     def stopped(self, task: TaskState) -> None:
         """A placed task ended (or went back to wait): another of its category may start."""
@@ -267,7 +280,10 @@ class ReadyQueue:
         assert set(self.own_work) <= set(self.free), "a busy peer is in own_work"
         assert set(self.free) <= set(peers), "a peer not held is free"
         running: dict[str, int] = dict.fromkeys(self.caps, 0)
+        ready: dict[str, int] = dict.fromkeys(self.caps, 0)
         for task in self._tasks.values():
+            if task.status is TaskStatus.READY and task.category in ready:
+                ready[task.category] += 1
             placed = task.status in (TaskStatus.RUNNING, TaskStatus.COLLECTING)
             if placed and task.category in running:
                 running[task.category] += 1
@@ -275,6 +291,7 @@ class ReadyQueue:
                 assert not task.gated, f"{task.name} is capped and gated"
                 assert task.planned_on is None or finished, f"{task.name} is capped and planned"
         assert running == self.running_in, "runs per category are off"
+        assert ready == self.ready_in, "ready tasks per category are off"
         for category, cap in self.caps.items():
             assert running[category] <= cap or finished, f"{category} runs over its cap"
             assert (category in self.full) == (running[category] >= cap), f"{category}: full"

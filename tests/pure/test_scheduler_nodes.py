@@ -85,6 +85,14 @@ def test_a_category_never_runs_more_than_its_cap_and_its_tasks_wait_ready() -> N
     s.validate_state()
 
 
+def test_tasks_a_cap_holds_back_ask_for_no_peers() -> None:
+    tasks = [(f"d{i}", []) for i in range(5)] + [("x", [])]
+    s = sched(tasks, {f"d{i}": NodeRules(category="dl") for i in range(5)}, {"dl": 2})
+    assert s.wanted_peers() == 3  # two of dl and x; three dl would only wait
+    s.handle(core.PeerJoined("p1", 1, {}), 0.0)
+    assert s.wanted_peers() == 2  # one dl runs: one more dl and x
+
+
 def test_a_category_without_a_cap_is_unlimited() -> None:
     tasks = [(f"t{i}", []) for i in range(3)]
     s = sched(tasks, {f"t{i}": NodeRules(category="free") for i in range(3)})
