@@ -403,7 +403,8 @@ class SchedulerCore:
                 pass
         if self._held_news:
             self._release_held_news(now, out)
-        self._settle_nodes(now, out)
+        if self._noops_due or self.final is not None:
+            self._settle_nodes(now, out)
         if not schedule:
             return out
         if not self.by_middleware:
@@ -515,16 +516,8 @@ class SchedulerCore:
             self.files.stop_reading(self.data[task.name].inputs)
         if to is TaskStatus.RUNNING:
             self.files.start_reading(self.data[task.name].inputs)
-        # A run counts against its category's cap from its placement to its end (outputs
-        # collected), as the report's start and end show it.
-        if task.status in _ON_A_PEER and to not in _ON_A_PEER:
-            self.ready.stopped(task)
-        elif to in _ON_A_PEER and task.status not in _ON_A_PEER:
-            self.ready.started(task)
-        if task.status is TaskStatus.READY:
-            self.ready.counted_ready(task, -1)
-        elif to is TaskStatus.READY:
-            self.ready.counted_ready(task, 1)
+        if self.ready.caps:
+            self._count_in_category(task, to)
         if task.status is TaskStatus.WAITING:
             self._waiting_levels[task.priority] -= 1
         if to is TaskStatus.WAITING:
@@ -535,6 +528,18 @@ class SchedulerCore:
         if task.resumed and to is not TaskStatus.DONE:
             task.resumed = False  # made again in this run (its output was lost): not kept
 
+    def _count_in_category(self, task: TaskState, to: TaskStatus) -> None:
+        """A task of a capped category counts against its cap from its placement to its
+        end (outputs collected), as the report's start and end show it."""
+        if task.status in _ON_A_PEER and to not in _ON_A_PEER:
+            self.ready.stopped(task)
+        elif to in _ON_A_PEER and task.status not in _ON_A_PEER:
+            self.ready.started(task)
+        if task.status is TaskStatus.READY:
+            self.ready.counted_ready(task, -1)
+        elif to is TaskStatus.READY:
+            self.ready.counted_ready(task, 1)
+
     def make_ready(self, task: TaskState, now: float, why: str) -> None:
         self.move(task, TaskStatus.READY, now, why)
         if self.by_middleware:
@@ -542,7 +547,7 @@ class SchedulerCore:
         planned_on = self.peers.get(task.planned_on or "")
         if planned_on is not None:  # planned while it waited (eager, critical-path)
             self.planner.count_ready_plan(planned_on, 1)
-        rule = self.rules.get(task.name)
+        rule = self.rules.get(task.name) if self.rules else None
         if rule is not None and rule.noop:
             self.planner.unplan(task, requeue=False)  # planned for its inputs: not needed
             self._noops_due.append(task.name)  # DONE in this pass, never placed

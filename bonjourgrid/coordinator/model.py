@@ -376,4 +376,4 @@ class PeerSlots:
 
 
 Matcher = Callable[[str, Mapping[str, str]], bool]
-Entry = tuple[int, int, int, str]  # heap entry: (-user_priority, -priority, sequence, task)
+Entry = tuple[int, int, str]  # heap entry: (-(user priority, bottom level), sequence, task)

@@ -37,6 +37,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from bonjourgrid.coordinator.model import Entry, Matcher, PeerSlots, TaskState, TaskStatus
 
+# More than any bottom level: the workflow's priority ranks first, the bottom level second,
+# in one int (an entry stays a 3-tuple, compared as fast as before priorities existed).
+_LEVELS = 1 << 40
+
 
 class ReadyQueue:
     """The class heaps, the per-peer affine heaps and the backoff heap, with lazy deletion."""
@@ -81,7 +85,7 @@ class ReadyQueue:
         for (require, _), heap in self.classes.items():
             if not any(self.can_run(p, require) for p in held):
                 stuck.extend(
-                    entry[-1] for entry in heap if self._tasks[entry[-1]].status is TaskStatus.READY
+                    entry[2] for entry in heap if self._tasks[entry[2]].status is TaskStatus.READY
                 )
         return stuck
 
@@ -122,17 +126,17 @@ class ReadyQueue:
         """A fresh entry for `task`; its older entries are stale from now on."""
         self._seq += 1
         task.queued = self._seq
-        return (-task.user_priority, -task.priority, self._seq, task.name)
+        return (-(task.user_priority * _LEVELS + task.priority), self._seq, task.name)
 
     def entry_of(self, task: TaskState) -> Entry:
         """The entry `task` was last queued with (stale if it was placed or planned since)."""
-        return (-task.user_priority, -task.priority, task.queued, task.name)
+        return (-(task.user_priority * _LEVELS + task.priority), task.queued, task.name)
 
     def valid(self, entry: Entry) -> bool:
         """Whether a heap entry still stands for a task that may be placed."""
-        task = self._tasks[entry[-1]]
+        task = self._tasks[entry[2]]
         return (
-            task.queued == entry[-2] and task.status is TaskStatus.READY and task.planned_on is None
+            task.queued == entry[1] and task.status is TaskStatus.READY and task.planned_on is None
         )
 
     def push(self, task: TaskState, entry: Entry) -> None:
@@ -159,7 +163,7 @@ class ReadyQueue:
 
     def _drop_stale(self, heap: list[Entry]) -> None:
         tasks = self._tasks
-        while heap and (not self.valid(heap[0]) or tasks[heap[0][-1]].gated):
+        while heap and (not self.valid(heap[0]) or tasks[heap[0][2]].gated):
             heapq.heappop(heap)  # stale: placed, planned, skipped, or queued again
 
     # -- popping --------------------------------------------------------------------------
@@ -180,7 +184,7 @@ class ReadyQueue:
         if best is None:
             return None
         heapq.heappop(self.classes[best_class])
-        return tasks[best[-1]]
+        return tasks[best[2]]
 
     def pop_affine(
         self,
@@ -196,7 +200,7 @@ class ReadyQueue:
         passed_over = self.full if with_capped else self.caps.keys()
         while heap:
             entry = heapq.heappop(heap)
-            task = self._tasks[entry[-1]]
+            task = self._tasks[entry[2]]
             if task.category in passed_over:
                 continue
             if self.valid(entry) and self.can_run(peer, task.require):

@@ -355,9 +355,10 @@ def _read_defaults(
     defaults["env"] = _read_env(value.get("env"), "defaults", problems)
     limits = _read_limits(value.get("limits"), "defaults", problems)
     defaults["limits"] = {key: v for key, v in limits.items() if v is not None}
+    node = defaults["node"] = {}  # the node keys every task gets, unless it sets its own
     for key, check in _NODE_DEFAULTS:
         if value.get(key) is not None:
-            defaults[key] = check(value[key], "defaults", problems)
+            node[key] = check(value[key], "defaults", problems)
     return defaults
 
 
@@ -398,7 +399,16 @@ def _read_task(
     problems.note_unknown(raw, _TASK_KEYS, where)
     count = len(problems.items)
 
-    noop = _check_flag(raw.get("noop", False), where, "noop", problems)
+    # Most tasks set no node key: one set operation says so.
+    node: Mapping[str, Any] = defaults.get("node", NO_MAPPING)
+    noop = False
+    if not _NODE_KEY_SET.isdisjoint(raw):
+        own = dict(node)
+        for key, check in _NODE_KEYS:
+            if raw.get(key) is not None:
+                own[key] = check(raw[key], where, problems)
+        node = own
+        noop = _check_flag(raw.get("noop", False), where, "noop", problems)
     command = raw.get("command")
     if noop and command is None:
         command = ""  # nothing runs: a noop task needs no command
@@ -434,10 +444,6 @@ def _read_task(
     if raw.get("limits") is not None:
         merged = {**limits, **_read_limits(raw["limits"], where, problems)}
         limits = {key: v for key, v in merged.items() if v is not None}  # None lifts a default
-    node = {key: defaults[key] for key, _ in _NODE_DEFAULTS if key in defaults}
-    for key, check in _NODE_KEYS:
-        if raw.get(key) is not None:
-            node[key] = check(raw[key], where, problems)
     if noop and outputs:
         problems.add(
             f"{where}: a noop task runs nothing, so it cannot write outputs "
@@ -527,6 +533,7 @@ _NODE_DEFAULTS: tuple[tuple[str, Callable[[object, str, _Problems], Any]], ...] 
     ("retry_unless_exit", _check_unless_exit),
 )
 _NODE_KEYS = (*_NODE_DEFAULTS, ("abort_on", _check_abort_on), ("final", _check_final_flag))
+_NODE_KEY_SET = frozenset([*(key for key, _ in _NODE_KEYS), "noop"])
 
 
 def _read_categories(value: object, problems: _Problems) -> dict[str, int | None]:
