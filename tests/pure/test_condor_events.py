@@ -114,22 +114,14 @@ class RecordingServices:
 def make_backend(tmp_path: Path, **options: str) -> tuple[CondorBackend, Commands]:
     commands = Commands()
     context = BackendContext(
-        job="j1",
-        root=tmp_path / "work",
-        state_dir=tmp_path / "state",
-        commands=commands,
-        services=RecordingServices(),
-        options={"collector_port": "9700", **options},
+        job="j1", root=tmp_path / "work", state_dir=tmp_path / "state", commands=commands,
+        services=RecordingServices(), options={"collector_port": "9700", **options},
     )
     return CondorBackend(context), commands
 
 
-PLAN = JobPlan(
-    "j1",
-    Path("/work"),
-    (HeldPeer("desk-2", EXEC_HOST, 4, 2**33),),
-    (TaskRun("Simple", 1, None, "true"),),
-)
+PLAN = JobPlan("j1", Path("/work"), (HeldPeer("desk-2", EXEC_HOST, 4, 2**33),),
+               (TaskRun("Simple", 1, None, "true"),))
 
 
 async def test_events_follow_the_node_log_until_dagman_leaves_the_queue(tmp_path: Path) -> None:

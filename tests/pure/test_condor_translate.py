@@ -49,38 +49,14 @@ def diamond_plan() -> JobPlan:
         ),
         runs=(
             TaskRun("a", 1, None, "echo 'it''s a' > a.txt", outputs=("a.txt",), retries=2),
-            TaskRun(
-                "b",
-                1,
-                None,
-                "tr a-z A-Z < a.txt > out/b.txt",
-                inputs=(a_txt,),
-                outputs=("out/b.txt",),
-                parents=("a",),
-                ram=512 * 1024**2,
-                env={"LANG": "C", "GREETING": 'say "hi" now'},
-            ),
-            TaskRun(
-                "c",
-                1,
-                None,
-                "wc -c a.txt > c.txt",
-                inputs=(a_txt,),
-                outputs=("c.txt",),
-                parents=("a",),
-                cpus=2,
-                limits={"wall_s": 90},
-            ),
-            TaskRun(
-                "d",
-                1,
-                None,
-                "cat out/b.txt c.txt > d.txt",
-                inputs=(StagedInput("out/b.txt", REF), StagedInput("c.txt", REF)),
-                outputs=("d.txt",),
-                parents=("b", "c"),
-                retries=1,
-            ),
+            TaskRun("b", 1, None, "tr a-z A-Z < a.txt > out/b.txt", inputs=(a_txt,),
+                    outputs=("out/b.txt",), parents=("a",), ram=512 * 1024**2,
+                    env={"LANG": "C", "GREETING": 'say "hi" now'}),
+            TaskRun("c", 1, None, "wc -c a.txt > c.txt", inputs=(a_txt,), outputs=("c.txt",),
+                    parents=("a",), cpus=2, limits={"wall_s": 90}),
+            TaskRun("d", 1, None, "cat out/b.txt c.txt > d.txt",
+                    inputs=(StagedInput("out/b.txt", REF), StagedInput("c.txt", REF)),
+                    outputs=("d.txt",), parents=("b", "c"), retries=1),
         ),
     )
 
@@ -117,13 +93,8 @@ def test_the_same_plan_gives_the_same_files_in_another_interpreter() -> None:
         "print(json.dumps(backend().translate(diamond_plan())))"
     )
     runs = [
-        subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONHASHSEED": seed},
-        ).stdout
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
         for seed in ("1", "2")
     ]
     assert runs[0] == runs[1]
@@ -140,7 +111,7 @@ def _dag_structure(text: str) -> tuple[list[str], set[tuple[str, str]], dict[str
             assert words[2] == f"{words[1]}.sub"
         elif words[0] == "PARENT":
             split = words.index("CHILD")
-            edges |= {(p, c) for p in words[1:split] for c in words[split + 1 :]}
+            edges |= {(p, c) for p in words[1:split] for c in words[split + 1:]}
         elif words[0] == "RETRY":
             retries[words[1]] = int(words[2])
         else:
@@ -195,7 +166,7 @@ def test_each_submit_description_parses_back_with_its_task() -> None:
         assert desc["output"].endswith(f"/logs/{run.task}.out")
     b = htcondor2.Submit(files["b.sub"])
     assert b["request_memory"] == "512M"
-    assert b["environment"] == '"GREETING=\'say ""hi"" now\' LANG=\'C\'"'
+    assert b["environment"] == "\"GREETING='say \"\"hi\"\" now' LANG='C'\""
     assert htcondor2.Submit(files["c.sub"])["allowed_execute_duration"] == "90"
 
 
@@ -216,9 +187,7 @@ def _condor_params(config: Path, *names: str) -> dict[str, str | None]:
         "print(json.dumps({k: None if x is None else str(x) for k, x in v.items()}))"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, *names],
-        capture_output=True,
-        text=True,
+        [sys.executable, "-c", code, *names], capture_output=True, text=True,
         env={**os.environ, "CONDOR_CONFIG": str(config)},
     )
     assert done.returncode == 0, done.stderr
@@ -231,24 +200,14 @@ def test_the_coordinator_config_reads_as_a_central_manager_and_submit_host(tmp_p
     config = tmp_path / "coordinator.config"
     config.write_text(files[template.COORDINATOR_CONFIG])
     got = _condor_params(
-        config,
-        "DAEMON_LIST",
-        "COLLECTOR_HOST",
-        "LOCAL_DIR",
-        "SEC_PASSWORD_FILE",
-        "SEC_TOKEN_POOL_SIGNING_KEY_FILE",
-        "SEC_DEFAULT_AUTHENTICATION",
-        "SEC_DEFAULT_AUTHENTICATION_METHODS",
-        "SEC_DEFAULT_ENCRYPTION",
-        "TRUST_DOMAIN",
+        config, "DAEMON_LIST", "COLLECTOR_HOST", "LOCAL_DIR", "SEC_PASSWORD_FILE",
+        "SEC_TOKEN_POOL_SIGNING_KEY_FILE", "SEC_DEFAULT_AUTHENTICATION",
+        "SEC_DEFAULT_AUTHENTICATION_METHODS", "SEC_DEFAULT_ENCRYPTION", "TRUST_DOMAIN",
         "COLLECTOR_ARGS",
     )
     assert got["DAEMON_LIST"] is not None
     assert set(got["DAEMON_LIST"].replace(",", " ").split()) == {
-        "MASTER",
-        "COLLECTOR",
-        "NEGOTIATOR",
-        "SCHEDD",
+        "MASTER", "COLLECTOR", "NEGOTIATOR", "SCHEDD"
     }
     assert got["COLLECTOR_HOST"] == "10.77.0.1:9700"
     assert got["LOCAL_DIR"] == str(tmp_path / "condor")
@@ -271,30 +230,15 @@ def test_each_startd_config_reads_as_that_peers_execute_node(
     text = backend().translate(plan)[template.startd_config_name(peer.name)]
     # What the worker does for a service run: fill in its directory, address and port.
     service_dir = tmp_path / "service"
-    text = (
-        text.replace("{dir}", str(service_dir))
-        .replace("{host}", peer.address)
-        .replace("{port:startd}", "9711")
-    )
+    text = (text.replace("{dir}", str(service_dir)).replace("{host}", peer.address)
+            .replace("{port:startd}", "9711"))
     assert "{" not in text
     config = tmp_path / "startd.config"
     config.write_text(text)
     got = _condor_params(
-        config,
-        "DAEMON_LIST",
-        "COLLECTOR_HOST",
-        "NUM_CPUS",
-        "MEMORY",
-        "START",
-        "SUSPEND",
-        "PREEMPT",
-        "KILL",
-        "SEC_PASSWORD_FILE",
-        "SEC_DEFAULT_AUTHENTICATION_METHODS",
-        "NETWORK_INTERFACE",
-        "STARTD_ARGS",
-        "STARTD_ADDRESS_FILE",
-        "SLOT_TYPE_1_PARTITIONABLE",
+        config, "DAEMON_LIST", "COLLECTOR_HOST", "NUM_CPUS", "MEMORY", "START", "SUSPEND",
+        "PREEMPT", "KILL", "SEC_PASSWORD_FILE", "SEC_DEFAULT_AUTHENTICATION_METHODS",
+        "NETWORK_INTERFACE", "STARTD_ARGS", "STARTD_ADDRESS_FILE", "SLOT_TYPE_1_PARTITIONABLE",
         "TRUST_DOMAIN",
     )
     assert got["DAEMON_LIST"] is not None
@@ -303,10 +247,7 @@ def test_each_startd_config_reads_as_that_peers_execute_node(
     assert got["NUM_CPUS"] == str(peer.cpus)
     assert got["MEMORY"] == str(peer.ram // 1024**2)
     assert (got["START"], got["SUSPEND"], got["PREEMPT"], got["KILL"]) == (
-        "True",
-        "False",
-        "False",
-        "False",
+        "True", "False", "False", "False"
     )
     assert got["SEC_PASSWORD_FILE"] == str(service_dir / template.POOL_KEY)
     assert got["SEC_DEFAULT_AUTHENTICATION_METHODS"] == "IDTOKENS, PASSWORD"

@@ -194,13 +194,8 @@ def _common(job: str, coordinator: str, collector_port: int) -> Iterator[str]:
     yield "MAIL = /bin/true"
     yield "SENDMAIL = /bin/true"
     # Short cycles: a job's pool lives minutes, not months.
-    for key in (
-        "UPDATE_INTERVAL",
-        "NEGOTIATOR_INTERVAL",
-        "NEGOTIATOR_CYCLE_DELAY",
-        "SCHEDD_INTERVAL",
-        "STARTER_UPDATE_INTERVAL",
-    ):
+    for key in ("UPDATE_INTERVAL", "NEGOTIATOR_INTERVAL", "NEGOTIATOR_CYCLE_DELAY",
+                "SCHEDD_INTERVAL", "STARTER_UPDATE_INTERVAL"):
         yield f"{key} = 5"
 
 
