@@ -18,11 +18,31 @@ a heap of its own, so other ready tasks go past it, and the job cannot end while
 The core has no clock: `next_wakeup()` says when the shell must feed a `Tick`. A retry goes
 to another peer than the ones it failed on when one has a free slot.
 
-Ready tasks wait in one heap per requirement class (tasks with the same `require`), ordered
-by their bottom level (the longest chain of tasks after them), so the critical path goes
-first. Placement visits free slots and pops the best task the slot's peer can run: the cost
-of a decision depends on the number of classes, never on the number of tasks, which keeps a
-100,000-task DAG schedulable. A peer is released as soon as no unstarted task is left for it.
+Ready tasks wait in one heap per class (tasks with the same `require` and category),
+ordered by the workflow's `priority` and then by their bottom level (the longest chain of
+tasks after them), so among equals the critical path goes first. Placement visits free slots
+and pops the best task the slot's peer can run: the cost of a decision depends on the number
+of classes, never on the number of tasks, which keeps a 100,000-task DAG schedulable. A
+peer is released as soon as no unstarted task is left for it.
+
+Node rules (`rules=`, the workflow's DAGMan-like keys; `NodeRules` in model.py):
+- category caps: a task counts against its category's cap from its placement to its end
+  (outputs collected). A category at its cap is `full` in the ready queue, whose classes of
+  it are then passed over: its tasks wait READY, and a free slot whose only work is capped
+  takes nothing and costs nothing per event (`has_ready` says there is no work). A capped
+  task is never planned ahead nor gated on a broadcast (it waits for its category, not for
+  a peer), so nothing but its class heap holds it.
+- `retry_unless_exit`: an attempt that exited with that code fails the task for good.
+- `abort_on`: an attempt that exited with that code aborts the job: it fails, every RUNNING
+  task is stopped (`StopRun`) and fails, every WAITING or READY one is SKIPPED, a task on a
+  peer lost afterwards fails; nothing starts again but the final task. The job ends
+  "aborted", `Finished.exit_status` being the rule's status.
+- `final`: one task without edges, WAITING (one in `deps_left`, see `undone_preds`) until
+  every other task has ended, however it ended, then placed as any. When the job ends, its
+  outcome is the job's (DAGMan's FINAL node overrides the other nodes and an ABORT-DAG-ON's
+  status). A cancel ends the job without it.
+- `noop`: made READY, it is DONE in the same event (`_settle_nodes`), never placed nor
+  planned; a chain of noop tasks settles in one loop, not by recursion.
 
 Scale: no event costs O(peers), let alone O(peers x running tasks). Every question asked
 per event is answered from an index kept as the state changes, never by a scan: which peers
@@ -57,7 +77,8 @@ Parts. The core owns the job's state (tasks, held peers and their slots, counts,
 and the moves of a task (`move`, `make_ready`, `enqueue`, `detach`: each with its
 bookkeeping). It builds and holds two collaborators, each owning its own state:
 - `ReadyQueue` (`ready.py`): the class heaps, the per-peer affine heaps and the backoff
-  heap, with lazy deletion of stale entries, and which peer can run which class;
+  heap, with lazy deletion of stale entries, which peer can run which class, and how many
+  tasks of each capped category are placed;
 - `DataPlanner` (`dataplane.py`): placement affinity, prefetch planning, broadcast and the
   remaking of lost intermediates. It is handed what it reads and asks the core for every
   move of a task through the narrow `TaskMoves` protocol, which the core implements.
@@ -85,6 +106,7 @@ says, so that the journal, `--resume` and the report stay the core's:
 - A lost peer's runs stay RUNNING: the middleware requeues them or says they failed.
   Acknowledgement deadlines and heartbeat listings do not apply (the runs are the
   middleware's, not a bgrid worker's).
+- Node rules are refused (ValueError): the middleware places the runs and applies its own.
 
 The shell (`coordinator/shell.py`) feeds events, passes `now`, and carries out instructions.
 `story(task)` tells why a task ran where it ran, as many times as it did.
@@ -114,6 +136,7 @@ from bonjourgrid.coordinator.model import (
     Finished,
     Instruction,
     Matcher,
+    NodeRules,
     Notice,
     OutputsCollected,
     PeerJoined,
@@ -151,6 +174,7 @@ __all__ = [
     "FileArrived",
     "Finished",
     "Instruction",
+    "NodeRules",
     "Notice",
     "OutputsCollected",
     "PeerJoined",
@@ -182,6 +206,7 @@ BACKOFF_CAP_S = 60.0  # the longest wait before a retry
 UNLISTED_LIMIT = 2  # heartbeats in a row without an acknowledged run: its attempt failed
 _NO_PREFETCH = PrefetchSettings(policy="none", broadcast_min_consumers=0)
 # "waiting -> ready: " for every allowed move: a story's step without formatting enums.
+_ON_A_PEER = (TaskStatus.RUNNING, TaskStatus.COLLECTING)  # placed and not ended
 _MOVE_HEADINGS = {(a, b): f"{a.value} -> {b.value}: " for a, b in TASK_TRANSITIONS}
 
 
@@ -200,6 +225,8 @@ class SchedulerCore:
         prefetch: PrefetchSettings = _NO_PREFETCH,
         ack_timeout_s: float | None = None,
         placement: Literal["core", "middleware"] = "core",
+        rules: Mapping[str, NodeRules] | None = None,
+        category_caps: Mapping[str, int] | None = None,
     ) -> None:
         """`tasks`: (name, predecessors, require text or "", retries) for every task;
         `done`: tasks finished in an earlier run (name -> outputs), closed under predecessors;
@@ -207,8 +234,14 @@ class SchedulerCore:
         contents of the inputs the coordinator serves; `prefetch`: the data policy;
         `ack_timeout_s`: how long a peer has to acknowledge a run (None: forever);
         `placement`: "middleware" when the middleware holds the edges and places the runs
-        (see the theory of operation)."""
+        (see the theory of operation); `rules`: the node semantics of the tasks that have
+        some (priority, category, retry_unless_exit, abort_on, final, noop);
+        `category_caps`: how many tasks of a category may run at once (a category left out
+        has no cap)."""
         self.by_middleware = placement == "middleware"
+        self.rules: dict[str, NodeRules] = {n: r for n, r in (rules or {}).items() if r}
+        if self.by_middleware and (self.rules or category_caps):
+            raise ValueError("a middleware that places the runs applies no node rules")
         # News from the middleware about WAITING tasks, applied once their parents are done.
         self._held_news: dict[str, list[RunPlaced | TaskReported | AttemptFailed]] = {}
         self.ack_timeout_s = ack_timeout_s
@@ -226,13 +259,25 @@ class SchedulerCore:
             for dep in deps:
                 self.successors[dep].append(name)
         self._assign_priorities(self.preds)
+        self.final: str | None = None  # the task that runs once every other one has ended
+        for name, rule in self.rules.items():
+            task = self.tasks[name]
+            task.user_priority, task.category = rule.priority, rule.category
+            if rule.final:
+                assert self.final is None and not self.preds[name], f"{name}: one final, apart"
+                assert not self.successors.get(name), f"final {name} has successors"
+                self.final = name
+        self._noops_due: list[str] = []  # noop tasks made READY, DONE before the next pass
+        # (task, exit code, status) once a task's `abort_on` exit code stopped the job
+        self.abort: tuple[str, int, int] | None = None
         self.data: dict[str, TaskData] = {name: TaskData() for name in self.tasks}
         self.data.update(data or {})
         self.files = FileTable(sources)
         # Source inputs whose digests come while the job runs -> the tasks that read them.
         self._unhashed: dict[str, list[str]] = {}
         self.peers: dict[str, PeerSlots] = {}
-        self.ready = ReadyQueue(self.tasks, matches)  # also which peers have a free slot
+        # also which peers have a free slot, and how many runs each capped category has
+        self.ready = ReadyQueue(self.tasks, matches, category_caps)
         self._idle: dict[str, None] = {}  # peers running and collecting nothing (scale-in)
         self._filled: list[str] = []  # peers placed on during a scheduling pass
         self.planner = DataPlanner(
@@ -258,6 +303,8 @@ class SchedulerCore:
         self.resumed = 0
         if done:
             self._resume(done, self.preds)
+        if self.final is not None and self.tasks[self.final].status is TaskStatus.WAITING:
+            self.tasks[self.final].deps_left = self.undone_preds(self.final)
         for task in self.tasks.values():
             if task.deps_left == 0 and task.status is TaskStatus.WAITING:
                 self.make_ready(task, 0.0, "no inputs from other tasks")
@@ -356,6 +403,8 @@ class SchedulerCore:
                 pass
         if self._held_news:
             self._release_held_news(now, out)
+        if self._noops_due or self.final is not None:
+            self._settle_nodes(now, out)
         if not schedule:
             return out
         if not self.by_middleware:
@@ -368,18 +417,64 @@ class SchedulerCore:
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY] == 0 and not any(
             self.counts[s] for s in (TaskStatus.RUNNING, TaskStatus.COLLECTING)
         ):
-            failed = [t.name for t in self.tasks.values() if t.status is TaskStatus.FAILED]
-            if failed:
-                skipped = self.counts[TaskStatus.SKIPPED]
-                self._finish(
-                    out,
-                    "failed",
-                    f"{len(failed)} task(s) failed ({', '.join(failed[:5])})"
-                    + (f", {skipped} skipped because they needed their outputs" if skipped else ""),
-                )
-            else:
-                self._finish(out, "succeeded", f"all {len(self.tasks)} tasks succeeded")
+            self._conclude(out)
         return out
+
+    def _conclude(self, out: list[Instruction]) -> None:
+        """Every task has ended: the job's status, why, and what `bgrid submit` exits with.
+        A final task's outcome is the job's, whatever came before (as DAGMan's FINAL node
+        overrides the other nodes and an ABORT-DAG-ON's status)."""
+        final = self.tasks.get(self.final or "")
+        failed = [
+            t.name for t in self.tasks.values() if t.status is TaskStatus.FAILED and t is not final
+        ]
+        skipped = self.counts[TaskStatus.SKIPPED]
+        exit_status: int | None = None
+        if self.abort is not None:
+            name, code, exit_status = self.abort
+            status = "aborted"
+            reason = (
+                f"task {name} exited {code}, which aborts the job (abort_on)"
+                + (f"; {len(failed)} task(s) failed or were stopped" if len(failed) > 1 else "")
+                + (f"; {skipped} task(s) never ran" if skipped else "")
+            )
+        elif failed:
+            status = "failed"
+            reason = f"{len(failed)} task(s) failed ({', '.join(failed[:5])})" + (
+                f", {skipped} skipped because they needed their outputs" if skipped else ""
+            )
+        else:
+            status, reason = "succeeded", f"all {len(self.tasks)} tasks succeeded"
+        if final is not None and status != "succeeded":
+            # the final task decides: its own exit status is what the user asked for
+            exit_status = None
+            if final.status is TaskStatus.DONE:
+                status, reason = "succeeded", f"final task {final.name} succeeded after: {reason}"
+            else:
+                status, reason = "failed", f"final task {final.name} failed after: {reason}"
+        elif final is not None and final.status is not TaskStatus.DONE:
+            status, reason = "failed", f"final task {final.name} failed"
+        self._finish(out, status, reason, exit_status, self.abort[0] if self.abort else "")
+
+    def _settle_nodes(self, now: float, out: list[Instruction]) -> None:
+        """Noop tasks made READY are DONE; the final task is released once nothing else is
+        left. Each may lead to the other (a noop final, a noop last task)."""
+        final = self.tasks.get(self.final or "")
+        while True:
+            while self._noops_due:
+                task = self.tasks[self._noops_due.pop()]
+                if task.status is TaskStatus.READY:
+                    task.start = now
+                    self._done(task, now, "noop: nothing to run", out)
+            if (
+                final is None
+                or final.status is not TaskStatus.WAITING
+                or final.deps_left == self.undone_preds(final.name)
+            ):
+                return
+            final.deps_left -= 1  # every other task has ended
+            if final.deps_left == 0:
+                self.make_ready(final, now, "every other task has ended")
 
     # -- transitions --------------------------------------------------------------------
 
@@ -399,7 +494,13 @@ class SchedulerCore:
     def undone_preds(self, name: str) -> int:
         """How many of the tasks `name` needs are not DONE, and of the source inputs it reads
         are not hashed yet (what it waits for)."""
-        undone = sum(1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE)
+        if name == self.final:  # it waits for every other task to end, however it ends
+            ended = self.tasks[name].status in FINAL
+            undone = int(self.pending() > (0 if ended else 1))
+        else:
+            undone = sum(
+                1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE
+            )
         if self._unhashed:
             undone += sum(1 for path in self.data[name].inputs if path in self._unhashed)
         return undone
@@ -415,6 +516,8 @@ class SchedulerCore:
             self.files.stop_reading(self.data[task.name].inputs)
         if to is TaskStatus.RUNNING:
             self.files.start_reading(self.data[task.name].inputs)
+        if self.ready.caps:
+            self._count_in_category(task, to)
         if task.status is TaskStatus.WAITING:
             self._waiting_levels[task.priority] -= 1
         if to is TaskStatus.WAITING:
@@ -425,6 +528,18 @@ class SchedulerCore:
         if task.resumed and to is not TaskStatus.DONE:
             task.resumed = False  # made again in this run (its output was lost): not kept
 
+    def _count_in_category(self, task: TaskState, to: TaskStatus) -> None:
+        """A task of a capped category counts against its cap from its placement to its
+        end (outputs collected), as the report's start and end show it."""
+        if task.status in _ON_A_PEER and to not in _ON_A_PEER:
+            self.ready.stopped(task)
+        elif to in _ON_A_PEER and task.status not in _ON_A_PEER:
+            self.ready.started(task)
+        if task.status is TaskStatus.READY:
+            self.ready.counted_ready(task, -1)
+        elif to is TaskStatus.READY:
+            self.ready.counted_ready(task, 1)
+
     def make_ready(self, task: TaskState, now: float, why: str) -> None:
         self.move(task, TaskStatus.READY, now, why)
         if self.by_middleware:
@@ -432,6 +547,11 @@ class SchedulerCore:
         planned_on = self.peers.get(task.planned_on or "")
         if planned_on is not None:  # planned while it waited (eager, critical-path)
             self.planner.count_ready_plan(planned_on, 1)
+        rule = self.rules.get(task.name) if self.rules else None
+        if rule is not None and rule.noop:
+            self.planner.unplan(task, requeue=False)  # planned for its inputs: not needed
+            self._noops_due.append(task.name)  # DONE in this pass, never placed
+            return
         self.enqueue(task)
 
     def enqueue(self, task: TaskState) -> None:
@@ -465,6 +585,11 @@ class SchedulerCore:
         task.exit_code, task.stderr_tail = event.exit_code, event.stderr_tail
         task.fetch_s, task.run_s = event.fetch_s, event.run_s
         task.bytes_fetched = event.bytes_fetched
+        rule = self.rules.get(task.name)
+        if rule is not None and rule.abort_exit == event.exit_code:
+            self.detach(task)
+            self._abort(task, event.exit_code, rule.abort_status, now, out)
+            return
         if event.exit_code == 0 and not event.error:
             task.outputs = event.outputs
             for path in self.data[task.name].inputs:  # it read them there: now cached there
@@ -502,7 +627,28 @@ class SchedulerCore:
             self.make_ready(task, now, why)
             return
         why = event.error or f"exit code {event.exit_code}"
-        self._failed_attempt(task, why, now, out)
+        self._failed_attempt(task, why, now, out, exit_code=event.exit_code)
+
+    def _abort(
+        self, task: TaskState, code: int, status: int, now: float, out: list[Instruction]
+    ) -> None:
+        """`task` exited with its `abort_on` code: it fails, the runs going on are stopped
+        (as a cancel stops them), nothing else starts but the final task, if any."""
+        self.abort = (task.name, code, status)
+        why = f"exit code {code} aborts the job (abort_on)"
+        out.append(Notice(f"task {task.name} exited {code}: the job is aborted"))
+        self._fail_for_good(task, why, why, now, out)
+        stop = f"the job was aborted by {task.name}"
+        for other in self.tasks.values():  # O(tasks), once per job
+            if other.name == self.final:
+                continue
+            if other.status is TaskStatus.RUNNING:
+                out.append(StopRun(other.name, other.peer or "", other.attempts, stop))
+                self.detach(other)
+                self._fail_for_good(other, f"stopped: {stop}", f"stopped: {stop}", now, out)
+            elif other.status in (TaskStatus.WAITING, TaskStatus.READY):
+                self.planner.unplan(other)  # its heap entries go stale (status check)
+                self.move(other, TaskStatus.SKIPPED, now, stop)
 
     def _running_on(self, peer: str, name: str, attempt: int) -> TaskState | None:
         """The task, if its attempt `attempt` is running on `peer`; else None (stale news)."""
@@ -662,12 +808,23 @@ class SchedulerCore:
         return min(self.backoff_cap_s, self.backoff_base_s * 2.0 ** max(0, failures - 1))
 
     def _failed_attempt(
-        self, task: TaskState, why: str, now: float, out: list[Instruction]
+        self,
+        task: TaskState,
+        why: str,
+        now: float,
+        out: list[Instruction],
+        exit_code: int | None = None,
     ) -> None:
+        """`exit_code`: what the command exited with (None: it did not run to an end)."""
         task.failures += 1
         task.error = why
         if task.peer is not None and task.peer not in task.failed_on:
             task.failed_on += (task.peer,)
+        rule = self.rules.get(task.name)
+        if exit_code is not None and rule is not None and rule.unless_exit == exit_code:
+            story = f"{why}; retry_unless_exit {exit_code}: no retry"
+            self._fail_for_good(task, story, why, now, out)
+            return
         if self.by_middleware:
             # Attempt n that failed was the n-th: news of an earlier one may never have come.
             task.failures = max(task.failures, task.attempts)
@@ -757,6 +914,10 @@ class SchedulerCore:
             self.planner.unplan(self.tasks[task_name])
         for task_name in sorted(peer.running | peer.collecting):
             task = self.tasks[task_name]
+            if self.abort is not None and task_name != self.final:
+                why = f"its outputs went with peer {name} ({reason}) after the job was aborted"
+                self._fail_for_good(task, why, why, now, out)  # nothing new starts
+                continue
             why = f"peer {name} lost ({reason}): rescheduled"
             task.deps_left = self.undone_preds(task_name)
             if task.deps_left:  # a producer is being made again: wait for its file
@@ -888,7 +1049,14 @@ class SchedulerCore:
             self.planner.drop_peer(name)
             out.append(Release(name))
 
-    def _finish(self, out: list[Instruction], status: str, reason: str) -> None:
+    def _finish(
+        self,
+        out: list[Instruction],
+        status: str,
+        reason: str,
+        exit_status: int | None = None,
+        aborted_by: str = "",
+    ) -> None:
         if self.by_middleware:  # the job ends before these runs do (cancelled)
             for task in self.tasks.values():
                 if task.status is TaskStatus.RUNNING:
@@ -899,7 +1067,7 @@ class SchedulerCore:
         self._idle.clear()
         self.ready.drop_all_peers()
         self.planner.drop_all_peers()
-        self.finished = Finished(status, reason)
+        self.finished = Finished(status, reason, exit_status, aborted_by)
         out.append(self.finished)
 
     # -- questions ------------------------------------------------------------------------
@@ -951,9 +1119,11 @@ class SchedulerCore:
         return self.ready.unplaceable(self.peers.values())
 
     def wanted_peers(self) -> int:
-        """How many more single-slot peers the ready tasks could use right now."""
+        """How many more single-slot peers the ready tasks could use right now (not those
+        that a category's cap holds back)."""
         free = sum(p.cpus - len(p.running) for p in self.peers.values())
-        return max(0, self.counts[TaskStatus.READY] - self.ready.backing_off - free)
+        startable = self.counts[TaskStatus.READY] - self.ready.backing_off - self.ready.held_back()
+        return max(0, startable - free)
 
     def next_wakeup(self) -> float | None:
         """When the next retry backoff or run acknowledgement deadline ends (feed a `Tick`
@@ -997,6 +1167,13 @@ class SchedulerCore:
                 assert task.status is TaskStatus.DONE and task.attempts == 0
             if task.lost_input:
                 assert task.status is TaskStatus.RUNNING, f"{task.name} waits for a file idle"
+            rule = self.rules.get(task.name)
+            if rule is not None and rule.noop:
+                assert task.attempts == 0, f"noop {task.name} was placed"
+                if task.status is TaskStatus.READY:
+                    assert task.name in self._noops_due, f"noop {task.name} is not done"
+            if self.abort is not None and task.name != self.final and not self.finished:
+                assert task.status in FINAL or task.status is TaskStatus.COLLECTING, task.name
             if task.planned_on is not None and self.finished is None:
                 assert task.status in (TaskStatus.READY, TaskStatus.WAITING), task.name
                 assert task.name in self.peers[task.planned_on].planned, task.name

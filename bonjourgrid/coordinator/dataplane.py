@@ -234,8 +234,9 @@ class DataPlanner:
                 peer = self.peers[name]
                 if len(peer.planned) >= depth or peer.planned_bytes >= settings.max_bytes:
                     continue
-                task = self.ready.pop_affine(peer, self.holds_broadcast_inputs)
-                task = task or self.ready.pop_best(peer)
+                # a capped task waits for its category, not for a peer: never planned
+                task = self.ready.pop_affine(peer, self.holds_broadcast_inputs, with_capped=False)
+                task = task or self.ready.pop_best(peer, with_capped=False)
                 if task is None:
                     continue
                 missing = sum(
@@ -304,8 +305,8 @@ class DataPlanner:
         top_level = self.moves.top_waiting_level()
         for name in self.successors.get(producer.name, ()):
             task = self.tasks[name]
-            if task.status is not TaskStatus.WAITING:
-                continue
+            if task.status is not TaskStatus.WAITING or self.ready.capped(task):
+                continue  # (a capped task is never planned: it waits for its category)
             if policy == "critical-path" and task.priority < top_level:
                 continue  # not on a longest remaining path
             peer = self.peers.get(task.planned_on or "")
@@ -418,8 +419,9 @@ class DataPlanner:
         return [p for p in self.files.paths.get(digest, ()) if p in self.broadcast_paths]
 
     def spreading_inputs(self, task: TaskState) -> list[str]:
-        """The digests of the task's inputs that are still being broadcast."""
-        if not self._bc_active:
+        """The digests of the task's inputs that are still being broadcast (none for a task
+        of a capped category: it is never gated, its run fetches what it lacks)."""
+        if not self._bc_active or self.ready.capped(task):
             return []
         return [
             ref.digest

@@ -116,6 +116,8 @@ def workflow_digest(path: Path) -> str:
 def task_digest(spec: TaskSpec) -> str:
     """SHA-256 of what decides a task's outputs: command, inputs, outputs, environment."""
     what = [spec.command, list(spec.inputs), list(spec.outputs), sorted(spec.env.items())]
+    if spec.noop:  # its command never ran: the same task without noop must run (and v.v.)
+        what.append("noop")
     return hashlib.sha256(json.dumps(what, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -384,6 +386,9 @@ def plan_resume(
     for name in order:
         record = state.done.get(name)
         if record is None:
+            continue
+        if workflow.tasks[name].final:
+            rerun[name] = "a final task runs again on every submit, once the others ended"
             continue
         why = _why_not_kept(workflow, workflow.tasks[name], record, kept, on_disk, sources, read)
         if why is None:

@@ -47,6 +47,7 @@ TASK_TRANSITIONS = {
     (TaskStatus.READY, TaskStatus.WAITING),
     (TaskStatus.RUNNING, TaskStatus.WAITING),
     (TaskStatus.COLLECTING, TaskStatus.WAITING),
+    (TaskStatus.READY, TaskStatus.DONE),  # a noop task: nothing to run
 }
 
 
@@ -250,8 +251,17 @@ class Recruit:
 
 @dataclass(frozen=True)
 class Finished:
-    status: str  # "succeeded" | "failed"
+    status: str  # "succeeded" | "failed" | "aborted"
     reason: str
+    # An `abort_on` task's status, which `bgrid submit` exits with (None: see exit_code)
+    exit_status: int | None = None
+    aborted_by: str = ""  # the task whose exit code aborted the job (`abort_on`)
+
+    def exit_code(self) -> int:
+        """What `bgrid submit` exits with: an abort's status, else 0 succeeded, 1 not."""
+        if self.exit_status is not None:
+            return self.exit_status
+        return 0 if self.status == "succeeded" else 1
 
 
 @dataclass(frozen=True)
@@ -288,6 +298,20 @@ Instruction = (
 
 
 # -- state ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRules:
+    """A task's node semantics (the workflow's priority, category, retry_unless_exit,
+    abort_on, final, noop); a task without any has none (`SchedulerCore(rules=...)`)."""
+
+    priority: int = 0  # higher goes first among ready tasks
+    category: str = ""  # counted against `category_caps[category]` while it runs
+    unless_exit: int | None = None  # an attempt exiting with it fails the task for good
+    abort_exit: int | None = None  # an attempt exiting with it aborts the job...
+    abort_status: int = 1  # ...which then exits with this status
+    final: bool = False  # ready once every other task has ended; its outcome is the job's
+    noop: bool = False  # never placed: DONE as soon as it is READY
 
 
 @dataclass(frozen=True, slots=True)  # one per task, for the whole job
@@ -334,6 +358,8 @@ class TaskState:
     # peer. Stopped and placed again once the file is made again (unless it reports first).
     lost_input: str = ""
     rerun: str = ""  # why it ran again after it was done (its output was lost), for the report
+    user_priority: int = 0  # the workflow's `priority:` (higher first), before the bottom level
+    category: str = ""  # the workflow's `category:` ("" none): its cap bounds runs at once
 
 
 @dataclass
@@ -350,4 +376,4 @@ class PeerSlots:
 
 
 Matcher = Callable[[str, Mapping[str, str]], bool]
-Entry = tuple[int, int, str]  # heap entry: (-priority, sequence, task)
+Entry = tuple[int, int, str]  # heap entry: (-(user priority, bottom level), sequence, task)

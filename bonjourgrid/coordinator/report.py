@@ -95,6 +95,15 @@ def build_report(inputs: ReportInputs) -> dict[str, Any]:
         },
         "prefetch": inputs.prefetch,
     }
+    # what `bgrid submit` exits with: 0 succeeded, 1 failed, or an abort_on task's status
+    report["exit_status"] = finished.exit_code() if finished is not None else 1
+    if finished is not None and finished.aborted_by:
+        aborter = inputs.tasks[finished.aborted_by]
+        report["aborted"] = {
+            "task": finished.aborted_by,
+            "exit_code": aborter.exit_code,
+            "exit_status": finished.exit_status,
+        }
     if inputs.journal is not None:
         report["journal"] = str(inputs.journal)
     plan = inputs.resume

@@ -34,6 +34,12 @@ its news (`placement="middleware"`): no Dispatch, Prefetch or Collect. It moves 
 data; a finished run's outputs are hashed in the submit directory on their way to the core,
 one event at a time, so that a child's start never overtakes its parents' ends.
 
+Node rules (the workflow's priority, category, retry_unless_exit, abort_on, final, noop)
+go to the core as `NodeRules` (`node_rules`); the shell's part is small: a noop task that
+needs nothing is settled by a first Tick before any peer is recruited, the final task's run
+gets BGRID_DAG_STATUS and BGRID_FAILED_COUNT (`final_env`) in its environment, and the
+report carries `Finished.exit_code()`, which `bgrid submit` exits with.
+
 The report (`report.py`) is built from a `ReportInputs` record made at the end. The remote
 cache that stages the inputs is `stage.py`.
 """
@@ -137,6 +143,17 @@ class Coordinator:
         backend: Callable[[BackendContext], Backend] = NativeBackend,
         backend_options: dict[str, str] | None = None,
     ) -> None:
+        rules, caps = node_rules(workflow)
+        placed_by = getattr(backend, "capabilities", NativeBackend.capabilities).dependencies
+        if placed_by == "middleware" and (rules or caps):  # refused before anything opens
+            name = next(iter(rules), "")
+            raise ConfigError(
+                f"backend {getattr(backend, 'name', backend)!r} places the runs itself, so bgrid "
+                "cannot apply priority, category, retry_unless_exit, abort_on, final or noop"
+                + (f" (task {name!r} sets some)" if name else " (the workflow sets categories)")
+                + "; run the workflow on bgrid's own workers, or write those rules for the "
+                "middleware"
+            )
         self.workflow = workflow
         self.display = display  # what the user sees while it runs (progress.py)
         self.needs = needs
@@ -198,7 +215,10 @@ class Coordinator:
             prefetch=self.data.prefetch,
             ack_timeout_s=self.timeouts.run_ack_s,
             placement="middleware" if self.middleware_dag else "core",
+            rules=rules,
+            category_caps=caps,
         )
+        self._has_noops = any(rule.noop for rule in rules.values())
         self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
         self.mover = DataMover(
             job=self.job,
@@ -294,6 +314,8 @@ class Coordinator:
             await self._stage_inputs()
         self.journal = self._start_journal()
         try:
+            if self._has_noops and self.core.pending():
+                await self._apply(core.Tick())  # noop tasks that need nothing are done now
             if self.core.pending():
                 finished = await self._run_on_grid()
             else:  # every task was kept from the journal: no peer is needed
@@ -759,6 +781,9 @@ class Coordinator:
         for path in spec.inputs:
             ref = self._input_ref(path)
             inputs.append(StagedInput(path, ref, tuple(sources(ref.digest, peer))))
+        env = spec.env
+        if spec.final:  # what became of the others, as DAGMan's $DAG_STATUS, $FAILED_COUNT
+            env = {**env, **final_env(self.core)}
         await self.backend.submit(
             TaskRun(
                 task,
@@ -767,7 +792,7 @@ class Coordinator:
                 spec.command,
                 tuple(inputs),
                 spec.outputs,
-                spec.env,
+                env,
                 spec.limits,
                 retries=spec.retries,
             )
@@ -821,6 +846,36 @@ def task_data(workflow: Workflow, fetch_all: bool) -> dict[str, core.TaskData]:
         )
         for name, spec in workflow.tasks.items()
     }
+
+
+def node_rules(workflow: Workflow) -> tuple[dict[str, core.NodeRules], dict[str, int]]:
+    """The node semantics of the tasks that have some, and the category caps, for the core."""
+    rules = {}
+    for name, spec in workflow.tasks.items():
+        rule = core.NodeRules(
+            priority=spec.priority,
+            category=spec.category or "",
+            unless_exit=spec.retry_unless_exit,
+            abort_exit=spec.abort_on.exit if spec.abort_on else None,
+            abort_status=spec.abort_on.status if spec.abort_on else 1,
+            final=spec.final,
+            noop=spec.noop,
+        )
+        if rule != _NO_RULES:
+            rules[name] = rule
+    caps = {name: cap for name, cap in workflow.categories.items() if cap is not None}
+    return rules, caps
+
+
+_NO_RULES = core.NodeRules()
+
+
+def final_env(scheduler: core.SchedulerCore) -> dict[str, str]:
+    """The final task's view of the job: BGRID_DAG_STATUS 0 when every other task succeeded
+    (1 when one failed or the job was aborted), BGRID_FAILED_COUNT the tasks that failed."""
+    failed = scheduler.counts[core.TaskStatus.FAILED]
+    status = 1 if failed or scheduler.abort is not None else 0
+    return {"BGRID_DAG_STATUS": str(status), "BGRID_FAILED_COUNT": str(failed)}
 
 
 def job_id(workflow_name: str) -> str:

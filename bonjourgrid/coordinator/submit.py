@@ -272,6 +272,9 @@ def submit(opts: SubmitOptions) -> int:
         sig = signal.Signals[report["signal"]]
         print(f"bgrid: to go on from there: {resume_command(opts)}", file=sys.stderr)
         return 128 + int(sig)
+    exit_status = report.get("exit_status")  # an abort_on status, or 0/1 by the status
+    if isinstance(exit_status, int):
+        return exit_status
     return 0 if report["status"] == "succeeded" else 1
 
 

@@ -24,7 +24,7 @@ import math
 import re
 import sys
 from collections import defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from itertools import pairwise
 from pathlib import Path
 from types import MappingProxyType
@@ -35,6 +35,7 @@ import networkx as nx
 from bonjourgrid.dag.model import (
     NO_MAPPING,
     RANKS,
+    AbortOn,
     GridSpec,
     TaskSpec,
     Workflow,
@@ -64,15 +65,24 @@ _MAX_PROBLEMS_SHOWN = 20
 _MAX_CYCLE_SHOWN = 12  # tasks
 _MAX_SUGGESTION_POOL = 5000  # beyond this, a "did you mean" search would cost more than it helps
 
-_TOP_KEYS = ("name", "grid", "defaults", "tasks")
+_TOP_KEYS = ("name", "grid", "defaults", "categories", "tasks")
 _GRID_KEYS = ("workers", "require", "max_cost", "rank")
-_DEFAULT_KEYS = ("retries", "require", "env", "keep", "limits")
-_TASK_KEYS = (
-    "command", "inputs", "outputs", "after", "retries", "require", "env", "keep", "limits"
+_DEFAULT_KEYS = (
+    "retries", "require", "env", "keep", "limits", "priority", "category", "retry_unless_exit"
 )  # fmt: skip
+_TASK_KEYS = (
+    "command", "inputs", "outputs", "after", "retries", "require", "env", "keep", "limits",
+    "priority", "category", "retry_unless_exit", "abort_on", "final", "noop",
+)  # fmt: skip
+_CATEGORY_KEYS = ("max_running",)
+_ABORT_KEYS = ("exit", "status")
 _KEY_SETS: dict[tuple[str, ...], frozenset[str]] = {
-    keys: frozenset(keys) for keys in (_TOP_KEYS, _GRID_KEYS, _DEFAULT_KEYS, _TASK_KEYS, LIMIT_KEYS)
-}
+    keys: frozenset(keys)
+    for keys in (
+        _TOP_KEYS, _GRID_KEYS, _DEFAULT_KEYS, _TASK_KEYS, LIMIT_KEYS, _CATEGORY_KEYS, _ABORT_KEYS
+    )
+}  # fmt: skip
+_CATEGORY_NAME = _TASK_NAME
 
 
 class _Problems:
@@ -213,6 +223,7 @@ def workflow_from_mapping(
         )
         raw_tasks = {}
 
+    limits = _read_categories(data.get("categories"), problems)
     tasks: dict[str, TaskSpec] = {}
     for task_name, raw in raw_tasks.items():
         task = _read_task(task_name, raw, defaults, requirements, urls, problems)
@@ -220,11 +231,13 @@ def workflow_from_mapping(
             tasks[task.name] = task
     problems.add_unknown()
     problems.raise_if_any()
+    categories = _categories(tasks, limits, problems)
 
     producer = _producers(tasks, problems)
     for problem in urls.problems(producer, check_sources) if urls.urls else ():
         problems.add(problem)
     graph = _build_graph(tasks, producer, root, check_sources, urls.urls, problems)
+    _check_final_stands_apart(tasks, graph, problems)
     problems.raise_if_any()
     _check_acyclic(graph, problems)
     problems.raise_if_any()
@@ -236,6 +249,7 @@ def workflow_from_mapping(
         producer=producer,
         grid=grid,
         urls=urls.urls,
+        categories=categories,
     )
 
 
@@ -368,6 +382,10 @@ def _read_defaults(
     defaults["env"] = _read_env(value.get("env"), "defaults", problems)
     limits = _read_limits(value.get("limits"), "defaults", problems)
     defaults["limits"] = {key: v for key, v in limits.items() if v is not None}
+    node = defaults["node"] = {}  # the node keys every task gets, unless it sets its own
+    for key, check in _NODE_DEFAULTS:
+        if value.get(key) is not None:
+            node[key] = check(value[key], "defaults", problems)
     return defaults
 
 
@@ -409,8 +427,20 @@ def _read_task(
     problems.note_unknown(raw, _TASK_KEYS, where)
     count = len(problems.items)
 
+    # Most tasks set no node key: one set operation says so.
+    node: Mapping[str, Any] = defaults.get("node", NO_MAPPING)
+    noop = False
+    if not _NODE_KEY_SET.isdisjoint(raw):
+        own = dict(node)
+        for key, check in _NODE_KEYS:
+            if raw.get(key) is not None:
+                own[key] = check(raw[key], where, problems)
+        node = own
+        noop = _check_flag(raw.get("noop", False), where, "noop", problems)
     command = raw.get("command")
-    if not isinstance(command, str) or not command.strip():
+    if noop and command is None:
+        command = ""  # nothing runs: a noop task needs no command
+    elif not isinstance(command, str) or not command.strip():
         got = "has no command" if command is None else f"command {command!r} is not a string"
         problems.add(f"{where} {got}; write the shell command as one string")
     else:
@@ -442,6 +472,11 @@ def _read_task(
     if raw.get("limits") is not None:
         merged = {**limits, **_read_limits(raw["limits"], where, problems)}
         limits = {key: v for key, v in merged.items() if v is not None}  # None lifts a default
+    if noop and outputs:
+        problems.add(
+            f"{where}: a noop task runs nothing, so it cannot write outputs "
+            f"({outputs[0]!r}); drop `outputs` or `noop`"
+        )
     if len(problems.items) > count:
         return None
     assert isinstance(command, str)
@@ -456,7 +491,152 @@ def _read_task(
         env=MappingProxyType(env) if env else NO_MAPPING,
         keep=keep,
         limits=MappingProxyType(limits) if limits else NO_MAPPING,
+        noop=noop,
+        **node,
     )
+
+
+def _check_int(value: object, where: str, key: str, problems: _Problems) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        problems.add(f"{where}: {key} {value!r} must be a whole number")
+        return 0
+    return value
+
+
+def _check_priority(value: object, where: str, problems: _Problems) -> int:
+    return _check_int(value, where, "priority", problems)
+
+
+def _check_category(value: object, where: str, problems: _Problems) -> str | None:
+    if not isinstance(value, str) or not _CATEGORY_NAME.match(value):
+        problems.add(
+            f"{where}: category {value!r} is not a name: use letters, digits, '.', '_' or '-'"
+        )
+        return None
+    return value
+
+
+def _check_unless_exit(value: object, where: str, problems: _Problems) -> int | None:
+    code = _check_int(value, where, "retry_unless_exit", problems)
+    if value.__class__ is int and code == 0:
+        problems.add(f"{where}: retry_unless_exit 0 is a success, never a failed attempt")
+    return code
+
+
+def _check_flag(value: object, where: str, key: str, problems: _Problems) -> bool:
+    if not isinstance(value, bool):
+        problems.add(f"{where}: {key} {value!r} must be true or false")
+        return False
+    return value
+
+
+def _check_final_flag(value: object, where: str, problems: _Problems) -> bool:
+    return _check_flag(value, where, "final", problems)
+
+
+def _check_abort_on(value: object, where: str, problems: _Problems) -> AbortOn | None:
+    """`abort_on: {exit: 3, status: 1}`; the status defaults to the exit code."""
+    if not isinstance(value, Mapping) or "exit" not in value:
+        problems.add(
+            f"{where}: abort_on must be a mapping such as {{exit: 3, status: 1}} "
+            "(the exit code that stops the job, and the status bgrid submit ends with)"
+        )
+        return None
+    problems.note_unknown(value, _ABORT_KEYS, f"{where} abort_on")
+    count = len(problems.items)
+    code = _check_int(value["exit"], where, "abort_on exit", problems)
+    status = code if value.get("status") is None else value["status"]
+    if not isinstance(status, int) or isinstance(status, bool) or not 0 <= status <= 255:
+        problems.add(f"{where}: abort_on status {status!r} must be an exit status, 0 to 255")
+    if len(problems.items) > count:
+        return None
+    assert isinstance(status, int)
+    return AbortOn(code, status)
+
+
+# What `defaults:` may set for every task, and every node key a task may set (model.py).
+_NODE_DEFAULTS: tuple[tuple[str, Callable[[object, str, _Problems], Any]], ...] = (
+    ("priority", _check_priority),
+    ("category", _check_category),
+    ("retry_unless_exit", _check_unless_exit),
+)
+_NODE_KEYS = (*_NODE_DEFAULTS, ("abort_on", _check_abort_on), ("final", _check_final_flag))
+_NODE_KEY_SET = frozenset([*(key for key, _ in _NODE_KEYS), "noop"])
+
+
+def _read_categories(value: object, problems: _Problems) -> dict[str, int | None]:
+    """The top-level `categories: {NAME: {max_running: N}}`; None: no limit."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        problems.add("`categories` must be a mapping such as {download: {max_running: 2}}")
+        return {}
+    limits: dict[str, int | None] = {}
+    for name, raw in value.items():
+        where = f"categories: {name!r}"
+        if _check_category(name, "categories", problems) is None:
+            continue
+        if raw is None:
+            limits[name] = None
+            continue
+        if not isinstance(raw, Mapping):
+            problems.add(f"{where} must be a mapping such as {{max_running: 2}}")
+            continue
+        problems.note_unknown(raw, _CATEGORY_KEYS, where)
+        cap = raw.get("max_running")
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            problems.add(f"{where}: max_running {cap!r} must be a whole number >= 1")
+            continue
+        limits[name] = cap
+    return limits
+
+
+def _categories(
+    tasks: Mapping[str, TaskSpec], limits: Mapping[str, int | None], problems: _Problems
+) -> dict[str, int | None]:
+    """Every category a task names, with its limit (None: not listed, so unlimited). A
+    listed category that no task names is a typo until shown otherwise: its limit would
+    hold nothing back."""
+    named = {task.category for task in tasks.values() if task.category is not None}
+    for name in limits:
+        if name not in named:
+            hint = _suggest(name, sorted(named), problems)
+            problems.add(
+                f"categories: {name!r} is named by no task{hint}; "
+                "set `category:` on its tasks or remove it"
+            )
+    return {name: limits.get(name) for name in sorted(named)}
+
+
+def _check_final_stands_apart(
+    tasks: Mapping[str, TaskSpec], graph: nx.DiGraph, problems: _Problems
+) -> None:
+    """At most one final task, standing apart from the DAG: it runs once all else ended."""
+    finals = [name for name, task in tasks.items() if task.final]
+    for extra in finals[1:]:
+        problems.add(
+            f"task {extra!r} is final, and so is {finals[0]!r}; a workflow has at most one "
+            "final task"
+        )
+    for name in finals[:1]:
+        for before in graph.predecessors(name):
+            files = graph.edges[before, name]["files"]
+            why = f"reads {files[0]!r} from {before!r}" if files else f"runs after {before!r}"
+            problems.add(
+                f"task {name!r} is final: it runs after every other task anyway, so it "
+                f"cannot depend on one (it {why}); remove that dependency"
+            )
+        for after in graph.successors(name):
+            files = graph.edges[name, after]["files"]
+            why = f"reads {files[0]!r} from it" if files else "runs after it"
+            problems.add(
+                f"task {name!r} is final: it runs last, so no task can depend on it "
+                f"({after!r} {why}); remove that dependency"
+            )
+        if tasks[name].abort_on is not None:
+            problems.add(
+                f"task {name!r} is final: nothing is left to abort when it runs; drop its abort_on"
+            )
 
 
 def _as_list(value: object, where: str, what: str, problems: _Problems) -> list[object]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import networkx as nx
 
-__all__ = ["NO_MAPPING", "GridSpec", "TaskSpec", "Workflow", "normalize_path"]
+__all__ = ["NO_MAPPING", "AbortOn", "GridSpec", "TaskSpec", "Workflow", "normalize_path"]
 
 RANKS = ("cost", "cpus")  # values of `grid.rank`; cost is the default
 
@@ -54,6 +54,15 @@ def _empty_limits() -> Mapping[str, int]:
     return NO_MAPPING
 
 
+@dataclass(frozen=True, slots=True)
+class AbortOn:
+    """`abort_on:` the exit code of the task's command that stops the whole job, and the
+    exit status `bgrid submit` then ends with (DAGMan's ABORT-DAG-ON ... RETURN)."""
+
+    exit: int
+    status: int
+
+
 @dataclass(frozen=True, slots=True)  # 100,000s of them live through a job
 class TaskSpec:
     """One task: a shell command run with cwd = its sandbox, reading and writing relative paths."""
@@ -71,6 +80,14 @@ class TaskSpec:
     # CPU time) and "memory" (bytes of address space); for the whole task "wall_s" (whole
     # seconds from its start); a key left out is unlimited.
     limits: Mapping[str, int] = field(default_factory=_empty_limits, hash=False)
+    # Node semantics (DAGMan's PRIORITY, CATEGORY, RETRY UNLESS-EXIT, ABORT-DAG-ON, FINAL,
+    # NOOP); the defaults change nothing. See the README's workflow reference.
+    priority: int = 0  # higher goes first among ready tasks, before the critical path
+    category: str | None = None  # at most `Workflow.categories[category]` of it run at once
+    retry_unless_exit: int | None = None  # an attempt exiting with it fails the task for good
+    abort_on: AbortOn | None = None  # an attempt exiting with `abort_on.exit` stops the job
+    final: bool = False  # runs once every other task has ended, whatever their outcome
+    noop: bool = False  # its command is not run: done once ready (command is "")
 
     def __post_init__(self) -> None:
         # a frozen record must not share a dict its builder may still mutate
@@ -102,6 +119,14 @@ class Workflow:
     producer: dict[str, str]  # output path -> the task that writes it
     grid: GridSpec = field(default_factory=GridSpec)
     urls: dict[str, str] = field(default_factory=dict)  # input path -> the URL it comes from
+    # category -> how many of its tasks may run at once (None: no limit), every category
+    # that a task names or the top-level `categories:` lists
+    categories: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def final_task(self) -> str | None:
+        """The task marked `final: true`, if any (at most one)."""
+        return next((name for name, task in self.tasks.items() if task.final), None)
 
     def source_inputs(self) -> list[str]:
         """Inputs no task produces (from `root`, or from `urls` for those listed there), sorted."""

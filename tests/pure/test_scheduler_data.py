@@ -4,14 +4,14 @@ bytes, lost intermediates are made again, and what each prefetch policy orders."
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bonjourgrid.cache.store import FileRef
 from bonjourgrid.coordinator import core
-from bonjourgrid.coordinator.core import SchedulerCore, TaskData, TaskStatus
+from bonjourgrid.coordinator.core import NodeRules, SchedulerCore, TaskData, TaskStatus
 from bonjourgrid.coordinator.files import COORDINATOR
 from bonjourgrid.coordinator.prefetch import PrefetchSettings
 
@@ -33,6 +33,8 @@ def build(
     max_bytes: int = 10**12,
     broadcast: int = 0,
     finals: Iterable[str] | None = None,
+    rules: Mapping[str, NodeRules] | None = None,
+    caps: Mapping[str, int] | None = None,
 ) -> SchedulerCore:
     """A core for tasks given by their files; dependencies follow the files."""
     specs = list(specs)
@@ -51,6 +53,8 @@ def build(
         data=data,
         sources={p: ref(p) for p in sources},
         prefetch=PrefetchSettings(policy, depth, max_bytes, broadcast),
+        rules=rules,
+        category_caps=caps,
     )
 
 
@@ -348,30 +352,56 @@ def test_a_file_read_by_many_tasks_is_broadcast_peer_to_peer() -> None:
 
 
 @st.composite
-def data_scenarios(draw: st.DrawFn) -> tuple[list[Spec], str, list[int], bool]:
-    """A random DAG of tasks with files (some read one shared file), a policy, moves, and
-    whether the shared file is hashed while the job runs."""
+def data_scenarios(
+    draw: st.DrawFn,
+) -> tuple[list[Spec], str, list[int], bool, dict[str, NodeRules]]:
+    """A random DAG of tasks with files (some read one shared file), a policy, moves,
+    whether the shared file is hashed while the job runs, and node rules (priorities, a
+    capped category, a noop task, a final task reading a source)."""
     n = draw(st.integers(1, 10))
     specs: list[Spec] = []
+    rules: dict[str, NodeRules] = {}
     for i in range(n):
         before = sorted(draw(st.sets(st.integers(0, i - 1), max_size=2))) if i else []
         inputs = [f"f{d}" for d in before] or [f"s{i}"]
         if draw(st.booleans()):
             inputs.append("shared")
-        specs.append((f"t{i}", inputs, [f"f{i}"]))
+        noop = draw(st.integers(0, 5)) == 0  # a noop writes nothing: a gate for `after`
+        specs.append((f"t{i}", inputs, [] if noop else [f"f{i}"]))
+        rule = NodeRules(
+            priority=draw(st.integers(0, 2)),
+            category=draw(st.sampled_from(["", "", "one"])),
+            noop=noop,
+        )
+        if rule != NodeRules():
+            rules[f"t{i}"] = rule
+    unwritten = {f"f{name[1:]}" for name, _, outs in specs if not outs}  # by noop tasks
+    specs = [(name, [p for p in ins if p not in unwritten], outs) for name, ins, outs in specs]
+    if draw(st.booleans()):
+        specs.append(("fin", ["s_fin"], ["f_fin"]))
+        rules["fin"] = NodeRules(final=True)
     policy = draw(st.sampled_from(["none", "lookahead", "eager", "critical-path"]))
-    return specs, policy, draw(st.lists(st.integers(0, 8), max_size=80)), draw(st.booleans())
+    moves = draw(st.lists(st.integers(0, 8), max_size=80))
+    return specs, policy, moves, draw(st.booleans()), rules
 
 
 @given(data_scenarios())
 @settings(max_examples=200, deadline=None)
 def test_random_runs_with_data_keep_the_invariants_and_always_end(
-    scenario: tuple[list[Spec], str, list[int], bool],
+    scenario: tuple[list[Spec], str, list[int], bool, dict[str, NodeRules]],
 ) -> None:
-    specs, policy, moves, hold_shared = scenario
+    specs, policy, moves, hold_shared, rules = scenario
     sources = sorted({p for _, ins, _ in specs for p in ins if not p.startswith("f")})
     held = ["shared"] if hold_shared and "shared" in sources else []
-    s = build(specs, [p for p in sources if p not in held], policy, depth=2, broadcast=2)
+    s = build(
+        specs,
+        [p for p in sources if p not in held],
+        policy,
+        depth=2,
+        broadcast=2,
+        rules=rules,
+        caps={"one": 1},
+    )
     s.hold_sources(held)
     s.validate_state()
     s.backoff_base_s = 0.5
@@ -411,6 +441,9 @@ def test_random_runs_with_data_keep_the_invariants_and_always_end(
             out = s.handle(core.Tick(), now)
         pending.extend((pf.peer, f.digest) for pf in of(out, core.Prefetch) for f, _ in pf.files)
         s.validate_state()
+        placed = (TaskStatus.RUNNING, TaskStatus.COLLECTING)
+        runs = [t for t in s.tasks.values() if t.status in placed]
+        assert sum(t.category == "one" for t in runs) <= 1  # the cap holds, whatever happened
         for d in of(out, core.Dispatch):  # a task goes where it can get every input
             for path in s.data[d.task].inputs:
                 r = s.files.ref(path)
