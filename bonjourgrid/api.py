@@ -268,7 +268,7 @@ def run(
         raise Interrupted(
             signal.Signals[result.signal], "while running tasks: the job was cancelled", result
         )
-    if check and not result.succeeded:
+    if check and result.exit_status != 0:
         raise JobFailed(result)
     return result
 

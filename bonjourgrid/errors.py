@@ -70,6 +70,7 @@ class JobFailed(BonjourGridError):
         # the reason names the failed tasks already: "2 task(s) failed (a, b)"
         super().__init__(f"job {report.job} {report.status}: {report.reason}")
         self.report = report
+        self.exit_code = report.exit_status or 1  # an `abort_on` status, as `bgrid submit`
 
 
 class Interrupted(KeyboardInterrupt):

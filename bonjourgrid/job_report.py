@@ -85,11 +85,12 @@ class ByteCounts:
 
 @dataclass(frozen=True)
 class Report:
-    """A job's report. `succeeded` is what `bgrid submit`'s exit code 0 means."""
+    """A job's report. `exit_status` is what `bgrid submit` exits with: 0 when it succeeded
+    (or an `abort_on` said 0), else 1 or the `abort_on` status."""
 
     job: str
     workflow: str
-    status: str  # "succeeded" | "failed"
+    status: str  # "succeeded" | "failed" | "aborted" (a task's `abort_on`)
     reason: str
     makespan_s: float
     tasks: Mapping[str, TaskReport]  # in the workflow's order
@@ -100,6 +101,9 @@ class Report:
     prefetch: str = ""  # the data policy
     journal: Path | None = None
     signal: str | None = None  # the signal that cancelled the job, e.g. "SIGINT"
+    # What `bgrid submit` exits with: 0 when it succeeded, 1 when not, or an `abort_on` status.
+    exit_status: int = 1
+    aborted: Mapping[str, Any] | None = None  # {"task", "exit_code", "exit_status"} of an abort
     _source: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -142,6 +146,8 @@ class Report:
                 prefetch=str(data.get("prefetch", "")),
                 journal=Path(data["journal"]) if data.get("journal") else None,
                 signal=data.get("signal"),
+                exit_status=_exit_status(data),
+                aborted=MappingProxyType(dict(data["aborted"])) if data.get("aborted") else None,
                 _source=copy.deepcopy(dict(data)) if copy_data else data,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -161,3 +167,11 @@ class Report:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path} is not a bgrid report (`bgrid submit --report FILE.json`)")
         return cls.from_dict(data)
+
+
+def _exit_status(data: Mapping[str, Any]) -> int:
+    """The report's exit status; a report written before `abort_on` existed has none."""
+    status = data.get("exit_status")
+    if isinstance(status, int) and not isinstance(status, bool):
+        return status
+    return 0 if data["status"] == "succeeded" else 1

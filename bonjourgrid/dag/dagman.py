@@ -534,6 +534,10 @@ def dagman_mapping(path: str | Path) -> tuple[dict[str, Any], Path]:
                 task["after"] = after
             tasks[name] = task
     mapping: dict[str, Any] = {"tasks": tasks}
-    if reader.categories:
-        mapping["categories"] = reader.categories
+    # DAGMan lets MAXJOBS name a category no node is in; the native loader would refuse it
+    # as a likely typo, so only the categories in use are carried over.
+    used = {task["category"] for task in tasks.values() if "category" in task}
+    categories = {name: limit for name, limit in reader.categories.items() if name in used}
+    if categories:
+        mapping["categories"] = categories
     return mapping, root

@@ -70,11 +70,10 @@ def workflow_to_mapping(workflow: Workflow) -> dict[str, Any]:
     grid = _grid_mapping(workflow)
     if grid:
         mapping["grid"] = grid
-    categories = getattr(workflow, "categories", None)  # nodes: {NAME: {max_running: N}}
-    if categories:
+    if workflow.categories:  # {NAME: limit}, None when the category has none
         mapping["categories"] = {
-            name: {"max_running": limit} if isinstance(limit, int) else _plain(limit)
-            for name, limit in categories.items()
+            name: {} if limit is None else {"max_running": limit}
+            for name, limit in workflow.categories.items()
         }
     mapping["tasks"] = {
         name: _task_mapping(task, workflow.urls) for name, task in workflow.tasks.items()

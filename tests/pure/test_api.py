@@ -172,6 +172,20 @@ def test_job_failed_is_a_bonjourgrid_error_carrying_the_report() -> None:
     assert failed.report.tasks["b"].exit_code == 3
 
 
+def test_an_aborted_job_s_report_carries_the_abort_and_its_exit_status() -> None:
+    aborted = {
+        **REPORT,
+        "status": "aborted",
+        "exit_status": 7,
+        "aborted": {"task": "b", "exit_code": 3, "exit_status": 7},
+    }
+    report = Report.from_dict(aborted)
+    assert (report.succeeded, report.exit_status) == (False, 7)
+    assert report.aborted == {"task": "b", "exit_code": 3, "exit_status": 7}
+    assert JobFailed(report).exit_code == 7  # as `bgrid submit` exits
+    assert Report.from_dict(REPORT).exit_status == 1  # a report without one: by its status
+
+
 async def test_run_inside_an_event_loop_is_refused_with_what_to_do_instead() -> None:
     with pytest.raises(ConfigError, match=r"inside a running event loop.*asyncio.to_thread"):
         run(Workflow("w").task("t", "true"), local=1)
