@@ -185,7 +185,7 @@ class Workflow:
 
 
 def run(
-    workflow: Workflow | PathLike,
+    workflow: Workflow | nx.DiGraph | PathLike,
     *,
     local: int | None = None,
     workers: int | tuple[int, int] | str | None = None,
@@ -204,7 +204,10 @@ def run(
     report: PathLike | None = None,
     check: bool = True,
 ) -> Report:
-    """Run a workflow (built, or a file's path) on the grid, as `bgrid submit` would; its Report.
+    """Run a workflow on the grid, as `bgrid submit` would; its Report.
+
+    `workflow` is a built `Workflow`, a `networkx.DiGraph` (as `Workflow.from_graph(G)`,
+    in the current directory) or the path of a workflow file.
 
     The options are `bgrid submit`'s flags: `local=N` runs on N worker daemons started on
     this machine; `workers` is a count (at most), (min, max) or "min..max"; `report` writes
@@ -226,6 +229,15 @@ def run(
             "bonjourgrid.run() was called inside a running event loop, which it cannot share; "
             "run it in a thread: await asyncio.to_thread(bonjourgrid.run, workflow, ...)"
         )
+    if not isinstance(workflow, Workflow | str | os.PathLike):
+        import networkx as nx
+
+        if not isinstance(workflow, nx.DiGraph):
+            raise DagError(
+                f"run() takes a Workflow, a networkx.DiGraph or a workflow file's path, "
+                f"not {type(workflow).__name__!r}"
+            )
+        workflow = Workflow.from_graph(workflow)
     from bonjourgrid.coordinator.journal import workflow_digest
     from bonjourgrid.coordinator.submit import (
         JobSource,

@@ -82,6 +82,18 @@ def test_a_graph_runs_and_its_report_is_typed(
     assert json.loads((tmp_path / "report.json").read_text()) == report.as_dict()
 
 
+def test_a_graph_is_run_as_it_is_from_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    graph = nx.DiGraph(name="pair")
+    graph.add_node("a", command="echo A > a.txt", outputs=["a.txt"])
+    graph.add_node("b", command="tr A B < a.txt > b.txt", inputs=["a.txt"], outputs=["b.txt"])
+    report = run(graph, local=1)
+    assert report.succeeded and report.workflow == "pair"
+    assert (tmp_path / "b.txt").read_text() == "B\n"
+
+
 def test_a_failed_job_raises_job_failed_unless_check_is_false(tmp_path: Path) -> None:
     with pytest.raises(JobFailed) as failed:
         run(fan(tmp_path, fail=True), local=1)

@@ -189,3 +189,8 @@ def test_an_aborted_job_s_report_carries_the_abort_and_its_exit_status() -> None
 async def test_run_inside_an_event_loop_is_refused_with_what_to_do_instead() -> None:
     with pytest.raises(ConfigError, match=r"inside a running event loop.*asyncio.to_thread"):
         run(Workflow("w").task("t", "true"), local=1)
+
+
+def test_run_says_what_it_takes_when_given_something_else() -> None:
+    with pytest.raises(DagError, match=r"takes a Workflow, a networkx.DiGraph or .* not 'int'"):
+        run(42, local=1)  # type: ignore[arg-type]
