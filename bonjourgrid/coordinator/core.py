@@ -126,7 +126,9 @@ from bonjourgrid.coordinator.model import (
     Recruit,
     Release,
     RunPlaced,
+    RunScript,
     RunStarted,
+    ScriptEnded,
     SourcesHashed,
     StopRun,
     TaskData,
@@ -163,8 +165,10 @@ __all__ = [
     "Recruit",
     "Release",
     "RunPlaced",
+    "RunScript",
     "RunStarted",
     "SchedulerCore",
+    "ScriptEnded",
     "SourcesHashed",
     "StopRun",
     "TaskData",
@@ -231,6 +235,8 @@ class SchedulerCore:
         self.files = FileTable(sources)
         # Source inputs whose digests come while the job runs -> the tasks that read them.
         self._unhashed: dict[str, list[str]] = {}
+        # Pre scripts due (`make_ready` has no instruction list): handed out by `handle`.
+        self._scripts_due: list[RunScript] = []
         self.peers: dict[str, PeerSlots] = {}
         self.ready = ReadyQueue(self.tasks, matches)  # also which peers have a free slot
         self._idle: dict[str, None] = {}  # peers running and collecting nothing (scale-in)
@@ -333,7 +339,11 @@ class SchedulerCore:
                 if task and task.status is TaskStatus.COLLECTING and task.attempts == event.attempt:
                     for _, ref in task.outputs:
                         self.files.at_coordinator.add(ref.digest)
-                    self._done(task, now, "outputs are in the submit directory", out)
+                    if self.data[task.name].post and not self.by_middleware:
+                        self.detach(task)
+                        self._start_post(task, now, "outputs are in the submit directory", out)
+                    else:
+                        self._done(task, now, "outputs are in the submit directory", out)
             case CollectFailed():
                 task = self.tasks.get(event.task)
                 if task and task.status is TaskStatus.COLLECTING and task.attempts == event.attempt:
@@ -349,6 +359,8 @@ class SchedulerCore:
                 self.planner.remake("the earlier run (no peer holds it now)", now, out)
             case SourcesHashed():
                 self._sources_hashed(event.refs, now)
+            case ScriptEnded() if not self.by_middleware:
+                self._script_ended(event, now, out)
             case CancelRequested():
                 self._finish(out, "failed", event.reason)
                 return out
@@ -356,6 +368,9 @@ class SchedulerCore:
                 pass
         if self._held_news:
             self._release_held_news(now, out)
+        if self._scripts_due:
+            out.extend(self._scripts_due)
+            self._scripts_due.clear()
         if not schedule:
             return out
         if not self.by_middleware:
@@ -402,6 +417,8 @@ class SchedulerCore:
         undone = sum(1 for dep in self.preds[name] if self.tasks[dep].status is not TaskStatus.DONE)
         if self._unhashed:
             undone += sum(1 for path in self.data[name].inputs if path in self._unhashed)
+        if self.tasks[name].script:  # its pre or post script runs
+            undone += 1
         return undone
 
     def move(self, task: TaskState, to: TaskStatus, now: float, why: str) -> None:
@@ -426,6 +443,9 @@ class SchedulerCore:
             task.resumed = False  # made again in this run (its output was lost): not kept
 
     def make_ready(self, task: TaskState, now: float, why: str) -> None:
+        if self.data[task.name].pre and not task.pre_passed and not self.by_middleware:
+            self._start_pre(task, now, why)
+            return
         self.move(task, TaskStatus.READY, now, why)
         if self.by_middleware:
             return  # it waits for the middleware to start it
@@ -474,7 +494,7 @@ class SchedulerCore:
             for path, ref in event.outputs:
                 self.files.learn(path, ref)
                 self.files.hold(event.peer, ref.digest)
-            if self.data[task.name].collect:
+            if self.data[task.name].collect or self.data[task.name].post:
                 self.peers[event.peer].running.discard(task.name)
                 self.peers[event.peer].collecting.add(task.name)
                 self.ready.mark_free(self.peers[event.peer])  # the slot it ran in is free
@@ -664,6 +684,14 @@ class SchedulerCore:
     def _failed_attempt(
         self, task: TaskState, why: str, now: float, out: list[Instruction]
     ) -> None:
+        if (
+            self.data[task.name].post
+            and not self.by_middleware
+            and task.status in (TaskStatus.RUNNING, TaskStatus.COLLECTING)
+        ):
+            task.error = why  # the post decides; it fails with this if the post does not say 0
+            self._start_post(task, now, why, out)
+            return
         task.failures += 1
         task.error = why
         if task.peer is not None and task.peer not in task.failed_on:
@@ -675,6 +703,15 @@ class SchedulerCore:
                 retry = f"{why}; the middleware retries it ({task.failures}/{task.retries})"
                 self.move(task, TaskStatus.READY, now, retry)
                 return
+        elif task.failures <= task.retries and self.data[task.name].pre:
+            # No backoff: its pre script is what it waits for before each attempt (DAGMan).
+            retry = f"{why}; retry {task.failures}/{task.retries}"
+            task.deps_left = self.undone_preds(task.name)
+            if task.deps_left:  # an input it needs is being made again: the pre runs after
+                self.move(task, TaskStatus.WAITING, now, retry)
+            else:
+                self.make_ready(task, now, retry)
+            return
         elif task.failures <= task.retries:
             wait = self.backoff(task.failures)
             self.move(
@@ -702,6 +739,79 @@ class SchedulerCore:
         self.move(task, TaskStatus.FAILED, now, story)
         out.append(TaskFailed(task.name, why, task.attempts))
         self._skip_descendants(task, now)
+
+    # -- pre and post scripts (DAGMan SCRIPT PRE/POST; see the theory of operation) --------
+
+    def _start_pre(self, task: TaskState, now: float, why: str) -> None:
+        """Its pre runs before it may be placed: it WAITs for it, as for one more input."""
+        task.script = "pre"
+        why = f"{why}; its pre script runs first"
+        if task.status is TaskStatus.WAITING:
+            self.note(task.name, now, why)
+        else:
+            self.move(task, TaskStatus.WAITING, now, why)
+        task.deps_left = self.undone_preds(task.name)
+        self._scripts_due.append(
+            RunScript(task.name, "pre", task.attempts + 1, task.failures, -1, -1)
+        )
+
+    def _start_post(self, task: TaskState, now: float, why: str, out: list[Instruction]) -> None:
+        """Its attempt is over (outputs in the submit directory, or failed): its post decides."""
+        task.script = "post"
+        self.move(task, TaskStatus.WAITING, now, f"{why}; its post script decides")
+        task.deps_left = self.undone_preds(task.name)
+        returned = -1 if task.exit_code is None else task.exit_code
+        pre = -1 if task.pre_return is None else task.pre_return
+        out.append(RunScript(task.name, "post", task.attempts, task.failures, returned, pre))
+
+    def _script_ended(self, event: ScriptEnded, now: float, out: list[Instruction]) -> None:
+        task = self.tasks.get(event.task)
+        if task is None or not task.script or task.script != event.script:
+            return
+        if event.attempt != task.attempts + (1 if task.script == "pre" else 0):
+            return  # about a script of an attempt that is over
+        task.script = ""
+        task.deps_left -= 1
+        code = event.exit_code
+        if event.script == "post" or code != 0 or event.error:
+            self.planner.unplan(task, requeue=False)  # it ends, or waits for its next pre
+        said = f"{event.script} script " + (f"exited {code}" if code is not None else "failed")
+        if event.script == "post":
+            task.post_return = code
+            if code == 0 and not event.error:
+                command = f" (the command failed: {task.error})" if task.error else ""
+                self._learn_outputs(task, event.outputs)
+                self._done(task, now, f"{said}{command}", out)
+            else:
+                why = event.error or said
+                if code is not None and task.error:
+                    why = f"{why}; the command: {task.error}"
+                self._failed_attempt(task, why, now, out)
+            return
+        task.pre_return = code
+        skip = self.data[task.name].pre_skip
+        if code is not None and code == skip and not event.error:
+            self._learn_outputs(task, event.outputs)
+            task.peer = None  # it ran nowhere
+            self._done(task, now, f"{said} (pre_skip): done without running", out)
+        elif code == 0 and not event.error:
+            self.add_sources(event.sources)
+            task.pre_passed = True
+            if task.deps_left == 0:
+                self.make_ready(task, now, said)
+            else:
+                self.note(task.name, now, f"{said}; an input it needs is being made again")
+        else:
+            task.attempts += 1  # the attempt it was for ends here, without a run
+            task.peer, task.exit_code = None, None
+            self._failed_attempt(task, event.error or said, now, out)
+
+    def _learn_outputs(self, task: TaskState, outputs: tuple[tuple[str, FileRef], ...]) -> None:
+        """A script's word on the outputs: as they are in the submit directory now."""
+        task.outputs = outputs
+        for path, ref in outputs:
+            self.files.learn(path, ref)
+            self.files.at_coordinator.add(ref.digest)
 
     def _end_backoffs(self, now: float) -> None:
         for task in self.ready.due(now):
@@ -849,6 +959,8 @@ class SchedulerCore:
         task.end = None
         task.acked, task.unlisted = False, 0
         task.lost_input = ""
+        task.exit_code = None  # until this attempt reports (a post's BGRID_RETURN: -1)
+        task.pre_passed = False  # the next attempt runs its pre again
         if self.ack_timeout_s is not None:
             heapq.heappush(self._ack_due, (now + self.ack_timeout_s, task.name, task.attempts))
         target.running.add(task.name)
@@ -995,6 +1107,14 @@ class SchedulerCore:
                 assert task.deps_left == self.undone_preds(task.name), f"{task.name}: deps_left"
             if task.resumed:
                 assert task.status is TaskStatus.DONE and task.attempts == 0
+            data = self.data[task.name]
+            if task.script:
+                assert task.status is TaskStatus.WAITING, f"{task.name}: script off WAITING"
+                assert getattr(data, task.script), f"{task.name} has no {task.script} script"
+            if task.pre_passed:
+                assert data.pre and task.status in (TaskStatus.READY, TaskStatus.WAITING)
+            if data.pre and task.status is TaskStatus.READY and not self.by_middleware:
+                assert task.pre_passed, f"{task.name} is placeable before its pre script"
             if task.lost_input:
                 assert task.status is TaskStatus.RUNNING, f"{task.name} waits for a file idle"
             if task.planned_on is not None and self.finished is None:

@@ -72,6 +72,9 @@ def build_report(inputs: ReportInputs) -> dict[str, Any]:
         logs = inputs.logs.report(name)
         if logs is not None:
             tasks[name]["logs"] = logs  # where its stdout and stderr are kept (logs.py)
+        scripts = inputs.logs.scripts.get(name)
+        if scripts:
+            tasks[name]["scripts"] = scripts  # its pre/post scripts' exit codes and logs
     ends = [t.end for t in inputs.tasks.values() if t.end is not None]
     report: dict[str, Any] = {
         "job": inputs.job,
@@ -160,8 +163,12 @@ def attempt_history(story: list[tuple[float, str]]) -> list[dict[str, Any]]:
     for now, what in story:
         if " -> running: " in what:
             placed, started = _PLACED.search(what), now
-        elif what.startswith(("running -> ", "collecting -> ")) and not what.startswith(
-            ("running -> done", "running -> collecting", "collecting -> done")
+        elif (
+            what.startswith(("running -> ", "collecting -> "))
+            and not what.startswith(
+                ("running -> done", "running -> collecting", "collecting -> done")
+            )
+            and not what.startswith("collecting -> waiting: outputs are in")  # its post decides
         ):
             entry: dict[str, Any] = {"t": round(now, 3), "what": what}
             if placed is not None:
