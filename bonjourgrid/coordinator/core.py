@@ -707,7 +707,9 @@ class SchedulerCore:
             # No backoff: its pre script is what it waits for before each attempt (DAGMan).
             retry = f"{why}; retry {task.failures}/{task.retries}"
             task.deps_left = self.undone_preds(task.name)
-            if task.deps_left:  # an input it needs is being made again: the pre runs after
+            if task.deps_left and task.status is TaskStatus.WAITING:  # its pre failed
+                self.note(task.name, now, f"{retry}: its pre runs again once its inputs are")
+            elif task.deps_left:  # an input it needs is being made again: the pre runs after
                 self.move(task, TaskStatus.WAITING, now, retry)
             else:
                 self.make_ready(task, now, retry)
