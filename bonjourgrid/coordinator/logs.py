@@ -149,9 +149,13 @@ class LogKeeper:
         self.kept.setdefault(task, {})[attempt] = logs
         return logs
 
-    def script_paths(self, task: str, attempt: int, script: str) -> tuple[Path, Path]:
-        """Where a script's stdout and stderr go (the directory made); OSError if it cannot be."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def script_paths(
+        self, task: str, attempt: int, script: str, make: bool = False
+    ) -> tuple[Path, Path]:
+        """Where a script's stdout and stderr go; `make`: the directory made (OSError if it
+        cannot be)."""
+        if make:
+            self.dir.mkdir(parents=True, exist_ok=True)
         stem = self.dir / f"{task}.{attempt}.{script}"
         return stem.with_name(stem.name + ".out"), stem.with_name(stem.name + ".err")
 

@@ -103,7 +103,7 @@ class ScriptRunner:
         ]
 
     async def _run(self, order: RunScript, command: str, script_dir: str, retries: int) -> int:
-        stdout, stderr = self.logs.script_paths(order.task, order.attempt, order.script)
+        stdout, stderr = self.logs.script_paths(order.task, order.attempt, order.script, make=True)
         env = {**os.environ, **script_env(order, retries)}
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
             process = await asyncio.create_subprocess_shell(
