@@ -6,6 +6,7 @@ Theory of operation. Every task walks one path:
                                    ^                  |  \\--exit != 0, retries left--'(READY)
                                    '--peer lost-------'   \\--no retries left--> FAILED
     (descendants of a FAILED task are SKIPPED; the other branches go on, as in DAGMan)
+    (a task with a pre or post script WAITs while it runs: "Pre and post scripts" below)
 
 A resumed job starts with the tasks its journal vouches for already DONE (`done=`); a task
 is never DONE before every task it needs. "All inputs done" also counts source inputs still
@@ -47,6 +48,25 @@ still needs, the task that made it runs again at once (DONE -> WAITING/READY), a
 its own producers if their outputs went the same way. A reader already RUNNING elsewhere may
 be stuck fetching from the lost peer: it goes on, and is stopped (`StopRun`) and placed again,
 without using a retry, as soon as the file exists again, unless it reports first.
+
+Pre and post scripts (DAGMan SCRIPT PRE/POST, PRE_SKIP; `TaskData.pre/post/pre_skip`). They
+run on the coordinator's host (the shell's `scripts.py`); the core says when (`RunScript`)
+and hears how they went (`ScriptEnded`). While one runs, its task is WAITING with
+`script` set, and the script counts as one more thing it waits for (`undone_preds`):
+- `make_ready` is the gate: a task with a pre is only READY (placeable) once its pre exited
+  0 since its last placement (`pre_passed`); otherwise its pre starts and it WAITs. Every
+  placement consumes the pass, so every attempt runs the pre (a retry, a run placed again
+  after a lost peer). A pre that does not exit 0 is a failed attempt that never ran (it
+  takes an attempt number; retries run the pre again at once: no backoff); one exiting the
+  task's `pre_skip` makes it DONE with no run (WAITING -> DONE), with the outputs the shell
+  found in the submit directory. After a pre that exits 0, the inputs the shell hashed again
+  (the pre may have written them) are learnt as sources before the task is placed.
+- A task with a post always has its outputs collected; once they are in the submit
+  directory (OutputsCollected), or once its attempt failed in any way (a bad exit, a run
+  refused or never acknowledged: BGRID_RETURN -1), its post runs and decides: 0 makes it
+  DONE with the outputs as the post left them (WAITING -> DONE), anything else is the
+  failed attempt (retried per `retries`, or WAITING -> FAILED).
+`validate_state()` holds: a running script means WAITING; a READY task with a pre has passed it.
 
 Peers are checked, not trusted. A dispatched run must be acknowledged (`RunStarted`) within
 `ack_timeout_s`, and once it is, every heartbeat of its peer must list it (`PeerRunning`): a

@@ -19,6 +19,9 @@ What the Coordinator owns and holds:
 - the data plane, for every backend that moves data through bgrid's caches: the data server
   (here) and the `DataMover` (`dataflow.py`: sources, prefetch orders, the collection of
   outputs into the submit directory);
+- the pre and post scripts of the tasks (`scripts.py`), run here when the core says
+  (`RunScript`), their end fed back as a `ScriptEnded` once what they left in the submit
+  directory is hashed and served; and the stdout/stderr copies of a task that ended;
 - the journal, the logs, the progress display, and the job's advertisement (claimed in
   the background once peers are recruited: its name probe never holds the first dispatch;
   a job over before it is claimed is never shown).

@@ -9,6 +9,12 @@ An unknown key is an error (a typo such as `input:` must not drop a task's input
 reported once per key with a suggestion. Top-level keys that start with `x-` are the user's
 own (YAML anchors for merge keys, as in Docker Compose) and are skipped.
 
+A task's `pre` and `post` scripts run on the coordinator's host (coordinator/scripts.py):
+an input that no task writes, absent from the submit directory, is not an error when every
+task that reads it has a pre (`Workflow.pre_made`: the pre may write it; hashed after it).
+`stdout`/`stderr` name submit-directory copies of a task's last attempt's streams: each
+must be a path of its own (no output, input or other copy).
+
 An input may be a URL (http, https, file) or `{url: URL, path: NAME}`: the task sees it at
 NAME, by default the URL path's last segment. `TaskSpec.inputs` holds only such paths, and
 `Workflow.urls` says which of them come from a URL, so everything downstream stays path-based.
