@@ -6,6 +6,7 @@ from __future__ import annotations
 from bonjourgrid.cache.store import FileRef
 from bonjourgrid.coordinator import core
 from bonjourgrid.coordinator.core import SchedulerCore, TaskStatus
+from bonjourgrid.coordinator.progress import notes_of
 
 REF = FileRef("0" * 64, 1)
 MADE = FileRef("1" * 64, 2)
@@ -152,3 +153,20 @@ def test_a_lost_peer_runs_the_pre_again_before_the_next_placement() -> None:
     out = step(s, core.PeerLost("p1", "silent"))
     assert of(out, core.RunScript) == [core.RunScript("a", "pre", 2, 0, -1, -1)]
     assert s.tasks["a"].failures == 0  # a lost peer uses no retry
+
+
+def test_the_progress_lines_say_a_script_failed_an_attempt_and_not_before_the_post() -> None:
+    s = sched([("a", [])], retries=1, a=core.TaskData(pre=True, post=True))
+    step(s, core.PeerJoined("p1", 1, {}))
+    event = core.ScriptEnded("a", "pre", 1, 3)
+    assert [n.text() for n in notes_of(event, step(s, event), s.tasks)] == [
+        "task a retry: pre script exited 3"
+    ]
+    step(s, core.ScriptEnded("a", "pre", 2, 0))
+    event = core.TaskReported("p1", "a", 2, 1, "", ())
+    assert notes_of(event, step(s, event), s.tasks) == []  # its post decides
+    event = core.ScriptEnded("a", "post", 2, 0)
+    assert [n.text() for n in notes_of(event, step(s, event), s.tasks)] == [
+        "task a done on p1",
+        "peer p1 released",
+    ]
