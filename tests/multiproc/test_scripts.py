@@ -127,7 +127,7 @@ name: skipper
 tasks:
   skip:
     command: "exit 7"
-    pre: "echo already > done.txt; exit 4"
+    pre: "echo already > done.txt; echo ran >> pre-ran.txt; exit 4"
     pre_skip: 4
     post: "exit 1"
     outputs: [done.txt]
@@ -142,6 +142,12 @@ tasks:
     assert [s["script"] for s in skip["scripts"]] == ["pre"]  # neither command nor post ran
     assert (work / "next.txt").read_text() == "already\n"
     assert (work / "skip.out").read_bytes() == b""  # it never ran: an empty copy
+    # --resume keeps it as done: its pre does not run again
+    out = grid.run("submit", str(wf), "--local", "2", "--interface", LOOPBACK, "--json", "--resume")
+    assert out.returncode == 0, out.stderr
+    resumed = json.loads(out.stdout)["tasks"]
+    assert resumed["skip"].get("resumed") and resumed["next"].get("resumed")
+    assert (work / "pre-ran.txt").read_text() == "ran\n"
 
 
 def test_stdout_and_stderr_are_copied_when_the_task_ends(tmp_path: Path, grid: Grid) -> None:
