@@ -64,6 +64,9 @@ class ScriptRunner:
     def __init__(self, workflow: Workflow, logs: LogKeeper) -> None:
         self.workflow = workflow
         self.logs = logs
+        # One rehash at a time: each reads and writes the submit directory's digest cache
+        # (stage.py), whose writer is one per process, not one per thread.
+        self._hashing = asyncio.Lock()
 
     async def run(self, order: RunScript) -> ScriptEnded:
         """Run the script `order` names; how it went, with what the core needs after it."""
@@ -79,9 +82,11 @@ class ScriptRunner:
         self.logs.script_ended(order.task, order.attempt, order.script, code)
         ended = ScriptEnded(order.task, order.script, order.attempt, code)
         root = self.workflow.root
+        own = self._own_sources(order.task) if order.script == "pre" and code == 0 else []
         if order.script == "pre" and code == 0:
             try:
-                sources = await hash_deferred(self.workflow, self._own_sources(order.task))
+                async with self._hashing:
+                    sources = await hash_deferred(self.workflow, own) if own else {}
             except StageError as err:
                 return _with_error(ended, f"after its pre script: {err}")
             return ScriptEnded(order.task, "pre", order.attempt, 0, sources=sources)
