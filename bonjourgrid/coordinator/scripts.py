@@ -10,13 +10,14 @@ plus:
     BGRID_RETURN       the command's exit code (post only; -1 when it never ran)
     BGRID_PRE_RETURN   the pre's exit code (post only; -1 when there is no pre)
 
-Each script is a child of the coordinator in a session (process group) of its own: its stdout
-and stderr go straight into files next to the task's logs (`<task>.<attempt>.pre.out`, see
-logs.py), so the event loop never reads a pipe and never waits for one. When it exits, what it
-left behind in its group is killed; when the job stops first (Ctrl-C, `bgrid cancel`, an
-error), the waiting coroutine is cancelled: the group gets SIGTERM, then SIGKILL after
-`STOP_GRACE_S`, and the script is reaped before the coordinator goes on. No script outlives
-its job.
+At most MAX_SCRIPTS of each kind run at once (DAGMan's default); the others wait their turn
+in the order the core asked. Each script is a child of the coordinator in a session (process
+group) of its own: its stdout and stderr go straight into files next to the task's logs
+(`<task>.<attempt>.pre.out`, see logs.py), so the event loop never reads a pipe and never
+waits for one. When it exits, what it left behind in its group is killed; when the job stops
+first (Ctrl-C, `bgrid cancel`, an error), the waiting coroutine is cancelled: the group gets
+SIGTERM, then SIGKILL after `STOP_GRACE_S`, and the script is reaped before the coordinator
+goes on. No script outlives its job.
 
 What follows a script is checked here too, off the event loop: after a pre that exits 0, the
 task's inputs from the submit directory are hashed again (the pre may have written them; a
@@ -40,9 +41,12 @@ from bonjourgrid.coordinator.stage import hash_deferred
 from bonjourgrid.dag import Workflow
 from bonjourgrid.errors import StageError
 
-__all__ = ["STOP_GRACE_S", "ScriptRunner", "script_env"]
+__all__ = ["MAX_SCRIPTS", "STOP_GRACE_S", "ScriptRunner", "script_env"]
 
 STOP_GRACE_S = 2.0  # seconds a stopped script's group has between SIGTERM and SIGKILL
+# Scripts of each kind running at once (DAGMan's DAGMAN_MAX_PRE_SCRIPTS/_POST_SCRIPTS default):
+# 10,000 tasks ready together must not fork 10,000 shells on the submitting host.
+MAX_SCRIPTS = {"pre": 20, "post": 20}
 
 
 def script_env(order: RunScript, retries: int) -> dict[str, str]:
@@ -67,6 +71,7 @@ class ScriptRunner:
         # One rehash at a time: each reads and writes the submit directory's digest cache
         # (stage.py), whose writer is one per process, not one per thread.
         self._hashing = asyncio.Lock()
+        self._slots = {kind: asyncio.Semaphore(n) for kind, n in MAX_SCRIPTS.items()}
 
     async def run(self, order: RunScript) -> ScriptEnded:
         """Run the script `order` names; how it went, with what the core needs after it."""
@@ -74,7 +79,8 @@ class ScriptRunner:
         command = spec.pre if order.script == "pre" else spec.post
         assert command is not None, f"{order.task} has no {order.script} script"
         try:
-            code = await self._run(order, command, spec.script_dir, spec.retries)
+            async with self._slots[order.script]:
+                code = await self._run(order, command, spec.script_dir, spec.retries)
         except OSError as err:
             error = f"{order.script} script could not start: {err.strerror or err}"
             self.logs.script_ended(order.task, order.attempt, order.script, None)
