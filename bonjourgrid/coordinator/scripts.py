@@ -9,6 +9,8 @@ plus:
     BGRID_MAX_RETRIES  its `retries`
     BGRID_RETURN       the command's exit code (post only; -1 when it never ran)
     BGRID_PRE_RETURN   the pre's exit code (post only; -1 when there is no pre)
+    BGRID_FAILED_COUNT tasks failed for good when it starts; BGRID_DAG_STATUS 1 if any, else 0
+                       (DAGMan's $FAILED_COUNT and $DAG_STATUS, for a FINAL node's scripts)
 
 At most MAX_SCRIPTS of each kind run at once (DAGMan's default); the others wait their turn
 in the order the core asked. Each script is a child of the coordinator in a session (process
@@ -73,14 +75,20 @@ class ScriptRunner:
         self._hashing = asyncio.Lock()
         self._slots = {kind: asyncio.Semaphore(n) for kind, n in MAX_SCRIPTS.items()}
 
-    async def run(self, order: RunScript) -> ScriptEnded:
-        """Run the script `order` names; how it went, with what the core needs after it."""
+    async def run(self, order: RunScript, failed: int = 0) -> ScriptEnded:
+        """Run the script `order` names, `failed` tasks of the job failed for good so far;
+        how it went, with what the core needs after it."""
         spec = self.workflow.tasks[order.task]
         command = spec.pre if order.script == "pre" else spec.post
         assert command is not None, f"{order.task} has no {order.script} script"
         try:
             async with self._slots[order.script]:
-                code = await self._run(order, command, spec.script_dir, spec.retries)
+                env = {
+                    **script_env(order, spec.retries),
+                    "BGRID_FAILED_COUNT": str(failed),
+                    "BGRID_DAG_STATUS": "1" if failed else "0",
+                }
+                code = await self._run(order, command, spec.script_dir, env)
         except OSError as err:
             error = f"{order.script} script could not start: {err.strerror or err}"
             self.logs.script_ended(order.task, order.attempt, order.script, None)
@@ -113,9 +121,11 @@ class ScriptRunner:
             if path not in workflow.producer and path not in workflow.urls
         ]
 
-    async def _run(self, order: RunScript, command: str, script_dir: str, retries: int) -> int:
+    async def _run(
+        self, order: RunScript, command: str, script_dir: str, script_vars: dict[str, str]
+    ) -> int:
         stdout, stderr = self.logs.script_paths(order.task, order.attempt, order.script, make=True)
-        env = {**os.environ, **script_env(order, retries)}
+        env = {**os.environ, **script_vars}
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
             process = await asyncio.create_subprocess_shell(
                 command,

@@ -728,7 +728,7 @@ class Coordinator:
     async def _run_script(self, order: core.RunScript) -> None:
         """A pre or post script (scripts.py); what it leaves in the submit directory is
         served from there before the core hears of its end."""
-        ended = await self.scripts.run(order)
+        ended = await self.scripts.run(order, self.core.counts[core.TaskStatus.FAILED])
         root = self.workflow.root
         for path, ref in ended.sources.items():
             self.source_refs[path] = ref

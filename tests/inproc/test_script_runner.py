@@ -31,12 +31,15 @@ def runner(root: Path, tasks: dict[str, dict[str, object]]) -> ScriptRunner:
 
 
 async def test_a_post_sees_the_attempt_in_its_environment(tmp_path: Path) -> None:
-    post = 'echo "$BGRID_TASK $BGRID_RETRY $BGRID_MAX_RETRIES $BGRID_RETURN $BGRID_PRE_RETURN"'
+    post = (
+        'echo "$BGRID_TASK $BGRID_RETRY $BGRID_MAX_RETRIES $BGRID_RETURN $BGRID_PRE_RETURN'
+        ' $BGRID_DAG_STATUS $BGRID_FAILED_COUNT"'
+    )
     run = runner(tmp_path, {"a": {"command": "true", "retries": 3, "post": post}})
-    ended = await run.run(RunScript("a", "post", 2, 1, 7, 0))
+    ended = await run.run(RunScript("a", "post", 2, 1, 7, 0), failed=2)
     assert (ended.exit_code, ended.error, ended.outputs) == (0, "", ())
     (seen,) = run.logs.scripts["a"]
-    assert Path(seen["stdout"]).read_text() == "a 1 3 7 0\n"
+    assert Path(seen["stdout"]).read_text() == "a 1 3 7 0 1 2\n"
     assert seen["stdout"].endswith("a.2.post.out") and seen["exit_code"] == 0
 
 
