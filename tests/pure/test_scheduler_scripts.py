@@ -7,6 +7,7 @@ from bonjourgrid.cache.store import FileRef
 from bonjourgrid.coordinator import core
 from bonjourgrid.coordinator.core import SchedulerCore, TaskStatus
 from bonjourgrid.coordinator.progress import notes_of
+from bonjourgrid.coordinator.report import attempt_history
 
 REF = FileRef("0" * 64, 1)
 MADE = FileRef("1" * 64, 2)
@@ -170,3 +171,17 @@ def test_the_progress_lines_say_a_script_failed_an_attempt_and_not_before_the_po
         "task a done on p1",
         "peer p1 released",
     ]
+
+
+def test_the_report_s_history_holds_the_post_s_verdicts_not_the_commands_it_overruled() -> None:
+    s = sched([("a", [])], retries=1, a=core.TaskData(pre=True, post=True))
+    step(s, core.PeerJoined("p1", 1, {}))
+    step(s, core.ScriptEnded("a", "pre", 1, 0))
+    report(s, "a", 3)
+    step(s, core.ScriptEnded("a", "post", 1, 4))  # attempt 1 failed: the post said so
+    step(s, core.ScriptEnded("a", "pre", 2, 0))
+    report(s, "a", 3)
+    step(s, core.ScriptEnded("a", "post", 2, 0))  # attempt 2: the post overruled exit 3
+    (entry,) = attempt_history(s.story("a"))
+    assert entry["attempt"] == 1 and entry["what"].startswith("post script exited 4")
+    assert s.tasks["a"].status is TaskStatus.DONE
