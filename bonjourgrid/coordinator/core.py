@@ -361,6 +361,7 @@ class SchedulerCore:
                         self.files.at_coordinator.add(ref.digest)
                     if self.data[task.name].post and not self.by_middleware:
                         self.detach(task)
+                        task.error = ""  # this attempt went well (an earlier one's is over)
                         self._start_post(task, now, "outputs are in the submit directory", out)
                     else:
                         self._done(task, now, "outputs are in the submit directory", out)

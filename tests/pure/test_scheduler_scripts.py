@@ -185,3 +185,16 @@ def test_the_report_s_history_holds_the_post_s_verdicts_not_the_commands_it_over
     (entry,) = attempt_history(s.story("a"))
     assert entry["attempt"] == 1 and entry["what"].startswith("post script exited 4")
     assert s.tasks["a"].status is TaskStatus.DONE
+
+
+def test_a_post_after_a_good_run_is_not_told_an_earlier_attempt_s_failure() -> None:
+    s = sched([("a", [])], retries=1, a=core.TaskData(post=True))
+    step(s, core.PeerJoined("p1", 1, {}))
+    report(s, "a", 3)
+    step(s, core.ScriptEnded("a", "post", 1, 1))
+    step(s, core.Tick(), now=5.0)  # the backoff is over: attempt 2
+    report(s, "a", 0)
+    step(s, core.OutputsCollected("a", 2))
+    step(s, core.ScriptEnded("a", "post", 2, 0, outputs=(("f", REF),)))
+    assert s.tasks["a"].status is TaskStatus.DONE and s.tasks["a"].error == ""
+    assert s.story("a")[-1][1] == "waiting -> done: post script exited 0"
