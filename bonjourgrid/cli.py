@@ -233,7 +233,9 @@ def _cancel(args: argparse.Namespace) -> int:
 def _logs(args: argparse.Namespace) -> int:
     from bonjourgrid.coordinator.logs import find_log
 
-    path = find_log(Path(args.dir), args.job, args.task, args.attempt, stderr=args.err)
+    path = find_log(
+        Path(args.dir), args.job, args.task, args.attempt, stderr=args.err, script=args.script
+    )
     if path is None:
         return 0  # the attempt came back having written nothing there
     with open(path, "rb") as f:
@@ -578,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("task", help="the task's name")
     lg.add_argument("--attempt", type=int, metavar="N", help="this attempt (default: the latest)")
     lg.add_argument("--err", action="store_true", help="print its stderr instead of its stdout")
+    lg.add_argument(
+        "--script", choices=("pre", "post"), help="what its pre or post script wrote instead"
+    )
     lg.add_argument(
         "--dir", default=".", help="the directory the job was submitted from (default: here)"
     )

@@ -6,6 +6,7 @@ Theory of operation. Every task walks one path:
                                    ^                  |  \\--exit != 0, retries left--'(READY)
                                    '--peer lost-------'   \\--no retries left--> FAILED
     (descendants of a FAILED task are SKIPPED; the other branches go on, as in DAGMan)
+    (a task with a pre or post script WAITs while it runs: "Pre and post scripts" below)
 
 A resumed job starts with the tasks its journal vouches for already DONE (`done=`); a task
 is never DONE before every task it needs. "All inputs done" also counts source inputs still
@@ -42,7 +43,9 @@ Node rules (`rules=`, the workflow's DAGMan-like keys; `NodeRules` in model.py):
   outcome is the job's (DAGMan's FINAL node overrides the other nodes and an ABORT-DAG-ON's
   status). A cancel ends the job without it.
 - `noop`: made READY, it is DONE in the same event (`_settle_nodes`), never placed nor
-  planned; a chain of noop tasks settles in one loop, not by recursion.
+  planned; a chain of noop tasks settles in one loop, not by recursion. Its pre still runs
+  first (`make_ready`'s gate), and its post after (as after an exit 0); a retry (its post
+  failed) makes it ready again at once, through its pre.
 
 Scale: no event costs O(peers), let alone O(peers x running tasks). Every question asked
 per event is answered from an index kept as the state changes, never by a scan: which peers
@@ -67,6 +70,25 @@ still needs, the task that made it runs again at once (DONE -> WAITING/READY), a
 its own producers if their outputs went the same way. A reader already RUNNING elsewhere may
 be stuck fetching from the lost peer: it goes on, and is stopped (`StopRun`) and placed again,
 without using a retry, as soon as the file exists again, unless it reports first.
+
+Pre and post scripts (DAGMan SCRIPT PRE/POST, PRE_SKIP; `TaskData.pre/post/pre_skip`). They
+run on the coordinator's host (the shell's `scripts.py`); the core says when (`RunScript`)
+and hears how they went (`ScriptEnded`). While one runs, its task is WAITING with
+`script` set, and the script counts as one more thing it waits for (`undone_preds`):
+- `make_ready` is the gate: a task with a pre is only READY (placeable) once its pre exited
+  0 since its last placement (`pre_passed`); otherwise its pre starts and it WAITs. Every
+  placement consumes the pass, so every attempt runs the pre (a retry, a run placed again
+  after a lost peer). A pre that does not exit 0 is a failed attempt that never ran (it
+  takes an attempt number; retries run the pre again at once: no backoff); one exiting the
+  task's `pre_skip` makes it DONE with no run (WAITING -> DONE), with the outputs the shell
+  found in the submit directory. After a pre that exits 0, the inputs the shell hashed again
+  (the pre may have written them) are learnt as sources before the task is placed.
+- A task with a post always has its outputs collected; once they are in the submit
+  directory (OutputsCollected), or once its attempt failed in any way (a bad exit, a run
+  refused or never acknowledged: BGRID_RETURN -1), its post runs and decides: 0 makes it
+  DONE with the outputs as the post left them (WAITING -> DONE), anything else is the
+  failed attempt (retried per `retries`, or WAITING -> FAILED).
+`validate_state()` holds: a running script means WAITING; a READY task with a pre has passed it.
 
 Peers are checked, not trusted. A dispatched run must be acknowledged (`RunStarted`) within
 `ack_timeout_s`, and once it is, every heartbeat of its peer must list it (`PeerRunning`): a
@@ -149,7 +171,9 @@ from bonjourgrid.coordinator.model import (
     Recruit,
     Release,
     RunPlaced,
+    RunScript,
     RunStarted,
+    ScriptEnded,
     SourcesHashed,
     StopRun,
     TaskData,
@@ -187,8 +211,10 @@ __all__ = [
     "Recruit",
     "Release",
     "RunPlaced",
+    "RunScript",
     "RunStarted",
     "SchedulerCore",
+    "ScriptEnded",
     "SourcesHashed",
     "StopRun",
     "TaskData",
@@ -275,6 +301,8 @@ class SchedulerCore:
         self.files = FileTable(sources)
         # Source inputs whose digests come while the job runs -> the tasks that read them.
         self._unhashed: dict[str, list[str]] = {}
+        # Pre scripts due (`make_ready` has no instruction list): handed out by `handle`.
+        self._scripts_due: list[RunScript] = []
         self.peers: dict[str, PeerSlots] = {}
         # also which peers have a free slot, and how many runs each capped category has
         self.ready = ReadyQueue(self.tasks, matches, category_caps)
@@ -380,7 +408,12 @@ class SchedulerCore:
                 if task and task.status is TaskStatus.COLLECTING and task.attempts == event.attempt:
                     for _, ref in task.outputs:
                         self.files.at_coordinator.add(ref.digest)
-                    self._done(task, now, "outputs are in the submit directory", out)
+                    if self.data[task.name].post and not self.by_middleware:
+                        self.detach(task)
+                        task.error = ""  # this attempt went well (an earlier one's is over)
+                        self._start_post(task, now, "outputs are in the submit directory", out)
+                    else:
+                        self._done(task, now, "outputs are in the submit directory", out)
             case CollectFailed():
                 task = self.tasks.get(event.task)
                 if task and task.status is TaskStatus.COLLECTING and task.attempts == event.attempt:
@@ -396,6 +429,8 @@ class SchedulerCore:
                 self.planner.remake("the earlier run (no peer holds it now)", now, out)
             case SourcesHashed():
                 self._sources_hashed(event.refs, now)
+            case ScriptEnded() if not self.by_middleware:
+                self._script_ended(event, now, out)
             case CancelRequested():
                 self._finish(out, "failed", event.reason)
                 return out
@@ -405,6 +440,9 @@ class SchedulerCore:
             self._release_held_news(now, out)
         if self._noops_due or self.final is not None:
             self._settle_nodes(now, out)
+        if self._scripts_due:
+            out.extend(self._scripts_due)
+            self._scripts_due.clear()
         if not schedule:
             return out
         if not self.by_middleware:
@@ -465,7 +503,12 @@ class SchedulerCore:
                 task = self.tasks[self._noops_due.pop()]
                 if task.status is TaskStatus.READY:
                     task.start = now
-                    self._done(task, now, "noop: nothing to run", out)
+                    task.pre_passed = False  # its "run": a retry runs its pre again
+                    if self.data[task.name].post:  # its post still runs (DAGMan), as after 0
+                        task.exit_code, task.error = 0, ""
+                        self._start_post(task, now, "noop: nothing to run", out)
+                    else:
+                        self._done(task, now, "noop: nothing to run", out)
             if (
                 final is None
                 or final.status is not TaskStatus.WAITING
@@ -503,6 +546,8 @@ class SchedulerCore:
             )
         if self._unhashed:
             undone += sum(1 for path in self.data[name].inputs if path in self._unhashed)
+        if self.tasks[name].script:  # its pre or post script runs
+            undone += 1
         return undone
 
     def move(self, task: TaskState, to: TaskStatus, now: float, why: str) -> None:
@@ -541,6 +586,9 @@ class SchedulerCore:
             self.ready.counted_ready(task, 1)
 
     def make_ready(self, task: TaskState, now: float, why: str) -> None:
+        if self.data[task.name].pre and not task.pre_passed and not self.by_middleware:
+            self._start_pre(task, now, why)
+            return
         self.move(task, TaskStatus.READY, now, why)
         if self.by_middleware:
             return  # it waits for the middleware to start it
@@ -599,7 +647,7 @@ class SchedulerCore:
             for path, ref in event.outputs:
                 self.files.learn(path, ref)
                 self.files.hold(event.peer, ref.digest)
-            if self.data[task.name].collect:
+            if self.data[task.name].collect or self.data[task.name].post:
                 self.peers[event.peer].running.discard(task.name)
                 self.peers[event.peer].collecting.add(task.name)
                 self.ready.mark_free(self.peers[event.peer])  # the slot it ran in is free
@@ -648,6 +696,7 @@ class SchedulerCore:
                 self._fail_for_good(other, f"stopped: {stop}", f"stopped: {stop}", now, out)
             elif other.status in (TaskStatus.WAITING, TaskStatus.READY):
                 self.planner.unplan(other)  # its heap entries go stale (status check)
+                other.script = ""  # a script of its still running: its end is not heard
                 self.move(other, TaskStatus.SKIPPED, now, stop)
 
     def _running_on(self, peer: str, name: str, attempt: int) -> TaskState | None:
@@ -793,6 +842,7 @@ class SchedulerCore:
         self.detach(task)
         task.end = now
         task.error = ""
+        task.pre_passed = False  # (a noop's pre passed, and it is done without a placement)
         self.move(task, TaskStatus.DONE, now, why)
         out.append(TaskDone(task.name, task.peer, task.attempts, task.outputs))
         for name in self.successors.get(task.name, ()):
@@ -816,6 +866,14 @@ class SchedulerCore:
         exit_code: int | None = None,
     ) -> None:
         """`exit_code`: what the command exited with (None: it did not run to an end)."""
+        if (
+            self.data[task.name].post
+            and not self.by_middleware
+            and task.status in (TaskStatus.RUNNING, TaskStatus.COLLECTING)
+        ):
+            task.error = why  # the post decides; it fails with this if the post does not say 0
+            self._start_post(task, now, why, out)
+            return
         task.failures += 1
         task.error = why
         if task.peer is not None and task.peer not in task.failed_on:
@@ -832,6 +890,20 @@ class SchedulerCore:
                 retry = f"{why}; the middleware retries it ({task.failures}/{task.retries})"
                 self.move(task, TaskStatus.READY, now, retry)
                 return
+        elif task.failures <= task.retries and (
+            self.data[task.name].pre or (rule is not None and rule.noop)
+        ):
+            # No backoff: its pre script is what it waits for before each attempt (DAGMan);
+            # a noop (its post failed) has nothing to place: done again once ready.
+            retry = f"{why}; retry {task.failures}/{task.retries}"
+            task.deps_left = self.undone_preds(task.name)
+            if task.deps_left and task.status is TaskStatus.WAITING:  # its pre failed
+                self.note(task.name, now, f"{retry}: its pre runs again once its inputs are")
+            elif task.deps_left:  # an input it needs is being made again: the pre runs after
+                self.move(task, TaskStatus.WAITING, now, retry)
+            else:
+                self.make_ready(task, now, retry)
+            return
         elif task.failures <= task.retries:
             wait = self.backoff(task.failures)
             self.move(
@@ -859,6 +931,80 @@ class SchedulerCore:
         self.move(task, TaskStatus.FAILED, now, story)
         out.append(TaskFailed(task.name, why, task.attempts))
         self._skip_descendants(task, now)
+
+    # -- pre and post scripts (DAGMan SCRIPT PRE/POST; see the theory of operation) --------
+
+    def _start_pre(self, task: TaskState, now: float, why: str) -> None:
+        """Its pre runs before it may be placed: it WAITs for it, as for one more input."""
+        task.script = "pre"
+        why = f"{why}; its pre script runs first"
+        if task.status is TaskStatus.WAITING:
+            self.note(task.name, now, why)
+        else:
+            self.move(task, TaskStatus.WAITING, now, why)
+        task.deps_left = self.undone_preds(task.name)
+        self._scripts_due.append(
+            RunScript(task.name, "pre", task.attempts + 1, task.failures, -1, -1)
+        )
+
+    def _start_post(self, task: TaskState, now: float, why: str, out: list[Instruction]) -> None:
+        """Its attempt is over (outputs in the submit directory, or failed): its post decides."""
+        task.script = "post"
+        self.move(task, TaskStatus.WAITING, now, f"{why}; its post script decides")
+        task.deps_left = self.undone_preds(task.name)
+        returned = -1 if task.exit_code is None else task.exit_code
+        pre = -1 if task.pre_return is None else task.pre_return
+        out.append(RunScript(task.name, "post", task.attempts, task.failures, returned, pre))
+
+    def _script_ended(self, event: ScriptEnded, now: float, out: list[Instruction]) -> None:
+        task = self.tasks.get(event.task)
+        if task is None or not task.script or task.script != event.script:
+            return
+        if event.attempt != task.attempts + (1 if task.script == "pre" else 0):
+            return  # about a script of an attempt that is over
+        task.script = ""
+        task.deps_left -= 1
+        code = event.exit_code
+        if event.script == "post" or code != 0 or event.error:
+            self.planner.unplan(task, requeue=False)  # it ends, or waits for its next pre
+        said = f"{event.script} script " + (f"exited {code}" if code is not None else "failed")
+        if event.script == "post":
+            task.post_return = code
+            if code == 0 and not event.error:
+                command = f" (the command failed: {task.error})" if task.error else ""
+                self._learn_outputs(task, event.outputs)
+                self._done(task, now, f"{said}{command}", out)
+            else:
+                why = event.error or said
+                if code is not None and task.error:
+                    why = f"{why}; the command: {task.error}"
+                # the post's exit is the attempt's, as DAGMan's RETRY ... UNLESS-EXIT sees it
+                self._failed_attempt(task, why, now, out, exit_code=code)
+            return
+        task.pre_return = code
+        skip = self.data[task.name].pre_skip
+        if code is not None and code == skip and not event.error:
+            self._learn_outputs(task, event.outputs)
+            task.peer = None  # it ran nowhere
+            self._done(task, now, f"{said} (pre_skip): done without running", out)
+        elif code == 0 and not event.error:
+            self.add_sources(event.sources)
+            task.pre_passed = True
+            if task.deps_left == 0:
+                self.make_ready(task, now, said)
+            else:
+                self.note(task.name, now, f"{said}; an input it needs is being made again")
+        else:
+            task.attempts += 1  # the attempt it was for ends here, without a run
+            task.peer, task.exit_code = None, None
+            self._failed_attempt(task, event.error or said, now, out)
+
+    def _learn_outputs(self, task: TaskState, outputs: tuple[tuple[str, FileRef], ...]) -> None:
+        """A script's word on the outputs: as they are in the submit directory now."""
+        task.outputs = outputs
+        for path, ref in outputs:
+            self.files.learn(path, ref)
+            self.files.at_coordinator.add(ref.digest)
 
     def _end_backoffs(self, now: float) -> None:
         for task in self.ready.due(now):
@@ -1010,6 +1156,8 @@ class SchedulerCore:
         task.end = None
         task.acked, task.unlisted = False, 0
         task.lost_input = ""
+        task.exit_code = None  # until this attempt reports (a post's BGRID_RETURN: -1)
+        task.pre_passed = False  # the next attempt runs its pre again
         if self.ack_timeout_s is not None:
             heapq.heappush(self._ack_due, (now + self.ack_timeout_s, task.name, task.attempts))
         target.running.add(task.name)
@@ -1165,11 +1313,20 @@ class SchedulerCore:
                 assert task.deps_left == self.undone_preds(task.name), f"{task.name}: deps_left"
             if task.resumed:
                 assert task.status is TaskStatus.DONE and task.attempts == 0
+            data = self.data[task.name]
+            if task.script:
+                assert task.status is TaskStatus.WAITING, f"{task.name}: script off WAITING"
+                assert getattr(data, task.script), f"{task.name} has no {task.script} script"
+            if task.pre_passed:  # a placement consumes it (a job's end or a skip moots it)
+                assert data.pre and task.status not in (TaskStatus.RUNNING, TaskStatus.COLLECTING)
+            if data.pre and task.status is TaskStatus.READY and not self.by_middleware:
+                assert task.pre_passed, f"{task.name} is placeable before its pre script"
             if task.lost_input:
                 assert task.status is TaskStatus.RUNNING, f"{task.name} waits for a file idle"
             rule = self.rules.get(task.name)
             if rule is not None and rule.noop:
-                assert task.attempts == 0, f"noop {task.name} was placed"
+                # (a failing pre takes an attempt number, without a placement)
+                assert task.peer is None, f"noop {task.name} was placed"
                 if task.status is TaskStatus.READY:
                     assert task.name in self._noops_due, f"noop {task.name} is not done"
             if self.abort is not None and task.name != self.final and not self.finished:

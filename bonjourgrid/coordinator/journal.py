@@ -114,10 +114,15 @@ def workflow_digest(path: Path) -> str:
 
 
 def task_digest(spec: TaskSpec) -> str:
-    """SHA-256 of what decides a task's outputs: command, inputs, outputs, environment."""
-    what = [spec.command, list(spec.inputs), list(spec.outputs), sorted(spec.env.items())]
+    """SHA-256 of what decides a task's outputs: command, inputs, outputs, environment (and
+    its pre and post scripts, which may write its inputs and outputs)."""
+    what: list[object] = [
+        spec.command, list(spec.inputs), list(spec.outputs), sorted(spec.env.items())
+    ]  # fmt: skip
     if spec.noop:  # its command never ran: the same task without noop must run (and v.v.)
         what.append("noop")
+    if spec.pre is not None or spec.post is not None:  # only then: older digests stay valid
+        what.append([spec.pre, spec.post, spec.script_dir, spec.pre_skip])
     return hashlib.sha256(json.dumps(what, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -15,6 +15,12 @@ line in the job's `attempts` index (`<task>\t<attempt>`, appended to a file held
 `bgrid logs` tells a task that printed nothing (it prints nothing) from one that never ran
 (an error). The report names no file for an empty stream (`"stdout": null`).
 
+Pre and post scripts (scripts.py) run here: each writes its stdout and stderr straight into
+`<task>.<attempt>.pre.out`/`.err` (or `.post.`) next to its task's logs, even when empty (a
+script is rare; its files say that it ran). The report lists every script that ran, with its
+exit code and files (`"scripts"` of the task), and `bgrid logs JOB TASK --script pre` prints
+them.
+
 How they travel: as two bytes fields of the `task_done` message (protocol/messages.py),
 rather than as content-addressed files the coordinator fetches like outputs. The logs then
 arrive with the result they explain, in the one message the coordinator already waits for:
@@ -98,6 +104,8 @@ class LogKeeper:
     def __init__(self, submit_dir: Path, job: str) -> None:
         self.dir = submit_dir / LOGS_DIR / job
         self.kept: dict[str, dict[int, AttemptLogs]] = {}
+        # task -> the scripts that ran, in order: {"attempt", "script", "exit_code", paths}
+        self.scripts: dict[str, list[dict[str, Any]]] = {}
         self._index: TextIO | None = None  # the job's `attempts` file, opened at the first
 
     def close(self) -> None:
@@ -141,6 +149,29 @@ class LogKeeper:
         self.kept.setdefault(task, {})[attempt] = logs
         return logs
 
+    def script_paths(
+        self, task: str, attempt: int, script: str, make: bool = False
+    ) -> tuple[Path, Path]:
+        """Where a script's stdout and stderr go; `make`: the directory made (OSError if it
+        cannot be)."""
+        if make:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        stem = self.dir / f"{task}.{attempt}.{script}"
+        return stem.with_name(stem.name + ".out"), stem.with_name(stem.name + ".err")
+
+    def script_ended(self, task: str, attempt: int, script: str, exit_code: int | None) -> None:
+        """Remember a script's end for the report (None: it could not start)."""
+        stdout, stderr = self.script_paths(task, attempt, script)
+        self.scripts.setdefault(task, []).append(
+            {
+                "attempt": attempt,
+                "script": script,
+                "exit_code": exit_code,
+                "stdout": str(stdout),
+                "stderr": str(stderr),
+            }
+        )
+
     def report(self, task: str) -> dict[str, Any] | None:
         """The report's `logs` of a task: its latest attempt's, and every attempt's if several."""
         attempts = self.kept.get(task)
@@ -153,11 +184,17 @@ class LogKeeper:
 
 
 def find_log(
-    submit_dir: Path, job: str, task: str, attempt: int | None = None, stderr: bool = False
+    submit_dir: Path,
+    job: str,
+    task: str,
+    attempt: int | None = None,
+    stderr: bool = False,
+    script: str | None = None,
 ) -> Path | None:
     """The kept stdout (or stderr) of `task` in `job` (a job id, or a workflow name: its
     latest job that ran the task), of `attempt` or the latest; None when that attempt wrote
-    nothing on the stream; ConfigError saying what there is otherwise."""
+    nothing on the stream; ConfigError saying what there is otherwise. `script` ("pre" or
+    "post"): that script's instead of the command's."""
     root = submit_dir / LOGS_DIR
     jobs = sorted(p for p in _listing(root) if p.is_dir())
     if not jobs:
@@ -172,13 +209,16 @@ def find_log(
         raise ConfigError(f"no job {job!r} in {root}; its jobs: {', '.join(p.name for p in jobs)}")
     runs: list[tuple[float, Path, set[int]]] = []
     for directory in chosen:
-        found = _attempts(directory).get(task)
+        found = (
+            _attempts(directory).get(task) if script is None else _scripts(directory, task, script)
+        )
         if found:
             runs.append((max(_mtime(directory / INDEX), _mtime(directory)), directory, found))
     if not runs:
         tasks = sorted(_attempts(chosen[-1]))
         raise ConfigError(
-            f"no logs of task {task!r} in job {chosen[-1].name}"
+            f"no {f'{script} script ' if script else ''}logs of task {task!r} "
+            f"in job {chosen[-1].name}"
             + (f"; tasks with logs: {', '.join(tasks[:20])}" if tasks else "")
             + ("..." if len(tasks) > 20 else "")
         )
@@ -187,8 +227,22 @@ def find_log(
     if number not in found:
         have = ", ".join(str(n) for n in sorted(found))
         raise ConfigError(f"task {task!r} of job {directory.name} has no attempt {number}: {have}")
-    path = directory / f"{task}.{number}.{'err' if stderr else 'out'}"
+    kind = f"{script}." if script else ""
+    path = directory / f"{task}.{number}.{kind}{'err' if stderr else 'out'}"
     return path if path.exists() else None
+
+
+def _scripts(directory: Path, task: str, script: str) -> set[int]:
+    """The attempts of `task` whose `script` ran (their files are always written)."""
+    found = set()
+    prefix, suffix = f"{task}.", f".{script}.out"
+    for path in _listing(directory):
+        name = path.name
+        if name.startswith(prefix) and name.endswith(suffix):
+            number = name[len(prefix) : -len(suffix)]
+            if number.isdigit():
+                found.add(int(number))
+    return found
 
 
 def _attempts(directory: Path) -> dict[str, set[int]]:

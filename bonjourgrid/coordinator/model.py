@@ -48,6 +48,10 @@ TASK_TRANSITIONS = {
     (TaskStatus.RUNNING, TaskStatus.WAITING),
     (TaskStatus.COLLECTING, TaskStatus.WAITING),
     (TaskStatus.READY, TaskStatus.DONE),  # a noop task: nothing to run
+    # a task waits (WAITING) while its pre or post script runs on the coordinator's host:
+    # the script decides it (pre_skip, post exit status, a failing pre with no retry left)
+    (TaskStatus.WAITING, TaskStatus.DONE),
+    (TaskStatus.WAITING, TaskStatus.FAILED),
 }
 
 
@@ -173,6 +177,23 @@ class SourcesHashed:
     refs: Mapping[str, FileRef]
 
 
+@dataclass(frozen=True)
+class ScriptEnded:
+    """A task's pre or post script (`RunScript`) ended with `exit_code` (None: it could not
+    be started, or what follows it failed: `error` says why). After a pre: `sources` are
+    the task's submit-directory inputs hashed again (the pre may have written them); after
+    a pre that skips the task (`pre_skip`) or a post that exits 0: `outputs` are the task's
+    declared outputs hashed in the submit directory."""
+
+    task: str
+    script: str  # "pre" | "post"
+    attempt: int
+    exit_code: int | None
+    error: str = ""
+    outputs: tuple[tuple[str, FileRef], ...] = ()
+    sources: Mapping[str, FileRef] = field(default_factory=dict)
+
+
 Event = (
     PeerJoined
     | PeerLost
@@ -188,6 +209,7 @@ Event = (
     | PeersSettled
     | CancelRequested
     | SourcesHashed
+    | ScriptEnded
     | Tick
 )
 
@@ -218,6 +240,21 @@ class Prefetch:
     peer: str
     files: tuple[tuple[FileRef, tuple[str, ...]], ...]
     why: str = ""
+
+
+@dataclass(frozen=True)
+class RunScript:
+    """Run the task's pre script (before attempt `attempt` is placed) or post script (after
+    attempt `attempt` ended) on the coordinator's host; a `ScriptEnded` comes back. The rest
+    is the scripts' environment: failed attempts so far (BGRID_RETRY), the command's exit
+    code (BGRID_RETURN, -1 when it never ran) and the pre's (BGRID_PRE_RETURN, -1: none)."""
+
+    task: str
+    script: str  # "pre" | "post"
+    attempt: int
+    retry: int
+    returned: int = -1
+    pre_returned: int = -1
 
 
 @dataclass(frozen=True)
@@ -287,6 +324,7 @@ Instruction = (
     Dispatch
     | Collect
     | Prefetch
+    | RunScript
     | StopRun
     | Notice
     | Release
@@ -321,6 +359,9 @@ class TaskData:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     collect: bool = True  # False: its outputs stay on peers (intermediates)
+    pre: bool = False  # a pre script runs before each attempt is placed
+    post: bool = False  # a post script decides each attempt (its outputs collected first)
+    pre_skip: int | None = None  # the pre's exit code that makes the task done with no run
 
 
 @dataclass(slots=True)  # 100,000 of them live through a job and its report
@@ -360,6 +401,10 @@ class TaskState:
     rerun: str = ""  # why it ran again after it was done (its output was lost), for the report
     user_priority: int = 0  # the workflow's `priority:` (higher first), before the bottom level
     category: str = ""  # the workflow's `category:` ("" none): its cap bounds runs at once
+    script: str = ""  # "pre" or "post" while one runs (it then WAITs, for one more thing)
+    pre_passed: bool = False  # its pre exited 0 since its last placement: may be placed
+    pre_return: int | None = None  # the exit code of its latest pre, post (for the report)
+    post_return: int | None = None
 
 
 @dataclass

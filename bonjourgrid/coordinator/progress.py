@@ -114,11 +114,14 @@ def notes_of(
             code != 0 or error
         ):
             state = tasks.get(task)
-            if state is not None and state.status in (
-                model.TaskStatus.READY,
-                model.TaskStatus.WAITING,
-            ):
+            if state is not None and state.script != "post" and state.status in _AGAIN:
                 notes.append(Note("retry", task, peer, error or f"exit code {code}"))
+        case model.ScriptEnded(task=task, script=script, exit_code=code, error=error) if (
+            code != 0 or error
+        ):
+            state = tasks.get(task)  # a pre_skip is done: its TaskDone says so
+            if state is not None and state.status in _AGAIN:
+                notes.append(Note("retry", task, "", error or f"{script} script exited {code}"))
     for instruction in instructions:
         match instruction:
             case model.TaskDone(task=task, peer=done_on):
@@ -129,6 +132,9 @@ def notes_of(
             case model.Release(peer=peer):
                 notes.append(Note("released", peer))
     return notes
+
+
+_AGAIN = (model.TaskStatus.READY, model.TaskStatus.WAITING)  # a failed attempt, retried
 
 
 def _attempt(attempt: int) -> str:

@@ -72,6 +72,9 @@ def build_report(inputs: ReportInputs) -> dict[str, Any]:
         logs = inputs.logs.report(name)
         if logs is not None:
             tasks[name]["logs"] = logs  # where its stdout and stderr are kept (logs.py)
+        scripts = inputs.logs.scripts.get(name)
+        if scripts:
+            tasks[name]["scripts"] = scripts  # its pre/post scripts' exit codes and logs
     ends = [t.end for t in inputs.tasks.values() if t.end is not None]
     report: dict[str, Any] = {
         "job": inputs.job,
@@ -162,15 +165,20 @@ def format_summary(report: dict[str, Any]) -> str:
 def attempt_history(story: list[tuple[float, str]]) -> list[dict[str, Any]]:
     """The attempts of a task that did not end well (failed, peer lost, preempted), from its
     story, oldest first: `{"t": when it ended, "what": why}`, plus `"peer"`, `"attempt"` and
-    `"start"` (seconds since the job started) when the story says where it was placed."""
+    `"start"` (seconds since the job started) when the story says where it was placed. An
+    attempt that its post script decides ends with the post's verdict (a failure only)."""
     history: list[dict[str, Any]] = []
     placed: re.Match[str] | None = None
     started = 0.0
+    deciding = False  # its post runs: the next step of the story is the post's verdict
     for now, what in story:
+        verdict, deciding = deciding, what.endswith(_POST_DECIDES)
         if " -> running: " in what:
             placed, started = _PLACED.search(what), now
-        elif what.startswith(("running -> ", "collecting -> ")) and not what.startswith(
-            ("running -> done", "running -> collecting", "collecting -> done")
+        elif deciding:
+            continue  # not over yet
+        elif (verdict and not what.startswith("waiting -> done")) or (
+            what.startswith(("running -> ", "collecting -> ")) and not what.startswith(_WENT_WELL)
         ):
             entry: dict[str, Any] = {"t": round(now, 3), "what": what}
             if placed is not None:
@@ -181,6 +189,8 @@ def attempt_history(story: list[tuple[float, str]]) -> list[dict[str, Any]]:
     return history
 
 
+_WENT_WELL = ("running -> done", "running -> collecting", "collecting -> done")
+_POST_DECIDES = "its post script decides"  # core.py's words when an attempt's post starts
 _PLACED = re.compile(r"placed on (?P<peer>.+) \(attempt (?P<attempt>\d+)\)$")
 
 

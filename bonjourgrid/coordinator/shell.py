@@ -19,6 +19,9 @@ What the Coordinator owns and holds:
 - the data plane, for every backend that moves data through bgrid's caches: the data server
   (here) and the `DataMover` (`dataflow.py`: sources, prefetch orders, the collection of
   outputs into the submit directory);
+- the pre and post scripts of the tasks (`scripts.py`), run here when the core says
+  (`RunScript`), their end fed back as a `ScriptEnded` once what they left in the submit
+  directory is hashed and served; and the stdout/stderr copies of a task that ended;
 - the journal, the logs, the progress display, and the job's advertisement (claimed in
   the background once peers are recruited: its name probe never holds the first dispatch;
   a job over before it is claimed is never shown).
@@ -98,6 +101,7 @@ from bonjourgrid.coordinator.prefetch import DataOptions
 from bonjourgrid.coordinator.progress import REFRESH_S, Display, PeerNow, Snapshot, notes_of
 from bonjourgrid.coordinator.recruit import JobNeeds
 from bonjourgrid.coordinator.report import ReportInputs, build_report
+from bonjourgrid.coordinator.scripts import ScriptRunner
 from bonjourgrid.coordinator.services import PeerServices
 from bonjourgrid.coordinator.stage import deferrable_sources, hash_deferred, stage_sources
 from bonjourgrid.dag import Workflow
@@ -167,6 +171,7 @@ class Coordinator:
         self.journal: JournalWriter | None = None
         self.job = job_id(workflow.name)
         self.logs = LogKeeper(workflow.root, self.job)  # every attempt's stdout and stderr
+        self.scripts = ScriptRunner(workflow, self.logs)  # pre and post scripts (scripts.py)
         self.ctx = zmq.asyncio.Context()
         self.keypair = Keypair.generate() if grid is not None else None
         self.client_keys = grid.keypair() if grid is not None else None
@@ -203,6 +208,12 @@ class Coordinator:
             raise ConfigError(
                 f"backend {getattr(backend, 'name', backend)!r}: a middleware that holds the "
                 "DAG's edges must move the tasks' files itself (capabilities.data=False)"
+            )
+        scripted = [n for n, t in workflow.tasks.items() if t.pre is not None or t.post is not None]
+        if self.middleware_dag and scripted:
+            raise ConfigError(
+                f"backend {getattr(backend, 'name', backend)!r} places the runs itself: it "
+                f"cannot run pre or post scripts (task {scripted[0]!r}); use the native backend"
             )
         self.core = core.SchedulerCore(
             (
@@ -650,6 +661,8 @@ class Coordinator:
                     await self._dispatch(task, peer, attempt)
                 case core.Prefetch(peer, files, why):
                     await self.mover.prefetch(peer, files, why)
+                case core.RunScript():
+                    self._spawn(self._run_script(instruction))
                 case core.StopRun(task, peer, attempt, reason):
                     log.debug("stopping %s on %s: %s", task, peer, reason)
                     await self.backend.cancel(task, attempt, reason)
@@ -665,9 +678,11 @@ class Coordinator:
                         self._spawn(self.pool.recruit(self._browser, count))
                 case core.TaskDone(task, peer, attempts, outputs):
                     self._journal_done(task, peer, attempts, outputs)
+                    self._copy_streams(task)
                 case core.TaskFailed(task, error, attempts):
                     if self.journal is not None:
                         self.journal.failed(task, error, attempts)
+                    self._copy_streams(task)
                 case core.Finished(status, reason):
                     if self.journal is not None:
                         self.journal.end(status, reason)
@@ -708,7 +723,12 @@ class Coordinator:
         if self.journal is None:
             return
         spec = self.workflow.tasks[task]
-        inputs = tuple((path, self._input_ref(path)) for path in spec.inputs)
+        # An input its pre would have made is unknown when the pre skipped the task.
+        inputs = tuple(
+            (path, self._input_ref(path))
+            for path in spec.inputs
+            if path in self.source_refs or path in self.workflow.producer
+        )
         self.journal.done(DoneRecord(task, task_digest(spec), inputs, outputs, peer, attempts))
 
     def _report_inputs(self, finished: core.Finished | None, started_at: float) -> ReportInputs:
@@ -726,6 +746,42 @@ class Coordinator:
             journal=self.journal.path if self.journal is not None else None,
             resume=self.resume,
         )
+
+    async def _run_script(self, order: core.RunScript) -> None:
+        """A pre or post script (scripts.py); what it leaves in the submit directory is
+        served from there before the core hears of its end."""
+        ended = await self.scripts.run(order, self.core.counts[core.TaskStatus.FAILED])
+        root = self.workflow.root
+        for path, ref in ended.sources.items():
+            self.source_refs[path] = ref
+            self.index.add(root / path, ref)
+        for path, ref in ended.outputs:
+            self.index.add(root / path, ref)
+        self.events.put_nowait(ended)
+
+    def _copy_streams(self, task: str) -> None:
+        """A task that ended: its last attempt's stdout/stderr copied where it asks (`stdout:`,
+        `stderr:`), an empty file when it wrote nothing (or never ran)."""
+        spec = self.workflow.tasks[task]
+        if spec.stdout is None and spec.stderr is None:
+            return
+        attempts = self.logs.kept.get(task)
+        last = attempts[max(attempts)] if attempts else None
+        for target, kept in (
+            (spec.stdout, last.stdout if last else None),
+            (spec.stderr, last.stderr if last else None),
+        ):
+            if target is None:
+                continue
+            where = self.workflow.root / target
+            try:  # at most MAX_LOG bytes (logs.py): quick enough to do in line
+                where.parent.mkdir(parents=True, exist_ok=True)
+                if kept is not None:
+                    shutil.copyfile(kept, where)
+                else:
+                    where.write_bytes(b"")
+            except OSError as err:  # a full disk loses the copy, not the job
+                log.warning("cannot copy the output of %s to %s: %s", task, where, err)
 
     def _arm_wakeup(self) -> None:
         """Have a Tick reach the core when its next retry backoff ends."""
@@ -842,7 +898,14 @@ def task_data(workflow: Workflow, fetch_all: bool) -> dict[str, core.TaskData]:
         name: core.TaskData(
             spec.inputs,
             spec.outputs,
-            collect=fetch_all or spec.keep or any(o in finals for o in spec.outputs),
+            # a post script reads them in the submit directory
+            collect=fetch_all
+            or spec.keep
+            or spec.post is not None
+            or any(o in finals for o in spec.outputs),
+            pre=spec.pre is not None,
+            post=spec.post is not None,
+            pre_skip=spec.pre_skip,
         )
         for name, spec in workflow.tasks.items()
     }

@@ -12,6 +12,12 @@ An unknown key is an error (a typo such as `input:` must not drop a task's input
 reported once per key with a suggestion. Top-level keys that start with `x-` are the user's
 own (YAML anchors for merge keys, as in Docker Compose) and are skipped.
 
+A task's `pre` and `post` scripts run on the coordinator's host (coordinator/scripts.py):
+an input that no task writes, absent from the submit directory, is not an error when every
+task that reads it has a pre (`Workflow.pre_made`: the pre may write it; hashed after it).
+`stdout`/`stderr` name submit-directory copies of a task's last attempt's streams: each
+must be a path of its own (no output, input or other copy).
+
 An input may be a URL (http, https, file) or `{url: URL, path: NAME}`: the task sees it at
 NAME, by default the URL path's last segment. `TaskSpec.inputs` holds only such paths, and
 `Workflow.urls` says which of them come from a URL, so everything downstream stays path-based.
@@ -73,6 +79,7 @@ _DEFAULT_KEYS = (
 _TASK_KEYS = (
     "command", "inputs", "outputs", "after", "retries", "require", "env", "keep", "limits",
     "priority", "category", "retry_unless_exit", "abort_on", "final", "noop",
+    "pre", "post", "script_dir", "pre_skip", "stdout", "stderr",
 )  # fmt: skip
 _CATEGORY_KEYS = ("max_running",)
 _ABORT_KEYS = ("exit", "status")
@@ -236,8 +243,10 @@ def workflow_from_mapping(
     producer = _producers(tasks, problems)
     for problem in urls.problems(producer, check_sources) if urls.urls else ():
         problems.add(problem)
-    graph = _build_graph(tasks, producer, root, check_sources, urls.urls, problems)
+    pre_made: set[str] = set()
+    graph = _build_graph(tasks, producer, root, check_sources, urls.urls, problems, pre_made)
     _check_final_stands_apart(tasks, graph, problems)
+    _check_scripts(tasks, producer, root, check_sources, problems)
     problems.raise_if_any()
     _check_acyclic(graph, problems)
     problems.raise_if_any()
@@ -250,6 +259,7 @@ def workflow_from_mapping(
         grid=grid,
         urls=urls.urls,
         categories=categories,
+        pre_made=frozenset(pre_made),
     )
 
 
@@ -477,6 +487,7 @@ def _read_task(
             f"{where}: a noop task runs nothing, so it cannot write outputs "
             f"({outputs[0]!r}); drop `outputs` or `noop`"
         )
+    scripts = _read_scripts(raw, where, problems) if _SCRIPT_KEYS & raw.keys() else {}
     if len(problems.items) > count:
         return None
     assert isinstance(command, str)
@@ -493,6 +504,7 @@ def _read_task(
         limits=MappingProxyType(limits) if limits else NO_MAPPING,
         noop=noop,
         **node,
+        **scripts,
     )
 
 
@@ -639,6 +651,80 @@ def _check_final_stands_apart(
             )
 
 
+_SCRIPT_KEYS = frozenset(("pre", "post", "script_dir", "pre_skip", "stdout", "stderr"))
+
+
+def _read_scripts(raw: Mapping[Any, Any], where: str, problems: _Problems) -> dict[str, Any]:
+    """`pre`, `post`, `script_dir`, `pre_skip`, `stdout`, `stderr` of one task, checked."""
+    scripts: dict[str, Any] = {}
+    for key in ("pre", "post"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            problems.add(f"{where}: {key} {value!r} must be a shell command, as one string")
+        elif "\0" in value:
+            problems.add(f"{where}: {key} contains a NUL character, which no shell can run")
+        else:
+            scripts[key] = value
+    script_dir = raw.get("script_dir")
+    if script_dir is not None:
+        try:
+            normal = "." if script_dir in (".", "./") else normalize_path(script_dir)
+            scripts["script_dir"] = normal
+        except ValueError as err:
+            problems.add(f"{where}: script_dir: {err}")
+    pre_skip = raw.get("pre_skip")
+    if pre_skip is not None:
+        if not isinstance(pre_skip, int) or isinstance(pre_skip, bool) or not 1 <= pre_skip <= 255:
+            problems.add(f"{where}: pre_skip {pre_skip!r} must be an exit code from 1 to 255")
+        elif "pre" not in scripts:
+            problems.add(f"{where}: pre_skip needs a pre script (`pre:`) whose exit code it is")
+        else:
+            scripts["pre_skip"] = pre_skip
+    for key in ("stdout", "stderr"):
+        if raw.get(key) is None:
+            continue
+        try:
+            scripts[key] = normalize_path(raw[key])
+        except ValueError as err:
+            problems.add(f"{where}: {key}: {err}")
+    return scripts
+
+
+def _check_scripts(
+    tasks: Mapping[str, TaskSpec],
+    producer: Mapping[str, str],
+    root: Path,
+    check_sources: bool,
+    problems: _Problems,
+) -> None:
+    """Script directories exist; a stdout/stderr copy overwrites no other file of the job."""
+    copies: dict[str, str] = {}  # path -> "task 'a': stdout"
+    inputs: set[str] | None = None
+    for name, task in tasks.items():
+        if check_sources and (task.pre or task.post) and not (root / task.script_dir).is_dir():
+            problems.add(
+                f"task {name!r}: script_dir {task.script_dir!r} is not a directory in {root}; "
+                "create it, or fix the path"
+            )
+        for key in ("stdout", "stderr"):
+            path = getattr(task, key)
+            if path is None:
+                continue
+            what = f"task {name!r}: {key} {path!r}"
+            if inputs is None:  # built once, and only for a workflow that copies logs
+                inputs = {p for t in tasks.values() for p in t.inputs}
+            if path in producer:
+                problems.add(f"{what} is also an output of task {producer[path]!r}; rename one")
+            elif path in inputs:
+                problems.add(f"{what} is an input of the workflow; copying to it would replace it")
+            elif path in copies:
+                problems.add(f"{what} is also {copies[path]}; each copy needs its own path")
+            else:
+                copies[path] = f"the {key} of task {name!r}"
+
+
 def _as_list(value: object, where: str, what: str, problems: _Problems) -> list[object]:
     if isinstance(value, list):
         return value
@@ -766,7 +852,9 @@ def _build_graph(
     check_sources: bool,
     urls: Mapping[str, str],
     problems: _Problems,
+    pre_made: set[str],
 ) -> nx.DiGraph:
+    """The task graph; `pre_made` gets the absent inputs that each reader's pre may make."""
     files: dict[tuple[str, str], list[str]] = {}  # edge -> the files it carries
     # source path -> present, so a shared input is stat'ed once; a URL input is not looked for
     checked: dict[str, bool] = dict.fromkeys(urls, True)
@@ -779,7 +867,9 @@ def _build_graph(
                 present = checked.get(path)
                 if present is None:
                     present = checked[path] = (root / path).is_file()
-                if not present:
+                if not present and task.pre is not None and not (root / path).is_dir():
+                    pre_made.add(path)  # its pre may write it: hashed after the pre ends
+                elif not present:
                     problems.add(_missing_input(name, path, root, producer, problems))
         for before in task.after:
             if before in tasks:

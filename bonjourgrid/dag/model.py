@@ -88,6 +88,14 @@ class TaskSpec:
     abort_on: AbortOn | None = None  # an attempt exiting with `abort_on.exit` stops the job
     final: bool = False  # runs once every other task has ended, whatever their outcome
     noop: bool = False  # its command is not run: done once ready (command is "")
+    # DAGMan's SCRIPT PRE/POST: shell commands run on the coordinator's host, in the submit
+    # directory joined with `script_dir` (README: "Pre and post scripts").
+    pre: str | None = None
+    post: str | None = None
+    script_dir: str = "."  # normalized, relative to the submit directory
+    pre_skip: int | None = None  # a pre exiting with this: done, neither command nor post run
+    stdout: str | None = None  # the last attempt's stdout copied to this submit-dir path
+    stderr: str | None = None
 
     def __post_init__(self) -> None:
         # a frozen record must not share a dict its builder may still mutate
@@ -127,11 +135,17 @@ class Workflow:
     def final_task(self) -> str | None:
         """The task marked `final: true`, if any (at most one)."""
         return next((name for name, task in self.tasks.items() if task.final), None)
+    # Inputs no task produces, absent from `root` when the workflow was read, and read only by
+    # tasks with a pre script: their pre makes them (hashed after it, not staged before).
+    pre_made: frozenset[str] = frozenset()
 
     def source_inputs(self) -> list[str]:
-        """Inputs no task produces (from `root`, or from `urls` for those listed there), sorted."""
+        """Inputs no task produces (from `root`, or from `urls` for those listed there), sorted;
+        without those a pre script makes (`pre_made`)."""
         return sorted(
-            {path for task in self.tasks.values() for path in task.inputs} - self.producer.keys()
+            {path for task in self.tasks.values() for path in task.inputs}
+            - self.producer.keys()
+            - self.pre_made
         )
 
     def final_outputs(self) -> list[str]:

@@ -19,7 +19,8 @@ from bonjourgrid.coordinator.journal import plan_resume, workflow_digest
 from bonjourgrid.coordinator.recruit import needs_from
 from bonjourgrid.coordinator.shell import Coordinator
 from bonjourgrid.coordinator.submit import admission
-from bonjourgrid.dag import Workflow, load_workflow
+from bonjourgrid.dag import Workflow, load_workflow, workflow_from_mapping
+from bonjourgrid.errors import ConfigError
 from bonjourgrid.worker.local import LocalGrid
 from tests.fake_middleware import FakeDagMiddleware
 from tests.multiproc.conftest import LOOPBACK
@@ -174,3 +175,13 @@ def test_cancel_stops_the_middlewares_runs(tmp_path: Path) -> None:
     sleeper = int((tmp_path / "pid").read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(sleeper, 0)  # stopped, not left behind
+
+
+def test_a_middleware_that_places_the_runs_refuses_pre_and_post_scripts(tmp_path: Path) -> None:
+    # DAGMan runs its own scripts: bgrid's would run twice, or never in step with its runs.
+    workflow = workflow_from_mapping(
+        {"tasks": {"a": {"command": "true", "post": "exit 0"}}}, tmp_path
+    )
+    needs = needs_from(workflow, "grid", None, None, (1, 1))
+    with pytest.raises(ConfigError, match="cannot run pre or post scripts \\(task 'a'\\)"):
+        Coordinator(workflow, needs, None, backend=FakeDagMiddleware)

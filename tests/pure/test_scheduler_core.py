@@ -248,27 +248,35 @@ def test_a_task_cannot_be_kept_when_one_it_needs_runs_again() -> None:
 # -- random runs: the invariants hold whatever happens, and every job ends -----------------
 
 
+Scenario = tuple[
+    list[tuple[str, list[str], str, int]], set[str], list[int], dict[str, core.TaskData]
+]
+PRE_SKIP = 9  # the exit code of a random pre that skips its task
+
+
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[list[tuple[str, list[str], str, int]], set[str], list[int]]:
+def scenarios(draw: st.DrawFn) -> Scenario:
     n = draw(st.integers(1, 7))
     tasks = []
+    data: dict[str, core.TaskData] = {}
     for i in range(n):
         before = sorted(draw(st.sets(st.integers(0, i - 1), max_size=2))) if i else []
         tasks.append((f"t{i}", [f"t{d}" for d in before], "", draw(st.integers(0, 2))))
+        pre, post = draw(st.booleans()), draw(st.booleans())  # pre and post scripts
+        skip = PRE_SKIP if pre and draw(st.booleans()) else None
+        data[f"t{i}"] = core.TaskData(pre=pre, post=post, pre_skip=skip)
     done: set[str] = set()
     for name, deps, _, _ in tasks:  # a kept task's predecessors are all kept
         if all(d in done for d in deps) and draw(st.booleans()):
             done.add(name)
-    return tasks, done, draw(st.lists(st.integers(0, 5), max_size=60))
+    return tasks, done, draw(st.lists(st.integers(0, 7), max_size=60)), data
 
 
 @given(scenarios())
 @settings(max_examples=150, deadline=None)
-def test_random_runs_keep_the_invariants_and_always_end(
-    scenario: tuple[list[tuple[str, list[str], str, int]], set[str], list[int]],
-) -> None:
-    tasks, done, moves = scenario
-    s = SchedulerCore(tasks, done={name: () for name in done}, backoff_base_s=0.5)
+def test_random_runs_keep_the_invariants_and_always_end(scenario: Scenario) -> None:
+    tasks, done, moves, data = scenario
+    s = SchedulerCore(tasks, done={name: () for name in done}, backoff_base_s=0.5, data=data)
     now, peers = 0.0, 0
 
     def step(move: int) -> None:
@@ -276,6 +284,7 @@ def test_random_runs_keep_the_invariants_and_always_end(
         now += 0.25
         running = [t for t in s.tasks.values() if t.status is TaskStatus.RUNNING]
         collecting = [t for t in s.tasks.values() if t.status is TaskStatus.COLLECTING]
+        scripted = [t for t in s.tasks.values() if t.script]
         out: list[core.Instruction] = []
         if move == 0 or not s.peers:
             peers += 1
@@ -289,6 +298,11 @@ def test_random_runs_keep_the_invariants_and_always_end(
             out = s.handle(core.TaskReported(t.peer, t.name, t.attempts, code, "", ()), now)
         elif move == 4 and collecting:
             out = s.handle(core.OutputsCollected(collecting[0].name, collecting[0].attempts), now)
+        elif move in (5, 6, 7) and scripted:  # a pre or post script ends: 0, 1 or pre_skip
+            t = scripted[0]
+            attempt = t.attempts + (1 if t.script == "pre" else 0)
+            code = [0, 1, PRE_SKIP][move - 5]
+            out = s.handle(core.ScriptEnded(t.name, t.script, attempt, code), now)
         else:
             wake = s.next_wakeup()
             now = max(now, wake or now)

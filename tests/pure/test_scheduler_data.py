@@ -35,8 +35,10 @@ def build(
     finals: Iterable[str] | None = None,
     rules: Mapping[str, NodeRules] | None = None,
     caps: Mapping[str, int] | None = None,
+    scripts: Mapping[str, tuple[bool, bool]] | None = None,
 ) -> SchedulerCore:
-    """A core for tasks given by their files; dependencies follow the files."""
+    """A core for tasks given by their files; dependencies follow the files. `scripts`:
+    whether a task has a pre script and a post script (the pre skips it on exit code 9)."""
     specs = list(specs)
     producer = {out: name for name, _, outs in specs for out in outs}
     read = {path for _, ins, _ in specs for path in ins}
@@ -47,7 +49,10 @@ def build(
         deps = sorted({producer[p] for p in ins if p in producer})
         tasks.append((name, deps, "", 1))
         final = any(o not in read for o in outs) or bool(keep and set(outs) & keep)
-        data[name] = TaskData(tuple(ins), tuple(outs), collect=final)
+        pre, post = (scripts or {}).get(name, (False, False))
+        data[name] = TaskData(
+            tuple(ins), tuple(outs), collect=final, pre=pre, post=post, pre_skip=9 if pre else None
+        )
     return SchedulerCore(
         tasks,
         data=data,
@@ -351,13 +356,19 @@ def test_a_file_read_by_many_tasks_is_broadcast_peer_to_peer() -> None:
 # -- random runs ----------------------------------------------------------------------------
 
 
+DataScenario = tuple[
+    list[Spec], str, list[int], bool, dict[str, NodeRules], dict[str, tuple[bool, bool]]
+]
+
+
 @st.composite
 def data_scenarios(
     draw: st.DrawFn,
-) -> tuple[list[Spec], str, list[int], bool, dict[str, NodeRules]]:
+) -> DataScenario:
     """A random DAG of tasks with files (some read one shared file), a policy, moves,
-    whether the shared file is hashed while the job runs, and node rules (priorities, a
-    capped category, a noop task, a final task reading a source)."""
+    whether the shared file is hashed while the job runs, node rules (priorities, a
+    capped category, a noop task, a final task reading a source), and the tasks' pre/post
+    scripts."""
     n = draw(st.integers(1, 10))
     specs: list[Spec] = []
     rules: dict[str, NodeRules] = {}
@@ -381,16 +392,17 @@ def data_scenarios(
         specs.append(("fin", ["s_fin"], ["f_fin"]))
         rules["fin"] = NodeRules(final=True)
     policy = draw(st.sampled_from(["none", "lookahead", "eager", "critical-path"]))
-    moves = draw(st.lists(st.integers(0, 8), max_size=80))
-    return specs, policy, moves, draw(st.booleans()), rules
+    scripts = {name: (draw(st.booleans()), draw(st.booleans())) for name, _, _ in specs}
+    moves = draw(st.lists(st.integers(0, 11), max_size=80))
+    return specs, policy, moves, draw(st.booleans()), rules, scripts
 
 
 @given(data_scenarios())
 @settings(max_examples=200, deadline=None)
 def test_random_runs_with_data_keep_the_invariants_and_always_end(
-    scenario: tuple[list[Spec], str, list[int], bool, dict[str, NodeRules]],
+    scenario: DataScenario,
 ) -> None:
-    specs, policy, moves, hold_shared, rules = scenario
+    specs, policy, moves, hold_shared, rules, scripts = scenario
     sources = sorted({p for _, ins, _ in specs for p in ins if not p.startswith("f")})
     held = ["shared"] if hold_shared and "shared" in sources else []
     s = build(
@@ -401,6 +413,7 @@ def test_random_runs_with_data_keep_the_invariants_and_always_end(
         broadcast=2,
         rules=rules,
         caps={"one": 1},
+        scripts=scripts,
     )
     s.hold_sources(held)
     s.validate_state()
@@ -413,6 +426,7 @@ def test_random_runs_with_data_keep_the_invariants_and_always_end(
         now += 0.25
         running = [t for t in s.tasks.values() if t.status is TaskStatus.RUNNING]
         collecting = [t for t in s.tasks.values() if t.status is TaskStatus.COLLECTING]
+        scripted = [t for t in s.tasks.values() if t.script]
         if move == 0 or not s.peers:
             joined += 1
             out = s.handle(core.PeerJoined(f"p{joined}", 1 + joined % 2, {}), now)
@@ -428,6 +442,12 @@ def test_random_runs_with_data_keep_the_invariants_and_always_end(
             out = s.handle(core.TaskReported(t.peer, t.name, t.attempts, code, "", outputs), now)
         elif move == 4 and collecting:
             out = s.handle(core.OutputsCollected(collecting[0].name, collecting[0].attempts), now)
+        elif move in (9, 10, 11) and scripted:  # a script ends: 0, 1, or the pre skips
+            t = scripted[0]
+            attempt = t.attempts + (1 if t.script == "pre" else 0)
+            code = [0, 1, 9][move - 9]
+            outputs = tuple((o, ref(o)) for o in s.data[t.name].outputs)
+            out = s.handle(core.ScriptEnded(t.name, t.script, attempt, code, outputs=outputs), now)
         elif move == 8 and held:
             out = s.handle(core.SourcesHashed({held.pop(): ref("shared")}), now)
         elif move in (5, 6) and pending:
@@ -456,7 +476,7 @@ def test_random_runs_with_data_keep_the_invariants_and_always_end(
             step(move)
     for i in range(800):  # then everything succeeds, every prefetch arrives and every held
         if s.finished is None:  # source is hashed: it must end
-            step([2, 4, 5, 8][i % 4])
+            step([2, 4, 5, 8, 9][i % 5])
     assert s.finished is not None
 
 
