@@ -495,7 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(run=_worker)
 
     s = command("submit", help="run a workflow on the grid")
-    s.add_argument("workflow", help="workflow file (YAML or JSON)")
+    s.add_argument(
+        "workflow",
+        help="workflow file: YAML or JSON, an HTCondor DAGMan .dag, or a WfCommons WfFormat .json",
+    )
     s.add_argument("--workers", metavar="MIN..MAX", help="how many peers to recruit")
     s.add_argument("--require", metavar="EXPR", help='e.g. "ram>=4GiB and cpus>=2"')
     s.add_argument("--max-cost", type=float, help="highest cost per CPU-hour to accept")
