@@ -90,6 +90,19 @@ and hears how they went (`ScriptEnded`). While one runs, its task is WAITING wit
   failed attempt (retried per `retries`, or WAITING -> FAILED).
 `validate_state()` holds: a running script means WAITING; a READY task with a pre has passed it.
 
+Speculative copies (`speculation=`, bgrid.toml's `[schedule]`; the policy in copies.py).
+When free slots have nothing ready, a RUNNING task that has run `factor` times longer than
+the median of its finished siblings (its class) gets a copy on another peer: a second live
+run of the same task with its own attempt number (`copies`: task -> its runs besides the
+one its record holds). The first run to exit 0 wins: it becomes the task's run (`_swap`),
+the others are stopped (`StopRun`) as the task leaves RUNNING (`_left_running`), and only
+the winner is collected, so the submit directory is written once. A run that fails, is
+refused, goes unlisted or loses its peer while another lives only ends that run (no retry
+used; its peer joins `failed_on`); the last one standing is the task's run as before. While
+running tasks may yet get a copy, scale-in keeps that many idle peers. The running tasks are
+scanned (oldest first, `_running`) only when a straggler may have appeared since the last
+scan: a run began or ended, or the earliest threshold passed (`next_wakeup` says when).
+
 Peers are checked, not trusted. A dispatched run must be acknowledged (`RunStarted`) within
 `ack_timeout_s`, and once it is, every heartbeat of its peer must list it (`PeerRunning`): a
 run never acknowledged, or missing from two heartbeats in a row, is a failed attempt, as is
@@ -143,6 +156,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 from bonjourgrid.cache.store import FileRef
+from bonjourgrid.coordinator.copies import Copy, Runtimes, SpeculationSettings
 from bonjourgrid.coordinator.dataplane import DataPlanner
 from bonjourgrid.coordinator.files import FileTable
 from bonjourgrid.coordinator.model import (
@@ -253,6 +267,7 @@ class SchedulerCore:
         placement: Literal["core", "middleware"] = "core",
         rules: Mapping[str, NodeRules] | None = None,
         category_caps: Mapping[str, int] | None = None,
+        speculation: SpeculationSettings | None = None,
     ) -> None:
         """`tasks`: (name, predecessors, require text or "", retries) for every task;
         `done`: tasks finished in an earlier run (name -> outputs), closed under predecessors;
@@ -263,7 +278,7 @@ class SchedulerCore:
         (see the theory of operation); `rules`: the node semantics of the tasks that have
         some (priority, category, retry_unless_exit, abort_on, final, noop);
         `category_caps`: how many tasks of a category may run at once (a category left out
-        has no cap)."""
+        has no cap); `speculation`: when a straggler gets a copy (default: never)."""
         self.by_middleware = placement == "middleware"
         self.rules: dict[str, NodeRules] = {n: r for n, r in (rules or {}).items() if r}
         if self.by_middleware and (self.rules or category_caps):
@@ -329,6 +344,16 @@ class SchedulerCore:
         # few pointers per step, not a tuple and a string (issue 12: 100k tasks in 300 MB).
         self._stories: dict[str, list[float | str]] = defaultdict(list)
         self.resumed = 0
+        # Speculative copies ("Speculative copies" above; copies.py): task -> its live runs
+        # besides the one its record holds, on other peers.
+        self.speculation = speculation or SpeculationSettings()
+        self.copies: dict[str, list[Copy]] = {}
+        self.runtimes = Runtimes()  # of the tasks that exited 0, per class
+        self._running: dict[str, None] = {}  # RUNNING tasks, oldest placement first
+        self._top_attempt: dict[str, int] = {}  # the last attempt number a copy took
+        self._stops_due: list[StopRun] = []  # copies stopped by a move (`move` has no `out`)
+        self._speculation_due = 0.0  # no straggler can appear before then
+        self._may_speculate = 0  # running tasks that may yet get a copy (scale-in keeps peers)
         if done:
             self._resume(done, self.preds)
         if self.final is not None and self.tasks[self.final].status is TaskStatus.WAITING:
@@ -380,6 +405,12 @@ class SchedulerCore:
         out: list[Instruction] = []
         if self.finished is not None:
             return out
+        if (
+            self.copies
+            and isinstance(event, TaskReported | AttemptFailed | RunStarted)
+            and self._copy_news(event, now)
+        ):
+            event = Tick()  # news of a copy that only ended that copy: nothing more to do
         match event:
             case PeerJoined():
                 self._join(event)
@@ -398,7 +429,7 @@ class SchedulerCore:
                     self.note(task.name, now, f"{event.peer} acknowledged the run")
             case AttemptFailed():
                 task = self._running_on(event.peer, event.task, event.attempt)
-                if task is not None:
+                if task is not None and not self._copy_takes_over(task, event.reason, now):
                     self.detach(task)
                     self._failed_attempt(task, event.reason, now, out)
             case PeerRunning() if not self.by_middleware:
@@ -443,6 +474,9 @@ class SchedulerCore:
         if self._scripts_due:
             out.extend(self._scripts_due)
             self._scripts_due.clear()
+        if self._stops_due:
+            out.extend(self._stops_due)
+            self._stops_due.clear()
         if not schedule:
             return out
         if not self.by_middleware:
@@ -451,6 +485,11 @@ class SchedulerCore:
             self.planner.broadcast(out)
             self._schedule(now, out)
             self.planner.plan(now, out)
+            if self.speculation.enabled:
+                self._speculate(now, out)
+            if self._stops_due:
+                out.extend(self._stops_due)
+                self._stops_due.clear()
         self._scale_in(out)
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY] == 0 and not any(
             self.counts[s] for s in (TaskStatus.RUNNING, TaskStatus.COLLECTING)
@@ -559,8 +598,10 @@ class SchedulerCore:
         if task.status is TaskStatus.RUNNING:
             task.lost_input = ""  # that attempt is over: it no longer waits for the file
             self.files.stop_reading(self.data[task.name].inputs)
+            self._left_running(task, to, now)
         if to is TaskStatus.RUNNING:
             self.files.start_reading(self.data[task.name].inputs)
+            self._running[task.name] = None
         if self.ready.caps:
             self._count_in_category(task, to)
         if task.status is TaskStatus.WAITING:
@@ -657,6 +698,8 @@ class SchedulerCore:
                 self._done(task, now, f"exited 0 on {event.peer}; its outputs stay there", out)
             self.planner.restart_stalled_readers(task, now, out)
             self.planner.prefetch_for_waiting(task, out)
+            return
+        if self._copy_takes_over(task, event.error or f"exit code {event.exit_code}", now):
             return
         self.detach(task)
         lost = {
@@ -819,6 +862,9 @@ class SchedulerCore:
             return
         for name in sorted(peer.running):
             task = self.tasks[name]
+            if task.peer != peer.name:  # a copy of it runs there
+                self._check_copy_listed(task, peer.name, event, now)
+                continue
             if not task.acked:
                 continue  # not started yet: the acknowledgement deadline watches it
             if (name, task.attempts) in event.running:
@@ -826,17 +872,24 @@ class SchedulerCore:
                 continue
             task.unlisted += 1
             if task.unlisted >= UNLISTED_LIMIT:
-                self.detach(task)
-                self._failed_attempt(task, f"peer {event.peer} is not running it", now, out)
+                why = f"peer {event.peer} is not running it"
+                if not self._copy_takes_over(task, why, now):
+                    self.detach(task)
+                    self._failed_attempt(task, why, now, out)
 
     def _expire_acks(self, now: float, out: list[Instruction]) -> None:
         while self._ack_due and self._ack_due[0][0] <= now:
             _, name, attempt = heapq.heappop(self._ack_due)
             task = self.tasks[name]
-            if task.status is TaskStatus.RUNNING and task.attempts == attempt and not task.acked:
-                self.detach(task)
+            copy = self._copy_of(name, attempt)
+            if copy is not None and not copy.acked:
+                why = f"peer {copy.peer} never acknowledged the run of {name}"
+                self._end_copy(task, copy, why, now)
+            elif task.status is TaskStatus.RUNNING and task.attempts == attempt and not task.acked:
                 why = f"peer {task.peer} never acknowledged the run of {name}"
-                self._failed_attempt(task, why, now, out)
+                if not self._copy_takes_over(task, why, now):
+                    self.detach(task)
+                    self._failed_attempt(task, why, now, out)
 
     def _done(self, task: TaskState, now: float, why: str, out: list[Instruction]) -> None:
         self.detach(task)
@@ -1022,10 +1075,14 @@ class SchedulerCore:
                 stack.extend(self.successors.get(task.name, ()))
 
     def detach(self, task: TaskState) -> None:
-        if task.peer in self.peers:
-            self.peers[task.peer].running.discard(task.name)
-            self.peers[task.peer].collecting.discard(task.name)
-            peer = self.peers[task.peer]
+        if task.peer is not None:
+            self._free_slot(task.peer, task.name)
+
+    def _free_slot(self, peer_name: str, task_name: str) -> None:
+        peer = self.peers.get(peer_name)
+        if peer is not None:
+            peer.running.discard(task_name)
+            peer.collecting.discard(task_name)
             if len(peer.running) < peer.cpus:
                 self.ready.mark_free(peer)
             if not peer.running and not peer.collecting:
@@ -1060,6 +1117,12 @@ class SchedulerCore:
             self.planner.unplan(self.tasks[task_name])
         for task_name in sorted(peer.running | peer.collecting):
             task = self.tasks[task_name]
+            copy = self._copy_on(task_name, name)
+            if copy is not None:  # the run it held was a copy: the task's others go on
+                self._end_copy(task, copy, f"peer {name} lost ({reason})", now)
+                continue
+            if self._copy_takes_over(task, f"peer {name} lost ({reason})", now):
+                continue
             if self.abort is not None and task_name != self.final:
                 why = f"its outputs went with peer {name} ({reason}) after the job was aborted"
                 self._fail_for_good(task, why, why, now, out)  # nothing new starts
@@ -1071,6 +1134,185 @@ class SchedulerCore:
             else:
                 self.make_ready(task, now, why)
         self.planner.peer_lost(name, now, out)
+
+    # -- speculative copies (see the theory of operation; copies.py) -----------------------
+
+    def _copy_of(self, name: str, attempt: int) -> Copy | None:
+        for copy in self.copies.get(name, ()):
+            if copy.attempt == attempt:
+                return copy
+        return None
+
+    def _copy_on(self, name: str, peer: str) -> Copy | None:
+        for copy in self.copies.get(name, ()):
+            if copy.peer == peer:
+                return copy
+        return None
+
+    def _copy_news(self, event: TaskReported | AttemptFailed | RunStarted, now: float) -> bool:
+        """News of a copy (not of the run the task's record holds). True when it only
+        concerned that copy; False when the core should go on as for the task's own run
+        (a copy that exited 0 won: it has become the task's run)."""
+        copy = self._copy_of(event.task, event.attempt)
+        if copy is None or copy.peer != event.peer:
+            return False
+        task = self.tasks[event.task]
+        match event:
+            case RunStarted():
+                if not copy.acked:
+                    copy.acked = True
+                    self.note(task.name, now, f"{copy.peer} acknowledged the copy")
+                return True
+            case AttemptFailed():
+                self._end_copy(task, copy, event.reason, now)
+                return True
+            case TaskReported():
+                rule = self.rules.get(task.name)
+                aborts = rule is not None and rule.abort_exit == event.exit_code
+                if (event.exit_code == 0 and not event.error) or aborts:
+                    self._swap(task, copy)
+                    self.note(task.name, now, f"the copy on {copy.peer} ended first: it wins")
+                    return False
+                self._end_copy(task, copy, event.error or f"exit code {event.exit_code}", now)
+                return True
+        return False  # pragma: no cover (the three kinds above)
+
+    def _swap(self, task: TaskState, copy: Copy) -> None:
+        """`copy` becomes the task's run, and the task's run one of its copies."""
+        assert task.peer is not None and task.start is not None
+        fields = (task.peer, task.attempts, task.start, task.acked, task.unlisted)
+        task.peer, task.attempts, task.start = copy.peer, copy.attempt, copy.start
+        task.acked, task.unlisted = copy.acked, copy.unlisted
+        copy.peer, copy.attempt, copy.start, copy.acked, copy.unlisted = fields
+
+    def _end_copy(self, task: TaskState, copy: Copy, why: str, now: float) -> None:
+        """One copy ended badly (failed, refused, lost): the task's other runs go on."""
+        copies = self.copies[task.name]
+        copies.remove(copy)
+        if not copies:
+            del self.copies[task.name]
+        self._free_slot(copy.peer, task.name)
+        if copy.peer not in task.failed_on:
+            task.failed_on += (copy.peer,)
+        self.note(
+            task.name,
+            now,
+            f"its copy on {copy.peer} (attempt {copy.attempt}) ended: {why}; "
+            f"its run on {task.peer} goes on, no retry used",
+        )
+
+    def _copy_takes_over(self, task: TaskState, why: str, now: float) -> bool:
+        """The task's run ended badly while a copy lives: the copy becomes its run, and no
+        retry is used (the task fails an attempt only when its last copy does)."""
+        copies = self.copies.get(task.name)
+        if not copies or task.status is not TaskStatus.RUNNING:
+            return False
+        acked = [c for c in copies if c.acked]
+        copy = (acked or copies)[0]
+        ended = f"{task.peer} (attempt {task.attempts})"
+        self._swap(task, copy)
+        self._end_copy(task, copy, why, now)  # (it holds the ended run now)
+        self.note(task.name, now, f"its run on {ended} ended: its copy on {task.peer} goes on")
+        return True
+
+    def _check_copy_listed(
+        self, task: TaskState, peer: str, event: PeerRunning, now: float
+    ) -> None:
+        copy = self._copy_on(task.name, peer)
+        if copy is None or not copy.acked:
+            return  # not started yet: the acknowledgement deadline watches it
+        if (task.name, copy.attempt) in event.running:
+            copy.unlisted = 0
+            return
+        copy.unlisted += 1
+        if copy.unlisted >= UNLISTED_LIMIT:
+            self._end_copy(task, copy, f"peer {peer} is not running it", now)
+
+    def _left_running(self, task: TaskState, to: TaskStatus, now: float) -> None:
+        """A task leaves RUNNING (from `move`): its run time counts for its siblings if it
+        exited 0, and its copies are stopped: the first to end decided (a success is only
+        collected from the winner; a task stopped or failed for good stops them all)."""
+        self._running.pop(task.name, None)
+        succeeded = to in (TaskStatus.COLLECTING, TaskStatus.DONE)
+        if succeeded and task.start is not None and self.speculation.enabled:
+            self.runtimes.add((task.require, task.category), now - task.start)
+            self._speculation_due = 0.0  # a new median
+        copies = self.copies.pop(task.name, None)
+        if not copies:
+            return
+        reason = (
+            f"its run on {task.peer} (attempt {task.attempts}) finished first"
+            if succeeded
+            else f"the task is no longer running ({to.value})"
+        )
+        for copy in copies:
+            self._free_slot(copy.peer, task.name)
+            self._stops_due.append(StopRun(task.name, copy.peer, copy.attempt, reason))
+            stopped = f"its copy on {copy.peer} (attempt {copy.attempt}) stopped: {reason}"
+            self.note(task.name, now, stopped)
+
+    def _speculate(self, now: float, out: list[Instruction]) -> None:
+        """Free slots with nothing ready take copies of stragglers (copies.py). The running
+        tasks are scanned oldest first, only when a straggler may have appeared since the
+        last scan (`_speculation_due`: the earliest one could, or a run began or ended)."""
+        if self.ready.has_ready() or not self.ready.free or now < self._speculation_due:
+            return
+        settings = self.speculation
+        self._speculation_due = float("inf")
+        self._may_speculate = 0
+        for name in self._running:
+            task = self.tasks[name]
+            if name in self.copies or task.start is None:
+                continue
+            median = self.runtimes.median((task.require, task.category), settings.min_siblings)
+            if median is None:
+                continue
+            self._may_speculate += 1
+            threshold = settings.threshold(median)
+            if now - task.start < threshold:
+                self._speculation_due = min(self._speculation_due, task.start + threshold)
+                continue
+            peer = self._peer_for_copy(task)
+            if peer is None:
+                self._speculation_due = 0.0  # a straggler waits for a peer: scan again
+                continue
+            self._may_speculate -= 1
+            why = (
+                f"running for {now - task.start:.0f} s, over {settings.factor:g} x the median "
+                f"{median:.1f} s of its finished siblings, while {peer.name} had nothing ready"
+            )
+            self._start_copy(task, peer, why, now, out)
+
+    def _peer_for_copy(self, task: TaskState) -> PeerSlots | None:
+        """A peer with a free slot that can run `task`, runs no run of it, and has not
+        seen it fail (the free peers are few when nothing is ready: this is no scan of all)."""
+        for name in self.ready.free:
+            peer = self.peers[name]
+            if (
+                name != task.peer
+                and task.name not in peer.running
+                and name not in task.failed_on
+                and len(peer.running) < peer.cpus
+                and self.ready.can_run(peer, task.require)
+            ):
+                return peer
+        return None
+
+    def _start_copy(
+        self, task: TaskState, peer: PeerSlots, why: str, now: float, out: list[Instruction]
+    ) -> None:
+        attempt = max(task.attempts, self._top_attempt.get(task.name, 0)) + 1
+        self._top_attempt[task.name] = attempt
+        self.copies.setdefault(task.name, []).append(Copy(peer.name, attempt, now, why))
+        peer.running.add(task.name)
+        self._idle.pop(peer.name, None)
+        if len(peer.running) >= peer.cpus:
+            self.ready.mark_full(peer.name)
+        if self.ack_timeout_s is not None:
+            heapq.heappush(self._ack_due, (now + self.ack_timeout_s, task.name, attempt))
+        self.note(task.name, now, f"a speculative copy on {peer.name} (attempt {attempt}): {why}")
+        out.append(Notice(f"task {task.name}: a speculative copy on {peer.name} ({why})"))
+        out.append(Dispatch(task.name, peer.name, attempt))
 
     # -- decisions ----------------------------------------------------------------------
 
@@ -1149,7 +1391,7 @@ class SchedulerCore:
         target = peer
         if peer.name in task.failed_on:
             target = self._fresh_peer_for(task) or peer
-        task.attempts += 1
+        task.attempts = max(task.attempts, self._top_attempt.get(task.name, 0)) + 1
         task.queued = -1  # its other heap entries are stale from now on
         task.peer = target.name
         task.start = now
@@ -1168,6 +1410,7 @@ class SchedulerCore:
             task, TaskStatus.RUNNING, now, f"placed on {target.name} (attempt {task.attempts})"
         )
         out.append(Dispatch(task.name, target.name, task.attempts))
+        self._speculation_due = 0.0  # a new run: the next straggler may come sooner
 
     def _fresh_peer_for(self, task: TaskState) -> PeerSlots | None:
         """A peer with a free slot that can run `task` and has not seen it fail."""
@@ -1186,9 +1429,14 @@ class SchedulerCore:
         # Only idle peers are looked at (an index, not a scan of the free ones), and the
         # question whether one still serves a file is answered by counts kept as tasks
         # start and stop: each event costs O(idle peers still serving), never O(peers x
-        # running tasks).
+        # running tasks). With speculation on, as many idle peers as running tasks that may
+        # yet get a copy are kept for those copies.
+        keep = self._may_speculate
         for name in list(self._idle):
             if self.planner.still_serving(name):
+                continue
+            if keep > 0:
+                keep -= 1
                 continue
             del self.peers[name]
             self.files.drop_peer(name)
@@ -1278,9 +1526,14 @@ class SchedulerCore:
         then); None if nothing waits."""
         if self.finished is not None:
             return None
+        straggler = self._speculation_due if 0 < self._speculation_due < float("inf") else None
         due = [
             t
-            for t in (self.ready.next_due(), self._ack_due[0][0] if self._ack_due else None)
+            for t in (
+                self.ready.next_due(),
+                self._ack_due[0][0] if self._ack_due else None,
+                straggler if self.speculation.enabled and self.ready.free else None,
+            )
             if t is not None
         ]
         return min(due) if due else None
@@ -1356,4 +1609,27 @@ class SchedulerCore:
         if self.finished is None:
             self.planner.validate()
         assert set(self._idle) <= set(self.peers)
+        self._validate_copies()
         self.files.validate()
+
+    def _validate_copies(self) -> None:
+        running = {n for n, t in self.tasks.items() if t.status is TaskStatus.RUNNING}
+        assert set(self._running) == running, "the index of running tasks is off"
+        for name, copies in self.copies.items():
+            task = self.tasks[name]
+            assert copies and not self.by_middleware, name
+            assert task.status is TaskStatus.RUNNING, f"{name} has copies but is not running"
+            where = [task.peer] + [c.peer for c in copies]
+            assert len(set(where)) == len(where), f"{name}: two runs on one peer"
+            attempts = [task.attempts] + [c.attempt for c in copies]
+            assert len(set(attempts)) == len(attempts), f"{name}: two runs, one attempt number"
+            if self.finished is None:
+                for copy in copies:
+                    assert name in self.peers[copy.peer].running, f"{name} off {copy.peer}"
+        if self.by_middleware or self.finished is not None:
+            return
+        for peer in self.peers.values():
+            for name in peer.running:  # each run a slot holds is the task's or a copy's
+                task = self.tasks[name]
+                assert task.status is TaskStatus.RUNNING, f"{name} holds a slot of {peer.name}"
+                assert task.peer == peer.name or self._copy_on(name, peer.name), name

@@ -1,0 +1,250 @@
+"""The scheduler core: speculative copies of stragglers (copies.py, core "Speculative copies")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from bonjourgrid.cache.store import FileRef
+from bonjourgrid.coordinator import core
+from bonjourgrid.coordinator.copies import SpeculationSettings
+from bonjourgrid.coordinator.core import SchedulerCore, TaskStatus
+
+REF = FileRef("1" * 64, 1)
+SPECULATE = SpeculationSettings(factor=2.0, min_runtime_s=1.0, min_siblings=2)
+
+
+def sched(
+    tasks: Iterable[tuple[str, list[str]]],
+    retries: int = 0,
+    speculation: SpeculationSettings = SPECULATE,
+) -> SchedulerCore:
+    return SchedulerCore(((n, d, "", retries) for n, d in tasks), speculation=speculation)
+
+
+def of(kind: type, out: list[core.Instruction]) -> list[core.Instruction]:
+    return [i for i in out if isinstance(i, kind)]
+
+
+def report(
+    s: SchedulerCore, task: str, peer: str, attempt: int, now: float, code: int = 0
+) -> list[core.Instruction]:
+    out = s.handle(core.TaskReported(peer, task, attempt, code, "", (("out", REF),)), now)
+    s.validate_state()
+    return out
+
+
+def straggling_job() -> SchedulerCore:
+    """Three siblings on three peers: s1 and s2 end after 2 s, s3 runs on (p3)."""
+    s = sched([("s1", []), ("s2", []), ("s3", [])])
+    for peer in ("p1", "p2", "p3"):
+        s.handle(core.PeerJoined(peer, 1, {}), 0.0)
+    assert {s.tasks[n].peer for n in ("s1", "s2", "s3")} == {"p1", "p2", "p3"}
+    for name in ("s1", "s2"):
+        t = s.tasks[name]
+        assert t.peer is not None
+        report(s, name, t.peer, 1, 2.0)
+        s.handle(core.OutputsCollected(name, 1), 2.0)
+    s.validate_state()
+    return s
+
+
+def test_a_straggler_gets_a_copy_on_an_idle_peer_once_it_runs_twice_the_median() -> None:
+    s = straggling_job()
+    t = s.tasks["s3"]
+    assert t.status is TaskStatus.RUNNING and not s.copies  # 2 s: the median, not yet
+    assert s.next_wakeup() == 4.0  # when it becomes a straggler (2 x 2 s)
+    out = s.handle(core.Tick(), 4.0)
+    s.validate_state()
+    copies = of(core.Dispatch, out)
+    assert len(copies) == 1
+    copy = copies[0]
+    assert isinstance(copy, core.Dispatch)
+    assert copy.task == "s3" and copy.peer != t.peer and copy.attempt == 2
+    assert "speculative copy" in s.story("s3")[-1][1]
+    assert "over 2 x the median 2.0 s" in s.story("s3")[-1][1]
+
+
+def test_idle_peers_are_kept_while_a_running_task_may_yet_need_a_copy() -> None:
+    s = straggling_job()
+    assert len(s.peers) >= 2  # p3 runs s3, one idle peer at least is kept for its copy
+    off = sched([("s1", []), ("s2", []), ("s3", [])], speculation=SpeculationSettings())
+    for peer in ("p1", "p2", "p3"):
+        off.handle(core.PeerJoined(peer, 1, {}), 0.0)
+    for name in ("s1", "s2"):
+        peer = off.tasks[name].peer
+        assert peer is not None
+        report(off, name, peer, 1, 2.0)
+        off.handle(core.OutputsCollected(name, 1), 2.0)
+    assert list(off.peers) == [off.tasks["s3"].peer]  # without speculation: released
+    assert off.handle(core.Tick(), 10.0) == []
+
+
+def test_the_first_copy_to_finish_wins_and_the_other_is_stopped_and_never_collected() -> None:
+    s = straggling_job()
+    slow_peer = s.tasks["s3"].peer
+    dispatch = of(core.Dispatch, s.handle(core.Tick(), 4.0))[0]
+    assert isinstance(dispatch, core.Dispatch)
+    out = report(s, "s3", dispatch.peer, dispatch.attempt, 5.0)
+    reason = f"its run on {dispatch.peer} (attempt 2) finished first"
+    assert of(core.StopRun, out) == [core.StopRun("s3", slow_peer or "", 1, reason)]
+    assert of(core.Collect, out) == [core.Collect("s3", dispatch.peer, 2, (("out", REF),))]
+    # The stopped run's late report changes nothing: only the winner is collected.
+    assert of(core.Collect, report(s, "s3", slow_peer or "", 1, 5.5)) == []
+    out = s.handle(core.OutputsCollected("s3", 2), 6.0)
+    assert of(core.TaskDone, out) == [core.TaskDone("s3", dispatch.peer, 2, (("out", REF),))]
+    assert out[-1] == core.Finished("succeeded", "all 3 tasks succeeded")
+    assert any("ended first: it wins" in why for _, why in s.story("s3"))
+    s.validate_state()
+
+
+def test_when_the_original_run_finishes_first_the_copy_is_stopped() -> None:
+    s = straggling_job()
+    slow_peer = s.tasks["s3"].peer or ""
+    dispatch = of(core.Dispatch, s.handle(core.Tick(), 4.0))[0]
+    assert isinstance(dispatch, core.Dispatch)
+    out = report(s, "s3", slow_peer, 1, 4.5)
+    reason = f"its run on {slow_peer} (attempt 1) finished first"
+    assert of(core.StopRun, out) == [core.StopRun("s3", dispatch.peer, 2, reason)]
+    assert of(core.Collect, out) == [core.Collect("s3", slow_peer, 1, (("out", REF),))]
+
+
+def test_a_run_that_fails_while_its_copy_lives_uses_no_retry() -> None:
+    s = straggling_job()
+    slow_peer = s.tasks["s3"].peer or ""
+    dispatch = of(core.Dispatch, s.handle(core.Tick(), 4.0))[0]
+    assert isinstance(dispatch, core.Dispatch)
+    out = report(s, "s3", slow_peer, 1, 4.5, code=1)
+    t = s.tasks["s3"]
+    assert t.status is TaskStatus.RUNNING and t.peer == dispatch.peer and t.failures == 0
+    assert not of(core.TaskFailed, out) and slow_peer in t.failed_on
+    out = report(s, "s3", dispatch.peer, 2, 5.0)
+    assert of(core.Collect, out) == [core.Collect("s3", dispatch.peer, 2, (("out", REF),))]
+
+
+def test_a_copy_whose_peer_is_lost_leaves_the_original_run_going() -> None:
+    s = straggling_job()
+    slow_peer = s.tasks["s3"].peer or ""
+    dispatch = of(core.Dispatch, s.handle(core.Tick(), 4.0))[0]
+    assert isinstance(dispatch, core.Dispatch)
+    s.handle(core.PeerLost(dispatch.peer, "silent"), 4.5)
+    s.validate_state()
+    t = s.tasks["s3"]
+    assert t.status is TaskStatus.RUNNING and t.peer == slow_peer and not s.copies
+    out = report(s, "s3", slow_peer, 1, 5.0, code=0)
+    assert of(core.Collect, out) == [core.Collect("s3", slow_peer, 1, (("out", REF),))]
+
+
+def test_the_original_runs_peer_lost_hands_the_task_to_its_copy() -> None:
+    s = straggling_job()
+    slow_peer = s.tasks["s3"].peer or ""
+    dispatch = of(core.Dispatch, s.handle(core.Tick(), 4.0))[0]
+    assert isinstance(dispatch, core.Dispatch)
+    out = s.handle(core.PeerLost(slow_peer, "silent"), 4.5)
+    s.validate_state()
+    t = s.tasks["s3"]
+    assert t.status is TaskStatus.RUNNING and t.peer == dispatch.peer and t.attempts == 2
+    assert not of(core.Dispatch, out)  # nothing placed again: the copy goes on
+
+
+def test_no_copy_while_work_is_ready_before_enough_siblings_finished_or_when_off() -> None:
+    s = sched([("a", []), ("b", []), ("c", [])])
+    s.handle(core.PeerJoined("p1", 1, {}), 0.0)
+    s.handle(core.PeerJoined("p2", 1, {}), 0.0)
+    assert not of(core.Dispatch, s.handle(core.Tick(), 100.0))  # no sibling finished yet
+    off = sched([("a", []), ("b", []), ("c", [])], speculation=SpeculationSettings())
+    off.handle(core.PeerJoined("p1", 3, {}), 0.0)
+    for name in ("a", "b"):
+        report(off, name, "p1", 1, 1.0)
+    assert not of(core.Dispatch, off.handle(core.Tick(), 100.0))
+    assert not off.copies
+
+
+# -- random runs: copies mixed in, the invariants hold, every job ends ---------------------
+
+
+@st.composite
+def copy_scenarios(draw: st.DrawFn) -> tuple[list[tuple[str, list[str], str, int]], list[int]]:
+    n = draw(st.integers(2, 7))
+    tasks = []
+    for i in range(n):
+        before = sorted(draw(st.sets(st.integers(0, i - 1), max_size=2))) if i else []
+        tasks.append((f"t{i}", [f"t{d}" for d in before], "", draw(st.integers(0, 1))))
+    return tasks, draw(st.lists(st.integers(0, 9), max_size=80))
+
+
+@given(copy_scenarios())
+@settings(max_examples=150, deadline=None)
+def test_random_runs_with_copies_keep_the_invariants_and_always_end(
+    scenario: tuple[list[tuple[str, list[str], str, int]], list[int]],
+) -> None:
+    tasks, moves = scenario
+    speculation = SpeculationSettings(factor=1.5, min_runtime_s=0.5, min_siblings=1)
+    s = SchedulerCore(tasks, backoff_base_s=0.5, ack_timeout_s=3.0, speculation=speculation)
+    now, peers = 0.0, 0
+    done: list[str] = []  # TaskDone: the submit directory has the task's outputs
+
+    def live_runs() -> list[tuple[str, str, int]]:
+        runs = []
+        for t in s.tasks.values():
+            if t.status is TaskStatus.RUNNING and t.peer is not None:
+                runs.append((t.name, t.peer, t.attempts))
+                runs += [(t.name, c.peer, c.attempt) for c in s.copies.get(t.name, ())]
+        return runs
+
+    def step(move: int) -> None:
+        nonlocal now, peers
+        now += 0.25
+        runs = live_runs()
+        collecting = [t for t in s.tasks.values() if t.status is TaskStatus.COLLECTING]
+        out: list[core.Instruction] = []
+        if move == 0 or not s.peers:
+            peers += 1
+            out = s.handle(core.PeerJoined(f"p{peers}", 1 + peers % 2, {}), now)
+        elif move == 1:
+            out = s.handle(core.PeerLost(sorted(s.peers)[0], "silent"), now)
+        elif move in (2, 3, 4) and runs:  # the last run placed ends: 0, 1, or refused
+            task, peer, attempt = runs[-1]
+            if move == 4:
+                out = s.handle(core.AttemptFailed(peer, task, attempt, "refused"), now)
+            else:
+                report = core.TaskReported(peer, task, attempt, move - 2, "", (("o", REF),))
+                out = s.handle(report, now)
+        elif move == 5 and runs:  # the first run placed ends well
+            task, peer, attempt = runs[0]
+            out = s.handle(core.TaskReported(peer, task, attempt, 0, "", ()), now)
+        elif move == 6 and runs:
+            for task, peer, attempt in runs:
+                out += s.handle(core.RunStarted(peer, task, attempt), now)
+        elif move == 7 and collecting:
+            out = s.handle(core.OutputsCollected(collecting[0].name, collecting[0].attempts), now)
+        else:
+            wake = s.next_wakeup()
+            now = max(now, wake or now + 1.0)
+            out = s.handle(core.Tick(), now)
+        s.validate_state()
+        stopped = {(i.task, i.peer, i.attempt) for i in out if isinstance(i, core.StopRun)}
+        for instruction in out:
+            if isinstance(instruction, core.Collect):  # from the winner; the others stopped
+                assert instruction.task not in s.copies
+                winner = (instruction.task, instruction.peer, instruction.attempt)
+                assert winner in runs
+                others = {r for r in runs if r[0] == instruction.task and r != winner}
+                assert others <= stopped, f"{others - stopped} still run"
+                event("a task with a copy was collected" if others else "collected")
+            if isinstance(instruction, core.TaskDone):
+                done.append(instruction.task)
+            if isinstance(instruction, core.Finished):
+                assert s.pending() == 0
+
+    for move in moves:
+        if s.finished is None:
+            step(move)
+    for i in range(600):  # then every run acknowledges and succeeds: the job must end
+        if s.finished is None:
+            step([6, 5, 7, 9][i % 4])
+    assert s.finished is not None
+    # Never two writes of the submit directory: each task is done once, from one run.
+    assert sorted(done) == sorted(n for n, t in s.tasks.items() if t.status is TaskStatus.DONE)
