@@ -93,15 +93,16 @@ and hears how they went (`ScriptEnded`). While one runs, its task is WAITING wit
 Speculative copies (`speculation=`, bgrid.toml's `[schedule]`; the policy in copies.py).
 When free slots have nothing ready, a RUNNING task that has run `factor` times longer than
 the median of its finished siblings (its class) gets a copy on another peer: a second live
-run of the same task with its own attempt number (`copies`: task -> its runs besides the
-one its record holds). The first run to exit 0 wins: it becomes the task's run (`_swap`),
-the others are stopped (`StopRun`) as the task leaves RUNNING (`_left_running`), and only
-the winner is collected, so the submit directory is written once. A run that fails, is
-refused, goes unlisted or loses its peer while another lives only ends that run (no retry
-used; its peer joins `failed_on`); the last one standing is the task's run as before. While
-running tasks may yet get a copy, scale-in keeps that many idle peers. The running tasks are
-scanned (oldest first, `_running`) only when a straggler may have appeared since the last
-scan: a run began or ended, or the earliest threshold passed (`next_wakeup` says when).
+run of the same task with its own attempt number (`copies`: task -> its runs besides the one
+its record holds). The first run to exit 0 wins: it becomes the task's run (`_swap`), the
+others are stopped (`StopRun`) as the task leaves RUNNING (`_left_running`), and only the
+winner is collected, so the submit directory is written once. A run that fails, is refused,
+goes unlisted or loses its peer while another lives only ends that run (no retry used; its
+peer joins `failed_on`); the last one standing is the task's run as before. Scale-in keeps
+as many idle peers as running tasks without a copy: a straggler shows at the job's tail,
+when peers go idle, and a peer released at once could not run its copy. The running tasks
+are scanned (oldest first, `_running`) only when a straggler may have appeared since the
+last scan: a run began or ended, or the earliest threshold passed (`next_wakeup` says when).
 
 Peers are checked, not trusted. A dispatched run must be acknowledged (`RunStarted`) within
 `ack_timeout_s`, and once it is, every heartbeat of its peer must list it (`PeerRunning`): a
@@ -348,12 +349,13 @@ class SchedulerCore:
         # besides the one its record holds, on other peers.
         self.speculation = speculation or SpeculationSettings()
         self.copies: dict[str, list[Copy]] = {}
+        # For the report: every copy made, per task, as (peer, attempt, why it was made).
+        self.copies_made: dict[str, list[tuple[str, int, str]]] = {}
         self.runtimes = Runtimes()  # of the tasks that exited 0, per class
         self._running: dict[str, None] = {}  # RUNNING tasks, oldest placement first
         self._top_attempt: dict[str, int] = {}  # the last attempt number a copy took
         self._stops_due: list[StopRun] = []  # copies stopped by a move (`move` has no `out`)
         self._speculation_due = 0.0  # no straggler can appear before then
-        self._may_speculate = 0  # running tasks that may yet get a copy (scale-in keeps peers)
         if done:
             self._resume(done, self.preds)
         if self.final is not None and self.tasks[self.final].status is TaskStatus.WAITING:
@@ -1259,7 +1261,6 @@ class SchedulerCore:
             return
         settings = self.speculation
         self._speculation_due = float("inf")
-        self._may_speculate = 0
         for name in self._running:
             task = self.tasks[name]
             if name in self.copies or task.start is None:
@@ -1267,7 +1268,6 @@ class SchedulerCore:
             median = self.runtimes.median((task.require, task.category), settings.min_siblings)
             if median is None:
                 continue
-            self._may_speculate += 1
             threshold = settings.threshold(median)
             if now - task.start < threshold:
                 self._speculation_due = min(self._speculation_due, task.start + threshold)
@@ -1276,7 +1276,6 @@ class SchedulerCore:
             if peer is None:
                 self._speculation_due = 0.0  # a straggler waits for a peer: scan again
                 continue
-            self._may_speculate -= 1
             why = (
                 f"running for {now - task.start:.0f} s, over {settings.factor:g} x the median "
                 f"{median:.1f} s of its finished siblings, while {peer.name} had nothing ready"
@@ -1304,6 +1303,7 @@ class SchedulerCore:
         attempt = max(task.attempts, self._top_attempt.get(task.name, 0)) + 1
         self._top_attempt[task.name] = attempt
         self.copies.setdefault(task.name, []).append(Copy(peer.name, attempt, now, why))
+        self.copies_made.setdefault(task.name, []).append((peer.name, attempt, why))
         peer.running.add(task.name)
         self._idle.pop(peer.name, None)
         if len(peer.running) >= peer.cpus:
@@ -1429,9 +1429,10 @@ class SchedulerCore:
         # Only idle peers are looked at (an index, not a scan of the free ones), and the
         # question whether one still serves a file is answered by counts kept as tasks
         # start and stop: each event costs O(idle peers still serving), never O(peers x
-        # running tasks). With speculation on, as many idle peers as running tasks that may
-        # yet get a copy are kept for those copies.
-        keep = self._may_speculate
+        # running tasks). With speculation on, as many idle peers as running tasks without
+        # a copy are kept for their copies (a straggler shows only at the job's tail, when
+        # peers go idle: released at once, none would be left to run its copy).
+        keep = len(self._running) - len(self.copies) if self.speculation.enabled else 0
         for name in list(self._idle):
             if self.planner.still_serving(name):
                 continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class ReportInputs:
     prefetch: str  # the data policy
     journal: Path | None
     resume: ResumePlan | None
+    # speculative copies made, per task: (peer, attempt, why) (core.copies_made)
+    copies: Mapping[str, list[tuple[str, int, str]]] = field(default_factory=dict)
 
 
 def build_report(inputs: ReportInputs) -> dict[str, Any]:
@@ -72,6 +74,16 @@ def build_report(inputs: ReportInputs) -> dict[str, Any]:
         logs = inputs.logs.report(name)
         if logs is not None:
             tasks[name]["logs"] = logs  # where its stdout and stderr are kept (logs.py)
+        copies = inputs.copies.get(name)
+        if copies:  # why copies were made, and which run won (the task's peer and attempt)
+            tasks[name]["copies"] = [
+                {"peer": peer, "attempt": attempt, "why": why} for peer, attempt, why in copies
+            ]
+            if task.status is core.TaskStatus.DONE:
+                won = "a copy" if task.attempts in {a for _, a, _ in copies} else "the first run"
+                tasks[name]["won"] = (
+                    f"{won}: attempt {task.attempts} on {task.peer}, first to exit 0"
+                )
         scripts = inputs.logs.scripts.get(name)
         if scripts:
             tasks[name]["scripts"] = scripts  # its pre/post scripts' exit codes and logs

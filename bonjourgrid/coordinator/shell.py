@@ -85,6 +85,7 @@ from bonjourgrid.cache.store import FileIndex, FileRef
 from bonjourgrid.cache.transfer import DataServer, Fetcher
 from bonjourgrid.coordinator import core
 from bonjourgrid.coordinator.cancel import JOBCTL_DOMAIN, serve_job_control
+from bonjourgrid.coordinator.copies import SpeculationSettings
 from bonjourgrid.coordinator.dataflow import DataMover, remove_stale_partials
 from bonjourgrid.coordinator.deployment import Deployment
 from bonjourgrid.coordinator.journal import (
@@ -143,6 +144,7 @@ class Coordinator:
         resume: ResumePlan | None = None,
         workflow_digest: str = "",
         data: DataOptions | None = None,
+        speculation: SpeculationSettings | None = None,
         display: Display | None = None,
         backend: Callable[[BackendContext], Backend] = NativeBackend,
         backend_options: dict[str, str] | None = None,
@@ -228,6 +230,7 @@ class Coordinator:
             placement="middleware" if self.middleware_dag else "core",
             rules=rules,
             category_caps=caps,
+            speculation=None if self.middleware_dag else speculation,
         )
         self._has_noops = any(rule.noop for rule in rules.values())
         self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
@@ -745,6 +748,7 @@ class Coordinator:
             prefetch=self.data.prefetch.policy,
             journal=self.journal.path if self.journal is not None else None,
             resume=self.resume,
+            copies=self.core.copies_made,
         )
 
     async def _run_script(self, order: core.RunScript) -> None:
