@@ -15,14 +15,26 @@ the median being that of its finished siblings: the tasks of its class (same `re
 category, the ready queue's classes), once at least `min_siblings` of them have finished.
 At most one copy per task (two live runs).
 
-The core keeps the records (`SchedulerCore.copies`: task -> its extra runs); this module has
-no state of the job's besides the runtimes, and no clock.
+Quorum (BOINC's replication) uses the same mechanism: a task under `quorum: N` runs on N
+distinct peers at once, each run's outputs are a vote (`Vote`: their SHA-256 digests), and
+the result is accepted once a strict majority of N agree (`majority`: 2 of 2, 2 of 3). While
+the votes disagree, further runs start, up to `bound(N)` = 2N - 1 runs in all, enough for a
+majority to form among differing results; when none can form any more, the task fails, its
+report naming each peer and its digests (`Ballot.describe`). A peer outvoted
+`OUTVOTED_LIMIT` times runs no further copies for the job. Only the winner's outputs are
+collected, from a peer of the majority.
+
+The core keeps the records (`SchedulerCore.copies`: task -> its extra runs, `ballots`: task
+-> its votes); this module has no state of the job's besides the runtimes, and no clock.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from dataclasses import dataclass, field
+
+from bonjourgrid.cache.store import FileRef
 
 
 @dataclass(frozen=True)
@@ -73,3 +85,82 @@ class Runtimes:
         if len(samples) % 2:
             return samples[middle]
         return (samples[middle - 1] + samples[middle]) / 2
+
+
+# -- quorum ------------------------------------------------------------------------------
+
+OUTVOTED_LIMIT = 2  # a peer outvoted this many times runs no more copies for the job
+
+
+def bound(quorum: int) -> int:
+    """The most runs a task under `quorum` may take: enough for a majority of `quorum` to
+    form even when every disagreeing run differs (2 x quorum - 1)."""
+    return 2 * quorum - 1
+
+
+def majority(quorum: int) -> int:
+    """Agreeing votes that accept a result: a strict majority of `quorum` (2 of 2, 2 of 3)."""
+    return quorum // 2 + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Vote:
+    """What one run of a task under quorum made: its outputs, compared by their SHA-256."""
+
+    peer: str
+    attempt: int
+    outputs: tuple[tuple[str, FileRef], ...]
+
+    @property
+    def key(self) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted((path, ref.digest) for path, ref in self.outputs))
+
+    def digest(self) -> str:
+        """One line for the user: the outputs' digests (short), as a report names them."""
+        return ", ".join(f"{path}={digest[:12]}" for path, digest in self.key) or "(no outputs)"
+
+
+@dataclass
+class Ballot:
+    """The votes of one task under quorum, and what they decide (`decide`)."""
+
+    quorum: int
+    votes: list[Vote] = field(default_factory=list)
+
+    def cast(self, vote: Vote) -> bool:
+        """Count `vote`, unless its peer voted already (one voice per peer)."""
+        if any(v.peer == vote.peer for v in self.votes):
+            return False
+        self.votes.append(vote)
+        return True
+
+    def voters(self) -> set[str]:
+        return {v.peer for v in self.votes}
+
+    def winners(self) -> list[Vote]:
+        """The votes of the result a majority agrees on (empty: none yet)."""
+        tally = Counter(v.key for v in self.votes)
+        if not tally:
+            return []
+        key, count = tally.most_common(1)[0]
+        return [v for v in self.votes if v.key == key] if count >= majority(self.quorum) else []
+
+    def runs_wanted(self, live: int) -> int:
+        """More runs to start, with `live` runs going: until `quorum` votes are in, and while
+        no majority is possible with the runs going, within the bound; -1 when no majority
+        can form any more (the task fails)."""
+        cast = len(self.votes)
+        top = max(Counter(v.key for v in self.votes).values(), default=0)
+        room = bound(self.quorum) - cast - live
+        if top + live + room < majority(self.quorum):
+            return -1
+        return max(0, min(room, max(self.quorum - cast - live, majority(self.quorum) - top - live)))
+
+    def describe(self) -> str:
+        """Each peer and its outputs' digests, for a failure or a report."""
+        return "; ".join(f"{v.peer}: {v.digest()}" for v in self.votes)
+
+    def outvoted(self) -> list[str]:
+        """The peers whose result the majority did not share."""
+        won = {v.key for v in self.winners()}
+        return [v.peer for v in self.votes if won and v.key not in won]

@@ -157,7 +157,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 from bonjourgrid.cache.store import FileRef
-from bonjourgrid.coordinator.copies import Copy, Runtimes, SpeculationSettings
+from bonjourgrid.coordinator.copies import (
+    OUTVOTED_LIMIT,
+    Ballot,
+    Copy,
+    Runtimes,
+    SpeculationSettings,
+    Vote,
+)
 from bonjourgrid.coordinator.dataplane import DataPlanner
 from bonjourgrid.coordinator.files import FileTable
 from bonjourgrid.coordinator.model import (
@@ -269,6 +276,7 @@ class SchedulerCore:
         rules: Mapping[str, NodeRules] | None = None,
         category_caps: Mapping[str, int] | None = None,
         speculation: SpeculationSettings | None = None,
+        quorum: Mapping[str, int] | None = None,
     ) -> None:
         """`tasks`: (name, predecessors, require text or "", retries) for every task;
         `done`: tasks finished in an earlier run (name -> outputs), closed under predecessors;
@@ -279,7 +287,8 @@ class SchedulerCore:
         (see the theory of operation); `rules`: the node semantics of the tasks that have
         some (priority, category, retry_unless_exit, abort_on, final, noop);
         `category_caps`: how many tasks of a category may run at once (a category left out
-        has no cap); `speculation`: when a straggler gets a copy (default: never)."""
+        has no cap); `speculation`: when a straggler gets a copy (default: never); `quorum`: how
+        many agreeing runs the tasks that need more than one need."""
         self.by_middleware = placement == "middleware"
         self.rules: dict[str, NodeRules] = {n: r for n, r in (rules or {}).items() if r}
         if self.by_middleware and (self.rules or category_caps):
@@ -356,6 +365,17 @@ class SchedulerCore:
         self._top_attempt: dict[str, int] = {}  # the last attempt number a copy took
         self._stops_due: list[StopRun] = []  # copies stopped by a move (`move` has no `out`)
         self._speculation_due = 0.0  # no straggler can appear before then
+        # Quorum ("Quorum" above; copies.py): task -> N, and the votes of its runs.
+        self.quorum: dict[str, int] = {n: q for n, q in (quorum or {}).items() if q > 1}
+        if self.by_middleware and self.quorum:
+            raise ValueError("a middleware that places the runs runs no quorum")
+        self.ballots: dict[str, Ballot] = {}
+        self._quorum_due: dict[str, None] = {}  # RUNNING tasks that may want more runs
+        # RUNNING tasks under quorum with no live run: all voted, more runs wanted
+        self._unrun: dict[str, None] = {}
+        self.outvoted: Counter[str] = Counter()  # peer -> results the majority did not share
+        self.distrusted: dict[str, None] = {}  # outvoted OUTVOTED_LIMIT times: no more copies
+        self.quorum_votes: dict[str, dict[str, object]] = {}  # task -> its ballot, for the report
         if done:
             self._resume(done, self.preds)
         if self.final is not None and self.tasks[self.final].status is TaskStatus.WAITING:
@@ -410,7 +430,7 @@ class SchedulerCore:
         if (
             self.copies
             and isinstance(event, TaskReported | AttemptFailed | RunStarted)
-            and self._copy_news(event, now)
+            and self._copy_news(event, now, out)
         ):
             event = Tick()  # news of a copy that only ended that copy: nothing more to do
         match event:
@@ -485,6 +505,8 @@ class SchedulerCore:
             self._end_backoffs(now)
             self._expire_acks(now, out)
             self.planner.broadcast(out)
+            if self._quorum_due:
+                self._top_up(now, out)
             self._schedule(now, out)
             self.planner.plan(now, out)
             if self.speculation.enabled:
@@ -671,8 +693,9 @@ class SchedulerCore:
             or task.status is not TaskStatus.RUNNING
             or task.attempts != event.attempt
             or task.peer != event.peer
+            or task.name in self._unrun
         ):
-            return  # a report from an attempt we already gave up on
+            return  # a report from an attempt we already gave up on (or that voted)
         task.exit_code, task.stderr_tail = event.exit_code, event.stderr_tail
         task.fetch_s, task.run_s = event.fetch_s, event.run_s
         task.bytes_fetched = event.bytes_fetched
@@ -681,28 +704,52 @@ class SchedulerCore:
             self.detach(task)
             self._abort(task, event.exit_code, rule.abort_status, now, out)
             return
+        if event.exit_code == 0 and not event.error and task.name in self.quorum:
+            self._retire_run(task)
+            self._vote(task, Vote(event.peer, event.attempt, event.outputs), now, out)
+            return
         if event.exit_code == 0 and not event.error:
-            task.outputs = event.outputs
-            for path in self.data[task.name].inputs:  # it read them there: now cached there
-                ref = self.files.ref(path)
-                if ref is not None:
-                    self.files.hold(event.peer, ref.digest)
-            for path, ref in event.outputs:
-                self.files.learn(path, ref)
-                self.files.hold(event.peer, ref.digest)
-            if self.data[task.name].collect or self.data[task.name].post:
-                self.peers[event.peer].running.discard(task.name)
-                self.peers[event.peer].collecting.add(task.name)
-                self.ready.mark_free(self.peers[event.peer])  # the slot it ran in is free
-                self.move(task, TaskStatus.COLLECTING, now, f"exited 0 on {event.peer}")
-                out.append(Collect(task.name, event.peer, task.attempts, event.outputs))
-            else:
-                self._done(task, now, f"exited 0 on {event.peer}; its outputs stay there", out)
-            self.planner.restart_stalled_readers(task, now, out)
-            self.planner.prefetch_for_waiting(task, out)
+            self._succeeded(task, event.peer, event.outputs, now, out)
             return
         if self._copy_takes_over(task, event.error or f"exit code {event.exit_code}", now):
             return
+        self._run_failed(task, event, now, out)
+
+    def _succeeded(
+        self,
+        task: TaskState,
+        peer: str,
+        outputs: tuple[tuple[str, FileRef], ...],
+        now: float,
+        out: list[Instruction],
+    ) -> None:
+        """The run on `peer` exited 0 (or won its quorum): its outputs are the task's."""
+        task.outputs = outputs
+        for path in self.data[task.name].inputs:  # it read them there: now cached there
+            ref = self.files.ref(path)
+            if ref is not None:
+                self.files.hold(peer, ref.digest)
+        for path, ref in outputs:
+            self.files.learn(path, ref)
+            self.files.hold(peer, ref.digest)
+        if self.data[task.name].collect or self.data[task.name].post:
+            slots = self.peers[peer]
+            slots.running.discard(task.name)
+            slots.collecting.add(task.name)
+            self._idle.pop(slots.name, None)  # (a quorum's winner had left its slot)
+            if len(slots.running) < slots.cpus:
+                self.ready.mark_free(slots)  # the slot it ran in is free
+            self.move(task, TaskStatus.COLLECTING, now, f"exited 0 on {peer}")
+            out.append(Collect(task.name, peer, task.attempts, outputs))
+        else:
+            self._done(task, now, f"exited 0 on {peer}; its outputs stay there", out)
+        self.planner.restart_stalled_readers(task, now, out)
+        self.planner.prefetch_for_waiting(task, out)
+
+    def _run_failed(
+        self, task: TaskState, event: TaskReported, now: float, out: list[Instruction]
+    ) -> None:
+        """Its only run exited badly."""
         self.detach(task)
         lost = {
             ref.digest
@@ -749,6 +796,7 @@ class SchedulerCore:
         task = self.tasks.get(name)
         if (
             task is None
+            or name in self._unrun
             or task.status is not TaskStatus.RUNNING
             or task.attempts != attempt
             or task.peer != peer
@@ -887,7 +935,12 @@ class SchedulerCore:
             if copy is not None and not copy.acked:
                 why = f"peer {copy.peer} never acknowledged the run of {name}"
                 self._end_copy(task, copy, why, now)
-            elif task.status is TaskStatus.RUNNING and task.attempts == attempt and not task.acked:
+            elif (
+                task.status is TaskStatus.RUNNING
+                and task.attempts == attempt
+                and not task.acked
+                and name not in self._unrun
+            ):
                 why = f"peer {task.peer} never acknowledged the run of {name}"
                 if not self._copy_takes_over(task, why, now):
                     self.detach(task)
@@ -1151,7 +1204,9 @@ class SchedulerCore:
                 return copy
         return None
 
-    def _copy_news(self, event: TaskReported | AttemptFailed | RunStarted, now: float) -> bool:
+    def _copy_news(
+        self, event: TaskReported | AttemptFailed | RunStarted, now: float, out: list[Instruction]
+    ) -> bool:
         """News of a copy (not of the run the task's record holds). True when it only
         concerned that copy; False when the core should go on as for the task's own run
         (a copy that exited 0 won: it has become the task's run)."""
@@ -1171,6 +1226,10 @@ class SchedulerCore:
             case TaskReported():
                 rule = self.rules.get(task.name)
                 aborts = rule is not None and rule.abort_exit == event.exit_code
+                if event.exit_code == 0 and not event.error and task.name in self.quorum:
+                    self._retire_copy(task, copy)
+                    self._vote(task, Vote(copy.peer, copy.attempt, event.outputs), now, out)
+                    return True
                 if (event.exit_code == 0 and not event.error) or aborts:
                     self._swap(task, copy)
                     self.note(task.name, now, f"the copy on {copy.peer} ended first: it wins")
@@ -1235,6 +1294,10 @@ class SchedulerCore:
         exited 0, and its copies are stopped: the first to end decided (a success is only
         collected from the winner; a task stopped or failed for good stops them all)."""
         self._running.pop(task.name, None)
+        self._unrun.pop(task.name, None)
+        self._quorum_due.pop(task.name, None)
+        if to is TaskStatus.FAILED and task.name in self.ballots:
+            self._record_ballot(task.name, self.ballots[task.name], "")
         succeeded = to in (TaskStatus.COLLECTING, TaskStatus.DONE)
         if succeeded and task.start is not None and self.speculation.enabled:
             self.runtimes.add((task.require, task.category), now - task.start)
@@ -1263,7 +1326,7 @@ class SchedulerCore:
         self._speculation_due = float("inf")
         for name in self._running:
             task = self.tasks[name]
-            if name in self.copies or task.start is None:
+            if name in self.copies or task.start is None or name in self.quorum:
                 continue
             median = self.runtimes.median((task.require, task.category), settings.min_siblings)
             if median is None:
@@ -1277,8 +1340,9 @@ class SchedulerCore:
                 self._speculation_due = 0.0  # a straggler waits for a peer: scan again
                 continue
             why = (
-                f"running for {now - task.start:.0f} s, over {settings.factor:g} x the median "
-                f"{median:.1f} s of its finished siblings, while {peer.name} had nothing ready"
+                f"a speculative copy: running for {now - task.start:.0f} s, over "
+                f"{settings.factor:g} x the median {median:.1f} s of its finished siblings, "
+                f"while {peer.name} had nothing ready"
             )
             self._start_copy(task, peer, why, now, out)
 
@@ -1298,11 +1362,23 @@ class SchedulerCore:
         return None
 
     def _start_copy(
-        self, task: TaskState, peer: PeerSlots, why: str, now: float, out: list[Instruction]
+        self,
+        task: TaskState,
+        peer: PeerSlots,
+        why: str,
+        now: float,
+        out: list[Instruction],
+        own_run: bool = False,
     ) -> None:
+        """A further run of a RUNNING task on `peer`: a copy, or (`own_run`: a task under
+        quorum whose runs all voted) the task's run."""
         attempt = max(task.attempts, self._top_attempt.get(task.name, 0)) + 1
         self._top_attempt[task.name] = attempt
-        self.copies.setdefault(task.name, []).append(Copy(peer.name, attempt, now, why))
+        if own_run:
+            task.peer, task.attempts, task.start = peer.name, attempt, now
+            task.acked, task.unlisted = False, 0
+        else:
+            self.copies.setdefault(task.name, []).append(Copy(peer.name, attempt, now, why))
         self.copies_made.setdefault(task.name, []).append((peer.name, attempt, why))
         peer.running.add(task.name)
         self._idle.pop(peer.name, None)
@@ -1310,9 +1386,151 @@ class SchedulerCore:
             self.ready.mark_full(peer.name)
         if self.ack_timeout_s is not None:
             heapq.heappush(self._ack_due, (now + self.ack_timeout_s, task.name, attempt))
-        self.note(task.name, now, f"a speculative copy on {peer.name} (attempt {attempt}): {why}")
-        out.append(Notice(f"task {task.name}: a speculative copy on {peer.name} ({why})"))
+        self.note(task.name, now, f"a further run on {peer.name} (attempt {attempt}): {why}")
+        out.append(Notice(f"task {task.name}: a further run on {peer.name} ({why})", True))
         out.append(Dispatch(task.name, peer.name, attempt))
+
+    # -- quorum (see the theory of operation; copies.py) -------------------------------------
+
+    def _retire_copy(self, task: TaskState, copy: Copy) -> None:
+        """A copy under quorum exited 0: it voted, its slot is free (its peer did nothing
+        wrong: it is not among `failed_on`)."""
+        copies = self.copies[task.name]
+        copies.remove(copy)
+        if not copies:
+            del self.copies[task.name]
+        self._free_slot(copy.peer, task.name)
+
+    def _retire_run(self, task: TaskState) -> None:
+        """The task's own run under quorum exited 0: a live copy becomes its run, or none is
+        left (`_unrun`) until a further run starts."""
+        self.detach(task)
+        copies = self.copies.get(task.name)
+        if copies:
+            copy = copies[0]
+            self._swap(task, copy)
+            copies.remove(copy)  # (it holds the run that voted now)
+            if not copies:
+                del self.copies[task.name]
+        else:
+            self._unrun[task.name] = None
+            task.acked = True  # no run of its awaits an acknowledgement
+
+    def _vote(self, task: TaskState, vote: Vote, now: float, out: list[Instruction]) -> None:
+        ballot = self.ballots[task.name]
+        counted = ballot.cast(vote)
+        said = f"run {vote.attempt} on {vote.peer} exited 0: {vote.digest()}"
+        self.note(task.name, now, said if counted else f"{said} (its peer voted already)")
+        winners = ballot.winners()
+        if not winners:
+            self._quorum_due[task.name] = None  # more runs, or no majority can form
+            return
+        held = [v for v in winners if v.peer in self.peers]
+        winner = (held or winners)[-1]
+        for peer in ballot.outvoted():
+            self.outvoted[peer] += 1
+            if self.outvoted[peer] >= OUTVOTED_LIMIT and peer not in self.distrusted:
+                self.distrusted[peer] = None
+                out.append(
+                    Notice(
+                        f"peer {peer} was outvoted {self.outvoted[peer]} times: "
+                        "it runs no more copies of this job's tasks"
+                    )
+                )
+        agreed = f"{len(winners)} of {len(ballot.votes)} runs agree ({ballot.quorum} wanted)"
+        self._record_ballot(task.name, ballot, winner.digest())
+        if task.name not in self._unrun:  # a run still going: the majority is in already
+            reason = f"a majority agreed: {agreed}"
+            out.append(StopRun(task.name, task.peer or "", task.attempts, reason))
+            self.detach(task)
+        self._unrun.pop(task.name, None)
+        task.peer, task.attempts = winner.peer, winner.attempt
+        self.note(task.name, now, f"quorum: {agreed}; the outputs of {winner.peer} are kept")
+        self._succeeded(task, winner.peer, winner.outputs, now, out)
+
+    def _record_ballot(self, name: str, ballot: Ballot, accepted: str) -> None:
+        """The votes, for the report (the ballot itself ends with the task's run)."""
+        self.quorum_votes[name] = {
+            "quorum": ballot.quorum,
+            "votes": [
+                {"peer": v.peer, "attempt": v.attempt, "digests": dict(v.key)} for v in ballot.votes
+            ],
+            "accepted": accepted,
+        }
+        del self.ballots[name]
+
+    def _top_up(self, now: float, out: list[Instruction]) -> None:
+        """Tasks under quorum that want more runs get them on free peers that did not vote,
+        before any ready task is placed (they are further along); a task whose votes can
+        form no majority any more fails, naming each peer and its digests."""
+        for name in list(self._quorum_due):
+            task = self.tasks[name]
+            ballot = self.ballots.get(name)
+            if task.status is not TaskStatus.RUNNING or ballot is None:
+                del self._quorum_due[name]
+                continue
+            live = len(self.copies.get(name, ())) + (0 if name in self._unrun else 1)
+            wanted = ballot.runs_wanted(live)
+            while wanted > 0:
+                peer = self._peer_for_vote(task, ballot)
+                if peer is None:
+                    break
+                n = len(ballot.votes) + live + 1
+                why = f"quorum {ballot.quorum}: run {n} on a distinct peer"
+                self._start_copy(task, peer, why, now, out, own_run=name in self._unrun)
+                self._unrun.pop(name, None)
+                live += 1
+                wanted -= 1
+            if wanted == 0:
+                del self._quorum_due[name]
+            elif wanted < 0 or (live == 0 and not self._could_vote(task, ballot)):
+                del self._quorum_due[name]
+                self._no_majority(task, ballot, now, out, wanted < 0)
+            elif live == 0:
+                out.append(Recruit(1, f"a peer to vote on {name}"))
+
+    def _peer_for_vote(self, task: TaskState, ballot: Ballot) -> PeerSlots | None:
+        voters = ballot.voters()
+        for name in self.ready.free:
+            peer = self.peers[name]
+            if (
+                name not in voters
+                and name not in self.distrusted
+                and name not in task.failed_on
+                and task.name not in peer.running
+                and task.peer != name
+                and len(peer.running) < peer.cpus
+                and self.ready.can_run(peer, task.require)
+            ):
+                return peer
+        return None
+
+    def _could_vote(self, task: TaskState, ballot: Ballot) -> bool:
+        """Whether a held peer (busy or not) could still run a vote: else none will come.
+        (O(peers), only while a task under quorum waits with no run at all.)"""
+        voters = ballot.voters()
+        return any(
+            name not in voters
+            and name not in self.distrusted
+            and name not in task.failed_on
+            and self.ready.can_run(peer, task.require)
+            for name, peer in self.peers.items()
+        )
+
+    def _no_majority(
+        self, task: TaskState, ballot: Ballot, now: float, out: list[Instruction], bound: bool
+    ) -> None:
+        why = (
+            f"no majority of {ballot.quorum} agreeing runs "
+            + ("can form" if bound else "and no other peer to run it")
+            + f": {ballot.describe()}"
+        )
+        self._record_ballot(task.name, ballot, "")
+        if task.name not in self._unrun:  # its own run still goes (copies stop as it fails)
+            out.append(StopRun(task.name, task.peer or "", task.attempts, why))
+            self.detach(task)
+        self._unrun.pop(task.name, None)
+        self._fail_for_good(task, why, why, now, out)
 
     # -- decisions ----------------------------------------------------------------------
 
@@ -1389,7 +1607,7 @@ class SchedulerCore:
 
     def _place(self, task: TaskState, peer: PeerSlots, now: float, out: list[Instruction]) -> None:
         target = peer
-        if peer.name in task.failed_on:
+        if peer.name in task.failed_on or peer.name in self.distrusted or self._voted(task, peer):
             target = self._fresh_peer_for(task) or peer
         task.attempts = max(task.attempts, self._top_attempt.get(task.name, 0)) + 1
         task.queued = -1  # its other heap entries are stale from now on
@@ -1411,6 +1629,9 @@ class SchedulerCore:
         )
         out.append(Dispatch(task.name, target.name, task.attempts))
         self._speculation_due = 0.0  # a new run: the next straggler may come sooner
+        if task.name in self.quorum:  # its other runs start as slots allow (`_top_up`)
+            self.ballots.setdefault(task.name, Ballot(self.quorum[task.name]))
+            self._quorum_due[task.name] = None
 
     def _fresh_peer_for(self, task: TaskState) -> PeerSlots | None:
         """A peer with a free slot that can run `task` and has not seen it fail."""
@@ -1418,10 +1639,16 @@ class SchedulerCore:
             if (
                 len(peer.running) < peer.cpus
                 and peer.name not in task.failed_on
+                and peer.name not in self.distrusted
+                and not self._voted(task, peer)
                 and self.ready.can_run(peer, task.require)
             ):
                 return peer
         return None
+
+    def _voted(self, task: TaskState, peer: PeerSlots) -> bool:
+        ballot = self.ballots.get(task.name)
+        return ballot is not None and peer.name in ballot.voters()
 
     def _scale_in(self, out: list[Instruction]) -> None:
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY]:
@@ -1433,6 +1660,8 @@ class SchedulerCore:
         # a copy are kept for their copies (a straggler shows only at the job's tail, when
         # peers go idle: released at once, none would be left to run its copy).
         keep = len(self._running) - len(self.copies) if self.speculation.enabled else 0
+        if self._quorum_due or self._unrun:
+            return  # a quorum may want further runs: on peers that did not vote yet
         for name in list(self._idle):
             if self.planner.still_serving(name):
                 continue
@@ -1558,6 +1787,11 @@ class SchedulerCore:
                 assert task.planned_on is None, f"{task.name} is planned"
                 if task.name in self._held_news:
                     assert task.status is TaskStatus.WAITING, f"{task.name}: news held"
+            elif task.name in self._unrun:
+                assert task.status is TaskStatus.RUNNING and task.name in self.quorum, task.name
+                assert (
+                    task.name not in self.peers.get(task.peer or "", PeerSlots("", 1, {})).running
+                )
             elif task.status in (TaskStatus.RUNNING, TaskStatus.COLLECTING) and not self.finished:
                 peer = self.peers.get(task.peer or "")
                 assert peer is not None, f"{task.name} is {task.status.value} on a peer we lost"
@@ -1616,6 +1850,9 @@ class SchedulerCore:
     def _validate_copies(self) -> None:
         running = {n for n, t in self.tasks.items() if t.status is TaskStatus.RUNNING}
         assert set(self._running) == running, "the index of running tasks is off"
+        assert set(self._quorum_due) <= set(self.ballots), "a quorum is due without votes"
+        for name in self.ballots:  # (a ballot ends with a verdict or the task's failure)
+            assert self.tasks[name].status not in (*FINAL, TaskStatus.COLLECTING), name
         for name, copies in self.copies.items():
             task = self.tasks[name]
             assert copies and not self.by_middleware, name
