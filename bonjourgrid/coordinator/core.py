@@ -508,6 +508,8 @@ class SchedulerCore:
             if self._quorum_due:
                 self._top_up(now, out)
             self._schedule(now, out)
+            if self._quorum_due:  # the runs of tasks placed just now
+                self._top_up(now, out)
             self.planner.plan(now, out)
             if self.speculation.enabled:
                 self._speculate(now, out)
@@ -1660,7 +1662,7 @@ class SchedulerCore:
         # a copy are kept for their copies (a straggler shows only at the job's tail, when
         # peers go idle: released at once, none would be left to run its copy).
         keep = len(self._running) - len(self.copies) if self.speculation.enabled else 0
-        if self._quorum_due or self._unrun:
+        if self.ballots:
             return  # a quorum may want further runs: on peers that did not vote yet
         for name in list(self._idle):
             if self.planner.still_serving(name):

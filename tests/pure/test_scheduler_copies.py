@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
 from hypothesis import event, given, settings
@@ -165,33 +166,39 @@ def test_no_copy_while_work_is_ready_before_enough_siblings_finished_or_when_off
 # -- random runs: copies mixed in, the invariants hold, every job ends ---------------------
 
 
+CopyScenario = tuple[list[tuple[str, list[str], str, int]], dict[str, int], list[int]]
+
+
 @st.composite
-def copy_scenarios(draw: st.DrawFn) -> tuple[list[tuple[str, list[str], str, int]], list[int]]:
+def copy_scenarios(draw: st.DrawFn) -> CopyScenario:
     n = draw(st.integers(2, 7))
     tasks = []
+    quorum = {}
     for i in range(n):
         before = sorted(draw(st.sets(st.integers(0, i - 1), max_size=2))) if i else []
         tasks.append((f"t{i}", [f"t{d}" for d in before], "", draw(st.integers(0, 1))))
-    return tasks, draw(st.lists(st.integers(0, 9), max_size=80))
+        quorum[f"t{i}"] = draw(st.sampled_from([1, 1, 2, 3]))
+    return tasks, quorum, draw(st.lists(st.integers(0, 10), max_size=80))
 
 
 @given(copy_scenarios())
 @settings(max_examples=150, deadline=None)
-def test_random_runs_with_copies_keep_the_invariants_and_always_end(
-    scenario: tuple[list[tuple[str, list[str], str, int]], list[int]],
+def test_random_runs_with_copies_and_quorums_keep_the_invariants_and_always_end(
+    scenario: CopyScenario,
 ) -> None:
-    tasks, moves = scenario
+    tasks, quorum, moves = scenario
     speculation = SpeculationSettings(factor=1.5, min_runtime_s=0.5, min_siblings=1)
-    s = SchedulerCore(tasks, backoff_base_s=0.5, ack_timeout_s=3.0, speculation=speculation)
+    s = SchedulerCore(
+        tasks, backoff_base_s=0.5, ack_timeout_s=3.0, speculation=speculation, quorum=quorum
+    )
     now, peers = 0.0, 0
     done: list[str] = []  # TaskDone: the submit directory has the task's outputs
 
     def live_runs() -> list[tuple[str, str, int]]:
         runs = []
         for t in s.tasks.values():
-            if t.status is TaskStatus.RUNNING and t.peer is not None:
-                runs.append((t.name, t.peer, t.attempts))
-                runs += [(t.name, c.peer, c.attempt) for c in s.copies.get(t.name, ())]
+            if t.status is TaskStatus.RUNNING:
+                runs += [(t.name, peer, attempt) for peer, attempt in live_runs_of(s, t.name)]
         return runs
 
     def step(move: int) -> None:
@@ -205,6 +212,10 @@ def test_random_runs_with_copies_keep_the_invariants_and_always_end(
             out = s.handle(core.PeerJoined(f"p{peers}", 1 + peers % 2, {}), now)
         elif move == 1:
             out = s.handle(core.PeerLost(sorted(s.peers)[0], "silent"), now)
+        elif move == 10 and runs:  # the last run placed exits 0 with outputs of its own
+            task, peer, attempt = runs[-1]
+            lie = (("o", ref(f"made on {peer}")),)
+            out = s.handle(core.TaskReported(peer, task, attempt, 0, "", lie), now)
         elif move in (2, 3, 4) and runs:  # the last run placed ends: 0, 1, or refused
             task, peer, attempt = runs[-1]
             if move == 4:
@@ -230,10 +241,17 @@ def test_random_runs_with_copies_keep_the_invariants_and_always_end(
             if isinstance(instruction, core.Collect):  # from the winner; the others stopped
                 assert instruction.task not in s.copies
                 winner = (instruction.task, instruction.peer, instruction.attempt)
+                if quorum[instruction.task] > 1:  # the winner voted with the majority
+                    event(f"a quorum of {quorum[instruction.task]} agreed")
+                    votes = s.quorum_votes[instruction.task]["votes"]
+                    assert any(v["peer"] == instruction.peer for v in votes)  # type: ignore[attr-defined]
+                    continue
                 assert winner in runs
                 others = {r for r in runs if r[0] == instruction.task and r != winner}
                 assert others <= stopped, f"{others - stopped} still run"
                 event("a task with a copy was collected" if others else "collected")
+            if isinstance(instruction, core.TaskFailed) and "no majority" in instruction.error:
+                event("no majority formed")
             if isinstance(instruction, core.TaskDone):
                 done.append(instruction.task)
             if isinstance(instruction, core.Finished):
@@ -248,3 +266,117 @@ def test_random_runs_with_copies_keep_the_invariants_and_always_end(
     assert s.finished is not None
     # Never two writes of the submit directory: each task is done once, from one run.
     assert sorted(done) == sorted(n for n, t in s.tasks.items() if t.status is TaskStatus.DONE)
+
+
+# -- quorum ---------------------------------------------------------------------------------
+
+
+def ref(text: str) -> FileRef:
+    return FileRef(hashlib.sha256(text.encode()).hexdigest(), len(text))
+
+
+def quorum_job(n: int, peers: int) -> tuple[SchedulerCore, list[core.Instruction]]:
+    s = SchedulerCore([("q", [], "", 0)], quorum={"q": n})
+    out: list[core.Instruction] = []
+    for i in range(1, peers + 1):
+        out += s.handle(core.PeerJoined(f"p{i}", 1, {}), 0.0)
+        s.validate_state()
+    return s, out
+
+
+def vote(
+    s: SchedulerCore, peer: str, attempt: int, text: str, now: float
+) -> list[core.Instruction]:
+    out = s.handle(core.TaskReported(peer, "q", attempt, 0, "", (("out", ref(text)),)), now)
+    s.validate_state()
+    return out
+
+
+def test_a_quorum_of_3_runs_on_3_distinct_peers_and_accepts_the_agreeing_result() -> None:
+    s, out = quorum_job(3, 3)
+    runs = [(d.peer, d.attempt) for d in of(core.Dispatch, out) if isinstance(d, core.Dispatch)]
+    assert sorted(runs) == [("p1", 1), ("p2", 2), ("p3", 3)]
+    assert not of(core.Collect, vote(s, "p1", 1, "42", 1.0))
+    out = vote(s, "p3", 3, "42", 1.5)  # 2 of 3 agree: accepted, the third run stopped
+    assert of(core.Collect, out) == [core.Collect("q", "p3", 3, (("out", ref("42")),))]
+    assert [(i.peer, i.attempt) for i in of(core.StopRun, out) if isinstance(i, core.StopRun)] == [
+        ("p2", 2)
+    ]
+    out = s.handle(core.OutputsCollected("q", 3), 2.0)
+    assert out[-1] == core.Finished("succeeded", "all 1 tasks succeeded")
+    votes = s.quorum_votes["q"]
+    assert votes["quorum"] == 3 and len(votes["votes"]) == 2  # type: ignore[arg-type]
+    assert votes["accepted"] == f"out={ref('42').digest[:12]}"
+
+
+def test_disagreeing_runs_get_a_further_run_then_fail_naming_each_peer_and_digest() -> None:
+    s, out = quorum_job(2, 3)
+    assert len(of(core.Dispatch, out)) == 2  # quorum 2: two runs; p3 stays free
+    vote(s, "p1", 1, "host-a", 1.0)
+    out = vote(s, "p2", 2, "host-b", 1.5)  # they disagree: one more run, on p3
+    assert [
+        (d.peer, d.attempt) for d in of(core.Dispatch, out) if isinstance(d, core.Dispatch)
+    ] == [("p3", 3)]
+    out = vote(s, "p3", 3, "host-c", 2.0)  # 3 runs (the bound, 2 x 2 - 1), no majority
+    failed = of(core.TaskFailed, out)
+    assert len(failed) == 1 and isinstance(failed[0], core.TaskFailed)
+    for peer, text in (("p1", "host-a"), ("p2", "host-b"), ("p3", "host-c")):
+        assert f"{peer}: out={ref(text).digest[:12]}" in failed[0].error
+    assert s.tasks["q"].status is TaskStatus.FAILED and not of(core.Collect, out)
+    assert isinstance(out[-1], core.Finished) and out[-1].status == "failed"
+
+
+def test_a_further_run_that_agrees_forms_the_majority() -> None:
+    s, _ = quorum_job(2, 3)
+    vote(s, "p1", 1, "good", 1.0)
+    vote(s, "p2", 2, "bad", 1.5)
+    out = vote(s, "p3", 3, "good", 2.0)
+    assert of(core.Collect, out) == [core.Collect("q", "p3", 3, (("out", ref("good")),))]
+    assert s.outvoted == {"p2": 1}
+
+
+def test_with_no_other_peer_to_vote_the_task_fails_rather_than_waits_forever() -> None:
+    s, _ = quorum_job(2, 2)
+    vote(s, "p1", 1, "host-a", 1.0)
+    out = vote(s, "p2", 2, "host-b", 1.5)
+    failed = of(core.TaskFailed, out)
+    assert len(failed) == 1 and isinstance(failed[0], core.TaskFailed)
+    assert "no other peer to run it" in failed[0].error
+
+
+def live_runs_of(s: SchedulerCore, name: str) -> list[tuple[str, int]]:
+    """(peer, attempt) of each run of `name` going on now."""
+    task, runs = s.tasks[name], []
+    for peer in s.peers.values():
+        if name in peer.running:
+            copy = next((c for c in s.copies.get(name, ()) if c.peer == peer.name), None)
+            runs.append((peer.name, copy.attempt if copy else task.attempts))
+    return sorted(runs)
+
+
+def settle(s: SchedulerCore, name: str, liar: str, now: float) -> None:
+    """Every run of `name` exits 0; `liar`'s outputs differ from the others'."""
+    while s.tasks[name].status is TaskStatus.RUNNING:
+        for peer, attempt in live_runs_of(s, name):
+            text = "lie" if peer == liar else "truth"
+            s.handle(core.TaskReported(peer, name, attempt, 0, "", (("o", ref(text)),)), now)
+            s.validate_state()
+    if s.tasks[name].status is TaskStatus.COLLECTING:
+        s.handle(core.OutputsCollected(name, s.tasks[name].attempts), now)
+        s.validate_state()
+
+
+def test_a_peer_outvoted_twice_runs_no_more_copies() -> None:
+    tasks = [("q", [], "", 0), ("r", ["q"], "", 0), ("t", ["r"], "", 0)]
+    s = SchedulerCore(tasks, quorum={"q": 2, "r": 2, "t": 2})
+    for i in range(1, 4):
+        s.handle(core.PeerJoined(f"p{i}", 1, {}), 0.0)
+    assert live_runs_of(s, "q") == [("p1", 1), ("p2", 2)]
+    settle(s, "q", "p2", 1.0)  # p2 outvoted once (p3 broke the tie)
+    assert s.outvoted == {"p2": 1} and not s.distrusted
+    assert "p2" in {peer for peer, _ in live_runs_of(s, "r")}
+    settle(s, "r", "p2", 2.0)  # twice: distrusted
+    assert s.outvoted["p2"] == 2 and list(s.distrusted) == ["p2"]
+    assert "p2" not in {peer for peer, _ in live_runs_of(s, "t")}  # no more runs there
+    settle(s, "t", "p2", 3.0)
+    assert s.finished is not None and s.finished.status == "succeeded"
