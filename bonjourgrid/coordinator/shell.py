@@ -145,6 +145,7 @@ class Coordinator:
         workflow_digest: str = "",
         data: DataOptions | None = None,
         speculation: SpeculationSettings | None = None,
+        quorum: int = 1,
         display: Display | None = None,
         backend: Callable[[BackendContext], Backend] = NativeBackend,
         backend_options: dict[str, str] | None = None,
@@ -217,6 +218,16 @@ class Coordinator:
                 f"backend {getattr(backend, 'name', backend)!r} places the runs itself: it "
                 f"cannot run pre or post scripts (task {scripted[0]!r}); use the native backend"
             )
+        quorums = {  # a task's own `quorum:` wins over --quorum
+            name: quorum if spec.quorum is None else spec.quorum
+            for name, spec in workflow.tasks.items()
+            if (quorum if spec.quorum is None else spec.quorum) > 1
+        }
+        if self.middleware_dag and quorums:
+            raise ConfigError(
+                f"backend {getattr(backend, 'name', backend)!r} places the runs itself: it "
+                f"cannot run a quorum (task {next(iter(quorums))!r}); use the native backend"
+            )
         self.core = core.SchedulerCore(
             (
                 (name, list(workflow.graph.predecessors(name)), spec.require or "", spec.retries)
@@ -231,6 +242,7 @@ class Coordinator:
             rules=rules,
             category_caps=caps,
             speculation=None if self.middleware_dag else speculation,
+            quorum=quorums,
         )
         self._has_noops = any(rule.noop for rule in rules.values())
         self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
@@ -749,6 +761,9 @@ class Coordinator:
             journal=self.journal.path if self.journal is not None else None,
             resume=self.resume,
             copies=self.core.copies_made,
+            quorum=self.core.quorum_votes,
+            outvoted=self.core.outvoted,
+            distrusted=tuple(self.core.distrusted),
         )
 
     async def _run_script(self, order: core.RunScript) -> None:

@@ -62,6 +62,7 @@ from bonjourgrid.coordinator.shell import Coordinator
 from bonjourgrid.coordinator.stage import stage_sources
 from bonjourgrid.credentials import CredentialCheck, load_revoked
 from bonjourgrid.dag import Workflow, load_workflow
+from bonjourgrid.dag.loader import MAX_QUORUM
 from bonjourgrid.dag.wfformat import PROGRAMS as WFFORMAT_PROGRAMS
 from bonjourgrid.dag.wfformat import WfFormatOptions
 from bonjourgrid.discovery.txt import PeerRecord
@@ -101,6 +102,7 @@ class SubmitOptions:
     prefetch: str | None = None  # --prefetch POLICY; None: the config files say, else lookahead
     prefetch_depth: int | None = None
     fetch_all: bool | None = None  # --fetch-all / --no-fetch-all; None: the config files say
+    quorum: int | None = None  # --quorum N: for the tasks that do not say (copies.py)
     backend: str = "native"  # what runs the tasks on the recruited peers (backends/)
     backend_options: dict[str, str] = field(default_factory=dict)  # e.g. {"pool": ADDRESS}
     # `--local`'s workers, already started by the caller (the CLI starts them before it
@@ -341,6 +343,8 @@ def run_job(
         workflow.root, prefetch=opts.prefetch, depth=opts.prefetch_depth, fetch_all=opts.fetch_all
     )
     speculation = schedule_options(workflow.root)
+    if opts.quorum is not None and not 1 <= opts.quorum <= MAX_QUORUM:
+        raise ConfigError(f"--quorum {opts.quorum}: give a whole number from 1 to {MAX_QUORUM}")
     timeouts = Timeouts(
         PEER_TIMEOUT_S if opts.peer_timeout is None else opts.peer_timeout,
         LEASE_S if opts.lease is None else opts.lease,
@@ -497,6 +501,7 @@ class _Job:
             workflow_digest=self.source.digest,
             data=self.data,
             speculation=self.speculation,
+            quorum=opts.quorum or 1,
             display=display,
             backend=backend,
             backend_options=opts.backend_options,

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,3 +74,63 @@ def test_a_straggler_gets_a_copy_and_exactly_one_result_lands(tmp_path: Path, gr
     assert (work / "slow.txt").read_text() == "attempt 2\n"
     # The losing run was stopped: its process is gone (reaped by its worker).
     wait_until(lambda: not hanging(hang), 15, f"the first run's `sleep {hang}` still runs")
+
+
+# Each run writes the name of the worker that ran it: the outputs differ from peer to peer.
+PER_PEER = """
+name: per-peer
+tasks:
+  who: {command: 'echo "$BGRID_WORKER" > who.txt', outputs: [who.txt], quorum: 2}
+"""
+
+DETERMINISTIC = """
+name: deterministic
+defaults: {quorum: 3}
+tasks:
+  square: {command: "echo $((7 * 7)) > square.txt", outputs: [square.txt]}
+  who: {command: 'echo "$BGRID_WORKER" > who.txt', outputs: [who.txt], quorum: 1}
+"""
+
+
+def submit_local(grid: Grid, work: Path, text: str, workers: int) -> tuple[int, dict[str, Any]]:
+    workflow = write_workflow(work, text)
+    report_file = work / "report.json"
+    out = grid.run(
+        "submit", str(workflow), "--local", str(workers), "--report", str(report_file),
+        timeout=120,
+    )  # fmt: skip
+    assert report_file.exists(), out.stderr
+    return out.returncode, json.loads(report_file.read_text())
+
+
+@pytest.mark.slow
+def test_a_per_peer_result_under_quorum_2_fails_naming_both_peers_and_digests(
+    tmp_path: Path, grid: Grid
+) -> None:
+    code, report = submit_local(grid, tmp_path / "per-peer", PER_PEER, 2)
+    assert code == 1 and report["status"] == "failed"
+    who = report["tasks"]["who"]
+    votes = who["quorum"]["votes"]
+    assert who["quorum"]["quorum"] == 2 and who["quorum"]["accepted"] == ""
+    assert len({v["peer"] for v in votes}) == 2  # two distinct peers ran it
+    for vote in votes:  # each wrote its own name: its digest is that of its name
+        digest = hashlib.sha256(f"{vote['peer']}\n".encode()).hexdigest()
+        assert vote["digests"] == {"who.txt": digest}
+        assert f"{vote['peer']}: who.txt={digest[:12]}" in who["error"]
+    assert not (tmp_path / "per-peer" / "who.txt").exists()  # no result was accepted
+
+
+@pytest.mark.slow
+def test_a_deterministic_task_under_quorum_3_succeeds_and_quorum_1_opts_out(
+    tmp_path: Path, grid: Grid
+) -> None:
+    code, report = submit_local(grid, tmp_path / "det", DETERMINISTIC, 3)
+    assert code == 0, report["reason"]
+    square = report["tasks"]["square"]
+    votes = square["quorum"]["votes"]
+    assert len({v["peer"] for v in votes}) >= 2  # a majority of 3: at least 2 agreeing peers
+    digest = hashlib.sha256(b"49\n").hexdigest()
+    assert all(v["digests"] == {"square.txt": digest} for v in votes)
+    assert (tmp_path / "det" / "square.txt").read_text() == "49\n"
+    assert "quorum" not in report["tasks"]["who"]  # quorum: 1, one run
+    assert report["tasks"]["who"]["attempts"] == 1
