@@ -780,12 +780,16 @@ class Coordinator:
 
     def _copy_streams(self, task: str) -> None:
         """A task that ended: its last attempt's stdout/stderr copied where it asks (`stdout:`,
-        `stderr:`), an empty file when it wrote nothing (or never ran)."""
+        `stderr:`), an empty file when it wrote nothing (or never ran). With copies of it
+        (speculation, quorum), the attempt whose outputs were kept: not the last started."""
         spec = self.workflow.tasks[task]
         if spec.stdout is None and spec.stderr is None:
             return
         attempts = self.logs.kept.get(task)
-        last = attempts[max(attempts)] if attempts else None
+        kept_attempt = self.core.tasks[task].attempts
+        if attempts and kept_attempt not in attempts:
+            kept_attempt = max(attempts)
+        last = attempts[kept_attempt] if attempts else None
         for target, kept in (
             (spec.stdout, last.stdout if last else None),
             (spec.stderr, last.stderr if last else None),
