@@ -1428,7 +1428,12 @@ class SchedulerCore:
             self._quorum_due[task.name] = None  # more runs, or no majority can form
             return
         held = [v for v in winners if v.peer in self.peers]
-        winner = (held or winners)[-1]
+        if not held:  # the majority's outputs went with lost peers: vote again without them
+            ballot.votes = [v for v in ballot.votes if v.peer in self.peers]
+            self.note(task.name, now, "the peers of the majority are lost: their votes go")
+            self._quorum_due[task.name] = None
+            return
+        winner = held[-1]
         for peer in ballot.outvoted():
             self.outvoted[peer] += 1
             if self.outvoted[peer] >= OUTVOTED_LIMIT and peer not in self.distrusted:

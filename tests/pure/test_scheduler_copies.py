@@ -182,7 +182,7 @@ def copy_scenarios(draw: st.DrawFn) -> CopyScenario:
 
 
 @given(copy_scenarios())
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 def test_random_runs_with_copies_and_quorums_keep_the_invariants_and_always_end(
     scenario: CopyScenario,
 ) -> None:
@@ -260,9 +260,9 @@ def test_random_runs_with_copies_and_quorums_keep_the_invariants_and_always_end(
     for move in moves:
         if s.finished is None:
             step(move)
-    for i in range(600):  # then every run acknowledges and succeeds: the job must end
+    for i in range(600):  # then every run acknowledges and agrees: the job must end
         if s.finished is None:
-            step([6, 5, 7, 9][i % 4])
+            step([6, 5, 7, 9, 6, 5, 7, 0][i % 8])  # (a peer joins now and then)
     assert s.finished is not None
     # Never two writes of the submit directory: each task is done once, from one run.
     assert sorted(done) == sorted(n for n, t in s.tasks.items() if t.status is TaskStatus.DONE)
