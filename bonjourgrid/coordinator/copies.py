@@ -21,8 +21,9 @@ the result is accepted once a strict majority of N agree (`majority`: 2 of 2, 2 
 the votes disagree, further runs start, up to `bound(N)` = 2N - 1 runs in all, enough for a
 majority to form among differing results; when none can form any more, the task fails, its
 report naming each peer and its digests (`Ballot.describe`). A peer outvoted
-`OUTVOTED_LIMIT` times runs no further copies for the job. Only the winner's outputs are
-collected, from a peer of the majority.
+`OUTVOTED_LIMIT` times runs no further copies for the job, is placed on only when no other
+peer is free, and is released once idle (a PeerJoined of it is answered with a Release).
+Only the winner's outputs are collected, from a peer of the majority.
 
 The core keeps the records (`SchedulerCore.copies`: task -> its extra runs, `ballots`: task
 -> its votes); this module has no state of the job's besides the runtimes, and no clock.

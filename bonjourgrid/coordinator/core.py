@@ -374,7 +374,9 @@ class SchedulerCore:
         # RUNNING tasks under quorum with no live run: all voted, more runs wanted
         self._unrun: dict[str, None] = {}
         self.outvoted: Counter[str] = Counter()  # peer -> results the majority did not share
-        self.distrusted: dict[str, None] = {}  # outvoted OUTVOTED_LIMIT times: no more copies
+        # Outvoted OUTVOTED_LIMIT times: released once idle, never taken back for the job.
+        self.distrusted: dict[str, None] = {}
+        self._distrusted_held: list[str] = []  # of those, the peers still held
         self.quorum_votes: dict[str, dict[str, object]] = {}  # task -> its ballot, for the report
         if done:
             self._resume(done, self.preds)
@@ -434,6 +436,8 @@ class SchedulerCore:
         ):
             event = Tick()  # news of a copy that only ended that copy: nothing more to do
         match event:
+            case PeerJoined() if event.peer in self.distrusted:
+                out.append(Release(event.peer))  # outvoted too often: not for this job
             case PeerJoined():
                 self._join(event)
             case PeerLost():
@@ -1438,10 +1442,11 @@ class SchedulerCore:
             self.outvoted[peer] += 1
             if self.outvoted[peer] >= OUTVOTED_LIMIT and peer not in self.distrusted:
                 self.distrusted[peer] = None
+                self._distrusted_held.append(peer)
                 out.append(
                     Notice(
                         f"peer {peer} was outvoted {self.outvoted[peer]} times: "
-                        "it runs no more copies of this job's tasks"
+                        "it takes no new run of this job's and is released once idle"
                     )
                 )
         agreed = f"{len(winners)} of {len(ballot.votes)} runs agree ({ballot.quorum} wanted)"
@@ -1658,6 +1663,10 @@ class SchedulerCore:
         return ballot is not None and peer.name in ballot.voters()
 
     def _scale_in(self, out: list[Instruction]) -> None:
+        for name in self._distrusted_held:  # few: outvoted peers still held
+            if name in self._idle and not self.planner.still_serving(name):
+                self._release(name, out)
+        self._distrusted_held = [n for n in self._distrusted_held if n in self.peers]
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY]:
             return
         # Only idle peers are looked at (an index, not a scan of the free ones), and the
@@ -1675,12 +1684,16 @@ class SchedulerCore:
             if keep > 0:
                 keep -= 1
                 continue
-            del self.peers[name]
-            self.files.drop_peer(name)
-            del self._idle[name]
-            self.ready.drop_peer(name)
-            self.planner.drop_peer(name)
-            out.append(Release(name))
+            self._release(name, out)
+
+    def _release(self, name: str, out: list[Instruction]) -> None:
+        """An idle peer goes back to its owner's pool."""
+        del self.peers[name]
+        self.files.drop_peer(name)
+        del self._idle[name]
+        self.ready.drop_peer(name)
+        self.planner.drop_peer(name)
+        out.append(Release(name))
 
     def _finish(
         self,

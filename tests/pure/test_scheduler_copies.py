@@ -378,5 +378,7 @@ def test_a_peer_outvoted_twice_runs_no_more_copies() -> None:
     settle(s, "r", "p2", 2.0)  # twice: distrusted
     assert s.outvoted["p2"] == 2 and list(s.distrusted) == ["p2"]
     assert "p2" not in {peer for peer, _ in live_runs_of(s, "t")}  # no more runs there
+    assert "p2" not in s.peers  # released once idle...
+    assert s.handle(core.PeerJoined("p2", 1, {}), 2.5) == [core.Release("p2")]  # ...for good
     settle(s, "t", "p2", 3.0)
     assert s.finished is not None and s.finished.status == "succeeded"
