@@ -361,7 +361,7 @@ class SchedulerCore:
         # For the report: every copy made, per task, as (peer, attempt, why it was made).
         self.copies_made: dict[str, list[tuple[str, int, str]]] = {}
         self.runtimes = Runtimes()  # of the tasks that exited 0, per class
-        self._running: dict[str, None] = {}  # RUNNING tasks, oldest placement first
+        self._running: dict[str, None] = {}  # RUNNING tasks, oldest first (`_multirun` only)
         self._top_attempt: dict[str, int] = {}  # the last attempt number a copy took
         self._stops_due: list[StopRun] = []  # copies stopped by a move (`move` has no `out`)
         self._speculation_due = 0.0  # no straggler can appear before then
@@ -370,6 +370,9 @@ class SchedulerCore:
         if self.by_middleware and self.quorum:
             raise ValueError("a middleware that places the runs runs no quorum")
         self.ballots: dict[str, Ballot] = {}
+        # Whether a task may have more than one run at once: else the hot paths skip it all.
+        self._speculating = self.speculation.enabled
+        self._multirun = self._speculating or bool(self.quorum)
         self._quorum_due: dict[str, None] = {}  # RUNNING tasks that may want more runs
         # RUNNING tasks under quorum with no live run: all voted, more runs wanted
         self._unrun: dict[str, None] = {}
@@ -515,7 +518,7 @@ class SchedulerCore:
             if self._quorum_due:  # the runs of tasks placed just now
                 self._top_up(now, out)
             self.planner.plan(now, out)
-            if self.speculation.enabled:
+            if self._speculating:
                 self._speculate(now, out)
             if self._stops_due:
                 out.extend(self._stops_due)
@@ -628,10 +631,12 @@ class SchedulerCore:
         if task.status is TaskStatus.RUNNING:
             task.lost_input = ""  # that attempt is over: it no longer waits for the file
             self.files.stop_reading(self.data[task.name].inputs)
-            self._left_running(task, to, now)
+            if self._multirun:
+                self._left_running(task, to, now)
         if to is TaskStatus.RUNNING:
             self.files.start_reading(self.data[task.name].inputs)
-            self._running[task.name] = None
+            if self._multirun:
+                self._running[task.name] = None
         if self.ready.caps:
             self._count_in_category(task, to)
         if task.status is TaskStatus.WAITING:
@@ -1305,7 +1310,7 @@ class SchedulerCore:
         if to is TaskStatus.FAILED and task.name in self.ballots:
             self._record_ballot(task.name, self.ballots[task.name], "")
         succeeded = to in (TaskStatus.COLLECTING, TaskStatus.DONE)
-        if succeeded and task.start is not None and self.speculation.enabled:
+        if succeeded and task.start is not None and self._speculating:
             self.runtimes.add((task.require, task.category), now - task.start)
             self._speculation_due = 0.0  # a new median
         copies = self.copies.pop(task.name, None)
@@ -1619,9 +1624,13 @@ class SchedulerCore:
 
     def _place(self, task: TaskState, peer: PeerSlots, now: float, out: list[Instruction]) -> None:
         target = peer
-        if peer.name in task.failed_on or peer.name in self.distrusted or self._voted(task, peer):
+        if peer.name in task.failed_on or (
+            self._multirun and (peer.name in self.distrusted or self._voted(task, peer))
+        ):
             target = self._fresh_peer_for(task) or peer
-        task.attempts = max(task.attempts, self._top_attempt.get(task.name, 0)) + 1
+        task.attempts += 1
+        if self._multirun:  # a copy may have taken a later attempt number
+            task.attempts = max(task.attempts, self._top_attempt.get(task.name, 0) + 1)
         task.queued = -1  # its other heap entries are stale from now on
         task.peer = target.name
         task.start = now
@@ -1640,6 +1649,8 @@ class SchedulerCore:
             task, TaskStatus.RUNNING, now, f"placed on {target.name} (attempt {task.attempts})"
         )
         out.append(Dispatch(task.name, target.name, task.attempts))
+        if not self._multirun:
+            return
         self._speculation_due = 0.0  # a new run: the next straggler may come sooner
         if task.name in self.quorum:  # its other runs start as slots allow (`_top_up`)
             self.ballots.setdefault(task.name, Ballot(self.quorum[task.name]))
@@ -1663,10 +1674,11 @@ class SchedulerCore:
         return ballot is not None and peer.name in ballot.voters()
 
     def _scale_in(self, out: list[Instruction]) -> None:
-        for name in self._distrusted_held:  # few: outvoted peers still held
-            if name in self._idle and not self.planner.still_serving(name):
-                self._release(name, out)
-        self._distrusted_held = [n for n in self._distrusted_held if n in self.peers]
+        if self._distrusted_held:  # few: outvoted peers still held
+            for name in self._distrusted_held:
+                if name in self._idle and not self.planner.still_serving(name):
+                    self._release(name, out)
+            self._distrusted_held = [n for n in self._distrusted_held if n in self.peers]
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY]:
             return
         # Only idle peers are looked at (an index, not a scan of the free ones), and the
@@ -1675,7 +1687,7 @@ class SchedulerCore:
         # running tasks). With speculation on, as many idle peers as running tasks without
         # a copy are kept for their copies (a straggler shows only at the job's tail, when
         # peers go idle: released at once, none would be left to run its copy).
-        keep = len(self._running) - len(self.copies) if self.speculation.enabled else 0
+        keep = len(self._running) - len(self.copies) if self._speculating else 0
         if self.ballots:
             return  # a quorum may want further runs: on peers that did not vote yet
         for name in list(self._idle):
@@ -1782,7 +1794,7 @@ class SchedulerCore:
             for t in (
                 self.ready.next_due(),
                 self._ack_due[0][0] if self._ack_due else None,
-                straggler if self.speculation.enabled and self.ready.free else None,
+                straggler if self._speculating and self.ready.free else None,
             )
             if t is not None
         ]
@@ -1868,6 +1880,9 @@ class SchedulerCore:
         self.files.validate()
 
     def _validate_copies(self) -> None:
+        if not self._multirun:
+            assert not (self._running or self.copies or self.ballots), "copies without the policy"
+            return
         running = {n for n, t in self.tasks.items() if t.status is TaskStatus.RUNNING}
         assert set(self._running) == running, "the index of running tasks is off"
         assert set(self._quorum_due) <= set(self.ballots), "a quorum is due without votes"
