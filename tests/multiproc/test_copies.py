@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from bonjourgrid.job_report import Report
 from tests.multiproc.conftest import Grid, write_workflow
 from tests.waiting import wait_until
 
@@ -70,6 +71,8 @@ def test_a_straggler_gets_a_copy_and_exactly_one_result_lands(tmp_path: Path, gr
     assert copy["attempt"] == 2 and "median" in copy["why"]
     assert slow["attempts"] == 2 and slow["peer"] == copy["peer"]
     assert slow["won"].startswith("a copy: attempt 2")
+    typed = Report.from_dict(report).tasks["slow"]  # as bonjourgrid.run returns it
+    assert typed.won == slow["won"] and typed.copies[0]["peer"] == copy["peer"]
     # Exactly one result landed in the submit directory: the copy's, written once.
     assert (work / "slow.txt").read_text() == "attempt 2\n"
     # The losing run was stopped: its process is gone (reaped by its worker).
@@ -118,6 +121,8 @@ def test_a_per_peer_result_under_quorum_2_fails_naming_both_peers_and_digests(
         assert vote["digests"] == {"who.txt": digest}
         assert f"{vote['peer']}: who.txt={digest[:12]}" in who["error"]
     assert not (tmp_path / "per-peer" / "who.txt").exists()  # no result was accepted
+    typed = Report.from_dict(report).tasks["who"].quorum
+    assert typed is not None and typed["votes"] == votes
 
 
 @pytest.mark.slow
