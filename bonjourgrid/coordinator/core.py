@@ -104,6 +104,17 @@ when peers go idle, and a peer released at once could not run its copy. The runn
 are scanned (oldest first, `_running`) only when a straggler may have appeared since the
 last scan: a run began or ended, or the earliest threshold passed (`next_wakeup` says when).
 
+Quorum (`quorum=`: task -> N; the rules in copies.py's `Ballot`). A task under quorum is
+placed as any, then `_top_up` starts its other runs on free peers that have not voted (before
+ready tasks are placed: it is further along). A run that exits 0 votes with its outputs'
+digests and leaves its slot (`_retire_copy`, `_retire_run`); when every run of the task has
+voted and more are wanted, it stays RUNNING with no run (`_unrun`) until a peer frees. A
+majority accepts the outputs of one of its peers still held (`_succeeded`: collected from
+there, the runs still going stopped); no possible majority, or no peer left to vote, fails
+the task naming each peer and its digests. While a task holds a ballot, scale-in releases no
+idle peer (the next vote may need it). A peer outvoted `OUTVOTED_LIMIT` times is distrusted:
+placed on last, released once idle, released again at once if it joins.
+
 Peers are checked, not trusted. A dispatched run must be acknowledged (`RunStarted`) within
 `ack_timeout_s`, and once it is, every heartbeat of its peer must list it (`PeerRunning`): a
 run never acknowledged, or missing from two heartbeats in a row, is a failed attempt, as is
