@@ -102,7 +102,9 @@ peer joins `failed_on`); the last one standing is the task's run as before. Scal
 as many idle peers as running tasks without a copy: a straggler shows at the job's tail,
 when peers go idle, and a peer released at once could not run its copy. The running tasks
 are scanned (oldest first, `_running`) only when a straggler may have appeared since the
-last scan: a run began or ended, or the earliest threshold passed (`next_wakeup` says when).
+last scan: a run began or ended, or the earliest threshold passed (`next_wakeup` says when),
+and at most once per `RESCAN_S` of job time, so a big job's tail, where runs end one after
+another, costs one scan a second, not one per event.
 
 Quorum (`quorum=`: task -> N; the rules in copies.py's `Ballot`). A task under quorum is
 placed as any, then `_top_up` starts its other runs on free peers that have not voted (before
@@ -263,6 +265,7 @@ __all__ = [
 BACKOFF_BASE_S = 1.0  # wait before the first retry; doubled for each further failure
 BACKOFF_CAP_S = 60.0  # the longest wait before a retry
 UNLISTED_LIMIT = 2  # heartbeats in a row without an acknowledged run: its attempt failed
+RESCAN_S = 1.0  # speculation scans the running tasks at most this often (job time)
 _NO_PREFETCH = PrefetchSettings(policy="none", broadcast_min_consumers=0)
 # "waiting -> ready: " for every allowed move: a story's step without formatting enums.
 _ON_A_PEER = (TaskStatus.RUNNING, TaskStatus.COLLECTING)  # placed and not ended
@@ -376,6 +379,7 @@ class SchedulerCore:
         self._top_attempt: dict[str, int] = {}  # the last attempt number a copy took
         self._stops_due: list[StopRun] = []  # copies stopped by a move (`move` has no `out`)
         self._speculation_due = 0.0  # no straggler can appear before then
+        self._speculation_scanned = float("-inf")  # when the running tasks were last scanned
         # Quorum ("Quorum" above; copies.py): task -> N, and the votes of its runs.
         self.quorum: dict[str, int] = {n: q for n, q in (quorum or {}).items() if q > 1}
         if self.by_middleware and self.quorum:
@@ -1323,7 +1327,7 @@ class SchedulerCore:
         succeeded = to in (TaskStatus.COLLECTING, TaskStatus.DONE)
         if succeeded and task.start is not None and self._speculating:
             self.runtimes.add((task.require, task.category), now - task.start)
-            self._speculation_due = 0.0  # a new median
+            self._rescan_soon()  # a new median
         copies = self.copies.pop(task.name, None)
         if not copies:
             return
@@ -1341,11 +1345,14 @@ class SchedulerCore:
     def _speculate(self, now: float, out: list[Instruction]) -> None:
         """Free slots with nothing ready take copies of stragglers (copies.py). The running
         tasks are scanned oldest first, only when a straggler may have appeared since the
-        last scan (`_speculation_due`: the earliest one could, or a run began or ended)."""
+        last scan (`_speculation_due`: the earliest one could, or a run began or ended), and
+        at most once per `RESCAN_S` of the job's time: at a big job's tail, where runs end
+        one after the other, not once per event."""
         if self.ready.has_ready() or not self.ready.free or now < self._speculation_due:
             return
         settings = self.speculation
         self._speculation_due = float("inf")
+        self._speculation_scanned = now
         for name in self._running:
             task = self.tasks[name]
             if name in self.copies or task.start is None or name in self.quorum:
@@ -1359,7 +1366,7 @@ class SchedulerCore:
                 continue
             peer = self._peer_for_copy(task)
             if peer is None:
-                self._speculation_due = 0.0  # a straggler waits for a peer: scan again
+                self._rescan_soon()  # a straggler waits for a peer: scan again
                 continue
             why = (
                 f"a speculative copy: running for {now - task.start:.0f} s, over "
@@ -1367,6 +1374,12 @@ class SchedulerCore:
                 f"while {peer.name} had nothing ready"
             )
             self._start_copy(task, peer, why, now, out)
+
+    def _rescan_soon(self) -> None:
+        """Scan the running tasks again, but not sooner than `RESCAN_S` after the last scan
+        (a straggler's threshold is `min_runtime_s` at least: a fraction of it is no delay)."""
+        gap = min(RESCAN_S, self.speculation.min_runtime_s / 10)
+        self._speculation_due = min(self._speculation_due, self._speculation_scanned + gap)
 
     def _peer_for_copy(self, task: TaskState) -> PeerSlots | None:
         """A peer with a free slot that can run `task`, runs no run of it, and has not
@@ -1662,7 +1675,7 @@ class SchedulerCore:
         out.append(Dispatch(task.name, target.name, task.attempts))
         if not self._multirun:
             return
-        self._speculation_due = 0.0  # a new run: the next straggler may come sooner
+        self._rescan_soon()  # a new run: the next straggler may come sooner
         if task.name in self.quorum:  # its other runs start as slots allow (`_top_up`)
             self.ballots.setdefault(task.name, Ballot(self.quorum[task.name]))
             self._quorum_due[task.name] = None
@@ -1795,17 +1808,19 @@ class SchedulerCore:
         return max(0, startable - free)
 
     def next_wakeup(self) -> float | None:
-        """When the next retry backoff or run acknowledgement deadline ends (feed a `Tick`
-        then); None if nothing waits."""
+        """When the next retry backoff or run acknowledgement deadline ends, or a straggler
+        may show (feed a `Tick` then); None if nothing waits."""
         if self.finished is not None:
             return None
-        straggler = self._speculation_due if 0 < self._speculation_due < float("inf") else None
+        scan = self._speculation_due  # (only when a scan could run: else a Tick is moot)
+        may_scan = self._speculating and self.ready.free and not self.ready.has_ready()
+        straggler = scan if may_scan and self._speculation_scanned < scan < float("inf") else None
         due = [
             t
             for t in (
                 self.ready.next_due(),
                 self._ack_due[0][0] if self._ack_due else None,
-                straggler if self._speculating and self.ready.free else None,
+                straggler,
             )
             if t is not None
         ]

@@ -56,6 +56,9 @@ def test_a_straggler_gets_a_copy_on_an_idle_peer_once_it_runs_twice_the_median()
     s = straggling_job()
     t = s.tasks["s3"]
     assert t.status is TaskStatus.RUNNING and not s.copies  # 2 s: the median, not yet
+    wake = s.next_wakeup()  # a scan of the running tasks soon (at most one per RESCAN_S)
+    assert wake is not None and wake < 4.0
+    assert not of(core.Dispatch, s.handle(core.Tick(), wake))
     assert s.next_wakeup() == 4.0  # when it becomes a straggler (2 x 2 s)
     out = s.handle(core.Tick(), 4.0)
     s.validate_state()
