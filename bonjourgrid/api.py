@@ -198,6 +198,7 @@ def run(
     prefetch: str | None = None,
     prefetch_depth: int | None = None,
     fetch_all: bool | None = None,
+    quorum: int | None = None,
     peer_timeout: float | None = None,
     lease: float | None = None,
     resume: bool = False,
@@ -210,7 +211,8 @@ def run(
     in the current directory) or the path of a workflow file.
 
     The options are `bgrid submit`'s flags: `local=N` runs on N worker daemons started on
-    this machine; `workers` is a count (at most), (min, max) or "min..max"; `report` writes
+    this machine; `workers` is a count (at most), (min, max) or "min..max"; `quorum=N` runs
+    each task on N distinct peers and keeps outputs a majority agrees on; `report` writes
     the report file too (JSON, or a page if it ends in .html). It prints nothing.
 
     Raises DagError, ConfigError, StageError, RecruitError... before any task runs (as
@@ -264,6 +266,7 @@ def run(
         prefetch=prefetch,
         prefetch_depth=prefetch_depth,
         fetch_all=fetch_all,
+        quorum=quorum,
         backend=backend,
         backend_options={"pool": pool} if pool else {},
     )

@@ -136,6 +136,7 @@ def _submit_with(args: argparse.Namespace, local_grid: LocalGrid | None) -> int:
             prefetch=args.prefetch,
             prefetch_depth=args.prefetch_depth,
             fetch_all=args.fetch_all,
+            quorum=args.quorum,
             backend=args.backend,
             backend_options={"pool": args.pool} if args.pool else {},
             local_grid=local_grid,
@@ -566,6 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="bring every output back to the submit directory, intermediate files too "
         "(default: final outputs and those of `keep: true` tasks)",
+    )
+    s.add_argument(
+        "--quorum",
+        type=int,
+        metavar="N",
+        help="run each task on N distinct peers and accept its outputs when a majority agree "
+        "(a task's own `quorum:` wins; `quorum: 1` opts a non-deterministic task out)",
     )
     interface_flag(s)
     s.set_defaults(run=_submit)

@@ -41,6 +41,10 @@ class TaskReport:
     resumed: bool = False  # done in an earlier run; kept by --resume
     rerun: str | None = None  # why it ran again after it was done
     logs: Mapping[str, Any] | None = None  # where its stdout and stderr are kept
+    # Speculative copies made of it ({"peer", "attempt", "why"}) and which run's outputs won.
+    copies: tuple[Mapping[str, Any], ...] = ()
+    won: str | None = None
+    quorum: Mapping[str, Any] | None = None  # {"quorum", "votes", "accepted"} under quorum
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> TaskReport:
@@ -60,6 +64,9 @@ class TaskReport:
             resumed=bool(data.get("resumed", False)),
             rerun=data.get("rerun"),
             logs=MappingProxyType(dict(data["logs"])) if data.get("logs") else None,
+            copies=tuple(MappingProxyType(dict(c)) for c in data.get("copies", ())),
+            won=data.get("won"),
+            quorum=MappingProxyType(dict(data["quorum"])) if data.get("quorum") else None,
         )
 
 
@@ -104,6 +111,10 @@ class Report:
     # What `bgrid submit` exits with: 0 when it succeeded, 1 when not, or an `abort_on` status.
     exit_status: int = 1
     aborted: Mapping[str, Any] | None = None  # {"task", "exit_code", "exit_status"} of an abort
+    # Peers whose outputs a quorum's majority did not share (how often), and those that were
+    # released for it (outvoted too often).
+    outvoted: Mapping[str, int] = field(default_factory=dict)
+    distrusted: tuple[str, ...] = ()
     _source: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -148,6 +159,10 @@ class Report:
                 signal=data.get("signal"),
                 exit_status=_exit_status(data),
                 aborted=MappingProxyType(dict(data["aborted"])) if data.get("aborted") else None,
+                outvoted=MappingProxyType(
+                    {str(k): int(v) for k, v in (data.get("outvoted") or {}).items()}
+                ),
+                distrusted=tuple(str(p) for p in data.get("distrusted", ())),
                 _source=copy.deepcopy(dict(data)) if copy_data else data,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:

@@ -90,6 +90,33 @@ and hears how they went (`ScriptEnded`). While one runs, its task is WAITING wit
   failed attempt (retried per `retries`, or WAITING -> FAILED).
 `validate_state()` holds: a running script means WAITING; a READY task with a pre has passed it.
 
+Speculative copies (`speculation=`, bgrid.toml's `[schedule]`; the policy in copies.py).
+When free slots have nothing ready, a RUNNING task that has run `factor` times longer than
+the median of its finished siblings (its class) gets a copy on another peer: a second live
+run of the same task with its own attempt number (`copies`: task -> its runs besides the one
+its record holds). The first run to exit 0 wins: it becomes the task's run (`_swap`), the
+others are stopped (`StopRun`) as the task leaves RUNNING (`_left_running`), and only the
+winner is collected, so the submit directory is written once. A run that fails, is refused,
+goes unlisted or loses its peer while another lives only ends that run (no retry used; its
+peer joins `failed_on`); the last one standing is the task's run as before. Scale-in keeps
+as many idle peers as running tasks without a copy: a straggler shows at the job's tail,
+when peers go idle, and a peer released at once could not run its copy. The running tasks
+are scanned (oldest first, `_running`) only when a straggler may have appeared since the
+last scan: a run began or ended, or the earliest threshold passed (`next_wakeup` says when),
+and at most once per `RESCAN_S` of job time, so a big job's tail, where runs end one after
+another, costs one scan a second, not one per event.
+
+Quorum (`quorum=`: task -> N; the rules in copies.py's `Ballot`). A task under quorum is
+placed as any, then `_top_up` starts its other runs on free peers that have not voted (before
+ready tasks are placed: it is further along). A run that exits 0 votes with its outputs'
+digests and leaves its slot (`_retire_copy`, `_retire_run`); when every run of the task has
+voted and more are wanted, it stays RUNNING with no run (`_unrun`) until a peer frees. A
+majority accepts the outputs of one of its peers still held (`_succeeded`: collected from
+there, the runs still going stopped); no possible majority, or no peer left to vote, fails
+the task naming each peer and its digests. While a task holds a ballot, scale-in releases no
+idle peer (the next vote may need it). A peer outvoted `OUTVOTED_LIMIT` times is distrusted:
+placed on last, released once idle, released again at once if it joins.
+
 Peers are checked, not trusted. A dispatched run must be acknowledged (`RunStarted`) within
 `ack_timeout_s`, and once it is, every heartbeat of its peer must list it (`PeerRunning`): a
 run never acknowledged, or missing from two heartbeats in a row, is a failed attempt, as is
@@ -143,6 +170,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 from bonjourgrid.cache.store import FileRef
+from bonjourgrid.coordinator.copies import (
+    OUTVOTED_LIMIT,
+    Ballot,
+    Copy,
+    Runtimes,
+    SpeculationSettings,
+    Vote,
+)
 from bonjourgrid.coordinator.dataplane import DataPlanner
 from bonjourgrid.coordinator.files import FileTable
 from bonjourgrid.coordinator.model import (
@@ -230,6 +265,7 @@ __all__ = [
 BACKOFF_BASE_S = 1.0  # wait before the first retry; doubled for each further failure
 BACKOFF_CAP_S = 60.0  # the longest wait before a retry
 UNLISTED_LIMIT = 2  # heartbeats in a row without an acknowledged run: its attempt failed
+RESCAN_S = 1.0  # speculation scans the running tasks at most this often (job time)
 _NO_PREFETCH = PrefetchSettings(policy="none", broadcast_min_consumers=0)
 # "waiting -> ready: " for every allowed move: a story's step without formatting enums.
 _ON_A_PEER = (TaskStatus.RUNNING, TaskStatus.COLLECTING)  # placed and not ended
@@ -253,6 +289,8 @@ class SchedulerCore:
         placement: Literal["core", "middleware"] = "core",
         rules: Mapping[str, NodeRules] | None = None,
         category_caps: Mapping[str, int] | None = None,
+        speculation: SpeculationSettings | None = None,
+        quorum: Mapping[str, int] | None = None,
     ) -> None:
         """`tasks`: (name, predecessors, require text or "", retries) for every task;
         `done`: tasks finished in an earlier run (name -> outputs), closed under predecessors;
@@ -263,7 +301,8 @@ class SchedulerCore:
         (see the theory of operation); `rules`: the node semantics of the tasks that have
         some (priority, category, retry_unless_exit, abort_on, final, noop);
         `category_caps`: how many tasks of a category may run at once (a category left out
-        has no cap)."""
+        has no cap); `speculation`: when a straggler gets a copy (default: never); `quorum`: how
+        many agreeing runs the tasks that need more than one need."""
         self.by_middleware = placement == "middleware"
         self.rules: dict[str, NodeRules] = {n: r for n, r in (rules or {}).items() if r}
         if self.by_middleware and (self.rules or category_caps):
@@ -329,6 +368,34 @@ class SchedulerCore:
         # few pointers per step, not a tuple and a string (issue 12: 100k tasks in 300 MB).
         self._stories: dict[str, list[float | str]] = defaultdict(list)
         self.resumed = 0
+        # Speculative copies ("Speculative copies" above; copies.py): task -> its live runs
+        # besides the one its record holds, on other peers.
+        self.speculation = speculation or SpeculationSettings()
+        self.copies: dict[str, list[Copy]] = {}
+        # For the report: every copy made, per task, as (peer, attempt, why it was made).
+        self.copies_made: dict[str, list[tuple[str, int, str]]] = {}
+        self.runtimes = Runtimes()  # of the tasks that exited 0, per class
+        self._running: dict[str, None] = {}  # RUNNING tasks, oldest first (`_multirun` only)
+        self._top_attempt: dict[str, int] = {}  # the last attempt number a copy took
+        self._stops_due: list[StopRun] = []  # copies stopped by a move (`move` has no `out`)
+        self._speculation_due = 0.0  # no straggler can appear before then
+        self._speculation_scanned = float("-inf")  # when the running tasks were last scanned
+        # Quorum ("Quorum" above; copies.py): task -> N, and the votes of its runs.
+        self.quorum: dict[str, int] = {n: q for n, q in (quorum or {}).items() if q > 1}
+        if self.by_middleware and self.quorum:
+            raise ValueError("a middleware that places the runs runs no quorum")
+        self.ballots: dict[str, Ballot] = {}
+        # Whether a task may have more than one run at once: else the hot paths skip it all.
+        self._speculating = self.speculation.enabled
+        self._multirun = self._speculating or bool(self.quorum)
+        self._quorum_due: dict[str, None] = {}  # RUNNING tasks that may want more runs
+        # RUNNING tasks under quorum with no live run: all voted, more runs wanted
+        self._unrun: dict[str, None] = {}
+        self.outvoted: Counter[str] = Counter()  # peer -> results the majority did not share
+        # Outvoted OUTVOTED_LIMIT times: released once idle, never taken back for the job.
+        self.distrusted: dict[str, None] = {}
+        self._distrusted_held: list[str] = []  # of those, the peers still held
+        self.quorum_votes: dict[str, dict[str, object]] = {}  # task -> its ballot, for the report
         if done:
             self._resume(done, self.preds)
         if self.final is not None and self.tasks[self.final].status is TaskStatus.WAITING:
@@ -380,7 +447,15 @@ class SchedulerCore:
         out: list[Instruction] = []
         if self.finished is not None:
             return out
+        if (
+            self.copies
+            and isinstance(event, TaskReported | AttemptFailed | RunStarted)
+            and self._copy_news(event, now, out)
+        ):
+            event = Tick()  # news of a copy that only ended that copy: nothing more to do
         match event:
+            case PeerJoined() if event.peer in self.distrusted:
+                out.append(Release(event.peer))  # outvoted too often: not for this job
             case PeerJoined():
                 self._join(event)
             case PeerLost():
@@ -398,7 +473,7 @@ class SchedulerCore:
                     self.note(task.name, now, f"{event.peer} acknowledged the run")
             case AttemptFailed():
                 task = self._running_on(event.peer, event.task, event.attempt)
-                if task is not None:
+                if task is not None and not self._copy_takes_over(task, event.reason, now):
                     self.detach(task)
                     self._failed_attempt(task, event.reason, now, out)
             case PeerRunning() if not self.by_middleware:
@@ -443,14 +518,26 @@ class SchedulerCore:
         if self._scripts_due:
             out.extend(self._scripts_due)
             self._scripts_due.clear()
+        if self._stops_due:
+            out.extend(self._stops_due)
+            self._stops_due.clear()
         if not schedule:
             return out
         if not self.by_middleware:
             self._end_backoffs(now)
             self._expire_acks(now, out)
             self.planner.broadcast(out)
+            if self._quorum_due:
+                self._top_up(now, out)
             self._schedule(now, out)
+            if self._quorum_due:  # the runs of tasks placed just now
+                self._top_up(now, out)
             self.planner.plan(now, out)
+            if self._speculating:
+                self._speculate(now, out)
+            if self._stops_due:
+                out.extend(self._stops_due)
+                self._stops_due.clear()
         self._scale_in(out)
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY] == 0 and not any(
             self.counts[s] for s in (TaskStatus.RUNNING, TaskStatus.COLLECTING)
@@ -559,8 +646,12 @@ class SchedulerCore:
         if task.status is TaskStatus.RUNNING:
             task.lost_input = ""  # that attempt is over: it no longer waits for the file
             self.files.stop_reading(self.data[task.name].inputs)
+            if self._multirun:
+                self._left_running(task, to, now)
         if to is TaskStatus.RUNNING:
             self.files.start_reading(self.data[task.name].inputs)
+            if self._multirun:
+                self._running[task.name] = None
         if self.ready.caps:
             self._count_in_category(task, to)
         if task.status is TaskStatus.WAITING:
@@ -628,8 +719,9 @@ class SchedulerCore:
             or task.status is not TaskStatus.RUNNING
             or task.attempts != event.attempt
             or task.peer != event.peer
+            or task.name in self._unrun
         ):
-            return  # a report from an attempt we already gave up on
+            return  # a report from an attempt we already gave up on (or that voted)
         task.exit_code, task.stderr_tail = event.exit_code, event.stderr_tail
         task.fetch_s, task.run_s = event.fetch_s, event.run_s
         task.bytes_fetched = event.bytes_fetched
@@ -638,26 +730,52 @@ class SchedulerCore:
             self.detach(task)
             self._abort(task, event.exit_code, rule.abort_status, now, out)
             return
-        if event.exit_code == 0 and not event.error:
-            task.outputs = event.outputs
-            for path in self.data[task.name].inputs:  # it read them there: now cached there
-                ref = self.files.ref(path)
-                if ref is not None:
-                    self.files.hold(event.peer, ref.digest)
-            for path, ref in event.outputs:
-                self.files.learn(path, ref)
-                self.files.hold(event.peer, ref.digest)
-            if self.data[task.name].collect or self.data[task.name].post:
-                self.peers[event.peer].running.discard(task.name)
-                self.peers[event.peer].collecting.add(task.name)
-                self.ready.mark_free(self.peers[event.peer])  # the slot it ran in is free
-                self.move(task, TaskStatus.COLLECTING, now, f"exited 0 on {event.peer}")
-                out.append(Collect(task.name, event.peer, task.attempts, event.outputs))
-            else:
-                self._done(task, now, f"exited 0 on {event.peer}; its outputs stay there", out)
-            self.planner.restart_stalled_readers(task, now, out)
-            self.planner.prefetch_for_waiting(task, out)
+        if event.exit_code == 0 and not event.error and task.name in self.quorum:
+            self._retire_run(task)
+            self._vote(task, Vote(event.peer, event.attempt, event.outputs), now, out)
             return
+        if event.exit_code == 0 and not event.error:
+            self._succeeded(task, event.peer, event.outputs, now, out)
+            return
+        if self._copy_takes_over(task, event.error or f"exit code {event.exit_code}", now):
+            return
+        self._run_failed(task, event, now, out)
+
+    def _succeeded(
+        self,
+        task: TaskState,
+        peer: str,
+        outputs: tuple[tuple[str, FileRef], ...],
+        now: float,
+        out: list[Instruction],
+    ) -> None:
+        """The run on `peer` exited 0 (or won its quorum): its outputs are the task's."""
+        task.outputs = outputs
+        for path in self.data[task.name].inputs:  # it read them there: now cached there
+            ref = self.files.ref(path)
+            if ref is not None:
+                self.files.hold(peer, ref.digest)
+        for path, ref in outputs:
+            self.files.learn(path, ref)
+            self.files.hold(peer, ref.digest)
+        if self.data[task.name].collect or self.data[task.name].post:
+            slots = self.peers[peer]
+            slots.running.discard(task.name)
+            slots.collecting.add(task.name)
+            self._idle.pop(slots.name, None)  # (a quorum's winner had left its slot)
+            if len(slots.running) < slots.cpus:
+                self.ready.mark_free(slots)  # the slot it ran in is free
+            self.move(task, TaskStatus.COLLECTING, now, f"exited 0 on {peer}")
+            out.append(Collect(task.name, peer, task.attempts, outputs))
+        else:
+            self._done(task, now, f"exited 0 on {peer}; its outputs stay there", out)
+        self.planner.restart_stalled_readers(task, now, out)
+        self.planner.prefetch_for_waiting(task, out)
+
+    def _run_failed(
+        self, task: TaskState, event: TaskReported, now: float, out: list[Instruction]
+    ) -> None:
+        """Its only run exited badly."""
         self.detach(task)
         lost = {
             ref.digest
@@ -704,6 +822,7 @@ class SchedulerCore:
         task = self.tasks.get(name)
         if (
             task is None
+            or name in self._unrun
             or task.status is not TaskStatus.RUNNING
             or task.attempts != attempt
             or task.peer != peer
@@ -819,6 +938,9 @@ class SchedulerCore:
             return
         for name in sorted(peer.running):
             task = self.tasks[name]
+            if task.peer != peer.name:  # a copy of it runs there
+                self._check_copy_listed(task, peer.name, event, now)
+                continue
             if not task.acked:
                 continue  # not started yet: the acknowledgement deadline watches it
             if (name, task.attempts) in event.running:
@@ -826,17 +948,29 @@ class SchedulerCore:
                 continue
             task.unlisted += 1
             if task.unlisted >= UNLISTED_LIMIT:
-                self.detach(task)
-                self._failed_attempt(task, f"peer {event.peer} is not running it", now, out)
+                why = f"peer {event.peer} is not running it"
+                if not self._copy_takes_over(task, why, now):
+                    self.detach(task)
+                    self._failed_attempt(task, why, now, out)
 
     def _expire_acks(self, now: float, out: list[Instruction]) -> None:
         while self._ack_due and self._ack_due[0][0] <= now:
             _, name, attempt = heapq.heappop(self._ack_due)
             task = self.tasks[name]
-            if task.status is TaskStatus.RUNNING and task.attempts == attempt and not task.acked:
-                self.detach(task)
+            copy = self._copy_of(name, attempt)
+            if copy is not None and not copy.acked:
+                why = f"peer {copy.peer} never acknowledged the run of {name}"
+                self._end_copy(task, copy, why, now)
+            elif (
+                task.status is TaskStatus.RUNNING
+                and task.attempts == attempt
+                and not task.acked
+                and name not in self._unrun
+            ):
                 why = f"peer {task.peer} never acknowledged the run of {name}"
-                self._failed_attempt(task, why, now, out)
+                if not self._copy_takes_over(task, why, now):
+                    self.detach(task)
+                    self._failed_attempt(task, why, now, out)
 
     def _done(self, task: TaskState, now: float, why: str, out: list[Instruction]) -> None:
         self.detach(task)
@@ -1022,10 +1156,14 @@ class SchedulerCore:
                 stack.extend(self.successors.get(task.name, ()))
 
     def detach(self, task: TaskState) -> None:
-        if task.peer in self.peers:
-            self.peers[task.peer].running.discard(task.name)
-            self.peers[task.peer].collecting.discard(task.name)
-            peer = self.peers[task.peer]
+        if task.peer is not None:
+            self._free_slot(task.peer, task.name)
+
+    def _free_slot(self, peer_name: str, task_name: str) -> None:
+        peer = self.peers.get(peer_name)
+        if peer is not None:
+            peer.running.discard(task_name)
+            peer.collecting.discard(task_name)
             if len(peer.running) < peer.cpus:
                 self.ready.mark_free(peer)
             if not peer.running and not peer.collecting:
@@ -1060,6 +1198,12 @@ class SchedulerCore:
             self.planner.unplan(self.tasks[task_name])
         for task_name in sorted(peer.running | peer.collecting):
             task = self.tasks[task_name]
+            copy = self._copy_on(task_name, name)
+            if copy is not None:  # the run it held was a copy: the task's others go on
+                self._end_copy(task, copy, f"peer {name} lost ({reason})", now)
+                continue
+            if self._copy_takes_over(task, f"peer {name} lost ({reason})", now):
+                continue
             if self.abort is not None and task_name != self.final:
                 why = f"its outputs went with peer {name} ({reason}) after the job was aborted"
                 self._fail_for_good(task, why, why, now, out)  # nothing new starts
@@ -1071,6 +1215,363 @@ class SchedulerCore:
             else:
                 self.make_ready(task, now, why)
         self.planner.peer_lost(name, now, out)
+
+    # -- speculative copies (see the theory of operation; copies.py) -----------------------
+
+    def _copy_of(self, name: str, attempt: int) -> Copy | None:
+        for copy in self.copies.get(name, ()):
+            if copy.attempt == attempt:
+                return copy
+        return None
+
+    def _copy_on(self, name: str, peer: str) -> Copy | None:
+        for copy in self.copies.get(name, ()):
+            if copy.peer == peer:
+                return copy
+        return None
+
+    def _copy_news(
+        self, event: TaskReported | AttemptFailed | RunStarted, now: float, out: list[Instruction]
+    ) -> bool:
+        """News of a copy (not of the run the task's record holds). True when it only
+        concerned that copy; False when the core should go on as for the task's own run
+        (a copy that exited 0 won: it has become the task's run)."""
+        copy = self._copy_of(event.task, event.attempt)
+        if copy is None or copy.peer != event.peer:
+            return False
+        task = self.tasks[event.task]
+        match event:
+            case RunStarted():
+                if not copy.acked:
+                    copy.acked = True
+                    self.note(task.name, now, f"{copy.peer} acknowledged the copy")
+                return True
+            case AttemptFailed():
+                self._end_copy(task, copy, event.reason, now)
+                return True
+            case TaskReported():
+                rule = self.rules.get(task.name)
+                aborts = rule is not None and rule.abort_exit == event.exit_code
+                if event.exit_code == 0 and not event.error and task.name in self.quorum:
+                    self._retire_copy(task, copy)
+                    self._vote(task, Vote(copy.peer, copy.attempt, event.outputs), now, out)
+                    return True
+                if (event.exit_code == 0 and not event.error) or aborts:
+                    self._swap(task, copy)
+                    self.note(task.name, now, f"the copy on {copy.peer} ended first: it wins")
+                    return False
+                self._end_copy(task, copy, event.error or f"exit code {event.exit_code}", now)
+                return True
+        return False  # pragma: no cover (the three kinds above)
+
+    def _swap(self, task: TaskState, copy: Copy) -> None:
+        """`copy` becomes the task's run, and the task's run one of its copies."""
+        assert task.peer is not None and task.start is not None
+        fields = (task.peer, task.attempts, task.start, task.acked, task.unlisted)
+        task.peer, task.attempts, task.start = copy.peer, copy.attempt, copy.start
+        task.acked, task.unlisted = copy.acked, copy.unlisted
+        copy.peer, copy.attempt, copy.start, copy.acked, copy.unlisted = fields
+
+    def _end_copy(self, task: TaskState, copy: Copy, why: str, now: float) -> None:
+        """One copy ended badly (failed, refused, lost): the task's other runs go on."""
+        copies = self.copies[task.name]
+        copies.remove(copy)
+        if not copies:
+            del self.copies[task.name]
+        self._free_slot(copy.peer, task.name)
+        if copy.peer not in task.failed_on:
+            task.failed_on += (copy.peer,)
+        self.note(
+            task.name,
+            now,
+            f"its copy on {copy.peer} (attempt {copy.attempt}) ended: {why}; "
+            f"its run on {task.peer} goes on, no retry used",
+        )
+
+    def _copy_takes_over(self, task: TaskState, why: str, now: float) -> bool:
+        """The task's run ended badly while a copy lives: the copy becomes its run, and no
+        retry is used (the task fails an attempt only when its last copy does)."""
+        copies = self.copies.get(task.name)
+        if not copies or task.status is not TaskStatus.RUNNING:
+            return False
+        acked = [c for c in copies if c.acked]
+        copy = (acked or copies)[0]
+        ended = f"{task.peer} (attempt {task.attempts})"
+        self._swap(task, copy)
+        self._end_copy(task, copy, why, now)  # (it holds the ended run now)
+        self.note(task.name, now, f"its run on {ended} ended: its copy on {task.peer} goes on")
+        return True
+
+    def _check_copy_listed(
+        self, task: TaskState, peer: str, event: PeerRunning, now: float
+    ) -> None:
+        copy = self._copy_on(task.name, peer)
+        if copy is None or not copy.acked:
+            return  # not started yet: the acknowledgement deadline watches it
+        if (task.name, copy.attempt) in event.running:
+            copy.unlisted = 0
+            return
+        copy.unlisted += 1
+        if copy.unlisted >= UNLISTED_LIMIT:
+            self._end_copy(task, copy, f"peer {peer} is not running it", now)
+
+    def _left_running(self, task: TaskState, to: TaskStatus, now: float) -> None:
+        """A task leaves RUNNING (from `move`): its run time counts for its siblings if it
+        exited 0, and its copies are stopped: the first to end decided (a success is only
+        collected from the winner; a task stopped or failed for good stops them all)."""
+        self._running.pop(task.name, None)
+        self._unrun.pop(task.name, None)
+        self._quorum_due.pop(task.name, None)
+        if to is TaskStatus.FAILED and task.name in self.ballots:
+            self._record_ballot(task.name, self.ballots[task.name], "")
+        succeeded = to in (TaskStatus.COLLECTING, TaskStatus.DONE)
+        if succeeded and task.start is not None and self._speculating:
+            self.runtimes.add((task.require, task.category), now - task.start)
+            self._rescan_soon()  # a new median
+        copies = self.copies.pop(task.name, None)
+        if not copies:
+            return
+        reason = (
+            f"its run on {task.peer} (attempt {task.attempts}) finished first"
+            if succeeded
+            else f"the task is no longer running ({to.value})"
+        )
+        for copy in copies:
+            self._free_slot(copy.peer, task.name)
+            self._stops_due.append(StopRun(task.name, copy.peer, copy.attempt, reason))
+            stopped = f"its copy on {copy.peer} (attempt {copy.attempt}) stopped: {reason}"
+            self.note(task.name, now, stopped)
+
+    def _speculate(self, now: float, out: list[Instruction]) -> None:
+        """Free slots with nothing ready take copies of stragglers (copies.py). The running
+        tasks are scanned oldest first, only when a straggler may have appeared since the
+        last scan (`_speculation_due`: the earliest one could, or a run began or ended), and
+        at most once per `RESCAN_S` of the job's time: at a big job's tail, where runs end
+        one after the other, not once per event."""
+        if self.ready.has_ready() or not self.ready.free or now < self._speculation_due:
+            return
+        settings = self.speculation
+        self._speculation_due = float("inf")
+        self._speculation_scanned = now
+        for name in self._running:
+            task = self.tasks[name]
+            if name in self.copies or task.start is None or name in self.quorum:
+                continue
+            median = self.runtimes.median((task.require, task.category), settings.min_siblings)
+            if median is None:
+                continue
+            threshold = settings.threshold(median)
+            if now - task.start < threshold:
+                self._speculation_due = min(self._speculation_due, task.start + threshold)
+                continue
+            peer = self._peer_for_copy(task)
+            if peer is None:
+                self._rescan_soon()  # a straggler waits for a peer: scan again
+                continue
+            why = (
+                f"a speculative copy: running for {now - task.start:.0f} s, over "
+                f"{settings.factor:g} x the median {median:.1f} s of its finished siblings, "
+                f"while {peer.name} had nothing ready"
+            )
+            self._start_copy(task, peer, why, now, out)
+
+    def _rescan_soon(self) -> None:
+        """Scan the running tasks again, but not sooner than `RESCAN_S` after the last scan
+        (a straggler's threshold is `min_runtime_s` at least: a fraction of it is no delay)."""
+        gap = min(RESCAN_S, self.speculation.min_runtime_s / 10)
+        self._speculation_due = min(self._speculation_due, self._speculation_scanned + gap)
+
+    def _peer_for_copy(self, task: TaskState) -> PeerSlots | None:
+        """A peer with a free slot that can run `task`, runs no run of it, and has not
+        seen it fail (the free peers are few when nothing is ready: this is no scan of all)."""
+        for name in self.ready.free:
+            peer = self.peers[name]
+            if (
+                name != task.peer
+                and task.name not in peer.running
+                and name not in task.failed_on
+                and len(peer.running) < peer.cpus
+                and self.ready.can_run(peer, task.require)
+            ):
+                return peer
+        return None
+
+    def _start_copy(
+        self,
+        task: TaskState,
+        peer: PeerSlots,
+        why: str,
+        now: float,
+        out: list[Instruction],
+        own_run: bool = False,
+    ) -> None:
+        """A further run of a RUNNING task on `peer`: a copy, or (`own_run`: a task under
+        quorum whose runs all voted) the task's run."""
+        attempt = max(task.attempts, self._top_attempt.get(task.name, 0)) + 1
+        self._top_attempt[task.name] = attempt
+        if own_run:
+            task.peer, task.attempts, task.start = peer.name, attempt, now
+            task.acked, task.unlisted = False, 0
+        else:
+            self.copies.setdefault(task.name, []).append(Copy(peer.name, attempt, now, why))
+        self.copies_made.setdefault(task.name, []).append((peer.name, attempt, why))
+        peer.running.add(task.name)
+        self._idle.pop(peer.name, None)
+        if len(peer.running) >= peer.cpus:
+            self.ready.mark_full(peer.name)
+        if self.ack_timeout_s is not None:
+            heapq.heappush(self._ack_due, (now + self.ack_timeout_s, task.name, attempt))
+        self.note(task.name, now, f"a further run on {peer.name} (attempt {attempt}): {why}")
+        out.append(Notice(f"task {task.name}: a further run on {peer.name} ({why})", True))
+        out.append(Dispatch(task.name, peer.name, attempt))
+
+    # -- quorum (see the theory of operation; copies.py) -------------------------------------
+
+    def _retire_copy(self, task: TaskState, copy: Copy) -> None:
+        """A copy under quorum exited 0: it voted, its slot is free (its peer did nothing
+        wrong: it is not among `failed_on`)."""
+        copies = self.copies[task.name]
+        copies.remove(copy)
+        if not copies:
+            del self.copies[task.name]
+        self._free_slot(copy.peer, task.name)
+
+    def _retire_run(self, task: TaskState) -> None:
+        """The task's own run under quorum exited 0: a live copy becomes its run, or none is
+        left (`_unrun`) until a further run starts."""
+        self.detach(task)
+        copies = self.copies.get(task.name)
+        if copies:
+            copy = copies[0]
+            self._swap(task, copy)
+            copies.remove(copy)  # (it holds the run that voted now)
+            if not copies:
+                del self.copies[task.name]
+        else:
+            self._unrun[task.name] = None
+            task.acked = True  # no run of its awaits an acknowledgement
+
+    def _vote(self, task: TaskState, vote: Vote, now: float, out: list[Instruction]) -> None:
+        ballot = self.ballots[task.name]
+        counted = ballot.cast(vote)
+        said = f"run {vote.attempt} on {vote.peer} exited 0: {vote.digest()}"
+        self.note(task.name, now, said if counted else f"{said} (its peer voted already)")
+        winners = ballot.winners()
+        if not winners:
+            self._quorum_due[task.name] = None  # more runs, or no majority can form
+            return
+        held = [v for v in winners if v.peer in self.peers]
+        if not held:  # the majority's outputs went with lost peers: vote again without them
+            ballot.votes = [v for v in ballot.votes if v.peer in self.peers]
+            self.note(task.name, now, "the peers of the majority are lost: their votes go")
+            self._quorum_due[task.name] = None
+            return
+        winner = held[-1]
+        for peer in ballot.outvoted():
+            self.outvoted[peer] += 1
+            if self.outvoted[peer] >= OUTVOTED_LIMIT and peer not in self.distrusted:
+                self.distrusted[peer] = None
+                self._distrusted_held.append(peer)
+                out.append(
+                    Notice(
+                        f"peer {peer} was outvoted {self.outvoted[peer]} times: "
+                        "it takes no new run of this job's and is released once idle"
+                    )
+                )
+        agreed = f"{len(winners)} of {len(ballot.votes)} runs agree ({ballot.quorum} wanted)"
+        self._record_ballot(task.name, ballot, winner.digest())
+        if task.name not in self._unrun:  # a run still going: the majority is in already
+            reason = f"a majority agreed: {agreed}"
+            out.append(StopRun(task.name, task.peer or "", task.attempts, reason))
+            self.detach(task)
+        self._unrun.pop(task.name, None)
+        task.peer, task.attempts = winner.peer, winner.attempt
+        self.note(task.name, now, f"quorum: {agreed}; the outputs of {winner.peer} are kept")
+        self._succeeded(task, winner.peer, winner.outputs, now, out)
+
+    def _record_ballot(self, name: str, ballot: Ballot, accepted: str) -> None:
+        """The votes, for the report (the ballot itself ends with the task's run)."""
+        self.quorum_votes[name] = {
+            "quorum": ballot.quorum,
+            "votes": [
+                {"peer": v.peer, "attempt": v.attempt, "digests": dict(v.key)} for v in ballot.votes
+            ],
+            "accepted": accepted,
+        }
+        del self.ballots[name]
+
+    def _top_up(self, now: float, out: list[Instruction]) -> None:
+        """Tasks under quorum that want more runs get them on free peers that did not vote,
+        before any ready task is placed (they are further along); a task whose votes can
+        form no majority any more fails, naming each peer and its digests."""
+        for name in list(self._quorum_due):
+            task = self.tasks[name]
+            ballot = self.ballots.get(name)
+            if task.status is not TaskStatus.RUNNING or ballot is None:
+                del self._quorum_due[name]
+                continue
+            live = len(self.copies.get(name, ())) + (0 if name in self._unrun else 1)
+            wanted = ballot.runs_wanted(live)
+            while wanted > 0:
+                peer = self._peer_for_vote(task, ballot)
+                if peer is None:
+                    break
+                n = len(ballot.votes) + live + 1
+                why = f"quorum {ballot.quorum}: run {n} on a distinct peer"
+                self._start_copy(task, peer, why, now, out, own_run=name in self._unrun)
+                self._unrun.pop(name, None)
+                live += 1
+                wanted -= 1
+            if wanted == 0:
+                del self._quorum_due[name]
+            elif wanted < 0 or (live == 0 and not self._could_vote(task, ballot)):
+                del self._quorum_due[name]
+                self._no_majority(task, ballot, now, out, wanted < 0)
+            elif live == 0:
+                out.append(Recruit(1, f"a peer to vote on {name}"))
+
+    def _peer_for_vote(self, task: TaskState, ballot: Ballot) -> PeerSlots | None:
+        voters = ballot.voters()
+        for name in self.ready.free:
+            peer = self.peers[name]
+            if (
+                name not in voters
+                and name not in self.distrusted
+                and name not in task.failed_on
+                and task.name not in peer.running
+                and task.peer != name
+                and len(peer.running) < peer.cpus
+                and self.ready.can_run(peer, task.require)
+            ):
+                return peer
+        return None
+
+    def _could_vote(self, task: TaskState, ballot: Ballot) -> bool:
+        """Whether a held peer (busy or not) could still run a vote: else none will come.
+        (O(peers), only while a task under quorum waits with no run at all.)"""
+        voters = ballot.voters()
+        return any(
+            name not in voters
+            and name not in self.distrusted
+            and name not in task.failed_on
+            and self.ready.can_run(peer, task.require)
+            for name, peer in self.peers.items()
+        )
+
+    def _no_majority(
+        self, task: TaskState, ballot: Ballot, now: float, out: list[Instruction], bound: bool
+    ) -> None:
+        why = (
+            f"no majority of {ballot.quorum} agreeing runs "
+            + ("can form" if bound else "and no other peer to run it")
+            + f": {ballot.describe()}"
+        )
+        self._record_ballot(task.name, ballot, "")
+        if task.name not in self._unrun:  # its own run still goes (copies stop as it fails)
+            out.append(StopRun(task.name, task.peer or "", task.attempts, why))
+            self.detach(task)
+        self._unrun.pop(task.name, None)
+        self._fail_for_good(task, why, why, now, out)
 
     # -- decisions ----------------------------------------------------------------------
 
@@ -1147,9 +1648,13 @@ class SchedulerCore:
 
     def _place(self, task: TaskState, peer: PeerSlots, now: float, out: list[Instruction]) -> None:
         target = peer
-        if peer.name in task.failed_on:
+        if peer.name in task.failed_on or (
+            self._multirun and (peer.name in self.distrusted or self._voted(task, peer))
+        ):
             target = self._fresh_peer_for(task) or peer
         task.attempts += 1
+        if self._multirun:  # a copy may have taken a later attempt number
+            task.attempts = max(task.attempts, self._top_attempt.get(task.name, 0) + 1)
         task.queued = -1  # its other heap entries are stale from now on
         task.peer = target.name
         task.start = now
@@ -1168,6 +1673,12 @@ class SchedulerCore:
             task, TaskStatus.RUNNING, now, f"placed on {target.name} (attempt {task.attempts})"
         )
         out.append(Dispatch(task.name, target.name, task.attempts))
+        if not self._multirun:
+            return
+        self._rescan_soon()  # a new run: the next straggler may come sooner
+        if task.name in self.quorum:  # its other runs start as slots allow (`_top_up`)
+            self.ballots.setdefault(task.name, Ballot(self.quorum[task.name]))
+            self._quorum_due[task.name] = None
 
     def _fresh_peer_for(self, task: TaskState) -> PeerSlots | None:
         """A peer with a free slot that can run `task` and has not seen it fail."""
@@ -1175,27 +1686,50 @@ class SchedulerCore:
             if (
                 len(peer.running) < peer.cpus
                 and peer.name not in task.failed_on
+                and peer.name not in self.distrusted
+                and not self._voted(task, peer)
                 and self.ready.can_run(peer, task.require)
             ):
                 return peer
         return None
 
+    def _voted(self, task: TaskState, peer: PeerSlots) -> bool:
+        ballot = self.ballots.get(task.name)
+        return ballot is not None and peer.name in ballot.voters()
+
     def _scale_in(self, out: list[Instruction]) -> None:
+        if self._distrusted_held:  # few: outvoted peers still held
+            for name in self._distrusted_held:
+                if name in self._idle and not self.planner.still_serving(name):
+                    self._release(name, out)
+            self._distrusted_held = [n for n in self._distrusted_held if n in self.peers]
         if self.counts[TaskStatus.WAITING] + self.counts[TaskStatus.READY]:
             return
         # Only idle peers are looked at (an index, not a scan of the free ones), and the
         # question whether one still serves a file is answered by counts kept as tasks
         # start and stop: each event costs O(idle peers still serving), never O(peers x
-        # running tasks).
+        # running tasks). With speculation on, as many idle peers as running tasks without
+        # a copy are kept for their copies (a straggler shows only at the job's tail, when
+        # peers go idle: released at once, none would be left to run its copy).
+        keep = len(self._running) - len(self.copies) if self._speculating else 0
+        if self.ballots:
+            return  # a quorum may want further runs: on peers that did not vote yet
         for name in list(self._idle):
             if self.planner.still_serving(name):
                 continue
-            del self.peers[name]
-            self.files.drop_peer(name)
-            del self._idle[name]
-            self.ready.drop_peer(name)
-            self.planner.drop_peer(name)
-            out.append(Release(name))
+            if keep > 0:
+                keep -= 1
+                continue
+            self._release(name, out)
+
+    def _release(self, name: str, out: list[Instruction]) -> None:
+        """An idle peer goes back to its owner's pool."""
+        del self.peers[name]
+        self.files.drop_peer(name)
+        del self._idle[name]
+        self.ready.drop_peer(name)
+        self.planner.drop_peer(name)
+        out.append(Release(name))
 
     def _finish(
         self,
@@ -1274,13 +1808,20 @@ class SchedulerCore:
         return max(0, startable - free)
 
     def next_wakeup(self) -> float | None:
-        """When the next retry backoff or run acknowledgement deadline ends (feed a `Tick`
-        then); None if nothing waits."""
+        """When the next retry backoff or run acknowledgement deadline ends, or a straggler
+        may show (feed a `Tick` then); None if nothing waits."""
         if self.finished is not None:
             return None
+        scan = self._speculation_due  # (only when a scan could run: else a Tick is moot)
+        may_scan = self._speculating and self.ready.free and not self.ready.has_ready()
+        straggler = scan if may_scan and self._speculation_scanned < scan < float("inf") else None
         due = [
             t
-            for t in (self.ready.next_due(), self._ack_due[0][0] if self._ack_due else None)
+            for t in (
+                self.ready.next_due(),
+                self._ack_due[0][0] if self._ack_due else None,
+                straggler,
+            )
             if t is not None
         ]
         return min(due) if due else None
@@ -1304,6 +1845,11 @@ class SchedulerCore:
                 assert task.planned_on is None, f"{task.name} is planned"
                 if task.name in self._held_news:
                     assert task.status is TaskStatus.WAITING, f"{task.name}: news held"
+            elif task.name in self._unrun:
+                assert task.status is TaskStatus.RUNNING and task.name in self.quorum, task.name
+                assert (
+                    task.name not in self.peers.get(task.peer or "", PeerSlots("", 1, {})).running
+                )
             elif task.status in (TaskStatus.RUNNING, TaskStatus.COLLECTING) and not self.finished:
                 peer = self.peers.get(task.peer or "")
                 assert peer is not None, f"{task.name} is {task.status.value} on a peer we lost"
@@ -1356,4 +1902,33 @@ class SchedulerCore:
         if self.finished is None:
             self.planner.validate()
         assert set(self._idle) <= set(self.peers)
+        self._validate_copies()
         self.files.validate()
+
+    def _validate_copies(self) -> None:
+        if not self._multirun:
+            assert not (self._running or self.copies or self.ballots), "copies without the policy"
+            return
+        running = {n for n, t in self.tasks.items() if t.status is TaskStatus.RUNNING}
+        assert set(self._running) == running, "the index of running tasks is off"
+        assert set(self._quorum_due) <= set(self.ballots), "a quorum is due without votes"
+        for name in self.ballots:  # (a ballot ends with a verdict or the task's failure)
+            assert self.tasks[name].status not in (*FINAL, TaskStatus.COLLECTING), name
+        for name, copies in self.copies.items():
+            task = self.tasks[name]
+            assert copies and not self.by_middleware, name
+            assert task.status is TaskStatus.RUNNING, f"{name} has copies but is not running"
+            where = [task.peer] + [c.peer for c in copies]
+            assert len(set(where)) == len(where), f"{name}: two runs on one peer"
+            attempts = [task.attempts] + [c.attempt for c in copies]
+            assert len(set(attempts)) == len(attempts), f"{name}: two runs, one attempt number"
+            if self.finished is None:
+                for copy in copies:
+                    assert name in self.peers[copy.peer].running, f"{name} off {copy.peer}"
+        if self.by_middleware or self.finished is not None:
+            return
+        for peer in self.peers.values():
+            for name in peer.running:  # each run a slot holds is the task's or a copy's
+                task = self.tasks[name]
+                assert task.status is TaskStatus.RUNNING, f"{name} holds a slot of {peer.name}"
+                assert task.peer == peer.name or self._copy_on(name, peer.name), name

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,12 @@ class ReportInputs:
     prefetch: str  # the data policy
     journal: Path | None
     resume: ResumePlan | None
+    # speculative copies made, per task: (peer, attempt, why) (core.copies_made)
+    copies: Mapping[str, list[tuple[str, int, str]]] = field(default_factory=dict)
+    # tasks under quorum: their votes (core.quorum_votes); peers outvoted, and how often
+    quorum: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    outvoted: Mapping[str, int] = field(default_factory=dict)
+    distrusted: tuple[str, ...] = ()  # outvoted too often: no more runs for the job
 
 
 def build_report(inputs: ReportInputs) -> dict[str, Any]:
@@ -72,6 +78,18 @@ def build_report(inputs: ReportInputs) -> dict[str, Any]:
         logs = inputs.logs.report(name)
         if logs is not None:
             tasks[name]["logs"] = logs  # where its stdout and stderr are kept (logs.py)
+        copies = inputs.copies.get(name)
+        if copies:  # why copies were made, and which run won (the task's peer and attempt)
+            tasks[name]["copies"] = [
+                {"peer": peer, "attempt": attempt, "why": why} for peer, attempt, why in copies
+            ]
+            if task.status is core.TaskStatus.DONE and name not in inputs.quorum:
+                won = "a copy" if task.attempts in {a for _, a, _ in copies} else "the first run"
+                tasks[name]["won"] = (
+                    f"{won}: attempt {task.attempts} on {task.peer}, first to exit 0"
+                )
+        if name in inputs.quorum:  # each run's peer and output digests, and what was accepted
+            tasks[name]["quorum"] = dict(inputs.quorum[name])
         scripts = inputs.logs.scripts.get(name)
         if scripts:
             tasks[name]["scripts"] = scripts  # its pre/post scripts' exit codes and logs
@@ -98,6 +116,9 @@ def build_report(inputs: ReportInputs) -> dict[str, Any]:
         },
         "prefetch": inputs.prefetch,
     }
+    if inputs.outvoted:  # peers whose outputs a quorum's majority did not share
+        report["outvoted"] = dict(inputs.outvoted)
+        report["distrusted"] = list(inputs.distrusted)
     # what `bgrid submit` exits with: 0 succeeded, 1 failed, or an abort_on task's status
     report["exit_status"] = finished.exit_code() if finished is not None else 1
     if finished is not None and finished.aborted_by:

@@ -85,6 +85,7 @@ from bonjourgrid.cache.store import FileIndex, FileRef
 from bonjourgrid.cache.transfer import DataServer, Fetcher
 from bonjourgrid.coordinator import core
 from bonjourgrid.coordinator.cancel import JOBCTL_DOMAIN, serve_job_control
+from bonjourgrid.coordinator.copies import SpeculationSettings
 from bonjourgrid.coordinator.dataflow import DataMover, remove_stale_partials
 from bonjourgrid.coordinator.deployment import Deployment
 from bonjourgrid.coordinator.journal import (
@@ -143,6 +144,8 @@ class Coordinator:
         resume: ResumePlan | None = None,
         workflow_digest: str = "",
         data: DataOptions | None = None,
+        speculation: SpeculationSettings | None = None,
+        quorum: int = 1,
         display: Display | None = None,
         backend: Callable[[BackendContext], Backend] = NativeBackend,
         backend_options: dict[str, str] | None = None,
@@ -215,6 +218,16 @@ class Coordinator:
                 f"backend {getattr(backend, 'name', backend)!r} places the runs itself: it "
                 f"cannot run pre or post scripts (task {scripted[0]!r}); use the native backend"
             )
+        quorums = {  # a task's own `quorum:` wins over --quorum
+            name: quorum if spec.quorum is None else spec.quorum
+            for name, spec in workflow.tasks.items()
+            if (quorum if spec.quorum is None else spec.quorum) > 1
+        }
+        if self.middleware_dag and quorums:
+            raise ConfigError(
+                f"backend {getattr(backend, 'name', backend)!r} places the runs itself: it "
+                f"cannot run a quorum (task {next(iter(quorums))!r}); use the native backend"
+            )
         self.core = core.SchedulerCore(
             (
                 (name, list(workflow.graph.predecessors(name)), spec.require or "", spec.retries)
@@ -228,6 +241,8 @@ class Coordinator:
             placement="middleware" if self.middleware_dag else "core",
             rules=rules,
             category_caps=caps,
+            speculation=None if self.middleware_dag else speculation,
+            quorum=quorums,
         )
         self._has_noops = any(rule.noop for rule in rules.values())
         self.bytes = {"from_coordinator": 0, "peer_to_peer": 0, "cache_hits": 0, "to_submitter": 0}
@@ -745,6 +760,10 @@ class Coordinator:
             prefetch=self.data.prefetch.policy,
             journal=self.journal.path if self.journal is not None else None,
             resume=self.resume,
+            copies=self.core.copies_made,
+            quorum=self.core.quorum_votes,
+            outvoted=self.core.outvoted,
+            distrusted=tuple(self.core.distrusted),
         )
 
     async def _run_script(self, order: core.RunScript) -> None:
@@ -761,12 +780,16 @@ class Coordinator:
 
     def _copy_streams(self, task: str) -> None:
         """A task that ended: its last attempt's stdout/stderr copied where it asks (`stdout:`,
-        `stderr:`), an empty file when it wrote nothing (or never ran)."""
+        `stderr:`), an empty file when it wrote nothing (or never ran). With copies of it
+        (speculation, quorum), the attempt whose outputs were kept: not the last started."""
         spec = self.workflow.tasks[task]
         if spec.stdout is None and spec.stderr is None:
             return
         attempts = self.logs.kept.get(task)
-        last = attempts[max(attempts)] if attempts else None
+        kept_attempt = self.core.tasks[task].attempts
+        if attempts and kept_attempt not in attempts:
+            kept_attempt = max(attempts)
+        last = attempts[kept_attempt] if attempts else None
         for target, kept in (
             (spec.stdout, last.stdout if last else None),
             (spec.stderr, last.stderr if last else None),

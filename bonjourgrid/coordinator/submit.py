@@ -17,6 +17,12 @@ broadcast_min_consumers = 4   # a file read by this many tasks goes to every pee
 [submit]
 fetch_all = false             # bring intermediate outputs back too  (--fetch-all)
 
+[schedule]                    # speculative copies of stragglers (coordinator/copies.py)
+speculation_factor = 3        # a task running 3 x its finished siblings' median gets a copy
+                              # on an idle peer; 0 (the default): never
+speculation_min_s = 60        # ... and running at least this many seconds
+speculation_min_siblings = 3  # ... once at least this many siblings have finished
+
 [wfformat]                    # how a WfCommons WfFormat instance (.json) runs
 programs = "stand-in"         # stand-in | recorded  (each task's command.program itself)
 runtime_scale = 0.001         # seconds of stand-in CPU per recorded second
@@ -45,6 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bonjourgrid.backends.base import load_backend
+from bonjourgrid.coordinator.copies import SpeculationSettings
 from bonjourgrid.coordinator.journal import ResumePlan, journal_path, plan_resume, workflow_digest
 from bonjourgrid.coordinator.peers import LEASE_S, PEER_TIMEOUT_S, Timeouts
 from bonjourgrid.coordinator.prefetch import POLICIES, DataOptions, PrefetchSettings
@@ -55,6 +62,7 @@ from bonjourgrid.coordinator.shell import Coordinator
 from bonjourgrid.coordinator.stage import stage_sources
 from bonjourgrid.credentials import CredentialCheck, load_revoked
 from bonjourgrid.dag import Workflow, load_workflow
+from bonjourgrid.dag.loader import MAX_QUORUM
 from bonjourgrid.dag.wfformat import PROGRAMS as WFFORMAT_PROGRAMS
 from bonjourgrid.dag.wfformat import WfFormatOptions
 from bonjourgrid.discovery.txt import PeerRecord
@@ -94,6 +102,7 @@ class SubmitOptions:
     prefetch: str | None = None  # --prefetch POLICY; None: the config files say, else lookahead
     prefetch_depth: int | None = None
     fetch_all: bool | None = None  # --fetch-all / --no-fetch-all; None: the config files say
+    quorum: int | None = None  # --quorum N: for the tasks that do not say (copies.py)
     backend: str = "native"  # what runs the tasks on the recruited peers (backends/)
     backend_options: dict[str, str] = field(default_factory=dict)  # e.g. {"pool": ADDRESS}
     # `--local`'s workers, already started by the caller (the CLI starts them before it
@@ -124,6 +133,11 @@ _CONFIG: dict[str, dict[str, tuple[tuple[type, ...], str]]] = {
         "broadcast_min_consumers": _COUNT,
     },
     "submit": {"fetch_all": ((bool,), "true or false")},
+    "schedule": {
+        "speculation_factor": ((int, float), "a number: 0 (never) or more than 1"),
+        "speculation_min_s": ((int, float), "a number of seconds, 0 or more"),
+        "speculation_min_siblings": _COUNT,
+    },
     "wfformat": {
         "programs": ((str,), "a string: " + " or ".join(WFFORMAT_PROGRAMS)),
         "runtime_scale": ((int, float), "a number, 0 or more"),
@@ -222,6 +236,23 @@ def data_options(
     return DataOptions(settings, fetch_all=bool(values.get("submit.fetch_all", (False, ""))[0]))
 
 
+def schedule_options(submit_dir: Path, *, user_config: Path | None = None) -> SpeculationSettings:
+    """When a straggler gets a speculative copy: bgrid.toml's [schedule], then the user's."""
+    values = read_config(user_config or user_config_path())
+    values.update(read_config(submit_dir / CONFIG_NAME))
+    defaults = SpeculationSettings()
+    factor, where = values.get("schedule.speculation_factor", (defaults.factor, ""))
+    if factor != 0 and factor <= 1:
+        raise ConfigError(f"{_said(where, factor)}: give 0 (never) or a factor above 1")
+    min_s, where = values.get("schedule.speculation_min_s", (defaults.min_runtime_s, ""))
+    if min_s < 0:
+        raise ConfigError(f"{_said(where, min_s)}: give a number of seconds, 0 or more")
+    siblings, where = values.get("schedule.speculation_min_siblings", (defaults.min_siblings, ""))
+    if siblings < 1:
+        raise ConfigError(f"{_said(where, siblings)}: give a whole number, 1 or more")
+    return SpeculationSettings(float(factor), float(min_s), int(siblings))
+
+
 def load_submitted(path: Path) -> Workflow:
     """A workflow file as `bgrid submit` reads it: with the settings of its directory's
     bgrid.toml and the user's config (a WfFormat instance's `[wfformat]`).
@@ -311,6 +342,9 @@ def run_job(
     data = data_options(  # ConfigError (exit 2), before any peer is touched
         workflow.root, prefetch=opts.prefetch, depth=opts.prefetch_depth, fetch_all=opts.fetch_all
     )
+    speculation = schedule_options(workflow.root)
+    if opts.quorum is not None and not 1 <= opts.quorum <= MAX_QUORUM:
+        raise ConfigError(f"--quorum {opts.quorum}: give a whole number from 1 to {MAX_QUORUM}")
     timeouts = Timeouts(
         PEER_TIMEOUT_S if opts.peer_timeout is None else opts.peer_timeout,
         LEASE_S if opts.lease is None else opts.lease,
@@ -329,7 +363,7 @@ def run_job(
     if plan is not None:
         for line in _resume_notice(workflow, plan):
             notify(line)
-    job = _Job(source, opts, timeouts, plan, data, display)
+    job = _Job(source, opts, timeouts, plan, data, display, speculation)
     if plan is not None and len(plan.kept) == len(workflow.tasks):
         # Nothing left to run: no grid, no key, no local workers.
         report = job.run(None, None, None, None)
@@ -435,6 +469,7 @@ class _Job:
     plan: ResumePlan | None
     data: DataOptions
     display: Display | None
+    speculation: SpeculationSettings
 
     def run(
         self,
@@ -465,6 +500,8 @@ class _Job:
             resume=self.plan,
             workflow_digest=self.source.digest,
             data=self.data,
+            speculation=self.speculation,
+            quorum=opts.quorum or 1,
             display=display,
             backend=backend,
             backend_options=opts.backend_options,

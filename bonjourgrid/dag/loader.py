@@ -68,18 +68,20 @@ _MAX_JOB_NAME_BYTES = 63  # the job is advertised as a DNS-SD instance name: one
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _WORKERS = re.compile(r"\s*(\d*)\s*(?:\.\.\s*(\d*))?\s*\Z")
 _MAX_PROBLEMS_SHOWN = 20
+MAX_QUORUM = 9  # agreeing runs a task may ask for (up to 2 x 9 - 1 runs on distinct peers)
 _MAX_CYCLE_SHOWN = 12  # tasks
 _MAX_SUGGESTION_POOL = 5000  # beyond this, a "did you mean" search would cost more than it helps
 
 _TOP_KEYS = ("name", "grid", "defaults", "categories", "tasks")
 _GRID_KEYS = ("workers", "require", "max_cost", "rank")
 _DEFAULT_KEYS = (
-    "retries", "require", "env", "keep", "limits", "priority", "category", "retry_unless_exit"
+    "retries", "require", "env", "keep", "limits", "priority", "category", "retry_unless_exit",
+    "quorum",
 )  # fmt: skip
 _TASK_KEYS = (
     "command", "inputs", "outputs", "after", "retries", "require", "env", "keep", "limits",
     "priority", "category", "retry_unless_exit", "abort_on", "final", "noop",
-    "pre", "post", "script_dir", "pre_skip", "stdout", "stderr",
+    "pre", "post", "script_dir", "pre_skip", "stdout", "stderr", "quorum",
 )  # fmt: skip
 _CATEGORY_KEYS = ("max_running",)
 _ABORT_KEYS = ("exit", "status")
@@ -515,6 +517,16 @@ def _check_int(value: object, where: str, key: str, problems: _Problems) -> int:
     return value
 
 
+def _check_quorum(value: object, where: str, problems: _Problems) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_QUORUM:
+        problems.add(
+            f"{where}: quorum {value!r} must be a whole number from 1 (one run, the opt-out of "
+            f"a non-deterministic task) to {MAX_QUORUM}"
+        )
+        return 1
+    return value
+
+
 def _check_priority(value: object, where: str, problems: _Problems) -> int:
     return _check_int(value, where, "priority", problems)
 
@@ -571,6 +583,7 @@ _NODE_DEFAULTS: tuple[tuple[str, Callable[[object, str, _Problems], Any]], ...] 
     ("priority", _check_priority),
     ("category", _check_category),
     ("retry_unless_exit", _check_unless_exit),
+    ("quorum", _check_quorum),
 )
 _NODE_KEYS = (*_NODE_DEFAULTS, ("abort_on", _check_abort_on), ("final", _check_final_flag))
 _NODE_KEY_SET = frozenset([*(key for key, _ in _NODE_KEYS), "noop"])

@@ -88,6 +88,9 @@ class TaskSpec:
     abort_on: AbortOn | None = None  # an attempt exiting with `abort_on.exit` stops the job
     final: bool = False  # runs once every other task has ended, whatever their outcome
     noop: bool = False  # its command is not run: done once ready (command is "")
+    # Runs on distinct peers whose outputs must agree (None: not said, `--quorum` decides;
+    # 1: one run, the opt-out of a non-deterministic task). coordinator/copies.py.
+    quorum: int | None = None
     # DAGMan's SCRIPT PRE/POST: shell commands run on the coordinator's host, in the submit
     # directory joined with `script_dir` (README: "Pre and post scripts").
     pre: str | None = None
@@ -135,6 +138,7 @@ class Workflow:
     def final_task(self) -> str | None:
         """The task marked `final: true`, if any (at most one)."""
         return next((name for name, task in self.tasks.items() if task.final), None)
+
     # Inputs no task produces, absent from `root` when the workflow was read, and read only by
     # tasks with a pre script: their pre makes them (hashed after it, not staged before).
     pre_made: frozenset[str] = frozenset()

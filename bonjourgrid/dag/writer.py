@@ -61,6 +61,7 @@ TASK_KEYS: tuple[TaskKey, ...] = (
     TaskKey("stderr", None),  # scripts
     TaskKey("abort_on", None),  # nodes
     TaskKey("final", False),  # nodes
+    TaskKey("quorum", None),  # copies
 )
 
 

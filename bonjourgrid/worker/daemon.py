@@ -340,7 +340,7 @@ class WorkerDaemon:
         elif keys is not None and keys.public != grid.public:
             self.data_policy.allowed.add(keys.public)
         # Without a job keypair (a coordinator that sent none), fetch as this peer.
-        self.job = JobData(job, keys or self.keypair, self.store)
+        self.job = JobData(job, keys or self.keypair, self.store, worker=self.config.name)
         self.leftovers.start_job(job)
 
     def _job_ended(self, job: str, reason: str) -> None:

@@ -118,6 +118,7 @@ class JobData:
     name: str
     keypair: Keypair | None  # what its fetches prove to data servers (None: --insecure)
     store: LocalCache
+    worker: str = ""  # this worker's name, BGRID_WORKER in a task's environment
     pins: set[str] = field(default_factory=set)  # job pins: one count each in the store
     unclaimed: set[str] = field(default_factory=set)  # prefetched, no run has used them yet
     prefetches: set[asyncio.Task[None]] = field(default_factory=set)
@@ -494,6 +495,7 @@ class TaskRun:
             "BGRID_JOB": self.job,
             "BGRID_TASK": self.task,
             "BGRID_ATTEMPT": str(self.attempt),
+            "BGRID_WORKER": self.jobdata.worker,  # which peer ran it (a quorum's votes name it)
             **self.spec.env,
             reaper.MARKER: self.marker,  # last: the workflow's env cannot remove it
         }

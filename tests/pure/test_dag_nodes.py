@@ -12,6 +12,7 @@ from bonjourgrid.coordinator.journal import task_digest
 from bonjourgrid.coordinator.shell import node_rules
 from bonjourgrid.dag import TaskSpec, workflow_from_mapping
 from bonjourgrid.dag.model import AbortOn
+from bonjourgrid.dag.writer import workflow_to_mapping
 from bonjourgrid.errors import DagError
 
 
@@ -148,3 +149,18 @@ def test_node_rules_go_to_the_core_for_the_tasks_that_have_some(tmp_path: Path) 
     rules, caps = node_rules(wf)
     assert set(rules) == {"a", "b"} and caps == {"dl": 1}
     assert (rules["a"].abort_exit, rules["a"].abort_status) == (2, 2)
+
+
+def test_quorum_loads_per_task_and_from_defaults_and_1_opts_out() -> None:
+    wf = load(
+        defaults={"quorum": 3},
+        tasks={"a": task(), "b": task(quorum=1), "c": task(quorum=2)},
+    )
+    assert [wf.tasks[n].quorum for n in "abc"] == [3, 1, 2]
+    assert load(tasks={"a": task()}).tasks["a"].quorum is None  # not said: --quorum decides
+    again = workflow_from_mapping(workflow_to_mapping(wf), "/nonexistent", source="again.yaml")
+    assert [again.tasks[n].quorum for n in "abc"] == [3, 1, 2]
+    for bad in (0, 10, True, "2"):
+        assert f"quorum {bad!r} must be a whole number from 1" in dag_error(
+            tasks={"a": task(quorum=bad)}
+        )

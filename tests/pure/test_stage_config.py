@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from bonjourgrid.cli import build_parser
+from bonjourgrid.coordinator.copies import SpeculationSettings
 from bonjourgrid.coordinator.prefetch import DataOptions, PrefetchSettings
-from bonjourgrid.coordinator.submit import data_options, read_config
+from bonjourgrid.coordinator.submit import data_options, read_config, schedule_options
 from bonjourgrid.dag import workflow_from_mapping
 from bonjourgrid.dag.urls import file_url_path, is_url, url_input_path
 from bonjourgrid.errors import ConfigError, DagError
@@ -216,7 +217,7 @@ def test_the_user_config_lives_in_xdg_config_home(
     ("text", "problem"),
     [
         ("[prefech]\ndepth = 1\n", "unknown table [prefech] (did you mean 'prefetch'?)"),
-        ("[grid]\nx = 1\n", "unknown table [grid] (known: prefetch, submit, wfformat)"),
+        ("[grid]\nx = 1\n", "unknown table [grid] (known: prefetch, submit, schedule, wfformat)"),
         ("depth = 1\n", "unknown key 'depth'"),
         ("[prefetch]\ndepht = 1\n", "unknown key 'depht' in [prefetch] (did you mean 'depth'?)"),
         ("[submit]\nfetch_all = 1\n", "[submit] fetch_all = 1: expected true or false"),
@@ -281,3 +282,18 @@ def test_submit_flags_parse() -> None:
     assert parser.parse_args(["submit", "wf.yaml", "--no-fetch-all"]).fetch_all is False
     with pytest.raises(SystemExit):
         parser.parse_args(["submit", "wf.yaml", "--prefetch", "sometimes"])
+
+
+def test_schedule_settings_set_when_a_straggler_gets_a_copy(tmp_path: Path) -> None:
+    assert not schedule_options(tmp_path, user_config=tmp_path / "none.toml").enabled
+    write(
+        tmp_path / "bgrid.toml",
+        "[schedule]\nspeculation_factor = 2.5\nspeculation_min_s = 10\n"
+        "speculation_min_siblings = 4\n",
+    )
+    settings = schedule_options(tmp_path, user_config=tmp_path / "none.toml")
+    assert settings == SpeculationSettings(factor=2.5, min_runtime_s=10.0, min_siblings=4)
+    assert settings.threshold(2.0) == 10.0 and settings.threshold(8.0) == 20.0
+    write(tmp_path / "bgrid.toml", "[schedule]\nspeculation_factor = 1\n")
+    with pytest.raises(ConfigError, match=r"speculation_factor = 1: give 0 \(never\) or a factor"):
+        schedule_options(tmp_path, user_config=tmp_path / "none.toml")
