@@ -15,11 +15,13 @@ launch "external", whose command a middleware's job runs through `bgrid task-ste
 sockets their claims come in on are `steps` (worker/task_steps.py `TaskSteps`). The
 middleware this peer advertises in `mw` is worker/middleware.py's.
 
-The owner first: `_watch_owner` samples the owner's activity every `_IDLE_SAMPLE_S`, and the
-core answers the owner's return with SuspendTasks (worker/core.py: suspend, then vacate),
-which this daemon carries out in the same pass of the loop: every run's process group gets
-SIGSTOP, so the CPU is the owner's again within one sample period and a signal. Runs started
-while suspended are stopped as soon as their process exists (`suspended`).
+The owner first: `_watch_owner` samples the owner's activity every `_RUNNING_SAMPLE_S`
+while tasks run (every `_IDLE_SAMPLE_S` otherwise, when only the advertised state follows
+the owner: half the cost of an idle daemon's watch). The core answers the owner's return
+with SuspendTasks (worker/core.py: suspend, then vacate), which this daemon carries out in
+the same pass of the loop: every run's process group gets SIGSTOP, so the CPU is the
+owner's again within one sample period and a signal. Runs started while suspended are
+stopped as soon as their process exists (`suspended`).
 """
 
 from __future__ import annotations
@@ -92,10 +94,12 @@ from bonjourgrid.worker.task_steps import TaskSteps
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.2  # how often leases are checked: a dead coordinator's peer is idle within this
-# How often owner activity is sampled: a returning owner has the CPU back (every task
-# process group stopped) within this and a signal, under the 0.25 s the desktop policy
-# promises; with sandbox.STOP_GRACE_S, one vacated has its memory back within a second.
-_IDLE_SAMPLE_S = 0.1
+# How often owner activity is sampled while tasks run: a returning owner has the CPU back
+# (every task process group stopped) within this and a signal, under the 0.25 s the desktop
+# policy promises; with sandbox.STOP_GRACE_S, one vacated has its memory back within a second.
+_RUNNING_SAMPLE_S = 0.1
+# ... and while none runs: then only the advertised state follows the owner.
+_IDLE_SAMPLE_S = 0.2
 # What the TXT record says of each state: a suspended peer is its owner's (`busy`), still
 # held by its job through the lease.
 _ADVERTISED: dict[PeerState, AdvertisedState] = {
@@ -492,7 +496,7 @@ class WorkerDaemon:
         assert self.core is not None
         failing = False
         while True:
-            await asyncio.sleep(_IDLE_SAMPLE_S)
+            await asyncio.sleep(_RUNNING_SAMPLE_S if self.runs else _IDLE_SAMPLE_S)
             try:
                 # Service runs are the grid's too (a slurmd and the jobs it starts): their
                 # CPU is not the owner's load.
