@@ -91,8 +91,9 @@ and hears how they went (`ScriptEnded`). While one runs, its task is WAITING wit
 `validate_state()` holds: a running script means WAITING; a READY task with a pre has passed it.
 
 A held peer whose owner comes back suspends its runs (`PeerSuspended`, worker/core.py):
-they stay RUNNING, the peer stays held and its slots count as taken; the stories say
-"suspended on" / "resumed on" (the report counts the suspensions). An owner who stays
+they stay RUNNING and the peer stays held (its heartbeats still list them); the stories say
+"suspended on" / "resumed on" (the report counts the suspensions). Nothing else changes: a
+run placed on a free slot of a suspended peer starts stopped there. An owner who stays
 vacates the peer: `preempted` is a PeerLost, whose runs go back to the queue with no retry
 used.
 
