@@ -48,6 +48,7 @@ def _worker(args: argparse.Namespace) -> int:
         always_idle=settings.always_idle,
         idle=settings.idle,
         middleware=settings.middleware,
+        vacate_after_s=settings.vacate_after_s,
     )
     config.cache_dir.mkdir(parents=True, exist_ok=True)
     asyncio.run(serve(config))
@@ -463,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="F",
         help="... and other work under this fraction of the CPUs (default 0.3; 1: ignore load)",
+    )
+    w.add_argument(
+        "--vacate-after",
+        type=float,
+        metavar="S",
+        help="when the owner comes back, tasks are suspended (SIGSTOP); they are killed and "
+        "run elsewhere only if the owner stays S seconds (default 600; 0: at once)",
     )
     w.add_argument(
         "--activity-file",

@@ -117,6 +117,13 @@ the task naming each peer and its digests. While a task holds a ballot, scale-in
 idle peer (the next vote may need it). A peer outvoted `OUTVOTED_LIMIT` times is distrusted:
 placed on last, released once idle, released again at once if it joins.
 
+A held peer whose owner comes back suspends its runs (`PeerSuspended`, worker/core.py):
+they stay RUNNING and the peer stays held (its heartbeats still list them); the stories say
+"suspended on" / "resumed on" (the report counts the suspensions). Nothing else changes: a
+run placed on a free slot of a suspended peer starts stopped there. An owner who stays
+vacates the peer: `preempted` is a PeerLost, whose runs go back to the queue with no retry
+used.
+
 Peers are checked, not trusted. A dispatched run must be acknowledged (`RunStarted`) within
 `ack_timeout_s`, and once it is, every heartbeat of its peer must list it (`PeerRunning`): a
 run never acknowledged, or missing from two heartbeats in a row, is a failed attempt, as is
@@ -182,6 +189,8 @@ from bonjourgrid.coordinator.dataplane import DataPlanner
 from bonjourgrid.coordinator.files import FileTable
 from bonjourgrid.coordinator.model import (
     FINAL,
+    RESUMED_NOTE,
+    SUSPENDED_NOTE,
     TASK_TRANSITIONS,
     AttemptFailed,
     CancelRequested,
@@ -201,6 +210,7 @@ from bonjourgrid.coordinator.model import (
     PeerRunning,
     PeerSlots,
     PeersSettled,
+    PeerSuspended,
     Prefetch,
     PrefetchFailed,
     Recruit,
@@ -224,6 +234,8 @@ from bonjourgrid.coordinator.ready import ReadyQueue
 
 # The records live in model.py; the shell and the tests reach them through here.
 __all__ = [
+    "RESUMED_NOTE",
+    "SUSPENDED_NOTE",
     "AttemptFailed",
     "CancelRequested",
     "Collect",
@@ -240,6 +252,7 @@ __all__ = [
     "PeerLost",
     "PeerRunning",
     "PeerSlots",
+    "PeerSuspended",
     "PeersSettled",
     "Prefetch",
     "PrefetchFailed",
@@ -478,6 +491,8 @@ class SchedulerCore:
                     self._failed_attempt(task, event.reason, now, out)
             case PeerRunning() if not self.by_middleware:
                 self._check_listed(event, now, out)
+            case PeerSuspended():
+                self._suspension(event, now, out)
             case OutputsCollected():
                 task = self.tasks.get(event.task)
                 if task and task.status is TaskStatus.COLLECTING and task.attempts == event.attempt:
@@ -1176,6 +1191,20 @@ class SchedulerCore:
         self._idle[event.peer] = None
         if event.cached:
             self.planner.peer_joined(peer, event.cached)
+
+    def _suspension(self, event: PeerSuspended, now: float, out: list[Instruction]) -> None:
+        """A held peer suspended its runs (its owner is back) or resumed them: a note in
+        their stories, nothing else. They stay RUNNING and the peer held: its heartbeats
+        still list them, and an owner who stays vacates the peer (`preempted`: PeerLost)."""
+        peer = self.peers.get(event.peer)
+        if peer is None:
+            return
+        word = SUSPENDED_NOTE if event.suspended else RESUMED_NOTE
+        for name in sorted(peer.running):
+            self.note(name, now, f"{word}{event.peer}: {event.reason}")
+        runs = ", ".join(sorted(peer.running)) or "no run"
+        what = "suspended" if event.suspended else "resumed"
+        out.append(Notice(f"peer {event.peer} {what} {runs}: {event.reason}"))
 
     def _lose_peer(self, name: str, reason: str, now: float, out: list[Instruction]) -> None:
         peer = self.peers.pop(name, None)

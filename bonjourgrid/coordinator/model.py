@@ -126,6 +126,22 @@ class PeerRunning:
 
 
 @dataclass(frozen=True)
+class PeerSuspended:
+    """A held peer's owner came back and it stopped its runs (`suspended`), or left again
+    and they go on (not `suspended`): a `suspension` message. The runs stay RUNNING and the
+    peer held; an owner who stays gets the peer back with `preempted` (PeerLost)."""
+
+    peer: str
+    suspended: bool
+    reason: str
+
+
+# How a suspension reads in a task's story (the report counts them: report.py).
+SUSPENDED_NOTE = "suspended on "
+RESUMED_NOTE = "resumed on "
+
+
+@dataclass(frozen=True)
 class OutputsCollected:
     task: str
     attempt: int
@@ -202,6 +218,7 @@ Event = (
     | RunPlaced
     | AttemptFailed
     | PeerRunning
+    | PeerSuspended
     | OutputsCollected
     | CollectFailed
     | FileArrived

@@ -67,7 +67,11 @@ def build_report(inputs: ReportInputs) -> dict[str, Any]:
             tasks[name]["error"] = task.error
         if task.status is core.TaskStatus.FAILED:
             tasks[name]["stderr_tail"] = task.stderr_tail
-        history = attempt_history(inputs.story(name))
+        story = inputs.story(name)
+        suspensions = suspension_facts(story)
+        if suspensions:
+            tasks[name].update(suspensions)  # its owner came back while it ran: paused
+        history = attempt_history(story)
         kept_logs = inputs.logs.kept.get(name, {})
         for entry in history:  # an attempt that ended badly: where its logs are, if it sent any
             attempt_logs = kept_logs.get(entry.get("attempt", 0))
@@ -181,6 +185,24 @@ def format_summary(report: dict[str, Any]) -> str:
             if tail:
                 lines += ["    | " + line for line in tail.splitlines()[-10:]]
     return "\n".join(lines)
+
+
+def suspension_facts(story: list[tuple[float, str]]) -> dict[str, Any]:
+    """How often a task was suspended (its peer's owner came back) and for how long in all,
+    from its story: `{"suspensions": n, "suspended_s": seconds}`, {} if never. A spell ends
+    when it resumed, or at the next step of the story (vacated: its peer lost)."""
+    count, total = 0, 0.0
+    since: float | None = None
+    for now, what in story:
+        if since is not None:
+            total += now - since
+            since = None
+        if what.startswith(core.SUSPENDED_NOTE):
+            count += 1
+            since = now
+    if not count:
+        return {}
+    return {"suspensions": count, "suspended_s": round(total, 3)}
 
 
 def attempt_history(story: list[tuple[float, str]]) -> list[dict[str, Any]]:

@@ -121,6 +121,7 @@ from bonjourgrid.protocol import (
     ServiceFailed,
     ServiceUp,
     Started,
+    Suspension,
     TaskDone,
 )
 from bonjourgrid.requirements import Requirement
@@ -611,6 +612,9 @@ class Coordinator:
                 self.services.deliver(peer, message)
             case Prefetched():
                 self.events.put_nowait(self.mover.prefetched(peer, message))
+            case Suspension(state=state, reason=reason):
+                suspended = state == "suspended"
+                self.events.put_nowait(core.PeerSuspended(peer, suspended, reason))
             case Unreadable(task=task, attempt=attempt, reason=why):
                 if not self._runs_on(peer, task, attempt):
                     self.pool.lose(peer, why)  # about a run it does not have

@@ -299,6 +299,23 @@ class Preempted(Message):
     reason: str = field(metadata=TEXT)
 
 
+# What `suspension` says: the owner came back and the peer stopped its runs (SIGSTOP), or
+# went away again within the worker's vacate_after and they continue (SIGCONT).
+SUSPENSION_STATES = ("suspended", "resumed")
+
+
+@_message
+@dataclass(frozen=True)
+class Suspension(Message):
+    """The holder's runs on this peer are suspended, or resumed: the lease holds throughout.
+    An owner who stays past vacate_after ends it with `preempted` (the runs are vacated)."""
+
+    TYPE = "suspension"
+    job: str = field(metadata=JOB)
+    state: str = field(metadata=_f(_one_of(*SUSPENSION_STATES)))
+    reason: str = field(metadata=TEXT)
+
+
 @_message
 @dataclass(frozen=True)
 class Started(Message):

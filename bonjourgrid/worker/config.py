@@ -16,6 +16,7 @@ max_load = 0.3           # ... and other work under this fraction of the CPUs (1
 activity_file = "~/.bgrid-active"   # its mtime is the owner's last activity (replaces the probes)
 activity_command = "..." # prints the seconds since the last input (replaces the probes)
 always_idle = false      # a dedicated machine: never wait for an owner
+vacate_after = 600       # seconds the owner may stay before suspended tasks are killed (0: at once)
 ```
 Relative paths in the file are relative to the file's directory. An unknown table or key is
 an error (exit 2) that names the file and suggests the closest known name, as in bgrid.toml.
@@ -34,6 +35,7 @@ from typing import Any
 from bonjourgrid.errors import ConfigError
 from bonjourgrid.keys import key_dir
 from bonjourgrid.units import MIB, parse_size, parse_size_mib
+from bonjourgrid.worker.core import VACATE_AFTER_S
 from bonjourgrid.worker.idle import IdleSettings
 from bonjourgrid.worker.middleware import middleware_list
 
@@ -52,6 +54,7 @@ _SCHEMA: dict[str, tuple[str, tuple[type, ...]]] = {
     "activity_file": ("idle", (str,)),
     "activity_command": ("idle", (str,)),
     "always_idle": ("idle", (bool,)),
+    "vacate_after": ("idle", (int, float)),
 }
 _PATHS = ("cache_dir", "activity_file")
 
@@ -69,6 +72,7 @@ class WorkerSettings:
     middleware: tuple[str, ...] | None = None  # None: detect what is installed
     always_idle: bool = False
     idle: IdleSettings = field(default_factory=IdleSettings)
+    vacate_after_s: float = VACATE_AFTER_S  # suspended tasks are vacated after it (core.py)
 
 
 def worker_config_path() -> Path:
@@ -149,6 +153,12 @@ def worker_settings(flags: Mapping[str, Any], path: Path | None = None) -> Worke
         load is None or 0 < load <= 1,
         "a fraction of the CPUs in (0, 1], e.g. 0.3 (1 ignores load)",
     )
+    vacate_after = get("vacate_after")
+    check(
+        "vacate_after",
+        vacate_after is None or (math.isfinite(vacate_after) and vacate_after >= 0),
+        "seconds the owner may stay before suspended tasks are vacated, 0 or more",
+    )
     ram = get("ram")
     ram_mib = None
     if ram is not None:
@@ -192,4 +202,5 @@ def worker_settings(flags: Mapping[str, Any], path: Path | None = None) -> Worke
         middleware=middleware,
         always_idle=bool(get("always_idle")),
         idle=idle,
+        vacate_after_s=float(vacate_after) if vacate_after is not None else VACATE_AFTER_S,
     )

@@ -25,6 +25,18 @@ daemon's business, which stages the inputs and lets a middleware's job claim and
 (`bgrid task-step`, worker/task_steps.py); it holds its slot, is listed in heartbeats and
 ends with `task_done` as any run does, and `cancel` drops it.
 
+Suspend, then vacate (HTCondor's desktop policy). When the owner comes back to a RESERVED
+peer, it does not drop the job at once: it is SUSPENDED. The daemon stops every run's
+process group (SIGSTOP: off the CPU at once, its memory kept), the peer advertises `busy`,
+and the holder hears `suspension` (suspended). The lease goes on: heartbeats are answered
+and renew it, so the coordinator keeps the runs and the peer. If the owner is away again
+within `vacate_after_s`, the runs continue where they were (SIGCONT), the peer is RESERVED
+again and the holder hears `suspension` (resumed). Otherwise, at the first Tick past it, the
+peer vacates: today's preemption, the runs stopped (their memory released), the lease ended
+and `preempted` sent, which the coordinator treats as a lost peer (no retry used). A
+`vacate_after_s` of 0 vacates at once. A run that arrives while suspended is taken (its
+process is stopped as soon as it is spawned): refusing it would cost its task an attempt.
+
 Service runs (a backend's middleware daemons, worker/service_run.py) belong to the lease too:
 only its holder starts and stops them, they take no task slot, and whatever ends the lease
 (release, expiry, the owner back) stops them as it stops the runs. Their steps are
@@ -50,6 +62,7 @@ from bonjourgrid.protocol import (
     ServiceFailed,
     ServiceUp,
     Started,
+    Suspension,
     TaskDone,
 )
 
@@ -58,6 +71,7 @@ class PeerState(enum.Enum):
     IDLE = "idle"
     BUSY = "busy"
     RESERVED = "reserved"
+    SUSPENDED = "suspended"  # still reserved, its runs stopped: advertised as busy
 
 
 # Which state each state may move to, and on what. Anything else is a bug (validate_state).
@@ -67,7 +81,11 @@ _TRANSITIONS: dict[tuple[PeerState, PeerState], str] = {
     (PeerState.IDLE, PeerState.BUSY): "the owner came back",
     (PeerState.RESERVED, PeerState.BUSY): "the owner came back: the job is preempted",
     (PeerState.BUSY, PeerState.IDLE): "the owner went away",
+    (PeerState.RESERVED, PeerState.SUSPENDED): "the owner came back: the runs are suspended",
+    (PeerState.SUSPENDED, PeerState.RESERVED): "the owner went away in time: the runs go on",
+    (PeerState.SUSPENDED, PeerState.BUSY): "vacated, released or expired while the owner is here",
 }
+VACATE_AFTER_S = 600.0  # HTCondor's default: an owner back for 10 minutes gets the memory too
 
 
 # How a run moves (the slot is taken at `run` and given back at the end of any path).
@@ -348,6 +366,20 @@ class StopService:
     reason: str
 
 
+@dataclass(frozen=True)
+class SuspendTasks:
+    """Stop every run of the job (SIGSTOP its process group), and any it starts from now on."""
+
+    job: str
+
+
+@dataclass(frozen=True)
+class ResumeTasks:
+    """Continue every run of the job (SIGCONT its process group)."""
+
+    job: str
+
+
 Instruction = (
     Send
     | Advertise
@@ -358,6 +390,8 @@ Instruction = (
     | StartPrefetch
     | StartService
     | StopService
+    | SuspendTasks
+    | ResumeTasks
 )
 
 
@@ -392,6 +426,8 @@ class WorkerCore:
     started: set[str] = field(default_factory=set)  # tasks of `running` acknowledged
     services: dict[str, str] = field(default_factory=dict)  # name -> step, of lease.job
     owner_active: bool = False
+    vacate_after_s: float = VACATE_AFTER_S  # how long a suspended peer waits for its owner to go
+    suspended_since: float | None = None  # when the runs were suspended (SUSPENDED)
     log: list[tuple[float, str]] = field(default_factory=list)
 
     def handle(self, event: Event, now: float) -> list[Instruction]:
@@ -470,6 +506,12 @@ class WorkerCore:
             case Tick():
                 if self.lease is not None and now >= self.lease.expires:
                     self._end_lease("lease expired: its coordinator is gone", now, out)
+                elif (
+                    self.suspended_since is not None
+                    and now >= self.suspended_since + self.vacate_after_s
+                ):
+                    stayed = f"owner stayed {self.vacate_after_s:g} s: vacated"
+                    self._vacate(f"the {stayed}", f"its {stayed}", now, out)
         return out
 
     def _reserve(self, event: ReserveRequested, now: float, out: list[Instruction]) -> None:
@@ -597,11 +639,24 @@ class WorkerCore:
 
     def _owner(self, active: bool, now: float, out: list[Instruction]) -> None:
         self.owner_active = active
-        if active and self.state is PeerState.RESERVED:
+        if active and self.state is PeerState.RESERVED and self.vacate_after_s <= 0:
+            self._vacate("the owner came back", "its owner came back", now, out)
+        elif active and self.state is PeerState.RESERVED:
             assert self.lease is not None
-            holder, job = self.lease.client, self.lease.job
-            self._end_lease("the owner came back", now, out, to=PeerState.BUSY)
-            out.append(Send(holder, Preempted(job, "its owner came back")))
+            self._move(PeerState.SUSPENDED, now, "the owner came back: runs suspended")
+            self.suspended_since = now
+            out.append(SuspendTasks(self.lease.job))
+            out.append(Advertise(PeerState.BUSY, None))
+            why = f"its owner came back (vacated after {self.vacate_after_s:g} s)"
+            out.append(Send(self.lease.client, Suspension(self.lease.job, "suspended", why)))
+        elif not active and self.state is PeerState.SUSPENDED:
+            assert self.lease is not None
+            self._move(PeerState.RESERVED, now, "the owner went away: runs resumed")
+            self.suspended_since = None
+            out.append(ResumeTasks(self.lease.job))
+            out.append(Advertise(PeerState.RESERVED, self.lease.job))
+            why = "its owner went away again"
+            out.append(Send(self.lease.client, Suspension(self.lease.job, "resumed", why)))
         elif active and self.state is PeerState.IDLE:
             self._move(PeerState.BUSY, now, "the owner came back")
             out.append(Advertise(PeerState.BUSY, None))
@@ -609,10 +664,21 @@ class WorkerCore:
             self._move(PeerState.IDLE, now, "the owner went away")
             out.append(Advertise(PeerState.IDLE, None))
 
+    def _vacate(self, why: str, told: str, now: float, out: list[Instruction]) -> None:
+        """The owner is here to stay: the job leaves the peer (`preempted`, saying `told`),
+        its runs and services stopped (`why`)."""
+        assert self.lease is not None
+        holder, job = self.lease.client, self.lease.job
+        self._end_lease(why, now, out, to=PeerState.BUSY)
+        out.append(Send(holder, Preempted(job, told)))
+
     def _end_lease(
         self, why: str, now: float, out: list[Instruction], to: PeerState = PeerState.IDLE
     ) -> None:
         assert self.lease is not None
+        if self.state is PeerState.SUSPENDED:
+            to = PeerState.BUSY  # released or expired while its owner is at the desk
+        self.suspended_since = None
         for task, attempt in sorted(self.running.items()):
             out.append(StopTask(self.lease.job, task, attempt, why))
         for name in sorted(self.services):
@@ -648,10 +714,14 @@ class WorkerCore:
 
     def validate_state(self) -> None:
         """Invariants; tests call this after every scenario."""
-        assert (self.state is PeerState.RESERVED) == (self.lease is not None)
+        held = (PeerState.RESERVED, PeerState.SUSPENDED)
+        assert (self.state in held) == (self.lease is not None)
+        assert (self.state is PeerState.SUSPENDED) == (self.suspended_since is not None)
+        assert self.state is not PeerState.SUSPENDED or self.owner_active
+        assert self.state is not PeerState.RESERVED or not self.owner_active
         assert len(self.running) <= self.cpus
-        assert not self.running or self.state is PeerState.RESERVED
-        assert not self.services or self.state is PeerState.RESERVED
+        assert not self.running or self.state in held
+        assert not self.services or self.state in held
         assert len(self.services) <= MAX_SERVICES
         assert set(self.services.values()) <= {"starting", "up", "stopping"}
         assert set(self.assembling) <= set(self.running)

@@ -14,6 +14,14 @@ Service runs (a backend's middleware daemons) are `services` (worker/service_run
 launch "external", whose command a middleware's job runs through `bgrid task-step`) and the
 sockets their claims come in on are `steps` (worker/task_steps.py `TaskSteps`). The
 middleware this peer advertises in `mw` is worker/middleware.py's.
+
+The owner first: `_watch_owner` samples the owner's activity every `_RUNNING_SAMPLE_S`
+while tasks run (every `_IDLE_SAMPLE_S` otherwise, when only the advertised state follows
+the owner: half the cost of an idle daemon's watch). The core answers the owner's return
+with SuspendTasks (worker/core.py: suspend, then vacate), which this daemon carries out in
+the same pass of the loop: every run's process group gets SIGSTOP, so the CPU is the
+owner's again within one sample period and a signal. Runs started while suspended are
+stopped as soon as their process exists (`suspended`).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from bonjourgrid.discovery.advertise import (
     resolve_interfaces,
 )
 from bonjourgrid.discovery.txt import PEER_SERVICE, PeerRecord, peer_txt
+from bonjourgrid.discovery.txt import PeerState as AdvertisedState
 from bonjourgrid.errors import ProtocolError, TransferError
 from bonjourgrid.fdlimit import raise_open_file_limit
 from bonjourgrid.keys import INSECURE_FINGERPRINT, GridKey, Keypair
@@ -85,9 +94,20 @@ from bonjourgrid.worker.task_steps import TaskSteps
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.2  # how often leases are checked: a dead coordinator's peer is idle within this
-# How often owner activity is sampled: with sandbox.STOP_GRACE_S, a returning owner has the
-# machine back (every task process gone) within a second.
+# How often owner activity is sampled while tasks run: a returning owner has the CPU back
+# (every task process group stopped) within this and a signal, under the 0.25 s the desktop
+# policy promises; with sandbox.STOP_GRACE_S, one vacated has its memory back within a second.
+_RUNNING_SAMPLE_S = 0.1
+# ... and while none runs: then only the advertised state follows the owner.
 _IDLE_SAMPLE_S = 0.2
+# What the TXT record says of each state: a suspended peer is its owner's (`busy`), still
+# held by its job through the lease.
+_ADVERTISED: dict[PeerState, AdvertisedState] = {
+    PeerState.IDLE: "idle",
+    PeerState.BUSY: "busy",
+    PeerState.RESERVED: "reserved",
+    PeerState.SUSPENDED: "busy",
+}
 _STOP_RUNS_S = 2.0  # how long a stopping daemon waits for its stopped runs to finish
 
 
@@ -108,6 +128,9 @@ class WorkerConfig:
     identity: WorkerIdentity | None = None
     # What `mw` advertises (worker/middleware.py); None: detected from the programs installed.
     middleware: tuple[str, ...] | None = None
+    # How long the owner may stay before suspended runs are vacated (worker/core.py); 0:
+    # vacate at once, as the peer did before it could suspend.
+    vacate_after_s: float = core.VACATE_AFTER_S
 
 
 class WorkerDaemon:
@@ -136,6 +159,7 @@ class WorkerDaemon:
         self.data_policy = wire.KeyPolicy({config.grid.public} if config.grid else set())
         self.data_server: DataServer | None = None
         self.runs: dict[tuple[str, str, int], tuple[TaskRun, asyncio.Task[None]]] = {}
+        self.suspended = False  # the owner is back: runs are stopped (SIGSTOP) until resumed
         self.steps = TaskSteps()
         self.services = ServiceRuns(
             self.store.root / SANDBOXES,
@@ -170,7 +194,9 @@ class WorkerDaemon:
         data_port = data.bind_to_random_port(f"tcp://{bind_ip}")
         self._control = control
         self._control_port = control_port
-        self.core = WorkerCore(cpus=self.config.cpus, data_port=data_port)
+        self.core = WorkerCore(
+            cpus=self.config.cpus, data_port=data_port, vacate_after_s=self.config.vacate_after_s
+        )
         self.spawner.open()  # the task launcher starts with the daemon, not with its first task
         monitor = None if self.config.always_idle else await self._first_owner_sample()
         self.advertiser = Advertiser(
@@ -236,7 +262,7 @@ class WorkerDaemon:
             name=self.config.name,
             addresses=(),
             port=self._control_port,
-            state=state.value,
+            state=_ADVERTISED[state],
             job=job,
             cpus=self.config.cpus,
             ram=self.config.ram_mib,
@@ -318,6 +344,7 @@ class WorkerDaemon:
                 case core.JobStarted(job, keys):
                     self._job_started(job, keys)
                 case core.JobEnded(job, reason):
+                    self.suspended = False  # the next job's runs start running
                     self._job_ended(job, reason)
                 case core.StartPrefetch(job, files):
                     self._prefetch(job, files)
@@ -328,6 +355,16 @@ class WorkerDaemon:
                         # its report is dropped because the run is no longer registered.
                         log.info("stopping %s/%s: %s", job, task, reason)
                         self._keep(asyncio.create_task(entry[0].stop(reason)))
+                case core.SuspendTasks(job):
+                    self.suspended = True
+                    for run, _ in self.runs.values():
+                        run.suspend()
+                    log.info("suspended %d run(s) of %s: the owner is back", len(self.runs), job)
+                case core.ResumeTasks(job):
+                    self.suspended = False
+                    for run, _ in self.runs.values():
+                        run.resume()
+                    log.info("resumed %d run(s) of %s: the owner is away", len(self.runs), job)
                 case core.StartService(job, _, spec):
                     self.services.start(job, spec)
                 case core.StopService(job, name, reason):
@@ -420,6 +457,8 @@ class WorkerDaemon:
         run = TaskRun(
             self.job, task, attempt, spec, workdir, self.staging, self.spawner, self.leftovers, step
         )
+        if self.suspended:  # taken while the owner is here: its process starts stopped
+            run.suspend()
 
         async def execute() -> None:
             report = task_done(await run.execute())
@@ -457,7 +496,7 @@ class WorkerDaemon:
         assert self.core is not None
         failing = False
         while True:
-            await asyncio.sleep(_IDLE_SAMPLE_S)
+            await asyncio.sleep(_RUNNING_SAMPLE_S if self.runs else _IDLE_SAMPLE_S)
             try:
                 # Service runs are the grid's too (a slurmd and the jobs it starts): their
                 # CPU is not the owner's load.

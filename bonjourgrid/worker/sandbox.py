@@ -329,6 +329,7 @@ class TaskRun:
         self._staging: asyncio.Future[None] | None = None
         self._stopped = False
         self._out_of_time = False  # stopped at its wall-clock limit
+        self._suspended = False  # the owner is back: its process group is stopped (SIGSTOP)
 
     async def execute(self) -> dict[str, Any]:
         """Fetch, run, store; the fields of the `task_done` report. Never raises."""
@@ -554,6 +555,8 @@ class TaskRun:
                 ) from None
         if self._stopped:  # stop() came while it was spawned, and found no process to stop
             await self._end_processes(self._proc, grace=False)
+        elif self._suspended:  # suspend() came while it was spawned: stop it now
+            self._signal_group(signal.SIGSTOP)
         try:
             code = await asyncio.wait_for(self._proc.wait(), self.spec.limits.wall_s)
         except TimeoutError:
@@ -573,6 +576,8 @@ class TaskRun:
         if grace and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
+                # A suspended (SIGSTOPped) group only acts on SIGTERM once continued.
+                os.killpg(proc.pid, signal.SIGCONT)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
         # The shell may be gone while its children linger in the group: end them all.
@@ -610,6 +615,25 @@ class TaskRun:
             self._adopted.append(ref.digest)
             stored.append([rel, ref.digest, ref.size])
         return stored
+
+    def suspend(self) -> None:
+        """Stop its process group (SIGSTOP): off the CPU at once, its memory kept, until
+        `resume`. A run not spawned yet is stopped as soon as it is. An external run's
+        command is the middleware's: it runs on (its wall-clock limit goes on too)."""
+        self._suspended = True
+        self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Continue its process group where it was (SIGCONT)."""
+        self._suspended = False
+        self._signal_group(signal.SIGCONT)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
 
     async def stop(self, reason: str = "stopped") -> None:
         """Stop the command and all it started: SIGTERM, a grace period, then SIGKILL."""

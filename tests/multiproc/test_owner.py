@@ -1,5 +1,9 @@
 """The owner comes first: real `bgrid worker` processes watching an activity file on loopback.
 
+A returning owner suspends the job's runs (SIGSTOP: off the CPU, memory kept); an owner gone
+again within `--vacate-after` lets them go on where they were, one who stays vacates them
+(killed, run elsewhere, no retry used). `--vacate-after 0` is the old kill-at-once path.
+
 The test machine is shared and busy, so these workers ignore CPU load (`--max-load 1`): the
 owner is simulated with `--activity-file` (the supported hook: `touch` it, the owner is back).
 How load is measured is tested on its own, against a real CPU burner.
@@ -7,6 +11,7 @@ How load is measured is tested on its own, against a real CPU burner.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -14,6 +19,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -71,7 +77,9 @@ def test_an_owner_coming_back_stops_the_task_within_a_second_and_the_job_moves(
     tmp_path: Path, grid: Grid
 ) -> None:
     active = tmp_path / "owner-active"
-    desk = start_desktop(grid, "desk", active, "--cost", "0", "--idle-minutes", "10")
+    desk = start_desktop(
+        grid, "desk", active, "--cost", "0", "--idle-minutes", "10", "--vacate-after", "0"
+    )
     spare = grid.start_worker("spare", "--cost", "1")  # --always-idle: never preempted
     grid.wait_all_idle()
     marker = f"30.{uuid.uuid4().int % 10**9}"  # a unique `sleep` to find among the processes
@@ -114,6 +122,169 @@ def test_an_owner_coming_back_stops_the_task_within_a_second_and_the_job_moves(
     peers = grid.wait_peers(lambda ps: ps.get(spare, {}).get("state") == "idle", timeout=5)
     assert peers[desk]["state"] == "busy"  # its owner is still at the desk
     assert "the owner came back" in (grid.root / f"{desk}.log").read_text()
+
+
+# A task that holds BALLAST_MIB of memory and counts to STEPS, one line a step, each line
+# naming its pid: a run that went on where it was writes one pid and every step once.
+BALLAST_MIB = 64
+STEPS = 40
+COUNTER = f"""
+import os, sys, time
+ballast = bytearray({BALLAST_MIB} << 20)
+for page in range(0, len(ballast), 4096):  # resident, not just reserved
+    ballast[page] = 1
+with open(sys.argv[1], "a") as progress:
+    for step in range({STEPS}):
+        progress.write(f"{{os.getpid()}} {{step}}\\n")
+        progress.flush()
+        time.sleep(0.1)
+open("t.txt", "w").write("ok\\n")
+"""
+
+
+def counting_job(tmp_path: Path, grid: Grid) -> tuple[subprocess.Popen[str], Path, Path]:
+    """Submit a one-task job running COUNTER: the job, the script and its progress file."""
+    script = tmp_path / "counter.py"
+    script.write_text(COUNTER)
+    progress = tmp_path / "progress"
+    wf = write_workflow(
+        tmp_path / "wf",
+        f"tasks:\n  t:\n    command: {sys.executable} {script} {progress}\n    outputs: [t.txt]\n",
+    )
+    job = subprocess.Popen(
+        bgrid_cmd("submit", str(wf), "--interface", LOOPBACK, "--workers", "1..1", "--json"),
+        env=grid.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return job, script, progress
+
+
+def _counters(script: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if str(script) in cmdline and proc.info["status"] != "zombie":
+            found.append(proc)
+    return found
+
+
+def _group(pid: int) -> list[psutil.Process]:
+    """The live processes of `pid`'s process group (the task's shell and what it started)."""
+    pgid = os.getpgid(pid)
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != "zombie":
+                found.append(proc)
+    return found
+
+
+def _all_stopped(script: Path) -> bool:
+    """Whether the task running `script` is there and every process of its group stopped."""
+    counters = _counters(script)
+    if not counters:
+        return False
+    with contextlib.suppress(psutil.Error, ProcessLookupError):
+        group = _group(counters[0].pid)
+        return bool(group) and all(p.status() == psutil.STATUS_STOPPED for p in group)
+    return False
+
+
+def _steps(progress: Path) -> list[tuple[str, int]]:
+    if not progress.exists():
+        return []
+    lines = progress.read_text().splitlines()
+    return [(pid, int(step)) for pid, step in (line.split() for line in lines if " " in line)]
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+def _report(job: subprocess.Popen[str]) -> dict[str, Any]:
+    try:
+        stdout, stderr = job.communicate(timeout=90)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert job.returncode == 0, stdout + stderr
+    report: dict[str, Any] = json.loads(stdout)
+    return report
+
+
+def test_an_owner_back_for_a_moment_suspends_the_task_which_then_goes_on_where_it_was(
+    tmp_path: Path, grid: Grid
+) -> None:
+    active = tmp_path / "owner-active"
+    # Back for IDLE_S (3 s) after a touch, then away: well within the default vacate_after.
+    desk = start_desktop(grid, "desk", active, "--idle-minutes", str(IDLE_MINUTES))
+    grid.wait_all_idle()
+    job, script, progress = counting_job(tmp_path, grid)
+    try:
+        wait_for(lambda: len(_steps(progress)) >= 5, 30, "the task counting on the desk")
+        active.touch()
+        # Off the CPU (state T, every process of its group) with its memory still its own.
+        wait_for(
+            lambda: _all_stopped(script),
+            5,
+            "the task's processes stopped",
+        )
+        (counter,) = [p for p in _counters(script) if p.name().startswith("python")]
+        status = _proc_status(counter.pid)
+        assert status["State"].startswith("T")
+        assert int(status["VmRSS"].split()[0]) >= BALLAST_MIB * 1024  # kB: nothing swapped out
+        grid.wait_peers(lambda ps: ps.get(desk, {}).get("state") == "busy", timeout=5)
+    except BaseException:
+        job.kill()
+        raise
+    report = _report(job)
+    task = report["tasks"]["t"]
+    assert task["peer"] == desk and task["attempts"] == 1
+    assert task["suspensions"] == 1 and task["suspended_s"] > 0
+    steps = _steps(progress)
+    assert [step for _, step in steps] == list(range(STEPS))  # went on: no step twice
+    assert {pid for pid, _ in steps} == {str(counter.pid)}  # the same process throughout
+    log = (grid.root / f"{desk}.log").read_text()
+    assert "suspended 1 run(s)" in log and "resumed 1 run(s)" in log
+
+
+def test_an_owner_who_stays_has_the_task_vacated_after_vacate_after_and_run_elsewhere(
+    tmp_path: Path, grid: Grid
+) -> None:
+    active = tmp_path / "owner-active"
+    desk = start_desktop(
+        grid, "desk", active, "--cost", "0", "--idle-minutes", "10", "--vacate-after", "2"
+    )
+    spare = grid.start_worker("spare", "--cost", "1")  # --always-idle: never suspended
+    grid.wait_all_idle()
+    job, script, progress = counting_job(tmp_path, grid)
+    try:
+        wait_for(lambda: len(_steps(progress)) >= 3, 30, "the task counting on the desk")
+        (first,) = {pid for pid, _ in _steps(progress)}
+        active.touch()
+        wait_for(
+            lambda: _all_stopped(script),
+            5,
+            "the task's processes stopped",
+        )
+    except BaseException:
+        job.kill()
+        raise
+    report = _report(job)
+    task = report["tasks"]["t"]
+    # Its second attempt ran on the spare, with no retry to spend: the vacate cost none.
+    assert task["peer"] == spare and task["attempts"] == 2 and task["suspensions"] == 1
+    assert (tmp_path / "wf" / "t.txt").read_text() == "ok\n"
+    pids = [pid for pid, _ in _steps(progress)]
+    assert pids[0] == first and pids[-1] != first  # killed on the desk, started afresh
+    assert not psutil.pid_exists(int(first)) or psutil.Process(int(first)).status() == "zombie"
+    peers = grid.wait_peers(lambda ps: ps.get(spare, {}).get("state") == "idle", timeout=5)
+    assert peers[desk]["state"] == "busy"  # its owner is still at the desk
+    assert "vacated" in (grid.root / f"{desk}.log").read_text()
 
 
 def test_cpu_used_by_the_daemon_and_its_descendants_is_not_the_owners() -> None:

@@ -99,7 +99,8 @@ def test_placeholders_are_substituted_and_other_braces_left_alone() -> None:
 
 @pytest.fixture
 def peer() -> Iterator[WorkerCore]:
-    w = WorkerCore(cpus=1, data_port=7000)
+    # The owner's return vacates at once: these tests are about what ends a lease.
+    w = WorkerCore(cpus=1, data_port=7000, vacate_after_s=0)
     w.handle(core.ReserveRequested(A, "job-1", 10.0, "host"), 0.0)
     yield w
     w.validate_state()

@@ -52,6 +52,7 @@ SAMPLES: dict[str, p.Message] = {
         p.HeartbeatAck("job-42", (("t1", 1), ("t2", 3))),
         p.Released("job-42"),
         p.Preempted("job-42", "its owner came back"),
+        p.Suspension("job-42", "suspended", "its owner came back (vacated after 600 s)"),
         p.Started("job-42", "t1", 1),
         p.Refused("job-42", "t1", 1, "all 1 slots busy"),
         p.TaskDone(
@@ -117,6 +118,7 @@ def test_the_protocol_has_the_messages_of_every_conversation() -> None:
     replies = {"reserved", "denied", "heartbeat_ack", "released", "preempted", "task_done"}
     replies |= {"prefetched", "holding", "error", "started", "refused"}
     replies |= {"service_up", "service_failed", "service_exited"}
+    replies |= {"suspension"}  # the owner is back (suspended) or away again (resumed)
     data = {"get", "chunk", "missing", "locate", "located"}  # locate: same-host copies
     jobctl = {"cancel_job", "cancelling"}  # `bgrid cancel` -> coordinator
     # `bgrid task-step` <-> its worker, on the peer's unix socket
@@ -180,6 +182,7 @@ MALFORMED: dict[str, bytes] = {
     "unknown type": raw("release", t="reboot"),
     "type not a string": raw("release", t=3),
     "missing field": raw("reserve", coordinator=_DROP),
+    "suspension neither suspended nor resumed": raw("suspension", state="paused"),
     "str field holds int": raw("release", job=5),
     "int field holds str": raw("reserved", data_port="5555"),
     "int field holds float": raw("run", attempt=1.0),

@@ -25,6 +25,7 @@ idle_minutes = 5
 max_load = 0.5
 activity_file = "~/active"
 always_idle = true
+vacate_after = 120
 """
 
 
@@ -45,6 +46,7 @@ def test_without_a_file_or_flags_the_defaults_are_htcondors(tmp_path: Path) -> N
     assert s.idle.max_load == MAX_LOAD == 0.3
     assert s.idle.activity_file is None and s.idle.activity_command is None
     assert not s.always_idle and s.cost == 0.0 and s.name is None and s.cpus is None
+    assert s.vacate_after_s == 600.0  # suspended tasks wait 10 minutes for the owner to go
 
 
 def test_the_file_is_read_and_relative_paths_are_from_its_directory(
@@ -56,19 +58,19 @@ def test_the_file_is_read_and_relative_paths_are_from_its_directory(
     assert s.cache_dir == tmp_path / "cache"
     assert s.idle.idle_after_s == 300.0 and s.idle.max_load == 0.5
     assert s.idle.activity_file == tmp_path / "home" / "active"
-    assert s.always_idle
+    assert s.always_idle and s.vacate_after_s == 120.0
 
 
 def test_flags_win_over_the_file(tmp_path: Path) -> None:
     given = flags(
         "--name", "x", "--idle-minutes", "0.5", "--max-load", "1", "--no-always-idle",
-        "--activity-command", "echo 3", "--cost", "0",
+        "--activity-command", "echo 3", "--cost", "0", "--vacate-after", "0",
     )  # fmt: skip
     s = worker_settings(given, write(tmp_path, FILE))
     assert s.name == "x" and s.cost == 0.0 and s.cpus == 2  # cpus: from the file
     assert s.idle.idle_after_s == 30.0 and s.idle.max_load == 1.0
     assert s.idle.activity_command == "echo 3"
-    assert not s.always_idle
+    assert not s.always_idle and s.vacate_after_s == 0.0  # 0: vacate at once
 
 
 def test_the_default_file_lives_in_the_config_dir(
@@ -88,6 +90,7 @@ def test_the_default_file_lives_in_the_config_dir(
         ("[idle]\nmax_load = true\n", r"\[idle\] max_load = True: expected a int or float"),
         ("[idle]\nidle_minutes = -1\n", "idle_minutes -1: minutes .* 0 or more"),
         ("[worker]\ncpus = 0\n", "cpus 0: a worker needs at least 1 task slot"),
+        ("[idle]\nvacate_after = -5\n", "vacate_after -5: seconds the owner may stay"),
         ('[worker]\nram = "lots"\n', "ram: 'lots' is not a size"),
         ("[worker]\ncost = -1\n", "cost -1: cost is a price per CPU-hour"),
         ("[worker\n", "cannot read the worker config"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bonjourgrid import protocol
 from bonjourgrid.cache.store import FileRef
@@ -118,7 +120,8 @@ def test_release_stops_tasks_and_makes_the_peer_idle(peer: WorkerCore) -> None:
     assert sent(reserve(peer, B, "job2")) == [(B, "reserved")]
 
 
-def test_the_owner_coming_back_preempts_the_job(peer: WorkerCore) -> None:
+def test_the_owner_coming_back_preempts_the_job_at_once_with_no_vacate_time() -> None:
+    peer = WorkerCore(cpus=2, data_port=7000, vacate_after_s=0)
     reserve(peer, A, "job1")
     run(peer, A, "job1", "t1")
     out = peer.handle(core.OwnerActivity(active=True), 4.0)
@@ -128,6 +131,115 @@ def test_the_owner_coming_back_preempts_the_job(peer: WorkerCore) -> None:
     assert sent(reserve(peer, B, "job2")) == [(B, "denied")]
     peer.handle(core.OwnerActivity(active=False), 5.0)
     assert peer.state is PeerState.IDLE
+    peer.validate_state()
+
+
+# -- suspend, then vacate -----------------------------------------------------------------------
+
+
+def test_the_owner_coming_back_suspends_the_runs_and_keeps_the_lease(peer: WorkerCore) -> None:
+    reserve(peer, A, "job1")
+    run(peer, A, "job1", "t1")
+    peer.handle(core.TaskStarted("job1", "t1", 1), 1.0)
+    out = peer.handle(core.OwnerActivity(active=True), 4.0)
+    assert core.SuspendTasks("job1") in out
+    assert not any(isinstance(i, core.StopTask | core.JobEnded) for i in out)
+    assert core.Advertise(PeerState.BUSY, None) in out  # the owner's, as the LAN sees it
+    (news,) = messages(out)
+    assert isinstance(news, protocol.Suspension) and news.state == "suspended"
+    assert peer.state is PeerState.SUSPENDED
+    # The lease holds: heartbeats are answered and list the suspended run; others are denied.
+    (ack,) = messages(peer.handle(core.HeartbeatReceived(A, "job1", 10.0), 8.0))
+    assert ack == protocol.HeartbeatAck("job1", (("t1", 1),))
+    assert sent(reserve(peer, B, "job2", now=9.0)) == [(B, "denied")]
+    assert peer.handle(core.Tick(), 17.0) == []  # renewed at 8 s: expires at 18 s
+
+
+def test_the_owner_leaving_within_vacate_after_resumes_the_runs(peer: WorkerCore) -> None:
+    reserve(peer, A, "job1")
+    run(peer, A, "job1", "t1")
+    peer.handle(core.OwnerActivity(active=True), 2.0)
+    out = peer.handle(core.OwnerActivity(active=False), 5.0)
+    assert core.ResumeTasks("job1") in out
+    assert core.Advertise(PeerState.RESERVED, "job1") in out
+    assert [m.state for m in messages(out) if isinstance(m, protocol.Suspension)] == ["resumed"]
+    assert peer.state is PeerState.RESERVED and peer.running == {"t1": 1}
+
+
+def test_an_owner_who_stays_vacate_after_gets_the_peer_back() -> None:
+    peer = WorkerCore(cpus=2, data_port=7000, vacate_after_s=30.0)
+    reserve(peer, A, "job1")
+    run(peer, A, "job1", "t1")
+    peer.handle(core.OwnerActivity(active=True), 2.0)
+    peer.handle(core.HeartbeatReceived(A, "job1", 60.0), 20.0)
+    assert peer.handle(core.Tick(), 31.9) == []
+    out = peer.handle(core.Tick(), 32.0)
+    assert any(isinstance(i, core.StopTask) and i.task == "t1" for i in out)
+    assert sent(out) == [(A, "preempted")]  # the coordinator runs it elsewhere, no retry used
+    assert "vacated" in messages(out)[0].reason  # type: ignore[attr-defined]
+    assert peer.state is PeerState.BUSY and peer.lease is None
+    peer.validate_state()
+
+
+def test_a_suspended_peer_released_or_expired_stays_its_owners(peer: WorkerCore) -> None:
+    reserve(peer, A, "job1")
+    peer.handle(core.OwnerActivity(active=True), 1.0)
+    assert sent(peer.handle(core.ReleaseRequested(A, "job1"), 2.0)) == [(A, "released")]
+    assert peer.state is PeerState.BUSY
+
+
+def test_a_run_that_comes_while_suspended_is_taken_not_refused(peer: WorkerCore) -> None:
+    reserve(peer, A, "job1")
+    peer.handle(core.OwnerActivity(active=True), 1.0)
+    out = run(peer, A, "job1", "t1")  # refusing it would cost the task an attempt
+    assert isinstance(out[0], core.StartTask)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                ["reserve", "run", "start", "finish", "owner", "away", "beat", "release", "tick"]
+            ),
+            st.sampled_from(["t1", "t2", "t3"]),
+            st.floats(0.0, 20.0),
+        ),
+        max_size=40,
+    ),
+    st.sampled_from([0.0, 5.0, 600.0]),
+)
+def test_random_owners_and_jobs_keep_the_peer_consistent(
+    steps: list[tuple[str, str, float]], vacate_after_s: float
+) -> None:
+    peer = WorkerCore(cpus=2, data_port=7000, vacate_after_s=vacate_after_s)
+    now = 0.0
+    for what, task, wait in steps:
+        now += wait
+        event: core.Event = {
+            "reserve": core.ReserveRequested(A, "job1", 10.0, "host"),
+            "run": core.RunRequested(A, "job1", task, 1, {}),
+            "start": core.TaskStarted("job1", task, 1),
+            "finish": core.TaskFinished("job1", task, 1, done(task)),
+            "owner": core.OwnerActivity(active=True),
+            "away": core.OwnerActivity(active=False),
+            "beat": core.HeartbeatReceived(A, "job1", 10.0),
+            "release": core.ReleaseRequested(A, "job1"),
+            "tick": core.Tick(),
+        }[what]
+        if isinstance(event, core.OwnerActivity) and event.active == peer.owner_active:
+            continue  # the daemon reports changes only
+        before = peer.state
+        out = peer.handle(event, now)
+        peer.validate_state()
+        if before is PeerState.RESERVED and peer.state is PeerState.SUSPENDED:
+            assert core.SuspendTasks("job1") in out
+        if before is PeerState.SUSPENDED and peer.state is PeerState.RESERVED:
+            assert core.ResumeTasks("job1") in out
+        if peer.state is PeerState.SUSPENDED:  # never longer than vacate_after past a tick
+            assert peer.suspended_since is not None
+            if isinstance(event, core.Tick):
+                assert now < peer.suspended_since + vacate_after_s
 
 
 # -- what a reservation owns: the job's keys, pins and prefetches -------------------------------
@@ -151,9 +263,8 @@ def test_a_reservation_starts_its_job_before_it_is_granted(peer: WorkerCore) -> 
     ],
     ids=["release", "lease-expiry", "preemption"],
 )
-def test_every_end_of_a_reservation_ends_its_job(
-    peer: WorkerCore, event: core.Event, now: float
-) -> None:
+def test_every_end_of_a_reservation_ends_its_job(event: core.Event, now: float) -> None:
+    peer = WorkerCore(cpus=2, data_port=7000, vacate_after_s=0)
     reserve(peer, A, "job1")
     ended = [i for i in peer.handle(event, now) if isinstance(i, core.JobEnded)]
     assert [e.job for e in ended] == ["job1"]
