@@ -315,3 +315,71 @@ def test_cpu_used_by_the_daemon_and_its_descendants_is_not_the_owners() -> None:
     )
     assert share > 0.15, "the burner hardly ran: the machine is too loaded to tell"
     assert everything - without_grid == pytest.approx(share, abs=0.1)
+
+
+# Three quick siblings and a task that runs long on its first attempt, writing the worker it
+# runs on, and is quick on any other: what speculation needs to see a straggler.
+SUSPENDED_STRAGGLER = """
+name: suspended-straggler
+tasks:
+  s1: {{command: "sleep 0.3; echo one > s1.txt", outputs: [s1.txt]}}
+  s2: {{command: "sleep 0.3; echo two > s2.txt", outputs: [s2.txt]}}
+  s3: {{command: "sleep 0.3; echo three > s3.txt", outputs: [s3.txt]}}
+  slow:
+    command: >-
+      if [ "$BGRID_ATTEMPT" = 1 ]; then
+      for i in $(seq 600); do echo "$BGRID_WORKER" >> {progress}; sleep 0.1; done; fi;
+      echo "attempt $BGRID_ATTEMPT" >> slow.txt
+    outputs: [slow.txt]
+"""
+
+
+@pytest.mark.slow
+def test_a_task_suspended_by_an_owner_who_stays_gets_a_copy_that_wins_on_another_desk(
+    tmp_path: Path, grid: Grid
+) -> None:
+    """Suspend and speculation together: the copy finishes long before the vacate would."""
+    owners = {}
+    for name in ("desk-a", "desk-b"):
+        activity = tmp_path / f"{name}-owner"
+        desk = start_desktop(grid, name, activity, "--idle-minutes", "10", "--cpus", "1")
+        owners[desk] = activity
+    grid.wait_all_idle()
+    progress = tmp_path / "progress"
+    work = tmp_path / "job"
+    wf = write_workflow(work, SUSPENDED_STRAGGLER.format(progress=progress))
+    (work / "bgrid.toml").write_text(
+        "[schedule]\nspeculation_factor = 2\nspeculation_min_s = 2\n"
+        "speculation_min_siblings = 3\n"
+    )
+    job = subprocess.Popen(
+        bgrid_cmd("submit", str(wf), "--interface", LOOPBACK, "--workers", "2..2", "--json"),
+        env=grid.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: progress.exists() and progress.read_text(), 30, "the slow task to start")
+        (first_desk,) = set(progress.read_text().split())
+        owners[first_desk].touch()  # its owner is back, and stays (10 minutes)
+    except BaseException:
+        job.kill()
+        raise
+    report = _report(job)
+    slow = report["tasks"]["slow"]
+    # Suspended on the first desk, copied to the other (idle, nothing ready), the copy won.
+    assert slow["suspensions"] == 1 and len(slow["copies"]) == 1, slow
+    assert slow["peer"] != first_desk and slow["won"].startswith("a copy: attempt 2")
+    assert (work / "slow.txt").read_text() == "attempt 2\n"  # one result, written once
+    # The suspended first run was stopped for good, not left frozen on the owner's desk.
+    wait_for(lambda: not _running_with(str(progress)), 15, "the first run to be gone")
+
+
+def _running_with(word: str) -> list[int]:
+    """The pids of live processes whose command line holds `word`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] != "zombie" and word in " ".join(proc.info["cmdline"] or ()):
+            found.append(proc.pid)
+    return found
