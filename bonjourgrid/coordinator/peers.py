@@ -268,7 +268,11 @@ class PeerPool:
         def cached_bytes(peer: PeerRecord) -> int:
             return sum(sizes[d] for d in self._cached.get(_identity(peer), ()))
 
+        # Sticky: a held peer turns idle when the dead job's lease runs out, maybe just before
+        # the deadline is checked; it is then worth the next retry, not a RecruitError.
+        previous_held = False
         while True:
+            previous_held = previous_held or held_by_previous()
             candidates = untried(known())
             await self._probe(candidates)
             # Best first, but a peer that stayed silent once is asked after every other one.
@@ -281,7 +285,7 @@ class PeerPool:
             granted += await self._reserve_in_rounds(ranked, wanted - granted, tried, deadline)
             short = len(self.links) < self.needs.workers_min
             remaining = deadline - time.monotonic()
-            if remaining <= 0 and initial and short and held_by_previous():
+            if remaining <= 0 and initial and short and (previous_held or held_by_previous()):
                 remaining = held_until - time.monotonic()
             # Lost a race for a peer, or not all peers seen yet: wait for other candidates.
             if not initial or not short or remaining <= 0:

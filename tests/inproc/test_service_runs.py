@@ -191,18 +191,23 @@ async def test_a_service_stops_when_the_lease_ends(
     await wait_until(lambda: not service_dirs(peer), GONE_S, "the service's directory going")
 
 
-async def test_a_service_stops_when_the_owner_comes_back(
+async def test_a_service_stops_when_the_owner_stays_past_vacate_after(
     tmp_path: Path, zctx: zmq.asyncio.Context
 ) -> None:
     activity = tmp_path / "owner-active"  # touched: the owner is at the desk
     idle = IdleSettings(idle_after_s=600.0, max_load=1.0, activity_file=activity)
-    async with running(config(tmp_path, always_idle=False, idle=idle)) as peer:
+    # A service (a middleware's daemon) is not suspended: it runs on until the vacate.
+    settings = config(tmp_path, always_idle=False, idle=idle, vacate_after_s=0.5)
+    async with running(settings) as peer:
         coordinator = Coordinator(zctx, peer, tmp_path / "submit")
         try:
             sock = await coordinator.reserve("job-1")
             marker = f"3000.{uuid.uuid4().int % 10**9}"
             await start_server(coordinator, sock, marker)
             activity.touch()
+            reply = await coordinator.recv(sock, timeout=GONE_S)
+            assert (reply["t"], reply["state"]) == ("suspension", "suspended")
+            assert processes_of(marker)  # still running while the owner may leave again
             reply = await coordinator.recv(sock, timeout=GONE_S)
             assert reply["t"] == "preempted"
             await wait_until(lambda: not processes_of(marker), GONE_S, "the service ending")

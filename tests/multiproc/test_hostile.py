@@ -268,6 +268,8 @@ tasks:
     assert (env["BGRID_TASK"], env["BGRID_ATTEMPT"]) == ("t", "1")
     given = {"PATH", "HOME", "TMPDIR", "LANG", "BGRID_JOB", "BGRID_TASK", "BGRID_ATTEMPT"}
     given.add("BGRID_SANDBOX")  # the marker every process of the task carries
+    given.add("BGRID_WORKER")  # which peer ran it (a quorum's votes name it)
+    assert env["BGRID_WORKER"].startswith("w-")
     by_the_shell = {"PWD", "OLDPWD", "SHLVL", "_"}
     assert set(env) <= given | {"GREETING"} | by_the_shell, set(env) - given
 
