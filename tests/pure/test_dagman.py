@@ -197,6 +197,16 @@ def test_retry_priority_category_maxjobs_pre_skip_abort(tmp_path: Path) -> None:
     assert mapping["categories"] == {"heavy": {"max_running": 1}}
 
 
+def test_maxjobs_of_a_category_no_node_is_in_loads_as_dagman_lets_it(tmp_path: Path) -> None:
+    dag = write(
+        tmp_path,
+        {"x.dag": "JOB A a.sub\nCATEGORY A heavy\nMAXJOBS heavy 1\nMAXJOBS light 4\n",
+         "a.sub": SUB},
+    )  # fmt: skip
+    workflow = load_workflow(dag)  # the native loader refuses a category no task is in
+    assert workflow.categories == {"heavy": 1}
+
+
 def test_scripts_map_dagman_macros_onto_the_bgrid_env(tmp_path: Path) -> None:
     tasks = tasks_of(
         tmp_path,
