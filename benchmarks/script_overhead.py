@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from workflows import submit_local_json  # benchmarks/ is on the path: run as a script
+
 BGRID = [sys.executable, "-m", "bonjourgrid.cli"]
 VARIANTS = {
     "plain": {},
@@ -35,16 +37,7 @@ def makespan(directory: Path, tasks: int, scripts: dict[str, str]) -> float:
         "tasks": {f"t{i:05d}": {"command": "true", **scripts} for i in range(tasks)},
     }
     (directory / "wf.json").write_text(json.dumps(workflow))
-    done = subprocess.run(
-        [*BGRID, "submit", "wf.json", "--local", "2", "--interface", "127.0.0.1", "--json"],
-        cwd=directory,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"bgrid submit exited {done.returncode}:\n{done.stderr[-2000:]}")
-    return float(json.loads(done.stdout)["makespan_s"])
+    return float(submit_local_json(directory, "wf.json")["makespan_s"])
 
 
 def main() -> None:

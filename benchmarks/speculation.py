@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from workflows import submit_local_json  # benchmarks/ is on the path: run as a script
+
 BGRID = [sys.executable, "-m", "bonjourgrid.cli"]
 
 
@@ -42,17 +44,7 @@ def run(directory: Path, args: argparse.Namespace, speculate: bool) -> dict[str,
             f"[schedule]\nspeculation_factor = {args.factor}\n"
             f"speculation_min_s = {args.min_s}\nspeculation_min_siblings = 3\n"
         )
-    done = subprocess.run(
-        [*BGRID, "submit", "wf.json", "--local", "2", "--interface", "127.0.0.1", "--json"],
-        cwd=directory,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"bgrid submit exited {done.returncode}:\n{done.stderr[-2000:]}")
-    report: dict[str, Any] = json.loads(done.stdout)
-    return report
+    return submit_local_json(directory, "wf.json")
 
 
 def main() -> None:

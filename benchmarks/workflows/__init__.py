@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -42,3 +46,20 @@ def write_yaml(path: Path, name: str, workers: int, tasks: dict[str, object]) ->
         "tasks": tasks,
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def submit_local_json(directory: Path, workflow: str, workers: int = 2) -> dict[str, Any]:
+    """`bgrid submit WORKFLOW --local WORKERS --json` in `directory`: the report; exits saying
+    what went wrong when the submit failed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bonjourgrid.cli", "submit", workflow, "--local", str(workers),
+         "--interface", "127.0.0.1", "--json"],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"bgrid submit exited {done.returncode}:\n{done.stderr[-2000:]}")
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
